@@ -245,19 +245,23 @@ FP8FLOW_HD int mx_shared_exponent(float amax) {
   return e;
 }
 
-// Multiply a finite FP32 by 2^d exactly (d any int; saturates to 0 / Inf far outside range).
-// Used to apply power-of-two scales without a rounding step in between.
+// x * 2^d for a finite FP32 x and any int d, with a single rounding: exact whenever the result is a
+// normal FP32 (the case for every scale application in fp8flow); a subnormal result is correctly
+// rounded down to 2^-149; below that it is a signed zero; above the range, Inf.
 FP8FLOW_HD float mul_pow2(float x, int d) {
-  if (d > 127) {
-    x *= exp2i(127);
-    d -= 127;
-    if (d > 127) d = 127;
-  } else if (d < -126) {
-    x *= exp2i(-126);
-    d += 126;
-    if (d < -126) d = -126;
+  const uint32_t u = f32_bits(x);
+  const int field = static_cast<int>((u >> 23) & 0xFFu);
+  if (field != 0) {
+    const int nf = field + d;
+    if (nf >= 1 && nf <= 254) return f32_from_bits((u & 0x807FFFFFu) | (static_cast<uint32_t>(nf) << 23));
+    if (nf > 254) return f32_from_bits((u & 0x80000000u) | 0x7F800000u);
+    // Subnormal result: put x in [1, 2) (exact), then one multiply by a subnormal power of two.
+    const int k = field - 127 + d;  // result = x1 * 2^k, k <= -127
+    if (k < -149) return f32_from_bits(u & 0x80000000u);
+    return f32_from_bits((u & 0x807FFFFFu) | (127u << 23)) * exp2i(k);
   }
-  return x * exp2i(d);
+  if (d > 127) return x * exp2i(127) * exp2i(d - 127 > 127 ? 127 : d - 127);  // subnormal x: exact
+  return x * exp2i(d < -149 ? -150 : d);
 }
 
 // E4M3 code times 2^d, re-rounded to E4M3 (RNE to a subnormal or zero when it falls below the
