@@ -1,0 +1,124 @@
+// Public types and host-side checks: scale shapes per layout, group tiling, and the error messages
+// (op, argument, expected, got) every op relies on.
+#include <gtest/gtest.h>
+
+#include <vector>
+
+#include "common/check.h"
+#include "common/groups.h"
+#include "fp8flow/types.h"
+#include "fp8flow/version.h"
+
+namespace fp8flow {
+namespace {
+
+TEST(Types, ScaleShapes) {
+  auto s = scale_shape(ScaleLayout::Rowwise1x128, 300, 7168);
+  EXPECT_EQ(s.rows, 56);
+  EXPECT_EQ(s.cols, 300);
+  s = scale_shape(ScaleLayout::Rowwise1x128, 300, 7170);
+  EXPECT_EQ(s.rows, 57);
+  s = scale_shape(ScaleLayout::Block128x128, 4096, 7168);
+  EXPECT_EQ(s.rows, 32);
+  EXPECT_EQ(s.cols, 56);
+  s = scale_shape(ScaleLayout::Mx1x32, 10, 7168);
+  EXPECT_EQ(s.rows, 10);
+  EXPECT_EQ(s.cols, 224);
+  const std::vector<int64_t> groups{0, 128, 5, 300, 0, 77};
+  EXPECT_EQ(rowwise_tiles(510, groups), 0 + 1 + 1 + 3 + 0 + 1);
+  s = scale_shape(ScaleLayout::Rowwise1x128, 64, 510, groups);
+  EXPECT_EQ(s.rows, 6);
+  EXPECT_EQ(s.cols, 64);
+}
+
+TEST(Types, GroupTilesNeverSpanGroups) {
+  const std::vector<int64_t> groups{0, 128, 5, 300, 0, 77, 0};
+  const detail::GroupTiles g = detail::make_group_tiles(groups, 510);
+  EXPECT_EQ(g.total_tiles, 6);
+  const int32_t want_c0[6] = {0, 128, 133, 261, 389, 433};
+  const int32_t want_w[6] = {128, 5, 128, 128, 44, 77};
+  for (int32_t t = 0; t < g.total_tiles; ++t) {
+    int32_t c0, w;
+    g.tile_cols(t, c0, w);
+    EXPECT_EQ(c0, want_c0[t]) << t;
+    EXPECT_EQ(w, want_w[t]) << t;
+  }
+  const detail::GroupTiles one = detail::make_group_tiles({}, 300);
+  EXPECT_EQ(one.total_tiles, 3);
+  int32_t c0, w;
+  one.tile_cols(2, c0, w);
+  EXPECT_EQ(c0, 256);
+  EXPECT_EQ(w, 44);
+}
+
+// Runs f, expects fp8flow::Error of `kind` whose message contains every fragment.
+template <typename F>
+void expect_error(F f, ErrorKind kind, std::initializer_list<const char*> fragments) {
+  try {
+    f();
+    ADD_FAILURE() << "no fp8flow::Error thrown";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), kind) << e.what();
+    for (const char* frag : fragments) EXPECT_NE(std::string(e.what()).find(frag), std::string::npos)
+        << "message '" << e.what() << "' lacks '" << frag << "'";
+  }
+}
+
+TEST(Types, CheckMessagesNameOpArgumentExpectedAndGot) {
+  const detail::Check c("someop");
+  float buf[16];
+  TensorView t{buf, DType::BF16, 2, 8};
+  expect_error([&] { c.view(t, "in", {DType::F32}); }, ErrorKind::InvalidArgument,
+               {"fp8flow::someop", "in", "expected dtype F32", "got BF16"});
+  TensorView null_view{nullptr, DType::F32, 2, 8};
+  expect_error([&] { c.view(null_view, "x"); }, ErrorKind::InvalidArgument, {"x", "nullptr"});
+  TensorView empty{nullptr, DType::F32, 0, 8};
+  EXPECT_NO_THROW(c.view(empty, "x"));
+  TensorView neg{buf, DType::F32, -1, 8};
+  expect_error([&] { c.view(neg, "x"); }, ErrorKind::InvalidArgument, {"non-negative"});
+  TensorView huge{buf, DType::F32, int64_t{1} << 32, 8};
+  expect_error([&] { c.view(huge, "x"); }, ErrorKind::InvalidArgument, {"each dim"});
+  TensorView bad_ld{buf, DType::F32, 2, 8, 4};
+  expect_error([&] { c.view(bad_ld, "x"); }, ErrorKind::InvalidArgument, {"ld >= cols"});
+  TensorView odd_fp4{buf, DType::E2M1x2, 2, 7};
+  expect_error([&] { c.view(odd_fp4, "x"); }, ErrorKind::InvalidArgument, {"even cols"});
+  TensorView mis{reinterpret_cast<char*>(buf) + 1, DType::E4M3, 1, 16};
+  expect_error([&] { c.aligned(mis, "out", 16); }, ErrorKind::InvalidArgument,
+               {"out", "aligned to 16"});
+  const std::vector<int64_t> groups{3, -1};
+  expect_error([&] { c.groups(groups, "col_groups", 2); }, ErrorKind::InvalidArgument,
+               {"col_groups[1]", "non-negative"});
+  const std::vector<int64_t> groups2{3, 4};
+  expect_error([&] { c.groups(groups2, "col_groups", 8); }, ErrorKind::InvalidArgument,
+               {"summing to 8", "sum 7"});
+}
+
+TEST(Types, ScaledTensorChecks) {
+  const detail::Check c("op");
+  uint8_t q[256];
+  float s[4];
+  ScaledTensor t{{q, DType::E4M3, 2, 128}, {s, DType::F32, 1, 2}, ScaleLayout::Rowwise1x128};
+  EXPECT_NO_THROW(c.scaled(t, "x", ScaleLayout::Rowwise1x128, {DType::E4M3}));
+  t.scale.cols = 3;
+  expect_error([&] { c.scaled(t, "x", ScaleLayout::Rowwise1x128, {DType::E4M3}); },
+               ErrorKind::InvalidArgument, {"x.scale", "shape [1, 2]", "[1, 3]"});
+  t.scale.cols = 2;
+  t.scale.dtype = DType::E8M0;
+  expect_error([&] { c.scaled(t, "x", ScaleLayout::Rowwise1x128, {DType::E4M3}); },
+               ErrorKind::InvalidArgument, {"x.scale", "F32"});
+  t.scale.dtype = DType::F32;
+  expect_error([&] { c.scaled(t, "x", ScaleLayout::Block128x128, {DType::E4M3}); },
+               ErrorKind::InvalidArgument, {"x.layout", "Block128x128"});
+  t.scale.device = Device::Cuda;
+  expect_error([&] { c.scaled(t, "x", ScaleLayout::Rowwise1x128, {DType::E4M3}); },
+               ErrorKind::InvalidArgument, {"x.scale", "Cuda"});
+}
+
+TEST(Types, CudaAvailabilityIsReported) {
+  // Not an assertion on the machine: it documents what the GPU tests will do here.
+  std::printf("cuda_available() = %d (%s)\n", int(cuda_available()), version_string());
+  SUCCEED();
+}
+
+}  // namespace
+}  // namespace fp8flow
