@@ -9,7 +9,8 @@
 //   E5M2: NaN -> 0x7F | sign, +-Inf -> +-Inf (0x7C | sign).
 //   E2M1: no Inf/NaN in the format. +-Inf saturates to +-6, NaN -> +0. MX blocks carry NaN in their
 //         E8M0 scale (0xFF) instead; see mx_block_nan below.
-//   E8M0: NaN/+Inf -> 0xFF (NaN); zero, negatives and values below 2^-127 -> 0x00 (2^-127).
+//   E8M0: the sign is ignored; NaN/Inf -> 0xFF (NaN); zero and values below 2^-127 -> 0x00
+//         (2^-127); values past 2^127 saturate to 0xFE.
 // Sign of zero is kept (-0.0 -> 0x80 in E4M3/E5M2, 0x8 in E2M1).
 #pragma once
 

@@ -15,3 +15,11 @@ void require_cuda_backend(const Check& c);
 void require_device_pointer(const Check& c, const TensorView& t, const std::string& arg);
 
 }  // namespace fp8flow::detail
+
+// Calls into fp8flow::sm90:: exist only in CUDA builds; require_cuda_backend() has already thrown
+// Unsupported in a CPU-only build before such a call is reached.
+#if FP8FLOW_WITH_CUDA
+#define FP8FLOW_SM90(call) call
+#else
+#define FP8FLOW_SM90(call) ((void)0)
+#endif

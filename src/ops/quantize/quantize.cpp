@@ -48,7 +48,7 @@ void quantize(const TensorView& in, const ScaledTensor& out, const QuantizeOptio
   check_rowwise_out(c, in, out);
   if (in.device == Device::Cpu) return ref::quantize(in, out);
   check_cuda(c, {{&in, "in"}, {&out.data, "out.data"}, {&out.scale, "out.scale"}});
-  sm90::quantize(in, out, stream);
+  FP8FLOW_SM90(sm90::quantize(in, out, stream));
 }
 
 void quantize_transposed(const TensorView& in, const ScaledTensor& out_t, const QuantizeOptions&,
@@ -58,7 +58,7 @@ void quantize_transposed(const TensorView& in, const ScaledTensor& out_t, const 
   check_transposed_out(c, in, out_t);
   if (in.device == Device::Cpu) return ref::quantize_transposed(in, out_t);
   check_cuda(c, {{&in, "in"}, {&out_t.data, "out_t.data"}, {&out_t.scale, "out_t.scale"}});
-  sm90::quantize_transposed(in, out_t, stream);
+  FP8FLOW_SM90(sm90::quantize_transposed(in, out_t, stream));
 }
 
 void quantize_both(const TensorView& in, const ScaledTensor& out, const ScaledTensor& out_t,
@@ -79,7 +79,7 @@ void quantize_both(const TensorView& in, const ScaledTensor& out, const ScaledTe
                  {&out.scale, "out.scale"},
                  {&out_t.data, "out_t.data"},
                  {&out_t.scale, "out_t.scale"}});
-  sm90::quantize_both(in, out, out_t, stream);
+  FP8FLOW_SM90(sm90::quantize_both(in, out, out_t, stream));
 }
 
 void dequantize(const ScaledTensor& in, const TensorView& out, Stream stream) {
@@ -92,7 +92,7 @@ void dequantize(const ScaledTensor& in, const TensorView& out, Stream stream) {
   c.same_device(in.data, "in.data", out, "out");
   if (in.data.device == Device::Cpu) return ref::dequantize(in, out);
   check_cuda(c, {{&in.data, "in.data"}, {&in.scale, "in.scale"}, {&out, "out"}});
-  sm90::dequantize(in, out, stream);
+  FP8FLOW_SM90(sm90::dequantize(in, out, stream));
 }
 
 }  // namespace fp8flow
