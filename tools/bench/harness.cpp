@@ -438,8 +438,12 @@ std::string json_value(const Value& v) {
       std::snprintf(buf, sizeof buf, "%.6g", d);
       return buf;
     }
-    default:
-      return "\"" + json_escape(std::get<std::string>(v)) + "\"";
+    default: {
+      std::string s(1, '"');  // appends: GCC 12 warns (-Wrestrict) on "\"" + s + "\""
+      s += json_escape(std::get<std::string>(v));
+      s += '"';
+      return s;
+    }
   }
 }
 }  // namespace
