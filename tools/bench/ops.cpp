@@ -613,6 +613,12 @@ size_t run_row(const Env& env, Report& rep, const OpDef& op, const CaseSpec& c,
     rep.set(r, "min_ms", m.t.min_ms);
     rep.set(r, "reps", static_cast<int64_t>(m.t.reps));
     rep.set(r, "sets", static_cast<int64_t>(m.sets));
+    if (m.t.gate_timed_out) {
+      rep.set(r, "gate_timeout", true);
+      problems.push_back(op.name + " " + c.shape_label() +
+                         ": the launch gate timed out (does the op synchronize the host?); "
+                         "its times include host time");
+    }
     const double gbps = bytes / (m.t.median_ms * 1e6);
     rep.set(r, "gbps", gbps);
     if (env.copy_gbps > 0) rep.set(r, "pct_copy", 100.0 * gbps / env.copy_gbps);
@@ -756,7 +762,9 @@ int run_ops(const Options& opt) {
   for (size_t r = 0; r < rep.rows(); ++r) {
     const std::string v = std::get<std::string>(rep.get(r, "verify"));
     if (v == "MISMATCH") ++mismatches;
-    if (v == "error" || rep.get(r, "error").index() == 4) ++errors;  // rows with an error
+    // Rows with an error; a launch gate that timed out means the op synchronized the host.
+    if (v == "error" || rep.get(r, "error").index() == 4 || rep.get(r, "gate_timeout").index() == 1)
+      ++errors;
   }
   rep.meta("mismatches", static_cast<int64_t>(mismatches));
   rep.meta("errors", static_cast<int64_t>(errors));
