@@ -55,7 +55,9 @@ Buffer::Buffer(Device device, size_t bytes, uint8_t poison) : bytes_(bytes), dev
   }
 #if FP8FLOW_WITH_CUDA
   BENCH_CUDA(cudaMalloc(&data_, n));
-  BENCH_CUDA(cudaMemset(data_, poison, n));
+  // On the bench stream (non-blocking, so not ordered with the legacy default stream): the poison
+  // lands before anything the bench enqueues later.
+  BENCH_CUDA(cudaMemsetAsync(data_, poison, n, cuda_stream()));
 #else
   throw std::runtime_error("fp8flow-bench: device buffer in a CPU-only build");
 #endif
