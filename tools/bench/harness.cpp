@@ -482,7 +482,7 @@ std::string json_value(const Value& v) {
     case 3: {
       const double d = std::get<double>(v);
       if (!std::isfinite(d)) return "null";
-      std::snprintf(buf, sizeof buf, "%.6g", d);
+      std::snprintf(buf, sizeof buf, "%.9g", d);
       return buf;
     }
     default: {

@@ -12,6 +12,7 @@
 //           path where there is one (a separate row), and the published time where known.
 // Without a CUDA device the CPU reference runs on small shapes and nothing is verified.
 #include <algorithm>
+#include <cmath>
 #include <cstdio>
 #include <deque>
 #include <functional>
@@ -594,7 +595,7 @@ size_t run_row(const Env& env, Report& rep, const OpDef& op, const CaseSpec& c,
   rep.set(r, "groups", static_cast<int64_t>(c.groups.empty() ? 1 : c.groups.size()));
   rep.set(r, "backend", std::string(env.gpu ? "sm90" : "cpu-reference"));
   const double bytes = op.bytes(s);
-  rep.set(r, "bytes", bytes);
+  rep.set(r, "bytes", static_cast<int64_t>(std::llround(bytes)));
 
   if (env.gpu && env.opt->verify) {
     const Verification v = verify_case(env, op, c);
