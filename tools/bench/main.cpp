@@ -1,2 +1,133 @@
-// placeholder
-int main() { return 0; }
+// fp8flow-bench: the project's benchmark and verification tool.
+//   fp8flow-bench ops [--json FILE] [--reps N] [--warmup N] [--only TEXT] [--quick] ...
+// Each subcommand lives in its own file and registers itself (cli.h); this file only parses the
+// common options and dispatches.
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <string>
+
+#include "cli.h"
+#include "fp8flow/version.h"
+
+namespace fp8flow::bench {
+
+std::vector<Subcommand>& subcommands() {
+  static std::vector<Subcommand> list;
+  return list;
+}
+
+namespace {
+
+void usage(FILE* f) {
+  std::fprintf(f,
+               "usage: fp8flow-bench SUBCOMMAND [options]\n"
+               "\n"
+               "subcommands:\n");
+  for (const auto& s : subcommands()) std::fprintf(f, "  %-8s %s\n", s.name, s.summary);
+  std::fprintf(
+      f,
+      "\n"
+      "options:\n"
+      "  --json FILE        also write the result rows as JSON to FILE\n"
+      "  --reps N           timed repetitions per case (default 50; median and min)\n"
+      "  --warmup N         untimed launches before timing (default 10)\n"
+      "  --only TEXT        only the cases whose label contains TEXT (e.g. transpose,\n"
+      "                     7168, tile_max); --list shows the labels\n"
+      "  --quick            small shapes (a smoke test; no published comparison)\n"
+      "  --no-verify        skip the bit-exact GPU vs CPU reference check\n"
+      "  --verify-rows N    rows of the verification shape (default 2048; same K)\n"
+      "  --list             print the case labels and exit\n"
+      "  -h, --help         this help\n"
+      "\n"
+      "Without a CUDA device (or in a CPU-only build) `ops` runs the CPU reference on small\n"
+      "shapes, says so, and exits 0. With one, it exits nonzero on any mismatch or error.\n"
+      "fp8flow %s\n",
+      version_string());
+}
+
+bool parse_int(const char* s, int64_t& out) {
+  char* end = nullptr;
+  const long long v = std::strtoll(s, &end, 10);
+  if (!s[0] || *end) return false;
+  out = v;
+  return true;
+}
+
+}  // namespace
+}  // namespace fp8flow::bench
+
+int main(int argc, char** argv) {
+  using namespace fp8flow::bench;
+  Options opt;
+  bool help = false;
+  for (int i = 1; i < argc; ++i) {
+    const std::string a = argv[i];
+    auto value = [&](const char* name) -> const char* {
+      if (i + 1 >= argc) {
+        std::fprintf(stderr, "fp8flow-bench: %s needs a value\n", name);
+        std::exit(2);
+      }
+      return argv[++i];
+    };
+    auto int_value = [&](const char* name, int64_t lo) -> int64_t {
+      int64_t v = 0;
+      const char* s = value(name);
+      if (!parse_int(s, v) || v < lo) {
+        std::fprintf(stderr, "fp8flow-bench: %s: expected an integer >= %lld, got '%s'\n", name,
+                     static_cast<long long>(lo), s);
+        std::exit(2);
+      }
+      return v;
+    };
+    if (a == "-h" || a == "--help")
+      help = true;
+    else if (a == "--json")
+      opt.json_path = value("--json");
+    else if (a == "--reps")
+      opt.reps = static_cast<int>(int_value("--reps", 1));
+    else if (a == "--warmup")
+      opt.warmup = static_cast<int>(int_value("--warmup", 0));
+    else if (a == "--only")
+      opt.only = value("--only");
+    else if (a == "--quick")
+      opt.quick = true;
+    else if (a == "--no-verify")
+      opt.verify = false;
+    else if (a == "--verify-rows")
+      opt.verify_rows = int_value("--verify-rows", 1);
+    else if (a == "--list")
+      opt.list = true;
+    else if (a == "--") {
+      for (++i; i < argc; ++i) opt.extra.push_back(argv[i]);
+    } else if (!a.empty() && a[0] == '-') {
+      std::fprintf(stderr, "fp8flow-bench: unknown option '%s' (see --help)\n", a.c_str());
+      return 2;
+    } else if (opt.subcommand.empty()) {
+      opt.subcommand = a;
+    } else {
+      std::fprintf(stderr, "fp8flow-bench: unexpected argument '%s'\n", a.c_str());
+      return 2;
+    }
+  }
+  if (help) {
+    usage(stdout);
+    return 0;
+  }
+  if (opt.subcommand.empty()) {
+    usage(stderr);
+    return 2;
+  }
+  for (const auto& s : subcommands())
+    if (opt.subcommand == s.name) {
+      try {
+        return s.run(opt);
+      } catch (const std::exception& e) {
+        std::fprintf(stderr, "fp8flow-bench %s: %s\n", s.name, e.what());
+        return 1;
+      }
+    }
+  std::fprintf(stderr, "fp8flow-bench: unknown subcommand '%s' (see --help)\n",
+               opt.subcommand.c_str());
+  return 2;
+}

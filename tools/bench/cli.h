@@ -1,0 +1,45 @@
+// fp8flow-bench command line: the options every subcommand understands, and the registry that
+// makes a subcommand one file: define `int run_x(const Options&)` in x.cpp and register it with
+// FP8FLOW_BENCH_SUBCOMMAND(x, "one-line summary", run_x). CMake globs tools/bench/*.cpp.
+#pragma once
+
+#include <cstdint>
+#include <string>
+#include <vector>
+
+namespace fp8flow::bench {
+
+struct Options {
+  std::string subcommand;
+  std::string json_path;           // --json FILE: also write the rows as JSON
+  int reps = 50;                   // --reps N: timed repetitions per case (median and min reported)
+  int warmup = 10;                 // --warmup N: untimed launches before timing
+  std::string only;                // --only TEXT: run the cases whose label contains TEXT
+  bool quick = false;              // --quick: small shapes (smoke test)
+  bool verify = true;              // --no-verify: skip the GPU vs CPU reference comparison
+  int64_t verify_rows = 2048;      // --verify-rows N: rows of the verification shape (same K)
+  bool list = false;               // --list: print the case labels and exit
+  std::vector<std::string> extra;  // arguments left for the subcommand (after --)
+};
+
+using SubcommandFn = int (*)(const Options&);
+
+struct Subcommand {
+  const char* name;
+  const char* summary;
+  SubcommandFn run;
+};
+
+// Registered subcommands, in registration order.
+std::vector<Subcommand>& subcommands();
+
+struct SubcommandRegistrar {
+  SubcommandRegistrar(const char* name, const char* summary, SubcommandFn fn) {
+    subcommands().push_back({name, summary, fn});
+  }
+};
+
+#define FP8FLOW_BENCH_SUBCOMMAND(name, summary, fn) \
+  static const ::fp8flow::bench::SubcommandRegistrar fp8flow_bench_reg_##name(#name, summary, fn)
+
+}  // namespace fp8flow::bench
