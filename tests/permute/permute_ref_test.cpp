@@ -10,7 +10,9 @@
 namespace fp8flow::test {
 namespace {
 
-int64_t round_up(int64_t x, int64_t a) { return (x + a - 1) / a * a; }
+int64_t round_up(int64_t x, int64_t a) {
+  return (x + a - 1) / a * a;
+}
 
 // Independent check of every plan field against the routing.
 void check_plan(const std::vector<int32_t>& idx, int64_t T, int64_t k, int64_t E, int align,
@@ -18,8 +20,10 @@ void check_plan(const std::vector<int32_t>& idx, int64_t T, int64_t k, int64_t E
   std::vector<int64_t> cnt(static_cast<size_t>(E), 0);
   int64_t invalid = 0;
   for (int32_t e : idx) {
-    if (e >= 0 && e < E) ++cnt[static_cast<size_t>(e)];
-    else ++invalid;
+    if (e >= 0 && e < E)
+      ++cnt[static_cast<size_t>(e)];
+    else
+      ++invalid;
   }
   ASSERT_EQ(p.invalid(), invalid);
   ASSERT_EQ(p.offset(0), 0);
@@ -52,33 +56,6 @@ void check_plan(const std::vector<int32_t>& idx, int64_t T, int64_t k, int64_t E
     for (int64_t r = r0 + n; r < p.offset(e + 1); ++r) ASSERT_EQ(src[r], -1) << "pad row " << r;
   }
   for (int64_t r = m_pad; r < p.src.v.numel(); ++r) ASSERT_EQ(src[r], -1) << "row past M_pad";
-}
-
-struct RouteCase {
-  const char* name;
-  int64_t T, k, E;
-  std::vector<int32_t> idx;
-};
-
-std::vector<RouteCase> route_cases() {
-  std::vector<RouteCase> c;
-  c.push_back({"uniform", 1000, 8, 32, route_uniform(1000, 8, 32, 1)});
-  c.push_back({"uniform_T4099_E256", 4099, 8, 256, route_uniform(4099, 8, 256, 2)});
-  c.push_back({"skewed", 777, 6, 64, route_skewed(777, 6, 64, 3)});
-  c.push_back({"one_expert", 300, 4, 16, route_constant(300, 4, 5)});
-  c.push_back({"one_expert_last", 129, 1, 7, route_constant(129, 1, 6)});
-  c.push_back({"one_token", 1, 8, 32, route_uniform(1, 8, 32, 4)});
-  c.push_back({"k1", 513, 1, 8, route_uniform(513, 1, 8, 5)});
-  c.push_back({"E1", 37, 2, 1, route_constant(37, 2, 0)});
-  c.push_back({"no_tokens", 0, 8, 32, {}});
-  c.push_back({"invalid_ids", 1001, 8, 32, route_with_invalid(1001, 8, 32, 6)});
-  c.push_back({"all_invalid", 50, 3, 4, route_constant(50, 3, -1)});
-  c.push_back({"k32_E1024", 65, 32, 1024, route_uniform(65, 32, 1024, 7)});
-  // Empty experts: only even ids.
-  auto even = route_uniform(500, 4, 16, 8);
-  for (auto& e : even) e = (e / 2) * 2;
-  c.push_back({"empty_experts", 500, 4, 16, even});
-  return c;
 }
 
 TEST(PermutePlan, ReferenceInvariants) {
@@ -159,7 +136,9 @@ void check_probs(const HostTensor& w, const HostTensor& prob, const HostPlan& p,
   for (int64_t r = 0; r < prob.v.numel(); ++r) {
     const int32_t s = p.src_slot()[r];
     const float want = s >= 0 && s < pairs ? reinterpret_cast<const float*>(w.buf.data())[s] : 0.0f;
-    ASSERT_EQ(fmt::f32_bits(reinterpret_cast<const float*>(prob.buf.data())[r]), fmt::f32_bits(want)) << r;
+    ASSERT_EQ(fmt::f32_bits(reinterpret_cast<const float*>(prob.buf.data())[r]),
+              fmt::f32_bits(want))
+        << r;
   }
 }
 
@@ -195,10 +174,11 @@ TEST(Permute, ReferenceMxfp4MovesRowsAndE8M0) {
     const auto idx = route_skewed(T, k, E, 9);
     const HostPlan p = make_host_plan(idx, T, k, E, 16);
     const int64_t R = p.m_pad(E);
-    HostTensor x = random_bytes(DType::E2M1x2, T, H, 4), xs = random_bytes(DType::E8M0, T, H / 32, 5);
+    HostTensor x = random_bytes(DType::E2M1x2, T, H, 4),
+               xs = random_bytes(DType::E8M0, T, H / 32, 5);
     HostTensor y(DType::E2M1x2, R, H), ys(DType::E8M0, R, H / 32);
-    permute(ScaledTensor{x.v, xs.v, ScaleLayout::Mx1x32}, ScaledTensor{y.v, ys.v, ScaleLayout::Mx1x32},
-            p.view());
+    permute(ScaledTensor{x.v, xs.v, ScaleLayout::Mx1x32},
+            ScaledTensor{y.v, ys.v, ScaleLayout::Mx1x32}, p.view());
     check_rows(x, y, p, k);
     check_rows(xs, ys, p, k);
   }
@@ -209,7 +189,8 @@ TEST(Permute, ReferenceBf16KeepsNaNPayloads) {
   const auto idx = route_uniform(T, k, E, 12);
   const HostPlan p = make_host_plan(idx, T, k, E, 8);
   HostTensor x = random_bytes(DType::BF16, T, H, 6);
-  for (int i = 0; i < 20; ++i) x.ptr<uint16_t>()[i * 7] = static_cast<uint16_t>(0x7F81 + i);  // NaNs
+  for (int i = 0; i < 20; ++i)
+    x.ptr<uint16_t>()[i * 7] = static_cast<uint16_t>(0x7F81 + i);  // NaNs
   HostTensor y(DType::BF16, p.m_pad(E), H);
   permute(x.v, y.v, p.view());
   check_rows(x, y, p, k);
@@ -277,7 +258,8 @@ TEST(Unpermute, WeightedDroppedSlotsAndOrder) {
       if (std::isnan(acc)) acc = fmt::f32_from_bits(0x7FC00000u);
       if (n >= 2 && std::isnan(acc_u)) acc_u = fmt::f32_from_bits(0x7FC00000u);
       ASSERT_EQ(out.ptr<uint16_t>()[t * H + h], fmt::bf16_from_f32(acc)) << t << "," << h;
-      ASSERT_EQ(fmt::f32_bits(out_u.ptr<float>()[t * H + h]), fmt::f32_bits(acc_u)) << t << "," << h;
+      ASSERT_EQ(fmt::f32_bits(out_u.ptr<float>()[t * H + h]), fmt::f32_bits(acc_u))
+          << t << "," << h;
     }
 }
 
@@ -305,7 +287,8 @@ TEST(PermuteBackward, ProbsRoundTrip) {
   permute_probs_backward(prob.v, p.view(), dw.v);
   for (int64_t i = 0; i < T * k; ++i) {
     const bool valid = idx[static_cast<size_t>(i)] >= 0 && idx[static_cast<size_t>(i)] < E;
-    ASSERT_EQ(fmt::f32_bits(dw.ptr<float>()[i]), valid ? fmt::f32_bits(w.ptr<float>()[i]) : 0u) << i;
+    ASSERT_EQ(fmt::f32_bits(dw.ptr<float>()[i]), valid ? fmt::f32_bits(w.ptr<float>()[i]) : 0u)
+        << i;
   }
 }
 

@@ -7,8 +7,8 @@
 #include <algorithm>
 #include <climits>
 #include <cmath>
-#include <cstring>
 #include <cstdint>
+#include <cstring>
 #include <functional>
 #include <numeric>
 #include <random>
@@ -63,8 +63,8 @@ inline std::vector<int32_t> route_with_invalid(int64_t T, int64_t k, int64_t E, 
   auto idx = route_uniform(T, k, E, seed);
   std::mt19937_64 rng(seed ^ 0x9E3779B97F4A7C15ull);
   std::uniform_real_distribution<double> u(0, 1);
-  const int32_t bad[] = {-1, static_cast<int32_t>(E), static_cast<int32_t>(E) + 100, INT_MIN,
-                         INT_MAX, -7};
+  const int32_t bad[] = {
+      -1, static_cast<int32_t>(E), static_cast<int32_t>(E) + 100, INT_MIN, INT_MAX, -7};
   size_t b = 0;
   for (auto& v : idx)
     if (u(rng) < frac) v = bad[b++ % 6];
@@ -102,13 +102,44 @@ inline HostTensor random_weights(int64_t T, int64_t k, uint64_t seed) {
   return h;
 }
 
+// Routing cases shared by the reference and GPU tests.
+struct RouteCase {
+  const char* name;
+  int64_t T, k, E;
+  std::vector<int32_t> idx;
+};
+
+inline std::vector<RouteCase> route_cases() {
+  std::vector<RouteCase> c;
+  c.push_back({"uniform", 1000, 8, 32, route_uniform(1000, 8, 32, 1)});
+  c.push_back({"uniform_T4099_E256", 4099, 8, 256, route_uniform(4099, 8, 256, 2)});
+  c.push_back({"skewed", 777, 6, 64, route_skewed(777, 6, 64, 3)});
+  c.push_back({"one_expert", 300, 4, 16, route_constant(300, 4, 5)});
+  c.push_back({"one_expert_last", 129, 1, 7, route_constant(129, 1, 6)});
+  c.push_back({"one_token", 1, 8, 32, route_uniform(1, 8, 32, 4)});
+  c.push_back({"k1", 513, 1, 8, route_uniform(513, 1, 8, 5)});
+  c.push_back({"E1", 37, 2, 1, route_constant(37, 2, 0)});
+  c.push_back({"no_tokens", 0, 8, 32, {}});
+  c.push_back({"invalid_ids", 1001, 8, 32, route_with_invalid(1001, 8, 32, 6)});
+  c.push_back({"all_invalid", 50, 3, 4, route_constant(50, 3, -1)});
+  c.push_back({"k32_E1024", 65, 32, 1024, route_uniform(65, 32, 1024, 7)});
+  // Empty experts: only even ids.
+  auto even = route_uniform(500, 4, 16, 8);
+  for (auto& e : even) e = (e / 2) * 2;
+  c.push_back({"empty_experts", 500, 4, 16, even});
+  return c;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Plan storage. src_slot has `src_len` entries (default: the max-rows bound).
 struct HostPlan {
   HostTensor tpe, off, dest, src, inv;
   HostPlan(int64_t T, int64_t k, int64_t E, int64_t src_len, DType off_dtype = DType::I64)
-      : tpe(DType::I32, 1, E), off(off_dtype, 1, E + 1), dest(DType::I32, T, k),
-        src(DType::I32, 1, src_len), inv(DType::I32, 1, 1) {}
+      : tpe(DType::I32, 1, E),
+        off(off_dtype, 1, E + 1),
+        dest(DType::I32, T, k),
+        src(DType::I32, 1, src_len),
+        inv(DType::I32, 1, 1) {}
   PermutationPlan view() const { return {tpe.v, off.v, dest.v, src.v, inv.v}; }
   int64_t offset(int64_t e) const {
     return off.v.dtype == DType::I64 ? reinterpret_cast<const int64_t*>(off.buf.data())[e]
@@ -134,8 +165,11 @@ inline HostPlan make_host_plan(const std::vector<int32_t>& idx, int64_t T, int64
 struct DevicePlan {
   DeviceTensor tpe, off, dest, src, inv;
   DevicePlan(int64_t T, int64_t k, int64_t E, int64_t src_len, DType off_dtype = DType::I64)
-      : tpe(DType::I32, 1, E), off(off_dtype, 1, E + 1), dest(DType::I32, T, k),
-        src(DType::I32, 1, src_len), inv(DType::I32, 1, 1) {}
+      : tpe(DType::I32, 1, E),
+        off(off_dtype, 1, E + 1),
+        dest(DType::I32, T, k),
+        src(DType::I32, 1, src_len),
+        inv(DType::I32, 1, 1) {}
   PermutationPlan view() const { return {tpe.v, off.v, dest.v, src.v, inv.v}; }
 };
 
@@ -154,9 +188,8 @@ struct DeviceBytes {
   }
 };
 
-inline DevicePlan make_device_plan(const std::vector<int32_t>& idx, int64_t T, int64_t k,
-                                   int64_t E, int align, DType off_dtype = DType::I64,
-                                   int64_t src_len = -1) {
+inline DevicePlan make_device_plan(const std::vector<int32_t>& idx, int64_t T, int64_t k, int64_t E,
+                                   int align, DType off_dtype = DType::I64, int64_t src_len = -1) {
   if (src_len < 0) src_len = permutation_max_rows(T, k, E, align);
   DevicePlan p(T, k, E, src_len, off_dtype);
   const DeviceTensor ids(host_i32(idx, T, k));

@@ -34,7 +34,9 @@ namespace {
 using detail::Check;
 using detail::PermuteRowsArgs;
 
-bool present(const TensorView& t) { return t.data != nullptr; }
+bool present(const TensorView& t) {
+  return t.data != nullptr;
+}
 
 // A 1-D tensor: contiguous, numel == n (or >= n with at_least), dtype among `dtypes`.
 void vec(const Check& c, const TensorView& t, const std::string& arg,
@@ -69,10 +71,13 @@ std::pair<int64_t, int64_t> check_dest_row(const Check& c, const PermutationPlan
   return {plan.dest_row.rows, k};
 }
 
-bool is_pow2_align(int a) { return a >= 1 && a <= kMaxPermuteAlign && (a & (a - 1)) == 0; }
+bool is_pow2_align(int a) {
+  return a >= 1 && a <= kMaxPermuteAlign && (a & (a - 1)) == 0;
+}
 
 // Cuda tensors: the backend exists, each (non-empty) tensor is device memory.
-void check_cuda(const Check& c, std::initializer_list<std::pair<const TensorView*, const char*>> ts) {
+void check_cuda(const Check& c,
+                std::initializer_list<std::pair<const TensorView*, const char*>> ts) {
   detail::require_cuda_backend(c);
   for (auto [t, name] : ts) detail::require_device_pointer(c, *t, name);
 }
@@ -94,10 +99,12 @@ void run_permute_rows(const Check& c, const PermuteRowsArgs& a, Stream stream) {
   same_devices(c, a.in, "in", {{&a.out, "out"}, {&a.src_slot, "plan.src_slot"}});
   if (a.col_scale || a.row_scale)
     same_devices(c, a.in, "in", {{&a.in_scale, "in.scale"}, {&a.out_scale, "out.scale"}});
-  if (a.probs) same_devices(c, a.in, "in", {{&a.topk_weight, "probs.topk_weight"}, {&a.prob, "probs.prob"}});
+  if (a.probs)
+    same_devices(c, a.in, "in", {{&a.topk_weight, "probs.topk_weight"}, {&a.prob, "probs.prob"}});
   if (a.in.device == Device::Cpu) return ref::permute_rows(a);
   check_cuda(c, {{&a.in, "in"}, {&a.out, "out"}, {&a.src_slot, "plan.src_slot"}});
-  if (a.col_scale || a.row_scale) check_cuda(c, {{&a.in_scale, "in.scale"}, {&a.out_scale, "out.scale"}});
+  if (a.col_scale || a.row_scale)
+    check_cuda(c, {{&a.in_scale, "in.scale"}, {&a.out_scale, "out.scale"}});
   if (a.probs) check_cuda(c, {{&a.topk_weight, "probs.topk_weight"}, {&a.prob, "probs.prob"}});
   if (a.scale_by_prob) check_cuda(c, {{&a.topk_weight, "topk_weight"}});
   c.aligned(a.in, "in.data", 16);
@@ -163,9 +170,9 @@ void make_permutation(const TensorView& topk_idx, int64_t num_experts, const Per
          detail::cat(workspace_bytes));
   if (need > 0) {
     c.that(workspace != nullptr, "workspace", "a non-null device pointer", "nullptr");
-    c.that(reinterpret_cast<uintptr_t>(workspace) % 16 == 0, "workspace",
-           "a 16-byte aligned pointer",
-           detail::cat("address ending 0x", std::hex, reinterpret_cast<uintptr_t>(workspace) % 256));
+    c.that(
+        reinterpret_cast<uintptr_t>(workspace) % 16 == 0, "workspace", "a 16-byte aligned pointer",
+        detail::cat("address ending 0x", std::hex, reinterpret_cast<uintptr_t>(workspace) % 256));
     const TensorView ws{workspace, DType::I32, 1, static_cast<int64_t>(need / 4), -1, Device::Cuda};
     detail::require_device_pointer(c, ws, "workspace");
   }
@@ -194,7 +201,8 @@ void permute(const ScaledTensor& in, const ScaledTensor& out, const PermutationP
          detail::cat(in.col_groups.size(), " groups"));
   c.that(out.col_groups.empty(), "out.col_groups", "empty (row-wise rows [R][H])",
          detail::cat(out.col_groups.size(), " groups"));
-  c.that(out.data.dtype == in.data.dtype, "out.data", detail::cat("dtype ", to_string(in.data.dtype), " (as in.data)"),
+  c.that(out.data.dtype == in.data.dtype, "out.data",
+         detail::cat("dtype ", to_string(in.data.dtype), " (as in.data)"),
          to_string(out.data.dtype));
   c.contiguous(in.data, "in.data");
   c.contiguous(out.data, "out.data");
@@ -301,7 +309,8 @@ void permute_probs_backward(const TensorView& dprob, const PermutationPlan& plan
   vec(c, dprob, "dprob", {DType::F32}, dprob.numel());
   mat(c, dweight, "dweight", {DType::F32}, T, k);
   same_devices(c, dprob, "dprob", {{&dweight, "dweight"}, {&plan.dest_row, "plan.dest_row"}});
-  if (dprob.device == Device::Cpu) return ref::permute_probs_backward(dprob, plan.dest_row, dweight);
+  if (dprob.device == Device::Cpu)
+    return ref::permute_probs_backward(dprob, plan.dest_row, dweight);
   check_cuda(c, {{&dprob, "dprob"}, {&dweight, "dweight"}, {&plan.dest_row, "plan.dest_row"}});
 #if FP8FLOW_WITH_CUDA
   sm90::permute_probs_backward(dprob, plan.dest_row, dweight, stream);
@@ -330,8 +339,12 @@ void unpermute_weighted_backward(const TensorView& dout, const TensorView& y,
   mat(c, dweight, "dweight", {DType::F32}, T, k);
   vec(c, plan.src_slot, "plan.src_slot", {DType::I32}, R, /*at_least=*/true);
   same_devices(c, dout, "dout",
-               {{&y, "y"}, {&topk_weight, "topk_weight"}, {&dy, "dy"}, {&dweight, "dweight"},
-                {&plan.dest_row, "plan.dest_row"}, {&plan.src_slot, "plan.src_slot"}});
+               {{&y, "y"},
+                {&topk_weight, "topk_weight"},
+                {&dy, "dy"},
+                {&dweight, "dweight"},
+                {&plan.dest_row, "plan.dest_row"},
+                {&plan.src_slot, "plan.src_slot"}});
   PermuteRowsArgs a;
   a.in = dout;
   a.out = dy;
@@ -344,8 +357,12 @@ void unpermute_weighted_backward(const TensorView& dout, const TensorView& y,
     ref::unpermute_weight_grad(dout, y, plan.dest_row, dweight);
     return;
   }
-  check_cuda(c, {{&dout, "dout"}, {&y, "y"}, {&topk_weight, "topk_weight"}, {&dy, "dy"},
-                 {&dweight, "dweight"}, {&plan.dest_row, "plan.dest_row"},
+  check_cuda(c, {{&dout, "dout"},
+                 {&y, "y"},
+                 {&topk_weight, "topk_weight"},
+                 {&dy, "dy"},
+                 {&dweight, "dweight"},
+                 {&plan.dest_row, "plan.dest_row"},
                  {&plan.src_slot, "plan.src_slot"}});
   c.aligned(dout, "dout", 16);
   c.aligned(y, "y", 16);

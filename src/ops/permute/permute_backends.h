@@ -19,15 +19,16 @@ PlanChunks plan_chunks(int64_t num_pairs, int64_t num_experts);
 // One row-gather pass (permute, unpermute-bwd, weighted-unpermute-bwd's dy): out row r = in row
 // src_slot[r] / k, or zeros where src_slot[r] is outside [0, T * k). Data rows move as bytes.
 struct PermuteRowsArgs {
-  TensorView in, out;              // data [T][H] -> [R][H], same dtype
-  TensorView in_scale, out_scale;  // FP8: F32 [tiles][T] -> [tiles][R]; MX: E8M0 [T][H/32] -> [R][.]
-  bool col_scale = false;          // FP8 1x128 scales (pad rows: 2^-127)
-  bool row_scale = false;          // MX scales (pad rows: byte 0)
-  TensorView topk_weight;          // F32 [T][k] (probs or scale_by_prob)
-  TensorView prob;                 // F32 [R] (probs)
-  bool probs = false;              // write prob[r] = topk_weight[slot], 0 on pad rows
-  bool scale_by_prob = false;      // BF16/F32 data: out row = in row * topk_weight[slot]
-  TensorView src_slot;             // I32, >= R entries (the first R are read)
+  TensorView in, out;  // data [T][H] -> [R][H], same dtype
+  TensorView in_scale,
+      out_scale;               // FP8: F32 [tiles][T] -> [tiles][R]; MX: E8M0 [T][H/32] -> [R][.]
+  bool col_scale = false;      // FP8 1x128 scales (pad rows: 2^-127)
+  bool row_scale = false;      // MX scales (pad rows: byte 0)
+  TensorView topk_weight;      // F32 [T][k] (probs or scale_by_prob)
+  TensorView prob;             // F32 [R] (probs)
+  bool probs = false;          // write prob[r] = topk_weight[slot], 0 on pad rows
+  bool scale_by_prob = false;  // BF16/F32 data: out row = in row * topk_weight[slot]
+  TensorView src_slot;         // I32, >= R entries (the first R are read)
   int64_t k = 1;
 };
 

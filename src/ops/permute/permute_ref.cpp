@@ -12,10 +12,16 @@ namespace {
 
 // The canonical quiet NaN written wherever FP32 arithmetic produced a NaN (the GPU returns
 // 0x7FFFFFFF, x86 propagates an operand's payload: both are mapped to this).
-float canonical_nan(float x) { return fmt::f32_is_nan(x) ? fmt::f32_from_bits(0x7FC00000u) : x; }
+float canonical_nan(float x) {
+  return fmt::f32_is_nan(x) ? fmt::f32_from_bits(0x7FC00000u) : x;
+}
 
-const int32_t* i32(const TensorView& t) { return static_cast<const int32_t*>(t.data); }
-const float* f32(const TensorView& t) { return static_cast<const float*>(t.data); }
+const int32_t* i32(const TensorView& t) {
+  return static_cast<const int32_t*>(t.data);
+}
+const float* f32(const TensorView& t) {
+  return static_cast<const float*>(t.data);
+}
 
 }  // namespace
 
@@ -27,12 +33,15 @@ void make_permutation(const TensorView& topk_idx, int64_t num_experts, const Per
   int64_t invalid = 0;
   for (int64_t i = 0; i < n; ++i) {
     const int32_t e = idx[i];
-    if (e >= 0 && e < E) ++count[static_cast<size_t>(e)];
-    else ++invalid;
+    if (e >= 0 && e < E)
+      ++count[static_cast<size_t>(e)];
+    else
+      ++invalid;
   }
   for (int64_t e = 0; e < E; ++e)
     offset[static_cast<size_t>(e + 1)] =
-        offset[static_cast<size_t>(e)] + (count[static_cast<size_t>(e)] + align - 1) / align * align;
+        offset[static_cast<size_t>(e)] +
+        (count[static_cast<size_t>(e)] + align - 1) / align * align;
 
   int32_t* src = static_cast<int32_t*>(plan.src_slot.data);
   int32_t* dest = static_cast<int32_t*>(plan.dest_row.data);
@@ -55,7 +64,8 @@ void make_permutation(const TensorView& topk_idx, int64_t num_experts, const Per
     if (plan.offsets.dtype == DType::I64)
       static_cast<int64_t*>(plan.offsets.data)[e] = offset[static_cast<size_t>(e)];
     else
-      static_cast<int32_t*>(plan.offsets.data)[e] = static_cast<int32_t>(offset[static_cast<size_t>(e)]);
+      static_cast<int32_t*>(plan.offsets.data)[e] =
+          static_cast<int32_t>(offset[static_cast<size_t>(e)]);
   }
   static_cast<int32_t*>(plan.invalid.data)[0] = static_cast<int32_t>(invalid);
 }
@@ -87,8 +97,11 @@ void permute_rows(const detail::PermuteRowsArgs& a) {
     if (a.row_scale) {
       const int64_t nb = a.in_scale.cols;
       auto* o = static_cast<uint8_t*>(a.out_scale.data) + r * nb;
-      if (valid) std::memcpy(o, static_cast<const uint8_t*>(a.in_scale.data) + t * nb, static_cast<size_t>(nb));
-      else std::memset(o, 0, static_cast<size_t>(nb));
+      if (valid)
+        std::memcpy(o, static_cast<const uint8_t*>(a.in_scale.data) + t * nb,
+                    static_cast<size_t>(nb));
+      else
+        std::memset(o, 0, static_cast<size_t>(nb));
     }
     if (a.probs) static_cast<float*>(a.prob.data)[r] = valid ? w[slot] : 0.0f;
   }

@@ -15,7 +15,9 @@
 namespace fp8flow::sm90 {
 namespace {
 
-cudaStream_t cu(Stream s) { return reinterpret_cast<cudaStream_t>(s); }
+cudaStream_t cu(Stream s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
 
 // Largest power of two <= 16 dividing x.
 int pow2_divisor16(uint64_t x) {
@@ -45,7 +47,8 @@ void make_permutation(const TensorView& topk_idx, int64_t num_experts, const Per
   a.src_slot = plan.src_slot.ptr<int32_t>();
   a.src_slot_len = static_cast<int32_t>(plan.src_slot.numel());
   a.invalid = plan.invalid.ptr<int32_t>();
-  const size_t smem = static_cast<size_t>(kernels::kPlanWarps) * (num_experts + 1) * sizeof(int32_t);
+  const size_t smem =
+      static_cast<size_t>(kernels::kPlanWarps) * (num_experts + 1) * sizeof(int32_t);
   const int blocks = (pc.num_chunks + kernels::kPlanWarps - 1) / kernels::kPlanWarps;
   if (pairs > 0) {
     kernels::plan_chunk_kernel<false><<<blocks, kernels::kPlanWarps * 32, smem, cu(stream)>>>(a);
@@ -118,8 +121,10 @@ namespace {
 
 template <typename YT, typename OT>
 void launch_unpermute(const kernels::UnpermuteArgs& a, bool weighted, dim3 grid, cudaStream_t s) {
-  if (weighted) kernels::unpermute_kernel<YT, OT, true><<<grid, kernels::kUnpermuteWarps * 32, 0, s>>>(a);
-  else kernels::unpermute_kernel<YT, OT, false><<<grid, kernels::kUnpermuteWarps * 32, 0, s>>>(a);
+  if (weighted)
+    kernels::unpermute_kernel<YT, OT, true><<<grid, kernels::kUnpermuteWarps * 32, 0, s>>>(a);
+  else
+    kernels::unpermute_kernel<YT, OT, false><<<grid, kernels::kUnpermuteWarps * 32, 0, s>>>(a);
 }
 
 }  // namespace
@@ -146,14 +151,19 @@ void unpermute(const TensorView& y, const TensorView* topk_weight, const TensorV
   const int64_t seg = (nchunks + nseg - 1) / nseg;
   nseg = (nchunks + seg - 1) / seg;
   a.seg = static_cast<int32_t>(seg);
-  const dim3 grid(static_cast<unsigned>((T + kernels::kUnpermuteWarps - 1) / kernels::kUnpermuteWarps),
-                  static_cast<unsigned>(nseg));
+  const dim3 grid(
+      static_cast<unsigned>((T + kernels::kUnpermuteWarps - 1) / kernels::kUnpermuteWarps),
+      static_cast<unsigned>(nseg));
   const bool w = topk_weight != nullptr;
   const bool ybf = y.dtype == DType::BF16, obf = out.dtype == DType::BF16;
-  if (ybf && obf) launch_unpermute<uint16_t, uint16_t>(a, w, grid, cu(stream));
-  else if (ybf) launch_unpermute<uint16_t, float>(a, w, grid, cu(stream));
-  else if (obf) launch_unpermute<float, uint16_t>(a, w, grid, cu(stream));
-  else launch_unpermute<float, float>(a, w, grid, cu(stream));
+  if (ybf && obf)
+    launch_unpermute<uint16_t, uint16_t>(a, w, grid, cu(stream));
+  else if (ybf)
+    launch_unpermute<uint16_t, float>(a, w, grid, cu(stream));
+  else if (obf)
+    launch_unpermute<float, uint16_t>(a, w, grid, cu(stream));
+  else
+    launch_unpermute<float, float>(a, w, grid, cu(stream));
   FP8FLOW_CUDA_CHECK_LAUNCH(w ? "unpermute_weighted" : "unpermute");
 }
 
@@ -180,13 +190,17 @@ void unpermute_weight_grad(const TensorView& dout, const TensorView& y, const Te
   const auto n = static_cast<int32_t>(pairs);
   const bool dbf = dout.dtype == DType::BF16, ybf = y.dtype == DType::BF16;
   if (dbf && ybf)
-    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(dout.ptr<const uint16_t>(), y.ptr<const uint16_t>(), dr, dw, n, k, yr, H);
+    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(
+        dout.ptr<const uint16_t>(), y.ptr<const uint16_t>(), dr, dw, n, k, yr, H);
   else if (dbf)
-    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(dout.ptr<const uint16_t>(), y.ptr<const float>(), dr, dw, n, k, yr, H);
+    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(
+        dout.ptr<const uint16_t>(), y.ptr<const float>(), dr, dw, n, k, yr, H);
   else if (ybf)
-    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(dout.ptr<const float>(), y.ptr<const uint16_t>(), dr, dw, n, k, yr, H);
+    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(
+        dout.ptr<const float>(), y.ptr<const uint16_t>(), dr, dw, n, k, yr, H);
   else
-    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(dout.ptr<const float>(), y.ptr<const float>(), dr, dw, n, k, yr, H);
+    kernels::weight_grad_kernel<<<grid, 256, 0, cu(stream)>>>(
+        dout.ptr<const float>(), y.ptr<const float>(), dr, dw, n, k, yr, H);
   FP8FLOW_CUDA_CHECK_LAUNCH("unpermute_weighted_backward");
 }
 

@@ -19,25 +19,25 @@
 // sort's 3-4 plus a histogram, a scan and a scatter around it.
 #pragma once
 
-#include <cub/block/block_scan.cuh>
 #include <cstdint>
+#include <cub/block/block_scan.cuh>
 
 #include "common/check.h"
 
 namespace fp8flow::sm90::kernels {
 
-constexpr int kPlanWarps = 4;      // warps (chunks) per CTA of plan_chunk_kernel
-constexpr int kPlanBatch = 8;      // rounds of 32 ids loaded ahead per lane
+constexpr int kPlanWarps = 4;  // warps (chunks) per CTA of plan_chunk_kernel
+constexpr int kPlanBatch = 8;  // rounds of 32 ids loaded ahead per lane
 constexpr int kScanThreads = 1024;
 
 struct PlanArgs {
   const int32_t* topk_idx;
   int32_t num_pairs;  // T * k
   int32_t num_experts;
-  int32_t chunk;       // pairs per warp chunk
+  int32_t chunk;  // pairs per warp chunk
   int32_t num_chunks;
-  int32_t align;       // power of two
-  int32_t* hist;       // workspace [num_chunks][E + 1]
+  int32_t align;  // power of two
+  int32_t* hist;  // workspace [num_chunks][E + 1]
   int32_t* tokens_per_expert;
   void* offsets;
   bool offsets64;
@@ -49,7 +49,8 @@ struct PlanArgs {
 
 // kRank == false: count pass. kRank == true: ranking pass (hist holds each chunk's first rows).
 template <bool kRank>
-__global__ void __launch_bounds__(kPlanWarps * 32) plan_chunk_kernel(const __grid_constant__ PlanArgs a) {
+__global__ void __launch_bounds__(kPlanWarps * 32)
+    plan_chunk_kernel(const __grid_constant__ PlanArgs a) {
   extern __shared__ int32_t s_count[];  // [kPlanWarps][E + 1]
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int chunk_id = blockIdx.x * kPlanWarps + warp;
@@ -59,21 +60,24 @@ __global__ void __launch_bounds__(kPlanWarps * 32) plan_chunk_kernel(const __gri
   int32_t* hist_row = a.hist + static_cast<int64_t>(chunk_id) * ncols;
   for (int e = lane; e < ncols; e += 32) cnt[e] = kRank ? hist_row[e] : 0;
   __syncwarp();
-  const int begin = chunk_id * a.chunk;
-  const int end = min(a.num_pairs, begin + a.chunk);
+  const int begin = chunk_id * a.chunk;  // < num_pairs
+  const int end = static_cast<int>(
+      min(static_cast<int64_t>(a.num_pairs), static_cast<int64_t>(begin) + a.chunk));
   const unsigned lt = (1u << lane) - 1u;
-  for (int base = begin; base < end; base += 32 * kPlanBatch) {
+  for (int64_t base = begin; base < end; base += 32 * kPlanBatch) {
     int32_t ids[kPlanBatch];
 #pragma unroll
     for (int u = 0; u < kPlanBatch; ++u) {
-      const int i = base + u * 32 + lane;
-      ids[u] = __ldg(a.topk_idx + min(i, end - 1));  // clamped: loads stay unconditional
+      const int64_t i = base + u * 32 + lane;
+      ids[u] = __ldg(a.topk_idx +
+                     min(i, static_cast<int64_t>(end) - 1));  // clamped: loads stay unconditional
     }
 #pragma unroll
     for (int u = 0; u < kPlanBatch; ++u) {
       if (base + u * 32 >= end) break;  // warp-uniform
-      const int i = base + u * 32 + lane;
-      const bool in_range = i < end;
+      const int64_t i64 = base + u * 32 + lane;
+      const bool in_range = i64 < end;
+      const int i = static_cast<int>(i64);  // used only when in_range
       // Match key: the expert, E for an invalid id, -1 past the chunk end.
       const int key = !in_range ? -1 : (ids[u] >= 0 && ids[u] < E ? ids[u] : E);
       const unsigned peers = __match_any_sync(0xFFFFFFFFu, key);
@@ -99,7 +103,8 @@ __global__ void __launch_bounds__(kPlanWarps * 32) plan_chunk_kernel(const __gri
   }
 }
 
-__global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(const __grid_constant__ PlanArgs a) {
+__global__ void __launch_bounds__(kScanThreads)
+    plan_scan_kernel(const __grid_constant__ PlanArgs a) {
   constexpr int kCols = detail::kMaxGroups + 1;
   constexpr int kPart = kScanThreads > kCols ? kScanThreads : kCols;
   __shared__ int32_t s_part[kPart];  // [S][E + 1]: segment partial sums, then exclusive prefixes
@@ -149,13 +154,17 @@ __global__ void __launch_bounds__(kScanThreads) plan_scan_kernel(const __grid_co
   if (e < E) {
     s_off[e] = start;
     a.tokens_per_expert[e] = s_total[e];
-    if (a.offsets64) static_cast<int64_t*>(a.offsets)[e] = start;
-    else static_cast<int32_t*>(a.offsets)[e] = start;
+    if (a.offsets64)
+      static_cast<int64_t*>(a.offsets)[e] = start;
+    else
+      static_cast<int32_t*>(a.offsets)[e] = start;
   }
   if (e == 0) {
     s_off[E] = m_pad;
-    if (a.offsets64) static_cast<int64_t*>(a.offsets)[E] = m_pad;
-    else static_cast<int32_t*>(a.offsets)[E] = m_pad;
+    if (a.offsets64)
+      static_cast<int64_t*>(a.offsets)[E] = m_pad;
+    else
+      static_cast<int32_t*>(a.offsets)[E] = m_pad;
     a.invalid[0] = s_total[E];
   }
   __syncthreads();

@@ -36,7 +36,7 @@ struct RowsArgs {
   int32_t rows_out;   // R
   int32_t num_pairs;  // T * k
   int32_t k;
-  int32_t tokens;  // T (leading dimension of the FP8 input scales)
+  int32_t tokens;             // T (leading dimension of the FP8 input scales)
   int32_t rows_per_warp;      // power of two <= kMaxRowsPerWarp
   int32_t log2_rows_per_cta;  // log2(8 * rows_per_warp)
   const int32_t* src_slot;
@@ -63,7 +63,8 @@ __device__ __forceinline__ uint4 mul_vec(uint4 v, float p) {
   for (int i = 0; i < 4; ++i) {
     if constexpr (kMul == kMulBF16) {
       const float lo = canonical_nan(hd::mul(fmt::bf16_to_f32(static_cast<uint16_t>(w[i])), p));
-      const float hi = canonical_nan(hd::mul(fmt::bf16_to_f32(static_cast<uint16_t>(w[i] >> 16)), p));
+      const float hi =
+          canonical_nan(hd::mul(fmt::bf16_to_f32(static_cast<uint16_t>(w[i] >> 16)), p));
       w[i] = fmt::bf16_from_f32(lo) | (static_cast<uint32_t>(fmt::bf16_from_f32(hi)) << 16);
     } else {
       w[i] = fmt::f32_bits(canonical_nan(hd::mul(fmt::f32_from_bits(w[i]), p)));
@@ -115,7 +116,8 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ src, uint4* _
 }
 
 template <int kScale, int kMul>
-__global__ void __launch_bounds__(kRowsThreads) permute_rows_kernel(const __grid_constant__ RowsArgs a) {
+__global__ void __launch_bounds__(kRowsThreads)
+    permute_rows_kernel(const __grid_constant__ RowsArgs a) {
   __shared__ int32_t s_tok[kMaxRowsPerCta];  // source token; -1 pad row; -2 past the last row
   __shared__ float s_p[kMaxRowsPerCta];
   const int G = 1 << a.log2_rows_per_cta;
@@ -143,7 +145,8 @@ __global__ void __launch_bounds__(kRowsThreads) permute_rows_kernel(const __grid
       const int b = idx >> a.log2_rows_per_cta, g = idx & (G - 1);
       const int tok = s_tok[g];
       if (tok == -2) continue;
-      const float s = tok >= 0 ? __ldg(a.in_cscale + static_cast<int64_t>(b) * a.tokens + tok) : pad_scale;
+      const float s =
+          tok >= 0 ? __ldg(a.in_cscale + static_cast<int64_t>(b) * a.tokens + tok) : pad_scale;
       a.out_cscale[static_cast<int64_t>(b) * a.rows_out + r0 + g] = s;
     }
   }
@@ -155,7 +158,8 @@ __global__ void __launch_bounds__(kRowsThreads) permute_rows_kernel(const __grid
     const int tok = s_tok[g];
     if (tok == -2) break;  // rows past R form a suffix of the CTA's rows
     const int64_t r = r0 + g;
-    const uint4* src = reinterpret_cast<const uint4*>(a.in + static_cast<int64_t>(tok < 0 ? 0 : tok) * a.row_bytes);
+    const uint4* src = reinterpret_cast<const uint4*>(
+        a.in + static_cast<int64_t>(tok < 0 ? 0 : tok) * a.row_bytes);
     uint4* dst = reinterpret_cast<uint4*>(a.out + r * a.row_bytes);
     if (tok < 0) {  // pad row (warp-uniform)
       for (int64_t v = lane; v < nvec; v += 32) __stcs(dst + v, make_uint4(0u, 0u, 0u, 0u));
@@ -167,19 +171,24 @@ __global__ void __launch_bounds__(kRowsThreads) permute_rows_kernel(const __grid
       uint8_t* d = a.out_rscale + r * a.rscale_bytes;
       const bool pad = tok < 0;
       const int n = a.rscale_bytes, w = a.rscale_vec;
-      if (w == 16) copy_row_scale<16, uint4>(s, d, n, pad, lane);
-      else if (w == 8) copy_row_scale<8, uint2>(s, d, n, pad, lane);
-      else if (w == 4) copy_row_scale<4, uint32_t>(s, d, n, pad, lane);
-      else if (w == 2) copy_row_scale<2, uint16_t>(s, d, n, pad, lane);
-      else copy_row_scale<1, uint8_t>(s, d, n, pad, lane);
+      if (w == 16)
+        copy_row_scale<16, uint4>(s, d, n, pad, lane);
+      else if (w == 8)
+        copy_row_scale<8, uint2>(s, d, n, pad, lane);
+      else if (w == 4)
+        copy_row_scale<4, uint32_t>(s, d, n, pad, lane);
+      else if (w == 2)
+        copy_row_scale<2, uint16_t>(s, d, n, pad, lane);
+      else
+        copy_row_scale<1, uint8_t>(s, d, n, pad, lane);
     }
   }
 }
 
 // permute_probs_backward: dweight[i] = dprob[dest_row[i]] (0 where dest_row is outside [0, R)).
-__global__ void __launch_bounds__(256) probs_backward_kernel(const float* dprob, int32_t rows,
-                                                             const int32_t* dest_row, float* dweight,
-                                                             int32_t n) {
+__global__ void __launch_bounds__(256)
+    probs_backward_kernel(const float* dprob, int32_t rows, const int32_t* dest_row, float* dweight,
+                          int32_t n) {
   for (int64_t i = blockIdx.x * 256ll + threadIdx.x; i < n; i += 256ll * gridDim.x) {
     const int32_t d = dest_row[i];
     dweight[i] = d >= 0 && d < rows ? dprob[d] : 0.0f;

@@ -33,7 +33,9 @@ struct Raw8;
 template <>
 struct Raw8<uint16_t> {
   uint4 v;
-  __device__ __forceinline__ void load(const uint16_t* p) { v = __ldg(reinterpret_cast<const uint4*>(p)); }
+  __device__ __forceinline__ void load(const uint16_t* p) {
+    v = __ldg(reinterpret_cast<const uint4*>(p));
+  }
   __device__ __forceinline__ void store(uint16_t* p) const { *reinterpret_cast<uint4*>(p) = v; }
   __device__ __forceinline__ void unpack(float f[8]) const {
     const uint32_t w[4] = {v.x, v.y, v.z, v.w};
@@ -64,7 +66,8 @@ __device__ __forceinline__ void store8(uint16_t* p, const float f[8]) {
   uint32_t w[4];
 #pragma unroll
   for (int i = 0; i < 4; ++i)
-    w[i] = fmt::bf16_from_f32(f[2 * i]) | (static_cast<uint32_t>(fmt::bf16_from_f32(f[2 * i + 1])) << 16);
+    w[i] = fmt::bf16_from_f32(f[2 * i]) |
+           (static_cast<uint32_t>(fmt::bf16_from_f32(f[2 * i + 1])) << 16);
   *reinterpret_cast<uint4*>(p) = make_uint4(w[0], w[1], w[2], w[3]);
 }
 __device__ __forceinline__ void store8(float* p, const float f[8]) {
@@ -75,17 +78,18 @@ __device__ __forceinline__ void store8(float* p, const float f[8]) {
 struct UnpermuteArgs {
   const void* y;
   void* out;
-  const int32_t* dest_row;  // [T][k]
+  const int32_t* dest_row;   // [T][k]
   const float* topk_weight;  // [T][k] (weighted only)
   int32_t tokens;
   int32_t k;
   int32_t y_rows;
-  int32_t cols;     // H
-  int32_t seg;      // 8-element chunks per column segment (blockIdx.y)
+  int32_t cols;  // H
+  int32_t seg;   // 8-element chunks per column segment (blockIdx.y)
 };
 
 template <typename YT, typename OT, bool kWeighted>
-__global__ void __launch_bounds__(kUnpermuteWarps * 32) unpermute_kernel(const __grid_constant__ UnpermuteArgs a) {
+__global__ void __launch_bounds__(kUnpermuteWarps * 32)
+    unpermute_kernel(const __grid_constant__ UnpermuteArgs a) {
   __shared__ int32_t s_row[kUnpermuteWarps][32];
   __shared__ float s_w[kUnpermuteWarps][32];
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
@@ -153,10 +157,9 @@ __global__ void __launch_bounds__(kUnpermuteWarps * 32) unpermute_kernel(const _
 }
 
 template <typename DT, typename YT>
-__global__ void __launch_bounds__(256) weight_grad_kernel(const DT* dout, const YT* y,
-                                                          const int32_t* dest_row, float* dweight,
-                                                          int32_t pairs, int32_t k, int32_t y_rows,
-                                                          int32_t cols) {
+__global__ void __launch_bounds__(256)
+    weight_grad_kernel(const DT* dout, const YT* y, const int32_t* dest_row, float* dweight,
+                       int32_t pairs, int32_t k, int32_t y_rows, int32_t cols) {
   constexpr int kU = 4;  // chunks in flight per lane
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
   const int64_t i = static_cast<int64_t>(blockIdx.x) * 8 + warp;
