@@ -292,6 +292,11 @@ TEST(PermuteGpu, BadCudaArguments) {
   TensorView hv = hx.v;
   hv.device = Device::Cuda;
   expect_error([&] { permute(hv, yv, dp.view()); }, "permute", "in");
+  // A misaligned F32 view (2 bytes in).
+  TensorView xv{x.p, DType::BF16, T, H, -1, Device::Cuda};
+  DeviceTensor w(DType::F32, T, k), pr(DType::F32, 1, R + 1);
+  TensorView prm{static_cast<uint8_t*>(pr.p) + 2, DType::F32, 1, R, -1, Device::Cuda};
+  expect_error([&] { permute(xv, yv, dp.view(), {w.v, prm}); }, "permute", "probs.prob");
   // Mixed devices.
   expect_error([&] { permute(hx.v, yv, dp.view()); }, "permute", "out");
 }

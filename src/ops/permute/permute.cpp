@@ -79,7 +79,15 @@ bool is_pow2_align(int a) {
 void check_cuda(const Check& c,
                 std::initializer_list<std::pair<const TensorView*, const char*>> ts) {
   detail::require_cuda_backend(c);
-  for (auto [t, name] : ts) detail::require_device_pointer(c, *t, name);
+  for (auto [t, name] : ts) {
+    detail::require_device_pointer(c, *t, name);
+    // Natural alignment of the element type (F32/I32: 4 bytes, I64: 8), which kernels assume.
+    const size_t elem = std::max(1, dtype_bits(t->dtype) / 8);
+    const auto addr = reinterpret_cast<uintptr_t>(t->data);
+    c.that(t->numel() == 0 || addr % elem == 0, name,
+           detail::cat("data pointer aligned to ", elem, " bytes"),
+           detail::cat("address ending 0x", std::hex, addr % 256));
+  }
 }
 
 void same_devices(const Check& c, const TensorView& ref, const char* ref_name,
