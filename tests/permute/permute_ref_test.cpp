@@ -263,6 +263,23 @@ TEST(Unpermute, WeightedDroppedSlotsAndOrder) {
     }
 }
 
+// The sum runs in slot order j = 0, 1, 2: (1 + 1e8) - 1e8 = 0 in FP32 (any other order gives 1).
+TEST(Unpermute, SumsInSlotOrder) {
+  const std::vector<int32_t> idx = {0, 1, 2};
+  const HostPlan p = make_host_plan(idx, 1, 3, 3, 1);
+  HostTensor yv(DType::F32, 3, 8), out(DType::F32, 1, 8), w(DType::F32, 1, 3);
+  for (int h = 0; h < 8; ++h) {
+    yv.ptr<float>()[h] = 1.f;
+    yv.ptr<float>()[8 + h] = 1e8f;
+    yv.ptr<float>()[16 + h] = -1e8f;
+  }
+  for (int j = 0; j < 3; ++j) w.ptr<float>()[j] = 1.f;
+  unpermute(yv.v, out.v, p.view());
+  for (int h = 0; h < 8; ++h) EXPECT_EQ(out.ptr<float>()[h], 0.f);
+  unpermute_weighted(yv.v, w.v, out.v, p.view());
+  for (int h = 0; h < 8; ++h) EXPECT_EQ(out.ptr<float>()[h], 0.f);
+}
+
 TEST(Unpermute, TokenWithNoValidSlotGetsZeros) {
   const int64_t T = 3, k = 2, E = 2, H = 8;
   const std::vector<int32_t> idx = {0, 1, -1, 5, 1, 1};
