@@ -6,6 +6,7 @@
 //    rows, H 7168, F 2048; balanced and skewed routing) against the same API with one expert
 //    (= dense cuBLASLt at the same total rows), FP8 and BF16, 1 and 4 streams. Prints TFLOP/s.
 #include <algorithm>
+#include <chrono>
 #include <cmath>
 #include <cstdio>
 #include <numeric>
@@ -36,6 +37,9 @@ struct ProbeCase {
   cudaDataType_t a_type, b_type, d_type;
   bool beta_one;
   int64_t a_sstride, b_sstride;  // assumed scale-tensor stride (see scale_index)
+  bool heuristic_only = false;   // big shapes: only ask the heuristic, no run / reference
+  uint32_t align = 256;          // CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_{A,B,C,D}_BYTES
+  bool no_reduction = false;     // CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK = NONE
 };
 
 // Hypothesis under test. VEC128 on an operand with contraction k and outer size o: scale of
@@ -53,10 +57,78 @@ float fp8_value(cudaDataType_t t, uint8_t c) {
   return t == CUDA_R_8F_E4M3 ? fmt::e4m3_to_f32(c) : fmt::e5m2_to_f32(c);
 }
 
+void set_prefs(cublasLtMatmulPreference_t pref, const ProbeCase& c, uint64_t ws) {
+  cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &ws,
+                                       sizeof(ws));
+  for (auto a :
+       {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+        CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
+    cublasLtMatmulPreferenceSetAttribute(pref, a, &c.align, sizeof(c.align));
+  if (c.no_reduction) {
+    const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+    cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK, &none,
+                                         sizeof(none));
+  }
+}
+
+// Heuristic only (no data): how many algorithms, and whether the best splits K.
+std::string probe_heuristic(const ProbeCase& c) {
+  char line[512];
+  void* dummy = nullptr;
+  cudaMalloc(&dummy, 1 << 20);
+  cublasLtHandle_t lt;
+  cublasLtCreate(&lt);
+  cublasLtMatmulDesc_t desc;
+  cublasLtMatmulDescCreate(&desc, CUBLAS_COMPUTE_32F, CUDA_R_32F);
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSA, &c.ta, sizeof(c.ta));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_TRANSB, &c.tb, sizeof(c.tb));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_MODE, &c.a_mode,
+                                 sizeof(int32_t));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_MODE, &c.b_mode,
+                                 sizeof(int32_t));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_A_SCALE_POINTER, &dummy, sizeof(dummy));
+  cublasLtMatmulDescSetAttribute(desc, CUBLASLT_MATMUL_DESC_B_SCALE_POINTER, &dummy, sizeof(dummy));
+  cublasLtMatrixLayout_t la, lb, ld;
+  const int64_t lda = c.ta == CUBLAS_OP_T ? c.k : c.m, ldb = c.tb == CUBLAS_OP_N ? c.k : c.n;
+  cublasLtMatrixLayoutCreate(&la, c.a_type, c.ta == CUBLAS_OP_N ? c.m : c.k,
+                             c.ta == CUBLAS_OP_N ? c.k : c.m, lda);
+  cublasLtMatrixLayoutCreate(&lb, c.b_type, c.tb == CUBLAS_OP_N ? c.k : c.n,
+                             c.tb == CUBLAS_OP_N ? c.n : c.k, ldb);
+  cublasLtMatrixLayoutCreate(&ld, c.d_type, c.m, c.n, c.m);
+  cublasLtMatmulPreference_t pref;
+  cublasLtMatmulPreferenceCreate(&pref);
+  set_prefs(pref, c, uint64_t{8} << 20);
+  cublasLtMatmulHeuristicResult_t res[8] = {};
+  int count = 0;
+  const cublasStatus_t st =
+      cublasLtMatmulAlgoGetHeuristic(lt, desc, la, lb, ld, ld, pref, 8, res, &count);
+  int32_t sk = 0;
+  uint32_t red = 0;
+  size_t w = 0;
+  if (count > 0) {
+    cublasLtMatmulAlgoConfigGetAttribute(&res[0].algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &sk,
+                                         sizeof sk, &w);
+    cublasLtMatmulAlgoConfigGetAttribute(&res[0].algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &red,
+                                         sizeof red, &w);
+  }
+  std::snprintf(
+      line, sizeof line, "%-46s align %u%s: status %d, %d algos; best splitK %d reduction %u",
+      c.name, c.align, c.no_reduction ? " no-reduction" : "", static_cast<int>(st), count, sk, red);
+  cublasLtMatmulPreferenceDestroy(pref);
+  cublasLtMatrixLayoutDestroy(la);
+  cublasLtMatrixLayoutDestroy(lb);
+  cublasLtMatrixLayoutDestroy(ld);
+  cublasLtMatmulDescDestroy(desc);
+  cublasLtDestroy(lt);
+  cudaFree(dummy);
+  return line;
+}
+
 std::string probe_one(const ProbeCase& c) {
   char line[512];
   std::mt19937 rng(1234);
   const int64_t m = c.m, n = c.n, k = c.k;
+  if (c.heuristic_only) return probe_heuristic(c);
   // A is op(A) m x k; stored col-major (k x m, ld k) when transposed, (m x k, ld m) otherwise.
   std::vector<uint8_t> A(static_cast<size_t>(m * k)), B(static_cast<size_t>(k * n));
   auto code = [&] { return static_cast<uint8_t>((rng() & 0x80u) | (rng() % 0x60u)); };
@@ -239,6 +311,25 @@ TEST(GemmProbe, DISABLED_CublasLtBlockScaling) {
       {"NT 1Dx1D", N, T, 256, 384, 256, V, V, E4, E4, BF, false, 256, 384},
   };
   for (const ProbeCase& c : cases) std::printf("PROBE %s\n", probe_one(c).c_str());
+  // Which preference makes the heuristic give up at small n (seen: m=4096 n=240 k=7168)?
+  for (int64_t n : {240, 224, 128, 64, 16, 256}) {
+    for (uint32_t align : {16u, 256u})
+      for (bool none : {false, true}) {
+        const std::string nm = "heur FC1 fprop m4096 k7168 n=" + std::to_string(n);
+        ProbeCase c{nm.c_str(), T,  N,     4096, n, 7168, B,     V,   E4,
+                    E4,         BF, false, 56,   n, true, align, none};
+        std::printf("PROBE %s\n", probe_one(c).c_str());
+      }
+  }
+  for (int64_t n : {240, 112, 16}) {
+    const std::string nm = "heur FC2 fprop m7168 k2048 n=" + std::to_string(n);
+    ProbeCase c{nm.c_str(), T, N, 7168, n, 2048, B, V, E4, E4, BF, false, 16, n, true, 256, true};
+    std::printf("PROBE %s\n", probe_one(c).c_str());
+    const std::string nm2 = "heur FC1 wgrad m7168 n4096 k=" + std::to_string(n);
+    ProbeCase c2{nm2.c_str(), T,   N,    7168, 4096, n,    V,  V,   E4,
+                 E4,          F32, true, 7168, 4096, true, 16, true};
+    std::printf("PROBE %s\n", probe_one(c2).c_str());
+  }
 }
 
 // ------------------------------------------------------------------------------------------
@@ -403,21 +494,53 @@ TEST(GemmBench, DISABLED_Perf) {
                                splits};
         const TensorView y{out.p, DType::BF16, M, N, -1, Device::Cuda};
         const TensorView dx{out.p, DType::BF16, M, K, -1, Device::Cuda};
+        std::vector<TensorView> dwb16(static_cast<size_t>(ne));
+        for (int e = 0; e < ne; ++e)
+          dwb16[e] = TensorView{
+              u8(dwb.p, static_cast<size_t>(e) * N * K * 2), DType::BF16, N, K, -1, Device::Cuda};
         const double f8f = time_ms([&] { grouped_gemm_fprop(x, w, y, splits, ws, opt, st); }, st);
+        // Host cost of enqueueing one grouped call (validation + per-expert launches), no sync.
+        CK(cudaStreamSynchronize(st));
+        const auto h0 = std::chrono::steady_clock::now();
+        for (int i = 0; i < 5; ++i) grouped_gemm_fprop(x, w, y, splits, ws, opt, st);
+        const double host_us =
+            std::chrono::duration<double, std::micro>(std::chrono::steady_clock::now() - h0)
+                .count() /
+            5;
+        CK(cudaStreamSynchronize(st));
+        // The same call captured into a CUDA graph and replayed (no host launch cost at all).
+        double graph_ms = -1;
+        {
+          cudaGraph_t g = nullptr;
+          cudaGraphExec_t ge = nullptr;
+          if (cudaStreamBeginCapture(st, cudaStreamCaptureModeThreadLocal) == cudaSuccess) {
+            bool ok = true;
+            try {
+              grouped_gemm_fprop(x, w, y, splits, ws, opt, st);
+            } catch (const Error& e) {
+              ok = false;
+              std::printf("capture failed: %s\n", e.what());
+            }
+            const cudaError_t ec = cudaStreamEndCapture(st, &g);
+            if (ok && ec == cudaSuccess && cudaGraphInstantiate(&ge, g, 0) == cudaSuccess)
+              graph_ms = time_ms([&] { cudaGraphLaunch(ge, st); }, st);
+            else
+              std::printf("graph capture: %s\n", cudaGetErrorString(ec));
+            if (ge) cudaGraphExecDestroy(ge);
+            if (g) cudaGraphDestroy(g);
+          }
+          (void)cudaGetLastError();
+        }
         const double f8d =
             time_ms([&] { grouped_gemm_dgrad(dy, wt, dx, splits, ws, opt, st); }, st);
         const double f8w =
-            time_ms([&] { grouped_gemm_wgrad(dy_t, x_t, dw, splits, ws, opt, st); }, st);
+            time_ms([&] { grouped_gemm_wgrad(dy_t, x_t, dwb16, splits, ws, opt, st); }, st);
         GroupedGemmOptions acc = opt;
         acc.accumulate = true;
         const double f8wa =
             time_ms([&] { grouped_gemm_wgrad(dy_t, x_t, dw, splits, ws, acc, st); }, st);
         const TensorView xb{act16.p, DType::BF16, M, K, -1, Device::Cuda};
         const TensorView dyb{grad16.p, DType::BF16, M, N, -1, Device::Cuda};
-        std::vector<TensorView> dwb16(static_cast<size_t>(ne));
-        for (int e = 0; e < ne; ++e)
-          dwb16[e] = TensorView{
-              u8(dwb.p, static_cast<size_t>(e) * N * K * 2), DType::BF16, N, K, -1, Device::Cuda};
         const double bf =
             time_ms([&] { grouped_gemm_fprop_bf16(xb, wb, y, splits, ws, opt, st); }, st);
         const double bd =
@@ -426,11 +549,12 @@ TEST(GemmBench, DISABLED_Perf) {
             time_ms([&] { grouped_gemm_wgrad_bf16(dyb, xb, dwb16, splits, ws, opt, st); }, st);
         auto tf = [&](double ms) { return flops / (ms * 1e9); };
         std::printf(
-            "%-28s %-8s streams=%d | FP8 fprop %6.0f (%.3f) dgrad %6.0f (%.3f) wgrad %6.0f (%.3f) "
-            "wgrad+acc F32 %6.0f (%.3f) | BF16 fprop %5.0f (%.3f) dgrad %5.0f (%.3f) wgrad %5.0f "
-            "(%.3f)\n",
-            sh.name, vname, streams, tf(f8f), f8f, tf(f8d), f8d, tf(f8w), f8w, tf(f8wa), f8wa,
-            tf(bf), bf, tf(bd), bd, tf(bw), bw);
+            "%-26s %-8s streams=%d | FP8 fprop %5.0f (%.3f; graph %5.0f; host enqueue %.0f us) "
+            "dgrad %5.0f (%.3f) wgrad->BF16 %5.0f (%.3f) wgrad+=F32 %5.0f (%.3f) | BF16 fprop "
+            "%4.0f "
+            "(%.3f) dgrad %4.0f (%.3f) wgrad->BF16 %4.0f (%.3f)\n",
+            sh.name, vname, streams, tf(f8f), f8f, graph_ms > 0 ? tf(graph_ms) : -1.0, host_us,
+            tf(f8d), f8d, tf(f8w), f8w, tf(f8wa), f8wa, tf(bf), bf, tf(bd), bd, tf(bw), bw);
         std::fflush(stdout);
       }
     }

@@ -683,7 +683,8 @@ TEST(GemmGpu, Fp8FpropMatchesReference) {
       HostTensor want(od, p.M(), p.N);
       grouped_gemm_fprop(x.view(), views(w), want.v, p.splits, {});
       DeviceTensor y(od, p.M(), p.N);
-      DevWorkspace ws(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits));
+      DevWorkspace ws(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits,
+                                                   {.streams = 8}));  // enough for every call below
       grouped_gemm_fprop(xd.view(), views(wd), y.v, p.splits, ws.ws);
       const HostTensor got = y.to_host();
       EXPECT_TRUE(rows_close(
@@ -875,7 +876,7 @@ TEST(GemmGpu, RejectsSmallWorkspaceAndHostPointers) {
   const std::vector<DevQ> wd = to_dev(w);
   DeviceTensor y(DType::BF16, p.M(), p.N);
   const size_t need = grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits);
-  DevWorkspace ws(need);
+  DevWorkspace ws(need + 256);
   expect_error(
       [&] {
         grouped_gemm_fprop(xd.view(), views(wd), y.v, p.splits, {ws.ws.data, need - 1});
@@ -884,7 +885,7 @@ TEST(GemmGpu, RejectsSmallWorkspaceAndHostPointers) {
   expect_error(
       [&] {
         grouped_gemm_fprop(xd.view(), views(wd), y.v, p.splits,
-                           {static_cast<uint8_t*>(ws.ws.data) + 16, need - 16});
+                           {static_cast<uint8_t*>(ws.ws.data) + 16, need});
       },
       "grouped_gemm_fprop", "workspace.data");
   HostTensor yh(DType::BF16, p.M(), p.N);

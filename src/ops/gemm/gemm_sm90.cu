@@ -20,9 +20,10 @@
 //   all experts). wgrad needs no repacking: its scales [tiles][N] are per-expert row ranges.
 // - BLK128x128_32F scale tensors are read with the K blocks padded to a multiple of 4 (see
 //   gemm_backends.h); weights with ceil(K/128) % 4 != 0 get a padded copy in the workspace.
-// - Determinism: plans (descriptor + algorithm) are cached per problem key; heuristics exclude
-//   every split-K reduction (REDUCTION_SCHEME_MASK = NONE) and assume only the 16-byte alignment
-//   the validator guarantees, so a cached algorithm is valid for every later call of that shape.
+// - Determinism: plans (descriptor + algorithm) are cached per problem key (dims, leading dims,
+//   types, scale modes, beta, and the 16..256-byte alignment class of the A/B/D pointers, which
+//   the heuristic must respect); the algorithm never splits K (see select_algo), so there is no
+//   cross-CTA reduction and each output element is summed by one CTA in a fixed order.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -106,14 +107,25 @@ struct LtKey {
   int32_t transa = 0, transb = 0;
   int64_t m = 0, n = 0, k = 0, lda = 0, ldb = 0, ldd = 0;
   int32_t accumulate = 0;
+  // Alignment (bytes, 16..256) of the A, B and D pointers: the heuristic may only pick algorithms
+  // that are valid for these (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*).
+  int32_t a_align = 16, b_align = 16, d_align = 16;
   auto operator<=>(const LtKey&) const = default;
 };
+
+int32_t ptr_align(const void* p) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  int32_t al = 256;
+  while (al > 16 && a % static_cast<uintptr_t>(al) != 0) al >>= 1;
+  return al;
+}
 
 struct LtPlan {
   cublasLtMatmulDesc_t desc = nullptr;
   cublasLtMatrixLayout_t a = nullptr, b = nullptr, d = nullptr;
   cublasLtMatmulAlgo_t algo{};
   size_t workspace = 0;
+  const char* how = "";  // which selection step found the algorithm (see select_algo)
 };
 
 void destroy_plan(LtPlan& p) {
@@ -203,6 +215,94 @@ void set_scale_pointers(const char* op, const LtPlan& p, const LtJob& j) {
                                                       &j.b_scale, sizeof(j.b_scale)));
 }
 
+bool non_split(const cublasLtMatmulAlgo_t& a) {
+  return algo_attr<int32_t>(a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM) <= 1 &&
+         algo_attr<uint32_t>(a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME) ==
+             CUBLASLT_REDUCTION_SCHEME_NONE;
+}
+
+// Up to 8 heuristic results for the plan's descriptors under `reduction_mask`.
+int heuristic(cublasLtHandle_t lt, const LtKey& k, const LtPlan& p, uint32_t reduction_mask,
+              cublasLtMatmulHeuristicResult_t (&res)[8], cublasStatus_t& st) {
+  cublasLtMatmulPreference_t pref = nullptr;
+  st = cublasLtMatmulPreferenceCreate(&pref);
+  if (st != CUBLAS_STATUS_SUCCESS) return 0;
+  const uint64_t max_ws = kLaneWorkspaceBytes;
+  const uint32_t al[4] = {static_cast<uint32_t>(k.a_align), static_cast<uint32_t>(k.b_align),
+                          static_cast<uint32_t>(k.d_align), static_cast<uint32_t>(k.d_align)};
+  st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws,
+                                            sizeof(max_ws));
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
+                                              &reduction_mask, sizeof(reduction_mask));
+  const cublasLtMatmulPreferenceAttributes_t attrs[4] = {
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
+      CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES};
+  for (int i = 0; i < 4 && st == CUBLAS_STATUS_SUCCESS; ++i)
+    st = cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &al[i], sizeof(al[i]));
+  int count = 0;
+  if (st == CUBLAS_STATUS_SUCCESS)
+    st = cublasLtMatmulAlgoGetHeuristic(lt, p.desc, p.a, p.b, p.d, p.d, pref, 8, res, &count);
+  cublasLtMatmulPreferenceDestroy(pref);
+  return st == CUBLAS_STATUS_SUCCESS ? count : 0;
+}
+
+// The algorithm of a plan: always one without split-K (so no cross-CTA reduction, atomic or not).
+//  1. The first heuristic result with the reduction mask set to NONE.
+//  2. cuBLASLt's heuristic sometimes returns nothing under that mask (seen for block-scaled FP8 at
+//     small n, e.g. m=4096 n=240 k=7168): then the unrestricted results, taking one that does not
+//     split K, or forcing split-K off on one (SPLITK_NUM = 1, NONE) and validating it with
+//     cublasLtMatmulAlgoCheck.
+// Throws Unsupported when neither works.
+void select_algo(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPlan& p) {
+  cublasLtMatmulHeuristicResult_t res[8] = {};
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  int count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_NONE, res, st);
+  for (int i = 0; i < count; ++i)
+    if (res[i].state == CUBLAS_STATUS_SUCCESS && non_split(res[i].algo)) {
+      p.algo = res[i].algo;
+      p.workspace = res[i].workspaceSize;
+      p.how = "heuristic";
+      return;
+    }
+  const cublasStatus_t st_none = st;
+  const int count_none = count;
+  count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_MASK, res, st);
+  for (int i = 0; i < count; ++i)
+    if (res[i].state == CUBLAS_STATUS_SUCCESS && non_split(res[i].algo)) {
+      p.algo = res[i].algo;
+      p.workspace = res[i].workspaceSize;
+      p.how = "heuristic (all reductions allowed), a non-split result";
+      return;
+    }
+  for (int i = 0; i < count; ++i) {
+    cublasLtMatmulAlgo_t a = res[i].algo;
+    const int32_t one = 1;
+    const uint32_t none = CUBLASLT_REDUCTION_SCHEME_NONE;
+    cublasLtMatmulHeuristicResult_t chk{};
+    if (cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_SPLITK_NUM, &one,
+                                             sizeof(one)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoConfigSetAttribute(&a, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME, &none,
+                                             sizeof(none)) == CUBLAS_STATUS_SUCCESS &&
+        cublasLtMatmulAlgoCheck(lt, p.desc, p.a, p.b, p.d, p.d, &a, &chk) ==
+            CUBLAS_STATUS_SUCCESS &&
+        chk.workspaceSize <= kLaneWorkspaceBytes && non_split(a)) {
+      p.algo = a;
+      p.workspace = chk.workspaceSize;
+      p.how = "heuristic (all reductions allowed), split-K forced off";
+      return;
+    }
+  }
+  detail::throw_error(
+      ErrorKind::Unsupported,
+      cat("fp8flow::", op, ": cuBLASLt has no algorithm without split-K for m=", k.m, " n=", k.n,
+          " k=", k.k, " lda=", k.lda, " ldb=", k.ldb, " ldd=", k.ldd, " trans=", k.transa, k.transb,
+          " types=", k.a_type, "/", k.b_type, "/", k.d_type, " scale modes=", k.a_scale, "/",
+          k.b_scale, " alignment=", k.a_align, "/", k.b_align, "/", k.d_align, " (",
+          lt_status_name(st_none), ", ", count_none, " results without reduction; ",
+          lt_status_name(st), ", ", count, " with)"));
+}
+
 // Descriptor, layouts and the heuristic's first algorithm for one problem.
 LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
   const LtKey& k = j.key;
@@ -234,41 +334,13 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
     FP8FLOW_LT_CHECK(op, cublasLtMatrixLayoutCreate(&p.d, static_cast<cudaDataType_t>(k.d_type),
                                                     k.m, k.n, k.ldd));
 
-    cublasLtMatmulPreference_t pref = nullptr;
-    FP8FLOW_LT_CHECK(op, cublasLtMatmulPreferenceCreate(&pref));
-    const uint64_t max_ws = kLaneWorkspaceBytes;
-    const uint32_t reduction = CUBLASLT_REDUCTION_SCHEME_NONE;
-    const uint32_t align = 16;
-    cublasStatus_t st = cublasLtMatmulPreferenceSetAttribute(
-        pref, CUBLASLT_MATMUL_PREF_MAX_WORKSPACE_BYTES, &max_ws, sizeof(max_ws));
-    if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulPreferenceSetAttribute(pref, CUBLASLT_MATMUL_PREF_REDUCTION_SCHEME_MASK,
-                                                &reduction, sizeof(reduction));
-    for (auto attr :
-         {CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_A_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_B_BYTES,
-          CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_C_BYTES, CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_D_BYTES})
-      if (st == CUBLAS_STATUS_SUCCESS)
-        st = cublasLtMatmulPreferenceSetAttribute(pref, attr, &align, sizeof(align));
-    cublasLtMatmulHeuristicResult_t res{};
-    int count = 0;
-    if (st == CUBLAS_STATUS_SUCCESS)
-      st = cublasLtMatmulAlgoGetHeuristic(lt, p.desc, p.a, p.b, p.d, p.d, pref, 1, &res, &count);
-    cublasLtMatmulPreferenceDestroy(pref);
-    if (st != CUBLAS_STATUS_SUCCESS || count == 0)
-      detail::throw_error(
-          ErrorKind::Unsupported,
-          cat("fp8flow::", op, ": cuBLASLt has no algorithm for m=", k.m, " n=", k.n, " k=", k.k,
-              " lda=", k.lda, " ldb=", k.ldb, " ldd=", k.ldd, " trans=", k.transa, k.transb,
-              " types=", k.a_type, "/", k.b_type, "/", k.d_type, " scale modes=", k.a_scale, "/",
-              k.b_scale, " (", lt_status_name(st), ", ", count, " results)"));
-    p.algo = res.algo;
-    p.workspace = res.workspaceSize;
+    select_algo(op, lt, k, p);
     if (log_enabled())
       std::fprintf(
           stderr,
           "fp8flow gemm plan [%s] m=%lld n=%lld k=%lld lda=%lld ldb=%lld ldd=%lld "
           "trans=%d%d types=%d/%d/%d scale=%d/%d acc=%d -> algo=%d tile=%u stages=%u "
-          "splitk=%d reduction=%u swizzle=%u custom=%u cluster=%u ws=%zu waves=%.2f\n",
+          "splitk=%d reduction=%u swizzle=%u custom=%u cluster=%u ws=%zu align=%d/%d/%d via %s\n",
           op, (long long)k.m, (long long)k.n, (long long)k.k, (long long)k.lda, (long long)k.ldb,
           (long long)k.ldd, k.transa, k.transb, k.a_type, k.b_type, k.d_type, k.a_scale, k.b_scale,
           k.accumulate, algo_attr<int32_t>(p.algo, CUBLASLT_ALGO_CONFIG_ID),
@@ -279,7 +351,7 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
           algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
           algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
           static_cast<unsigned>(algo_attr<uint16_t>(p.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)),
-          p.workspace, static_cast<double>(res.wavesCount));
+          p.workspace, k.a_align, k.b_align, k.d_align, p.how);
   } catch (...) {
     destroy_plan(p);
     throw;
@@ -292,6 +364,9 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
 void run_jobs(const char* op, DeviceContext& ctx, std::vector<LtJob>& jobs, const Workspace& ws,
               const GroupedGemmOptions& opt, cudaStream_t stream) {
   for (LtJob& j : jobs) {
+    j.key.a_align = ptr_align(j.a);
+    j.key.b_align = ptr_align(j.b);
+    j.key.d_align = ptr_align(j.d);
     auto it = ctx.plans.find(j.key);
     if (it == ctx.plans.end()) it = ctx.plans.emplace(j.key, make_plan(op, ctx.lt, j)).first;
     j.plan = &it->second;
