@@ -67,9 +67,11 @@ size_t grouped_gemm_workspace_bytes(GroupedGemmKind kind, int64_t n, int64_t k,
 // ---------------------------------------------------------------------------------------------
 // FP8 block-scaled. Operands are E4M3 or E5M2 (not both E5M2); FP32 accumulation; out is BF16 or
 // F32 (row-major, ld allowed). Alignment (CUDA and CPU alike, so both backends accept the same
-// calls): N % 16 == 0, K % 16 == 0, every M_e % 16 == 0; data pointers 16-byte aligned and row
-// pitches multiples of 16 bytes. N and K need not be multiples of 128 (partial scale blocks).
-// Scales are power-of-two or any positive FP32 multipliers (value = code * scale).
+// calls): N % 16 == 0, K % 16 == 0, every M_e % 16 == 0 (cuBLASLt's 1x128 operand needs M_e % 8;
+// wgrad's column slices of dY^T / X^T need 16-byte aligned starts); data and scale pointers 16-byte
+// aligned and data row pitches multiples of 16 bytes. N and K need not be multiples of 128
+// (partial scale blocks). Scales are FP32 multipliers (value = code * scale), powers of two in
+// fp8flow but any positive value works. Hopper's FP8 GEMMs are TN only: see dgrad and wgrad.
 
 // x: Rowwise1x128, data [M][K], scale [ceil(K/128)][M] (no col_groups).
 // w: E views, Block128x128, data [N][K], scale [ceil(N/128)][ceil(K/128)].

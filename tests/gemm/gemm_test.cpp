@@ -790,6 +790,38 @@ TEST(GemmGpu, Fp8WgradMatchesReferenceAndAccumulates) {
   }
 }
 
+// Few output tiles and a long contraction: cuBLASLt's heuristic offers only split-K algorithms
+// there (block-scaled FP8, e.g. m=4096 n=240 k=7168), so the backend forces split-K off on one and
+// validates it (FP8FLOW_GEMM_LOG=1 shows "split-K forced off"). Those algorithms must be right too.
+TEST(GemmGpu, Fp8SplitKFreeFallbackMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  for (const Problem& p : {Problem{1024, 7168, {32, 0, 16}}, Problem{7168, 1024, {16, 32}}}) {
+    SCOPED_TRACE(name(p));
+    const HostQ x = quant_rows(make_values(p.M(), p.K, Fill::Normal, 31), p.M(), p.K);
+    const HostQ dy = quant_rows(make_values(p.M(), p.N, Fill::Normal, 32), p.M(), p.N);
+    const std::vector<HostQ> w = make_weights(p, 110);
+    std::vector<HostQ> wt;
+    for (const HostQ& q : w) wt.push_back(transposed_weights(q));
+    HostTensor y_want(DType::BF16, p.M(), p.N), dx_want(DType::BF16, p.M(), p.K);
+    grouped_gemm_fprop(x.view(), views(w), y_want.v, p.splits, {});
+    grouped_gemm_dgrad(dy.view(), views(wt), dx_want.v, p.splits, {});
+    const DevQ xd = to_dev(x), dyd = to_dev(dy);
+    const std::vector<DevQ> wd = to_dev(w), wtd = to_dev(wt);
+    DeviceTensor y(DType::BF16, p.M(), p.N), dx(DType::BF16, p.M(), p.K);
+    DevWorkspace ws(
+        std::max(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits),
+                 grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Dgrad, p.N, p.K, p.splits)));
+    grouped_gemm_fprop(xd.view(), views(wd), y.v, p.splits, ws.ws);
+    grouped_gemm_dgrad(dyd.view(), views(wtd), dx.v, p.splits, ws.ws);
+    EXPECT_TRUE(rows_close(
+        y.to_host().v, [&](int64_t r, int64_t c) { return ref::load_f32(y_want.v, r, c); }, 0,
+        p.M(), kTolBf16));
+    EXPECT_TRUE(rows_close(
+        dx.to_host().v, [&](int64_t r, int64_t c) { return ref::load_f32(dx_want.v, r, c); }, 0,
+        p.M(), kTolBf16));
+  }
+}
+
 TEST(GemmGpu, Fp8NaNPropagates) {
   FP8FLOW_REQUIRE_GPU();
   const Problem p = kSmall;

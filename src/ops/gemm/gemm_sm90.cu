@@ -9,21 +9,34 @@
 // on one expert-sized GEMM; the scale packing below moves 2 * 4 * ceil(K/128) * M bytes (7 MB at
 // FC1, ~3 us), negligible.
 //
-// NOTES:
+// NOTES (cuBLASLt 13.1 on H200, measured with GemmProbe.DISABLED_CublasLtBlockScaling):
+// - Block-scaled FP8 on Hopper is TN only (NN/TT/NT rejected), and the scale-mode pairs are
+//   BLK128x128 x VEC128 (either operand order) and VEC128 x VEC128; BLK x BLK is rejected. So dgrad
+//   needs a transposed weight copy (transpose_block_weights), and wgrad uses the 1x128-along-tokens
+//   copies of dY and X. BF16 and F32 outputs, beta = 0 or 1 (accumulate), E4M3/E5M2 mixes work.
+// - The 1x128 operand's outer size (n = the expert's rows here) must be a multiple of 8 (n = 130 is
+//   rejected, 136 works); m and k only need 16-byte leading dimensions (m = 200, k = 208 work, with
+//   partial 128-blocks handled).
 // - cuBLASLt 13.1 has no grouped (ragged) matmul for block-scaled FP8 on Hopper (that arrives as
-//   CUBLASLT_BATCH_MODE_GROUPED in 13.4), so each expert is its own matmul. Its host cost (~5 us)
-//   is below the GPU time of an expert-sized GEMM (~50 us at DeepSeek shapes), so the launches run
-//   ahead of the GPU; the lanes let one expert's tail wave overlap the next expert's first one.
+//   CUBLASLT_BATCH_MODE_GROUPED in 13.4), so each expert is its own matmul. Host cost: ~15 us per
+//   expert (~0.45 ms per 32-expert call) against ~50 us of GPU time per expert at DeepSeek shapes,
+//   so the launches run ahead of the GPU; a CUDA graph of the call replays at the same throughput.
+//   The lanes let experts overlap their tail waves: +35% for FC2-shaped experts (short K), -2%
+//   for FC1 fprop, so streams is an option (default 4).
 // - VEC128_32F scale tensors have no leading-dimension attribute: cuBLASLt reads [ceil(K/128)][n]
 //   with stride n = the expert's row count. An expert's slice of the [ceil(K/128)][M] activation
 //   scales therefore has the wrong stride and is repacked into the workspace (one small kernel for
 //   all experts). wgrad needs no repacking: its scales [tiles][N] are per-expert row ranges.
-// - BLK128x128_32F scale tensors are read with the K blocks padded to a multiple of 4 (see
-//   gemm_backends.h); weights with ceil(K/128) % 4 != 0 get a padded copy in the workspace.
+// - BLK128x128_32F scale tensors are read with the K blocks padded to a multiple of 4 (probe:
+//   stride 4 matches an FP64 reference at K = 256, stride 2 is wrong; same at K = 640); weights
+//   with ceil(K/128) % 4 != 0 get a padded copy in the workspace (cudaMemcpy2DAsync per expert).
 // - Determinism: plans (descriptor + algorithm) are cached per problem key (dims, leading dims,
 //   types, scale modes, beta, and the 16..256-byte alignment class of the A/B/D pointers, which
 //   the heuristic must respect); the algorithm never splits K (see select_algo), so there is no
-//   cross-CTA reduction and each output element is summed by one CTA in a fixed order.
+//   cross-CTA reduction and each output element is summed by one CTA in a fixed order. With few
+//   output tiles and a long K (e.g. m=4096 n<=240 k=7168) the heuristic only offers split-K
+//   (splitK 2, COMPUTE_TYPE reduction): we then force SPLITK_NUM = 1 and validate with
+//   cublasLtMatmulAlgoCheck.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
