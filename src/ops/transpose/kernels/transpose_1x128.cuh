@@ -22,10 +22,16 @@
 // - ColumnTight: a column's exponent is the max over its tokens of t_m + scale_exponent(code);
 //   computed as a u16x2 max of integer keys (see transpose_word.h), reduced over the 8 lanes
 //   sharing the channels with 3 xor-shuffles. TileMax: T = max_m t_m, no per-code work.
-// - Fast path per group of 4 rows: SIMD over 16-bit lanes (transpose_word.h). Groups with a zero,
-//   subnormal or NaN code, or where a result underflows, are redone with the exact per-code path
-//   (tw::e4m3_rescale, proven equal to fmt::e4m3_mul_pow2 by an exhaustive CPU test), which also
-//   counts underflow. The fast path never underflows by construction, so counts are exact.
+// - Rescale per group of 4 rows x 4 channels, three tiers (transpose_word.h): plain SIMD over
+//   16-bit lanes when every code is normal and stays normal (~8 integer ops per 4 codes); wide
+//   SIMD when zeros appear or results fall below the normal range (an FP16 add of 1024 does the
+//   round-to-nearest-even onto the subnormal grid, ~16 more ops per 4 codes); the exact per-code
+//   path (tw::e4m3_rescale) only for groups holding a subnormal input code or a NaN. All three are
+//   proven equal to fmt::e4m3_mul_pow2 by exhaustive CPU tests, and the whole kernel is emulated
+//   on the CPU (tests/transpose/transpose_word_test.cpp) against the reference.
+// - ColumnTight keys: zero and subnormal codes go through the fast key too, with stand-in keys
+//   that can claim at most Tbase - 14; a column whose result is below Tbase - 13 (or a thread
+//   holding a NaN) makes the warp redo its keys exactly. Rare for real data.
 // - Partial tiles (group tails) zero-fill the missing rows (cp.async src-size 0) and store only
 //   valid tokens; outputs not 16-byte aligned (M or the group offset not a multiple of 16) use
 //   4-byte or byte stores. Full aligned tiles take 16-byte stores.
