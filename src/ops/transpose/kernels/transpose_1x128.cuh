@@ -1,0 +1,211 @@
+// sm90_transpose_scaled_e4m3_1x128: the scaling-aware transpose kernel. Row-wise (1x128) E4M3
+// X [M][K] -> column-wise E4M3 X^T [K][M] with one scale per (128-token tile, channel), staying in
+// FP8: every code keeps sign and mantissa, its exponent moves by t_m - T_k (integer work only).
+//
+// Grid: x = 128-token tile (tiles restart at each group of out_t.col_groups), y = 128-channel
+// block. Block: 256 threads, one 128 x 128 tile (16 KB of codes + 128 row scales).
+// Napkin math: one read and one write of the codes, plus 4 B per 128 codes of scales each way:
+// bytes = 2 * M * K * (1 + 4/128). At 32768 x 7168 that is 484 MB; at the H100's 2.4-3.0 TB/s
+// copy bandwidth 0.16-0.20 ms (the published Triton kernel: 0.52-0.59 ms).
+// Bench: `fp8flow-bench ops` (transpose_scaled rows), or the GPU tests in
+// tests/transpose/transpose_gpu_test.cpp for correctness.
+//
+// NOTES:
+// - Load: 4 x 16-byte cp.async per thread, all in flight before any use, into shared memory with
+//   16-byte chunk c of row r stored at chunk c ^ ((r / 16) % 8): the 8 threads writing one row hit
+//   8 distinct chunk slots, and the column reads below are conflict-free.
+// - Thread (j = lane % 8, wd = lane / 8 + 4 * warp) owns tokens 16j..16j+15 x channels
+//   4wd..4wd+3: it reads 16 words (one per token row; word wd of row r lives at
+//   r * 32 + (wd ^ 4j), so for one row index the 32 lanes hit 32 distinct banks), rescales them
+//   as rows, then transposes 4x4 byte blocks with PRMT so it holds, per channel, 16 consecutive
+//   tokens: one 16-byte store; the 8 lanes of a channel write 128 contiguous bytes.
+// - ColumnTight: a column's exponent is the max over its tokens of t_m + scale_exponent(code);
+//   computed as a u16x2 max of integer keys (see transpose_word.h), reduced over the 8 lanes
+//   sharing the channels with 3 xor-shuffles. TileMax: T = max_m t_m, no per-code work.
+// - Rescale per group of 4 rows x 4 channels, three tiers (transpose_word.h): plain SIMD over
+//   16-bit lanes when every code is normal and stays normal (~8 integer ops per 4 codes); wide
+//   SIMD when zeros appear or results fall below the normal range (an FP16 add of 1024 does the
+//   round-to-nearest-even onto the subnormal grid, ~16 more ops per 4 codes); the exact per-code
+//   path (tw::e4m3_rescale) only for groups holding a subnormal input code or a NaN. All three are
+//   proven equal to fmt::e4m3_mul_pow2 by exhaustive CPU tests, and the whole kernel is emulated
+//   on the CPU (tests/transpose/transpose_word_test.cpp) against the reference.
+// - ColumnTight keys: zero and subnormal codes go through the fast key too, with stand-in keys
+//   that can claim at most Tbase - 14; a column whose result is below Tbase - 13 (or a thread
+//   holding a NaN) makes the warp redo its keys exactly. Rare for real data.
+// - Partial tiles (group tails) zero-fill the missing rows (cp.async src-size 0) and store only
+//   valid tokens; outputs not 16-byte aligned (M or the group offset not a multiple of 16) use
+//   4-byte or byte stores. Full aligned tiles take 16-byte stores.
+// - Underflow count: per-block integer sum, one atomicAdd per block with a nonzero count
+//   (deterministic: integer addition).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "common/groups.h"
+#include "fp8flow/transpose.h"
+#include "ops/transpose/kernels/transpose_word.h"
+
+namespace fp8flow::sm90 {
+
+constexpr int kTransposeThreads = 256;
+constexpr int kTransposeMinBlocksPerSm = 4;
+
+namespace tdev {
+
+__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, uint32_t src_bytes) {
+  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+__device__ __forceinline__ void cp_async_wait_all() {
+  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+}
+
+// Stores the 16 tokens (4 words) of one channel of a partial tile or unaligned output: `n` valid
+// tokens (0..16), 4-byte stores where the address allows.
+__device__ __forceinline__ void store_tokens_slow(uint8_t* dst, const uint32_t (&z)[4], int n,
+                                                  bool aligned4) {
+#pragma unroll
+  for (int g = 0; g < 4; ++g) {
+    if (aligned4 && 4 * g + 4 <= n) {
+      *reinterpret_cast<uint32_t*>(dst + 4 * g) = z[g];
+    } else {
+#pragma unroll
+      for (int b = 0; b < 4; ++b)
+        if (4 * g + b < n) dst[4 * g + b] = static_cast<uint8_t>(z[g] >> (8 * b));
+    }
+  }
+}
+
+// Max of the u16x2 keys over the 8 lanes (xor 1, 2, 4) that share a thread's 4 channels.
+__device__ __forceinline__ void reduce_keys(uint32_t& klo, uint32_t& khi) {
+#pragma unroll
+  for (int s = 1; s < 8; s <<= 1) {
+    klo = tw::max_u16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, s));
+    khi = tw::max_u16x2(khi, __shfl_xor_sync(0xFFFFFFFFu, khi, s));
+  }
+}
+
+}  // namespace tdev
+
+template <TransposeScalePolicy kPolicy, bool kCount>
+__global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
+    sm90_transpose_scaled_e4m3_1x128_kernel(const uint8_t* __restrict__ in,
+                                            const float* __restrict__ in_scale,
+                                            uint8_t* __restrict__ out,
+                                            float* __restrict__ out_scale,
+                                            unsigned long long* __restrict__ underflow,
+                                            const int32_t M, const int32_t K,
+                                            const __grid_constant__ detail::GroupTiles groups) {
+  constexpr bool kTight = kPolicy == TransposeScalePolicy::ColumnTight;
+  __shared__ alignas(16) uint32_t s_tile[128 * 32];
+  __shared__ alignas(16) uint32_t s_row[tw::kRowSlots];
+  __shared__ int s_wmax[4];
+  __shared__ unsigned s_wcnt[kTransposeThreads / 32];
+
+  const int tile = static_cast<int>(blockIdx.x);
+  const int kb = static_cast<int>(blockIdx.y);
+  const int k0 = kb * 128;
+  int32_t m0, w;
+  groups.tile_cols(tile, m0, w);
+  const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
+
+  // 1. The tile: 1024 chunks of 16 bytes, 4 per thread, swizzled; missing rows zero-filled.
+  const uint8_t* src = in + static_cast<int64_t>(m0) * K + k0;
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    const int q = tid + kTransposeThreads * i, r = q >> 3, c = q & 7;
+    const bool valid = r < w;
+    tdev::cp_async_16(s_tile + tw::tile_chunk_word(r, c),
+                      valid ? src + static_cast<int64_t>(r) * K + 16 * c : src, valid ? 16u : 0u);
+  }
+  tdev::cp_async_commit();
+
+  // 2. Row exponents (overlapping the copies), the tile's max Tbase, and the row words.
+  int t = tw::kExpMin - 1;
+  if (tid < 128) {
+    if (tid < w) t = tw::row_exponent(__ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid));
+    const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
+    if (lane == 0) s_wmax[warp] = wm;
+  }
+  __syncthreads();
+  const int tbase = max(tw::kExpMin, max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3])));
+  if (tid < 128) s_row[tw::row_slot(tid)] = tw::row_word(tid < w ? t - tbase : -254);
+  tdev::cp_async_wait_all();
+  __syncthreads();
+
+  // 3. This thread's 16 token rows x 4 channels.
+  const int j = lane & 7, wd = (lane >> 3) + 4 * warp;
+  uint32_t x[16];
+#pragma unroll
+  for (int i = 0; i < 16; ++i) x[i] = s_tile[tw::tile_thread_word(j, wd, i)];
+  const auto* prow = reinterpret_cast<const tw::Words4*>(s_row + tw::row_slot(16 * j));
+
+  // 4. Column exponents (ColumnTight: keys, max over the 8 lanes sharing the channels; the warp
+  // redoes its keys exactly in the rare case that a stand-in key could have decided).
+  int tcol[4];
+  uint32_t blo = 0, bhi = 0;
+  if constexpr (kTight) {
+    uint32_t klo = 0, khi = 0;
+    tw::thread_keys(x, prow, klo, khi);
+    tdev::reduce_keys(klo, khi);
+    tw::thread_column_exponents(klo, khi, tbase, tcol, blo, bhi);
+    if (__any_sync(0xFFFFFFFFu, !tw::column_keys_trusted(tcol, tbase))) {
+      klo = khi = 0;
+      tw::thread_keys_exact(x, prow, klo, khi);
+      tdev::reduce_keys(klo, khi);
+      tw::thread_column_exponents(klo, khi, tbase, tcol, blo, bhi);
+    }
+  } else {
+#pragma unroll
+    for (int c = 0; c < 4; ++c) tcol[c] = tbase;
+  }
+
+  // 5. Rescale, group by group (plain SIMD, wide SIMD or exact path).
+  const uint32_t changed = tw::thread_rescale<kCount>(x, prow, tbase, tcol, blo, bhi);
+
+  // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
+  if (j < 4) {
+    const int tj = j == 0 ? tcol[0] : j == 1 ? tcol[1] : j == 2 ? tcol[2] : tcol[3];
+    out_scale[static_cast<int64_t>(tile) * K + k0 + 4 * wd + j] = fmt::exp2i(tj);
+  }
+
+  // 7. Transpose 4x4 byte blocks and store: channel c's 16 tokens are z[c][0..3].
+  uint32_t z[4][4];
+  tw::thread_transpose(x, z);
+  uint8_t* dst = out + static_cast<int64_t>(k0 + 4 * wd) * M + m0 + 16 * j;
+  if (w == 128 && ((M | m0) & 15) == 0) {
+#pragma unroll
+    for (int c = 0; c < 4; ++c)
+      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(c) * M) =
+          make_uint4(z[c][0], z[c][1], z[c][2], z[c][3]);
+  } else {
+    const int n = min(16, w - 16 * j);
+    const bool aligned4 = ((M | m0) & 3) == 0;
+    if (n > 0) {
+#pragma unroll
+      for (int c = 0; c < 4; ++c)
+        tdev::store_tokens_slow(dst + static_cast<int64_t>(c) * M, z[c], n, aligned4);
+    }
+  }
+
+  // 8. Underflow count: one integer atomic per block that has any.
+  if constexpr (kCount) {
+    const unsigned wsum = __reduce_add_sync(0xFFFFFFFFu, changed);
+    if (lane == 0) s_wcnt[warp] = wsum;
+    __syncthreads();
+    if (tid == 0) {
+      unsigned long long sum = 0;
+#pragma unroll
+      for (int i = 0; i < kTransposeThreads / 32; ++i) sum += s_wcnt[i];
+      if (sum) atomicAdd(underflow, sum);
+    }
+  }
+}
+
+}  // namespace fp8flow::sm90
