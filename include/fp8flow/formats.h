@@ -246,12 +246,13 @@ FP8FLOW_HD int mx_shared_exponent(float amax) {
   return e;
 }
 
-// x * 2^d for a finite FP32 x and any int d, with a single rounding: exact whenever the result is a
+// x * 2^d for an FP32 x (NaN and Inf pass through) and any int d, with a single rounding: exact whenever the result is a
 // normal FP32 (the case for every scale application in fp8flow); a subnormal result is correctly
 // rounded down to 2^-149; below that it is a signed zero; above the range, Inf.
 FP8FLOW_HD float mul_pow2(float x, int d) {
   const uint32_t u = f32_bits(x);
   const int field = static_cast<int>((u >> 23) & 0xFFu);
+  if (field == 0xFF) return x;  // NaN, Inf
   if (field != 0) {
     const int nf = field + d;
     if (nf >= 1 && nf <= 254) return f32_from_bits((u & 0x807FFFFFu) | (static_cast<uint32_t>(nf) << 23));

@@ -6,6 +6,7 @@
 
 #include <cmath>
 #include <cstdint>
+#include <cstdio>
 #include <cstring>
 #include <random>
 #include <vector>
@@ -93,9 +94,10 @@ inline ::testing::AssertionResult bytes_equal(const HostTensor& a, const HostTen
       ++bad;
     }
   if (!bad) return ::testing::AssertionSuccess();
-  return ::testing::AssertionFailure()
-         << bad << " of " << n << " bytes differ; first at byte " << first << " (0x" << std::hex
-         << int(a.buf[first]) << " vs 0x" << int(b.buf[first]) << ")";
+  char msg[160];
+  std::snprintf(msg, sizeof msg, "%zu of %zu bytes differ; first at byte %zu (0x%02x vs 0x%02x)",
+                bad, n, first, unsigned(a.buf[first]), unsigned(b.buf[first]));
+  return ::testing::AssertionFailure() << msg;
 }
 
 // Input generators. `kind` picks the distribution; all are seeded and reproducible.

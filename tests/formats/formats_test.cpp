@@ -240,6 +240,13 @@ TEST(Formats, PowersOfTwo) {
     EXPECT_EQ(pow2_exponent(exp2i(e)), e) << e;
   }
   EXPECT_EQ(exp2i(-150), 0.f);
+  for (int d : {-200, -127, -1, 0, 1, 127, 200}) {
+    EXPECT_TRUE(std::isnan(mul_pow2(NAN, d))) << d;
+    EXPECT_EQ(mul_pow2(INFINITY, d), INFINITY) << d;
+    EXPECT_EQ(mul_pow2(-INFINITY, d), -INFINITY) << d;
+    EXPECT_EQ(mul_pow2(0.f, d), 0.f) << d;
+    EXPECT_TRUE(std::signbit(mul_pow2(-0.f, d))) << d;
+  }
   EXPECT_EQ(pow2_exponent(3.0f), 1);
   std::mt19937 rng(3);
   for (int i = 0; i < 10000; ++i) {
