@@ -9,12 +9,7 @@
 // e.g. X^T [K][M] with M % 16 != 0.
 // Napkin math: 32768 x 7168 E4M3 -> BF16: 235 MB + 470 MB = 705 MB, 0.24 ms at 3.0 TB/s.
 // Bench: fp8flow-bench ops --op dequantize.
-// NOTES:
-// - NaN payloads: a GPU FMUL returns the canonical NaN 0x7FFFFFFF, an x86 mulss returns its NaN
-//   operand (quieted). The reference is compiled for the host CPU, so the device mirrors the host
-//   rule: a NaN code's decoded value (0x7FC00000 | sign) passes through, else a NaN scale passes
-//   through quieted. (A NaN code times a NaN scale depends on the host compiler's operand order;
-//   fp8flow itself never produces NaN scales for FP8.)
+// NOTES: NaN results follow detail::dequant_value (kernels/dequant_value.h), the reference's rule.
 #pragma once
 
 #include <cstdint>
@@ -22,6 +17,7 @@
 
 #include "common/groups.h"
 #include "fp8flow/formats.h"
+#include "ops/quantize/kernels/dequant_value.h"
 
 namespace fp8flow::sm90 {
 
@@ -42,13 +38,6 @@ struct DequantArgs {
 };
 
 namespace dq {
-
-// a * s with the host's NaN rule (see NOTES).
-__device__ __forceinline__ float host_mul(float a, float s) {
-  if (fmt::f32_is_nan(a)) return fmt::f32_from_bits(fmt::f32_bits(a) | 0x00400000u);
-  if (fmt::f32_is_nan(s)) return fmt::f32_from_bits(fmt::f32_bits(s) | 0x00400000u);
-  return a * s;
-}
 
 template <DqCodes kCodes>
 __device__ __forceinline__ float decode(uint32_t code) {
@@ -174,7 +163,7 @@ __global__ void __launch_bounds__(kDqThreads)
         code = (w[e / 4] >> (8 * (e % 4))) & 0xFFu;
       if constexpr (kLayout == DqLayout::RowwiseGrouped)
         if (!one_scale) s = dq::scale_at<kLayout>(a, tp, r, c0 + e);
-      f[e] = dq::host_mul(dq::decode<kCodes>(code), s);
+      f[e] = detail::dequant_value(dq::decode<kCodes>(code), s);
     }
     dq::store_vec<Out, kElems>(static_cast<Out*>(a.out) + static_cast<int64_t>(r) * a.out_ld + c0,
                                f);
@@ -198,7 +187,8 @@ __global__ void __launch_bounds__(kDqThreads)
   } else {
     code = a.in[static_cast<int64_t>(r) * a.in_pitch + c];
   }
-  const float v = dq::host_mul(dq::decode<kCodes>(code), dq::scale_at<kLayout>(a, tp, r, c));
+  const float v =
+      detail::dequant_value(dq::decode<kCodes>(code), dq::scale_at<kLayout>(a, tp, r, c));
   dq::store_one(static_cast<Out*>(a.out) + static_cast<int64_t>(r) * a.out_ld + c, v);
 }
 
