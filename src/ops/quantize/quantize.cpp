@@ -62,7 +62,11 @@ void quantize(const TensorView& in, const ScaledTensor& out, const QuantizeOptio
   if (in.device == Device::Cpu) return ref::quantize(in, out);
   check_cuda(c, {{&in, "in"}, {&out.data, "out.data"}, {&out.scale, "out.scale"}});
   check_cuda_alignment(c, in, &out, nullptr);
+#if FP8FLOW_WITH_CUDA
   sm90::quantize(in, out, stream);
+#else
+  (void)stream;  // unreachable: check_cuda throws Unsupported in a CPU-only build
+#endif
 }
 
 void quantize_transposed(const TensorView& in, const ScaledTensor& out_t, const QuantizeOptions&,
@@ -73,7 +77,11 @@ void quantize_transposed(const TensorView& in, const ScaledTensor& out_t, const 
   if (in.device == Device::Cpu) return ref::quantize_transposed(in, out_t);
   check_cuda(c, {{&in, "in"}, {&out_t.data, "out_t.data"}, {&out_t.scale, "out_t.scale"}});
   check_cuda_alignment(c, in, nullptr, &out_t);
+#if FP8FLOW_WITH_CUDA
   sm90::quantize_transposed(in, out_t, stream);
+#else
+  (void)stream;  // unreachable: check_cuda throws Unsupported in a CPU-only build
+#endif
 }
 
 void quantize_both(const TensorView& in, const ScaledTensor& out, const ScaledTensor& out_t,
@@ -95,7 +103,11 @@ void quantize_both(const TensorView& in, const ScaledTensor& out, const ScaledTe
                  {&out_t.data, "out_t.data"},
                  {&out_t.scale, "out_t.scale"}});
   check_cuda_alignment(c, in, &out, &out_t);
+#if FP8FLOW_WITH_CUDA
   sm90::quantize_both(in, out, out_t, stream);
+#else
+  (void)stream;  // unreachable: check_cuda throws Unsupported in a CPU-only build
+#endif
 }
 
 void dequantize(const ScaledTensor& in, const TensorView& out, Stream stream) {
@@ -112,7 +124,11 @@ void dequantize(const ScaledTensor& in, const TensorView& out, Stream stream) {
   // Element alignment only: the kernel vectorizes where pointers and row pitches allow.
   c.aligned(out, "out", static_cast<size_t>(dtype_bits(out.dtype) / 8));
   if (!mx) c.aligned(in.scale, "in.scale", 4);
+#if FP8FLOW_WITH_CUDA
   sm90::dequantize(in, out, stream);
+#else
+  (void)stream;  // unreachable: check_cuda throws Unsupported in a CPU-only build
+#endif
 }
 
 }  // namespace fp8flow
