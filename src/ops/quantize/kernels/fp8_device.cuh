@@ -45,14 +45,32 @@ __device__ __forceinline__ void store4(void* p, uint32_t v) {
 
 // max that propagates NaN (PTX max.NaN), so one pass finds "all finite?" and amax together.
 __device__ __forceinline__ float max_nan(float a, float b) {
+#if defined(__CUDA_ARCH__)
   float r;
   asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
   return r;
+#else  // host build of the device code (emulation checks): same semantics
+  if (fmt::f32_is_nan(a) || fmt::f32_is_nan(b)) return fmt::f32_from_bits(0x7FFFFFFFu);
+  return a > b ? a : b;
+#endif
 }
 __device__ __forceinline__ uint32_t max_nan_bf16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
   uint32_t r;
   asm("max.NaN.bf16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
   return r;
+#else
+  uint32_t r = 0;
+  for (int h = 0; h < 2; ++h) {
+    const float x = fmt::bf16_to_f32(static_cast<uint16_t>(a >> (16 * h)));
+    const float y = fmt::bf16_to_f32(static_cast<uint16_t>(b >> (16 * h)));
+    const uint32_t m = fmt::f32_is_nan(x) || fmt::f32_is_nan(y) ? 0x7FFFu
+                       : x > y                                  ? (a >> (16 * h)) & 0xFFFFu
+                                                                : (b >> (16 * h)) & 0xFFFFu;
+    r |= m << (16 * h);
+  }
+  return r;
+#endif
 }
 
 // Input element types: float (F32) and uint16_t (BF16 bits). A 16-byte vector holds kVec of them.
@@ -145,7 +163,7 @@ struct Fp8 {
 
   // Two FINITE already-scaled values -> two codes (a in bits 0-7, b in bits 8-15).
   __device__ __forceinline__ static uint32_t encode2_finite(float a, float b) {
-#if FP8FLOW_QUANTIZE_HW_CVT
+#if FP8FLOW_QUANTIZE_HW_CVT && defined(__CUDA_ARCH__)
     uint16_t r;
     if constexpr (kE5M2) {
       asm("cvt.rn.satfinite.e5m2x2.f32 %0, %1, %2;" : "=h"(r) : "f"(b), "f"(a));

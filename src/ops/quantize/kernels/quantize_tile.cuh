@@ -53,6 +53,8 @@ struct TileCfg {
   static constexpr int kChunks = 8;                  // token chunks per tile
   static constexpr int kTok = 128 / kChunks;         // tokens per thread (16)
   static constexpr int kThreads = kTpr * kChunks;
+  // 512 resident threads per SM at <= 128 registers each: 128 KB of loads in flight per SM.
+  static constexpr int kMinBlocks = 512 / kThreads;
 };
 
 struct TileArgs {
@@ -66,7 +68,7 @@ struct TileArgs {
 };
 
 template <typename In, bool kE5M2, bool kRow, bool kCol, typename Tiles>
-__global__ void __launch_bounds__(TileCfg<In>::kThreads)
+__global__ void __launch_bounds__(TileCfg<In>::kThreads, TileCfg<In>::kMinBlocks)
     sm90_quantize_tile_kernel(const TileArgs a, const __grid_constant__ Tiles tiles) {
   static_assert(kRow || kCol, "nothing to do");
   using Cfg = TileCfg<In>;
