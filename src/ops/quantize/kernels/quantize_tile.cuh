@@ -27,6 +27,9 @@
 // - amax uses a NaN-propagating max, so a thread learns "my values are all finite" for free.
 //   Threads holding a NaN/Inf ("slow") recompute a finite-only amax and patch the codes of their
 //   non-finite elements with fmt:: (see fp8_device.cuh); finite elements always go through cvt.
+// - 1-D grid, blockIdx = token_tile * tiles_k + k_tile (no 65535 limit on either count); adjacent
+//   CTAs read adjacent 256-byte pieces of the same 128 rows. ptxas: 122-128 registers, no spills,
+//   so 4 CTAs (BF16) or 2 CTAs (F32) = 512 threads per SM, 128 KB of loads in flight per SM.
 #pragma once
 
 #include <cstdint>
