@@ -34,9 +34,22 @@ void check_transposed_out(const Check& c, const TensorView& in, const ScaledTens
   c.same_device(in, "in", out_t.data, "out_t.data");
 }
 
-void check_cuda(const Check& c, std::initializer_list<std::pair<const TensorView*, const char*>> ts) {
+void check_cuda(const Check& c,
+                std::initializer_list<std::pair<const TensorView*, const char*>> ts) {
   detail::require_cuda_backend(c);
   for (auto [t, name] : ts) detail::require_device_pointer(c, *t, name);
+}
+
+// The kernels read X and write row-wise codes with 16-byte vector accesses and FP32 scales with
+// 4-byte stores. (Rows of X^T [K][M] may start anywhere: its kernel adapts its store width.)
+void check_cuda_alignment(const Check& c, const TensorView& in, const ScaledTensor* out,
+                          const ScaledTensor* out_t) {
+  c.aligned(in, "in", 16);
+  if (out) {
+    c.aligned(out->data, "out.data", 16);
+    c.aligned(out->scale, "out.scale", 4);
+  }
+  if (out_t) c.aligned(out_t->scale, "out_t.scale", 4);
 }
 
 }  // namespace
@@ -48,6 +61,7 @@ void quantize(const TensorView& in, const ScaledTensor& out, const QuantizeOptio
   check_rowwise_out(c, in, out);
   if (in.device == Device::Cpu) return ref::quantize(in, out);
   check_cuda(c, {{&in, "in"}, {&out.data, "out.data"}, {&out.scale, "out.scale"}});
+  check_cuda_alignment(c, in, &out, nullptr);
   FP8FLOW_SM90(sm90::quantize(in, out, stream));
 }
 
@@ -58,6 +72,7 @@ void quantize_transposed(const TensorView& in, const ScaledTensor& out_t, const 
   check_transposed_out(c, in, out_t);
   if (in.device == Device::Cpu) return ref::quantize_transposed(in, out_t);
   check_cuda(c, {{&in, "in"}, {&out_t.data, "out_t.data"}, {&out_t.scale, "out_t.scale"}});
+  check_cuda_alignment(c, in, nullptr, &out_t);
   FP8FLOW_SM90(sm90::quantize_transposed(in, out_t, stream));
 }
 
@@ -79,19 +94,24 @@ void quantize_both(const TensorView& in, const ScaledTensor& out, const ScaledTe
                  {&out.scale, "out.scale"},
                  {&out_t.data, "out_t.data"},
                  {&out_t.scale, "out_t.scale"}});
+  check_cuda_alignment(c, in, &out, &out_t);
   FP8FLOW_SM90(sm90::quantize_both(in, out, out_t, stream));
 }
 
 void dequantize(const ScaledTensor& in, const TensorView& out, Stream stream) {
   const Check c("dequantize");
   const bool mx = in.layout == ScaleLayout::Mx1x32;
-  c.scaled(in, "in", in.layout, mx ? std::initializer_list<DType>{DType::E2M1x2}
-                                   : std::initializer_list<DType>{DType::E4M3, DType::E5M2});
+  c.scaled(in, "in", in.layout,
+           mx ? std::initializer_list<DType>{DType::E2M1x2}
+              : std::initializer_list<DType>{DType::E4M3, DType::E5M2});
   c.view(out, "out", {DType::F32, DType::BF16});
   c.shape(out, "out", in.data.rows, in.data.cols);
   c.same_device(in.data, "in.data", out, "out");
   if (in.data.device == Device::Cpu) return ref::dequantize(in, out);
   check_cuda(c, {{&in.data, "in.data"}, {&in.scale, "in.scale"}, {&out, "out"}});
+  // Element alignment only: the kernel vectorizes where pointers and row pitches allow.
+  c.aligned(out, "out", static_cast<size_t>(dtype_bits(out.dtype) / 8));
+  if (!mx) c.aligned(in.scale, "in.scale", 4);
   FP8FLOW_SM90(sm90::dequantize(in, out, stream));
 }
 

@@ -4,6 +4,7 @@
 
 #include "common/groups.h"
 #include "common/ref_access.h"
+#include "ops/quantize/kernels/dequant_value.h"
 #include "ops/quantize/quantize_backends.h"
 
 namespace fp8flow::ref {
@@ -21,8 +22,10 @@ void quantize(const TensorView& in, const ScaledTensor& out) {
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = k0; k < k1; ++k) amax = std::max(amax, finite_abs(load_f32(in, r, k)));
       const int e = fmt::scale_exponent(amax, max_exp);
-      if (block) scale_at(out.scale, r0 / 128, k0 / 128) = fmt::exp2i(e);
-      else scale_at(out.scale, k0 / 128, r0) = fmt::exp2i(e);
+      if (block)
+        scale_at(out.scale, r0 / 128, k0 / 128) = fmt::exp2i(e);
+      else
+        scale_at(out.scale, k0 / 128, r0) = fmt::exp2i(e);
       for (int64_t r = r0; r < r1; ++r)
         for (int64_t k = k0; k < k1; ++k)
           byte_at(out.data, r, k) = fp8_encode(od, fmt::mul_pow2(load_f32(in, r, k), -e));
@@ -57,7 +60,7 @@ void dequantize(const ScaledTensor& in, const TensorView& out) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c) {
         const float sc = fmt::e8m0_to_f32(s[r * in.scale.stride() + c / 32]);
-        store_f32(out, r, c, fmt::e2m1_to_f32(load_e2m1(in.data, r, c)) * sc);
+        store_f32(out, r, c, detail::dequant_value(fmt::e2m1_to_f32(load_e2m1(in.data, r, c)), sc));
       }
     return;
   }
@@ -65,7 +68,8 @@ void dequantize(const ScaledTensor& in, const TensorView& out) {
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = 0; c < C; ++c)
         store_f32(out, r, c,
-                  fp8_decode(d, byte_at(in.data, r, c)) * scale_at(in.scale, r / 128, c / 128));
+                  detail::dequant_value(fp8_decode(d, byte_at(in.data, r, c)),
+                                        scale_at(in.scale, r / 128, c / 128)));
     return;
   }
   const detail::GroupTiles g = detail::make_group_tiles(in.col_groups, C);
@@ -74,7 +78,9 @@ void dequantize(const ScaledTensor& in, const TensorView& out) {
     g.tile_cols(t, c0, w);
     for (int64_t r = 0; r < R; ++r)
       for (int64_t c = c0; c < c0 + w; ++c)
-        store_f32(out, r, c, fp8_decode(d, byte_at(in.data, r, c)) * scale_at(in.scale, t, r));
+        store_f32(
+            out, r, c,
+            detail::dequant_value(fp8_decode(d, byte_at(in.data, r, c)), scale_at(in.scale, t, r)));
   }
 }
 
