@@ -19,19 +19,14 @@
 //   r * 32 + (wd ^ 4j), so for one row index the 32 lanes hit 32 distinct banks), rescales them
 //   as rows, then transposes 4x4 byte blocks with PRMT so it holds, per channel, 16 consecutive
 //   tokens: one 16-byte store; the 8 lanes of a channel write 128 contiguous bytes.
-// - ColumnTight: a column's exponent is the max over its tokens of t_m + scale_exponent(code);
-//   computed as a u16x2 max of integer keys (see transpose_word.h), reduced over the 8 lanes
-//   sharing the channels with 3 xor-shuffles. TileMax: T = max_m t_m, no per-code work.
-// - Rescale per group of 4 rows x 4 channels, three tiers (transpose_word.h): plain SIMD over
-//   16-bit lanes when every code is normal and stays normal (~8 integer ops per 4 codes); wide
-//   SIMD when zeros appear or results fall below the normal range (an FP16 add of 1024 does the
-//   round-to-nearest-even onto the subnormal grid, ~16 more ops per 4 codes); the exact per-code
-//   path (tw::e4m3_rescale) only for groups holding a subnormal input code or a NaN. All three are
-//   proven equal to fmt::e4m3_mul_pow2 by exhaustive CPU tests, and the whole kernel is emulated
-//   on the CPU (tests/transpose/transpose_word_test.cpp) against the reference.
-// - ColumnTight keys: zero and subnormal codes go through the fast key too, with stand-in keys
-//   that can claim at most Tbase - 14; a column whose result is below Tbase - 13 (or a thread
-//   holding a NaN) makes the warp redo its keys exactly. Rare for real data.
+// - ColumnTight: a column's exponent is the max over its tokens of t_m + scale_exponent(code),
+//   an integer formula per code, reduced over the 8 lanes sharing the channels with 3 xor-shuffles.
+//   TileMax: T = max_m t_m, no per-code work.
+// - Rescale: each code becomes |code| * 2^(t_m - T) as an exact FP32 (an exponent add for normal
+//   codes), re-encoded by the hardware's cvt.rn.satfinite.e4m3x2.f32 (RNE onto the subnormal grid,
+//   the same bits as fmt::e4m3_from_f32); zero and NaN codes are kept. About 10 integer/FP ops per
+//   code, under the memory time. (An earlier integer-SIMD version with three tiers passed a CPU
+//   emulation but not the H100: the plain version replaced it.)
 // - Partial tiles (group tails) zero-fill the missing rows (cp.async src-size 0) and store only
 //   valid tokens; outputs not 16-byte aligned (M or the group offset not a multiple of 16) use
 //   4-byte or byte stores. Full aligned tiles take 16-byte stores.
@@ -50,7 +45,7 @@
 namespace fp8flow::sm90 {
 
 constexpr int kTransposeThreads = 256;
-constexpr int kTransposeMinBlocksPerSm = 4;
+constexpr int kTransposeMinBlocksPerSm = 3;  // <= 85 registers: ColumnTight needs ~70
 
 namespace tdev {
 
@@ -82,13 +77,61 @@ __device__ __forceinline__ void store_tokens_slow(uint8_t* dst, const uint32_t (
   }
 }
 
-// Max of the u16x2 keys over the 8 lanes (xor 1, 2, 4) that share a thread's 4 channels.
-__device__ __forceinline__ void reduce_keys(uint32_t& klo, uint32_t& khi) {
-#pragma unroll
-  for (int s = 1; s < 8; s <<= 1) {
-    klo = tw::max_u16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, s));
-    khi = tw::max_u16x2(khi, __shfl_xor_sync(0xFFFFFFFFu, khi, s));
+// |code| * 2^d with the code's sign, as an exact FP32 (d in [-60, 40]; NaN codes not handled).
+__device__ __forceinline__ float e4m3_scaled_value(uint32_t code, int d) {
+  const uint32_t m = code & 0x7Fu;
+  float v;
+  if (m >= 8u) {
+    v = __uint_as_float((m << 20) + (static_cast<uint32_t>(120 + d) << 23));  // normal: exp shift
+  } else {
+    v = static_cast<float>(m) * fmt::exp2i(d - 9);  // subnormal code: m * 2^-9 * 2^d, exact
   }
+  return (code & 0x80u) ? -v : v;
+}
+
+// scale_exponent(|code|) for a nonzero, non-NaN E4M3 code (low byte of b), -1000 otherwise:
+// normal codes E - 15 + (M == 7); subnormal M * 2^-9: -17 (M = 1), -16 (M = 2, 3), -15 (M >= 4).
+__device__ __forceinline__ int code_key(uint32_t b) {
+  const int m = static_cast<int>(b & 0x7Fu);
+  const int normal = ((m + 1) >> 3) - 15;
+  const int sub = m >= 4 ? -15 : (m >= 2 ? -16 : -17);
+  const int k = m >= 8 ? normal : sub;
+  return (m == 0 || m == 0x7F) ? -1000 : k;
+}
+
+// Two finite FP32 -> two E4M3 codes (a in bits 0-7), RNE, saturating (same bits as
+// fmt::e4m3_from_f32; checked by the quantize GPU tests' encode sweep).
+__device__ __forceinline__ uint32_t e4m3x2_from_f32(float a, float b) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f32 %0, %1, %2;" : "=h"(r) : "f"(b), "f"(a));
+  return r;
+}
+
+// The 4 codes of one token row (channels c = byte c) times 2^(t - tcol[c]), each exactly
+// fmt::e4m3_mul_pow2(code, t - tcol[c]); zero and NaN codes are kept as they are. kCount: adds the
+// number of codes whose value changed (rounded to a subnormal or zero).
+template <bool kCount>
+__device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&tcol)[4],
+                                                 uint32_t& changed) {
+  float v[4];
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const int d = min(40, max(-60, t - tcol[c]));
+    v[c] = e4m3_scaled_value((x >> (8 * c)) & 0xFFu, d);
+  }
+  const uint32_t r = e4m3x2_from_f32(v[0], v[1]) | (e4m3x2_from_f32(v[2], v[3]) << 16);
+  uint32_t y = 0;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) {
+    const uint32_t code = (x >> (8 * c)) & 0xFFu, mag = code & 0x7Fu;
+    const uint32_t out = (r >> (8 * c)) & 0xFFu;
+    const bool keep = !tw::e4m3_mag_is_value(mag);
+    y |= (keep ? code : out) << (8 * c);
+    if constexpr (kCount) {
+      if (!keep && e4m3_scaled_value(out, 0) != v[c]) ++changed;
+    }
+  }
+  return y;
 }
 
 }  // namespace tdev
@@ -104,7 +147,7 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
                                             const __grid_constant__ detail::GroupTiles groups) {
   constexpr bool kTight = kPolicy == TransposeScalePolicy::ColumnTight;
   __shared__ alignas(16) uint32_t s_tile[128 * 32];
-  __shared__ alignas(16) uint32_t s_row[tw::kRowSlots];
+  __shared__ int s_t[128];
   __shared__ int s_wmax[4];
   __shared__ unsigned s_wcnt[kTransposeThreads / 32];
 
@@ -126,48 +169,56 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
   }
   tdev::cp_async_commit();
 
-  // 2. Row exponents (overlapping the copies), the tile's max Tbase, and the row words.
-  int t = tw::kExpMin - 1;
+  // 2. Row exponents (overlapping the copies) and the tile's max.
+  int t = tw::kExpMin;
   if (tid < 128) {
     if (tid < w) t = tw::row_exponent(__ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid));
+    s_t[tid] = t;
     const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
     if (lane == 0) s_wmax[warp] = wm;
   }
-  __syncthreads();
-  const int tbase = max(tw::kExpMin, max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3])));
-  if (tid < 128) s_row[tw::row_slot(tid)] = tw::row_word(tid < w ? t - tbase : -254);
   tdev::cp_async_wait_all();
   __syncthreads();
+  const int tbase = max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3]));
 
-  // 3. This thread's 16 token rows x 4 channels.
+  // 3. This thread's 16 token rows x 4 channels, and the rows' exponents.
   const int j = lane & 7, wd = (lane >> 3) + 4 * warp;
-  uint32_t x[16];
-#pragma unroll
-  for (int i = 0; i < 16; ++i) x[i] = s_tile[tw::tile_thread_word(j, wd, i)];
-  const auto* prow = reinterpret_cast<const tw::Words4*>(s_row + tw::row_slot(16 * j));
+  uint32_t x[16];  // filled in step 5; steps 4 and 5 read the words from shared memory
+  const int* trow = s_t + 16 * j;  // re-read from shared memory: keeps registers for x
 
-  // 4. Column exponents (ColumnTight: keys, max over the 8 lanes sharing the channels; the warp
-  // redoes its keys exactly in the rare case that a stand-in key could have decided).
+  // 4. Column exponents. ColumnTight: max over the column's nonzero, non-NaN codes of
+  // t_m + scale_exponent(|code|), then over the 8 lanes sharing the channels. TileMax: the max
+  // row exponent.
   int tcol[4];
-  uint32_t blo = 0, bhi = 0;
   if constexpr (kTight) {
-    uint32_t klo = 0, khi = 0;
-    tw::thread_keys(x, prow, klo, khi);
-    tdev::reduce_keys(klo, khi);
-    tw::thread_column_exponents(klo, khi, tbase, tcol, blo, bhi);
-    if (__any_sync(0xFFFFFFFFu, !tw::column_keys_trusted(tcol, tbase))) {
-      klo = khi = 0;
-      tw::thread_keys_exact(x, prow, klo, khi);
-      tdev::reduce_keys(klo, khi);
-      tw::thread_column_exponents(klo, khi, tbase, tcol, blo, bhi);
+#pragma unroll
+    for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int ti = trow[i];
+#pragma unroll
+      const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+#pragma unroll
+      for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+    }
+#pragma unroll
+    for (int c = 0; c < 4; ++c) {
+#pragma unroll
+      for (int sh = 1; sh < 8; sh <<= 1)
+        tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
     }
   } else {
 #pragma unroll
     for (int c = 0; c < 4; ++c) tcol[c] = tbase;
   }
 
-  // 5. Rescale, group by group (plain SIMD, wide SIMD or exact path).
-  const uint32_t changed = tw::thread_rescale<kCount>(x, prow, tbase, tcol, blo, bhi);
+  // 5. Rescale every code by 2^(t_m - T_c): exact, or RNE to a subnormal/zero (hardware cvt).
+  uint32_t changed = 0;
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    x[i] = tdev::rescale_word<kCount>(s_tile[tw::tile_thread_word(j, wd, i)], trow[i], tcol,
+                                      changed);
+  }
 
   // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
   if (j < 4) {
