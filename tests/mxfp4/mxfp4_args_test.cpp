@@ -6,14 +6,14 @@
 namespace fp8flow::test {
 namespace {
 
-#define EXPECT_FP8FLOW_ERROR(stmt, substr)                                              \
-  do {                                                                                  \
-    try {                                                                               \
-      stmt;                                                                             \
-      ADD_FAILURE() << "no error from " #stmt;                                          \
-    } catch (const ::fp8flow::Error& e) {                                               \
-      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << e.what();     \
-    }                                                                                   \
+#define EXPECT_FP8FLOW_ERROR(stmt, substr)                                          \
+  do {                                                                              \
+    try {                                                                           \
+      stmt;                                                                         \
+      ADD_FAILURE() << "no error from " #stmt;                                      \
+    } catch (const ::fp8flow::Error& e) {                                           \
+      EXPECT_NE(std::string(e.what()).find(substr), std::string::npos) << e.what(); \
+    }                                                                               \
   } while (0)
 
 constexpr int64_t M = 5, K = 256;
@@ -57,7 +57,8 @@ TEST(Mxfp4Args, QuantizeMxfp4) {
                        std::string(op) + "in: expected dtype F32 or BF16, got E4M3");
   x = b.x.v;
   x.cols = 48;
-  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(x, b.mx.st()), std::string(op) + "in: expected cols divisible by 32");
+  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(x, b.mx.st()),
+                       std::string(op) + "in: expected cols divisible by 32");
   x = b.x.v;
   x.cols = 224;
   x.ld = 256;
@@ -70,17 +71,21 @@ TEST(Mxfp4Args, QuantizeMxfp4) {
   EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.layout: expected Mx1x32");
   o = b.mx.st();
   o.data.dtype = DType::E4M3;
-  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.data: expected dtype E2M1x2");
+  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o),
+                       std::string(op) + "out.data: expected dtype E2M1x2");
   o = b.mx.st();
   o.scale.dtype = DType::F32;
-  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.scale: expected dtype E8M0");
+  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o),
+                       std::string(op) + "out.scale: expected dtype E8M0");
   o = b.mx.st();
   o.scale.cols = K / 32 - 1;
-  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.scale: expected shape [5, 8]");
+  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o),
+                       std::string(op) + "out.scale: expected shape [5, 8]");
   o = b.mx.st();
   o.data.rows = M - 1;
   o.scale.rows = M - 1;
-  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.data: expected shape [5, 256]");
+  EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o),
+                       std::string(op) + "out.data: expected shape [5, 256]");
   o = b.mx.st();
   o.data.device = o.scale.device = Device::Cuda;
   EXPECT_FP8FLOW_ERROR(quantize_mxfp4(b.x.v, o), std::string(op) + "out.data: expected device Cpu");
@@ -107,9 +112,11 @@ TEST(Mxfp4Args, Fp8ToMxfp4) {
   EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(in, b.mx.st()), op + "in.scale: expected shape [2, 5]");
   // K a multiple of 32 but not of 128.
   HostScaled f96 = alloc_fp8(M, 96), m96 = alloc_mx(M, 96);
-  EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(f96.st(), m96.st()), op + "in.data: expected cols divisible by 128");
+  EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(f96.st(), m96.st()),
+                       op + "in.data: expected cols divisible by 128");
   HostScaled m512 = alloc_mx(M, 512);
-  EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(b.fp8.st(), m512.st()), op + "out.data: expected shape [5, 256]");
+  EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(b.fp8.st(), m512.st()),
+                       op + "out.data: expected shape [5, 256]");
   ScaledTensor o = b.mx.st();
   o.scale.dtype = DType::E4M3;
   EXPECT_FP8FLOW_ERROR(fp8_to_mxfp4(b.fp8.st(), o), op + "out.scale: expected dtype E8M0");
@@ -126,7 +133,8 @@ TEST(Mxfp4Args, Mxfp4ToFp8) {
   const std::string op = "fp8flow::mxfp4_to_fp8: ";
   ScaledTensor in = b.mx.st();
   in.data.dtype = DType::E4M3;
-  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(in, b.fp8.st()), op + "in.data: expected dtype E2M1x2, got E4M3");
+  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(in, b.fp8.st()),
+                       op + "in.data: expected dtype E2M1x2, got E4M3");
   in = b.mx.st();
   in.layout = ScaleLayout::Rowwise1x128;
   EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(in, b.fp8.st()), op + "in.layout: expected Mx1x32");
@@ -134,7 +142,8 @@ TEST(Mxfp4Args, Mxfp4ToFp8) {
   in.scale.rows = M + 1;
   EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(in, b.fp8.st()), op + "in.scale: expected shape [5, 8]");
   HostScaled f96 = alloc_fp8(M, 96), m96 = alloc_mx(M, 96);
-  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(m96.st(), f96.st()), op + "in.data: expected cols divisible by 128");
+  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(m96.st(), f96.st()),
+                       op + "in.data: expected cols divisible by 128");
   ScaledTensor o = b.fp8.st();
   o.data.dtype = DType::E5M2;
   EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8(b.mx.st(), o), op + "out.data: expected dtype E4M3, got E5M2");
@@ -171,16 +180,19 @@ TEST(Mxfp4Args, Mxfp4ToFp8Transposed) {
                        op + "out_t.scale: expected shape [3, 256]");
   o = b.fp8_t.st();
   o.data.dtype = DType::E5M2;
-  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(b.mx.st(), o), op + "out_t.data: expected dtype E4M3");
+  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(b.mx.st(), o),
+                       op + "out_t.data: expected dtype E4M3");
   o = b.fp8_t.st();
   o.data.cols = 4;
   o.data.ld = 5;
   o.scale.cols = 256;
   HostScaled mx4 = alloc_mx(4, K);
-  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(mx4.st(), o), op + "out_t.data: expected contiguous");
+  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(mx4.st(), o),
+                       op + "out_t.data: expected contiguous");
   ScaledTensor in = b.mx.st();
   in.scale.dtype = DType::F32;
-  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(in, b.fp8_t.st()), op + "in.scale: expected dtype E8M0");
+  EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(in, b.fp8_t.st()),
+                       op + "in.scale: expected dtype E8M0");
   HostScaled m96 = alloc_mx(M, 96), t96 = alloc_fp8(96, M);
   EXPECT_FP8FLOW_ERROR(mxfp4_to_fp8_transposed(m96.st(), t96.st()),
                        op + "in.data: expected cols divisible by 128");
@@ -202,8 +214,10 @@ TEST(Mxfp4Args, CudaTensorsNeedADeviceAndDeviceMemory) {
   } catch (const Error& e) {
     const std::string m = e.what();
     EXPECT_EQ(m.rfind("fp8flow::quantize_mxfp4: ", 0), 0u) << m;
-    if (cuda_available()) EXPECT_NE(m.find("in: expected device memory"), std::string::npos) << m;
-    else EXPECT_EQ(e.kind(), ErrorKind::Unsupported) << m;
+    if (cuda_available())
+      EXPECT_NE(m.find("in: expected device memory"), std::string::npos) << m;
+    else
+      EXPECT_EQ(e.kind(), ErrorKind::Unsupported) << m;
   }
   try {
     mxfp4_to_fp8_transposed(cuda(b.mx.st()), cuda(b.fp8_t.st()));

@@ -83,8 +83,12 @@ TEST(Mxfp4Ref, TransposedEqualsQuantizeTransposedOfDequantize) {
     std::vector<int64_t> groups;
   };
   const std::vector<Case> cases = {
-      {510, 256, {0, 128, 5, 300, 0, 77}}, {510, 128, {}},       {1, 128, {}},
-      {200, 384, {200}},                   {130, 7168, {}},     {131, 256, {0, 0, 131, 0}},
+      {510, 256, {0, 128, 5, 300, 0, 77}},
+      {510, 128, {}},
+      {1, 128, {}},
+      {200, 384, {200}},
+      {130, 7168, {}},
+      {131, 256, {0, 0, 131, 0}},
       {64, 128, {1, 1, 1, 61}},
   };
   uint64_t seed = 200;
@@ -138,9 +142,8 @@ void check_mx_rule(const std::vector<float>& x, int64_t M, int64_t K, const Host
       }
       if (amax == 0) ++zero_blocks;
       // OCP: X = floor(log2(amax)) - 2, clamped to the E8M0 range (FP32 subnormals clamp to -127).
-      const int x_exp = amax < std::ldexp(1.0, -126)
-                            ? -127
-                            : std::clamp(std::ilogb(amax) - 2, -127, 127);
+      const int x_exp =
+          amax < std::ldexp(1.0, -126) ? -127 : std::clamp(std::ilogb(amax) - 2, -127, 127);
       ASSERT_EQ(s, x_exp + 127) << "row " << r << " block " << b << " amax " << amax;
       if (amax >= std::ldexp(1.0, -125)) {
         const double top = amax / std::ldexp(1.0, x_exp);  // the OCP exponent puts amax in [4, 8)
@@ -197,10 +200,10 @@ TEST(Mxfp4Ref, SpecialBlocks) {
   EXPECT_EQ(s[1], 0xFF);
   EXPECT_EQ(s[2], 0xFF);
   for (int i = 16; i < 48; ++i) EXPECT_EQ(d[i], 0) << i;
-  EXPECT_EQ(s[3], 0);    // zero block: the smallest scale, 2^-127
+  EXPECT_EQ(s[3], 0);      // zero block: the smallest scale, 2^-127
   EXPECT_EQ(d[48], 0x80);  // element 1 is -0: code 0x8 in the high nibble
-  EXPECT_EQ(s[4], 0);    // amax 4 * 2^-140 is an FP32 subnormal: X clamps to -127
-  EXPECT_EQ(s[5], 127);  // amax 7 -> X = 0
+  EXPECT_EQ(s[4], 0);      // amax 4 * 2^-140 is an FP32 subnormal: X clamps to -127
+  EXPECT_EQ(s[5], 127);    // amax 7 -> X = 0
   const uint8_t want[] = {6, 4, 6, 6, 7, 0, 2, 2, 4};  // 4, 2, 4, 4, 6, 0, 1, 1, 2
   for (int i = 0; i < 9; ++i) EXPECT_EQ(load_e2m1(y.data.v, 0, 160 + i), want[i]) << ties[i];
 }
@@ -262,9 +265,10 @@ TEST(Mxfp4Ref, Fp8ToMxfp4ErrorIsReported) {
     num8 += (fa - f) * (fa - f);
   }
   const double rel = std::sqrt(num / den), rel8 = std::sqrt(num8 / den);
-  std::printf("[ MXFP4    ] N(0,1) rows x 2^U(-8,8), %lldx%lld: FP8->MXFP4 relative RMS error %.4f "
-              "(FP8 vs F32: %.4f)\n",
-              static_cast<long long>(M), static_cast<long long>(K), rel, rel8);
+  std::printf(
+      "[ MXFP4    ] N(0,1) rows x 2^U(-8,8), %lldx%lld: FP8->MXFP4 relative RMS error %.4f "
+      "(FP8 vs F32: %.4f)\n",
+      static_cast<long long>(M), static_cast<long long>(K), rel, rel8);
   RecordProperty("fp8_to_mxfp4_rel_rms", std::to_string(rel));
   // E2M1 keeps 1 mantissa bit: expect ~0.1 on Gaussian data; FP8 (3 bits) ~0.02.
   EXPECT_GT(rel, 0.02);

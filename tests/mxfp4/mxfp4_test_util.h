@@ -74,8 +74,7 @@ inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
 
 // Raw random E4M3 row-wise [M][K]: uniform bytes (NaN codes allowed when with_nan), scales 2^t
 // with t uniform in [tlo, thi] (E8M0-range exponents; the FP32 power of two may be subnormal).
-inline HostScaled fp8_random(int64_t M, int64_t K, uint64_t seed, int tlo, int thi,
-                             bool with_nan) {
+inline HostScaled fp8_random(int64_t M, int64_t K, uint64_t seed, int tlo, int thi, bool with_nan) {
   std::mt19937_64 rng(seed);
   std::uniform_int_distribution<int> byte(0, 255), te(tlo, thi);
   HostScaled h = alloc_fp8(M, K);
@@ -110,8 +109,8 @@ struct DeviceScaled {
   ScaleLayout layout = ScaleLayout::Rowwise1x128;
   std::vector<int64_t> groups;
   explicit DeviceScaled(const HostScaled& h, bool copy = true)
-      : data(copy ? DeviceTensor(h.data) : DeviceTensor(h.data.v.dtype, h.data.v.rows,
-                                                        h.data.v.cols)),
+      : data(copy ? DeviceTensor(h.data)
+                  : DeviceTensor(h.data.v.dtype, h.data.v.rows, h.data.v.cols)),
         scale(copy ? DeviceTensor(h.scale)
                    : DeviceTensor(h.scale.v.dtype, h.scale.v.rows, h.scale.v.cols)),
         layout(h.layout),

@@ -24,8 +24,10 @@ void encode_mx_block(const float* v, uint8_t* codes, uint8_t& scale) {
   bool nonfinite = false;
   float amax = 0.f;
   for (int i = 0; i < kMxBlock; ++i) {
-    if (!fmt::f32_is_finite(v[i])) nonfinite = true;
-    else amax = std::max(amax, fmt::f32_abs(v[i]));
+    if (!fmt::f32_is_finite(v[i]))
+      nonfinite = true;
+    else
+      amax = std::max(amax, fmt::f32_abs(v[i]));
   }
   if (nonfinite) {
     scale = fmt::kE8M0NaN;
