@@ -40,6 +40,21 @@ TEST(Mxfp4Tables, LaneHelpers) {
   }
 }
 
+TEST(Mxfp4Tables, FastDiv) {
+  std::mt19937 rng(9);
+  std::vector<uint32_t> ds = {1, 2, 3, 4, 5, 7, 8, 14, 28, 56, 112, 224, 448, 1000, 65535, 65536};
+  for (int i = 0; i < 200; ++i) ds.push_back(1 + rng() % (1u << 21));
+  for (uint32_t d : ds) {
+    const mx::FastDiv f = mx::FastDiv::make(d);
+    for (uint32_t n : {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 0x7FFFFFFFu, 0x7FFFFFFFu - d})
+      ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
+    for (int i = 0; i < 2000; ++i) {
+      const uint32_t n = static_cast<uint32_t>(rng()) & 0x7FFFFFFFu;
+      ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
+    }
+  }
+}
+
 TEST(Mxfp4Tables, E4m3ToE2m1MatchesFmtEverywhere) {
   const mx::E4m3ToE2m1 tab = mx::make_e4m3_to_e2m1();
   std::mt19937 rng(2);

@@ -13,6 +13,13 @@
 
 #include "fp8flow/formats.h"
 
+// Full unrolling on the device keeps small arrays in registers (no local memory).
+#if defined(__CUDA_ARCH__)
+#define FP8FLOW_MX_UNROLL _Pragma("unroll")
+#else
+#define FP8FLOW_MX_UNROLL
+#endif
+
 namespace fp8flow::sm90::mx {
 
 // ---------------------------------------------------------------------------------------------
@@ -25,6 +32,7 @@ FP8FLOW_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
 #else
   const uint64_t x = (static_cast<uint64_t>(b) << 32) | a;
   uint32_t r = 0;
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 4; ++i)
     r |= static_cast<uint32_t>((x >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i);
   return r;
@@ -86,6 +94,26 @@ FP8FLOW_HD uint32_t max_e2m1_magnitude(uint32_t w0, uint32_t w1, uint32_t w2, ui
   m = vmax_nib(m, m >> 4);
   return m & 0x7u;
 }
+
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery); d >= 1.
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  static FastDiv make(uint32_t d) {
+    FastDiv f;
+    f.d = d;
+    while ((uint64_t{1} << f.shift) < d) ++f.shift;  // ceil(log2(d))
+    f.mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << f.shift) - d)) / d + 1);
+    return f;
+  }
+  FP8FLOW_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+};
 
 // ---------------------------------------------------------------------------------------------
 // E4M3 -> E2M1 (fp8_to_mxfp4).
@@ -243,6 +271,7 @@ FP8FLOW_HD float key_to_amax(uint32_t key) {
 FP8FLOW_HD uint32_t fp8_half_key(const uint32_t w[4], float s, bool exact) {
   if (exact) return max_e4m3_magnitude(w[0], w[1], w[2], w[3]);
   uint32_t key = 0;
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 16; ++i) {
     const float v = fmt::e4m3_to_f32(static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)))) * s;
     if (!fmt::f32_is_finite(v)) return 0xFFFFFFFFu;
@@ -281,6 +310,7 @@ FP8FLOW_HD void fp8_half_encode(const uint32_t w[4], float s, bool exact, int x,
     return;
   }
   out[0] = out[1] = 0;
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 16; ++i) {
     const float v = fmt::e4m3_to_f32(static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)))) * s;
     out[i / 8] |= static_cast<uint32_t>(fmt::e2m1_from_f32(fmt::mul_pow2(v, -x))) << (4 * (i % 8));
@@ -297,6 +327,7 @@ FP8FLOW_HD float mx_block_amax(const uint32_t w[4], uint8_t sb) {
     return fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(m)), x);
   }
   float amax = 0.0f;  // X = 126, 127: the largest elements overflow to Inf and do not count
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 32; ++i) {
     const uint8_t c = static_cast<uint8_t>((w[i / 8] >> (4 * (i % 8))) & 0xFu);
     const float v = fmt::e2m1_to_f32(c) * fmt::e8m0_to_f32(sb);
@@ -315,17 +346,21 @@ FP8FLOW_HD int mx_code_row(uint8_t sb, int t) {
 FP8FLOW_HD void mx_block_encode(const uint32_t w[4], uint8_t sb, int t, uint32_t lo, uint32_t hi,
                                 uint32_t out[8]) {
   if (sb == fmt::kE8M0NaN) {
+    FP8FLOW_MX_UNROLL
     for (int i = 0; i < 8; ++i) out[i] = 0x7F7F7F7Fu;
     return;
   }
   if (fmt::e8m0_exponent(sb) <= E2m1ToE4m3::kMaxExactX) {
+    FP8FLOW_MX_UNROLL
     for (int i = 0; i < 4; ++i) {
       out[2 * i] = e2m1x4_to_e4m3x4(w[i], lo, hi);
       out[2 * i + 1] = e2m1x4_to_e4m3x4(w[i] >> 16, lo, hi);
     }
     return;
   }
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 8; ++i) out[i] = 0;
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 32; ++i) {
     const uint8_t c = static_cast<uint8_t>((w[i / 8] >> (4 * (i % 8))) & 0xFu);
     const float v = fmt::e2m1_to_f32(c) * fmt::e8m0_to_f32(sb);
@@ -341,6 +376,7 @@ FP8FLOW_HD void key_accumulate(uint32_t w, uint32_t base2, uint32_t klo, uint32_
                                uint32_t acc[4]) {
   const uint32_t sel[4] = {w & 0x0F0Fu, (w >> 16) & 0x0F0Fu, (w >> 4) & 0x0F0Fu,
                            (w >> 20) & 0x0F0Fu};
+  FP8FLOW_MX_UNROLL
   for (int i = 0; i < 4; ++i) {
     const uint32_t kb = prmt(klo, khi, sel[i]);  // [byte(c_a), 0, byte(c_b), 0]
     acc[i] = vmax_u16x2(acc[i], vaddmin_u16x2(base2, kb, kb * kKeyBig));
