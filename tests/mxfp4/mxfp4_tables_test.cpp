@@ -7,6 +7,7 @@
 #include <cstring>
 #include <random>
 
+#include "common/ref_access.h"
 #include "mxfp4/mxfp4_test_util.h"
 #include "ops/mxfp4/kernels/mxfp4_tables.h"
 
@@ -53,6 +54,20 @@ TEST(Mxfp4Tables, FastDiv) {
       ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
     }
   }
+}
+
+TEST(Mxfp4Tables, F32ToE2m1ThresholdsMatchFmt) {
+  const mx::E2m1Thresholds t = mx::make_e2m1_thresholds();
+  auto check = [&](uint32_t a) {
+    const uint32_t want = fmt::e2m1_from_f32(fmt::f32_from_bits(a)) & 7u;
+    ASSERT_EQ(mx::e2m1_magnitude_from_bits(a, t.th), want) << std::hex << a;
+  };
+  for (uint32_t th : t.th)
+    for (uint32_t a = th - 4096; a != th + 4096; ++a) check(a);
+  for (uint32_t hi = 0; hi < 0x7F80; ++hi) check(hi << 16);  // every BF16 magnitude
+  std::mt19937 rng(11);
+  for (int i = 0; i < 2000000; ++i) check(static_cast<uint32_t>(rng()) % 0x7F800000u);
+  for (int i = 0; i < 2000000; ++i) check(0x3E000000u + static_cast<uint32_t>(rng()) % 0x3000000u);
 }
 
 TEST(Mxfp4Tables, E4m3ToE2m1MatchesFmtEverywhere) {
@@ -173,6 +188,37 @@ TEST(Mxfp4Tables, Fp8ToMxfp4BlockLogicMatchesReference) {
       }
     }
   EXPECT_GT(exact_tiles, 1000);
+}
+
+TEST(Mxfp4Tables, QuantizeBlockLogicMatchesReference) {
+  const mx::E2m1Thresholds th = mx::make_e2m1_thresholds();
+  uint64_t seed = 12;
+  for (Fill f : {Fill::Normal, Fill::WideRange, Fill::Adversarial, Fill::Zeros})
+    for (DType d : {DType::F32, DType::BF16}) {
+      const int64_t M = 64, K = 1024;
+      const HostTensor x = host_from_values(make_values(M, K, f, seed++), d, M, K);
+      HostScaled want = alloc_mx(M, K);
+      quantize_mxfp4(x.v, want.st());
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t b = 0; b < K / 32; ++b) {
+          float v[32];
+          uint32_t key = 0;  // the kernel's key: largest |bits|; >= Inf bits flags NaN/Inf
+          for (int i = 0; i < 32; ++i) {
+            v[i] = ref::load_f32(x.v, r, b * 32 + i);
+            key = std::max(key, fmt::f32_bits(v[i]) & 0x7FFFFFFFu);
+          }
+          const bool finite = key < 0x7F800000u;
+          const int xe = fmt::mx_shared_exponent(fmt::f32_from_bits(key));
+          uint32_t out[4] = {0, 0, 0, 0};
+          if (finite)
+            for (int i = 0; i < 32; ++i)
+              out[i / 8] |= mx::quantize_e2m1(v[i], fmt::exp2i(-xe), th.th) << (4 * (i % 8));
+          ASSERT_EQ(finite ? fmt::e8m0_from_exponent(xe) : fmt::kE8M0NaN,
+                    want.scale.buf[static_cast<size_t>(r * (K / 32) + b)]);
+          ASSERT_EQ(0, std::memcmp(out, want.data.buf.data() + (r * K + b * 32) / 2, 16))
+              << "fill " << int(f) << " row " << r << " block " << b;
+        }
+    }
 }
 
 TEST(Mxfp4Tables, Mxfp4ToFp8BlockLogicMatchesReference) {

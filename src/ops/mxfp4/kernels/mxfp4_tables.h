@@ -116,6 +116,45 @@ struct FastDiv {
 };
 
 // ---------------------------------------------------------------------------------------------
+// FP32 -> E2M1 magnitude (quantize_mxfp4). e2m1_from_f32 is nondecreasing in the bits of |y|, so
+// its magnitude is #{j : bits >= th_j} for the seven smallest bit patterns th_j reaching j, found
+// by binary search over fmt::e2m1_from_f32. Three compares (a binary search) per element.
+struct E2m1Thresholds {
+  uint32_t th[7];
+};
+
+inline E2m1Thresholds make_e2m1_thresholds() {
+  E2m1Thresholds t{};
+  for (uint32_t j = 1; j <= 7; ++j) {
+    uint32_t lo = 0, hi = 0x7F800000u;  // code(hi) = 7 >= j (Inf saturates)
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if ((fmt::e2m1_from_f32(fmt::f32_from_bits(mid)) & 7u) >= j)
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    t.th[j - 1] = lo;
+  }
+  return t;
+}
+
+// E2M1 magnitude code of a finite |y| given as bits a.
+FP8FLOW_HD uint32_t e2m1_magnitude_from_bits(uint32_t a, const uint32_t* th) {
+  const bool b2 = a >= th[3];
+  const bool b1 = a >= (b2 ? th[5] : th[1]);
+  const bool b0 = a >= (b2 ? (b1 ? th[6] : th[4]) : (b1 ? th[2] : th[0]));
+  return (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+}
+
+// quantize_mxfp4 element: the E2M1 code of v in a block with exponent x, down = 2^-x (which makes
+// v * down == fmt::mul_pow2(v, -x): -x is in [-125, 127] for a finite amax).
+FP8FLOW_HD uint32_t quantize_e2m1(float v, float down, const uint32_t* th) {
+  const uint32_t y = fmt::f32_bits(v * down);
+  return e2m1_magnitude_from_bits(y & 0x7FFFFFFFu, th) | ((y >> 28) & 8u);
+}
+
+// ---------------------------------------------------------------------------------------------
 // E4M3 -> E2M1 (fp8_to_mxfp4).
 //
 // In a block with shared exponent X of a tile with FP8 scale 2^t, the element of E4M3 magnitude
