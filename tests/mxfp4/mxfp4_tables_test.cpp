@@ -108,10 +108,28 @@ TEST(Mxfp4Tables, E2m1ToE4m3MatchesFmtEverywhere) {
         const uint8_t c = static_cast<uint8_t>((nib4 >> (4 * i)) & 0xF);
         const uint8_t want = fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(c), d));
         ASSERT_EQ((got >> (8 * i)) & 0xFF, want) << "D " << d << " code " << int(c);
-        ASSERT_EQ(tab.signed_code[row][c], want);
+        const int srow = d < mx::E2m1ToE4m3::kSignedMin ? mx::E2m1ToE4m3::kZeroRow
+                                                        : d - mx::E2m1ToE4m3::kSignedMin;
+        ASSERT_EQ(tab.signed_code[srow][c], want);
       }
     }
   }
+}
+
+// The transposed kernel's one-clamp index: every D gives fmt's code for nonzero codes with
+// D <= kShiftMax (the only ones that occur) and for zero codes with any D.
+TEST(Mxfp4Tables, SignedCodeIndexCoversEveryShift) {
+  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
+  for (int t : {-127, -3, 0, 60, 127})
+    for (int d = -300; d <= 300; ++d)
+      for (uint32_t nib = 0; nib < 16; ++nib) {
+        if ((nib & 7) != 0 && d > mx::E2m1ToE4m3::kShiftMax) continue;
+        const uint32_t idx = mx::signed_code_index(mx::signed_code_a16(d + t), t * 16, nib);
+        ASSERT_LT(idx, sizeof(tab.signed_code));
+        const uint8_t want =
+            fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(nib)), d));
+        ASSERT_EQ((&tab.signed_code[0][0])[idx], want) << "D " << d << " code " << nib;
+      }
 }
 
 TEST(Mxfp4Tables, KeysOrderValuesExactly) {
@@ -284,7 +302,7 @@ TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
         std::memcpy(&word[m], y.data.buf.data() + m * 64 + g * 4, 4);
         if (nan[m]) word[m] = 0;
         const int x = fmt::e8m0_exponent(sb);
-        a16[m] = (x - mx::E2m1ToE4m3::kShiftMin) * 16;
+        a16[m] = mx::signed_code_a16(x);
         const uint32_t base2 = mx::e2m1_key_base(x) * 0x00010001u;
         mx::key_accumulate(word[m], base2, keys.lo, keys.hi, acc);
       }

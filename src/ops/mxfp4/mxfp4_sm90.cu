@@ -65,19 +65,19 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream
 }
 
 void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {
-  const int64_t M = in.data.rows, R = in.data.cols / 16;
+  const int64_t M = in.data.rows, R = in.data.cols / 32;
   if (M == 0 || R == 0) return;
-  constexpr int kUnits = 4;
+  constexpr int kUnits = 2;
   constexpr int64_t kPerCta = int64_t{kToMxThreads} * kUnits;
-  check_row_units("fp8_to_mxfp4", "in.data", R, kPerCta, 16);
+  check_row_units("fp8_to_mxfp4", "in.data", R, kPerCta, 32);
   Fp8ToMxParams p;
   p.in = static_cast<const uint4*>(in.data.data);
   p.in_scale = static_cast<const float*>(in.scale.data);
-  p.out = static_cast<uint2*>(out.data.data);
+  p.out = static_cast<uint4*>(out.data.data);
   p.out_scale = static_cast<uint8_t*>(out.scale.data);
   p.rows = static_cast<uint32_t>(M);
-  p.units_per_row = static_cast<uint32_t>(R);
-  p.div_units = mx::FastDiv::make(p.units_per_row);
+  p.blocks_per_row = static_cast<uint32_t>(R);
+  p.div_blocks = mx::FastDiv::make(p.blocks_per_row);
   p.tab = e4m3_to_e2m1_table();
   sm90_e4m3_1x128_to_mxfp4<kUnits><<<grid_for(M * R, kPerCta), kToMxThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("fp8_to_mxfp4");
@@ -122,7 +122,7 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   p.K = static_cast<uint32_t>(K);
   p.key = mx::make_e2m1_key();
   const mx::E2m1ToE4m3& tab = e2m1_to_e4m3_table();
-  for (int r = 0; r < mx::E2m1ToE4m3::kShifts; ++r)
+  for (int r = 0; r <= mx::E2m1ToE4m3::kZeroRow; ++r)
     for (int c = 0; c < 16; ++c) p.signed_code[r][c] = tab.signed_code[r][c];
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;

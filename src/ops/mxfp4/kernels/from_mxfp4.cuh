@@ -97,7 +97,7 @@ struct MxToFp8TParams {
   float* out_scale;         // F32 [tiles][K]
   uint32_t M, K;
   mx::E2m1Key key;
-  uint8_t signed_code[mx::E2m1ToE4m3::kShifts][16];
+  uint8_t signed_code[mx::E2m1ToE4m3::kZeroRow + 1][16];
   detail::GroupTiles groups;  // by value; tile_cols(blockIdx.x)
 };
 
@@ -112,7 +112,7 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
 
 __global__ void __launch_bounds__(kTrThreads)
     sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
-  constexpr int kRows = mx::E2m1ToE4m3::kShifts;
+  constexpr int kRows = mx::E2m1ToE4m3::kZeroRow + 1;
   __shared__ __align__(16) uint32_t s_data[128 * 16];
   __shared__ __align__(16) uint8_t s_sb[4][128];
   __shared__ __align__(16) uint8_t s_code[kRows * 16];
@@ -214,9 +214,8 @@ __global__ void __launch_bounds__(kTrThreads)
     int a16[16];
 #pragma unroll
     for (int i = 0; i < 16; ++i)
-      a16[i] = (fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)))) -
-                mx::E2m1ToE4m3::kShiftMin) *
-               16;
+      a16[i] = mx::signed_code_a16(
+          fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)))));
 #pragma unroll
     for (int j = 0; j < 8; ++j) {
       uint32_t o[4];

@@ -232,18 +232,24 @@ struct E2m1ToE4m3 {
   static constexpr int kMaxExactX = 125;
   // code[D - kShiftMin][i]: bytes 4i..4i+3 = H(c, D) for magnitudes c = 4i..4i+3 (positive).
   uint32_t code[kShifts][2];
-  // Same, with sign: byte[D - kShiftMin][c] = H(c, D) for all 16 codes c (transposed kernel).
-  uint8_t signed_code[kShifts][16];
+  // With sign, for all 16 codes (transposed kernel): rows 0..kZeroRow-1 are D = kSignedMin..
+  // kShiftMax; row kZeroRow holds H(c, kShiftMin), the signed zeros every D < kSignedMin gives.
+  // It also serves any D > kShiftMax, which only zero codes can have. So one unsigned min clamps
+  // an index from both sides (signed_code_index).
+  static constexpr int kSignedMin = kShiftMin + 1;
+  static constexpr int kZeroRow = kShiftMax - kSignedMin + 1;
+  uint8_t signed_code[kZeroRow + 1][16];
 };
 
 inline E2m1ToE4m3 make_e2m1_to_e4m3() {
   E2m1ToE4m3 t{};
   for (int d = E2m1ToE4m3::kShiftMin; d <= E2m1ToE4m3::kShiftMax; ++d) {
     const int row = d - E2m1ToE4m3::kShiftMin;
+    const int srow = d < E2m1ToE4m3::kSignedMin ? E2m1ToE4m3::kZeroRow : d - E2m1ToE4m3::kSignedMin;
     for (uint32_t c = 0; c < 16; ++c) {
       const float v = fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)), d);
       const uint8_t h = fmt::e4m3_from_f32(v);
-      t.signed_code[row][c] = h;
+      t.signed_code[srow][c] = h;
       if (c < 8) t.code[row][c / 4] |= static_cast<uint32_t>(h) << (8 * (c % 4));
     }
   }
@@ -428,13 +434,20 @@ FP8FLOW_HD uint32_t column_key(const uint32_t acc[4], int j) {
   return (j & 2) ? a >> 16 : a & 0xFFFFu;
 }
 
-// Index into E2m1ToE4m3::signed_code (flattened) of the element with code nib of a token with
-// a16 = (X - kShiftMin) * 16 in a column with b16 = T * 16.
+// Index into E2m1ToE4m3::signed_code (flattened) of the element with code nib of a token whose
+// block exponent X gives a16 = signed_code_a16(X), in a column with exponent T (b16 = T * 16).
+FP8FLOW_HD int signed_code_a16(int x) {
+  return (x - E2m1ToE4m3::kSignedMin) * 16;
+}
 FP8FLOW_HD uint32_t signed_code_index(int a16, int b16, uint32_t nib) {
-  int d = a16 - b16;
-  d = d < 0 ? 0 : d;
-  d = d > (E2m1ToE4m3::kShifts - 1) * 16 ? (E2m1ToE4m3::kShifts - 1) * 16 : d;
-  return static_cast<uint32_t>(d) | nib;
+  constexpr uint32_t kTop = E2m1ToE4m3::kZeroRow * 16;
+#if defined(__CUDA_ARCH__)
+  const uint32_t d = __viaddmin_u32(static_cast<uint32_t>(a16), static_cast<uint32_t>(-b16), kTop);
+#else
+  const uint32_t diff = static_cast<uint32_t>(a16) - static_cast<uint32_t>(b16);
+  const uint32_t d = diff < kTop ? diff : kTop;  // D < kSignedMin wraps to a huge value
+#endif
+  return d | nib;
 }
 
 }  // namespace fp8flow::sm90::mx

@@ -2,16 +2,18 @@
 //   sm90_e4m3_1x128_to_mxfp4: FP8 E4M3 with 1x128 scales -> MXFP4 (fp8_to_mxfp4)
 //   sm90_quantize_mxfp4<T>:   F32 or BF16 -> MXFP4 (quantize_mxfp4)
 //
-// Work split: a unit is half of a 32-block (16 elements). Lanes 2i and 2i+1 own the two halves of
-// one block and combine their amax with one __shfl_xor. A CTA of 256 threads does 256 * kUnits
-// consecutive units; thread t does units t, t + 256, ... (every warp access is contiguous) and
-// issues all its loads before any math.
+// Work split: a CTA of 256 threads does 256 * kUnits consecutive units; thread t does units t,
+// t + 256, ... (every warp access is contiguous) and issues all its loads before any math.
 //
-// fp8_to_mxfp4 per unit: 16 B of E4M3 in (one LDG.128), the tile's FP32 scale (one 4-byte load,
-// shared by 8 lanes), 8 B of E2M1x2 out (STG.64), one E8M0 byte per pair. The element step is
-// table-driven (kernels/mxfp4_tables.h): 7 byte-wise threshold compares per 4 elements.
-// quantize_mxfp4: the same split; per element one FMUL by 2^-X and a 3-compare binary search
-// over the FP32 bit thresholds of E2M1 rounding.
+// fp8_to_mxfp4: a unit is one 32-block: 32 B of E4M3 in (two LDG.128) plus the tile's FP32 scale
+// (a 4-byte load shared by 4 lanes), 16 B of E2M1x2 out (one STG.128) and the E8M0 byte. The
+// element step is table-driven (kernels/mxfp4_tables.h): 7 byte-wise threshold compares per 4
+// elements. NOTES: one thread per block rather than two halves joined by a shuffle: the per-block
+// scalar work (exponent, table row) is then done once, and the store is a full 16 B.
+//
+// quantize_mxfp4: a unit is half a 32-block (16 elements: 64 B of F32 or 32 B of BF16); lanes
+// 2i and 2i+1 own one block and combine their amax with one __shfl_xor. Per element one FMUL by
+// 2^-X and a 3-compare binary search over the FP32 bit thresholds of E2M1 rounding.
 //
 // Napkin math at 32768 x 7168 (DeepSeek-V3 hidden): fp8_to_mxfp4 moves 1 + 4/128 B in and
 // 0.5 + 1/32 B out per element = 1.56 B/elem = 367 MB; at 2.4 TB/s (80% of an H100's 3.0 TB/s
@@ -28,13 +30,13 @@ namespace fp8flow::sm90 {
 constexpr int kToMxThreads = 256;
 
 struct Fp8ToMxParams {
-  const uint4* in;         // E4M3 [M][K]: unit u at in[u]
-  const float* in_scale;   // F32 [K/128][M]
-  uint2* out;              // E2M1x2 [M][K]: unit u at out[u]
-  uint8_t* out_scale;      // E8M0 [M][K/32]
-  uint32_t rows;           // M
-  uint32_t units_per_row;  // R = K/16
-  mx::FastDiv div_units;   // by R
+  const uint4* in;          // E4M3 [M][K]: block u at in[2u], in[2u + 1]
+  const float* in_scale;    // F32 [K/128][M]
+  uint4* out;               // E2M1x2 [M][K]: block u at out[u]
+  uint8_t* out_scale;       // E8M0 [M][K/32]: block u at out_scale[u]
+  uint32_t rows;            // M
+  uint32_t blocks_per_row;  // K/32
+  mx::FastDiv div_blocks;
   mx::E4m3ToE2m1 tab;
 };
 
@@ -77,39 +79,43 @@ __global__ void __launch_bounds__(kToMxThreads)
   for (int i = threadIdx.x; i < kRows * 8; i += kToMxThreads)
     s_theta[i / 8][i % 8] = p.tab.theta[i / 8][i % 8];
 
-  const UnitCursor cur(p.div_units, p.units_per_row, kToMxThreads * kUnits);
-  uint4 q[kUnits];
+  const UnitCursor cur(p.div_blocks, p.blocks_per_row, kToMxThreads * kUnits);
+  uint4 q[kUnits][2];
   float s[kUnits];
   uint32_t row[kUnits], col[kUnits];
 #pragma unroll
   for (int j = 0; j < kUnits; ++j) {
-    cur.at(p.div_units, p.units_per_row, j * kToMxThreads + threadIdx.x, row[j], col[j]);
-    q[j] = make_uint4(0, 0, 0, 0);
+    cur.at(p.div_blocks, p.blocks_per_row, j * kToMxThreads + threadIdx.x, row[j], col[j]);
+    q[j][0] = q[j][1] = make_uint4(0, 0, 0, 0);
     s[j] = 1.0f;
     if (row[j] < p.rows) {
-      const size_t u = static_cast<size_t>(row[j]) * p.units_per_row + col[j];
-      q[j] = __ldcs(p.in + u);
-      s[j] = __ldg(p.in_scale + static_cast<size_t>(col[j] / 8) * p.rows + row[j]);
+      const size_t u = static_cast<size_t>(row[j]) * p.blocks_per_row + col[j];
+      q[j][0] = __ldcs(p.in + 2 * u);
+      q[j][1] = __ldcs(p.in + 2 * u + 1);
+      s[j] = __ldg(p.in_scale + static_cast<size_t>(col[j] / 4) * p.rows + row[j]);
     }
   }
   __syncthreads();  // s_theta
 
 #pragma unroll
   for (int j = 0; j < kUnits; ++j) {
-    const uint32_t w[4] = {q[j].x, q[j].y, q[j].z, q[j].w};
+    const uint32_t w0[4] = {q[j][0].x, q[j][0].y, q[j][0].z, q[j][0].w};
+    const uint32_t w1[4] = {q[j][1].x, q[j][1].y, q[j][1].z, q[j][1].w};
     int t;
     const bool exact = mx::e4m3_scale_exact(s[j], t);
-    uint32_t key = mx::fp8_half_key(w, s[j], exact);
-    key = max(key, __shfl_xor_sync(0xFFFFFFFFu, key, 1));  // the pair shares s, hence `exact`
+    const uint32_t key = max(mx::fp8_half_key(w0, s[j], exact), mx::fp8_half_key(w1, s[j], exact));
     int x = 0;
     const bool finite = mx::fp8_block_exponent(key, s[j], exact, x);
-    uint32_t out[2] = {0, 0};
-    if (finite) mx::fp8_half_encode(w, s[j], exact, x, s_theta[mx::fp8_theta_row(t, x)], out);
+    uint32_t out[4] = {0, 0, 0, 0};
+    if (finite) {
+      const uint32_t* th = s_theta[mx::fp8_theta_row(t, x)];
+      mx::fp8_half_encode(w0, s[j], exact, x, th, out);
+      mx::fp8_half_encode(w1, s[j], exact, x, th, out + 2);
+    }
     if (row[j] < p.rows) {
-      const size_t u = static_cast<size_t>(row[j]) * p.units_per_row + col[j];
-      __stcs(p.out + u, make_uint2(out[0], out[1]));
-      if ((threadIdx.x & 1) == 0)
-        p.out_scale[u / 2] = finite ? fmt::e8m0_from_exponent(x) : fmt::kE8M0NaN;
+      const size_t u = static_cast<size_t>(row[j]) * p.blocks_per_row + col[j];
+      __stcs(p.out + u, make_uint4(out[0], out[1], out[2], out[3]));
+      p.out_scale[u] = finite ? fmt::e8m0_from_exponent(x) : fmt::kE8M0NaN;
     }
   }
 }
