@@ -8,8 +8,11 @@
 // fp8_to_mxfp4: a unit is one 32-block: 32 B of E4M3 in (two LDG.128) plus the tile's FP32 scale
 // (a 4-byte load shared by 4 lanes), 16 B of E2M1x2 out (one STG.128) and the E8M0 byte. The
 // element step is table-driven (kernels/mxfp4_tables.h): 7 byte-wise threshold compares per 4
-// elements. NOTES: one thread per block rather than two halves joined by a shuffle: the per-block
-// scalar work (exponent, table row) is then done once, and the store is a full 16 B.
+// elements; it is exact for tiles whose scale is 2^t, t in [-140, 119] (every FP32 product
+// e4m3 * 2^t exact). Other tiles (odd scales, or t >= 120 where products overflow) take a generic
+// fmt:: path on the FP32 products dequantize would compute. NOTES: one thread per block rather
+// than two halves joined by a shuffle: the per-block scalar work (exponent, table row) is done
+// once, and the store is a full 16 B.
 //
 // quantize_mxfp4: a unit is half a 32-block (16 elements: 64 B of F32 or 32 B of BF16); lanes
 // 2i and 2i+1 own one block and combine their amax with one __shfl_xor. Per element one FMUL by
