@@ -1,0 +1,269 @@
+// MXFP4 -> FP8 E4M3 with 1x128 power-of-two scales (device code):
+//   sm90_mxfp4_to_e4m3_1x128:            row-wise, out [M][K], scale [K/128][M] (mxfp4_to_fp8)
+//   sm90_mxfp4_to_e4m3_1x128_transposed: column-wise, out_t [K][M], scale [tiles][K], 128-token
+//                                        tiles restarting at each group (mxfp4_to_fp8_transposed)
+//
+// Row-wise: a thread owns one 32-block per unit (16 B packed in: one LDG.128 + its E8M0 byte;
+// 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
+// element step is a __byte_perm table lookup (4 elements per PRMT, kernels/mxfp4_tables.h).
+//
+// Transposed: one CTA (128 threads) per (token tile, 128-channel block). It stages the tile's 128
+// tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the 128 x 4 E8M0
+// bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
+// into 16-bit column keys (exact log2 of |value|), the 8 lanes sharing a column reduce with
+// __shfl_xor, and it writes 8 output rows k of 16 tokens each (one STG.128 per row when the
+// address is 16-byte aligned, else bytes), one table byte per element.
+//
+// Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
+// 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
+// Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include "common/groups.h"
+#include "ops/mxfp4/kernels/mxfp4_tables.h"
+#include "ops/mxfp4/kernels/to_mxfp4.cuh"
+
+namespace fp8flow::sm90 {
+
+constexpr int kFromMxThreads = 256;
+
+struct MxToFp8Params {
+  const uint4* in;          // E2M1x2 [M][K]: block u at in[u]
+  const uint8_t* in_scale;  // E8M0 [M][K/32]: block u at in_scale[u]
+  uint4* out;               // E4M3 [M][K]: block u at out[2u], out[2u + 1]
+  float* out_scale;         // F32 [K/128][M]
+  uint32_t rows;            // M
+  uint32_t blocks_per_row;  // K/32
+  mx::FastDiv div_blocks;
+  uint32_t code[mx::E2m1ToE4m3::kShifts][2];
+};
+
+template <int kUnits>
+__global__ void __launch_bounds__(kFromMxThreads)
+    sm90_mxfp4_to_e4m3_1x128(const __grid_constant__ MxToFp8Params p) {
+  constexpr int kRows = mx::E2m1ToE4m3::kShifts;
+  __shared__ __align__(8) uint32_t s_code[kRows][2];
+  for (int i = threadIdx.x; i < kRows * 2; i += kFromMxThreads)
+    s_code[i / 2][i % 2] = p.code[i / 2][i % 2];
+
+  const UnitCursor cur(p.div_blocks, p.blocks_per_row, kFromMxThreads * kUnits);
+  uint4 v[kUnits];
+  uint8_t sb[kUnits];
+  uint32_t row[kUnits], col[kUnits];
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    cur.at(p.div_blocks, p.blocks_per_row, j * kFromMxThreads + threadIdx.x, row[j], col[j]);
+    v[j] = make_uint4(0, 0, 0, 0);
+    sb[j] = 0;
+    if (row[j] < p.rows) {
+      const size_t u = static_cast<size_t>(row[j]) * p.blocks_per_row + col[j];
+      v[j] = __ldcs(p.in + u);
+      sb[j] = __ldcs(p.in_scale + u);
+    }
+  }
+  __syncthreads();  // s_code
+
+#pragma unroll
+  for (int j = 0; j < kUnits; ++j) {
+    const uint32_t w[4] = {v[j].x, v[j].y, v[j].z, v[j].w};
+    float amax = mx::mx_block_amax(w, sb[j]);
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 1));
+    amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, 2));
+    const int t = fmt::scale_exponent(amax);
+    const int r = mx::mx_code_row(sb[j], t);
+    uint32_t o[8];
+    mx::mx_block_encode(w, sb[j], t, s_code[r][0], s_code[r][1], o);
+    if (row[j] < p.rows) {
+      const size_t u = static_cast<size_t>(row[j]) * p.blocks_per_row + col[j];
+      __stcs(p.out + 2 * u, make_uint4(o[0], o[1], o[2], o[3]));
+      __stcs(p.out + 2 * u + 1, make_uint4(o[4], o[5], o[6], o[7]));
+      if ((threadIdx.x & 3) == 0)
+        p.out_scale[static_cast<size_t>(col[j] / 4) * p.rows + row[j]] = fmt::exp2i(t);
+    }
+  }
+}
+
+// ---------------------------------------------------------------------------------------------
+// Transposed.
+
+constexpr int kTrThreads = 128;
+
+struct MxToFp8TParams {
+  const uint8_t* in;        // E2M1x2 [M][K]: row m at in + m * K/2
+  const uint8_t* in_scale;  // E8M0 [M][K/32]
+  uint8_t* out;             // E4M3 [K][M]
+  float* out_scale;         // F32 [tiles][K]
+  uint32_t M, K;
+  mx::E2m1Key key;
+  uint8_t signed_code[mx::E2m1ToE4m3::kZeroRow + 1][16];
+  detail::GroupTiles groups;  // by value; tile_cols(blockIdx.x)
+};
+
+// Shared-memory swizzle of the staged tile (row m = token, 16 words of 8 channels each). Thread
+// (cg, chunk) reads word cg of rows chunk*16 + i: the 8 chunks of a warp step hit rows 16 apart.
+// Flipping the row parity for m >= 64 and XOR-ing the word with ((m >> 4) & 3) << 2 puts those 32
+// reads in 32 distinct banks, and keeps each 16-byte quarter of a row contiguous for STS.128.
+__device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
+  const uint32_t prow = m ^ ((m >> 6) & 1u);
+  return prow * 16u + (word ^ (((m >> 4) & 3u) << 2));
+}
+
+__global__ void __launch_bounds__(kTrThreads)
+    sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
+  constexpr int kRows = mx::E2m1ToE4m3::kZeroRow + 1;
+  __shared__ __align__(16) uint32_t s_data[128 * 16];
+  __shared__ __align__(16) uint8_t s_sb[4][128];
+  __shared__ __align__(16) uint8_t s_code[kRows * 16];
+
+  const uint32_t tid = threadIdx.x;
+  int32_t m0, width;
+  p.groups.tile_cols(static_cast<int32_t>(blockIdx.x), m0, width);
+  const uint32_t w = static_cast<uint32_t>(width);
+  const uint32_t kb = blockIdx.y;  // channels kb*128 .. kb*128 + 127
+  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
+
+  for (uint32_t i = tid; i < kRows * 4; i += kTrThreads)
+    reinterpret_cast<uint32_t*>(s_code)[i] = reinterpret_cast<const uint32_t*>(p.signed_code)[i];
+
+  // Stage: 4 x 16 B per thread (rows tid/4 + 32j, quarter tid%4), zeros past the tile's width.
+  uint4 stage[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 2) + 32 * j;
+    stage[j] = make_uint4(0, 0, 0, 0);
+    if (r < w)
+      stage[j] =
+          __ldcs(reinterpret_cast<const uint4*>(p.in + (m0 + r) * row_bytes + kb * 64) + (tid & 3));
+  }
+  uint32_t sb4 = 0;  // scale bytes of token tid (0 past the width: X = -127, no effect)
+  bool slow = false;
+  if (tid < w) {
+    const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + kb * 4;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t x = __ldcs(sp + b);
+      sb4 |= x << (8 * b);
+      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 2) + 32 * j;
+    *reinterpret_cast<uint4*>(&s_data[tr_word_offset(r, (tid & 3) * 4)]) = stage[j];
+  }
+#pragma unroll
+  for (int b = 0; b < 4; ++b) s_sb[b][tid] = static_cast<uint8_t>(sb4 >> (8 * b));
+  const bool cta_slow = __syncthreads_or(slow);
+
+  const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
+  const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
+  const uint4 sbv = *reinterpret_cast<const uint4*>(&s_sb[blk][chunk * 16]);
+  const uint32_t sbw[4] = {sbv.x, sbv.y, sbv.z, sbv.w};
+  uint32_t word[16], nanmask[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t sb = (sbw[i / 4] >> (8 * (i % 4))) & 0xFFu;
+    word[i] = s_data[tr_word_offset(chunk * 16 + i, cg)];
+    if (sb == fmt::kE8M0NaN) {
+      word[i] = 0;
+      nanmask[i / 4] |= 0x7Fu << (8 * (i % 4));
+    }
+  }
+
+  // Output rows k = kb*128 + cg*8 + j, tokens m0 + chunk*16 .. +15 (16-byte stores when aligned).
+  const int32_t valid = width - static_cast<int32_t>(chunk * 16);
+  const bool vec = valid >= 16 && (p.M % 16 == 0) && (m0 % 16 == 0);
+  float* scale_row_out = p.out_scale + static_cast<size_t>(blockIdx.x) * p.K + kb * 128 + cg * 8;
+  auto store_row = [&](int j, uint32_t o[4]) {
+    if (valid <= 0) return;
+    uint8_t* dst = p.out + static_cast<size_t>(kb * 128 + cg * 8 + j) * p.M + m0 + chunk * 16;
+    if (vec) {
+      __stcs(reinterpret_cast<uint4*>(dst), make_uint4(o[0], o[1], o[2], o[3]));
+    } else {
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+        if (i < valid) dst[i] = static_cast<uint8_t>(o[i / 4] >> (8 * (i % 4)));
+    }
+  };
+
+  if (!cta_slow) {
+    // Column keys over the 16 tokens, then over the 8 lanes (chunks) sharing the columns.
+    uint32_t acc[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const int x = fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4))));
+      mx::key_accumulate(word[i], mx::e2m1_key_base(x) * 0x00010001u, p.key.lo, p.key.hi, acc);
+    }
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2)
+#pragma unroll
+      for (int a = 0; a < 4; ++a)
+        acc[a] = mx::vmax_u16x2(acc[a], __shfl_xor_sync(0xFFFFFFFFu, acc[a], off));
+    int t_col[8];
+#pragma unroll
+    for (int j = 0; j < 8; ++j)
+      t_col[j] = fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j)));
+    // Scales: lane (cg, chunk) writes column cg*8 + chunk.
+    int t_mine = t_col[0];
+#pragma unroll
+    for (int j = 1; j < 8; ++j) t_mine = chunk == static_cast<uint32_t>(j) ? t_col[j] : t_mine;
+    scale_row_out[chunk] = fmt::exp2i(t_mine);
+
+    int a16[16];
+#pragma unroll
+    for (int i = 0; i < 16; ++i)
+      a16[i] = mx::signed_code_a16(
+          fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)))));
+#pragma unroll
+    for (int j = 0; j < 8; ++j) {
+      uint32_t o[4];
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        uint32_t b[4];
+#pragma unroll
+        for (int x = 0; x < 4; ++x) {
+          const int i = 4 * q + x;
+          b[x] = s_code[mx::signed_code_index(a16[i], t_col[j] * 16, (word[i] >> (4 * j)) & 0xFu)];
+        }
+        // NaN tokens: their codes were zeroed (-> 0x00); make them 0x7F.
+        o[q] = mx::prmt(mx::prmt(b[0], b[1], 0x0040), mx::prmt(b[2], b[3], 0x0040), 0x5410) |
+               nanmask[q];
+      }
+      store_row(j, o);
+    }
+    return;
+  }
+
+  // Some token has X >= 126 (large elements decode to Inf): plain fmt:: math, one column at a
+  // time; Inf elements are excluded from the maxima and encode as NaN.
+#pragma unroll 1
+  for (int j = 0; j < 8; ++j) {
+    float amax = 0.0f;
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t sb = static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)));
+      const float v = fmt::e2m1_to_f32(static_cast<uint8_t>((word[i] >> (4 * j)) & 0xFu)) *
+                      fmt::e8m0_to_f32(sb);
+      if (sb != fmt::kE8M0NaN && fmt::f32_is_finite(v)) amax = fmaxf(amax, fabsf(v));
+    }
+#pragma unroll
+    for (int off = 4; off < 32; off *= 2)
+      amax = fmaxf(amax, __shfl_xor_sync(0xFFFFFFFFu, amax, off));
+    const int t = fmt::scale_exponent(amax);
+    if (chunk == static_cast<uint32_t>(j)) scale_row_out[j] = fmt::exp2i(t);
+    uint32_t o[4] = {0, 0, 0, 0};
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint8_t sb = static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)));
+      const float v = fmt::e2m1_to_f32(static_cast<uint8_t>((word[i] >> (4 * j)) & 0xFu)) *
+                      fmt::e8m0_to_f32(sb);
+      const uint32_t c = sb == fmt::kE8M0NaN ? 0x7Fu : fmt::e4m3_from_f32(fmt::mul_pow2(v, -t));
+      o[i / 4] |= c << (8 * (i % 4));
+    }
+    store_row(j, o);
+  }
+}
+
+}  // namespace fp8flow::sm90

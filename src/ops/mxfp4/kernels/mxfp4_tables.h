@@ -1,0 +1,453 @@
+// Table-driven element steps of the MXFP4 kernels, host + device. No rounding is derived here:
+// every table is filled on the host by the fmt:: functions, and the functions below only look codes
+// up or count thresholds, several elements per 32-bit instruction.
+// tests/mxfp4/mxfp4_tables_test.cpp checks exhaustively, over each step's whole domain, that it
+// equals the fmt:: definition.
+//
+// NOTES: why tables. Hopper has no FP4 conversion instructions and the INT32 pipe runs at half the
+// FP32 rate, so a generic per-element encode (~25 integer ops) would cap these kernels near 1 TB/s.
+// Each step below costs 1-6 integer ops per element.
+#pragma once
+
+#include <cstdint>
+
+#include "fp8flow/formats.h"
+
+// Full unrolling on the device keeps small arrays in registers (no local memory).
+#if defined(__CUDA_ARCH__)
+#define FP8FLOW_MX_UNROLL _Pragma("unroll")
+#else
+#define FP8FLOW_MX_UNROLL
+#endif
+
+namespace fp8flow::sm90::mx {
+
+// ---------------------------------------------------------------------------------------------
+// Lane helpers: the device intrinsics, with host versions of the same semantics for the tests.
+
+// __byte_perm: byte i of the result is byte (sel >> 4i) & 7 of the 8-byte value (b:a).
+FP8FLOW_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
+#if defined(__CUDA_ARCH__)
+  return __byte_perm(a, b, sel);
+#else
+  const uint64_t x = (static_cast<uint64_t>(b) << 32) | a;
+  uint32_t r = 0;
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 4; ++i)
+    r |= static_cast<uint32_t>((x >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i);
+  return r;
+#endif
+}
+
+// Unsigned 16x2 lane-wise max, and min(a + b, c) (DPX instructions on sm_90).
+FP8FLOW_HD uint32_t vmax_u16x2(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("max.u16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  const uint32_t lo = (a & 0xFFFF) > (b & 0xFFFF) ? (a & 0xFFFF) : (b & 0xFFFF);
+  const uint32_t hi = (a >> 16) > (b >> 16) ? (a >> 16) : (b >> 16);
+  return lo | (hi << 16);
+#endif
+}
+FP8FLOW_HD uint32_t vmax3_u16x2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  return __vimax3_u16x2(a, b, c);
+#else
+  return vmax_u16x2(vmax_u16x2(a, b), c);
+#endif
+}
+FP8FLOW_HD uint32_t vaddmin_u16x2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  return __viaddmin_u16x2(a, b, c);
+#else
+  const uint32_t slo = ((a & 0xFFFF) + (b & 0xFFFF)) & 0xFFFF,
+                 shi = ((a >> 16) + (b >> 16)) & 0xFFFF;
+  const uint32_t lo = slo < (c & 0xFFFF) ? slo : (c & 0xFFFF);
+  const uint32_t hi = shi < (c >> 16) ? shi : (c >> 16);
+  return lo | (hi << 16);
+#endif
+}
+
+// Largest of the 16 byte magnitudes (bits 0-6) of 4 words of E4M3 codes; 0x7F means a NaN code.
+FP8FLOW_HD uint32_t max_e4m3_magnitude(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  constexpr uint32_t kM = 0x007F007Fu;  // even bytes into 16-bit lanes, odd bytes likewise
+  const uint32_t a = vmax3_u16x2(w0 & kM, (w0 >> 8) & kM, w1 & kM);
+  const uint32_t b = vmax3_u16x2((w1 >> 8) & kM, w2 & kM, (w2 >> 8) & kM);
+  const uint32_t c = vmax3_u16x2(w3 & kM, (w3 >> 8) & kM, vmax_u16x2(a, b));
+  return (c & 0xFFFF) > (c >> 16) ? (c & 0xFFFF) : (c >> 16);
+}
+
+// Largest of the 32 nibble magnitudes (bits 0-2) of 4 words of packed E2M1 codes.
+FP8FLOW_HD uint32_t max_e2m1_magnitude(uint32_t w0, uint32_t w1, uint32_t w2, uint32_t w3) {
+  // Nibble-wise max of 3-bit values: bit 3 of (a | 8) - b is set iff a >= b (no borrow escapes).
+  auto vmax_nib = [](uint32_t a, uint32_t b) {
+    const uint32_t ge = (((a | 0x88888888u) - b) >> 3) & 0x11111111u;
+    const uint32_t sel = ge * 0xFu;
+    return (a & sel) | (b & ~sel);
+  };
+  constexpr uint32_t kMag = 0x77777777u;
+  uint32_t m = vmax_nib(vmax_nib(w0 & kMag, w1 & kMag), vmax_nib(w2 & kMag, w3 & kMag));
+  m = vmax_nib(m, m >> 16);
+  m = vmax_nib(m, m >> 8);
+  m = vmax_nib(m, m >> 4);
+  return m & 0x7u;
+}
+
+// n / d for 0 <= n < 2^31 by a multiply-high and a shift (Granlund-Montgomery); d >= 1.
+struct FastDiv {
+  uint32_t d = 1, mul = 0, shift = 0;
+  static FastDiv make(uint32_t d) {
+    FastDiv f;
+    f.d = d;
+    while ((uint64_t{1} << f.shift) < d) ++f.shift;  // ceil(log2(d))
+    f.mul = static_cast<uint32_t>(((uint64_t{1} << 32) * ((uint64_t{1} << f.shift) - d)) / d + 1);
+    return f;
+  }
+  FP8FLOW_HD uint32_t div(uint32_t n) const {
+#if defined(__CUDA_ARCH__)
+    const uint32_t hi = __umulhi(n, mul);
+#else
+    const uint32_t hi = static_cast<uint32_t>((static_cast<uint64_t>(n) * mul) >> 32);
+#endif
+    return (hi + n) >> shift;
+  }
+};
+
+// ---------------------------------------------------------------------------------------------
+// FP32 -> E2M1 magnitude (quantize_mxfp4). e2m1_from_f32 is nondecreasing in the bits of |y|, so
+// its magnitude is #{j : bits >= th_j} for the seven smallest bit patterns th_j reaching j, found
+// by binary search over fmt::e2m1_from_f32. Three compares (a binary search) per element.
+struct E2m1Thresholds {
+  uint32_t th[7];
+};
+
+inline E2m1Thresholds make_e2m1_thresholds() {
+  E2m1Thresholds t{};
+  for (uint32_t j = 1; j <= 7; ++j) {
+    uint32_t lo = 0, hi = 0x7F800000u;  // code(hi) = 7 >= j (Inf saturates)
+    while (lo < hi) {
+      const uint32_t mid = lo + (hi - lo) / 2;
+      if ((fmt::e2m1_from_f32(fmt::f32_from_bits(mid)) & 7u) >= j)
+        hi = mid;
+      else
+        lo = mid + 1;
+    }
+    t.th[j - 1] = lo;
+  }
+  return t;
+}
+
+// E2M1 magnitude code of a finite |y| given as bits a.
+FP8FLOW_HD uint32_t e2m1_magnitude_from_bits(uint32_t a, const uint32_t* th) {
+  const bool b2 = a >= th[3];
+  const bool b1 = a >= (b2 ? th[5] : th[1]);
+  const bool b0 = a >= (b2 ? (b1 ? th[6] : th[4]) : (b1 ? th[2] : th[0]));
+  return (b2 ? 4u : 0u) | (b1 ? 2u : 0u) | (b0 ? 1u : 0u);
+}
+
+// quantize_mxfp4 element: the E2M1 code of v in a block with exponent x, down = 2^-x (which makes
+// v * down == fmt::mul_pow2(v, -x): -x is in [-125, 127] for a finite amax).
+FP8FLOW_HD uint32_t quantize_e2m1(float v, float down, const uint32_t* th) {
+  const uint32_t y = fmt::f32_bits(v * down);
+  return e2m1_magnitude_from_bits(y & 0x7FFFFFFFu, th) | ((y >> 28) & 8u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// E4M3 -> E2M1 (fp8_to_mxfp4).
+//
+// In a block with shared exponent X of a tile with FP8 scale 2^t, the element of E4M3 magnitude
+// code m becomes the E2M1 magnitude G(m, d) = e2m1(e4m3(m) * 2^d), d = t - X. This is exact (no
+// FP32 rounding anywhere) when 2^t is in [2^-140, 2^119], and then d lies in [kShiftMin,
+// kShiftMax] for every block with a nonzero element (an all-zero block may get any d: clamp it).
+// G is nondecreasing in m, so G(m, d) = #{j : m >= theta_j(d)}: seven thresholds per d, compared
+// four bytes at a time.
+struct E4m3ToE2m1 {
+  static constexpr int kShiftMin = -13, kShiftMax = 11;
+  static constexpr int kShifts = kShiftMax - kShiftMin + 1;
+  static constexpr int kMinExactT = -140, kMaxExactT = 119;
+  // theta[d - kShiftMin][j - 1] = theta_j(d) * 0x01010101 for j = 1..7; [7] = never (0x80).
+  uint32_t theta[kShifts][8];
+};
+
+inline E4m3ToE2m1 make_e4m3_to_e2m1() {
+  E4m3ToE2m1 t{};
+  for (int d = E4m3ToE2m1::kShiftMin; d <= E4m3ToE2m1::kShiftMax; ++d) {
+    uint32_t* th = t.theta[d - E4m3ToE2m1::kShiftMin];
+    for (uint32_t j = 1; j <= 8; ++j) {
+      uint32_t first = 0x80;  // smallest magnitude code reaching E2M1 magnitude j (0x80: none)
+      for (uint32_t m = 0; m <= 0x7E && j <= 7; ++m) {
+        const float y = fmt::mul_pow2(fmt::e4m3_to_f32(static_cast<uint8_t>(m)), d);
+        if ((fmt::e2m1_from_f32(y) & 7u) >= j) {
+          first = m;
+          break;
+        }
+      }
+      th[j - 1] = first * 0x01010101u;
+    }
+  }
+  return t;
+}
+
+// The table applies to a tile whose FP32 scale s is 2^t exactly, t in [kMinExactT, kMaxExactT].
+FP8FLOW_HD bool e4m3_scale_exact(float s, int& t) {
+  t = fmt::pow2_exponent(s);
+  return fmt::f32_bits(s) == fmt::f32_bits(fmt::exp2i(t)) && t >= E4m3ToE2m1::kMinExactT &&
+         t <= E4m3ToE2m1::kMaxExactT;
+}
+
+// E2M1 magnitude counts (bits 0-2 of each byte) of four E4M3 codes; th = theta row.
+FP8FLOW_HD uint32_t e2m1_count4(uint32_t q, const uint32_t* th) {
+  const uint32_t wm = q | 0x80808080u;  // magnitude + 0x80: a byte-wise subtract cannot borrow
+  // Bit 7 of each byte of s_j: magnitude >= theta_j. The flags are a thermometer code (nested), so
+  // the count's bits are: bit 2 = s4, bit 1 = s2 & ~s4 | s6, bit 0 = parity of all seven.
+  const uint32_t s1 = wm - th[0], s2 = wm - th[1], s3 = wm - th[2], s4 = wm - th[3];
+  const uint32_t s5 = wm - th[4], s6 = wm - th[5], s7 = wm - th[6];
+  const uint32_t b0 = s1 ^ s2 ^ s3 ^ s4 ^ s5 ^ s6 ^ s7;
+  const uint32_t b1 = (s2 & ~s4) | s6;
+  return ((b0 >> 7) & 0x01010101u) | ((b1 >> 6) & 0x02020202u) | ((s4 >> 5) & 0x04040404u);
+}
+
+// Eight E4M3 codes (elements 0-3 in w0, 4-7 in w1, memory order) -> eight E2M1 codes packed as
+// E2M1x2 (element 2i in the low nibble of byte i).
+FP8FLOW_HD uint32_t e4m3x8_to_e2m1x8(uint32_t w0, uint32_t w1, const uint32_t* th) {
+  const uint32_t ev = prmt(w0, w1, 0x6420);                             // elements 0, 2, 4, 6
+  const uint32_t od = prmt(w0, w1, 0x7531);                             // elements 1, 3, 5, 7
+  const uint32_t ce = e2m1_count4(ev, th) | ((ev >> 4) & 0x08080808u);  // + sign
+  const uint32_t co = e2m1_count4(od, th) | ((od >> 4) & 0x08080808u);
+  return ce | (co << 4);
+}
+
+// ---------------------------------------------------------------------------------------------
+// E2M1 -> E4M3 (mxfp4_to_fp8, mxfp4_to_fp8_transposed).
+//
+// An element of E2M1 code c in a block with exponent X, written at the FP8 tile exponent T,
+// becomes H(c, D) = e4m3(e2m1(c) * 2^D), D = X - T. For blocks with X <= 125 every FP32 product is
+// finite and exact, and D <= kShiftMax for every nonzero element; every D below kShiftMin gives
+// (signed) zero, as kShiftMin does. Eight magnitudes per D: a __byte_perm table.
+struct E2m1ToE4m3 {
+  static constexpr int kShiftMin = -13, kShiftMax = 9;
+  static constexpr int kShifts = kShiftMax - kShiftMin + 1;
+  static constexpr int kMaxExactX = 125;
+  // code[D - kShiftMin][i]: bytes 4i..4i+3 = H(c, D) for magnitudes c = 4i..4i+3 (positive).
+  uint32_t code[kShifts][2];
+  // With sign, for all 16 codes (transposed kernel): rows 0..kZeroRow-1 are D = kSignedMin..
+  // kShiftMax; row kZeroRow holds H(c, kShiftMin), the signed zeros every D < kSignedMin gives.
+  // It also serves any D > kShiftMax, which only zero codes can have. So one unsigned min clamps
+  // an index from both sides (signed_code_index).
+  static constexpr int kSignedMin = kShiftMin + 1;
+  static constexpr int kZeroRow = kShiftMax - kSignedMin + 1;
+  uint8_t signed_code[kZeroRow + 1][16];
+};
+
+inline E2m1ToE4m3 make_e2m1_to_e4m3() {
+  E2m1ToE4m3 t{};
+  for (int d = E2m1ToE4m3::kShiftMin; d <= E2m1ToE4m3::kShiftMax; ++d) {
+    const int row = d - E2m1ToE4m3::kShiftMin;
+    const int srow = d < E2m1ToE4m3::kSignedMin ? E2m1ToE4m3::kZeroRow : d - E2m1ToE4m3::kSignedMin;
+    for (uint32_t c = 0; c < 16; ++c) {
+      const float v = fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)), d);
+      const uint8_t h = fmt::e4m3_from_f32(v);
+      t.signed_code[srow][c] = h;
+      if (c < 8) t.code[row][c / 4] |= static_cast<uint32_t>(h) << (8 * (c % 4));
+    }
+  }
+  return t;
+}
+
+// Four packed E2M1 codes (the low 16 bits of nib4, element i in bits 4i..4i+3) -> four E4M3 codes
+// (element i in byte i), with the table row (lo, hi) of their D.
+FP8FLOW_HD uint32_t e2m1x4_to_e4m3x4(uint32_t nib4, uint32_t lo, uint32_t hi) {
+  // Magnitude: the selector's 3 low bits per nibble index the table. Sign: shifted right by 3,
+  // each selector's bit 0 is the element's sign, and bytes at odd indices of the second table
+  // are 0x80.
+  return prmt(lo, hi, nib4) | prmt(0x80008000u, 0x80008000u, nib4 >> 3);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Column maxima of E2M1 values with per-token exponents (mxfp4_to_fp8_transposed).
+//
+// |e2m1(c)| for c = 1..7 is (1 or 1.5) * 2^g, so |e2m1(c)| * 2^X orders like the integer
+// L = 2(X + g) + (mantissa 1.5 ? 1 : 0). The kernel keeps K = L + kKeyOffset in unsigned 16-bit
+// lanes (0 = no nonzero element) and maxes them; key_to_amax turns the winner back into the value.
+struct E2m1Key {
+  static constexpr uint32_t kKeyOffset = 300;  // keys of X in [-127, 125] lie in [44, 555]
+  static constexpr uint32_t kNoKey = 0;
+  // byte c of (lo, hi): 0 for c = 0, else L(c, X=0) + 3 (in 1..8).
+  uint32_t lo, hi;
+};
+
+inline E2m1Key make_e2m1_key() {
+  E2m1Key k{};
+  for (uint32_t c = 1; c < 8; ++c) {
+    const uint32_t b = fmt::f32_bits(fmt::e2m1_to_f32(static_cast<uint8_t>(c)));
+    const int g = static_cast<int>(b >> 23) - 127;
+    const int l = 2 * g + ((b & 0x7FFFFFu) ? 1 : 0);
+    const uint32_t byte = static_cast<uint32_t>(l + 3);
+    if (c < 4)
+      k.lo |= byte << (8 * c);
+    else
+      k.hi |= byte << (8 * (c - 4));
+  }
+  return k;
+}
+
+// Key base of a token with block exponent X: key = base + byte (c != 0).
+FP8FLOW_HD uint32_t e2m1_key_base(int x) {
+  return static_cast<uint32_t>(2 * x + static_cast<int>(E2m1Key::kKeyOffset) - 3);
+}
+
+// The magnitude a key stands for (0 for kNoKey).
+FP8FLOW_HD float key_to_amax(uint32_t key) {
+  if (key == E2m1Key::kNoKey) return 0.0f;
+  const int l = static_cast<int>(key) - static_cast<int>(E2m1Key::kKeyOffset);
+  const int g = l >= 0 ? l / 2 : -((-l + 1) / 2);  // floor(l / 2)
+  return fmt::mul_pow2((l - 2 * g) ? 1.5f : 1.0f, g);
+}
+
+// ---------------------------------------------------------------------------------------------
+// Block steps shared by the kernels and by the CPU tests that emulate them (the kernels add only
+// indexing, shuffles and memory traffic).
+
+// fp8_to_mxfp4, per half block (16 E4M3 codes in 4 words) of a tile with FP32 scale s. The key two
+// threads combine with max: exact scale -> the largest magnitude code (0x7F = a NaN code);
+// otherwise -> 0xFFFFFFFF if a value is not finite, else the bits of the largest |value|.
+FP8FLOW_HD uint32_t fp8_half_key(const uint32_t w[4], float s, bool exact) {
+  if (exact) return max_e4m3_magnitude(w[0], w[1], w[2], w[3]);
+  uint32_t key = 0;
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 16; ++i) {
+    const float v = fmt::e4m3_to_f32(static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)))) * s;
+    if (!fmt::f32_is_finite(v)) return 0xFFFFFFFFu;
+    const uint32_t a = fmt::f32_bits(fmt::f32_abs(v));
+    key = a > key ? a : key;
+  }
+  return key;
+}
+
+// Shared exponent of the block from the combined key; false for a NaN block.
+FP8FLOW_HD bool fp8_block_exponent(uint32_t key, float s, bool exact, int& x) {
+  float amax;
+  if (exact) {
+    if (key == 0x7Fu) return false;
+    amax = fmt::e4m3_to_f32(static_cast<uint8_t>(key)) * s;  // = the largest |value|, exactly
+  } else {
+    if (key == 0xFFFFFFFFu) return false;
+    amax = fmt::f32_from_bits(key);
+  }
+  x = fmt::mx_shared_exponent(amax);
+  return true;
+}
+
+// Theta row of the exact path (an all-zero block may produce any d; any row gives it zeros).
+FP8FLOW_HD int fp8_theta_row(int t, int x) {
+  const int r = t - x - E4m3ToE2m1::kShiftMin;
+  return r < 0 ? 0 : (r >= E4m3ToE2m1::kShifts ? E4m3ToE2m1::kShifts - 1 : r);
+}
+
+// The two output words (16 E2M1 codes) of a half block. th: theta row (exact path only).
+FP8FLOW_HD void fp8_half_encode(const uint32_t w[4], float s, bool exact, int x, const uint32_t* th,
+                                uint32_t out[2]) {
+  if (exact) {
+    out[0] = e4m3x8_to_e2m1x8(w[0], w[1], th);
+    out[1] = e4m3x8_to_e2m1x8(w[2], w[3], th);
+    return;
+  }
+  out[0] = out[1] = 0;
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 16; ++i) {
+    const float v = fmt::e4m3_to_f32(static_cast<uint8_t>(w[i / 4] >> (8 * (i % 4)))) * s;
+    out[i / 8] |= static_cast<uint32_t>(fmt::e2m1_from_f32(fmt::mul_pow2(v, -x))) << (4 * (i % 8));
+  }
+}
+
+// mxfp4_to_fp8: the largest finite |value| of a block (32 E2M1 codes in 4 words, scale byte sb);
+// 0 for a NaN block.
+FP8FLOW_HD float mx_block_amax(const uint32_t w[4], uint8_t sb) {
+  if (sb == fmt::kE8M0NaN) return 0.0f;
+  const int x = fmt::e8m0_exponent(sb);
+  if (x <= E2m1ToE4m3::kMaxExactX) {
+    const uint32_t m = max_e2m1_magnitude(w[0], w[1], w[2], w[3]);
+    return fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(m)), x);
+  }
+  float amax = 0.0f;  // X = 126, 127: the largest elements overflow to Inf and do not count
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 32; ++i) {
+    const uint8_t c = static_cast<uint8_t>((w[i / 8] >> (4 * (i % 8))) & 0xFu);
+    const float v = fmt::e2m1_to_f32(c) * fmt::e8m0_to_f32(sb);
+    if (fmt::f32_is_finite(v) && fmt::f32_abs(v) > amax) amax = fmt::f32_abs(v);
+  }
+  return amax;
+}
+
+// Table row of a block with scale byte sb at tile exponent t (exact blocks: sb <= 252).
+FP8FLOW_HD int mx_code_row(uint8_t sb, int t) {
+  const int r = fmt::e8m0_exponent(sb) - t - E2m1ToE4m3::kShiftMin;
+  return r < 0 ? 0 : (r >= E2m1ToE4m3::kShifts ? E2m1ToE4m3::kShifts - 1 : r);
+}
+
+// The 32 E4M3 codes (8 words) of a block at tile exponent t. (lo, hi): code row (exact blocks).
+FP8FLOW_HD void mx_block_encode(const uint32_t w[4], uint8_t sb, int t, uint32_t lo, uint32_t hi,
+                                uint32_t out[8]) {
+  if (sb == fmt::kE8M0NaN) {
+    FP8FLOW_MX_UNROLL
+    for (int i = 0; i < 8; ++i) out[i] = 0x7F7F7F7Fu;
+    return;
+  }
+  if (fmt::e8m0_exponent(sb) <= E2m1ToE4m3::kMaxExactX) {
+    FP8FLOW_MX_UNROLL
+    for (int i = 0; i < 4; ++i) {
+      out[2 * i] = e2m1x4_to_e4m3x4(w[i], lo, hi);
+      out[2 * i + 1] = e2m1x4_to_e4m3x4(w[i] >> 16, lo, hi);
+    }
+    return;
+  }
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 8; ++i) out[i] = 0;
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 32; ++i) {
+    const uint8_t c = static_cast<uint8_t>((w[i / 8] >> (4 * (i % 8))) & 0xFu);
+    const float v = fmt::e2m1_to_f32(c) * fmt::e8m0_to_f32(sb);
+    out[i / 4] |= static_cast<uint32_t>(fmt::e4m3_from_f32(fmt::mul_pow2(v, -t))) << (8 * (i % 4));
+  }
+}
+
+// mxfp4_to_fp8_transposed, exact tiles (every token's X <= 125). One token's word w (8 columns,
+// nibble j = column j) folded into the column keys: acc[0] = columns (0, 2) as u16x2 lanes,
+// acc[1] = (4, 6), acc[2] = (1, 3), acc[3] = (5, 7). base2 = e2m1_key_base(X) in both lanes.
+constexpr uint32_t kKeyBig = 1024;  // > every key: min(base + byte, byte * kKeyBig) is 0 for c = 0
+FP8FLOW_HD void key_accumulate(uint32_t w, uint32_t base2, uint32_t klo, uint32_t khi,
+                               uint32_t acc[4]) {
+  const uint32_t sel[4] = {w & 0x0F0Fu, (w >> 16) & 0x0F0Fu, (w >> 4) & 0x0F0Fu,
+                           (w >> 20) & 0x0F0Fu};
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 4; ++i) {
+    const uint32_t kb = prmt(klo, khi, sel[i]);  // [byte(c_a), 0, byte(c_b), 0]
+    acc[i] = vmax_u16x2(acc[i], vaddmin_u16x2(base2, kb, kb * kKeyBig));
+  }
+}
+
+// Key of column j (0..7) from the accumulators.
+FP8FLOW_HD uint32_t column_key(const uint32_t acc[4], int j) {
+  const uint32_t a = acc[(j & 1) * 2 + (j >> 2)];
+  return (j & 2) ? a >> 16 : a & 0xFFFFu;
+}
+
+// Index into E2m1ToE4m3::signed_code (flattened) of the element with code nib of a token whose
+// block exponent X gives a16 = signed_code_a16(X), in a column with exponent T (b16 = T * 16).
+FP8FLOW_HD int signed_code_a16(int x) {
+  return (x - E2m1ToE4m3::kSignedMin) * 16;
+}
+FP8FLOW_HD uint32_t signed_code_index(int a16, int b16, uint32_t nib) {
+  constexpr uint32_t kTop = E2m1ToE4m3::kZeroRow * 16;
+#if defined(__CUDA_ARCH__)
+  const uint32_t d = __viaddmin_u32(static_cast<uint32_t>(a16), static_cast<uint32_t>(-b16), kTop);
+#else
+  const uint32_t diff = static_cast<uint32_t>(a16) - static_cast<uint32_t>(b16);
+  const uint32_t d = diff < kTop ? diff : kTop;  // D < kSignedMin wraps to a huge value
+#endif
+  return d | nib;
+}
+
+}  // namespace fp8flow::sm90::mx

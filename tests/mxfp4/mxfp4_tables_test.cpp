@@ -1,0 +1,325 @@
+// The table-driven element steps of the MXFP4 kernels (src/ops/mxfp4/kernels/mxfp4_tables.h),
+// checked on the CPU: each step against the fmt:: definition over its whole domain, and the
+// kernels' block logic, emulated with the same steps, against the CPU reference on random tiles
+// (all scale exponents, NaN/zero blocks, subnormal scales). The GPU tests then only have the
+// plumbing left.
+#include <algorithm>
+#include <cstring>
+#include <random>
+
+#include "common/ref_access.h"
+#include "mxfp4/mxfp4_test_util.h"
+#include "ops/mxfp4/kernels/mxfp4_tables.h"
+
+namespace fp8flow::test {
+namespace {
+
+namespace mx = ::fp8flow::sm90::mx;
+
+uint32_t byte_of(const uint32_t* w, int i) {
+  return (w[i / 4] >> (8 * (i % 4))) & 0xFFu;
+}
+uint32_t nib_of(const uint32_t* w, int i) {
+  return (w[i / 8] >> (4 * (i % 8))) & 0xFu;
+}
+
+TEST(Mxfp4Tables, LaneHelpers) {
+  std::mt19937 rng(1);
+  for (int it = 0; it < 20000; ++it) {
+    uint32_t w[4] = {uint32_t(rng()), uint32_t(rng()), uint32_t(rng()), uint32_t(rng())};
+    uint32_t m8 = 0, m4 = 0;
+    for (int i = 0; i < 16; ++i) m8 = std::max(m8, byte_of(w, i) & 0x7F);
+    for (int i = 0; i < 32; ++i) m4 = std::max(m4, nib_of(w, i) & 0x7);
+    ASSERT_EQ(mx::max_e4m3_magnitude(w[0], w[1], w[2], w[3]), m8);
+    ASSERT_EQ(mx::max_e2m1_magnitude(w[0], w[1], w[2], w[3]), m4);
+    const uint32_t a = rng(), b = rng(), s = rng();
+    for (int i = 0; i < 4; ++i) {
+      const uint32_t k = (s >> (4 * i)) & 7;
+      const uint32_t want = ((k < 4 ? a >> (8 * k) : b >> (8 * (k - 4))) & 0xFF);
+      ASSERT_EQ((mx::prmt(a, b, s) >> (8 * i)) & 0xFF, want);
+    }
+  }
+}
+
+TEST(Mxfp4Tables, FastDiv) {
+  std::mt19937 rng(9);
+  std::vector<uint32_t> ds = {1, 2, 3, 4, 5, 7, 8, 14, 28, 56, 112, 224, 448, 1000, 65535, 65536};
+  for (int i = 0; i < 200; ++i) ds.push_back(1 + rng() % (1u << 21));
+  for (uint32_t d : ds) {
+    const mx::FastDiv f = mx::FastDiv::make(d);
+    for (uint32_t n : {0u, 1u, d - 1, d, d + 1, 2 * d - 1, 0x7FFFFFFFu, 0x7FFFFFFFu - d})
+      ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
+    for (int i = 0; i < 2000; ++i) {
+      const uint32_t n = static_cast<uint32_t>(rng()) & 0x7FFFFFFFu;
+      ASSERT_EQ(f.div(n), n / d) << n << " / " << d;
+    }
+  }
+}
+
+TEST(Mxfp4Tables, F32ToE2m1ThresholdsMatchFmt) {
+  const mx::E2m1Thresholds t = mx::make_e2m1_thresholds();
+  auto check = [&](uint32_t a) {
+    const uint32_t want = fmt::e2m1_from_f32(fmt::f32_from_bits(a)) & 7u;
+    ASSERT_EQ(mx::e2m1_magnitude_from_bits(a, t.th), want) << std::hex << a;
+  };
+  for (uint32_t th : t.th)
+    for (uint32_t a = th - 4096; a != th + 4096; ++a) check(a);
+  for (uint32_t hi = 0; hi < 0x7F80; ++hi) check(hi << 16);  // every BF16 magnitude
+  std::mt19937 rng(11);
+  for (int i = 0; i < 2000000; ++i) check(static_cast<uint32_t>(rng()) % 0x7F800000u);
+  for (int i = 0; i < 2000000; ++i) check(0x3E000000u + static_cast<uint32_t>(rng()) % 0x3000000u);
+}
+
+TEST(Mxfp4Tables, E4m3ToE2m1MatchesFmtEverywhere) {
+  const mx::E4m3ToE2m1 tab = mx::make_e4m3_to_e2m1();
+  std::mt19937 rng(2);
+  for (int d = mx::E4m3ToE2m1::kShiftMin; d <= mx::E4m3ToE2m1::kShiftMax; ++d) {
+    const uint32_t* th = tab.theta[d - mx::E4m3ToE2m1::kShiftMin];
+    for (uint32_t q = 0; q < 256; ++q) {
+      if (fmt::e4m3_is_nan(static_cast<uint8_t>(q))) continue;
+      for (int pos = 0; pos < 8; ++pos) {
+        uint8_t b[8];
+        for (uint8_t& x : b) {
+          x = static_cast<uint8_t>(rng());
+          if (fmt::e4m3_is_nan(x)) x = 0x7E;
+        }
+        b[pos] = static_cast<uint8_t>(q);
+        const uint32_t w0 = b[0] | b[1] << 8 | b[2] << 16 | uint32_t(b[3]) << 24;
+        const uint32_t w1 = b[4] | b[5] << 8 | b[6] << 16 | uint32_t(b[7]) << 24;
+        const uint32_t got = mx::e4m3x8_to_e2m1x8(w0, w1, th);
+        for (int i = 0; i < 8; ++i) {
+          const uint8_t want = fmt::e2m1_from_f32(fmt::mul_pow2(fmt::e4m3_to_f32(b[i]), d));
+          ASSERT_EQ((got >> (4 * i)) & 0xF, want)
+              << "d " << d << " code 0x" << std::hex << int(b[i]);
+        }
+      }
+    }
+  }
+}
+
+TEST(Mxfp4Tables, E2m1ToE4m3MatchesFmtEverywhere) {
+  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
+  for (int d = mx::E2m1ToE4m3::kShiftMin; d <= mx::E2m1ToE4m3::kShiftMax; ++d) {
+    const int row = d - mx::E2m1ToE4m3::kShiftMin;
+    for (uint32_t nib4 = 0; nib4 < 65536; ++nib4) {
+      const uint32_t got =
+          mx::e2m1x4_to_e4m3x4(nib4 | 0xABCD0000u, tab.code[row][0], tab.code[row][1]);
+      for (int i = 0; i < 4; ++i) {
+        const uint8_t c = static_cast<uint8_t>((nib4 >> (4 * i)) & 0xF);
+        const uint8_t want = fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(c), d));
+        ASSERT_EQ((got >> (8 * i)) & 0xFF, want) << "D " << d << " code " << int(c);
+        const int srow = d < mx::E2m1ToE4m3::kSignedMin ? mx::E2m1ToE4m3::kZeroRow
+                                                        : d - mx::E2m1ToE4m3::kSignedMin;
+        ASSERT_EQ(tab.signed_code[srow][c], want);
+      }
+    }
+  }
+}
+
+// The transposed kernel's one-clamp index: every D gives fmt's code for nonzero codes with
+// D <= kShiftMax (the only ones that occur) and for zero codes with any D.
+TEST(Mxfp4Tables, SignedCodeIndexCoversEveryShift) {
+  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
+  for (int t : {-127, -3, 0, 60, 127})
+    for (int d = -300; d <= 300; ++d)
+      for (uint32_t nib = 0; nib < 16; ++nib) {
+        if ((nib & 7) != 0 && d > mx::E2m1ToE4m3::kShiftMax) continue;
+        const uint32_t idx = mx::signed_code_index(mx::signed_code_a16(d + t), t * 16, nib);
+        ASSERT_LT(idx, sizeof(tab.signed_code));
+        const uint8_t want =
+            fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(nib)), d));
+        ASSERT_EQ((&tab.signed_code[0][0])[idx], want) << "D " << d << " code " << nib;
+      }
+}
+
+TEST(Mxfp4Tables, KeysOrderValuesExactly) {
+  const mx::E2m1Key k = mx::make_e2m1_key();
+  float prev = -1.f;
+  for (int x = -127; x <= mx::E2m1ToE4m3::kMaxExactX; ++x)
+    for (uint32_t c = 1; c < 8; ++c) {
+      const uint32_t byte = ((c < 4 ? k.lo >> (8 * c) : k.hi >> (8 * (c - 4))) & 0xFF);
+      ASSERT_GE(byte, 1u);
+      const uint32_t key = mx::e2m1_key_base(x) + byte;
+      ASSERT_GT(key, mx::E2m1Key::kNoKey);
+      ASSERT_LT(key, mx::kKeyBig);
+      const float v = fmt::e2m1_to_f32(static_cast<uint8_t>(c)) *
+                      fmt::e8m0_to_f32(static_cast<uint8_t>(x + 127));
+      ASSERT_EQ(fmt::f32_bits(mx::key_to_amax(key)), fmt::f32_bits(v)) << x << " " << c;
+      (void)prev;
+    }
+  EXPECT_EQ(mx::key_to_amax(mx::E2m1Key::kNoKey), 0.f);
+  EXPECT_EQ(k.lo & 0xFF, 0u);  // c = 0 has no key
+}
+
+// ---------------------------------------------------------------------------------------------
+// The kernels' block logic, emulated, against the CPU reference.
+
+// A random FP8 row of one 128 tile: mixed magnitudes, some NaN codes, zero blocks.
+void random_fp8_tile(std::mt19937& rng, uint8_t* q, bool with_nan) {
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t kind = rng() % 6;
+    const uint32_t cap = kind == 0 ? 0 : (kind == 1 ? 0x08 : (kind == 2 ? 0x40 : 0x7F));
+    for (int i = 0; i < 32; ++i) {
+      uint8_t x = static_cast<uint8_t>(cap ? (rng() % cap) | (rng() & 0x80) : 0);
+      if (fmt::e4m3_is_nan(x) && !(with_nan && rng() % 4 == 0)) x &= 0xFE;
+      q[b * 32 + i] = x;
+    }
+  }
+}
+
+TEST(Mxfp4Tables, Fp8ToMxfp4BlockLogicMatchesReference) {
+  const mx::E4m3ToE2m1 tab = mx::make_e4m3_to_e2m1();
+  std::mt19937 rng(3);
+  std::vector<float> scales;
+  for (int t = -152; t <= 128; ++t) scales.push_back(fmt::exp2i(t));
+  for (float s : {3.0f, 0.7f, -2.0f, 0.0f, 1e-44f, INFINITY, NAN, 448.f * 1e30f})
+    scales.push_back(s);
+  int exact_tiles = 0;
+  for (float s : scales)
+    for (int rep = 0; rep < 6; ++rep) {
+      HostScaled x = alloc_fp8(1, 128);
+      random_fp8_tile(rng, x.data.buf.data(), rep % 2 == 1);
+      x.scale.ptr<float>()[0] = s;
+      HostScaled want = alloc_mx(1, 128);
+      fp8_to_mxfp4(x.st(), want.st());
+      int t;
+      const bool exact = mx::e4m3_scale_exact(s, t);
+      exact_tiles += exact;
+      for (int b = 0; b < 4; ++b) {
+        uint32_t w[2][4];
+        std::memcpy(w, x.data.buf.data() + 32 * b, 32);
+        const uint32_t key =
+            std::max(mx::fp8_half_key(w[0], s, exact), mx::fp8_half_key(w[1], s, exact));
+        int xe = 0;
+        const bool finite = mx::fp8_block_exponent(key, s, exact, xe);
+        uint8_t scale = fmt::kE8M0NaN;
+        uint32_t out[2][2] = {};
+        if (finite) {
+          scale = fmt::e8m0_from_exponent(xe);
+          const uint32_t* th = tab.theta[mx::fp8_theta_row(t, xe)];
+          mx::fp8_half_encode(w[0], s, exact, xe, th, out[0]);
+          mx::fp8_half_encode(w[1], s, exact, xe, th, out[1]);
+        }
+        ASSERT_EQ(scale, want.scale.buf[b]) << "scale " << s << " block " << b;
+        ASSERT_EQ(0, std::memcmp(out, want.data.buf.data() + 16 * b, 16))
+            << "scale " << s << " block " << b;
+      }
+    }
+  EXPECT_GT(exact_tiles, 1000);
+}
+
+TEST(Mxfp4Tables, QuantizeBlockLogicMatchesReference) {
+  const mx::E2m1Thresholds th = mx::make_e2m1_thresholds();
+  uint64_t seed = 12;
+  for (Fill f : {Fill::Normal, Fill::WideRange, Fill::Adversarial, Fill::Zeros})
+    for (DType d : {DType::F32, DType::BF16}) {
+      const int64_t M = 64, K = 1024;
+      const HostTensor x = host_from_values(make_values(M, K, f, seed++), d, M, K);
+      HostScaled want = alloc_mx(M, K);
+      quantize_mxfp4(x.v, want.st());
+      for (int64_t r = 0; r < M; ++r)
+        for (int64_t b = 0; b < K / 32; ++b) {
+          float v[32];
+          uint32_t key = 0;  // the kernel's key: largest |bits|; >= Inf bits flags NaN/Inf
+          for (int i = 0; i < 32; ++i) {
+            v[i] = ref::load_f32(x.v, r, b * 32 + i);
+            key = std::max(key, fmt::f32_bits(v[i]) & 0x7FFFFFFFu);
+          }
+          const bool finite = key < 0x7F800000u;
+          const int xe = fmt::mx_shared_exponent(fmt::f32_from_bits(key));
+          uint32_t out[4] = {0, 0, 0, 0};
+          if (finite)
+            for (int i = 0; i < 32; ++i)
+              out[i / 8] |= mx::quantize_e2m1(v[i], fmt::exp2i(-xe), th.th) << (4 * (i % 8));
+          ASSERT_EQ(finite ? fmt::e8m0_from_exponent(xe) : fmt::kE8M0NaN,
+                    want.scale.buf[static_cast<size_t>(r * (K / 32) + b)]);
+          ASSERT_EQ(0, std::memcmp(out, want.data.buf.data() + (r * K + b * 32) / 2, 16))
+              << "fill " << int(f) << " row " << r << " block " << b;
+        }
+    }
+}
+
+TEST(Mxfp4Tables, Mxfp4ToFp8BlockLogicMatchesReference) {
+  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
+  std::mt19937 rng(4);
+  for (int rep = 0; rep < 6000; ++rep) {
+    HostScaled y = alloc_mx(1, 128);
+    const int base = static_cast<int>(rng() % 256);
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t kind = rng() % 8;
+      int sb = kind == 0 ? 255 : std::clamp(base - static_cast<int>(rng() % (kind * 3)), 0, 254);
+      y.scale.buf[b] = static_cast<uint8_t>(sb);
+      for (int i = 0; i < 16; ++i)
+        y.data.buf[16 * b + i] = kind == 1 ? 0 : static_cast<uint8_t>(rng());
+    }
+    HostScaled want = alloc_fp8(1, 128);
+    mxfp4_to_fp8(y.st(), want.st());
+    uint32_t w[4][4];
+    std::memcpy(w, y.data.buf.data(), 64);
+    float amax = 0;
+    for (int b = 0; b < 4; ++b) amax = std::max(amax, mx::mx_block_amax(w[b], y.scale.buf[b]));
+    const int t = fmt::scale_exponent(amax);
+    ASSERT_EQ(fmt::exp2i(t), want.scale.ptr<float>()[0]);
+    for (int b = 0; b < 4; ++b) {
+      const uint8_t sb = y.scale.buf[b];
+      const int row = mx::mx_code_row(sb, t);
+      uint32_t out[8];
+      mx::mx_block_encode(w[b], sb, t, tab.code[row][0], tab.code[row][1], out);
+      ASSERT_EQ(0, std::memcmp(out, want.data.buf.data() + 32 * b, 32))
+          << "rep " << rep << " block " << b << " scale byte " << int(sb) << " t " << t;
+    }
+  }
+}
+
+TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
+  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
+  const mx::E2m1Key keys = mx::make_e2m1_key();
+  std::mt19937 rng(5);
+  for (int rep = 0; rep < 300; ++rep) {
+    const int w = 1 + static_cast<int>(rng() % 128);
+    HostScaled y = alloc_mx(w, 128);
+    const int base = static_cast<int>(rng() % 253);
+    const int spread = static_cast<int>(rng() % 40);
+    for (int m = 0; m < w; ++m)
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t kind = rng() % 16;
+        const int sb =
+            kind == 0 ? 255 : std::clamp(base - static_cast<int>(rng() % (spread + 1)), 0, 252);
+        y.scale.buf[m * 4 + b] = static_cast<uint8_t>(sb);
+        for (int i = 0; i < 16; ++i)
+          y.data.buf[m * 64 + b * 16 + i] = kind == 1 ? 0 : static_cast<uint8_t>(rng());
+      }
+    HostScaled want = alloc_fp8(128, w);
+    mxfp4_to_fp8_transposed(y.st(), want.st());
+    for (int g = 0; g < 16; ++g) {  // 8-column groups, as one kernel thread sees them
+      uint32_t acc[4] = {0, 0, 0, 0};
+      std::vector<uint32_t> word(w);
+      std::vector<int> a16(w);
+      std::vector<bool> nan(w);
+      for (int m = 0; m < w; ++m) {
+        const uint8_t sb = y.scale.buf[m * 4 + g / 4];
+        nan[m] = sb == fmt::kE8M0NaN;
+        std::memcpy(&word[m], y.data.buf.data() + m * 64 + g * 4, 4);
+        if (nan[m]) word[m] = 0;
+        const int x = fmt::e8m0_exponent(sb);
+        a16[m] = mx::signed_code_a16(x);
+        const uint32_t base2 = mx::e2m1_key_base(x) * 0x00010001u;
+        mx::key_accumulate(word[m], base2, keys.lo, keys.hi, acc);
+      }
+      for (int j = 0; j < 8; ++j) {
+        const int k = g * 8 + j;
+        const int t = fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j)));
+        ASSERT_EQ(fmt::exp2i(t), want.scale.ptr<float>()[k]) << "rep " << rep << " column " << k;
+        for (int m = 0; m < w; ++m) {
+          const uint32_t idx = mx::signed_code_index(a16[m], t * 16, (word[m] >> (4 * j)) & 0xF);
+          const uint8_t code = nan[m] ? 0x7F : (&tab.signed_code[0][0])[idx];
+          ASSERT_EQ(code, want.data.buf[k * w + m])
+              << "rep " << rep << " column " << k << " token " << m;
+        }
+      }
+    }
+  }
+}
+
+}  // namespace
+}  // namespace fp8flow::test

@@ -1,0 +1,130 @@
+// Helpers for the MXFP4 tests: owned scaled tensors (data + scale + groups) on the host, made by
+// the library's own CPU quantizers or from raw random bytes, and their device mirrors.
+#pragma once
+
+#include <cmath>
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "common/test_util.h"
+
+namespace fp8flow::test {
+
+// A scaled tensor with its storage. Move-only in practice: HostTensor views point into buf.
+struct HostScaled {
+  HostTensor data, scale;
+  ScaleLayout layout = ScaleLayout::Rowwise1x128;
+  std::vector<int64_t> groups;
+  ScaledTensor st() const { return ScaledTensor{data.v, scale.v, layout, groups}; }
+};
+
+// Output buffers (poisoned 0xA5) of an MXFP4 tensor [M][K].
+inline HostScaled alloc_mx(int64_t M, int64_t K) {
+  HostScaled h;
+  h.layout = ScaleLayout::Mx1x32;
+  h.data = HostTensor(DType::E2M1x2, M, K);
+  h.scale = HostTensor(DType::E8M0, M, K / 32);
+  return h;
+}
+
+// Output buffers of an E4M3 Rowwise1x128 tensor [R][C] with column groups.
+inline HostScaled alloc_fp8(int64_t R, int64_t C, std::vector<int64_t> groups = {}) {
+  HostScaled h;
+  h.groups = std::move(groups);
+  h.data = HostTensor(DType::E4M3, R, C);
+  h.scale = HostTensor(DType::F32, rowwise_tiles(C, h.groups), R);
+  return h;
+}
+
+// E4M3 row-wise [M][K] from values, by the library's CPU quantize.
+inline HostScaled fp8_from_values(const std::vector<float>& x, int64_t M, int64_t K) {
+  HostTensor in = host_from_values(x, DType::F32, M, K);
+  HostScaled h = alloc_fp8(M, K);
+  quantize(in.v, h.st());
+  return h;
+}
+
+// MXFP4 [M][K] from values, by the library's CPU quantize_mxfp4.
+inline HostScaled mx_from_values(const std::vector<float>& x, int64_t M, int64_t K) {
+  HostTensor in = host_from_values(x, DType::F32, M, K);
+  HostScaled h = alloc_mx(M, K);
+  quantize_mxfp4(in.v, h.st());
+  return h;
+}
+
+// Raw random MXFP4: uniform nibbles; scale bytes uniform in [lo, hi], with a fraction of zero
+// blocks (scale kept) and of NaN blocks (0xFF).
+inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
+                            double zero_frac = 0.05, double nan_frac = 0.0) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255), sc(lo, hi);
+  std::uniform_real_distribution<double> u(0, 1);
+  HostScaled h = alloc_mx(M, K);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const double p = u(rng);
+      uint8_t* d = h.data.ptr<uint8_t>() + (r * K + b * 32) / 2;
+      for (int i = 0; i < 16; ++i) d[i] = p < zero_frac ? 0 : static_cast<uint8_t>(byte(rng));
+      h.scale.ptr<uint8_t>()[r * (K / 32) + b] =
+          p > 1.0 - nan_frac ? fmt::kE8M0NaN : static_cast<uint8_t>(sc(rng));
+    }
+  return h;
+}
+
+// Raw random E4M3 row-wise [M][K]: uniform bytes (NaN codes allowed when with_nan), scales 2^t
+// with t uniform in [tlo, thi] (E8M0-range exponents; the FP32 power of two may be subnormal).
+inline HostScaled fp8_random(int64_t M, int64_t K, uint64_t seed, int tlo, int thi, bool with_nan) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255), te(tlo, thi);
+  HostScaled h = alloc_fp8(M, K);
+  for (int64_t i = 0; i < M * K; ++i) {
+    uint8_t q = static_cast<uint8_t>(byte(rng));
+    if (!with_nan && fmt::e4m3_is_nan(q)) q &= 0xFE;
+    h.data.ptr<uint8_t>()[i] = q;
+  }
+  for (int64_t i = 0; i < (K / 128) * M; ++i) h.scale.ptr<float>()[i] = fmt::exp2i(te(rng));
+  return h;
+}
+
+// dequantize (CPU) to F32.
+inline HostTensor dequant_f32(const HostScaled& h) {
+  HostTensor out(DType::F32, h.data.v.rows, h.data.v.cols);
+  dequantize(h.st(), out.v);
+  return out;
+}
+
+inline ::testing::AssertionResult scaled_equal(const HostScaled& a, const HostScaled& b) {
+  auto d = bytes_equal(a.data, b.data);
+  if (!d) return ::testing::AssertionFailure() << "data: " << d.message();
+  auto s = bytes_equal(a.scale, b.scale);
+  if (!s) return ::testing::AssertionFailure() << "scale: " << s.message();
+  return ::testing::AssertionSuccess();
+}
+
+#if FP8FLOW_WITH_CUDA
+// A scaled tensor on the device: copies of the host buffers (or poisoned outputs).
+struct DeviceScaled {
+  DeviceTensor data, scale;
+  ScaleLayout layout = ScaleLayout::Rowwise1x128;
+  std::vector<int64_t> groups;
+  explicit DeviceScaled(const HostScaled& h, bool copy = true)
+      : data(copy ? DeviceTensor(h.data)
+                  : DeviceTensor(h.data.v.dtype, h.data.v.rows, h.data.v.cols)),
+        scale(copy ? DeviceTensor(h.scale)
+                   : DeviceTensor(h.scale.v.dtype, h.scale.v.rows, h.scale.v.cols)),
+        layout(h.layout),
+        groups(h.groups) {}
+  ScaledTensor st() const { return ScaledTensor{data.v, scale.v, layout, groups}; }
+  HostScaled to_host() const {
+    HostScaled h;
+    h.data = data.to_host();
+    h.scale = scale.to_host();
+    h.layout = layout;
+    h.groups = groups;
+    return h;
+  }
+};
+#endif
+
+}  // namespace fp8flow::test
