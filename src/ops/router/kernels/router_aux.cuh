@@ -12,7 +12,7 @@
 #include "ops/router/kernels/router_row.cuh"
 #include "ops/router/router_backends.h"
 
-namespace fp8flow::sm90::router_kernels {
+namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS {
 
 // out[seg][r][c] = tree over in[seg][32 r + i][c], i < 32 and 32 r + i < rows_in.
 __global__ void __launch_bounds__(256)
@@ -61,4 +61,4 @@ __global__ void router_aux_final_sm90(const float* __restrict__ total, float* __
   loss[0] = canon(hd::mul(alpha, hd::div(total[0], static_cast<float>(seqs))));
 }
 
-}  // namespace fp8flow::sm90::router_kernels
+}  // namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS

@@ -12,7 +12,9 @@
 
 #include "ops/router/kernels/router_row.cuh"
 
-namespace fp8flow::sm90::router_kernels {
+namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS {
+
+constexpr int kBwdWarps = 8;
 
 struct BwdParams {
   const float* logits;        // [T][E]
@@ -28,7 +30,8 @@ struct BwdParams {
 };
 
 template <int G>
-__global__ void __launch_bounds__(256, 3) router_bwd_sm90_f32(const __grid_constant__ BwdParams p) {
+__global__ void __launch_bounds__(kBwdWarps * 32, 3)
+    router_bwd_sm90_f32(const __grid_constant__ BwdParams p) {
   using L_t = Lanes<G>;
   const L_t L;
   const int E = p.experts, k = p.top_k;
@@ -134,4 +137,4 @@ __global__ void __launch_bounds__(256, 3) router_bwd_sm90_f32(const __grid_const
   }
 }
 
-}  // namespace fp8flow::sm90::router_kernels
+}  // namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS

@@ -18,7 +18,7 @@
 #include "ops/router/kernels/router_row.cuh"
 #include "ops/router/router_backends.h"
 
-namespace fp8flow::sm90::router_kernels {
+namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS {
 
 struct FwdParams {
   const float* logits;  // [T][E]
@@ -215,4 +215,4 @@ __global__ void __launch_bounds__(kFwdWarps * 32, 3)
   }
 }
 
-}  // namespace fp8flow::sm90::router_kernels
+}  // namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS

@@ -5,14 +5,23 @@
 // every lane of the row ends with the same bits. Device code only.
 #pragma once
 
+// FP8FLOW_ROUTER_HOST_EMULATION: tests/router/router_emu_test.cpp compiles these kernels as host
+// code (warps emulated by threads) to test their lane logic without a GPU; it supplies the CUDA
+// vocabulary itself, and the kernels land in their own namespace so no symbol is shared with
+// the real ones.
+#if !defined(FP8FLOW_ROUTER_HOST_EMULATION)
 #include <cuda_runtime.h>
+#define FP8FLOW_ROUTER_KERNELS router_kernels
+#else
+#define FP8FLOW_ROUTER_KERNELS router_kernels_host_emulation
+#endif
 
 #include <cstdint>
 
 #include "fp8flow/router.h"
 #include "ops/router/router_math.h"
 
-namespace fp8flow::sm90::router_kernels {
+namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS {
 
 using namespace fp8flow::router;
 
@@ -132,4 +141,4 @@ __device__ __forceinline__ void store_row(float* row, int e0, int nv, const floa
            make_float4(canon(v[4]), canon(v[5]), canon(v[6]), canon(v[7])));
 }
 
-}  // namespace fp8flow::sm90::router_kernels
+}  // namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS
