@@ -88,7 +88,8 @@ struct RouterOutputs {
 // off. The Cpu backend needs none. Pure host function.
 size_t router_workspace_bytes(int64_t tokens, int64_t experts, const RouterConfig& cfg);
 
-// logits F32 [T][E] (contiguous; 4 <= E <= 256, E % 4 == 0; on Cuda 16-byte aligned) -> outputs.
+// logits F32 [T][E] (contiguous; 4 <= E <= 256, E % 4 == 0) -> outputs. On Cuda, logits and
+// scores must be 16-byte aligned (the kernels move rows as float4).
 // bias: empty, or F32 [1][E] (selection bias, not differentiated).
 // workspace: Cuda: >= router_workspace_bytes(T, E, cfg) bytes of device memory, 16-byte aligned
 // (any dtype; empty when 0 bytes are needed). Cpu: ignored.
@@ -105,7 +106,8 @@ void router_forward(const TensorView& logits, const TensorView& bias, const Rout
 // to the logits, with the selection held fixed (not differentiated). Scores are recomputed from the
 // logits (bit-identical to the forward), so the forward's `scores` need not be kept.
 //   logits F32 [T][E], topk_idx I32 [T][k] (from router_forward; entries outside [0, E) are
-//   ignored), d_topk_weight F32 [T][k], d_logits F32 [T][E] (overwritten; must not overlap inputs).
+//   ignored), d_topk_weight F32 [T][k], d_logits F32 [T][E] (overwritten; must not overlap inputs;
+//   on Cuda, logits and d_logits 16-byte aligned).
 //   Aux loss on: seq_counts I32 [T/S][E] from router_forward, d_aux_loss F32 [1][1] (empty: no
 //   aux-loss gradient). Aux loss off: both must be empty.
 // Deterministic, bit-identical between backends.

@@ -134,7 +134,11 @@ void router_forward(const TensorView& logits, const TensorView& bias, const Rout
                  {&out.seq_counts, "out.seq_counts"},
                  {&out.aux_loss, "out.aux_loss"}});
   if (need > 0) detail::require_device_pointer(c, workspace, "workspace");
+#if FP8FLOW_WITH_CUDA  // a CPU-only build has no sm90 backend; check_cuda has thrown already
   sm90::router_forward(logits, bias, out, cfg, workspace, stream);
+#else
+  (void)stream;
+#endif
 }
 
 void router_backward(const TensorView& logits, const TensorView& topk_idx,
@@ -168,8 +172,12 @@ void router_backward(const TensorView& logits, const TensorView& topk_idx,
                  {&seq_counts, "seq_counts"},
                  {&d_aux_loss, "d_aux_loss"},
                  {&d_logits, "d_logits"}});
+#if FP8FLOW_WITH_CUDA
   sm90::router_backward(logits, topk_idx, d_topk_weight, seq_counts, d_aux_loss, d_logits, cfg,
                         stream);
+#else
+  (void)stream;
+#endif
 }
 
 }  // namespace fp8flow

@@ -36,8 +36,9 @@ struct FwdParams {
   float scaling;
 };
 
+// G == 1 keeps 8 outputs per lane in registers: allow 2 CTAs/SM there (E <= 8: little traffic).
 template <int G>
-__global__ void __launch_bounds__(kFwdWarps * 32, 3)
+__global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
     router_fwd_sm90_f32(const __grid_constant__ FwdParams p) {
   using L_t = Lanes<G>;
   constexpr int kOut = (kMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
