@@ -9,7 +9,11 @@
 // works on the current one. E = 256 (G = 32): 1 KiB of logits per warp-token, ~2 KiB in flight per
 // warp, 64 tokens per CTA.
 // Napkin math (T = 65536, E = 256, k = 8): reads 64 MiB of logits, writes 4 MiB of idx/weights,
-// 64 MiB of scores when asked for, 1 MiB of aux partials: ~22 us at 3 TB/s without scores.
+// 64 MiB of scores when asked for, 1 MiB of aux partials: ~22 us at 3 TB/s without scores. But
+// each token costs the warp ~1000 instructions (8 sigmoids per lane through hd::exp and an IEEE
+// divide, k argmax rounds of ~35 instructions, group scores, the aux divides), ~65M warp
+// instructions in all: at 4 issues per clock on 132 SMs that is ~70 us, so expect this kernel
+// to be issue-bound at E = 256, not bandwidth-bound (to be measured).
 // Bench: fp8flow-bench ops (row "router fwd").
 // NOTES: the run/chunk shape is part of the aux loss's summation tree (router_math.h): changing
 // kRunTokens or the warp count changes the tree, and the CPU reference with it.
@@ -74,7 +78,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
 #pragma unroll
   for (int j = 0; j < kSlots; ++j) acc[j] = 0.0f;
 
-  float4 ca, cb, na = {}, nb = {};
+  float4 ca = {}, cb = {}, na = {}, nb = {};
   if (n_tok > 0) load_row(row, L.e0, nv, ca, cb);
 #pragma unroll 1
   for (int it = 0; it < warp_tok; ++it) {
