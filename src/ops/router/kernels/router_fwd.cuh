@@ -1,0 +1,223 @@
+// router_fwd_sm90_f32<G>: the router forward for one chunk of tokens per CTA. Scores (sigmoid or
+// softmax), selection values s + bias, optional group-limited masking, k rounds of row argmax (ties
+// to the lower expert), weights, per-CTA expert histogram (shared-memory integer atomics, then one
+// global atomic per expert), and the aux loss's per-chunk column sums of s / sum(s).
+//
+// Grid: one CTA of 8 warps per chunk; a chunk is 8 warps x (32 / G) runs x 8 tokens of one
+// sequence (the whole tensor is one sequence when the aux loss is off). Each row group of G lanes
+// walks its run of 8 consecutive tokens in order, prefetching the next token's logits while it
+// works on the current one. E = 256 (G = 32): 1 KiB of logits per warp-token, ~2 KiB in flight per
+// warp, 64 tokens per CTA.
+// Napkin math (T = 65536, E = 256, k = 8): reads 64 MiB of logits, writes 4 MiB of idx/weights,
+// 64 MiB of scores when asked for, 1 MiB of aux partials: ~22 us at 3 TB/s without scores. But
+// each token costs the warp ~1000 instructions (8 sigmoids per lane through hd::exp and an IEEE
+// divide, k argmax rounds of ~35 instructions, group scores, the aux divides), ~65M warp
+// instructions in all: at 4 issues per clock on 132 SMs that is ~70 us, so expect this kernel
+// to be issue-bound at E = 256, not bandwidth-bound (to be measured).
+// Bench: fp8flow-bench ops (row "router fwd").
+// NOTES: the run/chunk shape is part of the aux loss's summation tree (router_math.h): changing
+// kRunTokens or the warp count changes the tree, and the CPU reference with it.
+#pragma once
+
+#include "ops/router/kernels/router_row.cuh"
+#include "ops/router/router_backends.h"
+
+namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS {
+
+struct FwdParams {
+  const float* logits;  // [T][E]
+  const float* bias;    // [E] or null
+  int32_t* idx;         // [T][k]
+  float* weight;        // [T][k]
+  float* scores;        // [T][E] or null
+  int32_t* counts;      // [E], zeroed before launch
+  int32_t* seq_counts;  // [B][E], zeroed before launch (aux only)
+  float* partials;      // [B][chunks_per_seq][E] (aux only)
+  int64_t seq_len;      // tokens per sequence (T when the aux loss is off)
+  int64_t chunks_per_seq;
+  int experts, top_k, n_groups, topk_groups, group_log2;
+  bool softmax, renormalize, aux;
+  float scaling;
+};
+
+// G == 1 keeps 8 outputs per lane in registers: allow 2 CTAs/SM there (E <= 8: little traffic).
+template <int G>
+__global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
+    router_fwd_sm90_f32(const __grid_constant__ FwdParams p) {
+  using L_t = Lanes<G>;
+  constexpr int kOut = (kMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
+  __shared__ int hist[kMaxExperts];
+  __shared__ float part[kFwdWarps][kSlots * G];
+
+  const L_t L;
+  const int warp = static_cast<int>(threadIdx.x >> 5);
+  const int E = p.experts, k = p.top_k;
+  for (int i = threadIdx.x; i < E; i += blockDim.x) hist[i] = 0;
+  __syncthreads();
+
+  const int64_t seq = blockIdx.x / p.chunks_per_seq;
+  const int64_t chunk = blockIdx.x % p.chunks_per_seq;
+  const int64_t warp_run = (chunk * kFwdWarps + warp) * L_t::kRowsPerWarp;
+  const int64_t pos0 = (warp_run + L.q) * kRunTokens;  // this group's first token in the sequence
+  const int64_t left = p.seq_len - pos0;
+  const int n_tok = left <= 0 ? 0 : (left >= kRunTokens ? kRunTokens : static_cast<int>(left));
+  const int64_t warp_left = p.seq_len - warp_run * kRunTokens;  // group 0 has the most tokens
+  const int warp_tok = warp_left >= kRunTokens ? kRunTokens : static_cast<int>(warp_left);
+  const float* row = p.logits + (seq * p.seq_len + pos0) * E;
+  const int nv = L.valid(E);
+
+  float bias[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) bias[j] = (p.bias && j < nv) ? __ldg(p.bias + L.e0 + j) : 0.0f;
+
+  // Group-limited selection geometry: group size 2^group_log2; this lane holds ns group slots.
+  const int gsh = p.group_log2 < 3 ? p.group_log2 : 3;  // element j is in slot j >> gsh
+  const int ns = kSlots >> gsh;
+
+  float acc[kSlots];
+#pragma unroll
+  for (int j = 0; j < kSlots; ++j) acc[j] = 0.0f;
+
+  float4 ca = {}, cb = {}, na = {}, nb = {};
+  if (n_tok > 0) load_row(row, L.e0, nv, ca, cb);
+#pragma unroll 1
+  for (int it = 0; it < warp_tok; ++it) {
+    const bool active = it < n_tok;
+    if (it + 1 < n_tok) load_row(row + E, L.e0, nv, na, nb);
+    float x[kSlots], s[kSlots];
+    unpack(ca, cb, x);
+    row_scores<G>(p.softmax, x, nv, s);
+    if (p.scores && active) store_row(p.scores + (row - p.logits), L.e0, nv, s);
+
+    uint32_t key[kSlots];
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j)
+      key[j] = j < nv ? sel_key(p.bias ? hd::add(s[j], bias[j]) : s[j]) : kKeyNone;
+
+    if (p.n_groups > 1) {
+      // Group scores: sum of the two largest selection values of each group.
+      uint32_t gk[4];
+      int gid[4];
+#pragma unroll
+      for (int g = 0; g < 4; ++g) {
+        gid[g] = -1;
+        gk[g] = kKeyNone;
+        if (g >= ns) continue;  // uniform: ns depends on the config only
+        Top2 t;
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j)
+          if ((j >> gsh) == g) t = top2_push(t, key[j]);
+        if (gsh == 3) {  // a group spans 2^(group_log2 - 3) aligned lanes
+          for (int o = 1; o < (1 << (p.group_log2 - 3)); o <<= 1) {
+            Top2 u;
+            u.first = __shfl_xor_sync(kFull, t.first, o);
+            u.second = __shfl_xor_sync(kFull, t.second, o);
+            t = top2_merge(t, u);
+          }
+        }
+        const int id = (L.e0 + (g << gsh)) >> p.group_log2;
+        if (id < p.n_groups) gid[g] = id, gk[g] = group_key(t);
+      }
+      unsigned keep = 0;  // bit g: group slot g selected
+      for (int r = 0; r < p.topk_groups; ++r) {
+        uint32_t best = kKeyNone;
+        int bs = 0;
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+          if (gk[g] > best) best = gk[g], bs = g;
+        const uint32_t m = row_umax<G>(best);
+        const int wl = row_first_lane<G>(L, best == m);
+        int my_gid = gid[0];
+#pragma unroll
+        for (int g = 1; g < 4; ++g) my_gid = bs == g ? gid[g] : my_gid;
+        const int win = __shfl_sync(kFull, my_gid, L.base + wl);
+#pragma unroll
+        for (int g = 0; g < 4; ++g)
+          if (gid[g] == win) keep |= 1u << g, gk[g] = kKeyNone;
+      }
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j)
+        if (!((keep >> (j >> gsh)) & 1u)) key[j] = kKeyNone;
+    }
+
+    // k rounds of row argmax; output slot r is kept by lane r % G.
+    int out_e[kOut];
+    float out_s[kOut];
+    float zsum = 0.0f;
+#pragma unroll
+    for (int r = 0; r < kMaxTopK; ++r) {
+      if (r < k) {
+        uint32_t lm = key[0];
+#pragma unroll
+        for (int j = 1; j < kSlots; ++j) lm = umax(lm, key[j]);
+        int lp = kSlots - 1;
+#pragma unroll
+        for (int j = kSlots - 2; j >= 0; --j) lp = key[j] == lm ? j : lp;
+        const uint32_t m = row_umax<G>(lm);
+        const int wl = row_first_lane<G>(L, lm == m);
+        const unsigned src = L.base + static_cast<unsigned>(wl);
+        const int e = __shfl_sync(kFull, L.e0 + lp, src);
+        const float sv = __shfl_sync(kFull, pick8(s, lp), src);
+        if (L.li == wl) {
+#pragma unroll
+          for (int j = 0; j < kSlots; ++j) key[j] = j == lp ? kKeyNone : key[j];
+        }
+        if (r % G == L.li) out_e[r / G] = e, out_s[r / G] = sv;
+        zsum = r == 0 ? sv : hd::add(zsum, sv);
+      }
+    }
+    if (active) {
+      const float denom = hd::add(zsum, kNormEps);
+      const int64_t t = seq * p.seq_len + pos0 + it;
+#pragma unroll
+      for (int o = 0; o < kOut; ++o) {
+        const int j = L.li + o * G;
+        if (j < k) {
+          p.idx[t * k + j] = out_e[o];
+          p.weight[t * k + j] = canon(topk_weight(out_s[o], denom, p.renormalize, p.scaling));
+          atomicAdd(&hist[out_e[o]], 1);
+        }
+      }
+    }
+
+    if (p.aux) {  // column sums of s / (sum_j s_j + eps) over the run, in token order
+      const float denom = hd::add(row_sum<G>(s), kNormEps);
+      if (active) {
+#pragma unroll
+        for (int j = 0; j < kSlots; ++j)
+          if (j < nv) acc[j] = hd::add(acc[j], hd::div(s[j], denom));
+      }
+    }
+    row += E;
+    ca = na, cb = nb;
+  }
+
+  __syncthreads();
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const int h = hist[i];
+    if (h) {
+      atomicAdd(p.counts + i, h);
+      if (p.aux) atomicAdd(p.seq_counts + seq * E + i, h);
+    }
+  }
+  if (!p.aux) return;
+
+    // Runs of this warp (aligned, adjacent first), then the 8 warps, in the stride-doubling tree.
+#pragma unroll
+  for (int o = G; o < 32; o <<= 1)
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) acc[j] = hd::add(acc[j], __shfl_xor_sync(kFull, acc[j], o));
+  if (L.q == 0)
+#pragma unroll
+    for (int j = 0; j < kSlots; ++j) part[warp][L.e0 + j] = acc[j];
+  __syncthreads();
+  static_assert(kFwdWarps == 8, "the warp tree below is written for 8 warps");
+  for (int i = threadIdx.x; i < E; i += blockDim.x) {
+    const float v =
+        hd::add(hd::add(hd::add(part[0][i], part[1][i]), hd::add(part[2][i], part[3][i])),
+                hd::add(hd::add(part[4][i], part[5][i]), hd::add(part[6][i], part[7][i])));
+    p.partials[static_cast<int64_t>(blockIdx.x) * E + i] = v;
+  }
+}
+
+}  // namespace fp8flow::sm90::FP8FLOW_ROUTER_KERNELS
