@@ -39,8 +39,8 @@ void check_rows(const Check& c, const TensorView& t, const char* arg) {
 void check_config(const Check& c, const RouterConfig& cfg, int64_t T, int64_t E) {
   c.that(cfg.kind == RouterKind::SigmoidBias || cfg.kind == RouterKind::Softmax, "cfg.kind",
          "SigmoidBias or Softmax", cat(static_cast<int>(cfg.kind)));
-  c.that(cfg.top_k >= 1 && cfg.top_k <= router::kMaxTopK, "cfg.top_k",
-         cat("1 <= top_k <= ", router::kMaxTopK), cat(cfg.top_k));
+  c.that(cfg.top_k >= 1 && cfg.top_k <= router::kRouterMaxTopK, "cfg.top_k",
+         cat("1 <= top_k <= ", router::kRouterMaxTopK), cat(cfg.top_k));
   c.that(cfg.top_k <= E, "cfg.top_k", cat("top_k <= experts (", E, ")"), cat(cfg.top_k));
   c.that(std::isfinite(cfg.scaling), "cfg.scaling", "a finite value", cat(cfg.scaling));
   c.that(cfg.n_groups >= 1 && E % cfg.n_groups == 0, "cfg.n_groups",

@@ -24,7 +24,7 @@
 namespace fp8flow::router {
 
 constexpr int kMaxExperts = 256;
-constexpr int kMaxTopK = 8;
+constexpr int kRouterMaxTopK = 8;
 constexpr int kSlots = 8;      // experts per lane (two float4)
 constexpr int kRunTokens = 8;  // tokens per aux-loss run
 constexpr float kNormEps = 1e-20f;

@@ -54,8 +54,8 @@ int argmax_key(const uint32_t* key, int n) {
 }
 
 struct Selection {
-  int idx[kMaxTopK];
-  float score[kMaxTopK];
+  int idx[kRouterMaxTopK];
+  float score[kRouterMaxTopK];
   float denom;  // sum of the selected scores + eps
 };
 
@@ -187,8 +187,8 @@ void router_backward(const TensorView& logits, const TensorView& topk_idx,
     ds.fill(0.0f);
 
     // Through the weights: w_j = s_ej / D * scaling (or s_ej * scaling).
-    float z[kMaxTopK], g[kMaxTopK], coef[kMaxTopK];
-    int e[kMaxTopK];
+    float z[kRouterMaxTopK], g[kRouterMaxTopK], coef[kRouterMaxTopK];
+    int e[kRouterMaxTopK];
     for (int j = 0; j < k; ++j) {
       e[j] = idx[t * k + j];
       z[j] = (e[j] >= 0 && e[j] < E) ? s[e[j]] : 0.0f;

@@ -63,9 +63,9 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3)
     // indices and upstream gradients are re-read where needed (L1 hits) to save registers.
     const int32_t* idx_row = p.idx + (active ? t : 0) * k;
     const float* dw_row = p.d_weight + (active ? t : 0) * k;
-    float z[kMaxTopK];
+    float z[kRouterMaxTopK];
 #pragma unroll
-    for (int j = 0; j < kMaxTopK; ++j) {
+    for (int j = 0; j < kRouterMaxTopK; ++j) {
       if (j < k) {
         const int e = active ? __ldg(idx_row + j) : -1;
         const bool ok = e >= 0 && e < E;
@@ -77,11 +77,11 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3)
     if (p.renormalize) {
       float zs = z[0];
 #pragma unroll
-      for (int j = 1; j < kMaxTopK; ++j)
+      for (int j = 1; j < kRouterMaxTopK; ++j)
         if (j < k) zs = hd::add(zs, z[j]);
       D = hd::add(zs, kNormEps);
 #pragma unroll
-      for (int j = 0; j < kMaxTopK; ++j) {
+      for (int j = 0; j < kRouterMaxTopK; ++j) {
         if (j < k) {
           const float g = hd::mul(active ? __ldg(dw_row + j) : 0.0f, p.scaling);
           const float term = hd::mul(g, hd::div(z[j], D));
@@ -90,7 +90,7 @@ __global__ void __launch_bounds__(kBwdWarps * 32, 3)
       }
     }
 #pragma unroll
-    for (int j = 0; j < kMaxTopK; ++j) {
+    for (int j = 0; j < kRouterMaxTopK; ++j) {
       if (j < k) {
         const int e = active ? __ldg(idx_row + j) : -1;
         float g = hd::mul(active ? __ldg(dw_row + j) : 0.0f, p.scaling);

@@ -45,7 +45,7 @@ template <int G>
 __global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
     router_fwd_sm90_f32(const __grid_constant__ FwdParams p) {
   using L_t = Lanes<G>;
-  constexpr int kOut = (kMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
+  constexpr int kOut = (kRouterMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
   __shared__ int hist[kMaxExperts];
   __shared__ float part[kFwdWarps][kSlots * G];
 
@@ -145,7 +145,7 @@ __global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
     float out_s[kOut];
     float zsum = 0.0f;
 #pragma unroll
-    for (int r = 0; r < kMaxTopK; ++r) {
+    for (int r = 0; r < kRouterMaxTopK; ++r) {
       if (r < k) {
         uint32_t lm = key[0];
 #pragma unroll
