@@ -9,6 +9,13 @@
 #include "common/backend.h"
 #include "ops/swiglu/swiglu_backends.h"
 
+// CPU-only builds have no sm90:: symbols; check_cuda has thrown Unsupported before this point.
+#if FP8FLOW_WITH_CUDA
+#define FP8FLOW_SM90(call) call
+#else
+#define FP8FLOW_SM90(call) (void)0
+#endif
+
 namespace fp8flow {
 namespace {
 
@@ -91,7 +98,7 @@ void check_cuda(const Check& c, std::initializer_list<Named> vec16,
 }  // namespace
 
 void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
-            const SwigluOptions& opt, Stream stream) {
+            const SwigluOptions& opt, [[maybe_unused]] Stream stream) {
   const Check c("swiglu");
   const int64_t F = check_in(c, in);
   check_row_vector(c, prob, "prob", in.rows, opt.weighted, in);
@@ -99,23 +106,23 @@ void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& ou
   if (in.device == Device::Cpu) return ref::swiglu(in, prob, out, opt.weighted);
   check_cuda(c, {{&in, "in"}, {&out.data, "out.data"}},
              {{&prob, "prob"}, {&out.scale, "out.scale"}});
-  sm90::swiglu(in, prob, out, opt.weighted, stream);
+  FP8FLOW_SM90(sm90::swiglu(in, prob, out, opt.weighted, stream));
 }
 
 void swiglu(const TensorView& in, const TensorView& prob, const TensorView& out,
-            const SwigluOptions& opt, Stream stream) {
+            const SwigluOptions& opt, [[maybe_unused]] Stream stream) {
   const Check c("swiglu");
   const int64_t F = check_in(c, in);
   check_row_vector(c, prob, "prob", in.rows, opt.weighted, in);
   check_bf16_out(c, out, "out", in.rows, F, in);
   if (in.device == Device::Cpu) return ref::swiglu(in, prob, out, opt.weighted);
   check_cuda(c, {{&in, "in"}, {&out, "out"}}, {{&prob, "prob"}});
-  sm90::swiglu(in, prob, out, opt.weighted, stream);
+  FP8FLOW_SM90(sm90::swiglu(in, prob, out, opt.weighted, stream));
 }
 
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const ScaledTensor& din, const TensorView& dprob, const SwigluOptions& opt,
-                     Stream stream) {
+                     [[maybe_unused]] Stream stream) {
   const Check c("swiglu_backward");
   const int64_t F = check_in(c, in);
   check_dy(c, dy, in.rows, F, in);
@@ -125,12 +132,12 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
   if (in.device == Device::Cpu) return ref::swiglu_backward(dy, in, prob, din, dprob, opt.weighted);
   check_cuda(c, {{&dy, "dy"}, {&in, "in"}, {&din.data, "din.data"}},
              {{&prob, "prob"}, {&din.scale, "din.scale"}, {&dprob, "dprob"}});
-  sm90::swiglu_backward(dy, in, prob, din, dprob, opt.weighted, stream);
+  FP8FLOW_SM90(sm90::swiglu_backward(dy, in, prob, din, dprob, opt.weighted, stream));
 }
 
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const TensorView& din, const TensorView& dprob, const SwigluOptions& opt,
-                     Stream stream) {
+                     [[maybe_unused]] Stream stream) {
   const Check c("swiglu_backward");
   const int64_t F = check_in(c, in);
   check_dy(c, dy, in.rows, F, in);
@@ -139,7 +146,7 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
   check_row_vector(c, dprob, "dprob", in.rows, opt.weighted, in);
   if (in.device == Device::Cpu) return ref::swiglu_backward(dy, in, prob, din, dprob, opt.weighted);
   check_cuda(c, {{&dy, "dy"}, {&in, "in"}, {&din, "din"}}, {{&prob, "prob"}, {&dprob, "dprob"}});
-  sm90::swiglu_backward(dy, in, prob, din, dprob, opt.weighted, stream);
+  FP8FLOW_SM90(sm90::swiglu_backward(dy, in, prob, din, dprob, opt.weighted, stream));
 }
 
 }  // namespace fp8flow
