@@ -4,6 +4,7 @@
 // Skips with a printed reason where no GPU is visible.
 #include <gtest/gtest.h>
 
+#include <cstdio>
 #include <functional>
 #include <string>
 
@@ -103,6 +104,12 @@ TEST(SwigluGpu, HardwareCvtMatchesFormats) {
     EXPECT_EQ(sm90::swiglu_hw_cvt_mismatches(d, &example), 0)
         << to_string(d) << ": e.g. x = 0x" << std::hex << example;
   }
+}
+
+TEST(SwigluGpu, BranchFreeSiluEqualsHdExhaustive) {
+  FP8FLOW_REQUIRE_GPU();
+  uint32_t example = 0;
+  EXPECT_EQ(sm90::swiglu_silu_mismatches(&example), 0) << "e.g. x = 0x" << std::hex << example;
 }
 
 TEST(SwigluGpu, ForwardMatchesReference) {
@@ -217,6 +224,68 @@ TEST(SwigluGpu, BadDeviceArguments) {
   d.data.data = static_cast<char*>(big.p) + 8;
   expect_error([&] { swiglu_backward(g.dy.v, g.in.v, g.prob.v, d, dprob.v); },
                "fp8flow::swiglu_backward: din.data: ", "aligned");
+}
+
+// Not a correctness test: prints achieved bandwidth (bytes read + written per second) of each
+// variant at the DeepSeek-V3 shard shape M = 32768, F = 2048, next to a device-to-device copy
+// (cudaMemcpyAsync, counted as read + write) on the same GPU. Run it with
+//   --gtest_also_run_disabled_tests --gtest_filter='SwigluGpu.DISABLED_BandwidthReport'
+TEST(SwigluGpu, DISABLED_BandwidthReport) {
+  FP8FLOW_REQUIRE_GPU();
+  const int64_t M = 32768, F = 2048, kRep = 256;
+  const SwigluCase blk = test::make_case(kRep, F, Fill::Normal, 5);
+  DeviceTensor in(DType::BF16, M, 2 * F), dy(DType::BF16, M, F), prob(DType::F32, M, 1);
+  for (int64_t m0 = 0; m0 < M; m0 += kRep) {
+    ASSERT_EQ(cudaMemcpy(static_cast<uint16_t*>(in.p) + m0 * 2 * F, blk.in.buf.data(),
+                         blk.in.bytes(), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(static_cast<uint16_t*>(dy.p) + m0 * F, blk.dy.buf.data(), blk.dy.bytes(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(static_cast<float*>(prob.p) + m0, blk.prob.buf.data(), blk.prob.bytes(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  DeviceScaled out(DType::E4M3, M, F), din(DType::E4M3, M, 2 * F);
+  DeviceTensor out16(DType::BF16, M, F), din16(DType::BF16, M, 2 * F), dprob(DType::F32, M, 1);
+  cudaEvent_t t0, t1;
+  ASSERT_EQ(cudaEventCreate(&t0), cudaSuccess);
+  ASSERT_EQ(cudaEventCreate(&t1), cudaSuccess);
+  auto time_ms = [&](const std::function<void()>& f) {
+    for (int i = 0; i < 3; ++i) f();
+    const int iters = 20;
+    cudaEventRecord(t0);
+    for (int i = 0; i < iters; ++i) f();
+    cudaEventRecord(t1);
+    cudaEventSynchronize(t1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t0, t1);
+    return double(ms) / iters;
+  };
+  auto report = [&](const char* name, double bytes, double ms) {
+    std::printf("  %-26s %8.4f ms  %6.3f TB/s  (%.0f MB)\n", name, ms, bytes / ms * 1e-9,
+                bytes * 1e-6);
+  };
+  const double mf = double(M) * F;
+  const double fwd8 = mf * 4 + M * 4 + mf + mf / 128 * 4, fwd16 = mf * 4 + M * 4 + mf * 2;
+  const double bwd8 = mf * 6 + M * 4 + mf * 2 + mf / 64 * 4 + M * 4,
+               bwd16 = mf * 6 + M * 8 + mf * 4;
+  std::printf("SwiGLU at M %lld, F %lld:\n", static_cast<long long>(M), static_cast<long long>(F));
+  const double copy = time_ms([&] {
+    cudaMemcpyAsync(din16.p, in.p, static_cast<size_t>(fwd8 / 2), cudaMemcpyDeviceToDevice);
+  });
+  report("d2d copy (same bytes)", fwd8, copy);
+  report("fwd E4M3 1x128", fwd8, time_ms([&] { swiglu(in.v, prob.v, out.view()); }));
+  report("fwd BF16", fwd16, time_ms([&] { swiglu(in.v, prob.v, out16.v); }));
+  report("bwd E4M3 1x128 + dprob", bwd8,
+         time_ms([&] { swiglu_backward(dy.v, in.v, prob.v, din.view(), dprob.v); }));
+  report("bwd BF16 + dprob", bwd16,
+         time_ms([&] { swiglu_backward(dy.v, in.v, prob.v, din16.v, dprob.v); }));
+  report("fwd E4M3 unweighted", fwd8 - M * 4,
+         time_ms([&] { swiglu(in.v, {}, out.view(), SwigluOptions{false}); }));
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
 }
 
 #else

@@ -3,6 +3,7 @@
 // NaN/Inf handling, the documented dprob order, the unweighted variant, and every bad argument.
 #include <gtest/gtest.h>
 
+#include <cfloat>
 #include <cmath>
 #include <functional>
 #include <random>
@@ -513,6 +514,30 @@ TEST(SwigluRef, ProbAsRowVector) {
   swiglu(c.in.v, c.prob.v, a.view());
   swiglu(c.in.v, prow, b.view());
   EXPECT_TRUE(test::bytes_equal(a.data, b.data));
+}
+
+// swiglu_detail::exp / silu (branch-free) return hd::exp / hd::silu's bits: every 65521st bit
+// pattern of all 2^32, every float within 2^17 ulps of each range edge (overflow, flush to zero,
+// the subnormal results below x = -87.34), and random values over the interesting range.
+TEST(SwigluRef, BranchFreeSiluEqualsHd) {
+  auto check = [](float x) {
+    ASSERT_EQ(fmt::f32_bits(swiglu_detail::exp(x)), fmt::f32_bits(hd::exp(x))) << x;
+    ASSERT_EQ(fmt::f32_bits(swiglu_detail::silu(x)), fmt::f32_bits(hd::silu(x))) << x;
+    ASSERT_EQ(fmt::f32_bits(swiglu_detail::sigmoid(x)), fmt::f32_bits(hd::sigmoid(x))) << x;
+  };
+  for (uint64_t i = 0; i < (uint64_t{1} << 32); i += 65521) check(fmt::f32_from_bits(uint32_t(i)));
+  for (float edge : {88.72283f, -103.97208f, -87.33655f, 103.97208f, -88.72283f, 87.33655f, 0.f}) {
+    const uint32_t e = fmt::f32_bits(edge);
+    for (uint32_t d = 0; d < (1u << 17); ++d) {
+      check(fmt::f32_from_bits(e + d));
+      check(fmt::f32_from_bits(e - d));
+    }
+  }
+  std::mt19937 rng(3);
+  std::uniform_real_distribution<float> u(-110.f, 95.f);
+  for (int i = 0; i < 1000000; ++i) check(u(rng));
+  for (float x : {NAN, -NAN, INFINITY, -INFINITY, 0.f, -0.f, 1e-45f, -1e-45f, FLT_MAX, -FLT_MAX})
+    check(x);
 }
 
 TEST(SwigluRef, FastDivIsExact) {

@@ -31,3 +31,10 @@ namespace fp8flow::sm90 {
 // low or as high half of a pair, differs from fmt::. `example` receives one such x (or 0).
 int64_t swiglu_hw_cvt_mismatches(DType dtype, uint32_t* example);
 }  // namespace fp8flow::sm90
+
+namespace fp8flow::sm90 {
+// Test hook (synchronizes): over all 2^32 FP32 bit patterns x, counts those where the kernels'
+// branch-free swiglu_detail::exp / sigmoid / silu give other bits than hd::exp / sigmoid / silu
+// on the device. `example` receives one such x (or 0).
+int64_t swiglu_silu_mismatches(uint32_t* example);
+}  // namespace fp8flow::sm90

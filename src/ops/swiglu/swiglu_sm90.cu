@@ -98,22 +98,32 @@ __global__ void hw_cvt_check(unsigned long long* count, unsigned int* example) {
   if (bad) atomicAdd(count, bad);
 }
 
-}  // namespace
+// Exhaustive check of swiglu_detail's branch-free exp/sigmoid/silu against hd:: (test hook).
+__global__ void silu_check(unsigned long long* count, unsigned int* example) {
+  namespace sd = swiglu_detail;
+  unsigned long long bad = 0;
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < (uint64_t{1} << 32);
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    const float x = __uint_as_float(static_cast<uint32_t>(i));
+    const bool same = __float_as_uint(sd::exp(x)) == __float_as_uint(hd::exp(x)) &&
+                      __float_as_uint(sd::sigmoid(x)) == __float_as_uint(hd::sigmoid(x)) &&
+                      __float_as_uint(sd::silu(x)) == __float_as_uint(hd::silu(x));
+    if (!same) {
+      ++bad;
+      *example = static_cast<uint32_t>(i);
+    }
+  }
+  if (bad) atomicAdd(count, bad);
+}
 
-int64_t swiglu_hw_cvt_mismatches(DType dtype, uint32_t* example) {
-  const char* op = "swiglu_hw_cvt_mismatches";
+// Runs a (count, example) check kernel and returns the count.
+template <typename Launch>
+int64_t run_check(const char* op, Launch launch, uint32_t* example) {
   unsigned long long* d_count = nullptr;
-  unsigned int* d_example = nullptr;
-  FP8FLOW_CUDA_CHECK(op, cudaMalloc(&d_count, sizeof(*d_count) + sizeof(*d_example)));
-  d_example = reinterpret_cast<unsigned int*>(d_count + 1);
-  FP8FLOW_CUDA_CHECK(op, cudaMemset(d_count, 0, sizeof(*d_count) + sizeof(*d_example)));
-  const dim3 grid(132 * 16), block(256);
-  if (dtype == DType::E4M3)
-    hw_cvt_check<OutKind::E4M3><<<grid, block>>>(d_count, d_example);
-  else if (dtype == DType::E5M2)
-    hw_cvt_check<OutKind::E5M2><<<grid, block>>>(d_count, d_example);
-  else
-    hw_cvt_check<OutKind::BF16><<<grid, block>>>(d_count, d_example);
+  FP8FLOW_CUDA_CHECK(op, cudaMalloc(&d_count, 2 * sizeof(*d_count)));
+  auto* d_example = reinterpret_cast<unsigned int*>(d_count + 1);
+  FP8FLOW_CUDA_CHECK(op, cudaMemset(d_count, 0, 2 * sizeof(*d_count)));
+  launch(d_count, d_example);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
   unsigned long long count = 0;
   unsigned int ex = 0;
@@ -122,6 +132,29 @@ int64_t swiglu_hw_cvt_mismatches(DType dtype, uint32_t* example) {
   FP8FLOW_CUDA_CHECK(op, cudaFree(d_count));
   if (example) *example = ex;
   return static_cast<int64_t>(count);
+}
+
+}  // namespace
+
+int64_t swiglu_silu_mismatches(uint32_t* example) {
+  return run_check(
+      "swiglu_silu_mismatches",
+      [](unsigned long long* c, unsigned int* e) { silu_check<<<132 * 16, 256>>>(c, e); }, example);
+}
+
+int64_t swiglu_hw_cvt_mismatches(DType dtype, uint32_t* example) {
+  return run_check(
+      "swiglu_hw_cvt_mismatches",
+      [dtype](unsigned long long* c, unsigned int* e) {
+        const dim3 grid(132 * 16), block(256);
+        if (dtype == DType::E4M3)
+          hw_cvt_check<OutKind::E4M3><<<grid, block>>>(c, e);
+        else if (dtype == DType::E5M2)
+          hw_cvt_check<OutKind::E5M2><<<grid, block>>>(c, e);
+        else
+          hw_cvt_check<OutKind::BF16><<<grid, block>>>(c, e);
+      },
+      example);
 }
 
 void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out, bool weighted,

@@ -105,15 +105,23 @@ __device__ __forceinline__ bool all_finite8(const float (&y)[8]) {
 // the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes).
 template <OutKind K>
 __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out) {
+  // amax over finite results (== sd::amax_term / sd::amax_max, sharing the finiteness test with the
+  // fast-path check below).
   float amax = 0.0f;
+  bool finite = true;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) amax = sd::amax_max(amax, sd::amax_term(y[k]));
+  for (int k = 0; k < 8; ++k) {
+    const float a = fabsf(y[k]);
+    const bool f = a < __int_as_float(0x7F800000);
+    finite &= f;
+    amax = f ? sd::amax_max(amax, a) : amax;
+  }
   amax = half_warp_max(amax);
   const int e = sd::scale_exponent<K>(amax);
   scale_out = fmt::exp2i(e);
   const float inv = fmt::exp2i(-e);
   uint32_t w[2];
-  if (kHardwareCvt && all_finite8(y)) {
+  if (kHardwareCvt && finite) {
 #pragma unroll
     for (int i = 0; i < 2; ++i)
       w[i] = hw_fp8x2<K>(hd::mul(y[4 * i], inv), hd::mul(y[4 * i + 1], inv)) |
