@@ -1,0 +1,269 @@
+// Device code of the SwiGLU ops (sm_90a): the fused forward (SwiGLU -> FP8 + 1x128 scales, or BF16)
+// and the fused backward (da, db -> FP8 + scales or BF16, plus dprob). Memory-bound elementwise
+// kernels; the element math is swiglu_math.h, shared with the CPU reference.
+//
+// Napkin math at the DeepSeek-V3 shard shape M = 32768, F = 2048 (bench: `fp8flow-bench ops`):
+//   forward  reads 4 B per output element (a, b BF16) and writes 1 B (+ scales, 1/32 B):
+//            268 MB + 67 MB + 2 MB = 337 MB -> 0.112 ms at 3.0 TB/s (H100 copy ceiling).
+//   backward reads 6 B per element pair (dy, a, b BF16), writes 2 B (da, db) + scales + dprob:
+//            403 MB + 134 MB + 4 MB = 541 MB -> 0.180 ms at 3.0 TB/s.
+//   Published fused kernels (FP8-Flow artifact, Hopper): 0.118 ms forward, 0.211 ms backward.
+//
+// NOTES:
+// - Forward: a half-warp (16 threads) owns one (row, 1x128 tile) item; each thread loads 8 gate and
+//   8 up values with one 16-byte load each, computes 8 results, the tile amax is 4 __shfl_xor steps
+//   inside the half-warp, then each thread stores 8 codes (8 bytes; a half-warp writes the tile's
+//   128 contiguous bytes) and lane 0 of the half-warp the scale. Items are numbered row-major
+//   (row, tile), so a block streams whole rows of in and out; every thread takes kFwdItems items
+//   and issues all their loads before any math (2 * kFwdItems 16-byte loads in flight).
+// - Backward: a warp owns a row, so dprob's row sum stays inside one warp and its order is fixed:
+//   lane l accumulates the 8-column chunks l, l + 32, ... (kBwdSteps chunks' loads issued first),
+//   then a butterfly over lanes (16, 8, 4, 2, 1). The CPU reference reproduces exactly this order.
+//   Half-warps again own 1x128 tiles (da and db tiles at the same columns), so the scale logic is
+//   the forward's. F % 256 == 128 leaves the upper half-warp without work on the last chunk; it
+//   still joins the (half-warp-local) shuffles with zeros and skips its loads and stores.
+// - No shared memory, no atomics: every output element and scale has exactly one writer.
+// - Inputs are read once: loads use the streaming (evict-first) cache hint.
+#pragma once
+
+#include <cuda_runtime.h>
+
+#include <cstdint>
+
+#include "ops/swiglu/kernels/fast_div.h"
+#include "ops/swiglu/kernels/hw_cvt.cuh"
+#include "ops/swiglu/swiglu_math.h"
+
+namespace fp8flow::sm90::swiglu_kernels {
+
+using swiglu_detail::FastDiv;
+using swiglu_detail::OutKind;
+namespace sd = swiglu_detail;
+
+constexpr int kThreads = 256;
+constexpr int kFwdItems = 2;  // (row, tile) items per half-warp (loads in flight: 2 per item)
+constexpr int kBwdSteps = 2;  // 256-column steps per warp iteration (loads in flight: 3 per step)
+constexpr int kHalf = 16;     // threads per 1x128 tile (16 x 8 columns)
+static_assert(kHalf * sd::kChunk == sd::kTile, "a half-warp covers one 1x128 tile");
+static_assert(2 * kHalf == sd::kLanes, "a warp's lanes are the dprob partial sums");
+
+struct FwdParams {
+  const uint16_t* in;  // BF16 [M][2F]
+  const float* prob;   // F32 [M], nullptr: unweighted (p = 1)
+  void* out;           // FP8 codes or BF16 [M][F]
+  float* scale;        // F32 [F/128][M] (FP8 only)
+  uint32_t rows;       // M
+  uint32_t items;      // M * F/128 (host-checked < 2^32)
+  uint32_t F;
+  FastDiv tiles;  // divides by F/128
+};
+
+struct BwdParams {
+  const uint16_t* dy;  // BF16 [M][F]
+  const uint16_t* in;  // BF16 [M][2F]
+  const float* prob;   // F32 [M] (weighted kernels only)
+  void* din;           // FP8 codes or BF16 [M][2F]
+  float* scale;        // F32 [2F/128][M] (FP8 only)
+  float* dprob;        // F32 [M] (weighted kernels only)
+  uint32_t rows;
+  uint32_t F;
+};
+
+// ------------------------------------------------------------------------------------------------
+// Small device vocabulary.
+
+__device__ __forceinline__ uint4 load_stream(const uint16_t* p) {
+  return __ldcs(reinterpret_cast<const uint4*>(p));
+}
+
+// The 8 BF16 values of a 16-byte vector as FP32 (exact).
+__device__ __forceinline__ void unpack_bf16x8(const uint4& v, float (&x)[8]) {
+  const uint32_t w[4] = {v.x, v.y, v.z, v.w};
+#pragma unroll
+  for (int i = 0; i < 4; ++i) {
+    x[2 * i] = __uint_as_float(w[i] << 16);
+    x[2 * i + 1] = __uint_as_float(w[i] & 0xFFFF0000u);
+  }
+}
+
+// Max over the 16 lanes of this thread's half-warp (all 32 lanes must call it).
+__device__ __forceinline__ float half_warp_max(float v) {
+#pragma unroll
+  for (int d = kHalf / 2; d >= 1; d /= 2) v = sd::amax_max(v, __shfl_xor_sync(0xFFFFFFFFu, v, d));
+  return v;
+}
+
+// True when all 8 results are finite (the hardware conversions' domain).
+__device__ __forceinline__ bool all_finite8(const float (&y)[8]) {
+  bool ok = true;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) ok &= fabsf(y[k]) < __int_as_float(0x7F800000);
+  return ok;
+}
+
+// Quantizes this thread's 8 results of one tile (the half-warp holds the whole tile) and returns
+// the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes).
+template <OutKind K>
+__device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out) {
+  // amax over finite results (== sd::amax_term / sd::amax_max, sharing the finiteness test with the
+  // fast-path check below).
+  float amax = 0.0f;
+  bool finite = true;
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    const float a = fabsf(y[k]);
+    const bool f = a < __int_as_float(0x7F800000);
+    finite &= f;
+    amax = f ? sd::amax_max(amax, a) : amax;
+  }
+  amax = half_warp_max(amax);
+  const int e = sd::scale_exponent<K>(amax);
+  scale_out = fmt::exp2i(e);
+  const float inv = fmt::exp2i(-e);
+  uint32_t w[2];
+  if (kHardwareCvt && finite) {
+#pragma unroll
+    for (int i = 0; i < 2; ++i)
+      w[i] = hw_fp8x2<K>(hd::mul(y[4 * i], inv), hd::mul(y[4 * i + 1], inv)) |
+             (hw_fp8x2<K>(hd::mul(y[4 * i + 2], inv), hd::mul(y[4 * i + 3], inv)) << 16);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 2; ++i) {
+      w[i] = 0;
+#pragma unroll
+      for (int k = 0; k < 4; ++k) w[i] |= uint32_t{sd::encode_fp8<K>(y[4 * i + k], inv)} << (8 * k);
+    }
+  }
+  return make_uint2(w[0], w[1]);
+}
+
+__device__ __forceinline__ uint4 pack_bf16x8(const float (&y)[8]) {
+  uint32_t w[4];
+  if (kHardwareCvt && all_finite8(y)) {
+#pragma unroll
+    for (int i = 0; i < 4; ++i) w[i] = hw_bf16x2(y[2 * i], y[2 * i + 1]);
+  } else {
+#pragma unroll
+    for (int i = 0; i < 4; ++i)
+      w[i] = uint32_t{sd::encode_bf16(y[2 * i])} | (uint32_t{sd::encode_bf16(y[2 * i + 1])} << 16);
+  }
+  return make_uint4(w[0], w[1], w[2], w[3]);
+}
+
+// Stores 8 results of one tile at element offset `off` of a row-major [M][cols] output; FP8 also
+// writes the scale of (tile, row) when this is lane 0 of the half-warp.
+template <OutKind K>
+__device__ __forceinline__ void store8(void* out, float* scale, uint64_t off, const float (&y)[8],
+                                       bool active, bool scale_lane, uint64_t scale_idx) {
+  if constexpr (K == OutKind::BF16) {
+    if (active) *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + off) = pack_bf16x8(y);
+  } else {
+    float s;
+    const uint2 q = quantize8<K>(y, s);  // all lanes: shuffles inside
+    if (active) {
+      *reinterpret_cast<uint2*>(static_cast<uint8_t*>(out) + off) = q;
+      if (scale_lane) scale[scale_idx] = s;
+    }
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Forward: grid ceil(items / (16 * kFwdItems)), block kThreads.
+template <OutKind K>
+__global__ void __launch_bounds__(kThreads)
+    sm90_swiglu_fwd_bf16_1x128(const __grid_constant__ FwdParams p) {
+  const uint32_t half = threadIdx.x / kHalf;
+  const uint32_t lane = threadIdx.x % kHalf;
+  const uint32_t base = blockIdx.x * (kThreads / kHalf * kFwdItems) + half;
+  const uint32_t F = p.F;
+
+  uint4 va[kFwdItems], vb[kFwdItems];
+  float pr[kFwdItems];
+  uint32_t row[kFwdItems], tile[kFwdItems];
+#pragma unroll
+  for (int u = 0; u < kFwdItems; ++u) {
+    const uint32_t item = base + u * (kThreads / kHalf);
+    row[u] = p.tiles.div(item);
+    tile[u] = item - row[u] * p.tiles.d;
+    va[u] = vb[u] = make_uint4(0, 0, 0, 0);
+    pr[u] = 1.0f;
+    if (item < p.items) {
+      const uint16_t* a = p.in + uint64_t{row[u]} * (2 * F) + tile[u] * sd::kTile + lane * 8;
+      va[u] = load_stream(a);
+      vb[u] = load_stream(a + F);
+      if (p.prob != nullptr) pr[u] = __ldg(p.prob + row[u]);
+    }
+  }
+#pragma unroll
+  for (int u = 0; u < kFwdItems; ++u) {
+    const bool active = base + u * (kThreads / kHalf) < p.items;
+    float a[8], b[8], y[8];
+    unpack_bf16x8(va[u], a);
+    unpack_bf16x8(vb[u], b);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) y[k] = sd::forward(a[k], b[k], pr[u]);
+    store8<K>(p.out, p.scale, uint64_t{row[u]} * F + tile[u] * sd::kTile + lane * 8, y, active,
+              lane == 0, uint64_t{tile[u]} * p.rows + row[u]);
+  }
+}
+
+// ------------------------------------------------------------------------------------------------
+// Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
+// no dprob (its products are not computed).
+template <OutKind K, bool kWeighted>
+__global__ void __launch_bounds__(kThreads)
+    sm90_swiglu_bwd_bf16_1x128(const __grid_constant__ BwdParams p) {
+  const uint32_t lane = threadIdx.x % 32;
+  const uint32_t m = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
+  if (m >= p.rows) return;  // whole warp
+  const uint32_t F = p.F;
+  const uint32_t tiles_a = F / sd::kTile;
+  const float pr = kWeighted ? __ldg(p.prob + m) : 1.0f;
+  const uint16_t* dy_row = p.dy + uint64_t{m} * F;
+  const uint16_t* in_row = p.in + uint64_t{m} * (2 * F);
+  const uint64_t out_row = uint64_t{m} * (2 * F);
+  float part = 0.0f;
+
+  for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
+    uint4 vdy[kBwdSteps], va[kBwdSteps], vb[kBwdSteps];
+#pragma unroll
+    for (int u = 0; u < kBwdSteps; ++u) {
+      const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
+      vdy[u] = va[u] = vb[u] = make_uint4(0, 0, 0, 0);
+      if (c < F) {
+        vdy[u] = load_stream(dy_row + c);
+        va[u] = load_stream(in_row + c);
+        vb[u] = load_stream(in_row + F + c);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kBwdSteps; ++u) {
+      const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
+      if (c0 + u * 32 * sd::kChunk >= F) break;  // warp-uniform: nothing left for either half
+      const bool active = c < F;                 // half-warp-uniform
+      float dy[8], a[8], b[8], da[8], db[8];
+      unpack_bf16x8(vdy[u], dy);
+      unpack_bf16x8(va[u], a);
+      unpack_bf16x8(vb[u], b);
+#pragma unroll
+      for (int k = 0; k < 8; ++k) {
+        const sd::Grad g = sd::backward(dy[k], a[k], b[k], pr);
+        da[k] = g.da;
+        db[k] = g.db;
+        if (kWeighted && active) part = hd::add(part, g.dp);
+      }
+      const uint32_t t = c / sd::kTile;
+      const bool scale_lane = lane % kHalf == 0;
+      store8<K>(p.din, p.scale, out_row + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
+      store8<K>(p.din, p.scale, out_row + F + c, db, active, scale_lane,
+                uint64_t{tiles_a + t} * p.rows + m);
+    }
+  }
+  if constexpr (kWeighted) {
+#pragma unroll
+    for (int d = 16; d >= 1; d /= 2) part = hd::add(part, __shfl_xor_sync(0xFFFFFFFFu, part, d));
+    if (lane == 0) p.dprob[m] = sd::canonical_f32(part);
+  }
+}
+
+}  // namespace fp8flow::sm90::swiglu_kernels

@@ -1,0 +1,131 @@
+// The element math of the SwiGLU ops, __host__ __device__, written once: the CPU reference and the
+// kernels call these same functions, so GPU == CPU bit for bit is a property of one definition.
+// Every FP32 operation goes through hd:: (no contraction, no reordering); see include/fp8flow/
+// swiglu.h for the formulas and the dprob summation order.
+#pragma once
+
+#include <cstdint>
+
+#include "common/hd_math.h"
+#include "fp8flow/formats.h"
+
+namespace fp8flow::swiglu_detail {
+
+// Output element kinds. FP8 kinds are written with a per-1x128-tile power-of-two scale.
+enum class OutKind : uint8_t { E4M3, E5M2, BF16 };
+
+constexpr int kTile = 128;  // 1x128 scale tile
+constexpr int kChunk = 8;   // columns per chunk (one 16-byte BF16 load)
+constexpr int kLanes = 32;  // dprob partial sums (one per lane of the backward kernel's warp)
+
+// NOTES: exp, sigmoid and silu here return exactly the bits of hd::exp, hd::sigmoid and hd::silu
+// (src/common/hd_math.h) for every input, but are written without data-dependent branches, which
+// cost a memory-bound kernel issue slots (and reconvergence) on every element: the range checks
+// become selects, and the final scaling by 2^n becomes one multiply by a power of two built from
+// bits (exact for normal results; for subnormal results the same single rounding hd::exp's
+// fmt::mul_pow2 does). Checked against hd:: on a dense sample of all 2^32 inputs on the CPU
+// (SwigluRef.BranchFreeSiluEqualsHd) and exhaustively on the GPU
+// (SwigluGpu.BranchFreeSiluEqualsHdExhaustive). kBranchFree = false uses hd:: directly.
+constexpr bool kBranchFree = true;
+
+FP8FLOW_HD float exp(float x) {
+  if constexpr (!kBranchFree) return hd::exp(x);
+  // Same reduction and polynomial as hd::exp, on x clamped so that n stays a small integer (the
+  // clamp changes nothing in hd::exp's range [-103.97208, 88.72283]; outside it, selects below).
+  const float xc = x >= -104.0f ? (x <= 89.0f ? x : 89.0f) : -104.0f;  // NaN -> -104
+  const float n = rintf(hd::mul(xc, 1.44269504f));
+  float r = hd::fma(n, -0.693145752f, xc);
+  r = hd::fma(n, -1.42860677e-6f, r);
+  float q = 1.98412698e-4f;
+  q = hd::fma(q, r, 1.38888889e-3f);
+  q = hd::fma(q, r, 8.33333333e-3f);
+  q = hd::fma(q, r, 4.16666667e-2f);
+  q = hd::fma(q, r, 1.66666667e-1f);
+  q = hd::fma(q, r, 0.5f);
+  q = hd::fma(q, r, 1.0f);
+  q = hd::fma(q, r, 1.0f);
+  // q * 2^n as fmt::mul_pow2 does it: q (positive, normal) = q1 * 2^(field - 127), q1 in [1, 2);
+  // result = q1 * 2^k, k = field - 127 + n, with 2^k built from bits (Inf for k = 128, 0 below
+  // 2^-149): one rounding, exact when the result is normal.
+  const uint32_t u = fmt::f32_bits(q);
+  const float q1 = fmt::f32_from_bits((u & 0x007FFFFFu) | (127u << 23));
+  const int k = static_cast<int>(u >> 23) - 127 + static_cast<int>(n);
+  const uint32_t pk =
+      k >= -126 ? static_cast<uint32_t>(k + 127) << 23 : (k >= -149 ? 1u << (k + 149) : 0u);
+  float res = hd::mul(q1, fmt::f32_from_bits(pk));
+  res = x > 88.72283f ? fmt::f32_from_bits(0x7F800000u) : res;
+  res = x < -103.97208f ? 0.0f : res;
+  return x != x ? x : res;
+}
+
+FP8FLOW_HD float sigmoid(float x) {
+  if constexpr (!kBranchFree) return hd::sigmoid(x);
+  return hd::div(1.0f, hd::add(1.0f, exp(-x)));
+}
+
+FP8FLOW_HD float silu(float x) {
+  if constexpr (!kBranchFree) return hd::silu(x);
+  return hd::mul(x, sigmoid(x));
+}
+
+// Forward: y = (silu(a) * b) * p.
+FP8FLOW_HD float forward(float a, float b, float p) {
+  return hd::mul(hd::mul(silu(a), b), p);
+}
+
+struct Grad {
+  float da, db, dp;  // dp: this element's term of dprob, (dy * silu) * b
+};
+
+// Backward of one element.
+FP8FLOW_HD Grad backward(float dy, float a, float b, float p) {
+  const float s = sigmoid(a);
+  const float silu = hd::mul(a, s);
+  const float dsilu = hd::mul(s, hd::add(1.0f, hd::mul(a, hd::sub(1.0f, s))));
+  const float dya = hd::mul(dy, p);
+  Grad g;
+  g.da = hd::mul(hd::mul(dya, b), dsilu);
+  g.db = hd::mul(dya, silu);
+  g.dp = hd::mul(hd::mul(dy, silu), b);
+  return g;
+}
+
+// |y| when finite, else 0: the amax contribution of one result (a float compare, one instruction
+// on the device; NaN compares false).
+FP8FLOW_HD float amax_term(float y) {
+  const float a = fmt::f32_abs(y);
+  return a < fmt::f32_from_bits(0x7F800000u) ? a : 0.0f;
+}
+
+// max for amax: both operands are finite and >= 0 (amax_term), so plain comparison suffices.
+FP8FLOW_HD float amax_max(float x, float y) {
+  return x > y ? x : y;
+}
+
+template <OutKind K>
+FP8FLOW_HD int scale_exponent(float amax) {
+  return fmt::scale_exponent(amax, K == OutKind::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp);
+}
+
+// One FP8 code of result y in a tile of exponent e: RNE(y * 2^-e), saturating; the multiply by an
+// exact power of two is a single IEEE rounding (== fmt::mul_pow2 for finite y, and keeps +-Inf).
+// NaN becomes the canonical NaN code whatever its sign or payload (NaN bits differ between the
+// CPU's and the GPU's arithmetic; the codes must not).
+template <OutKind K>
+FP8FLOW_HD uint8_t encode_fp8(float y, float inv_scale) {
+  if (fmt::f32_is_nan(y)) return 0x7F;
+  const float v = hd::mul(y, inv_scale);
+  return K == OutKind::E4M3 ? fmt::e4m3_from_f32(v) : fmt::e5m2_from_f32(v);
+}
+
+// BF16 of result y (RNE), NaN canonical.
+FP8FLOW_HD uint16_t encode_bf16(float y) {
+  return fmt::f32_is_nan(y) ? uint16_t{0x7FC0} : fmt::bf16_from_f32(y);
+}
+
+// F32 result with NaN canonical (dprob).
+FP8FLOW_HD float canonical_f32(float y) {
+  return fmt::f32_is_nan(y) ? fmt::f32_from_bits(0x7FC00000u) : y;
+}
+
+}  // namespace fp8flow::swiglu_detail

@@ -1,0 +1,77 @@
+// Shared inputs and output buffers of the SwiGLU tests (CPU reference tests and GPU == CPU tests).
+#pragma once
+
+#include <cstdint>
+#include <random>
+#include <vector>
+
+#include "common/test_util.h"
+#include "fp8flow/swiglu.h"
+
+namespace fp8flow::test {
+
+// One SwiGLU problem: in BF16 [M][2F], dy BF16 [M][F], prob F32 [M][1].
+// prob: U[0, 1) with every 4th row exactly 0. Padding rows (m % 5 == 4 when `padding`): all-zero
+// in, prob 0, and dy zero too (what unpermute-bwd gives pad rows) unless `pad_dy`.
+struct SwigluCase {
+  int64_t M = 0, F = 0;
+  HostTensor in, dy, prob;
+};
+
+inline bool is_pad_row(int64_t m) {
+  return m % 5 == 4;
+}
+
+inline SwigluCase make_case(int64_t M, int64_t F, Fill fill, uint64_t seed, bool padding = true,
+                            bool pad_dy = false) {
+  SwigluCase c;
+  c.M = M;
+  c.F = F;
+  std::vector<float> x = make_values(M, 2 * F, fill, seed);
+  std::vector<float> g =
+      make_values(M, F, fill == Fill::Adversarial ? Fill::Normal : fill, seed * 7 + 1);
+  if (fill == Fill::Adversarial) {  // a few non-finite gradients too, in rows of their own
+    for (int64_t m = 0; m < M; m += 11) g[static_cast<size_t>(m * F + (m % F))] = NAN;
+    for (int64_t m = 5; m < M; m += 13) g[static_cast<size_t>(m * F + (m * 3 % F))] = INFINITY;
+  }
+  std::mt19937_64 rng(seed ^ 0x5eed);
+  std::uniform_real_distribution<float> u(0.f, 1.f);
+  std::vector<float> p(static_cast<size_t>(M));
+  for (int64_t m = 0; m < M; ++m) p[m] = (m % 4 == 1) ? 0.f : u(rng);
+  if (padding) {
+    for (int64_t m = 0; m < M; ++m) {
+      if (!is_pad_row(m)) continue;
+      for (int64_t j = 0; j < 2 * F; ++j) x[static_cast<size_t>(m * 2 * F + j)] = 0.f;
+      if (!pad_dy)
+        for (int64_t j = 0; j < F; ++j) g[static_cast<size_t>(m * F + j)] = 0.f;
+      p[m] = 0.f;
+    }
+  }
+  c.in = host_from_values(x, DType::BF16, M, 2 * F);
+  c.dy = host_from_values(g, DType::BF16, M, F);
+  c.prob = host_from_values(p, DType::F32, M, 1);
+  return c;
+}
+
+// Host output buffers (poisoned 0xA5) for a quantized [rows][cols] result.
+struct HostScaled {
+  HostTensor data, scale;
+  HostScaled(DType d, int64_t rows, int64_t cols)
+      : data(d, rows, cols), scale(DType::F32, cols / 128, rows) {}
+  ScaledTensor view() const { return ScaledTensor{data.v, scale.v, ScaleLayout::Rowwise1x128, {}}; }
+};
+
+inline float bf16_at(const HostTensor& t, int64_t r, int64_t c) {
+  return fmt::bf16_to_f32(reinterpret_cast<const uint16_t*>(t.buf.data())[r * t.v.cols + c]);
+}
+inline float f32_at(const HostTensor& t, int64_t i) {
+  return reinterpret_cast<const float*>(t.buf.data())[i];
+}
+inline uint8_t u8_at(const HostTensor& t, int64_t r, int64_t c) {
+  return t.buf[static_cast<size_t>(r * t.v.cols + c)];
+}
+inline uint16_t u16_at(const HostTensor& t, int64_t r, int64_t c) {
+  return reinterpret_cast<const uint16_t*>(t.buf.data())[r * t.v.cols + c];
+}
+
+}  // namespace fp8flow::test

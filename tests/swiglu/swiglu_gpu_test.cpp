@@ -1,0 +1,300 @@
+// SwiGLU ops, CUDA backend: GPU == CPU reference bit for bit (codes, scales, BF16, dprob) over
+// shapes, fills, output kinds and the unweighted variant; the hardware conversions the kernels use
+// against formats.h over all 2^32 inputs; streams, empty inputs, device-side bad arguments.
+// Skips with a printed reason where no GPU is visible.
+#include <gtest/gtest.h>
+
+#include <cstdio>
+#include <functional>
+#include <string>
+
+#include "ops/swiglu/swiglu_backends.h"
+#include "swiglu/swiglu_cases.h"
+
+#if FP8FLOW_WITH_CUDA
+#include <cuda_runtime_api.h>
+#endif
+
+namespace fp8flow {
+namespace {
+
+#if FP8FLOW_WITH_CUDA
+
+using test::DeviceTensor;
+using test::Fill;
+using test::HostScaled;
+using test::HostTensor;
+using test::SwigluCase;
+
+struct DeviceScaled {
+  DeviceTensor data, scale;
+  DeviceScaled(DType d, int64_t rows, int64_t cols)
+      : data(d, rows, cols), scale(DType::F32, cols / 128, rows) {}
+  ScaledTensor view() const { return ScaledTensor{data.v, scale.v, ScaleLayout::Rowwise1x128, {}}; }
+};
+
+struct GpuCase {
+  DeviceTensor in, dy, prob;
+  explicit GpuCase(const SwigluCase& c) : in(c.in), dy(c.dy), prob(c.prob) {}
+};
+
+// out kind: E4M3, E5M2 (scaled) or BF16.
+void expect_forward_equal(const SwigluCase& c, DType kind, bool weighted, Stream stream = nullptr) {
+  const SwigluOptions opt{weighted};
+  const TensorView prob = weighted ? c.prob.v : TensorView{};
+  GpuCase g(c);
+  const TensorView prob_gpu = weighted ? g.prob.v : TensorView{};
+  if (kind == DType::BF16) {
+    HostTensor want(DType::BF16, c.M, c.F);
+    swiglu(c.in.v, prob, want.v, opt);
+    DeviceTensor got(DType::BF16, c.M, c.F);
+    swiglu(g.in.v, prob_gpu, got.v, opt, stream);
+    EXPECT_TRUE(test::bytes_equal(got.to_host(), want)) << "BF16 out";
+    return;
+  }
+  HostScaled want(kind, c.M, c.F);
+  swiglu(c.in.v, prob, want.view(), opt);
+  DeviceScaled got(kind, c.M, c.F);
+  swiglu(g.in.v, prob_gpu, got.view(), opt, stream);
+  EXPECT_TRUE(test::bytes_equal(got.data.to_host(), want.data)) << "codes";
+  EXPECT_TRUE(test::bytes_equal(got.scale.to_host(), want.scale)) << "scales";
+}
+
+void expect_backward_equal(const SwigluCase& c, DType kind, bool weighted,
+                           Stream stream = nullptr) {
+  const SwigluOptions opt{weighted};
+  const TensorView prob = weighted ? c.prob.v : TensorView{};
+  GpuCase g(c);
+  const TensorView prob_gpu = weighted ? g.prob.v : TensorView{};
+  HostTensor dprob_want(DType::F32, c.M, 1);
+  DeviceTensor dprob_got(DType::F32, c.M, 1);
+  const TensorView dpw = weighted ? dprob_want.v : TensorView{};
+  const TensorView dpg = weighted ? dprob_got.v : TensorView{};
+  if (kind == DType::BF16) {
+    HostTensor want(DType::BF16, c.M, 2 * c.F);
+    swiglu_backward(c.dy.v, c.in.v, prob, want.v, dpw, opt);
+    DeviceTensor got(DType::BF16, c.M, 2 * c.F);
+    swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.v, dpg, opt, stream);
+    EXPECT_TRUE(test::bytes_equal(got.to_host(), want)) << "BF16 din";
+  } else {
+    HostScaled want(kind, c.M, 2 * c.F);
+    swiglu_backward(c.dy.v, c.in.v, prob, want.view(), dpw, opt);
+    DeviceScaled got(kind, c.M, 2 * c.F);
+    swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.view(), dpg, opt, stream);
+    EXPECT_TRUE(test::bytes_equal(got.data.to_host(), want.data)) << "din codes";
+    EXPECT_TRUE(test::bytes_equal(got.scale.to_host(), want.scale)) << "din scales";
+  }
+  // Unweighted: dprob untouched on both sides (host poison 0xA5 vs device poison 0xA5).
+  EXPECT_TRUE(test::bytes_equal(dprob_got.to_host(), dprob_want)) << "dprob";
+}
+
+struct Shape {
+  int64_t M, F;
+};
+// F % 256 == 128 and == 0; one row; partial last block of rows/items; the DeepSeek-V3 F.
+const Shape kShapes[] = {{1, 128},  {3, 128},     {3, 256},    {300, 512},   {37, 384},
+                         {5, 1280}, {1024, 2048}, {129, 4096}, {2, 128 * 37}};
+const Fill kFills[] = {Fill::Normal, Fill::WideRange, Fill::Adversarial};
+const DType kKinds[] = {DType::E4M3, DType::E5M2, DType::BF16};
+
+TEST(SwigluGpu, HardwareCvtMatchesFormats) {
+  FP8FLOW_REQUIRE_GPU();
+  for (DType d : kKinds) {
+    uint32_t example = 0;
+    EXPECT_EQ(sm90::swiglu_hw_cvt_mismatches(d, &example), 0)
+        << to_string(d) << ": e.g. x = 0x" << std::hex << example;
+  }
+}
+
+TEST(SwigluGpu, BranchFreeSiluEqualsHdExhaustive) {
+  FP8FLOW_REQUIRE_GPU();
+  uint32_t example = 0;
+  EXPECT_EQ(sm90::swiglu_silu_mismatches(&example), 0) << "e.g. x = 0x" << std::hex << example;
+}
+
+TEST(SwigluGpu, ForwardMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  uint64_t seed = 1000;
+  for (const Shape& s : kShapes)
+    for (Fill f : kFills) {
+      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
+      for (DType k : kKinds)
+        for (bool weighted : {true, false}) {
+          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
+                                          << " out " << to_string(k) << " weighted " << weighted);
+          expect_forward_equal(c, k, weighted);
+        }
+    }
+}
+
+TEST(SwigluGpu, BackwardMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  uint64_t seed = 2000;
+  for (const Shape& s : kShapes)
+    for (Fill f : kFills) {
+      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
+      for (DType k : kKinds)
+        for (bool weighted : {true, false}) {
+          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
+                                          << " out " << to_string(k) << " weighted " << weighted);
+          expect_backward_equal(c, k, weighted);
+        }
+    }
+}
+
+// Pad rows whose dy is not zero (signed zeros), and rows without padding at all.
+TEST(SwigluGpu, PaddingVariantsMatchReference) {
+  FP8FLOW_REQUIRE_GPU();
+  const SwigluCase with_dy = test::make_case(64, 384, Fill::Normal, 7, true, true);
+  const SwigluCase no_pad = test::make_case(64, 384, Fill::Normal, 8, false);
+  for (DType k : kKinds) {
+    expect_forward_equal(with_dy, k, true);
+    expect_backward_equal(with_dy, k, true);
+    expect_forward_equal(no_pad, k, true);
+    expect_backward_equal(no_pad, k, true);
+  }
+}
+
+// A larger problem (DeepSeek-V3 F, many blocks per SM) on a non-default stream.
+TEST(SwigluGpu, LargeOnStream) {
+  FP8FLOW_REQUIRE_GPU();
+  cudaStream_t s = nullptr;
+  ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+  const SwigluCase c = test::make_case(4096, 2048, Fill::Normal, 9);
+  expect_forward_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s));
+  expect_backward_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s));
+  EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
+  EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
+}
+
+TEST(SwigluGpu, DeterministicAcrossRuns) {
+  FP8FLOW_REQUIRE_GPU();
+  const SwigluCase c = test::make_case(333, 2048, Fill::WideRange, 10);
+  GpuCase g(c);
+  DeviceScaled a(DType::E4M3, c.M, 2 * c.F), b(DType::E4M3, c.M, 2 * c.F);
+  DeviceTensor pa(DType::F32, c.M, 1), pb(DType::F32, c.M, 1);
+  swiglu_backward(g.dy.v, g.in.v, g.prob.v, a.view(), pa.v);
+  swiglu_backward(g.dy.v, g.in.v, g.prob.v, b.view(), pb.v);
+  EXPECT_TRUE(test::bytes_equal(a.data.to_host(), b.data.to_host()));
+  EXPECT_TRUE(test::bytes_equal(pa.to_host(), pb.to_host()));
+}
+
+TEST(SwigluGpu, EmptyLaunchesNothing) {
+  FP8FLOW_REQUIRE_GPU();
+  const SwigluCase c = test::make_case(0, 256, Fill::Normal, 1);
+  GpuCase g(c);
+  DeviceScaled out(DType::E4M3, 0, 256), din(DType::E4M3, 0, 512);
+  DeviceTensor dprob(DType::F32, 0, 1);
+  swiglu(g.in.v, g.prob.v, out.view());
+  swiglu_backward(g.dy.v, g.in.v, g.prob.v, din.view(), dprob.v);
+  EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+}
+
+void expect_error(const std::function<void()>& f, const std::string& prefix,
+                  const std::string& what) {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected " << prefix;
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind(prefix, 0), 0u) << msg;
+    EXPECT_NE(msg.find(what), std::string::npos) << msg;
+  }
+}
+
+TEST(SwigluGpu, BadDeviceArguments) {
+  FP8FLOW_REQUIRE_GPU();
+  const SwigluCase c = test::make_case(4, 256, Fill::Normal, 3);
+  GpuCase g(c);
+  DeviceScaled out(DType::E4M3, 4, 256), din(DType::E4M3, 4, 512);
+  DeviceTensor dprob(DType::F32, 4, 1);
+  DeviceTensor big(DType::BF16, 4, 512 + 8);
+  TensorView mis = g.in.v;
+  mis.data = static_cast<char*>(big.p) + 2;  // device memory, 2-byte aligned only
+  expect_error([&] { swiglu(mis, g.prob.v, out.view()); }, "fp8flow::swiglu: in: ", "aligned");
+  TensorView host_in = c.in.v;
+  host_in.device = Device::Cuda;  // host memory marked Cuda
+  expect_error([&] { swiglu(host_in, g.prob.v, out.view()); },
+               "fp8flow::swiglu: in: ", "device memory");
+  TensorView host_prob = c.prob.v;
+  host_prob.device = Device::Cuda;
+  expect_error([&] { swiglu_backward(g.dy.v, g.in.v, host_prob, din.view(), dprob.v); },
+               "fp8flow::swiglu_backward: prob: ", "device memory");
+  ScaledTensor d = din.view();
+  d.data.data = static_cast<char*>(big.p) + 8;
+  expect_error([&] { swiglu_backward(g.dy.v, g.in.v, g.prob.v, d, dprob.v); },
+               "fp8flow::swiglu_backward: din.data: ", "aligned");
+}
+
+// Not a correctness test: prints achieved bandwidth (bytes read + written per second) of each
+// variant at the DeepSeek-V3 shard shape M = 32768, F = 2048, next to a device-to-device copy
+// (cudaMemcpyAsync, counted as read + write) on the same GPU. Run it with
+//   --gtest_also_run_disabled_tests --gtest_filter='SwigluGpu.DISABLED_BandwidthReport'
+TEST(SwigluGpu, DISABLED_BandwidthReport) {
+  FP8FLOW_REQUIRE_GPU();
+  const int64_t M = 32768, F = 2048, kRep = 256;
+  const SwigluCase blk = test::make_case(kRep, F, Fill::Normal, 5);
+  DeviceTensor in(DType::BF16, M, 2 * F), dy(DType::BF16, M, F), prob(DType::F32, M, 1);
+  for (int64_t m0 = 0; m0 < M; m0 += kRep) {
+    ASSERT_EQ(cudaMemcpy(static_cast<uint16_t*>(in.p) + m0 * 2 * F, blk.in.buf.data(),
+                         blk.in.bytes(), cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(static_cast<uint16_t*>(dy.p) + m0 * F, blk.dy.buf.data(), blk.dy.bytes(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+    ASSERT_EQ(cudaMemcpy(static_cast<float*>(prob.p) + m0, blk.prob.buf.data(), blk.prob.bytes(),
+                         cudaMemcpyHostToDevice),
+              cudaSuccess);
+  }
+  DeviceScaled out(DType::E4M3, M, F), din(DType::E4M3, M, 2 * F);
+  DeviceTensor out16(DType::BF16, M, F), din16(DType::BF16, M, 2 * F), dprob(DType::F32, M, 1);
+  cudaEvent_t t0, t1;
+  ASSERT_EQ(cudaEventCreate(&t0), cudaSuccess);
+  ASSERT_EQ(cudaEventCreate(&t1), cudaSuccess);
+  auto time_ms = [&](const std::function<void()>& f) {
+    for (int i = 0; i < 3; ++i) f();
+    const int iters = 20;
+    cudaEventRecord(t0);
+    for (int i = 0; i < iters; ++i) f();
+    cudaEventRecord(t1);
+    cudaEventSynchronize(t1);
+    float ms = 0;
+    cudaEventElapsedTime(&ms, t0, t1);
+    return double(ms) / iters;
+  };
+  auto report = [&](const char* name, double bytes, double ms) {
+    std::printf("  %-26s %8.4f ms  %6.3f TB/s  (%.0f MB)\n", name, ms, bytes / ms * 1e-9,
+                bytes * 1e-6);
+  };
+  const double mf = double(M) * F;
+  const double fwd8 = mf * 4 + M * 4 + mf + mf / 128 * 4, fwd16 = mf * 4 + M * 4 + mf * 2;
+  const double bwd8 = mf * 6 + M * 4 + mf * 2 + mf / 64 * 4 + M * 4,
+               bwd16 = mf * 6 + M * 8 + mf * 4;
+  std::printf("SwiGLU at M %lld, F %lld:\n", static_cast<long long>(M), static_cast<long long>(F));
+  const double copy = time_ms([&] {
+    cudaMemcpyAsync(din16.p, in.p, static_cast<size_t>(fwd8 / 2), cudaMemcpyDeviceToDevice);
+  });
+  report("d2d copy (same bytes)", fwd8, copy);
+  report("fwd E4M3 1x128", fwd8, time_ms([&] { swiglu(in.v, prob.v, out.view()); }));
+  report("fwd BF16", fwd16, time_ms([&] { swiglu(in.v, prob.v, out16.v); }));
+  report("bwd E4M3 1x128 + dprob", bwd8,
+         time_ms([&] { swiglu_backward(dy.v, in.v, prob.v, din.view(), dprob.v); }));
+  report("bwd BF16 + dprob", bwd16,
+         time_ms([&] { swiglu_backward(dy.v, in.v, prob.v, din16.v, dprob.v); }));
+  report("fwd E4M3 unweighted", fwd8 - M * 4,
+         time_ms([&] { swiglu(in.v, {}, out.view(), SwigluOptions{false}); }));
+  EXPECT_EQ(cudaGetLastError(), cudaSuccess);
+  cudaEventDestroy(t0);
+  cudaEventDestroy(t1);
+}
+
+#else
+
+TEST(SwigluGpu, SkippedInCpuOnlyBuild) {
+  GTEST_SKIP() << "CPU-only build: GPU tests skipped";
+}
+
+#endif
+
+}  // namespace
+}  // namespace fp8flow
