@@ -7,6 +7,7 @@
 #include "fp8flow/permute.h"
 #include "fp8flow/quantize.h"
 #include "fp8flow/router.h"
+#include "fp8flow/swiglu.h"
 #include "fp8flow/transpose.h"
 #include "fp8flow/types.h"
 #include "fp8flow/version.h"
