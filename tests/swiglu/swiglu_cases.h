@@ -54,9 +54,9 @@ inline SwigluCase make_case(int64_t M, int64_t F, Fill fill, uint64_t seed, bool
 }
 
 // Host output buffers (poisoned 0xA5) for a quantized [rows][cols] result.
-struct HostScaled {
+struct SwigluHostScaled {
   HostTensor data, scale;
-  HostScaled(DType d, int64_t rows, int64_t cols)
+  SwigluHostScaled(DType d, int64_t rows, int64_t cols)
       : data(d, rows, cols), scale(DType::F32, cols / 128, rows) {}
   ScaledTensor view() const { return ScaledTensor{data.v, scale.v, ScaleLayout::Rowwise1x128, {}}; }
 };

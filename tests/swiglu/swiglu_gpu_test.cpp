@@ -22,7 +22,7 @@ namespace {
 
 using test::DeviceTensor;
 using test::Fill;
-using test::HostScaled;
+using test::SwigluHostScaled;
 using test::HostTensor;
 using test::SwigluCase;
 
@@ -52,7 +52,7 @@ void expect_forward_equal(const SwigluCase& c, DType kind, bool weighted, Stream
     EXPECT_TRUE(test::bytes_equal(got.to_host(), want)) << "BF16 out";
     return;
   }
-  HostScaled want(kind, c.M, c.F);
+  SwigluHostScaled want(kind, c.M, c.F);
   swiglu(c.in.v, prob, want.view(), opt);
   DeviceScaled got(kind, c.M, c.F);
   swiglu(g.in.v, prob_gpu, got.view(), opt, stream);
@@ -77,7 +77,7 @@ void expect_backward_equal(const SwigluCase& c, DType kind, bool weighted,
     swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.v, dpg, opt, stream);
     EXPECT_TRUE(test::bytes_equal(got.to_host(), want)) << "BF16 din";
   } else {
-    HostScaled want(kind, c.M, 2 * c.F);
+    SwigluHostScaled want(kind, c.M, 2 * c.F);
     swiglu_backward(c.dy.v, c.in.v, prob, want.view(), dpw, opt);
     DeviceScaled got(kind, c.M, 2 * c.F);
     swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.view(), dpg, opt, stream);

@@ -17,7 +17,7 @@ namespace fp8flow {
 namespace {
 
 using test::Fill;
-using test::HostScaled;
+using test::SwigluHostScaled;
 using test::HostTensor;
 using test::SwigluCase;
 
@@ -63,17 +63,17 @@ float prob_of(const SwigluCase& c, int64_t m) {
 }
 
 // Dequantized element (r, col) of a Rowwise1x128 FP8 output.
-double deq(const HostScaled& o, DType d, int64_t r, int64_t col) {
+double deq(const SwigluHostScaled& o, DType d, int64_t r, int64_t col) {
   const uint8_t q = test::u8_at(o.data, r, col);
   const double s = test::f32_at(o.scale, (col / 128) * o.data.v.rows + r);
   return (d == DType::E4M3 ? double(fmt::e4m3_to_f32(q)) : double(fmt::e5m2_to_f32(q))) * s;
 }
-double scale_of(const HostScaled& o, int64_t r, int64_t col) {
+double scale_of(const SwigluHostScaled& o, int64_t r, int64_t col) {
   return test::f32_at(o.scale, (col / 128) * o.data.v.rows + r);
 }
 
 // Every scale a finite power of two in [2^-127, 2^127].
-void expect_scales_pow2(const HostScaled& o) {
+void expect_scales_pow2(const SwigluHostScaled& o) {
   const int64_t n = o.scale.v.rows * o.scale.v.cols;
   for (int64_t i = 0; i < n; ++i) {
     const float s = test::f32_at(o.scale, i);
@@ -93,7 +93,7 @@ const Shape kShapes[] = {{1, 128}, {3, 128}, {3, 256}, {300, 512}, {37, 384}, {6
 // Forward against FP64.
 
 void check_forward_fp8(const SwigluCase& c, DType d) {
-  HostScaled out(d, c.M, c.F);
+  SwigluHostScaled out(d, c.M, c.F);
   swiglu(c.in.v, c.prob.v, out.view());
   expect_scales_pow2(out);
   const Bound b = d == DType::E4M3 ? kE4M3 : kE5M2;
@@ -148,7 +148,7 @@ TEST(SwigluRef, ForwardBf16WithinHalfUlpOfFp64) {
 // scale rule: checked on the bits against an independent per-tile quantization of those values.
 TEST(SwigluRef, ForwardFp8IsQuantizeOfFormula) {
   const SwigluCase c = test::make_case(7, 384, Fill::Normal, 3);
-  HostScaled out(DType::E4M3, c.M, c.F);
+  SwigluHostScaled out(DType::E4M3, c.M, c.F);
   swiglu(c.in.v, c.prob.v, out.view());
   for (int64_t m = 0; m < c.M; ++m)
     for (int64_t t = 0; t < c.F / 128; ++t) {
@@ -266,7 +266,7 @@ void expect_dprob(const SwigluCase& c, const HostTensor& dprob) {
 }
 
 void check_backward_fp8(const SwigluCase& c, DType d) {
-  HostScaled din(d, c.M, 2 * c.F);
+  SwigluHostScaled din(d, c.M, 2 * c.F);
   HostTensor dprob(DType::F32, c.M, 1);
   swiglu_backward(c.dy.v, c.in.v, c.prob.v, din.view(), dprob.v);
   expect_scales_pow2(din);
@@ -362,7 +362,7 @@ TEST(SwigluRef, BackwardBf16MatchesFiniteDifferences) {
 // differs in the last bits, so the order is really pinned.
 TEST(SwigluRef, DprobFollowsDocumentedOrder) {
   const SwigluCase c = test::make_case(16, 2048, Fill::Normal, 23, /*padding=*/false);
-  HostScaled din(DType::E4M3, c.M, 2 * c.F);
+  SwigluHostScaled din(DType::E4M3, c.M, 2 * c.F);
   HostTensor dprob(DType::F32, c.M, 1);
   swiglu_backward(c.dy.v, c.in.v, c.prob.v, din.view(), dprob.v);
   int differs_from_sequential = 0;
@@ -391,7 +391,7 @@ TEST(SwigluRef, DprobFollowsDocumentedOrder) {
 TEST(SwigluRef, PaddingRowsGiveZerosAndZeroTileScale) {
   for (bool pad_dy : {false, true}) {
     const SwigluCase c = test::make_case(20, 384, Fill::Normal, 31, true, pad_dy);
-    HostScaled out(DType::E4M3, c.M, c.F), din(DType::E4M3, c.M, 2 * c.F);
+    SwigluHostScaled out(DType::E4M3, c.M, c.F), din(DType::E4M3, c.M, 2 * c.F);
     HostTensor out16(DType::BF16, c.M, c.F), din16(DType::BF16, c.M, 2 * c.F);
     HostTensor dprob(DType::F32, c.M, 1), dprob16(DType::F32, c.M, 1);
     swiglu(c.in.v, c.prob.v, out.view());
@@ -426,7 +426,7 @@ TEST(SwigluRef, PaddingRowsGiveZerosAndZeroTileScale) {
 // never a non-finite or NaN-driven scale; its tile's other elements keep the finite amax scale.
 TEST(SwigluRef, NonFiniteInputsGiveNanCodesAndFiniteScales) {
   const SwigluCase c = test::make_case(50, 384, Fill::Adversarial, 41);
-  HostScaled out(DType::E4M3, c.M, c.F), din(DType::E4M3, c.M, 2 * c.F);
+  SwigluHostScaled out(DType::E4M3, c.M, c.F), din(DType::E4M3, c.M, 2 * c.F);
   HostTensor out16(DType::BF16, c.M, c.F), dprob(DType::F32, c.M, 1);
   swiglu(c.in.v, c.prob.v, out.view());
   swiglu(c.in.v, c.prob.v, out16.v);
@@ -475,12 +475,12 @@ TEST(SwigluRef, UnweightedEqualsProbOne) {
   HostTensor ones(DType::F32, c.M, 1);
   for (int64_t m = 0; m < c.M; ++m) ones.ptr<float>()[m] = 1.f;
   const SwigluOptions unweighted{false};
-  HostScaled a(DType::E4M3, c.M, c.F), b(DType::E4M3, c.M, c.F);
+  SwigluHostScaled a(DType::E4M3, c.M, c.F), b(DType::E4M3, c.M, c.F);
   swiglu(c.in.v, ones.v, a.view());
   swiglu(c.in.v, {}, b.view(), unweighted);
   EXPECT_TRUE(test::bytes_equal(a.data, b.data));
   EXPECT_TRUE(test::bytes_equal(a.scale, b.scale));
-  HostScaled da(DType::E4M3, c.M, 2 * c.F), db(DType::E4M3, c.M, 2 * c.F);
+  SwigluHostScaled da(DType::E4M3, c.M, 2 * c.F), db(DType::E4M3, c.M, 2 * c.F);
   HostTensor dprob(DType::F32, c.M, 1);
   swiglu_backward(c.dy.v, c.in.v, ones.v, da.view(), dprob.v);
   swiglu_backward(c.dy.v, c.in.v, {}, db.view(), {}, unweighted);
@@ -491,14 +491,14 @@ TEST(SwigluRef, UnweightedEqualsProbOne) {
   swiglu_backward(c.dy.v, c.in.v, {}, d16b.v, {}, unweighted);
   EXPECT_TRUE(test::bytes_equal(d16a, d16b));
   // ... and differs from the weighted op with the case's own probabilities.
-  HostScaled w(DType::E4M3, c.M, c.F);
+  SwigluHostScaled w(DType::E4M3, c.M, c.F);
   swiglu(c.in.v, c.prob.v, w.view());
   EXPECT_FALSE(test::bytes_equal(a.data, w.data));
 }
 
 TEST(SwigluRef, EmptyRows) {
   const SwigluCase c = test::make_case(0, 256, Fill::Normal, 1);
-  HostScaled out(DType::E4M3, 0, 256), din(DType::E4M3, 0, 512);
+  SwigluHostScaled out(DType::E4M3, 0, 256), din(DType::E4M3, 0, 512);
   HostTensor dprob(DType::F32, 0, 1);
   swiglu(c.in.v, c.prob.v, out.view());
   swiglu_backward(c.dy.v, c.in.v, c.prob.v, din.view(), dprob.v);
@@ -510,7 +510,7 @@ TEST(SwigluRef, ProbAsRowVector) {
   TensorView prow = c.prob.v;
   prow.rows = 1;
   prow.cols = c.M;
-  HostScaled a(DType::E4M3, c.M, c.F), b(DType::E4M3, c.M, c.F);
+  SwigluHostScaled a(DType::E4M3, c.M, c.F), b(DType::E4M3, c.M, c.F);
   swiglu(c.in.v, c.prob.v, a.view());
   swiglu(c.in.v, prow, b.view());
   EXPECT_TRUE(test::bytes_equal(a.data, b.data));
@@ -575,7 +575,7 @@ void expect_error(const std::function<void()>& f, const std::string& op, const s
 struct BadArgs : testing::Test {
   static constexpr int64_t M = 4, F = 256;
   SwigluCase c = test::make_case(M, F, Fill::Normal, 71);
-  HostScaled out{DType::E4M3, M, F}, din{DType::E4M3, M, 2 * F};
+  SwigluHostScaled out{DType::E4M3, M, F}, din{DType::E4M3, M, 2 * F};
   HostTensor out16{DType::BF16, M, F}, din16{DType::BF16, M, 2 * F}, dprob{DType::F32, M, 1};
 };
 
