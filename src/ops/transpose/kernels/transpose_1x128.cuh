@@ -45,7 +45,7 @@
 namespace fp8flow::sm90 {
 
 constexpr int kTransposeThreads = 256;
-constexpr int kTransposeMinBlocksPerSm = 3;  // <= 85 registers: ColumnTight needs ~70
+// CTAs per SM the register budget allows: 4 for TileMax (<= 64 registers), 3 for ColumnTight.
 
 namespace tdev {
 
@@ -77,26 +77,10 @@ __device__ __forceinline__ void store_tokens_slow(uint8_t* dst, const uint32_t (
   }
 }
 
-// |code| * 2^d with the code's sign, as an exact FP32 (d in [-60, 40]; NaN codes not handled).
-__device__ __forceinline__ float e4m3_scaled_value(uint32_t code, int d) {
-  const uint32_t m = code & 0x7Fu;
-  float v;
-  if (m >= 8u) {
-    v = __uint_as_float((m << 20) + (static_cast<uint32_t>(120 + d) << 23));  // normal: exp shift
-  } else {
-    v = static_cast<float>(m) * fmt::exp2i(d - 9);  // subnormal code: m * 2^-9 * 2^d, exact
-  }
-  return (code & 0x80u) ? -v : v;
-}
-
-// scale_exponent(|code|) for a nonzero, non-NaN E4M3 code (low byte of b), -1000 otherwise:
-// normal codes E - 15 + (M == 7); subnormal M * 2^-9: -17 (M = 1), -16 (M = 2, 3), -15 (M >= 4).
+// scale_exponent(|code|) for a nonzero, non-NaN E4M3 code (low byte of b), -1000 otherwise.
 __device__ __forceinline__ int code_key(uint32_t b) {
-  const int m = static_cast<int>(b & 0x7Fu);
-  const int normal = ((m + 1) >> 3) - 15;
-  const int sub = m >= 4 ? -15 : (m >= 2 ? -16 : -17);
-  const int k = m >= 8 ? normal : sub;
-  return (m == 0 || m == 0x7F) ? -1000 : k;
+  const uint32_t m = b & 0x7Fu;
+  return tw::e4m3_mag_is_value(m) ? tw::e4m3_mag_scale_exponent(m) : -1000;
 }
 
 // Two finite FP32 -> two E4M3 codes (a in bits 0-7), RNE, saturating (same bits as
@@ -108,27 +92,33 @@ __device__ __forceinline__ uint32_t e4m3x2_from_f32(float a, float b) {
 }
 
 // The 4 codes of one token row (channels c = byte c) times 2^(t - tcol[c]), each exactly
-// fmt::e4m3_mul_pow2(code, t - tcol[c]); zero and NaN codes are kept as they are. kCount: adds the
+// fmt::e4m3_mul_pow2(code, t - tcol[c]); zero and NaN codes are kept as they are. s_val[m] holds
+// the FP32 bits of E4M3 magnitude m (0 for zero and NaN), so a scaled value is one integer add on
+// the exponent field (exact: the result stays a normal FP32 for d in [-100, 40]). kCount: adds the
 // number of codes whose value changed (rounded to a subnormal or zero).
 template <bool kCount>
 __device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&tcol)[4],
-                                                 uint32_t& changed) {
+                                                 const uint32_t* s_val, uint32_t& changed) {
+  uint32_t vb[4], mag[4];
   float v[4];
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const int d = min(40, max(-60, t - tcol[c]));
-    v[c] = e4m3_scaled_value((x >> (8 * c)) & 0xFFu, d);
+    const uint32_t code = (x >> (8 * c)) & 0xFFu;
+    const int d = min(40, max(-100, t - tcol[c]));
+    vb[c] = s_val[code & 0x7Fu];
+    mag[c] = vb[c] + (static_cast<uint32_t>(d) << 23);
+    v[c] = __uint_as_float(mag[c] | ((code & 0x80u) << 24));
   }
   const uint32_t r = e4m3x2_from_f32(v[0], v[1]) | (e4m3x2_from_f32(v[2], v[3]) << 16);
   uint32_t y = 0;
 #pragma unroll
   for (int c = 0; c < 4; ++c) {
-    const uint32_t code = (x >> (8 * c)) & 0xFFu, mag = code & 0x7Fu;
+    const uint32_t code = (x >> (8 * c)) & 0xFFu;
     const uint32_t out = (r >> (8 * c)) & 0xFFu;
-    const bool keep = !tw::e4m3_mag_is_value(mag);
+    const bool keep = vb[c] == 0u;  // zero or NaN code
     y |= (keep ? code : out) << (8 * c);
     if constexpr (kCount) {
-      if (!keep && e4m3_scaled_value(out, 0) != v[c]) ++changed;
+      if (!keep && s_val[out & 0x7Fu] != mag[c]) ++changed;
     }
   }
   return y;
@@ -137,7 +127,8 @@ __device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&
 }  // namespace tdev
 
 template <TransposeScalePolicy kPolicy, bool kCount>
-__global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
+__global__ void __launch_bounds__(kTransposeThreads,
+                                  kPolicy == TransposeScalePolicy::ColumnTight ? 3 : 4)
     sm90_transpose_scaled_e4m3_1x128_kernel(const uint8_t* __restrict__ in,
                                             const float* __restrict__ in_scale,
                                             uint8_t* __restrict__ out,
@@ -148,6 +139,7 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
   constexpr bool kTight = kPolicy == TransposeScalePolicy::ColumnTight;
   __shared__ alignas(16) uint32_t s_tile[128 * 32];
   __shared__ int s_t[128];
+  __shared__ uint32_t s_val[128];
   __shared__ int s_wmax[4];
   __shared__ unsigned s_wcnt[kTransposeThreads / 32];
 
@@ -174,6 +166,8 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
   if (tid < 128) {
     if (tid < w) t = tw::row_exponent(__ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid));
     s_t[tid] = t;
+    const uint32_t mag = static_cast<uint32_t>(tid);
+    s_val[tid] = tw::e4m3_mag_is_value(mag) ? fmt::f32_bits(fmt::e4m3_to_f32(mag)) : 0u;
     const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
     if (lane == 0) s_wmax[warp] = wm;
   }
@@ -191,21 +185,47 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
   // row exponent.
   int tcol[4];
   if constexpr (kTight) {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+    // Fast path: the column max as FP32 bits, value * 2^(t_m - tbase) = s_val + (d << 23) (an
+    // int max orders positive floats; zero/NaN codes give d << 23 <= 0 and never win). Exact while
+    // d >= -100; a warp holding a nonzero code more than 100 binades below tbase redoes it exactly.
+    int kmax[4] = {0, 0, 0, 0};
+    bool deep = false;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
-      const int ti = trow[i];
-#pragma unroll
       const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+      const int d = trow[i] - tbase;
+      deep |= d < -100 && (xi & 0x7F7F7F7Fu) != 0u;
+      const int dk = max(d, -100) * (1 << 23);
 #pragma unroll
-      for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+      for (int c = 0; c < 4; ++c)
+        kmax[c] = max(kmax[c], static_cast<int>(s_val[(xi >> (8 * c)) & 0x7Fu]) + dk);
     }
+    if (!__any_sync(0xFFFFFFFFu, deep)) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c) {
+      for (int c = 0; c < 4; ++c) {
 #pragma unroll
-      for (int sh = 1; sh < 8; sh <<= 1)
-        tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+        for (int sh = 1; sh < 8; sh <<= 1)
+          kmax[c] = max(kmax[c], __shfl_xor_sync(0xFFFFFFFFu, kmax[c], sh));
+        tcol[c] = kmax[c] > 0
+                      ? max(tw::kExpMin, tbase + fmt::scale_exponent(__int_as_float(kmax[c])))
+                      : tw::kExpMin;
+      }
+    } else {
+#pragma unroll
+      for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+#pragma unroll
+      for (int i = 0; i < 16; ++i) {
+        const int ti = trow[i];
+        const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+      }
+#pragma unroll
+      for (int c = 0; c < 4; ++c) {
+#pragma unroll
+        for (int sh = 1; sh < 8; sh <<= 1)
+          tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+      }
     }
   } else {
 #pragma unroll
@@ -216,7 +236,7 @@ __global__ void __launch_bounds__(kTransposeThreads, kTransposeMinBlocksPerSm)
   uint32_t changed = 0;
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    x[i] = tdev::rescale_word<kCount>(s_tile[tw::tile_thread_word(j, wd, i)], trow[i], tcol,
+    x[i] = tdev::rescale_word<kCount>(s_tile[tw::tile_thread_word(j, wd, i)], trow[i], tcol, s_val,
                                       changed);
   }
 
