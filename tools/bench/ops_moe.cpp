@@ -578,8 +578,9 @@ void add_gemm(std::vector<MoeCase>& out, Mode mode) {
         MoeCase c;
         c.name = name;
         const int64_t ne = static_cast<int64_t>(s.timed.size());
-        c.shape = std::string(s.tag) + " " + std::to_string(ne) + "x" +
-                  (std::string(s.tag) == "skew" ? std::to_string(M) : std::to_string(s.timed[0]));
+        c.shape = std::string(s.tag) + " " + std::to_string(ne) +
+                  (std::string(s.tag) == "skew" ? "/" + std::to_string(M)
+                                                : "x" + std::to_string(s.timed[0]));
         c.flops = true;
         c.rel_tol = 1e-2;
         c.batch = 4;  // one call enqueues E GEMMs over several streams
