@@ -249,7 +249,7 @@ constexpr int kBatch = 32;  // launches held at a gate (well below the launch qu
 }  // namespace
 #endif
 
-Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps) {
+Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps, int batch) {
 #if FP8FLOW_WITH_CUDA
   cudaStream_t s = cuda_stream();
   for (int i = 0; i < warmup; ++i) launch(i);
@@ -260,11 +260,12 @@ Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps) {
   std::vector<double> ms(static_cast<size_t>(reps));
   bool gate_timed_out = false;
   try {
-    for (int b0 = 0; b0 < reps; b0 += kBatch) {
+    batch = std::clamp(batch, 1, kBatch);
+    for (int b0 = 0; b0 < reps; b0 += batch) {
       Gate gate;
       BENCH_CUDA(cudaLaunchHostFunc(s, gate_wait, &gate));
       try {
-        for (int i = b0; i < std::min(reps, b0 + kBatch); ++i) {
+        for (int i = b0; i < std::min(reps, b0 + batch); ++i) {
           BENCH_CUDA(cudaEventRecord(ev[2 * i], s));
           launch(warmup + i);
           BENCH_CUDA(cudaEventRecord(ev[2 * i + 1], s));
@@ -295,6 +296,7 @@ Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps) {
   (void)launch;
   (void)warmup;
   (void)reps;
+  (void)batch;
   throw std::runtime_error("fp8flow-bench: GPU timing in a CPU-only build");
 #endif
 }

@@ -110,9 +110,11 @@ double median_of(std::vector<double> v);
 
 // `launch(i)` enqueues repetition i on bench_stream(). Warm-up launches first (synchronized), then
 // every timed launch between its own pair of CUDA events: median and min of the per-launch times.
-// Timed launches are enqueued in batches held behind a host-function gate, so the GPU runs a batch
-// back to back and host-side call overhead never shows up as GPU time.
-Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps);
+// Timed launches are enqueued in batches of `batch` held behind a host-function gate, so the GPU
+// runs a batch back to back and host-side call overhead never shows up as GPU time. Ops that
+// enqueue many kernels per call (grouped GEMMs) use a smaller batch so a held batch stays well
+// inside the launch queue.
+Timing time_gpu(const std::function<void(int)>& launch, int warmup, int reps, int batch = 32);
 // Host wall-clock version (the CPU reference fallback).
 Timing time_cpu(const std::function<void(int)>& run, int warmup, int reps);
 

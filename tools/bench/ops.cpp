@@ -11,6 +11,8 @@
 //           device-to-device copy bandwidth measured in the same run, the speed-up over the naive
 //           path where there is one (a separate row), and the published time where known.
 // Without a CUDA device the CPU reference runs on small shapes and nothing is verified.
+// The expert-compute rows (SwiGLU, permute, router, grouped GEMMs) come from ops_moe.cpp and run
+// after these, into the same report.
 #include <algorithm>
 #include <cmath>
 #include <cstdio>
@@ -26,6 +28,7 @@
 #include "cli.h"
 #include "harness.h"
 #include "inputs.h"
+#include "ops_moe.h"
 
 namespace fp8flow::bench {
 namespace {
@@ -667,14 +670,23 @@ int run_ops(const Options& opt) {
   if (!opt.only.empty())
     std::erase_if(cases,
                   [&](const CaseSpec& c) { return c.label().find(opt.only) == std::string::npos; });
+  MoeEnv moe;
+  moe.gpu = env.gpu;
+  moe.quick = opt.quick;
+  moe.verify = opt.verify;
+  moe.reps = env.reps;
+  moe.warmup = env.warmup;
+  moe.l2_bytes = env.dev.l2_bytes;
+  const std::vector<std::string> moe_labels = moe_case_labels(moe, opt.only);
   if (opt.list) {
     for (const auto& c : cases) {
       std::printf("%s\n", c.label().c_str());
       if (c.naive) std::printf("%s %s\n", c.naive->name.c_str(), c.shape_label().c_str());
     }
+    for (const auto& l : moe_labels) std::printf("%s\n", l.c_str());
     return 0;
   }
-  if (cases.empty()) {
+  if (cases.empty() && moe_labels.empty()) {
     std::fprintf(stderr, "fp8flow-bench ops: no case matches --only '%s' (see --list)\n",
                  opt.only.c_str());
     return 2;
@@ -719,6 +731,7 @@ int run_ops(const Options& opt) {
     copy_view(master_view(env, Device::Cuda, 1, max_elems), h);
     const CopyBandwidth bw = measure_copy_bandwidth(size_t{1} << 30, 3, std::max(env.reps / 2, 10));
     env.copy_gbps = bw.gbps;
+    moe.copy_gbps = bw.gbps;
     rep.meta("copy_d2d_gbps", bw.gbps);
     rep.meta("copy_d2d_bytes", static_cast<int64_t>(bw.bytes));
     std::fprintf(stderr,
@@ -734,6 +747,8 @@ int run_ops(const Options& opt) {
       {"min_ms", "ms min", 9, false, 4},
       {"gbps", "GB/s", 8, false, 1},
       {"pct_copy", "%copy", 6, false, 1},
+      {"tflops", "TFLOP/s", 7, false, 1},
+      {"pct_dense", "%dense", 6, false, 1},
       {"vs_naive", "x naive", 7, false, 2},
       {"published_ms", "publ. ms", 8, false, 3},
       {"sets", "sets", 4, false},
@@ -758,6 +773,7 @@ int run_ops(const Options& opt) {
       rep.set(r, "vs_naive", naive_ms / op_ms);
     }
   }
+  run_moe_cases(moe, opt.only, rep, problems);
 
   std::printf("%s", rep.table().c_str());
   std::printf(
@@ -767,7 +783,15 @@ int run_ops(const Options& opt) {
       "# publ. ms: FP8-Flow paper (0.590 ms at 32768x7168 matches the published kernel over 32\n"
       "# experts; 0.52 ms as one group on our H100; 1.52 ms its dequantize + requantize);\n"
       "# uflow: nonzero elements the transpose rounded (reference count, verification shape);\n"
-      "# sets: input/output sets rotated so the L2 cannot hold one between uses.\n");
+      "# sets: input/output sets rotated so the L2 cannot hold one between uses.\n"
+      "# MoE rows: swiglu/router/make_permutation verified bit for bit (1024 rows / tokens), "
+      "permute\n"
+      "# at the timed shape; permute GB/s counts X once (its k gathers mostly hit L2) + rows "
+      "written\n"
+      "# + maps + probs. gemm rows: TFLOP/s = 2*M*N*K / time, verified by relative error < 1e-2 "
+      "at\n"
+      "# 3 experts (N 384, K 256); %%dense: grouped / dense throughput (dense = 1 expert, all "
+      "rows).\n");
   int mismatches = 0, errors = 0;
   for (size_t r = 0; r < rep.rows(); ++r) {
     const std::string v = std::get<std::string>(rep.get(r, "verify"));
