@@ -91,6 +91,67 @@ __device__ __forceinline__ uint32_t e4m3x2_from_f32(float a, float b) {
   return r;
 }
 
+// FP16 fast path. Every E4M3 value times 2^d, d in [-14, 15], is an exact FP16 value (4
+// significant bits, multiples of 2^-24 within the FP16 range), so decode (cvt f16x2.e4m3x2, exact),
+// one FP16 multiply by 2^d (exact) and re-encode (cvt e4m3x2.f16x2: RNE, saturating) equal
+// fmt::e4m3_mul_pow2 bit for bit; zero codes keep their sign. NaN codes take the FP32 path.
+struct F16Shifts {
+  int e[4];        // 15 - tcol[c]: the FP16 exponent field of 2^d is t + e[c]
+  int tmin, tmax;  // min and max of tcol[]
+};
+
+__device__ __forceinline__ F16Shifts make_f16_shifts(const int (&tcol)[4]) {
+  F16Shifts s;
+#pragma unroll
+  for (int c = 0; c < 4; ++c) s.e[c] = 15 - tcol[c];
+  s.tmin = min(min(tcol[0], tcol[1]), min(tcol[2], tcol[3]));
+  s.tmax = max(max(tcol[0], tcol[1]), max(tcol[2], tcol[3]));
+  return s;
+}
+
+// Shifts d = t - tcol[c] all in [-14, 15], and no NaN code (magnitude 0x7F) in the word.
+__device__ __forceinline__ bool f16_path_ok(uint32_t x, int t, const F16Shifts& s) {
+  const bool nan = (((x & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
+  return !nan && t - s.tmax >= -14 && t - s.tmin <= 15;
+}
+
+__device__ __forceinline__ uint32_t f16x2_from_e4m3x2(uint32_t two_codes) {
+  uint32_t r;
+  const uint16_t v = static_cast<uint16_t>(two_codes);
+  asm("cvt.rn.f16x2.e4m3x2 %0, %1;" : "=r"(r) : "h"(v));
+  return r;
+}
+__device__ __forceinline__ uint32_t e4m3x2_from_f16x2(uint32_t v) {
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(r) : "r"(v));
+  return r;
+}
+__device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+
+template <bool kCount>
+__device__ __forceinline__ uint32_t rescale_word_f16(uint32_t x, int t, const F16Shifts& s,
+                                                     uint32_t& changed) {
+  // 2^d in FP16: exponent field d + 15 = t + e[c], in [1, 30] on this path.
+  const uint32_t s_lo =
+      (static_cast<uint32_t>(t + s.e[0]) << 10) | (static_cast<uint32_t>(t + s.e[1]) << 26);
+  const uint32_t s_hi =
+      (static_cast<uint32_t>(t + s.e[2]) << 10) | (static_cast<uint32_t>(t + s.e[3]) << 26);
+  const uint32_t p_lo = mul_f16x2(f16x2_from_e4m3x2(x), s_lo);
+  const uint32_t p_hi = mul_f16x2(f16x2_from_e4m3x2(x >> 16), s_hi);
+  const uint32_t y = e4m3x2_from_f16x2(p_lo) | (e4m3x2_from_f16x2(p_hi) << 16);
+  if constexpr (kCount) {
+    // A value changed iff the re-decoded code differs from the exact product.
+    const uint32_t d_lo = f16x2_from_e4m3x2(y) ^ p_lo, d_hi = f16x2_from_e4m3x2(y >> 16) ^ p_hi;
+    changed += ((d_lo & 0xFFFFu) != 0u) + ((d_lo >> 16) != 0u) + ((d_hi & 0xFFFFu) != 0u) +
+               ((d_hi >> 16) != 0u);
+  }
+  return y;
+}
+
 // The 4 codes of one token row (channels c = byte c) times 2^(t - tcol[c]), each exactly
 // fmt::e4m3_mul_pow2(code, t - tcol[c]); zero and NaN codes are kept as they are. s_val[m] holds
 // the FP32 bits of E4M3 magnitude m (0 for zero and NaN), so a scaled value is one integer add on
@@ -233,11 +294,21 @@ __global__ void __launch_bounds__(kTransposeThreads,
   }
 
   // 5. Rescale every code by 2^(t_m - T_c): exact, or RNE to a subnormal/zero (hardware cvt).
+  // Fast path (FP16, two codes per instruction) for words whose four shifts lie in [-14, 15] and
+  // that hold no NaN; the FP32 path otherwise.
   uint32_t changed = 0;
+  const tdev::F16Shifts sh = tdev::make_f16_shifts(tcol);
 #pragma unroll
   for (int i = 0; i < 16; ++i) {
-    x[i] = tdev::rescale_word<kCount>(s_tile[tw::tile_thread_word(j, wd, i)], trow[i], tcol, s_val,
-                                      changed);
+    const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+    const int ti = trow[i];
+    uint32_t y;
+    if (tdev::f16_path_ok(xi, ti, sh)) {
+      y = tdev::rescale_word_f16<kCount>(xi, ti, sh, changed);
+    } else {
+      y = tdev::rescale_word<kCount>(xi, ti, tcol, s_val, changed);
+    }
+    x[i] = y;
   }
 
   // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
