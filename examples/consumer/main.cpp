@@ -13,8 +13,8 @@ int main() {
   std::vector<uint8_t> q(M * K);
   std::vector<float> s(2 * M);
   const TensorView in{x.data(), DType::BF16, M, K};
-  const ScaledTensor out{{q.data(), DType::E4M3, M, K}, {s.data(), DType::F32, 2, M},
-                         ScaleLayout::Rowwise1x128};
+  const ScaledTensor out{
+      {q.data(), DType::E4M3, M, K}, {s.data(), DType::F32, 2, M}, ScaleLayout::Rowwise1x128};
   quantize(in, out);
   std::printf("fp8flow %s: scale[0][0] = %g (expect 0.125)\n", version_string(), s[0]);
   return s[0] == 0.125f ? 0 : 1;

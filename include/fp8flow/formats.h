@@ -47,9 +47,15 @@ FP8FLOW_HD float f32_from_bits(uint32_t u) {
 #endif
 }
 
-FP8FLOW_HD bool f32_is_nan(float f) { return (f32_bits(f) & 0x7FFFFFFFu) > 0x7F800000u; }
-FP8FLOW_HD bool f32_is_finite(float f) { return (f32_bits(f) & 0x7F800000u) != 0x7F800000u; }
-FP8FLOW_HD float f32_abs(float f) { return f32_from_bits(f32_bits(f) & 0x7FFFFFFFu); }
+FP8FLOW_HD bool f32_is_nan(float f) {
+  return (f32_bits(f) & 0x7FFFFFFFu) > 0x7F800000u;
+}
+FP8FLOW_HD bool f32_is_finite(float f) {
+  return (f32_bits(f) & 0x7F800000u) != 0x7F800000u;
+}
+FP8FLOW_HD float f32_abs(float f) {
+  return f32_from_bits(f32_bits(f) & 0x7FFFFFFFu);
+}
 
 // Exactly 2^e as FP32: normal for e in [-126, 127], subnormal for e in [-149, -127], 0 below.
 FP8FLOW_HD float exp2i(int e) {
@@ -121,7 +127,9 @@ FP8FLOW_HD float e4m3_to_f32(uint8_t code) {
   return (code & 0x80u) ? -v : v;
 }
 
-FP8FLOW_HD bool e4m3_is_nan(uint8_t code) { return (code & 0x7Fu) == 0x7Fu; }
+FP8FLOW_HD bool e4m3_is_nan(uint8_t code) {
+  return (code & 0x7Fu) == 0x7Fu;
+}
 
 // ---------------------------------------------------------------------------------------------
 // E5M2: bias 15, max 57344 (0x7B), Inf 0x7C, NaN 0x7D-0x7F.
@@ -174,8 +182,12 @@ FP8FLOW_HD float e2m1_to_f32(uint8_t code) {
 FP8FLOW_HD uint8_t pack_e2m1x2(uint8_t first, uint8_t second) {
   return static_cast<uint8_t>((first & 0xFu) | ((second & 0xFu) << 4));
 }
-FP8FLOW_HD uint8_t e2m1x2_first(uint8_t b) { return b & 0xFu; }
-FP8FLOW_HD uint8_t e2m1x2_second(uint8_t b) { return b >> 4; }
+FP8FLOW_HD uint8_t e2m1x2_first(uint8_t b) {
+  return b & 0xFu;
+}
+FP8FLOW_HD uint8_t e2m1x2_second(uint8_t b) {
+  return b >> 4;
+}
 
 // ---------------------------------------------------------------------------------------------
 // E8M0: value 2^(b - 127), 0xFF NaN. Encoding from an arbitrary FP32 rounds the significand to
@@ -201,8 +213,12 @@ FP8FLOW_HD float e8m0_to_f32(uint8_t b) {
   return exp2i(static_cast<int>(b) - kE8M0Bias);
 }
 
-FP8FLOW_HD uint8_t e8m0_from_exponent(int e) { return static_cast<uint8_t>(e + kE8M0Bias); }
-FP8FLOW_HD int e8m0_exponent(uint8_t b) { return static_cast<int>(b) - kE8M0Bias; }
+FP8FLOW_HD uint8_t e8m0_from_exponent(int e) {
+  return static_cast<uint8_t>(e + kE8M0Bias);
+}
+FP8FLOW_HD int e8m0_exponent(uint8_t b) {
+  return static_cast<int>(b) - kE8M0Bias;
+}
 
 // ---------------------------------------------------------------------------------------------
 // BF16 (stored as uint16): RNE from FP32, NaN stays NaN (quiet), overflow rounds to Inf (IEEE).
@@ -212,7 +228,9 @@ FP8FLOW_HD uint16_t bf16_from_f32(float x) {
   const uint32_t rounded = u + 0x7FFFu + ((u >> 16) & 1u);
   return static_cast<uint16_t>(rounded >> 16);
 }
-FP8FLOW_HD float bf16_to_f32(uint16_t h) { return f32_from_bits(static_cast<uint32_t>(h) << 16); }
+FP8FLOW_HD float bf16_to_f32(uint16_t h) {
+  return f32_from_bits(static_cast<uint32_t>(h) << 16);
+}
 
 // ---------------------------------------------------------------------------------------------
 // Scale rules.
@@ -246,16 +264,18 @@ FP8FLOW_HD int mx_shared_exponent(float amax) {
   return e;
 }
 
-// x * 2^d for an FP32 x (NaN and Inf pass through) and any int d, with a single rounding: exact whenever the result is a
-// normal FP32 (the case for every scale application in fp8flow); a subnormal result is correctly
-// rounded down to 2^-149; below that it is a signed zero; above the range, Inf.
+// x * 2^d for an FP32 x (NaN and Inf pass through) and any int d, with a single rounding: exact
+// whenever the result is a normal FP32 (the case for every scale application in fp8flow); a
+// subnormal result is correctly rounded down to 2^-149; below that it is a signed zero; above the
+// range, Inf.
 FP8FLOW_HD float mul_pow2(float x, int d) {
   const uint32_t u = f32_bits(x);
   const int field = static_cast<int>((u >> 23) & 0xFFu);
   if (field == 0xFF) return x;  // NaN, Inf
   if (field != 0) {
     const int nf = field + d;
-    if (nf >= 1 && nf <= 254) return f32_from_bits((u & 0x807FFFFFu) | (static_cast<uint32_t>(nf) << 23));
+    if (nf >= 1 && nf <= 254)
+      return f32_from_bits((u & 0x807FFFFFu) | (static_cast<uint32_t>(nf) << 23));
     if (nf > 254) return f32_from_bits((u & 0x80000000u) | 0x7F800000u);
     // Subnormal result: put x in [1, 2) (exact), then one multiply by a subnormal power of two.
     const int k = field - 127 + d;  // result = x1 * 2^k, k <= -127

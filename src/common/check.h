@@ -32,8 +32,8 @@ class Check {
   explicit Check(const char* op) : op_(op) {}
 
   [[noreturn]] void fail(ErrorKind kind, const std::string& arg, const std::string& msg) const;
-  void that(bool cond, const std::string& arg, const std::string& expected,
-            const std::string& got, ErrorKind kind = ErrorKind::InvalidArgument) const {
+  void that(bool cond, const std::string& arg, const std::string& expected, const std::string& got,
+            ErrorKind kind = ErrorKind::InvalidArgument) const {
     if (!cond) fail(kind, arg, cat("expected ", expected, ", got ", got));
   }
 
@@ -42,7 +42,8 @@ class Check {
   void view(const TensorView& t, const std::string& arg,
             std::initializer_list<DType> dtypes = {}) const;
   void shape(const TensorView& t, const std::string& arg, int64_t rows, int64_t cols) const;
-  void dtype(const TensorView& t, const std::string& arg, std::initializer_list<DType> dtypes) const;
+  void dtype(const TensorView& t, const std::string& arg,
+             std::initializer_list<DType> dtypes) const;
   void same_device(const TensorView& a, const std::string& arg_a, const TensorView& b,
                    const std::string& arg_b) const;
   void cols_multiple(const TensorView& t, const std::string& arg, int64_t m) const;
@@ -65,7 +66,7 @@ std::string dtype_list(std::initializer_list<DType> dtypes);
 
 }  // namespace fp8flow::detail
 
-#define FP8FLOW_CHECK(cond, kind, msg)                                         \
-  do {                                                                         \
+#define FP8FLOW_CHECK(cond, kind, msg)                                            \
+  do {                                                                            \
     if (!(cond)) ::fp8flow::detail::throw_error(::fp8flow::ErrorKind::kind, msg); \
   } while (0)

@@ -6,14 +6,14 @@
 
 #include "common/check.h"
 
-#define FP8FLOW_CUDA_CHECK(op, expr)                                                    \
-  do {                                                                                  \
-    const cudaError_t fp8flow_err_ = (expr);                                            \
-    if (fp8flow_err_ != cudaSuccess)                                                    \
-      ::fp8flow::detail::throw_error(::fp8flow::ErrorKind::Cuda,                        \
-                                     ::fp8flow::detail::cat("fp8flow::", op, ": ", #expr, \
-                                                            " failed: ",                \
-                                                            cudaGetErrorString(fp8flow_err_))); \
+#define FP8FLOW_CUDA_CHECK(op, expr)                                              \
+  do {                                                                            \
+    const cudaError_t fp8flow_err_ = (expr);                                      \
+    if (fp8flow_err_ != cudaSuccess)                                              \
+      ::fp8flow::detail::throw_error(                                             \
+          ::fp8flow::ErrorKind::Cuda,                                             \
+          ::fp8flow::detail::cat("fp8flow::", op, ": ", #expr,                    \
+                                 " failed: ", cudaGetErrorString(fp8flow_err_))); \
   } while (0)
 
 #define FP8FLOW_CUDA_CHECK_LAUNCH(op) FP8FLOW_CUDA_CHECK(op, cudaGetLastError())

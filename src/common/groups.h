@@ -21,7 +21,10 @@ struct GroupTiles {
     int lo = 0, hi = num_groups - 1;
     while (lo < hi) {
       const int mid = (lo + hi + 1) >> 1;
-      if (tile_start[mid] <= tile) lo = mid; else hi = mid - 1;
+      if (tile_start[mid] <= tile)
+        lo = mid;
+      else
+        hi = mid - 1;
     }
     return lo;
   }

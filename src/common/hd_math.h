@@ -24,7 +24,9 @@ FP8FLOW_HD float add(float a, float b) {
   return a + b;
 #endif
 }
-FP8FLOW_HD float sub(float a, float b) { return add(a, -b); }
+FP8FLOW_HD float sub(float a, float b) {
+  return add(a, -b);
+}
 FP8FLOW_HD float fma(float a, float b, float c) {
 #if defined(__CUDA_ARCH__)
   return __fmaf_rn(a, b, c);
@@ -39,11 +41,13 @@ FP8FLOW_HD float div(float a, float b) {
   return a / b;
 #endif
 }
-FP8FLOW_HD float max(float a, float b) { return a > b ? a : (b == b ? b : a); }
+FP8FLOW_HD float max(float a, float b) {
+  return a > b ? a : (b == b ? b : a);
+}
 
 // exp(x) within ~2 ulp over the FP32 range; +Inf above 88.72, 0 below -103.97, NaN -> NaN.
-// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial in Horner form (fma),
-// scaled by 2^n with an exact exponent shift.
+// Cody-Waite reduction x = n ln2 + r, |r| <= ln2/2, degree-7 Taylor polynomial in Horner form
+// (fma), scaled by 2^n with an exact exponent shift.
 FP8FLOW_HD float exp(float x) {
   if (x != x) return x;
   if (x > 88.72283f) return fmt::f32_from_bits(0x7F800000u);
@@ -63,9 +67,13 @@ FP8FLOW_HD float exp(float x) {
 }
 
 // 1 / (1 + exp(-x)).
-FP8FLOW_HD float sigmoid(float x) { return div(1.0f, add(1.0f, exp(-x))); }
+FP8FLOW_HD float sigmoid(float x) {
+  return div(1.0f, add(1.0f, exp(-x)));
+}
 
 // x * sigmoid(x).
-FP8FLOW_HD float silu(float x) { return mul(x, sigmoid(x)); }
+FP8FLOW_HD float silu(float x) {
+  return mul(x, sigmoid(x));
+}
 
 }  // namespace fp8flow::hd

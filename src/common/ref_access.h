@@ -18,8 +18,10 @@ inline float load_f32(const TensorView& t, int64_t r, int64_t c) {
 // Store FP32 into an F32 or BF16 view (BF16: RNE).
 inline void store_f32(const TensorView& t, int64_t r, int64_t c, float v) {
   const int64_t i = r * t.stride() + c;
-  if (t.dtype == DType::F32) static_cast<float*>(t.data)[i] = v;
-  else static_cast<uint16_t*>(t.data)[i] = fmt::bf16_from_f32(v);
+  if (t.dtype == DType::F32)
+    static_cast<float*>(t.data)[i] = v;
+  else
+    static_cast<uint16_t*>(t.data)[i] = fmt::bf16_from_f32(v);
 }
 
 inline uint8_t& byte_at(const TensorView& t, int64_t r, int64_t c) {
@@ -48,9 +50,13 @@ inline uint8_t fp8_encode(DType d, float x) {
 inline float fp8_decode(DType d, uint8_t q) {
   return d == DType::E4M3 ? fmt::e4m3_to_f32(q) : fmt::e5m2_to_f32(q);
 }
-inline int fp8_max_exp(DType d) { return d == DType::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp; }
+inline int fp8_max_exp(DType d) {
+  return d == DType::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp;
+}
 
 // |x| if finite, else 0: amax is taken over finite elements only.
-inline float finite_abs(float x) { return fmt::f32_is_finite(x) ? fmt::f32_abs(x) : 0.0f; }
+inline float finite_abs(float x) {
+  return fmt::f32_is_finite(x) ? fmt::f32_abs(x) : 0.0f;
+}
 
 }  // namespace fp8flow::ref

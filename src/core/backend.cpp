@@ -13,7 +13,8 @@ void require_cuda_backend(const Check& c) {
   cudaError_t e = cudaGetDevice(&dev);
   if (e != cudaSuccess) {
     (void)cudaGetLastError();
-    c.fail(ErrorKind::Unsupported, "device", cat("a CUDA device, got none (", cudaGetErrorString(e), ")"));
+    c.fail(ErrorKind::Unsupported, "device",
+           cat("a CUDA device, got none (", cudaGetErrorString(e), ")"));
   }
   int major = 0, minor = 0;
   cudaDeviceGetAttribute(&major, cudaDevAttrComputeCapabilityMajor, dev);
@@ -22,7 +23,8 @@ void require_cuda_backend(const Check& c) {
          cat("sm_", major, minor), ErrorKind::Unsupported);
 #else
   c.fail(ErrorKind::Unsupported, "device",
-         "a build with the CUDA backend for Cuda tensors, got a CPU-only build (FP8FLOW_WITH_CUDA=OFF)");
+         "a build with the CUDA backend for Cuda tensors, got a CPU-only build "
+         "(FP8FLOW_WITH_CUDA=OFF)");
 #endif
 }
 
@@ -32,8 +34,8 @@ void require_device_pointer(const Check& c, const TensorView& t, const std::stri
   cudaPointerAttributes attr{};
   cudaError_t e = cudaPointerGetAttributes(&attr, t.data);
   if (e != cudaSuccess) (void)cudaGetLastError();
-  const bool ok = e == cudaSuccess &&
-                  (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
+  const bool ok =
+      e == cudaSuccess && (attr.type == cudaMemoryTypeDevice || attr.type == cudaMemoryTypeManaged);
   c.that(ok, arg, "device memory (device == Cuda)",
          e != cudaSuccess ? std::string(cudaGetErrorString(e)) : std::string("host memory"));
 #else

@@ -5,7 +5,9 @@
 
 namespace fp8flow::detail {
 
-void throw_error(ErrorKind kind, const std::string& msg) { throw Error(kind, msg); }
+void throw_error(ErrorKind kind, const std::string& msg) {
+  throw Error(kind, msg);
+}
 
 std::string dtype_list(std::initializer_list<DType> dtypes) {
   std::string s;
@@ -32,8 +34,7 @@ void Check::dtype(const TensorView& t, const std::string& arg,
 void Check::view(const TensorView& t, const std::string& arg,
                  std::initializer_list<DType> dtypes) const {
   dtype(t, arg, dtypes);
-  that(t.rows >= 0 && t.cols >= 0, arg, "non-negative shape",
-       cat("[", t.rows, ", ", t.cols, "]"));
+  that(t.rows >= 0 && t.cols >= 0, arg, "non-negative shape", cat("[", t.rows, ", ", t.cols, "]"));
   that(t.rows <= kMaxDim && t.cols <= kMaxDim && t.rows * t.stride() <= kMaxNumel, arg,
        cat("each dim <= ", kMaxDim, " and rows * ld <= 2^40"),
        cat("[", t.rows, ", ", t.cols, "] with ld ", t.stride()));

@@ -20,10 +20,10 @@
 namespace fp8flow::test {
 
 // Skips the current test, with the reason printed, where no CUDA device (or backend) exists.
-#define FP8FLOW_REQUIRE_GPU()                                                            \
-  do {                                                                                   \
-    if (!::fp8flow::cuda_available())                                                    \
-      GTEST_SKIP() << "no CUDA device visible (or CPU-only build): GPU test skipped";     \
+#define FP8FLOW_REQUIRE_GPU()                                                         \
+  do {                                                                                \
+    if (!::fp8flow::cuda_available())                                                 \
+      GTEST_SKIP() << "no CUDA device visible (or CPU-only build): GPU test skipped"; \
   } while (0)
 
 inline size_t bytes_for(DType d, int64_t rows, int64_t cols) {
@@ -119,7 +119,9 @@ inline std::vector<float> make_values(int64_t rows, int64_t cols, Fill kind, uin
     for (int64_t c = 0; c < cols; ++c) {
       float& v = x[static_cast<size_t>(r * cols + c)];
       switch (kind) {
-        case Fill::Normal: v = nd(rng) * row_scale; break;
+        case Fill::Normal:
+          v = nd(rng) * row_scale;
+          break;
         case Fill::WideRange:
           v = std::ldexp(1.f + ud(rng), static_cast<int>(ud(rng) * 80) - 40) *
               (ud(rng) < 0.5f ? -1.f : 1.f);
@@ -127,18 +129,28 @@ inline std::vector<float> make_values(int64_t rows, int64_t cols, Fill kind, uin
         case Fill::Adversarial: {
           if (zero_row) break;
           const float u = ud(rng);
-          if (u < 0.02f) v = NAN;
-          else if (u < 0.03f) v = INFINITY;
-          else if (u < 0.04f) v = -INFINITY;
-          else if (u < 0.06f) v = 1e38f;
-          else if (u < 0.08f) v = 1e-40f;
-          else if (u < 0.15f) v = 0.f;
-          else if (u < 0.20f) v = -0.f;
-          else if (u < 0.30f) v = 1.0625f * std::ldexp(1.f, static_cast<int>(ud(rng) * 20) - 10);
-          else v = nd(rng) * row_scale;
+          if (u < 0.02f)
+            v = NAN;
+          else if (u < 0.03f)
+            v = INFINITY;
+          else if (u < 0.04f)
+            v = -INFINITY;
+          else if (u < 0.06f)
+            v = 1e38f;
+          else if (u < 0.08f)
+            v = 1e-40f;
+          else if (u < 0.15f)
+            v = 0.f;
+          else if (u < 0.20f)
+            v = -0.f;
+          else if (u < 0.30f)
+            v = 1.0625f * std::ldexp(1.f, static_cast<int>(ud(rng) * 20) - 10);
+          else
+            v = nd(rng) * row_scale;
           break;
         }
-        case Fill::Zeros: break;
+        case Fill::Zeros:
+          break;
       }
     }
   }
@@ -150,8 +162,10 @@ inline HostTensor host_from_values(const std::vector<float>& x, DType d, int64_t
                                    int64_t cols) {
   HostTensor h(d, rows, cols);
   for (size_t i = 0; i < x.size(); ++i) {
-    if (d == DType::F32) h.ptr<float>()[i] = x[i];
-    else h.ptr<uint16_t>()[i] = fmt::bf16_from_f32(x[i]);
+    if (d == DType::F32)
+      h.ptr<float>()[i] = x[i];
+    else
+      h.ptr<uint16_t>()[i] = fmt::bf16_from_f32(x[i]);
   }
   return h;
 }

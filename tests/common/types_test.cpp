@@ -59,8 +59,9 @@ void expect_error(F f, ErrorKind kind, std::initializer_list<const char*> fragme
     ADD_FAILURE() << "no fp8flow::Error thrown";
   } catch (const Error& e) {
     EXPECT_EQ(e.kind(), kind) << e.what();
-    for (const char* frag : fragments) EXPECT_NE(std::string(e.what()).find(frag), std::string::npos)
-        << "message '" << e.what() << "' lacks '" << frag << "'";
+    for (const char* frag : fragments)
+      EXPECT_NE(std::string(e.what()).find(frag), std::string::npos)
+          << "message '" << e.what() << "' lacks '" << frag << "'";
   }
 }
 

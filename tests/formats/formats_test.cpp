@@ -34,11 +34,14 @@ FormatTable e5m2_table() {
   FormatTable t{{}, 0x7B};
   for (uint32_t c = 0; c <= 0x7B; ++c) {
     const uint32_t e = c >> 2, m = c & 3;
-    t.values.push_back(e == 0 ? std::ldexp(double(m), -16) : std::ldexp(1.0 + m / 4.0, int(e) - 15));
+    t.values.push_back(e == 0 ? std::ldexp(double(m), -16)
+                              : std::ldexp(1.0 + m / 4.0, int(e) - 15));
   }
   return t;
 }
-FormatTable e2m1_table() { return {{0, 0.5, 1, 1.5, 2, 3, 4, 6}, 7}; }
+FormatTable e2m1_table() {
+  return {{0, 0.5, 1, 1.5, 2, 3, 4, 6}, 7};
+}
 
 // Nearest representable magnitude code, ties to the even code, saturating at max_code.
 uint32_t brute_nearest(const FormatTable& t, double a) {
@@ -117,9 +120,12 @@ void check_ties(const FormatTable& t, Enc enc, uint32_t sign_bit) {
 }
 
 TEST(Formats, TiesRoundToEven) {
-  check_ties(e4m3_table(), [](float x) { return uint32_t(e4m3_from_f32(x)); }, 0x80);
-  check_ties(e5m2_table(), [](float x) { return uint32_t(e5m2_from_f32(x)); }, 0x80);
-  check_ties(e2m1_table(), [](float x) { return uint32_t(e2m1_from_f32(x)); }, 0x8);
+  check_ties(
+      e4m3_table(), [](float x) { return uint32_t(e4m3_from_f32(x)); }, 0x80);
+  check_ties(
+      e5m2_table(), [](float x) { return uint32_t(e5m2_from_f32(x)); }, 0x80);
+  check_ties(
+      e2m1_table(), [](float x) { return uint32_t(e2m1_from_f32(x)); }, 0x8);
   EXPECT_EQ(e2m1_from_f32(0.25f), 0);
   EXPECT_EQ(e2m1_from_f32(0.75f), 2);  // 1.0
   EXPECT_EQ(e2m1_from_f32(2.5f), 4);   // 2.0
@@ -156,10 +162,10 @@ TEST(Formats, SaturationAndNonFinite) {
 }
 
 TEST(Formats, SubnormalRounding) {
-  EXPECT_EQ(e4m3_from_f32(std::ldexp(1.f, -10)), 0x00);               // half of min: tie to 0
-  EXPECT_EQ(e4m3_from_f32(std::ldexp(1.0001f, -10)), 0x01);           // just above half
-  EXPECT_EQ(e4m3_from_f32(std::ldexp(3.f, -10)), 0x02);               // 1.5 ulp: tie to even 2
-  EXPECT_EQ(e4m3_from_f32(std::ldexp(15.f, -10)), 0x08);              // 7.5 ulp: up to min normal
+  EXPECT_EQ(e4m3_from_f32(std::ldexp(1.f, -10)), 0x00);      // half of min: tie to 0
+  EXPECT_EQ(e4m3_from_f32(std::ldexp(1.0001f, -10)), 0x01);  // just above half
+  EXPECT_EQ(e4m3_from_f32(std::ldexp(3.f, -10)), 0x02);      // 1.5 ulp: tie to even 2
+  EXPECT_EQ(e4m3_from_f32(std::ldexp(15.f, -10)), 0x08);     // 7.5 ulp: up to min normal
   EXPECT_EQ(e5m2_from_f32(std::ldexp(1.f, -17)), 0x00);
   EXPECT_EQ(e5m2_from_f32(std::ldexp(1.5f, -17)), 0x01);
 }
@@ -199,13 +205,16 @@ TEST(Formats, Bf16RoundsToNearestEven) {
     const float lo = f32_from_bits(f32_bits(x) & 0xFFFF0000u);
     const uint32_t hi_bits = (f32_bits(x) & 0xFFFF0000u) + 0x10000u;
     const bool hi_overflows = (hi_bits & 0x7F800000u) == 0x7F800000u;  // next bf16 is Inf: 2^128
-    const double hi_val = hi_overflows ? std::copysign(std::ldexp(1.0, 128), x)
-                                       : double(f32_from_bits(hi_bits));
+    const double hi_val =
+        hi_overflows ? std::copysign(std::ldexp(1.0, 128), x) : double(f32_from_bits(hi_bits));
     const float hi = f32_from_bits(hi_bits);
     const double dlo = std::fabs(double(x) - lo), dhi = std::fabs(hi_val - x);
-    if (dlo < dhi) EXPECT_EQ(got, double(lo)) << x;
-    else if (dhi < dlo) EXPECT_EQ(got, double(hi)) << x;
-    else EXPECT_EQ(h & 1, 0) << x;
+    if (dlo < dhi)
+      EXPECT_EQ(got, double(lo)) << x;
+    else if (dhi < dlo)
+      EXPECT_EQ(got, double(hi)) << x;
+    else
+      EXPECT_EQ(h & 1, 0) << x;
   }
   EXPECT_EQ(bf16_from_f32(1.0f), 0x3F80);
   EXPECT_EQ(bf16_from_f32(f32_from_bits(0x3F808000u)), 0x3F80);  // tie to even
@@ -253,7 +262,7 @@ TEST(Formats, PowersOfTwo) {
     const float x = std::ldexp(1.f + (rng() % 1000) / 1000.f, int(rng() % 200) - 100);
     const int d = int(rng() % 300) - 150;
     const double want = std::ldexp(double(x), d);
-    if (std::fabs(want) < std::ldexp(1.0, -149)) continue;  // documented: flushes below 2^-149
+    if (std::fabs(want) < std::ldexp(1.0, -149)) continue;    // documented: flushes below 2^-149
     EXPECT_EQ(mul_pow2(x, d), float(want)) << x << " " << d;  // float(): one RNE rounding
   }
 }

@@ -22,9 +22,9 @@ namespace {
 
 using test::DeviceTensor;
 using test::Fill;
-using test::SwigluHostScaled;
 using test::HostTensor;
 using test::SwigluCase;
+using test::SwigluHostScaled;
 
 struct DeviceScaled {
   DeviceTensor data, scale;

@@ -17,9 +17,9 @@ namespace fp8flow {
 namespace {
 
 using test::Fill;
-using test::SwigluHostScaled;
 using test::HostTensor;
 using test::SwigluCase;
+using test::SwigluHostScaled;
 
 double silu64(double a) {
   return a / (1.0 + std::exp(-a));

@@ -45,7 +45,8 @@ template <int G>
 __global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
     router_fwd_sm90_f32(const __grid_constant__ FwdParams p) {
   using L_t = Lanes<G>;
-  constexpr int kOut = (kRouterMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
+  constexpr int kOut =
+      (kRouterMaxTopK + G - 1) / G;  // outputs each lane writes (slot j: lane j % G)
   __shared__ int hist[kMaxExperts];
   __shared__ float part[kFwdWarps][kSlots * G];
 
