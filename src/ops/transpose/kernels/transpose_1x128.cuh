@@ -126,6 +126,17 @@ __device__ __forceinline__ uint32_t e4m3x2_from_f16x2(uint32_t v) {
   asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(r) : "r"(v));
   return r;
 }
+__device__ __forceinline__ uint32_t max_f16x2(uint32_t a, uint32_t b) {
+  uint32_t r;
+  asm("max.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+}
+__device__ __forceinline__ float f16_to_f32(uint32_t h) {
+  float f;
+  const uint16_t v = static_cast<uint16_t>(h);
+  asm("cvt.f32.f16 %0, %1;" : "=f"(f) : "h"(v));
+  return f;
+}
 __device__ __forceinline__ uint32_t mul_f16x2(uint32_t a, uint32_t b) {
   uint32_t r;
   asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
@@ -246,46 +257,77 @@ __global__ void __launch_bounds__(kTransposeThreads,
   // row exponent.
   int tcol[4];
   if constexpr (kTight) {
-    // Fast path: the column max as FP32 bits, value * 2^(t_m - tbase) = s_val + (d << 23) (an
-    // int max orders positive floats; zero/NaN codes give d << 23 <= 0 and never win). Exact while
-    // d >= -100; a warp holding a nonzero code more than 100 binades below tbase redoes it exactly.
-    int kmax[4] = {0, 0, 0, 0};
-    bool deep = false;
+    // FP16 pass (two codes per instruction): per column the max of |v| * 2^(t_m - tbase + 7), exact
+    // in FP16 while t_m - tbase >= -21 (<= 448 * 2^7 < 65504 above; multiples of 2^-24 below).
+    // Used unless a warp holds a NaN code or a nonzero code more than 21 binades below tbase.
+    uint32_t klo = 0u, khi = 0u;  // +0.0 in both halves
+    bool slow16 = false;
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
-      const int d = trow[i] - tbase;
-      deep |= d < -100 && (xi & 0x7F7F7F7Fu) != 0u;
-      const int dk = max(d, -100) * (1 << 23);
+      const int d = trow[i] - tbase + 7;
+      const bool nan = (((xi & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
+      slow16 |= nan || (d < -14 && (xi & 0x7F7F7F7Fu) != 0u);
+      const uint32_t sc = (static_cast<uint32_t>(max(d, -14) + 15) << 10) * 0x00010001u;
+      klo = tdev::max_f16x2(klo, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi), sc) & 0x7FFF7FFFu);
+      khi = tdev::max_f16x2(khi,
+                            tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi >> 16), sc) & 0x7FFF7FFFu);
+    }
+    if (!__any_sync(0xFFFFFFFFu, slow16)) {
+#pragma unroll
+      for (int sh = 1; sh < 8; sh <<= 1) {
+        klo = tdev::max_f16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, sh));
+        khi = tdev::max_f16x2(khi, __shfl_xor_sync(0xFFFFFFFFu, khi, sh));
+      }
+      const float f[4] = {tdev::f16_to_f32(klo & 0xFFFFu), tdev::f16_to_f32(klo >> 16),
+                          tdev::f16_to_f32(khi & 0xFFFFu), tdev::f16_to_f32(khi >> 16)};
 #pragma unroll
       for (int c = 0; c < 4; ++c)
-        kmax[c] = max(kmax[c], static_cast<int>(s_val[(xi >> (8 * c)) & 0x7Fu]) + dk);
-    }
-    if (!__any_sync(0xFFFFFFFFu, deep)) {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) {
-#pragma unroll
-        for (int sh = 1; sh < 8; sh <<= 1)
-          kmax[c] = max(kmax[c], __shfl_xor_sync(0xFFFFFFFFu, kmax[c], sh));
-        tcol[c] = kmax[c] > 0
-                      ? max(tw::kExpMin, tbase + fmt::scale_exponent(__int_as_float(kmax[c])))
-                      : tw::kExpMin;
-      }
+        tcol[c] =
+            f[c] > 0.0f ? max(tw::kExpMin, tbase - 7 + fmt::scale_exponent(f[c])) : tw::kExpMin;
     } else {
-#pragma unroll
-      for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+      // FP32 pass: the column max as FP32 bits, value * 2^(t_m - tbase) = s_val + (d << 23) (an
+      // int max orders positive floats; zero/NaN codes give d << 23 <= 0 and never win). Exact
+      // while d >= -100; a warp holding a nonzero code more than 100 binades below tbase redoes it
+      // exactly.
+      int kmax[4] = {0, 0, 0, 0};
+      bool deep = false;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        const int ti = trow[i];
         const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+        const int d = trow[i] - tbase;
+        deep |= d < -100 && (xi & 0x7F7F7F7Fu) != 0u;
+        const int dk = max(d, -100) * (1 << 23);
 #pragma unroll
-        for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+        for (int c = 0; c < 4; ++c)
+          kmax[c] = max(kmax[c], static_cast<int>(s_val[(xi >> (8 * c)) & 0x7Fu]) + dk);
       }
+      if (!__any_sync(0xFFFFFFFFu, deep)) {
 #pragma unroll
-      for (int c = 0; c < 4; ++c) {
+        for (int c = 0; c < 4; ++c) {
 #pragma unroll
-        for (int sh = 1; sh < 8; sh <<= 1)
-          tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+          for (int sh = 1; sh < 8; sh <<= 1)
+            kmax[c] = max(kmax[c], __shfl_xor_sync(0xFFFFFFFFu, kmax[c], sh));
+          tcol[c] = kmax[c] > 0
+                        ? max(tw::kExpMin, tbase + fmt::scale_exponent(__int_as_float(kmax[c])))
+                        : tw::kExpMin;
+        }
+      } else {
+#pragma unroll
+        for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+#pragma unroll
+        for (int i = 0; i < 16; ++i) {
+          const int ti = trow[i];
+          const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+#pragma unroll
+          for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+        }
+#pragma unroll
+        for (int c = 0; c < 4; ++c) {
+#pragma unroll
+          for (int sh = 1; sh < 8; sh <<= 1)
+            tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+        }
       }
     }
   } else {
