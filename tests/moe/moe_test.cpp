@@ -20,6 +20,7 @@ struct Problem {
   int64_t T = 64, H = 256, F = 256, E = 4;
   RouterConfig router = RouterConfig::softmax_topk(2, true);
   bool bias = false;
+  std::vector<float> bias_values;  // overrides the random bias when non-empty
   uint64_t seed = 1;
 };
 
@@ -48,7 +49,8 @@ Data make_data(const Problem& p) {
                           E * H, F);
   d.dy = host_from_values(normal(T * H, 1.f, p.seed + 3), DType::BF16, T, H);
   d.gate = host_from_values(normal(E * H, 1.f / std::sqrt(float(H)), p.seed + 4), DType::F32, E, H);
-  d.bias = host_from_values(normal(E, 0.05f, p.seed + 5), DType::F32, 1, E);
+  d.bias = host_from_values(p.bias_values.empty() ? normal(E, 0.05f, p.seed + 5) : p.bias_values,
+                            DType::F32, 1, E);
   return d;
 }
 
@@ -344,6 +346,26 @@ TEST(MoELayer, RecipesVsFp64ReferenceSigmoidBias) {
   p.T = 40;  // not a multiple of 16: partial segments and padding everywhere
   p.seed = 7;
   check_vs_ref(p);
+}
+
+// Adversarial routing: a selection bias sends every token to experts 0 and 1 (experts 2, 3 empty:
+// zero-row GEMMs, dW = 0); and a single token (every segment mostly padding).
+TEST(MoELayer, RecipesVsFp64ReferenceSkewedAndOneToken) {
+  Problem p;
+  p.router.kind = RouterKind::SigmoidBias;
+  p.router.top_k = 2;
+  p.router.scaling = 1.0f;
+  p.bias = true;
+  p.bias_values = {8.f, 8.f, 0.f, 0.f};
+  p.T = 48;
+  p.seed = 11;
+  check_vs_ref(p);
+  const LayerRun skew = run_cpu(make_data(p), Recipe::Fp8Flow);
+  EXPECT_EQ(skew.m_splits, (std::vector<int64_t>{48, 48, 0, 0}));
+  Problem one;
+  one.T = 1;
+  one.seed = 12;
+  check_vs_ref(one);
 }
 
 // The FP64 reference's analytic gradients vs central finite differences (a few coordinates of
