@@ -46,12 +46,15 @@
 // quantize_both, quantize_mxfp4 or dequantize on an activation or a gradient, i.e. a conversion
 // between BF16/F32 and a quantized format (recipe.md section 3's table). Not counted there, and
 // reported separately: FP8 -> FP8 / FP8 <-> MXFP4 conversions (transpose_scaled, fp8_to_mxfp4,
-// mxfp4_to_fp8*) in MoECastCount::conversions, and the weight quantizations (2 quantize launches
-// per refresh_weights: W1 and W2 as whole tensors) in MoELayer::weight_casts(). Quantization fused
+// mxfp4_to_fp8*) in MoECastCount::conversions, and the weight casts in MoELayer::weight_casts()
+// (per refresh_weights: FP8 recipes 2 quantize launches, W1 and W2 as whole tensors; the Bf16
+// recipe with F32 masters 2 F32 -> BF16 conversions; else none). Quantization fused
 // into another op (swiglu / swiglu_backward FP8 outputs) is not an explicit cast.
 //
 // Weights (MoEWeights, non-owning views, same device): W_g F32 [E][H] (router gate), optional
-// selection bias F32 [1][E]; W1 BF16 [E * 2F][H] and W2 BF16 [E * H][F], each one contiguous tensor
+// selection bias F32 [1][E]; master weights W1 [E * 2F][H] and W2 [E * H][F], both BF16 or both F32
+// (FP8 recipes quantize either directly; the Bf16 recipe keeps BF16 copies of F32 masters in its
+// pool, made by refresh_weights), each one contiguous tensor
 // with expert e's rows at [e * 2F, (e+1) * 2F) (gate rows first, then up) and [e * H, (e+1) * H).
 // One tensor per matrix (not per-expert views) so that the FP8 copies are made by one quantize
 // launch each and the gradients land in one contiguous F32 buffer. The FP8 copies (W_e 128x128
@@ -92,8 +95,8 @@ struct MoEConfig {
 struct MoEWeights {
   TensorView gate;       // F32 [E][H]
   TensorView gate_bias;  // optional F32 [1][E] (selection bias, not differentiated); empty: none
-  TensorView w1;         // BF16 [E * 2F][H]
-  TensorView w2;         // BF16 [E * H][F]
+  TensorView w1;         // BF16 or F32 [E * 2F][H]
+  TensorView w2;         // BF16 or F32 [E * H][F] (same dtype as w1)
 };
 
 // Backward outputs (caller-owned, same device as the weights, contiguous, overwritten).
@@ -202,7 +205,7 @@ class MoELayer {
   const MoEConfig& config() const;
   Device device() const;
   size_t pool_bytes() const;
-  int weight_casts() const;  // weight quantize launches by refresh_weights so far
+  int weight_casts() const;  // weight cast launches by refresh_weights so far (see above)
 
   struct Impl;
 

@@ -32,9 +32,11 @@ void moe_gate_logits(const TensorView& x, const TensorView& wg, const TensorView
 void moe_gate_backward(const TensorView& dl, const TensorView& wg, const TensorView& x,
                        const TensorView& dx_exp, const TensorView& dx, const TensorView& dwg);
 void moe_count_nonfinite(const TensorView& t, int64_t* count);
+// F32 -> BF16 (RNE, fmt::bf16_from_f32), contiguous, same numel: BF16 copies of F32 masters.
+void moe_to_bf16(const TensorView& in, const TensorView& out);
 }  // namespace fp8flow::ref
 
-#if FP8FLOW_WITH_CUDA
+// Declared in every build; defined only with CUDA (calls go through FP8FLOW_SM90).
 namespace fp8flow::sm90 {
 void moe_gate_logits(const TensorView& x, const TensorView& wg, const TensorView& logits,
                      Stream stream);
@@ -42,5 +44,5 @@ void moe_gate_backward(const TensorView& dl, const TensorView& wg, const TensorV
                        const TensorView& dx_exp, const TensorView& dx, const TensorView& dwg,
                        Stream stream);
 void moe_count_nonfinite(const TensorView& t, int64_t* count, Stream stream);
+void moe_to_bf16(const TensorView& in, const TensorView& out, Stream stream);
 }  // namespace fp8flow::sm90
-#endif

@@ -271,6 +271,9 @@ struct MoELayer::Impl {
   Pool pool;
   // Weights' FP8 copies: W1 [E*2F][H], W2 [E*H][F] (128x128 blocks), and per-expert transposes.
   QSlot w1q, w2q, w1t, w2t;
+  // BF16 copies of F32 masters (Bf16 recipe only): [E*2F][H], [E*H][F].
+  Slot w1_bf16, w2_bf16;
+  bool bf16_copies = false;
   // Scratch.
   Slot perm_ws, router_ws, gemm_ws;
   QSlot xq;            // quantized x [T][H] (fp8 recipes)
@@ -331,10 +334,12 @@ void check_weights(const Check& c, const MoEConfig& cfg, const MoEWeights& w) {
   c.view(w.gate, "w.gate", {DType::F32});
   c.shape(w.gate, "w.gate", E, H);
   c.contiguous(w.gate, "w.gate");
-  c.view(w.w1, "w.w1", {DType::BF16});
+  c.view(w.w1, "w.w1", {DType::BF16, DType::F32});
   c.shape(w.w1, "w.w1", E * 2 * F, H);
   c.contiguous(w.w1, "w.w1");
-  c.view(w.w2, "w.w2", {DType::BF16});
+  c.view(w.w2, "w.w2", {DType::BF16, DType::F32});
+  c.that(w.w2.dtype == w.w1.dtype, "w.w2.dtype", cat(to_string(w.w1.dtype), " (as w.w1)"),
+         to_string(w.w2.dtype));
   c.shape(w.w2, "w.w2", E * H, F);
   c.contiguous(w.w2, "w.w2");
   c.same_device(w.w1, "w.w1", w.gate, "w.gate");
@@ -420,6 +425,9 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
              l.add(nbytes(DType::F32, E * H / 128, 2 * F / 128))};
     m.w2t = {l.add(nbytes(DType::E4M3, E * F, H)), l.add(nbytes(DType::F32, E * F / 128, H / 128))};
   }
+  m.bf16_copies = bf && w.w1.dtype == DType::F32;
+  m.w1_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * 2 * F, H));
+  m.w2_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * H, F));
   m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, E) : 0);
   m.router_ws = l.add(cuda ? router_workspace_bytes(T, E, cfg.router) : 0);
   if (cuda) {
@@ -462,14 +470,10 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
   m.dlogits = l.add(nbytes(DType::F32, T, E));
   m.pool.allocate(m.dev, l.total, stream);
 
-  // Per-expert weight views.
+  // Per-expert weight views (BF16 views are (re)pointed by refresh_weights).
+  m.w1_e.assign(static_cast<size_t>(E), TensorView{nullptr, DType::BF16, 2 * F, H, -1, m.dev});
+  m.w2_e.assign(static_cast<size_t>(E), TensorView{nullptr, DType::BF16, H, F, -1, m.dev});
   for (int64_t e = 0; e < E; ++e) {
-    const auto* w1 = static_cast<const uint8_t*>(w.w1.data);
-    const auto* w2 = static_cast<const uint8_t*>(w.w2.data);
-    m.w1_e.push_back(TensorView{const_cast<uint8_t*>(w1) + nbytes(DType::BF16, e * 2 * F, H),
-                                DType::BF16, 2 * F, H, -1, m.dev});
-    m.w2_e.push_back(TensorView{const_cast<uint8_t*>(w2) + nbytes(DType::BF16, e * H, F),
-                                DType::BF16, H, F, -1, m.dev});
     if (!fp8) continue;
     auto blk_view = [&](const QSlot& q, int64_t n, int64_t kk) {
       auto* d = static_cast<uint8_t*>(m.pool.ptr(q.data)) + e * n * kk;
@@ -508,18 +512,33 @@ void MoELayer::refresh_weights(const MoEWeights& w, Stream stream) {
   const Check c("MoELayer::refresh_weights");
   check_weights(c, p_->cfg, w);
   c.that(w.w1.device == p_->dev, "w.w1.device", to_string(p_->dev), to_string(w.w1.device));
-  // Re-point the BF16 per-expert views.
-  Impl& m = *p_;
-  m.w = w;
-  for (int64_t e = 0; e < m.E; ++e) {
-    m.w1_e[e].data = static_cast<uint8_t*>(w.w1.data) + nbytes(DType::BF16, e * 2 * m.F, m.H);
-    m.w2_e[e].data = static_cast<uint8_t*>(w.w2.data) + nbytes(DType::BF16, e * m.H, m.F);
-  }
+  c.that(w.w1.dtype == p_->w.w1.dtype, "w.w1.dtype", to_string(p_->w.w1.dtype),
+         to_string(w.w1.dtype));
+  p_->w = w;
   refresh_weights(stream);
 }
 
 void MoELayer::refresh_weights(Stream stream) {
   Impl& m = *p_;
+  // BF16 per-expert views: the masters themselves, or their BF16 copies (F32 masters, Bf16 recipe).
+  if (m.bf16_copies) {
+    const TensorView c1 = m.pool.view(m.w1_bf16, DType::BF16, m.E * 2 * m.F, m.H);
+    const TensorView c2 = m.pool.view(m.w2_bf16, DType::BF16, m.E * m.H, m.F);
+    if (m.dev == Device::Cpu) {
+      ref::moe_to_bf16(m.w.w1, c1);
+      ref::moe_to_bf16(m.w.w2, c2);
+    } else {
+      FP8FLOW_SM90(sm90::moe_to_bf16(m.w.w1, c1, stream));
+      FP8FLOW_SM90(sm90::moe_to_bf16(m.w.w2, c2, stream));
+    }
+    m.weight_casts += 2;
+  }
+  auto* w1b = static_cast<uint8_t*>(m.bf16_copies ? m.pool.ptr(m.w1_bf16) : m.w.w1.data);
+  auto* w2b = static_cast<uint8_t*>(m.bf16_copies ? m.pool.ptr(m.w2_bf16) : m.w.w2.data);
+  for (int64_t e = 0; e < m.E; ++e) {
+    m.w1_e[e].data = w1b + nbytes(DType::BF16, e * 2 * m.F, m.H);
+    m.w2_e[e].data = w2b + nbytes(DType::BF16, e * m.H, m.F);
+  }
   if (!is_fp8(m.cfg.recipe)) return;
   const int64_t H = m.H, F = m.F, E = m.E;
   auto whole = [&](const QSlot& q, int64_t n, int64_t kk) {

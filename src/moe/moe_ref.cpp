@@ -140,4 +140,10 @@ void moe_count_nonfinite(const TensorView& t, int64_t* count) {
   *count += n;
 }
 
+void moe_to_bf16(const TensorView& in, const TensorView& out) {
+  const float* a = in.ptr<const float>();
+  uint16_t* b = out.ptr<uint16_t>();
+  for (int64_t i = 0, n = in.numel(); i < n; ++i) b[i] = fmt::bf16_from_f32(a[i]);
+}
+
 }  // namespace fp8flow::ref

@@ -72,6 +72,13 @@ __global__ void nonfinite_kernel(const U* __restrict__ p, int64_t n,
     atomicAdd(count, static_cast<unsigned long long>(block_count));
 }
 
+__global__ void to_bf16_kernel(const float* __restrict__ in, uint16_t* __restrict__ out,
+                               int64_t n) {
+  for (int64_t i = static_cast<int64_t>(blockIdx.x) * blockDim.x + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x)
+    out[i] = fmt::bf16_from_f32(in[i]);
+}
+
 constexpr int kThreads = 256;
 unsigned blocks_for(int64_t n) {
   return static_cast<unsigned>((n + kThreads - 1) / kThreads);
@@ -117,6 +124,14 @@ void moe_count_nonfinite(const TensorView& t, int64_t* count, Stream stream) {
     nonfinite_kernel<uint32_t, 0x7F800000u>
         <<<blocks, kThreads, 0, stream>>>(t.ptr<const uint32_t>(), n, c);
   FP8FLOW_CUDA_CHECK_LAUNCH("MoELayer (non-finite count)");
+}
+
+void moe_to_bf16(const TensorView& in, const TensorView& out, Stream stream) {
+  const int64_t n = in.numel();
+  if (n == 0) return;
+  const unsigned blocks = static_cast<unsigned>(std::min<int64_t>(blocks_for(n), 4096));
+  to_bf16_kernel<<<blocks, kThreads, 0, stream>>>(in.ptr<const float>(), out.ptr<uint16_t>(), n);
+  FP8FLOW_CUDA_CHECK_LAUNCH("MoELayer::refresh_weights (BF16 copy)");
 }
 
 }  // namespace fp8flow::sm90

@@ -279,6 +279,16 @@ LayerRun run_cpu(const Data& d, Recipe r) {
   return out;
 }
 
+template <typename Fn>
+void expect_error(Fn&& fn, const std::string& needle) {
+  try {
+    fn();
+    ADD_FAILURE() << "no fp8flow::Error thrown; expected one mentioning '" << needle << "'";
+  } catch (const Error& e) {
+    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
+  }
+}
+
 constexpr Recipe kRecipes[] = {Recipe::Bf16, Recipe::Fp8Blockwise, Recipe::Fp8Flow,
                                Recipe::Fp8FlowMxfp4};
 
@@ -366,6 +376,49 @@ TEST(MoELayer, RecipesVsFp64ReferenceSkewedAndOneToken) {
   one.T = 1;
   one.seed = 12;
   check_vs_ref(one);
+}
+
+// F32 master weights: with BF16-representable values every recipe gives the same bits as with BF16
+// masters (the FP8 copies quantize the same values; the Bf16 recipe's BF16 copies are exact); with
+// general F32 values the results stay within the recipe's bound of the FP64 reference on them.
+HostTensor to_f32(const HostTensor& b) {
+  HostTensor f(DType::F32, b.v.rows, b.v.cols);
+  const std::vector<double> v = to_double(b);
+  for (size_t i = 0; i < v.size(); ++i) f.ptr<float>()[i] = static_cast<float>(v[i]);
+  return f;
+}
+
+TEST(MoELayer, Fp32MasterWeights) {
+  Problem p;
+  p.T = 32;
+  const Data d = make_data(p);
+  Data f = d;
+  f.w1 = to_f32(d.w1);
+  f.w2 = to_f32(d.w2);
+  for (Recipe r : kRecipes) {
+    const LayerRun a = run_cpu(d, r), b = run_cpu(f, r);
+    EXPECT_TRUE(bytes_equal(a.y, b.y)) << to_string(r);
+    EXPECT_TRUE(bytes_equal(a.dx, b.dx)) << to_string(r);
+    EXPECT_TRUE(bytes_equal(a.dw1, b.dw1)) << to_string(r);
+  }
+  // General F32 values (not BF16-representable).
+  Data g = d;
+  g.w1 =
+      host_from_values(normal(p.E * 2 * p.F * p.H, 1.f / 16, 21), DType::F32, p.E * 2 * p.F, p.H);
+  g.w2 = host_from_values(normal(p.E * p.H * p.F, 1.f / 16, 22), DType::F32, p.E * p.H, p.F);
+  Ref ref = make_ref(g);
+  ref.forward();
+  ref.backward();
+  for (Recipe r : kRecipes) {
+    const LayerRun run = run_cpu(g, r);
+    const Bounds bd = bounds_for(r);
+    const double ey = rel_err(run.y, ref.y), ew1 = rel_err(run.dw1, ref.dw1);
+    std::printf("[ moe ] %-15s F32 masters: rel err y %.2e dW1 %.2e\n", to_string(r), ey, ew1);
+    EXPECT_LT(ey, bd.y) << to_string(r);
+    EXPECT_LT(ew1, bd.dw1) << to_string(r);
+  }
+  MoEWeights mixed{d.gate.v, {}, d.w1.v, f.w2.v};
+  expect_error([&] { MoELayer l(make_config(p, Recipe::Bf16), mixed); }, "w.w2.dtype");
 }
 
 // The FP64 reference's analytic gradients vs central finite differences (a few coordinates of
@@ -512,15 +565,6 @@ TEST(MoELayer, DeterministicAcrossSteps) {
 
 // ---------------------------------------------------------------------------------------------
 // Bad input.
-template <typename Fn>
-void expect_error(Fn&& fn, const std::string& needle) {
-  try {
-    fn();
-    ADD_FAILURE() << "no fp8flow::Error thrown; expected one mentioning '" << needle << "'";
-  } catch (const Error& e) {
-    EXPECT_NE(std::string(e.what()).find(needle), std::string::npos) << e.what();
-  }
-}
 
 TEST(MoELayer, BadConfigAndWeights) {
   Problem p;
