@@ -63,8 +63,9 @@
 //
 // Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
 // (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
-// Scratch buffers are not aliased (simple, not minimal): MoELayer::pool_bytes() +
-// MoEContext::pool_bytes() is the device memory of a step besides the caller's tensors.
+// Forward and backward temporaries share the scratch pool (each set is laid out without reuse
+// inside it: simple, not minimal). MoELayer::pool_bytes() + MoEContext::pool_bytes() per context
+// in flight is the device memory of a step besides the caller's tensors and the GEMM library's own.
 // Streams: every launch goes to `stream`; the only host sync is forward's offsets copy.
 #pragma once
 
@@ -90,6 +91,9 @@ struct MoEConfig {
   int align = 16;          // expert segment alignment: power of two in [16, 128]
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
   int gemm_streams = 4;    // GroupedGemmOptions::streams
+  // Debug: give forward temporaries their own scratch instead of sharing it with backward's, so
+  // MoEDebugViews' forward operands held in scratch (Fp8Blockwise, Fp8FlowMxfp4) survive backward.
+  bool keep_forward_scratch = false;
 };
 
 struct MoEWeights {
@@ -126,8 +130,11 @@ struct MoETransposeUnderflow {
   int64_t total() const { return fc2_grad + fc2_x + fc1_grad + fc1_x; }
 };
 
-// Views of the FP8 operands the GEMMs consumed in the last forward/backward (debug/test hook; valid
-// until the context's next forward). Empty for recipes without them (Bf16). Device: the layer's.
+// Views of the FP8 operands the GEMMs consumed in the last forward/backward (debug/test hook).
+// Empty for recipes without them (Bf16). Device: the layer's. Validity: Fp8Flow's fprop operands
+// are the saved tensors (valid until the context's next forward); everything else lives in the
+// layer's scratch, valid until the layer's next call, and (Fp8Blockwise / Fp8FlowMxfp4 fprop
+// operands) overwritten by backward unless MoEConfig::keep_forward_scratch.
 struct MoEDebugViews {
   ScaledTensor fc1_fprop_x;  // row-wise FP8 FC1 input [M_pad][H] (Fp8Blockwise/Fp8Flow/Mxfp4)
   ScaledTensor fc2_fprop_x;  // row-wise FP8 FC2 input [M_pad][F]

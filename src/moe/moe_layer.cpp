@@ -445,6 +445,10 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
         need = std::max(need, grouped_gemm_workspace_bytes(kind, n, kk, one, o));
     m.gemm_ws = l.add(need + static_cast<size_t>(E) * 256);
   }
+  // Forward temporaries and backward temporaries are never live together: the backward ones
+  // start again at the same offset (unless cfg.keep_forward_scratch), so the pool holds the larger
+  // of the two sets, not their sum.
+  const size_t temps_base = l.total;
   m.xq = add_rowwise(l, T, H, fp8);
   m.x_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
   m.xp_bf16 = add_if(l, blk, nbytes(DType::BF16, M, H));
@@ -452,6 +456,8 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
   m.a_bf16 = add_if(l, blk, nbytes(DType::BF16, M, F));
   m.a_q = add_rowwise(l, M, F, blk || mx);
   m.yp = l.add(nbytes(DType::BF16, M, H));
+  const size_t forward_end = l.total;
+  if (!cfg.keep_forward_scratch) l.total = temps_base;
   m.dyq = add_rowwise(l, T, H, fp8);
   m.dy_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
   m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
@@ -468,6 +474,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
   m.dprob = l.add(nbytes(DType::F32, 1, M));
   m.dtw = l.add(nbytes(DType::F32, T, k));
   m.dlogits = l.add(nbytes(DType::F32, T, E));
+  l.total = std::max(l.total, forward_end);
   m.pool.allocate(m.dev, l.total, stream);
 
   // Per-expert weight views (BF16 views are (re)pointed by refresh_weights).

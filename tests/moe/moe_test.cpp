@@ -522,7 +522,9 @@ TEST(MoELayer, Fp8FlowWgradSeesFpropValues) {
   const Data d = make_data(p);
   for (Recipe r : {Recipe::Fp8Flow, Recipe::Fp8Blockwise}) {
     MoEWeights w{d.gate.v, {}, d.w1.v, d.w2.v};
-    MoELayer layer(make_config(p, r), w);
+    MoEConfig cfg = make_config(p, r);
+    cfg.keep_forward_scratch = true;  // blockwise's fprop operands live in scratch
+    MoELayer layer(cfg, w);
     MoEContext ctx = layer.make_context();
     HostTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
         dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
