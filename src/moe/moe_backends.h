@@ -12,8 +12,10 @@ namespace fp8flow::detail {
 // Pool memory on `dev` (Cpu: host heap; Cuda: cudaMalloc), 256-byte aligned. Zero-filled.
 void* moe_alloc(Device dev, size_t bytes, Stream stream);
 void moe_free(Device dev, void* p);
-// Device (or host) -> host copy of `bytes`; synchronizes `stream` on Cuda.
-void moe_copy_to_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream);
+// Device (or host) -> host copy of `bytes`; on Cuda enqueued on `stream`, which is then
+// synchronized unless sync == false (then dst is valid after a later synchronizing copy).
+void moe_copy_to_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream,
+                      bool sync = true);
 // Host -> pool memory.
 void moe_copy_from_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream);
 void moe_memset0(Device dev, void* p, size_t bytes, Stream stream);

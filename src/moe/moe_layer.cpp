@@ -661,7 +661,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   // The one host sync of a step: padded offsets (-> m_splits) and the non-finite count of x.
   std::vector<int64_t> off(static_cast<size_t>(E + 1));
   int64_t nf_x = 0;
-  detail::moe_copy_to_host(dev, &nf_x, s.counter(kNfX), sizeof nf_x, stream);
+  detail::moe_copy_to_host(dev, &nf_x, s.counter(kNfX), sizeof nf_x, stream, /*sync=*/false);
   detail::moe_copy_to_host(dev, off.data(), S.ptr(s.offsets), off.size() * sizeof(int64_t), stream);
   if (opt.reject_nonfinite_input && nf_x != 0)
     c.fail(ErrorKind::InvalidArgument, "x",

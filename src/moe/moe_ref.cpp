@@ -47,16 +47,18 @@ void moe_free(Device dev, void* p) {
 #endif
 }
 
-void moe_copy_to_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream) {
+void moe_copy_to_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream,
+                      bool sync) {
   if (dev == Device::Cpu) {
     std::memcpy(dst, src, bytes);
     return;
   }
 #if FP8FLOW_WITH_CUDA
   FP8FLOW_CUDA_CHECK("MoELayer", cudaMemcpyAsync(dst, src, bytes, cudaMemcpyDeviceToHost, stream));
-  FP8FLOW_CUDA_CHECK("MoELayer", cudaStreamSynchronize(stream));
+  if (sync) FP8FLOW_CUDA_CHECK("MoELayer", cudaStreamSynchronize(stream));
 #else
   (void)stream;
+  (void)sync;
 #endif
 }
 
