@@ -136,12 +136,16 @@ struct MoETransposeUnderflow {
 // layer's scratch, valid until the layer's next call, and (Fp8Blockwise / Fp8FlowMxfp4 fprop
 // operands) overwritten by backward unless MoEConfig::keep_forward_scratch.
 struct MoEDebugViews {
-  ScaledTensor fc1_fprop_x;  // row-wise FP8 FC1 input [M_pad][H] (Fp8Blockwise/Fp8Flow/Mxfp4)
-  ScaledTensor fc2_fprop_x;  // row-wise FP8 FC2 input [M_pad][F]
-  ScaledTensor fc1_wgrad_x;  // column-wise copy [H][M_pad] the FC1 wgrad consumed
-  ScaledTensor fc2_wgrad_x;  // column-wise copy [F][M_pad] the FC2 wgrad consumed
-  TensorView topk_idx;       // I32 [T][k]
-  TensorView topk_weight;    // F32 [T][k]
+  ScaledTensor fc1_fprop_x;   // row-wise FP8 FC1 input [M_pad][H] (Fp8Blockwise/Fp8Flow/Mxfp4)
+  ScaledTensor fc2_fprop_x;   // row-wise FP8 FC2 input [M_pad][F]
+  ScaledTensor fc1_wgrad_x;   // column-wise copy [H][M_pad] the FC1 wgrad consumed
+  ScaledTensor fc2_wgrad_x;   // column-wise copy [F][M_pad] the FC2 wgrad consumed
+  ScaledTensor fc2_dgrad_dy;  // row-wise FC2 output grad [M_pad][H] the FC2 dgrad consumed
+  ScaledTensor fc2_wgrad_dy;  // its column-wise copy [H][M_pad] the FC2 wgrad consumed
+  ScaledTensor fc1_dgrad_dy;  // row-wise FC1 output grad [M_pad][2F] the FC1 dgrad consumed
+  ScaledTensor fc1_wgrad_dy;  // its column-wise copy [2F][M_pad] the FC1 wgrad consumed
+  TensorView topk_idx;        // I32 [T][k]
+  TensorView topk_weight;     // F32 [T][k]
 };
 
 class MoELayer;

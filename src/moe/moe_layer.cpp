@@ -826,6 +826,10 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       grouped_gemm_wgrad(dht, xpt, dw1_e, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;
       s.debug.fc2_wgrad_x = at;
+      s.debug.fc2_dgrad_dy = dypq;
+      s.debug.fc2_wgrad_dy = dypt;
+      s.debug.fc1_dgrad_dy = dhq;
+      s.debug.fc1_wgrad_dy = dht;
       break;
     }
     case Recipe::Fp8Flow:
@@ -867,6 +871,10 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       grouped_gemm_wgrad(dht, xpt, dw1_e, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;
       s.debug.fc2_wgrad_x = at;
+      s.debug.fc2_dgrad_dy = dypq;
+      s.debug.fc2_wgrad_dy = dypt;
+      s.debug.fc1_dgrad_dy = dhq;
+      s.debug.fc1_wgrad_dy = dht;
       break;
     }
   }

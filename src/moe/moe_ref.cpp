@@ -31,6 +31,8 @@ void* moe_alloc(Device dev, size_t bytes, Stream stream) {
   void* p = nullptr;
   FP8FLOW_CUDA_CHECK("MoELayer", cudaMalloc(&p, bytes));
   FP8FLOW_CUDA_CHECK("MoELayer", cudaMemsetAsync(p, 0, bytes, stream));
+  // Construction-time only: the zero fill is complete before any stream uses the pool.
+  FP8FLOW_CUDA_CHECK("MoELayer", cudaStreamSynchronize(stream));
   return p;
 #else
   (void)stream;

@@ -541,13 +541,25 @@ TEST(MoELayer, Fp8FlowWgradSeesFpropValues) {
         to_string(r), (long long)bad1, (long long)bad2,
         (long long)(v.fc1_fprop_x.data.numel() + v.fc2_fprop_x.data.numel()), (long long)uf.fc1_x,
         (long long)uf.fc2_x, (long long)uf.total());
+    const int64_t bad3 = wgrad_mismatches(v.fc2_dgrad_dy, v.fc2_wgrad_dy);
+    const int64_t bad4 = wgrad_mismatches(v.fc1_dgrad_dy, v.fc1_wgrad_dy);
+    std::printf(
+        "[ moe ] %-15s wgrad-vs-dgrad gradient mismatches FC2 %lld FC1 %lld; transpose "
+        "underflows FC2 dy %lld FC1 dy %lld\n",
+        to_string(r), (long long)bad3, (long long)bad4, (long long)uf.fc2_grad,
+        (long long)uf.fc1_grad);
     if (r == Recipe::Fp8Flow) {
       // Each mismatch is an element the transpose reported as changed (and vice versa).
       EXPECT_EQ(bad1, uf.fc1_x);
       EXPECT_EQ(bad2, uf.fc2_x);
+      EXPECT_EQ(bad3, uf.fc2_grad);
+      EXPECT_EQ(bad4, uf.fc1_grad);
+      // Most elements are exact.
+      EXPECT_LT(bad1 + bad2 + bad3 + bad4, 1000);
     } else {
       EXPECT_EQ(uf.total(), 0);
       EXPECT_GT(bad1 + bad2, 0);
+      EXPECT_GT(bad3 + bad4, 0);
     }
   }
 }
