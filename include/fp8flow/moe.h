@@ -189,8 +189,23 @@ struct MoEForwardOptions {
   bool reject_nonfinite_input = true;
 };
 
+// Memory of a layer for a config, computed without allocating (MoELayer::memory_plan).
+struct MoEMemoryPlan {
+  size_t layer_pool_bytes = 0;            // scratch + FP8 weight copies (MoELayer::pool_bytes())
+  size_t context_pool_bytes = 0;          // per context in flight (MoEContext::pool_bytes())
+  int64_t max_padded_rows = 0;            // M_pad bound: T k + E (align - 1)
+  size_t saved_activation_bytes_max = 0;  // saved activations at max_tokens and that M_pad bound
+  size_t step_bytes(int contexts = 1) const {
+    return layer_pool_bytes + contexts * context_pool_bytes;
+  }
+};
+
 class MoELayer {
  public:
+  // Pool sizes the constructor would allocate for cfg, masters of dtype `master` (BF16 or F32) on
+  // `dev` (GEMM workspaces are sized only for Cuda). Pure host function.
+  static MoEMemoryPlan memory_plan(const MoEConfig& cfg, DType master, Device dev);
+
   // Validates cfg and weights (fp8flow::Error naming the field), allocates the scratch pool on the
   // weights' device and makes the FP8 weight copies.
   MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream = nullptr);

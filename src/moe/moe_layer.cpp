@@ -395,15 +395,13 @@ void count_nonfinite(Device dev, const TensorView& t, int64_t* count, Stream str
 
 }  // namespace
 
-MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
-    : p_(std::make_unique<Impl>()) {
-  const Check c("MoELayer");
-  check_config(c, cfg);
-  check_weights(c, cfg, w);
-  Impl& m = *p_;
+namespace {
+
+// Lays out the layer's scratch pool for cfg (masters of dtype `master`, pool on `dev`): fills the
+// slots of m and returns the pool size. Shared by the constructor and MoELayer::memory_plan.
+size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Device dev) {
   m.cfg = cfg;
-  m.w = w;
-  m.dev = w.w1.device;
+  m.dev = dev;
   m.H = cfg.hidden;
   m.F = cfg.ffn;
   m.E = cfg.experts;
@@ -425,7 +423,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
              l.add(nbytes(DType::F32, E * H / 128, 2 * F / 128))};
     m.w2t = {l.add(nbytes(DType::E4M3, E * F, H)), l.add(nbytes(DType::F32, E * F / 128, H / 128))};
   }
-  m.bf16_copies = bf && w.w1.dtype == DType::F32;
+  m.bf16_copies = bf && master == DType::F32;
   m.w1_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * 2 * F, H));
   m.w2_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * H, F));
   m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, E) : 0);
@@ -475,7 +473,21 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
   m.dtw = l.add(nbytes(DType::F32, T, k));
   m.dlogits = l.add(nbytes(DType::F32, T, E));
   l.total = std::max(l.total, forward_end);
-  m.pool.allocate(m.dev, l.total, stream);
+  return l.total;
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
+    : p_(std::make_unique<Impl>()) {
+  const Check c("MoELayer");
+  check_config(c, cfg);
+  check_weights(c, cfg, w);
+  Impl& m = *p_;
+  m.w = w;
+  m.pool.allocate(w.w1.device, layout_layer(m, cfg, w.w1.dtype, w.w1.device), stream);
+  const int64_t H = m.H, F = m.F, E = m.E;
+  const bool fp8 = is_fp8(cfg.recipe);
 
   // Per-expert weight views (BF16 views are (re)pointed by refresh_weights).
   m.w1_e.assign(static_cast<size_t>(E), TensorView{nullptr, DType::BF16, 2 * F, H, -1, m.dev});
@@ -564,9 +576,10 @@ void MoELayer::refresh_weights(Stream stream) {
   }
 }
 
-MoEContext MoELayer::make_context() const {
-  const Impl& m = *p_;
-  auto s = std::make_unique<MoEContext::State>();
+namespace {
+
+// Lays out a context's saved-state pool for layer m; returns its size.
+size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
   const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k;
   const Recipe r = m.cfg.recipe;
   s->recipe = r;
@@ -574,7 +587,6 @@ MoEContext MoELayer::make_context() const {
   s->H = H;
   s->F = F;
   s->k = k;
-  s->layer = p_.get();
   Layout l;
   s->logits = l.add(nbytes(DType::F32, T, E));
   s->topk_idx = l.add(nbytes(DType::I32, T, k));
@@ -601,8 +613,50 @@ MoEContext MoELayer::make_context() const {
     s->xp_mx = add_mx(l, M, H);
     s->a_mx = add_mx(l, M, F);
   }
-  s->pool.allocate(m.dev, l.total, nullptr);
+  return l.total;
+}
+
+}  // namespace
+
+MoEContext MoELayer::make_context() const {
+  auto s = std::make_unique<MoEContext::State>();
+  s->layer = p_.get();
+  s->pool.allocate(p_->dev, layout_context(s.get(), *p_), nullptr);
   return MoEContext(std::move(s));
+}
+
+MoEMemoryPlan MoELayer::memory_plan(const MoEConfig& cfg, DType master, Device dev) {
+  const Check c("MoELayer::memory_plan");
+  check_config(c, cfg);
+  c.that(master == DType::BF16 || master == DType::F32, "master", "BF16 or F32", to_string(master));
+  Impl m;
+  MoEMemoryPlan plan;
+  plan.layer_pool_bytes = layout_layer(m, cfg, master, dev);
+  MoEContext::State s;
+  plan.context_pool_bytes = layout_context(&s, m);
+  plan.max_padded_rows = m.Mmax;
+  const int64_t M = m.Mmax, H = m.H, F = m.F;
+  const int64_t tiles = M / 128 + m.E;  // column-wise tiles bound (per-expert partial tiles)
+  size_t b = nbytes(DType::BF16, M, 2 * F);
+  switch (cfg.recipe) {
+    case Recipe::Bf16:
+      b += nbytes(DType::BF16, M, H) + nbytes(DType::BF16, M, F);
+      break;
+    case Recipe::Fp8Blockwise:
+      b += nbytes(DType::E4M3, H, M) + nbytes(DType::F32, tiles, H) + nbytes(DType::E4M3, F, M) +
+           nbytes(DType::F32, tiles, F);
+      break;
+    case Recipe::Fp8Flow:
+      b += nbytes(DType::E4M3, M, H) + nbytes(DType::F32, H / 128, M) + nbytes(DType::E4M3, M, F) +
+           nbytes(DType::F32, F / 128, M);
+      break;
+    case Recipe::Fp8FlowMxfp4:
+      b += nbytes(DType::E2M1x2, M, H) + nbytes(DType::E8M0, M, H / 32) +
+           nbytes(DType::E2M1x2, M, F) + nbytes(DType::E8M0, M, F / 32);
+      break;
+  }
+  plan.saved_activation_bytes_max = b;
+  return plan;
 }
 
 // ------------------------------------------------------------------------------------------------

@@ -501,6 +501,47 @@ TEST(MoELayer, SavedActivationBytes) {
   EXPECT_GE(saved[1], saved[2]);  // column-wise copies carry per-expert partial tiles
 }
 
+// memory_plan equals what the layer and its context allocate; and the plan at the DeepSeek-V3
+// shard shape (E 32, T 4096, k 8, H 7168, F 2048, on Cuda), printed for the memory account.
+TEST(MoELayer, MemoryPlan) {
+  Problem p;
+  const Data d = make_data(p);
+  for (Recipe r : kRecipes) {
+    const MoEMemoryPlan plan = MoELayer::memory_plan(make_config(p, r), DType::BF16, Device::Cpu);
+    MoELayer layer(make_config(p, r), MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+    MoEContext ctx = layer.make_context();
+    EXPECT_EQ(plan.layer_pool_bytes, layer.pool_bytes()) << to_string(r);
+    EXPECT_EQ(plan.context_pool_bytes, ctx.pool_bytes()) << to_string(r);
+    EXPECT_LE(plan.saved_activation_bytes_max, ctx.pool_bytes()) << to_string(r);
+  }
+  MoEConfig c;
+  c.hidden = 7168;
+  c.ffn = 2048;
+  c.experts = 32;
+  c.router = RouterConfig::deepseek_v3();
+  c.max_tokens = 4096;
+  const double GiB = 1024.0 * 1024.0 * 1024.0;
+  size_t saved[4];
+  for (int i = 0; i < 4; ++i) {
+    c.recipe = kRecipes[i];
+    const MoEMemoryPlan plan = MoELayer::memory_plan(c, DType::BF16, Device::Cuda);
+    saved[i] = plan.saved_activation_bytes_max;
+    std::printf(
+        "[ moe ] DeepSeek-V3 shard (E 32, T 4096, k 8) %-15s M_pad<=%lld  saved "
+        "activations %.3f GiB  context pool %.3f GiB  layer pool %.3f GiB  step %.3f GiB\n",
+        to_string(kRecipes[i]), static_cast<long long>(plan.max_padded_rows),
+        double(plan.saved_activation_bytes_max) / GiB, double(plan.context_pool_bytes) / GiB,
+        double(plan.layer_pool_bytes) / GiB, double(plan.step_bytes()) / GiB);
+  }
+  EXPECT_GT(saved[0], saved[1]);
+  EXPECT_GT(saved[1], saved[2]);  // column-wise copies carry per-expert partial scale tiles
+  EXPECT_GT(saved[2], saved[3]);
+  MoEConfig bad = c;
+  bad.ffn = 100;
+  expect_error([&] { MoELayer::memory_plan(bad, DType::BF16, Device::Cuda); },
+               "fp8flow::MoELayer::memory_plan: cfg.ffn");
+}
+
 // fp8-flow: the FP8 values FC1/FC2 wgrad consume (scaling-aware transposes of the saved row-wise
 // tensors) equal the values fprop consumed, element for element, except elements the transpose
 // reported as underflowed. fp8-blockwise re-quantizes from BF16 and differs (shows the check
