@@ -63,10 +63,11 @@
 //
 // Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
 // (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
-// Forward and backward temporaries share the scratch pool (each set is laid out without reuse
-// inside it: simple, not minimal). MoELayer::pool_bytes() + MoEContext::pool_bytes() per context
-// in flight is the device memory of a step besides the caller's tensors and the GEMM library's own.
-// Streams: every launch goes to `stream`; the only host sync is forward's offsets copy.
+// Temporaries of forward, backward phase 1 (FC2) and phase 2 (FC1 + router) share the scratch
+// pool (inside a phase each has its own slot: simple, not minimal). MoELayer::pool_bytes() +
+// MoEContext::pool_bytes() per context in flight is the device memory of a step besides the
+// caller's tensors and the GEMM library's own (cuBLASLt handles, internal streams).
+// Streams: every launch goes to `stream`; the only host sync is forward's copy of the offsets.
 #pragma once
 
 #include <cstddef>
@@ -91,9 +92,9 @@ struct MoEConfig {
   int align = 16;          // expert segment alignment: power of two in [16, 128]
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
   int gemm_streams = 4;    // GroupedGemmOptions::streams
-  // Debug: give forward temporaries their own scratch instead of sharing it with backward's, so
-  // MoEDebugViews' forward operands held in scratch (Fp8Blockwise, Fp8FlowMxfp4) survive backward.
-  bool keep_forward_scratch = false;
+  // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
+  // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.
+  bool debug_no_scratch_reuse = false;
 };
 
 struct MoEWeights {
@@ -132,9 +133,9 @@ struct MoETransposeUnderflow {
 
 // Views of the FP8 operands the GEMMs consumed in the last forward/backward (debug/test hook).
 // Empty for recipes without them (Bf16). Device: the layer's. Validity: Fp8Flow's fprop operands
-// are the saved tensors (valid until the context's next forward); everything else lives in the
-// layer's scratch, valid until the layer's next call, and (Fp8Blockwise / Fp8FlowMxfp4 fprop
-// operands) overwritten by backward unless MoEConfig::keep_forward_scratch.
+// are the saved tensors (valid until the context's next forward); the others live in the layer's
+// scratch, which later phases reuse: set MoEConfig::debug_no_scratch_reuse to read them all after
+// backward (then valid until the layer's next call).
 struct MoEDebugViews {
   ScaledTensor fc1_fprop_x;   // row-wise FP8 FC1 input [M_pad][H] (Fp8Blockwise/Fp8Flow/Mxfp4)
   ScaledTensor fc2_fprop_x;   // row-wise FP8 FC2 input [M_pad][F]
@@ -191,7 +192,8 @@ struct MoEForwardOptions {
 
 // Memory of a layer for a config, computed without allocating (MoELayer::memory_plan).
 struct MoEMemoryPlan {
-  size_t layer_pool_bytes = 0;            // scratch + FP8 weight copies (MoELayer::pool_bytes())
+  size_t layer_pool_bytes = 0;            // scratch + weight copies (MoELayer::pool_bytes())
+  size_t weight_copy_bytes = 0;           // of which FP8 W, W^T (and BF16 copies of F32 masters)
   size_t context_pool_bytes = 0;          // per context in flight (MoEContext::pool_bytes())
   int64_t max_padded_rows = 0;            // M_pad bound: T k + E (align - 1)
   size_t saved_activation_bytes_max = 0;  // saved activations at max_tokens and that M_pad bound

@@ -267,6 +267,7 @@ struct MoELayer::Impl {
   Device dev = Device::Cpu;
   int64_t H = 0, F = 0, E = 0, k = 0, Tmax = 0, Mmax = 0;
   int weight_casts = 0;
+  size_t weight_copy_bytes = 0;
 
   Pool pool;
   // Weights' FP8 copies: W1 [E*2F][H], W2 [E*H][F] (128x128 blocks), and per-expert transposes.
@@ -426,6 +427,7 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.bf16_copies = bf && master == DType::F32;
   m.w1_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * 2 * F, H));
   m.w2_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * H, F));
+  m.weight_copy_bytes = l.total;
   m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, E) : 0);
   m.router_ws = l.add(cuda ? router_workspace_bytes(T, E, cfg.router) : 0);
   if (cuda) {
@@ -444,8 +446,8 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
     m.gemm_ws = l.add(need + static_cast<size_t>(E) * 256);
   }
   // Forward temporaries and backward temporaries are never live together: the backward ones
-  // start again at the same offset (unless cfg.keep_forward_scratch), so the pool holds the larger
-  // of the two sets, not their sum.
+  // start again at the same offset (unless cfg.debug_no_scratch_reuse), so the pool holds the
+  // larger of the two sets, not their sum.
   const size_t temps_base = l.total;
   m.xq = add_rowwise(l, T, H, fp8);
   m.x_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
@@ -455,23 +457,31 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.a_q = add_rowwise(l, M, F, blk || mx);
   m.yp = l.add(nbytes(DType::BF16, M, H));
   const size_t forward_end = l.total;
-  if (!cfg.keep_forward_scratch) l.total = temps_base;
+  const bool reuse = !cfg.debug_no_scratch_reuse;
+  if (reuse) l.total = temps_base;
+  // Backward, phase 1 (FC2: combine-grad cast, permute, FC2 dgrad + wgrad) and phase 2 (SwiGLU
+  // backward, FC1 dgrad + wgrad, unpermute, router/gate backward) share memory too; only the FC2
+  // dgrad output `da` crosses from one to the other.
+  m.da = l.add(nbytes(DType::BF16, M, F));
+  const size_t phase1_base = l.total;
   m.dyq = add_rowwise(l, T, H, fp8);
   m.dy_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
   m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
   m.dyp_q = add_rowwise(l, M, H, fp8);
   m.dyp_t = add_colwise(l, H, M, E, fp8);
-  m.da = l.add(nbytes(DType::BF16, M, F));
+  m.a_t = add_colwise(l, F, M, E, flow);
+  const size_t phase1_end = l.total;
+  if (reuse) l.total = phase1_base;
   m.dh_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, 2 * F));
   m.dh_q = add_rowwise(l, M, 2 * F, fp8);
   m.dh_t = add_colwise(l, 2 * F, M, E, fp8);
   m.xp_t = add_colwise(l, H, M, E, flow);
-  m.a_t = add_colwise(l, F, M, E, flow);
   m.dxp = l.add(nbytes(DType::BF16, M, H));
   m.dx_exp = l.add(nbytes(DType::F32, T, H));
   m.dprob = l.add(nbytes(DType::F32, 1, M));
   m.dtw = l.add(nbytes(DType::F32, T, k));
   m.dlogits = l.add(nbytes(DType::F32, T, E));
+  l.total = std::max(l.total, phase1_end);
   l.total = std::max(l.total, forward_end);
   return l.total;
 }
@@ -634,6 +644,7 @@ MoEMemoryPlan MoELayer::memory_plan(const MoEConfig& cfg, DType master, Device d
   plan.layer_pool_bytes = layout_layer(m, cfg, master, dev);
   MoEContext::State s;
   plan.context_pool_bytes = layout_context(&s, m);
+  plan.weight_copy_bytes = m.weight_copy_bytes;
   plan.max_padded_rows = m.Mmax;
   const int64_t M = m.Mmax, H = m.H, F = m.F;
   const int64_t tiles = M / 128 + m.E;  // column-wise tiles bound (per-expert partial tiles)
