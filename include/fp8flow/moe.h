@@ -87,7 +87,10 @@ struct MoEConfig {
   int64_t hidden = 0;   // H, % 128 == 0
   int64_t ffn = 0;      // F, % 128 == 0
   int64_t experts = 0;  // E, 4..256, % 4 == 0 (router limits)
-  RouterConfig router;  // top_k = k; aux loss not supported yet (aux_alpha must be 0)
+  // top_k = k. Aux loss (aux_alpha != 0): forward computes it (MoEContext::aux_loss()), every
+  // T must be a multiple of seq_len, and backward adds its gradient with weight 1 (total loss =
+  // task loss + aux_loss) to d_logits, dgate and dx.
+  RouterConfig router;
   Recipe recipe = Recipe::Fp8Flow;
   int align = 16;          // expert segment alignment: power of two in [16, 128]
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
@@ -173,6 +176,8 @@ class MoEContext {
   // subnormal/zero, see transpose.h), per transposed operand; Fp8Flow only (0 otherwise; the
   // MXFP4 expansions are not counted). Synchronizes the host.
   MoETransposeUnderflow transpose_underflow() const;
+  // The router's auxiliary load-balancing loss of the last forward (0 when off). Synchronizes.
+  float aux_loss() const;
   // Non-finite counts of the last forward and backward. Synchronizes the host.
   MoENonFinite nonfinite() const;
   MoEDebugViews debug_views() const;

@@ -165,6 +165,7 @@ struct MoEContext::State {
   // Routing state (all recipes).
   Slot logits, topk_idx, topk_w, tpe_router, tpe, offsets, dest_row, src_slot, invalid, prob,
       counters;
+  Slot seq_counts, aux_loss;  // aux loss on only
   // Saved activations: FC1 input, FC1 output, FC2 input in the recipe's saved format.
   Slot xp_bf16, a_bf16;  // Bf16
   QSlot xp_t, a_t;       // Fp8Blockwise (column-wise FP8 copies)
@@ -173,6 +174,7 @@ struct MoEContext::State {
   Slot h;                // BF16 [M][2F], all recipes
 
   int64_t T = 0, Mp = 0, E = 0, H = 0, F = 0, k = 0;
+  int64_t seq_len = 0;  // aux loss on: the router's seq_len, else 0
   std::vector<int64_t> m_splits;
   TensorView x;  // the caller's forward input (gate wgrad)
   bool forward_done = false;
@@ -234,7 +236,8 @@ size_t MoEContext::saved_activation_bytes() const {
 
 size_t MoEContext::saved_routing_bytes() const {
   const State& s = *s_;
-  return nbytes(DType::F32, s.T, s.E) + nbytes(DType::I32, s.T, s.k) * 2 +  // logits, idx, w
+  return (s.seq_len > 0 ? nbytes(DType::I32, s.T / s.seq_len, s.E) + sizeof(float) : 0) +  // aux
+         nbytes(DType::F32, s.T, s.E) + nbytes(DType::I32, s.T, s.k) * 2 +  // logits, idx, w
          nbytes(DType::I32, s.T, s.k) + nbytes(DType::I32, 1, s.Mp) +       // dest_row, src_slot
          nbytes(DType::I64, 1, s.E + 1) + nbytes(DType::I32, 1, 2 * s.E) +  // offsets, counts
          nbytes(DType::F32, 1, s.Mp);                                       // prob
@@ -244,6 +247,13 @@ MoETransposeUnderflow MoEContext::transpose_underflow() const {
   int64_t c[kNumCounters];
   detail::moe_copy_to_host(s_->pool.dev, c, s_->counter(0), sizeof c, nullptr);
   return {c[kUnderflow0], c[kUnderflow0 + 1], c[kUnderflow0 + 2], c[kUnderflow0 + 3]};
+}
+
+float MoEContext::aux_loss() const {
+  if (s_->aux_loss.bytes == 0) return 0.0f;
+  float v = 0.0f;
+  detail::moe_copy_to_host(s_->pool.dev, &v, s_->pool.ptr(s_->aux_loss), sizeof v, nullptr);
+  return v;
 }
 
 MoENonFinite MoEContext::nonfinite() const {
@@ -277,6 +287,7 @@ struct MoELayer::Impl {
   bool bf16_copies = false;
   // Scratch.
   Slot perm_ws, router_ws, gemm_ws;
+  Slot d_aux;          // F32 1.0: the aux loss enters the total loss with weight 1
   QSlot xq;            // quantized x [T][H] (fp8 recipes)
   Slot x_deq;          // dequantized x BF16 [T][H] (blockwise)
   Slot xp_bf16;        // permuted x BF16 [M][H] (blockwise; bf16 saves it in the context)
@@ -319,8 +330,9 @@ void check_config(const Check& c, const MoEConfig& cfg) {
          "a multiple of 4 in [4, 256]", cat(cfg.experts));
   c.that(cfg.router.top_k >= 1 && cfg.router.top_k <= 8 && cfg.router.top_k <= cfg.experts,
          "cfg.router.top_k", "in [1, min(8, experts)]", cat(cfg.router.top_k));
-  c.that(!cfg.router.aux_enabled(), "cfg.router.aux_alpha", "0 (aux loss not supported yet)",
-         cat(cfg.router.aux_alpha), ErrorKind::Unsupported);
+  if (cfg.router.aux_enabled())
+    c.that(cfg.router.seq_len >= 1 && cfg.router.seq_len <= cfg.max_tokens, "cfg.router.seq_len",
+           "in [1, max_tokens] when the aux loss is on", cat(cfg.router.seq_len));
   const int a = cfg.align;
   c.that(a >= 16 && a <= 128 && (a & (a - 1)) == 0, "cfg.align", "a power of two in [16, 128]",
          cat(a));
@@ -428,6 +440,7 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.w1_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * 2 * F, H));
   m.w2_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * H, F));
   m.weight_copy_bytes = l.total;
+  m.d_aux = add_if(l, cfg.router.aux_enabled(), sizeof(float));
   m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, E) : 0);
   m.router_ws = l.add(cuda ? router_workspace_bytes(T, E, cfg.router) : 0);
   if (cuda) {
@@ -496,6 +509,10 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
   Impl& m = *p_;
   m.w = w;
   m.pool.allocate(w.w1.device, layout_layer(m, cfg, w.w1.dtype, w.w1.device), stream);
+  if (cfg.router.aux_enabled()) {
+    const float one = 1.0f;
+    detail::moe_copy_from_host(m.dev, m.pool.ptr(m.d_aux), &one, sizeof one, stream);
+  }
   const int64_t H = m.H, F = m.F, E = m.E;
   const bool fp8 = is_fp8(cfg.recipe);
 
@@ -609,6 +626,11 @@ size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
   s->invalid = l.add(nbytes(DType::I32, 1, 1));
   s->prob = l.add(nbytes(DType::F32, 1, M));
   s->counters = l.add(nbytes(DType::I64, 1, kNumCounters));
+  if (m.cfg.router.aux_enabled()) {
+    s->seq_len = m.cfg.router.seq_len;
+    s->seq_counts = l.add(nbytes(DType::I32, T / m.cfg.router.seq_len, E));
+    s->aux_loss = l.add(nbytes(DType::F32, 1, 1));
+  }
   s->h = l.add(nbytes(DType::BF16, M, 2 * F));
   if (r == Recipe::Bf16) {
     s->xp_bf16 = l.add(nbytes(DType::BF16, M, H));
@@ -683,6 +705,12 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   check_io(c, x, "x", DType::BF16, x.rows, m.H, m.dev);
   check_io(c, y, "y", DType::BF16, x.rows, m.H, m.dev);
   c.that(x.data != y.data, "y", "a buffer distinct from x", "the same pointer");
+  const bool aux = m.cfg.router.aux_enabled();
+  if (aux)
+    c.that(
+        x.rows % m.cfg.router.seq_len == 0, "x.rows",
+        cat("a multiple of cfg.router.seq_len (", m.cfg.router.seq_len, ") with the aux loss on"),
+        cat(x.rows));
 
   MoEContext::State& s = *ctx.s_;
   const Pool& P = m.pool;
@@ -708,6 +736,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   ro.topk_idx = S.view(s.topk_idx, DType::I32, T, k);
   ro.topk_weight = S.view(s.topk_w, DType::F32, T, k);
   ro.tokens_per_expert = S.view(s.tpe_router, DType::I32, 1, E);
+  if (aux) {
+    ro.seq_counts = S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, E);
+    ro.aux_loss = S.view(s.aux_loss, DType::F32, 1, 1);
+  }
   const TensorView bias =
       m.w.gate_bias.data ? TensorView{m.w.gate_bias.data, DType::F32, 1, E, -1, dev} : TensorView{};
   const TensorView router_ws =
@@ -951,8 +983,12 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   permute_probs_backward(dprob, plan, dtw, stream);
   const TensorView logits = S.view(s.logits, DType::F32, T, E);
   const TensorView dl = g.d_logits.data ? g.d_logits : P.view(m.dlogits, DType::F32, T, E);
-  router_backward(logits, S.view(s.topk_idx, DType::I32, T, k), dtw, {}, {}, dl, m.cfg.router,
-                  stream);
+  const bool aux = m.cfg.router.aux_enabled();
+  const TensorView seq_counts =
+      aux ? S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, E) : TensorView{};
+  const TensorView d_aux = aux ? P.view(m.d_aux, DType::F32, 1, 1) : TensorView{};
+  router_backward(logits, S.view(s.topk_idx, DType::I32, T, k), dtw, seq_counts, d_aux, dl,
+                  m.cfg.router, stream);
   if (dev == Device::Cpu)
     ref::moe_gate_backward(dl, m.w.gate, s.x, dx_exp, g.dx, g.dgate);
   else

@@ -76,6 +76,16 @@ struct Ref {
   std::vector<double> y;  // [T][H]
   // gradients
   std::vector<double> dx, dw1, dw2, dwg;
+  double aux = 0;  // aux loss of the last forward (rc.aux_alpha != 0)
+
+  // f_bi = E / (k S) * count of sequence b's pairs on expert i.
+  std::vector<double> seq_f() const {
+    const int64_t S = rc.seq_len, B = T / S;
+    std::vector<double> f(B * E, 0.0);
+    for (int64_t t = 0; t < T; ++t)
+      for (int64_t j = 0; j < k; ++j) f[(t / S) * E + idx[t * k + j]] += double(E) / double(k * S);
+    return f;
+  }
 
   static double sigm(double v) { return 1.0 / (1.0 + std::exp(-v)); }
   static double silu(double v) { return v * sigm(v); }
@@ -129,6 +139,17 @@ struct Ref {
         }
       }
     for (int64_t i = 0; i < T * H; ++i) loss += y[i] * dy[i];
+    aux = 0;
+    if (rc.aux_enabled()) {  // alpha * mean_b sum_i f_bi * mean_t (s_ti / sum_j s_tj)
+      const std::vector<double> f = seq_f();
+      for (int64_t t = 0; t < T; ++t) {
+        double z = 0;
+        for (int64_t e = 0; e < E; ++e) z += s[t * E + e];
+        for (int64_t e = 0; e < E; ++e) aux += f[(t / rc.seq_len) * E + e] * s[t * E + e] / z;
+      }
+      aux *= double(rc.aux_alpha) / double(T);  // 1/B * 1/S
+      loss += aux;
+    }
     return loss;
   }
 
@@ -171,6 +192,7 @@ struct Ref {
           }
       }
     // Router backward with the selection fixed, then the gate GEMM.
+    const std::vector<double> f = rc.aux_enabled() ? seq_f() : std::vector<double>{};
     for (int64_t t = 0; t < T; ++t) {
       std::vector<double> ds(E, 0.0), dl(E, 0.0);
       double sum = 0, dot = 0;
@@ -183,6 +205,16 @@ struct Ref {
         const int e = idx[t * k + j];
         ds[e] = rc.renormalize ? rc.scaling * (dwt[t * k + j] / sum - dot / (sum * sum))
                                : rc.scaling * dwt[t * k + j];
+      }
+      if (rc.aux_enabled()) {  // d aux / d s_tm = alpha/T * (f_bm / Z - sum_i f_bi s_ti / Z^2)
+        double z = 0, fs = 0;
+        for (int64_t e = 0; e < E; ++e) {
+          z += s[t * E + e];
+          fs += f[(t / rc.seq_len) * E + e] * s[t * E + e];
+        }
+        const double c = double(rc.aux_alpha) / double(T);
+        for (int64_t e = 0; e < E; ++e)
+          ds[e] += c * (f[(t / rc.seq_len) * E + e] / z - fs / (z * z));
       }
       if (rc.kind == RouterKind::Softmax) {
         double sd = 0;
@@ -239,6 +271,7 @@ struct LayerRun {
   MoECastCount casts;
   size_t saved_bytes = 0, routing_bytes = 0, layer_pool = 0, ctx_pool = 0;
   int64_t underflow = 0;  // total over the four transposes
+  float aux_loss = 0;
   std::vector<int64_t> m_splits;
 };
 
@@ -275,6 +308,7 @@ LayerRun run_cpu(const Data& d, Recipe r) {
   out.ctx_pool = ctx.pool_bytes();
   out.underflow = ctx.transpose_underflow().total();
   out.m_splits = ctx.m_splits();
+  out.aux_loss = ctx.aux_loss();
   EXPECT_FALSE(ctx.nonfinite().any());
   return out;
 }
@@ -451,6 +485,86 @@ TEST(MoELayer, ReferenceGradientsMatchFiniteDifferences) {
   check(ref.wg, dwg, "gate");
   check(ref.w1, dw1, "w1");
   check(ref.w2, dw2, "w2");
+}
+
+// Same with the aux loss on (sigmoid router, two sequences).
+TEST(MoELayer, ReferenceAuxGradientsMatchFiniteDifferences) {
+  Problem p;
+  p.T = 8;
+  p.H = 128;
+  p.F = 128;
+  p.router.kind = RouterKind::SigmoidBias;
+  p.router.aux_alpha = 0.5f;
+  p.router.seq_len = 4;
+  const Data d = make_data(p);
+  Ref ref = make_ref(d);
+  ref.forward();
+  ref.backward();
+  EXPECT_GT(ref.aux, 0.0);
+  const std::vector<int> idx0 = ref.idx;
+  const auto dx = ref.dx, dwg = ref.dwg;
+  for (auto [param, grad] : {std::pair{&ref.x, &dx}, std::pair{&ref.wg, &dwg}})
+    for (size_t i = 1; i < param->size(); i += param->size() / 7) {
+      const double v = (*param)[i], eps = 1e-5;
+      (*param)[i] = v + eps;
+      const double lp = ref.forward();
+      (*param)[i] = v - eps;
+      const double lm = ref.forward();
+      (*param)[i] = v;
+      ASSERT_EQ(ref.idx, idx0);
+      const double fd = (lp - lm) / (2 * eps);
+      EXPECT_NEAR(fd, (*grad)[i], 1e-6 * std::max(1.0, std::fabs(fd))) << i;
+    }
+}
+
+// The layer with the aux loss on: the loss value and the gradients (which now include the aux
+// term) vs the reference, per recipe.
+TEST(MoELayer, AuxLossVsFp64Reference) {
+  Problem p;
+  p.router.kind = RouterKind::SigmoidBias;
+  p.router.scaling = 2.5f;
+  p.router.aux_alpha = 1000.0f;  // large: the aux term must matter next to sum(y * dy)
+  p.router.seq_len = 16;
+  p.seed = 5;
+  const Data d = make_data(p);
+  Ref ref = make_ref(d);
+  ref.forward();
+  ref.backward();
+  {  // The aux term is large enough here that a wrong aux gradient fails the bf16 bound.
+    Ref plain = make_ref(d);
+    plain.rc.aux_alpha = 0.0f;
+    plain.forward();
+    plain.backward();
+    double num = 0, den = 0;
+    for (size_t i = 0; i < ref.dwg.size(); ++i) {
+      num += (plain.dwg[i] - ref.dwg[i]) * (plain.dwg[i] - ref.dwg[i]);
+      den += ref.dwg[i] * ref.dwg[i];
+    }
+    std::printf("[ moe ] aux term share of dgate (rel L2) %.2e\n", std::sqrt(num / den));
+    EXPECT_GT(std::sqrt(num / den), 5 * bounds_for(Recipe::Bf16).dgate);
+  }
+  for (Recipe r : kRecipes) {
+    MoEConfig cfg = make_config(p, r);
+    MoELayer layer(cfg, MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+    MoEContext ctx = layer.make_context();
+    HostTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
+        dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
+        dg(DType::F32, p.E, p.H);
+    layer.forward(d.x.v, y.v, ctx);
+    layer.backward(d.dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx);
+    const Bounds b = bounds_for(r);
+    const double eg = rel_err(dg, ref.dwg), edx = rel_err(dx, ref.dx);
+    std::printf("[ moe ] %-15s aux loss %.6f (ref %.6f)  rel err dgate %.2e dx %.2e\n",
+                to_string(r), ctx.aux_loss(), ref.aux, eg, edx);
+    EXPECT_NEAR(ctx.aux_loss(), ref.aux, 1e-5 * ref.aux);
+    EXPECT_LT(eg, b.dgate);
+    EXPECT_LT(edx, b.dx);
+  }
+  // T must be a multiple of seq_len.
+  MoELayer layer(make_config(p, Recipe::Bf16), MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+  MoEContext ctx = layer.make_context();
+  HostTensor x(DType::BF16, p.T - 8, p.H), y(DType::BF16, p.T - 8, p.H);
+  expect_error([&] { layer.forward(x.v, y.v, ctx); }, "x.rows: expected a multiple of");
 }
 
 TEST(MoELayer, CastCounts) {
@@ -639,8 +753,8 @@ TEST(MoELayer, BadConfigAndWeights) {
   expect_error([&] { MoELayer l(c, w); }, "fp8flow::MoELayer: cfg.experts");
   c = make_config(p, Recipe::Fp8Flow);
   c.router.aux_alpha = 0.01f;
-  c.router.seq_len = 16;
-  expect_error([&] { MoELayer l(c, w); }, "cfg.router.aux_alpha");
+  c.router.seq_len = 0;
+  expect_error([&] { MoELayer l(c, w); }, "fp8flow::MoELayer: cfg.router.seq_len");
   c = make_config(p, Recipe::Fp8Flow);
   MoEWeights bad = w;
   bad.w1.rows -= 128;
@@ -711,12 +825,9 @@ TEST(MoELayer, NonFiniteInputRejectedOrReported) {
 // GPU == CPU for each recipe: same routing (bit-exact router and gate), outputs and gradients
 // within a bound (the GEMMs accumulate in different orders; a 1-ulp BF16 difference can move an
 // FP8 code).
-TEST(MoELayerGpu, MatchesCpu) {
-  FP8FLOW_REQUIRE_GPU();
-  Problem p;
-  p.T = 80;
+void gpu_vs_cpu(const Problem& p, Recipe r) {
   const Data d = make_data(p);
-  for (Recipe r : kRecipes) {
+  {
     SCOPED_TRACE(to_string(r));
     const LayerRun cpu = run_cpu(d, r);
     DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(d.dy);
@@ -728,6 +839,7 @@ TEST(MoELayerGpu, MatchesCpu) {
     layer.forward(x.v, y.v, ctx);
     layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx);
     EXPECT_EQ(ctx.m_splits(), cpu.m_splits);
+    EXPECT_EQ(ctx.aux_loss(), cpu.aux_loss);  // router and gate are bit-exact across backends
     EXPECT_EQ(ctx.casts().total(), cpu.casts.total());
     EXPECT_FALSE(ctx.nonfinite().any());
     const double bound = r == Recipe::Bf16 ? 2e-3 : 1e-2;
@@ -742,6 +854,22 @@ TEST(MoELayerGpu, MatchesCpu) {
     EXPECT_LT(ew2, bound);
     EXPECT_LT(eg, bound);
   }
+}
+
+TEST(MoELayerGpu, MatchesCpu) {
+  FP8FLOW_REQUIRE_GPU();
+  Problem p;
+  p.T = 80;
+  Problem q = p;  // DeepSeek-style router with the aux loss
+  q.router.kind = RouterKind::SigmoidBias;
+  q.router.scaling = 2.5f;
+  q.router.aux_alpha = 0.01f;
+  q.router.seq_len = 16;
+  q.seed = 9;
+  for (const Problem& pr : {p, q})
+    for (Recipe r : kRecipes) {
+      gpu_vs_cpu(pr, r);
+    }
 }
 
 // GPU: F32 masters (BF16-representable values) give the same bits as BF16 masters, per recipe (the
