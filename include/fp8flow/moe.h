@@ -176,6 +176,7 @@ class MoEContext {
   // subnormal/zero, see transpose.h), per transposed operand; Fp8Flow only (0 otherwise; the
   // MXFP4 expansions are not counted). Synchronizes the host.
   MoETransposeUnderflow transpose_underflow() const;
+  // The accessors that synchronize read on the stream of the context's last forward/backward.
   // The router's auxiliary load-balancing loss of the last forward (0 when off). Synchronizes.
   float aux_loss() const;
   // Non-finite counts of the last forward and backward. Synchronizes the host.

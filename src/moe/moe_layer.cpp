@@ -174,7 +174,8 @@ struct MoEContext::State {
   Slot h;                // BF16 [M][2F], all recipes
 
   int64_t T = 0, Mp = 0, E = 0, H = 0, F = 0, k = 0;
-  int64_t seq_len = 0;  // aux loss on: the router's seq_len, else 0
+  int64_t seq_len = 0;      // aux loss on: the router's seq_len, else 0
+  Stream stream = nullptr;  // of the last forward/backward: the accessors read on it
   std::vector<int64_t> m_splits;
   TensorView x;  // the caller's forward input (gate wgrad)
   bool forward_done = false;
@@ -245,20 +246,20 @@ size_t MoEContext::saved_routing_bytes() const {
 
 MoETransposeUnderflow MoEContext::transpose_underflow() const {
   int64_t c[kNumCounters];
-  detail::moe_copy_to_host(s_->pool.dev, c, s_->counter(0), sizeof c, nullptr);
+  detail::moe_copy_to_host(s_->pool.dev, c, s_->counter(0), sizeof c, s_->stream);
   return {c[kUnderflow0], c[kUnderflow0 + 1], c[kUnderflow0 + 2], c[kUnderflow0 + 3]};
 }
 
 float MoEContext::aux_loss() const {
   if (s_->aux_loss.bytes == 0) return 0.0f;
   float v = 0.0f;
-  detail::moe_copy_to_host(s_->pool.dev, &v, s_->pool.ptr(s_->aux_loss), sizeof v, nullptr);
+  detail::moe_copy_to_host(s_->pool.dev, &v, s_->pool.ptr(s_->aux_loss), sizeof v, s_->stream);
   return v;
 }
 
 MoENonFinite MoEContext::nonfinite() const {
   int64_t c[kNumCounters];
-  detail::moe_copy_to_host(s_->pool.dev, c, s_->counter(0), sizeof c, nullptr);
+  detail::moe_copy_to_host(s_->pool.dev, c, s_->counter(0), sizeof c, s_->stream);
   MoENonFinite n;
   n.x = c[kNfX];
   n.y = c[kNfY];
@@ -720,6 +721,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   const Device dev = m.dev;
   s.T = T;
   s.x = x;
+  s.stream = stream;
   s.forward_done = false;
   s.casts = {};
   s.debug = {};
@@ -860,6 +862,7 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   const Recipe r = m.cfg.recipe;
   const std::span<const int64_t> splits(s.m_splits);
   s.casts.backward = 0;
+  s.stream = stream;
   count_nonfinite(dev, dy, s.counter(kNfDy), stream);
 
   PermutationPlan plan;
