@@ -54,12 +54,24 @@
 // Weights (MoEWeights, non-owning views, same device): W_g F32 [E][H] (router gate), optional
 // selection bias F32 [1][E]; master weights W1 [E * 2F][H] and W2 [E * H][F], both BF16 or both F32
 // (FP8 recipes quantize either directly; the Bf16 recipe keeps BF16 copies of F32 masters in its
-// pool, made by refresh_weights), each one contiguous tensor
-// with expert e's rows at [e * 2F, (e+1) * 2F) (gate rows first, then up) and [e * H, (e+1) * H).
+// pool, made by refresh_weights), each one contiguous tensor with expert e's rows at
+// [e * 2F, (e+1) * 2F) (gate rows first, then up) and [e * H, (e+1) * H).
 // One tensor per matrix (not per-expert views) so that the FP8 copies are made by one quantize
 // launch each and the gradients land in one contiguous F32 buffer. The FP8 copies (W_e 128x128
 // block-scaled and W_e^T via transpose_block_weights) are made by refresh_weights(), once per step
 // after the optimizer has updated the masters (the constructor calls it once).
+//
+// One GPU, no expert parallelism: the "dispatch point" is where the EP all-to-all would sit
+// (between the quantization of x and permute; combine-grad likewise for dy). The naive recipe
+// still pays its Q/DQ there, so that it stays an honest baseline for the EP case.
+//
+// Gradients: of L = sum(y * dy) (+ aux_loss when the router's aux loss is on), with the top-k
+// selection held fixed. dx includes the router path (d_logits . W_g); dgate = d_logits^T . x.
+// Determinism: same inputs, same bits, step after step (tested on the CPU backend); the gate GEMMs
+// and the router are bit-identical between backends, so both pick the same experts.
+// Non-finite values: forward counts NaN/Inf in x (and throws, naming x, unless
+// MoEForwardOptions::reject_nonfinite_input is false) and y; backward counts dy, dx, dW1, dW2,
+// dgate; MoEContext::nonfinite() reports them.
 //
 // Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
 // (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
