@@ -721,6 +721,33 @@ TEST(MoELayer, Fp8FlowWgradSeesFpropValues) {
   }
 }
 
+// refresh_weights re-makes the weight copies: after an in-place update of the masters, a refreshed
+// layer computes what a new layer on the updated masters computes, bit for bit; an FP8 layer that
+// was not refreshed still computes with the old copies.
+TEST(MoELayer, RefreshWeights) {
+  Problem p;
+  p.T = 32;
+  for (Recipe r : kRecipes) {
+    Data u = make_data(p);  // fresh masters per recipe
+    MoELayer layer(make_config(p, r), MoEWeights{u.gate.v, {}, u.w1.v, u.w2.v});
+    MoEContext ctx = layer.make_context();
+    HostTensor y0(DType::BF16, p.T, p.H), y1(DType::BF16, p.T, p.H), y2(DType::BF16, p.T, p.H);
+    layer.forward(u.x.v, y0.v, ctx);
+    for (int64_t i = 0; i < u.w1.v.numel(); ++i)  // optimizer step stand-in: W1 *= 1.5
+      u.w1.ptr<uint16_t>()[i] =
+          fmt::bf16_from_f32(1.5f * fmt::bf16_to_f32(u.w1.ptr<uint16_t>()[i]));
+    layer.forward(u.x.v, y1.v, ctx);
+    if (r != Recipe::Bf16) EXPECT_TRUE(bytes_equal(y0, y1)) << to_string(r) << ": stale copies";
+    const int casts = layer.weight_casts();
+    layer.refresh_weights();
+    EXPECT_EQ(layer.weight_casts(), casts + (r == Recipe::Bf16 ? 0 : 2)) << to_string(r);
+    layer.forward(u.x.v, y2.v, ctx);
+    const LayerRun fresh = run_cpu(u, r);
+    EXPECT_TRUE(bytes_equal(y2, fresh.y)) << to_string(r);
+    EXPECT_FALSE(bytes_equal(y0, y2)) << to_string(r);
+  }
+}
+
 // Steps are repeatable: the same inputs give the same bits on a reused context.
 TEST(MoELayer, DeterministicAcrossSteps) {
   Problem p;
