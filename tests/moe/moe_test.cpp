@@ -364,8 +364,8 @@ void check_vs_ref(const Problem& p) {
                  ew1 = rel_err(run.dw1, ref.dw1), ew2 = rel_err(run.dw2, ref.dw2),
                  eg = rel_err(run.dgate, ref.dwg);
     std::printf(
-        "[ moe ] %-15s %s  rel err y %.2e (<%.0e)  dx %.2e (<%.0e)  dW1 %.2e (<%.0e)  "
-        "dW2 %.2e (<%.0e)  dgate %.2e (<%.0e)\n",
+        "[ moe ] %-15s %s  rel err y %.2e (<%.2g)  dx %.2e (<%.2g)  dW1 %.2e (<%.2g)  "
+        "dW2 %.2e (<%.2g)  dgate %.2e (<%.2g)\n",
         to_string(r), p.router.kind == RouterKind::Softmax ? "softmax" : "sigmoid", ey, b.y, edx,
         b.dx, ew1, b.dw1, ew2, b.dw2, eg, b.dgate);
     EXPECT_LT(ey, b.y);
