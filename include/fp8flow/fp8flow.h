@@ -3,6 +3,7 @@
 
 #include "fp8flow/formats.h"
 #include "fp8flow/gemm.h"
+#include "fp8flow/moe.h"
 #include "fp8flow/mxfp4.h"
 #include "fp8flow/permute.h"
 #include "fp8flow/quantize.h"

@@ -1,0 +1,262 @@
+// One MoE layer (router + routed experts + combine) on one GPU, composed only of fp8flow's public
+// ops, with four precision recipes side by side:
+//
+//   Bf16          BF16 dataflow and BF16 grouped GEMMs (FP32 accumulation).
+//   Fp8Blockwise  the honest naive FP8 baseline ("TE blockwise"): BF16 dataflow, every FP8 GEMM
+//                 operand quantized from BF16 right before its GEMM, the column-wise (wgrad) copies
+//                 re-quantized from BF16, and Q/DQ around the dispatch point. 12 explicit casts.
+//   Fp8Flow       FP8-Flow: 2 explicit casts (x before dispatch, dy before combine-grad); FP8 data
+//                 and scales travel through permute, SwiGLU(+bwd) fused with quantization, every
+//                 wgrad operand made by the scaling-aware transpose from the row-wise FP8 tensor
+//                 that fprop/dgrad consumed, BF16 only at GEMM outputs.
+//   Fp8FlowMxfp4  as Fp8Flow, but the activations saved for backward (FC1 input, FC2 input) are
+//                 stored as MXFP4 and expanded directly (mxfp4_to_fp8_transposed) to the
+//                 column-wise FP8 copies the wgrads need.
+//
+// Notation: T tokens, H hidden, F expert FFN width, E experts, k = router.top_k, M_pad permuted
+// rows (each expert's segment padded to `align`).
+//
+// Dataflow (per recipe, in launch order; "Q" = quantize, "QT" = quantize_transposed, "DQ" =
+// dequantize, "TS" = transpose_scaled, "GG" = grouped GEMM; casts counted by MoECastCount marked
+// *):
+//
+//  all       logits = x . W_g^T (FP32, internal gate kernel); router_forward; make_permutation;
+//            ONE host sync: the E + 1 padded offsets (and the non-finite count of x) are copied
+//            to the host to form m_splits for the grouped GEMMs and the transposes.
+//  Bf16      fwd: permute(x bf16) -> GG fprop bf16 -> swiglu(bf16 out) -> GG fprop bf16 ->
+//                 unpermute -> y
+//            bwd: permute(dy bf16) -> GG dgrad/wgrad bf16 (FC2) -> swiglu_backward(bf16) ->
+//                 GG dgrad/wgrad bf16 (FC1) -> unpermute(F32) -> permute_probs_backward ->
+//                 router_backward -> gate backward (dx += d_logits . W_g, dW_g)
+//  Fp8Blockwise fwd: Q*(x) -> DQ*(x) -> permute(bf16) -> Q*(xp) -> QT*(xp) -> GG fprop ->
+//                 swiglu(bf16 out) -> Q*(a) -> QT*(a) -> GG fprop -> unpermute
+//            bwd: Q*(dy) -> DQ*(dy) -> permute(bf16) -> Q*(dyp) -> QT*(dyp) -> GG dgrad + wgrad
+//                 (FC2) -> swiglu_backward(bf16 out) -> Q*(dh) -> QT*(dh) -> GG dgrad + wgrad (FC1)
+//                 -> unpermute(F32) -> router/gate backward as above.          6 + 6 = 12 casts
+//  Fp8Flow   fwd: Q*(x) -> permute(FP8 + scales + probs) -> GG fprop -> swiglu(FP8 out) ->
+//                 GG fprop -> unpermute
+//            bwd: Q*(dy) -> permute(FP8) -> GG dgrad (FC2) -> TS(dyp), TS(a) -> GG wgrad (FC2) ->
+//                 swiglu_backward(FP8 out) -> GG dgrad (FC1) -> TS(dh), TS(xp) -> GG wgrad (FC1)
+//                 -> unpermute(F32) -> router/gate backward.                   1 + 1 = 2 casts
+//  Fp8FlowMxfp4 as Fp8Flow, plus fwd: fp8_to_mxfp4(xp), fp8_to_mxfp4(a) (saved forms);
+//            bwd: mxfp4_to_fp8_transposed(xp4), mxfp4_to_fp8_transposed(a4) replace TS(xp), TS(a).
+//                                                                              1 + 1 = 2 casts
+//
+// What counts as a cast (MoECastCount::casts): each launch of quantize, quantize_transposed,
+// quantize_both, quantize_mxfp4 or dequantize on an activation or a gradient, i.e. a conversion
+// between BF16/F32 and a quantized format (recipe.md section 3's table). Not counted there, and
+// reported separately: FP8 -> FP8 / FP8 <-> MXFP4 conversions (transpose_scaled, fp8_to_mxfp4,
+// mxfp4_to_fp8*) in MoECastCount::conversions, and the weight casts in MoELayer::weight_casts()
+// (per refresh_weights: FP8 recipes 2 quantize launches, W1 and W2 as whole tensors; the Bf16
+// recipe with F32 masters 2 F32 -> BF16 conversions; else none). Quantization fused
+// into another op (swiglu / swiglu_backward FP8 outputs) is not an explicit cast.
+//
+// Weights (MoEWeights, non-owning views, same device): W_g F32 [E][H] (router gate), optional
+// selection bias F32 [1][E]; master weights W1 [E * 2F][H] and W2 [E * H][F], both BF16 or both F32
+// (FP8 recipes quantize either directly; the Bf16 recipe keeps BF16 copies of F32 masters in its
+// pool, made by refresh_weights), each one contiguous tensor with expert e's rows at
+// [e * 2F, (e+1) * 2F) (gate rows first, then up) and [e * H, (e+1) * H).
+// One tensor per matrix (not per-expert views) so that the FP8 copies are made by one quantize
+// launch each and the gradients land in one contiguous F32 buffer. The FP8 copies (W_e 128x128
+// block-scaled and W_e^T via transpose_block_weights) are made by refresh_weights(), once per step
+// after the optimizer has updated the masters (the constructor calls it once).
+//
+// One GPU, no expert parallelism: the "dispatch point" is where the EP all-to-all would sit
+// (between the quantization of x and permute; combine-grad likewise for dy). The naive recipe
+// still pays its Q/DQ there, so that it stays an honest baseline for the EP case.
+//
+// Gradients: of L = sum(y * dy) (+ aux_loss when the router's aux loss is on), with the top-k
+// selection held fixed. dx includes the router path (d_logits . W_g); dgate = d_logits^T . x.
+// Determinism: same inputs, same bits, step after step (tested on the CPU backend); the gate GEMMs
+// and the router are bit-identical between backends, so both pick the same experts.
+// Non-finite values: forward counts NaN/Inf in x (and throws, naming x, unless
+// MoEForwardOptions::reject_nonfinite_input is false) and y; backward counts dy, dx, dW1, dW2,
+// dgate; MoEContext::nonfinite() reports them.
+//
+// Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
+// (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
+// Temporaries of forward, backward phase 1 (FC2) and phase 2 (FC1 + router) share the scratch
+// pool (inside a phase each has its own slot: simple, not minimal). MoELayer::pool_bytes() +
+// MoEContext::pool_bytes() per context in flight is the device memory of a step besides the
+// caller's tensors and the GEMM library's own (cuBLASLt handles, internal streams).
+// Streams: every launch goes to `stream`; the only host sync is forward's copy of the offsets.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "fp8flow/router.h"
+#include "fp8flow/types.h"
+
+namespace fp8flow {
+
+enum class Recipe : uint8_t { Bf16, Fp8Blockwise, Fp8Flow, Fp8FlowMxfp4 };
+const char* to_string(Recipe);
+
+struct MoEConfig {
+  int64_t hidden = 0;   // H, % 128 == 0
+  int64_t ffn = 0;      // F, % 128 == 0
+  int64_t experts = 0;  // E, 4..256, % 4 == 0 (router limits)
+  // top_k = k. Aux loss (aux_alpha != 0): forward computes it (MoEContext::aux_loss()), every
+  // T must be a multiple of seq_len, and backward adds its gradient with weight 1 (total loss =
+  // task loss + aux_loss) to d_logits, dgate and dx.
+  RouterConfig router;
+  Recipe recipe = Recipe::Fp8Flow;
+  int align = 16;          // expert segment alignment: power of two in [16, 128]
+  int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
+  int gemm_streams = 4;    // GroupedGemmOptions::streams
+  // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
+  // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.
+  bool debug_no_scratch_reuse = false;
+};
+
+struct MoEWeights {
+  TensorView gate;       // F32 [E][H]
+  TensorView gate_bias;  // optional F32 [1][E] (selection bias, not differentiated); empty: none
+  TensorView w1;         // BF16 or F32 [E * 2F][H]
+  TensorView w2;         // BF16 or F32 [E * H][F] (same dtype as w1)
+};
+
+// Backward outputs (caller-owned, same device as the weights, contiguous, overwritten).
+struct MoEGrads {
+  TensorView dx;        // BF16 [T][H]: expert path + router path (d_logits . W_g)
+  TensorView dw1;       // F32 [E * 2F][H]
+  TensorView dw2;       // F32 [E * H][F]
+  TensorView dgate;     // F32 [E][H]
+  TensorView d_logits;  // optional F32 [T][E] (empty: kept internal)
+};
+
+struct MoECastCount {
+  int forward = 0;      // explicit quantize/dequantize launches in the last forward
+  int backward = 0;     // ... in the last backward
+  int conversions = 0;  // FP8->FP8 and FP8<->MXFP4 launches (transpose_scaled, mxfp4 ones), fwd+bwd
+  int total() const { return forward + backward; }
+};
+
+// Non-finite element counts (NaN or +-Inf) seen at the layer's boundaries in the last step.
+struct MoENonFinite {
+  int64_t x = 0, y = 0, dy = 0, dx = 0, dw1 = 0, dw2 = 0, dgate = 0;
+  bool any() const { return (x | y | dy | dx | dw1 | dw2 | dgate) != 0; }
+};
+
+struct MoETransposeUnderflow {
+  int64_t fc2_grad = 0, fc2_x = 0, fc1_grad = 0, fc1_x = 0;
+  int64_t total() const { return fc2_grad + fc2_x + fc1_grad + fc1_x; }
+};
+
+// Views of the FP8 operands the GEMMs consumed in the last forward/backward (debug/test hook).
+// Empty for recipes without them (Bf16). Device: the layer's. Validity: Fp8Flow's fprop operands
+// are the saved tensors (valid until the context's next forward); the others live in the layer's
+// scratch, which later phases reuse: set MoEConfig::debug_no_scratch_reuse to read them all after
+// backward (then valid until the layer's next call).
+struct MoEDebugViews {
+  ScaledTensor fc1_fprop_x;   // row-wise FP8 FC1 input [M_pad][H] (Fp8Blockwise/Fp8Flow/Mxfp4)
+  ScaledTensor fc2_fprop_x;   // row-wise FP8 FC2 input [M_pad][F]
+  ScaledTensor fc1_wgrad_x;   // column-wise copy [H][M_pad] the FC1 wgrad consumed
+  ScaledTensor fc2_wgrad_x;   // column-wise copy [F][M_pad] the FC2 wgrad consumed
+  ScaledTensor fc2_dgrad_dy;  // row-wise FC2 output grad [M_pad][H] the FC2 dgrad consumed
+  ScaledTensor fc2_wgrad_dy;  // its column-wise copy [H][M_pad] the FC2 wgrad consumed
+  ScaledTensor fc1_dgrad_dy;  // row-wise FC1 output grad [M_pad][2F] the FC1 dgrad consumed
+  ScaledTensor fc1_wgrad_dy;  // its column-wise copy [2F][M_pad] the FC1 wgrad consumed
+  TensorView topk_idx;        // I32 [T][k]
+  TensorView topk_weight;     // F32 [T][k]
+};
+
+class MoELayer;
+
+// The state saved between forward and backward of one micro-batch. Owns its memory (allocated once
+// when made by MoELayer::make_context); reusable step after step.
+class MoEContext {
+ public:
+  MoEContext(MoEContext&&) noexcept;
+  MoEContext& operator=(MoEContext&&) noexcept;
+  ~MoEContext();
+
+  int64_t tokens() const;                        // T of the last forward
+  int64_t padded_rows() const;                   // M_pad of the last forward
+  const std::vector<int64_t>& m_splits() const;  // padded rows per expert (host)
+  // Bytes of the activations saved for backward by the last forward (recipe-dependent tensors:
+  // the FC1 input, FC1 output and FC2 input in their saved formats, with scales), and of the
+  // routing state (logits, top-k, plan, probabilities), which every recipe keeps.
+  size_t saved_activation_bytes() const;
+  size_t saved_routing_bytes() const;
+  size_t pool_bytes() const;
+  MoECastCount casts() const;
+  // Elements changed by the scaling-aware transposes of the last backward (underflow to
+  // subnormal/zero, see transpose.h), per transposed operand; Fp8Flow only (0 otherwise; the
+  // MXFP4 expansions are not counted). Synchronizes the host.
+  MoETransposeUnderflow transpose_underflow() const;
+  // The accessors that synchronize read on the stream of the context's last forward/backward.
+  // The router's auxiliary load-balancing loss of the last forward (0 when off). Synchronizes.
+  float aux_loss() const;
+  // Non-finite counts of the last forward and backward. Synchronizes the host.
+  MoENonFinite nonfinite() const;
+  MoEDebugViews debug_views() const;
+
+  struct State;
+
+ private:
+  friend class MoELayer;
+  explicit MoEContext(std::unique_ptr<State> s);
+  std::unique_ptr<State> s_;
+};
+
+struct MoEForwardOptions {
+  // forward throws fp8flow::Error naming x when x holds NaN/Inf (checked at the one host sync).
+  bool reject_nonfinite_input = true;
+};
+
+// Memory of a layer for a config, computed without allocating (MoELayer::memory_plan).
+struct MoEMemoryPlan {
+  size_t layer_pool_bytes = 0;            // scratch + weight copies (MoELayer::pool_bytes())
+  size_t weight_copy_bytes = 0;           // of which FP8 W, W^T (and BF16 copies of F32 masters)
+  size_t context_pool_bytes = 0;          // per context in flight (MoEContext::pool_bytes())
+  int64_t max_padded_rows = 0;            // M_pad bound: T k + E (align - 1)
+  size_t saved_activation_bytes_max = 0;  // saved activations at max_tokens and that M_pad bound
+  size_t step_bytes(int contexts = 1) const {
+    return layer_pool_bytes + contexts * context_pool_bytes;
+  }
+};
+
+class MoELayer {
+ public:
+  // Pool sizes the constructor would allocate for cfg, masters of dtype `master` (BF16 or F32) on
+  // `dev` (GEMM workspaces are sized only for Cuda). Pure host function.
+  static MoEMemoryPlan memory_plan(const MoEConfig& cfg, DType master, Device dev);
+
+  // Validates cfg and weights (fp8flow::Error naming the field), allocates the scratch pool on the
+  // weights' device and makes the FP8 weight copies.
+  MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream = nullptr);
+  MoELayer(MoELayer&&) noexcept;
+  MoELayer& operator=(MoELayer&&) noexcept;
+  ~MoELayer();
+
+  // Re-make the FP8 weight copies (once per step, after the optimizer step). Optionally new views
+  // (same shapes and device).
+  void refresh_weights(Stream stream = nullptr);
+  void refresh_weights(const MoEWeights& w, Stream stream = nullptr);
+
+  MoEContext make_context() const;
+
+  // x BF16 [T][H] (1 <= T <= max_tokens), y BF16 [T][H]; contiguous, on the layer's device. x must
+  // stay unchanged until backward (the gate's weight gradient reads it).
+  void forward(const TensorView& x, const TensorView& y, MoEContext& ctx,
+               const MoEForwardOptions& opt = {}, Stream stream = nullptr);
+  // dy BF16 [T][H] (T of the context's forward). Once per forward.
+  void backward(const TensorView& dy, const MoEGrads& grads, MoEContext& ctx,
+                Stream stream = nullptr);
+
+  const MoEConfig& config() const;
+  Device device() const;
+  size_t pool_bytes() const;
+  int weight_casts() const;  // weight cast launches by refresh_weights so far (see above)
+
+  struct Impl;
+
+ private:
+  std::unique_ptr<Impl> p_;
+};
+
+}  // namespace fp8flow
