@@ -870,6 +870,10 @@ void gpu_vs_cpu(const Problem& p, Recipe r) {
     EXPECT_EQ(ctx.casts().total(), cpu.casts.total());
     EXPECT_FALSE(ctx.nonfinite().any());
     const double bound = r == Recipe::Bf16 ? 2e-3 : 1e-2;
+    // fp8-flow-mxfp4's wgrad reads activations re-rounded to E2M1 (1 mantissa bit): one FP8 code
+    // that flips between backends (GEMM accumulation order) can move a 32-block's shared exponent
+    // and several E2M1 codes with it. Measured on an H100: dW2 1.0-1.1e-2, dW1 5e-3.
+    const double wbound = r == Recipe::Fp8FlowMxfp4 ? 3e-2 : bound;
     const double ey = rel_err(y.to_host(), cpu.y), edx = rel_err(dx.to_host(), cpu.dx),
                  ew1 = rel_err(dw1.to_host(), cpu.dw1), ew2 = rel_err(dw2.to_host(), cpu.dw2),
                  eg = rel_err(dg.to_host(), cpu.dgate);
@@ -877,8 +881,8 @@ void gpu_vs_cpu(const Problem& p, Recipe r) {
                 to_string(r), ey, edx, ew1, ew2, eg, bound);
     EXPECT_LT(ey, bound);
     EXPECT_LT(edx, bound);
-    EXPECT_LT(ew1, bound);
-    EXPECT_LT(ew2, bound);
+    EXPECT_LT(ew1, wbound);
+    EXPECT_LT(ew2, wbound);
     EXPECT_LT(eg, bound);
   }
 }
