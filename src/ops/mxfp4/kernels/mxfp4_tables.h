@@ -11,6 +11,7 @@
 
 #include <cstdint>
 
+#include "common/byte_perm.h"
 #include "fp8flow/formats.h"
 
 // Full unrolling on the device keeps small arrays in registers (no local memory).
@@ -25,18 +26,9 @@ namespace fp8flow::sm90::mx {
 // ---------------------------------------------------------------------------------------------
 // Lane helpers: the device intrinsics, with host versions of the same semantics for the tests.
 
-// __byte_perm: byte i of the result is byte (sel >> 4i) & 7 of the 8-byte value (b:a).
+// __byte_perm, with host semantics for the CPU tests (src/common/byte_perm.h).
 FP8FLOW_HD uint32_t prmt(uint32_t a, uint32_t b, uint32_t sel) {
-#if defined(__CUDA_ARCH__)
-  return __byte_perm(a, b, sel);
-#else
-  const uint64_t x = (static_cast<uint64_t>(b) << 32) | a;
-  uint32_t r = 0;
-  FP8FLOW_MX_UNROLL
-  for (int i = 0; i < 4; ++i)
-    r |= static_cast<uint32_t>((x >> (8 * ((sel >> (4 * i)) & 7))) & 0xFF) << (8 * i);
-  return r;
-#endif
+  return ::fp8flow::detail::byte_perm(a, b, sel);
 }
 
 // Unsigned 16x2 lane-wise max, and min(a + b, c) (DPX instructions on sm_90).

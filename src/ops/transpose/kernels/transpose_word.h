@@ -6,6 +6,7 @@
 
 #include <cstdint>
 
+#include "common/byte_perm.h"
 #include "fp8flow/formats.h"
 
 #if defined(__CUDACC__)
@@ -16,23 +17,8 @@
 
 namespace fp8flow::sm90::tw {
 
-// PRMT: output byte i is byte (s >> 4i) & 7 of {b:a} (a = bytes 0-3); bit 3 of the selector
-// nibble replicates that byte's sign bit instead.
-FP8FLOW_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
-#if defined(__CUDA_ARCH__)
-  return __byte_perm(a, b, s);
-#else
-  const uint64_t ab = (static_cast<uint64_t>(b) << 32) | a;
-  uint32_t r = 0;
-  for (int i = 0; i < 4; ++i) {
-    const uint32_t n = (s >> (4 * i)) & 0xFu;
-    uint32_t byte = static_cast<uint32_t>(ab >> (8 * (n & 7u))) & 0xFFu;
-    if (n & 8u) byte = (byte & 0x80u) ? 0xFFu : 0u;
-    r |= byte << (8 * i);
-  }
-  return r;
-#endif
-}
+// PRMT with host semantics for the CPU tests (src/common/byte_perm.h).
+using ::fp8flow::detail::byte_perm;
 
 constexpr int kExpMin = fmt::kMinScaleExp;  // -127
 constexpr int kExpMax = fmt::kMaxScaleExp;  // 127
