@@ -19,6 +19,11 @@ struct Options {
   bool verify = true;              // --no-verify: skip the GPU vs CPU reference comparison
   int64_t verify_rows = 2048;      // --verify-rows N: rows of the verification shape (same K)
   bool list = false;               // --list: print the case labels and exit
+  bool reps_given = false;         // --reps / --warmup were on the command line (subcommands with
+  bool warmup_given = false;       //   other defaults, e.g. layer: 10 / 3)
+  std::string config;              // --config NAME (layer: dsv3-shard, dsv2-lite, small)
+  std::string recipe;              // --recipe NAME|all (layer)
+  std::string routing;             // --routing balanced|skewed (layer)
   std::vector<std::string> extra;  // arguments left for the subcommand (after --)
 };
 

@@ -1,5 +1,6 @@
 // fp8flow-bench: the project's benchmark and verification tool.
 //   fp8flow-bench ops [--json FILE] [--reps N] [--warmup N] [--only TEXT] [--quick] ...
+//   fp8flow-bench layer [--config NAME] [--recipe NAME|all] [--routing balanced|skewed] ...
 // Each subcommand lives in its own file and registers itself (cli.h); this file only parses the
 // common options and dispatches.
 #include <cstdio>
@@ -38,8 +39,12 @@ void usage(FILE* f) {
       "  --no-verify        skip the bit-exact GPU vs CPU reference check\n"
       "  --verify-rows N    rows of the verification shape (default 2048; same K)\n"
       "  --list             print the case labels and exit\n"
+      "  --config NAME      layer: dsv3-shard (default), dsv2-lite or small\n"
+      "  --recipe NAME|all  layer: bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4 or all (default)\n"
+      "  --routing R        layer: balanced (default) or skewed (a few experts biased hot)\n"
       "  -h, --help         this help\n"
       "\n"
+      "layer defaults: --reps 10 --warmup 3 (full steps).\n"
       "Without a CUDA device (or in a CPU-only build) `ops` runs the CPU reference on small\n"
       "shapes, says so, and exits 0. With one, it exits nonzero on any mismatch or error.\n"
       "fp8flow %s\n",
@@ -84,10 +89,18 @@ int main(int argc, char** argv) {
       help = true;
     else if (a == "--json")
       opt.json_path = value("--json");
-    else if (a == "--reps")
+    else if (a == "--reps") {
       opt.reps = static_cast<int>(int_value("--reps", 1));
-    else if (a == "--warmup")
+      opt.reps_given = true;
+    } else if (a == "--warmup") {
       opt.warmup = static_cast<int>(int_value("--warmup", 0));
+      opt.warmup_given = true;
+    } else if (a == "--config")
+      opt.config = value("--config");
+    else if (a == "--recipe")
+      opt.recipe = value("--recipe");
+    else if (a == "--routing")
+      opt.routing = value("--routing");
     else if (a == "--only")
       opt.only = value("--only");
     else if (a == "--quick")
