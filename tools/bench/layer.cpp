@@ -41,7 +41,8 @@
 namespace fp8flow::bench {
 namespace {
 
-constexpr double kGiB = 1024.0 * 1024.0 * 1024.0;
+constexpr double kMiB = 1024.0 * 1024.0;
+constexpr double kGiB = 1024.0 * kMiB;
 
 struct LayerShape {
   std::string name;
@@ -347,7 +348,11 @@ int run_layer(const Options& opt) {
     const std::vector<uint16_t> hdy = to_bf16(normals(static_cast<size_t>(T * H), 1.0f, 15));
     upload_repeat(dy, hdy.data(), hdy.size() * 2);
   }
+#if FP8FLOW_WITH_CUDA
+  if (gpu) LAYER_CUDA(cudaDeviceSynchronize());  // uploads done before the bench stream runs
+#endif
   const MoEWeights weights{gate, bias, w1, w2};
+  rep.meta("shared_tensor_bytes", static_cast<int64_t>(arena.bytes_allocated()));
 
   rep.columns({
       {"recipe", "recipe", 15, true, 0, true},
@@ -356,12 +361,13 @@ int run_layer(const Options& opt) {
       {"step_ms", gpu ? "step ms" : "step ms(cpu)", 12, false, 3},
       {"weight_cast_ms", "wcast ms", 8, false, 3},
       {"tokens_per_s", "tokens/s", 10, false, 0},
-      {"tflops", "TFLOP/s", 8, false, 1},
+      // The CPU fallback's tiny shape shows GFLOP/s and MiB (JSON keeps tflops and bytes too).
+      {gpu ? "tflops" : "gflops", gpu ? "TFLOP/s" : "GFLOP/s", 8, false, gpu ? 1 : 3},
       {"casts", "casts", 5, false},
       {"conversions", "conv", 4, false},
       {"weight_casts", "wcasts", 6, false},
-      {"saved_gib", "saved GiB", 9, false, 3},
-      {"pool_gib", "pool GiB", 8, false, 3},
+      {gpu ? "saved_gib" : "saved_mib", gpu ? "saved GiB" : "saved MiB", 9, false, 3},
+      {gpu ? "pool_gib" : "pool_mib", gpu ? "pool GiB" : "pool MiB", 8, false, 3},
       {"load", "load", 5, false, 2},
       {"vs_bf16", "x bf16", 6, false, 2},
       {"vs_blockwise", "x blockw", 8, false, 2},
@@ -382,6 +388,12 @@ int run_layer(const Options& opt) {
       const MoEMemoryPlan plan = MoELayer::memory_plan(cfg, DType::BF16, where);
       std::fprintf(stderr, "fp8flow-bench layer: %s: pools %.3f GiB, timing %d + %d steps\n",
                    rn.name, static_cast<double>(plan.step_bytes(1)) / kGiB, warmup, reps);
+      if (gpu) {
+        const size_t free_b = device_memory().first;
+        if (plan.step_bytes(1) > free_b)
+          throw std::runtime_error("pools need " + std::to_string(plan.step_bytes(1) >> 20) +
+                                   " MiB, " + std::to_string(free_b >> 20) + " MiB free");
+      }
       MoELayer layer(cfg, weights, gpu ? bench_stream() : nullptr);
       MoEContext ctx = layer.make_context();
       for (int i = 0; i < warmup; ++i) run_step(layer, ctx, x, y, dy, grads, gpu, nullptr);
@@ -398,6 +410,7 @@ int run_layer(const Options& opt) {
       if (step > 0) {
         rep.set(r, "tokens_per_s", static_cast<double>(T) / (step * 1e-3));
         rep.set(r, "tflops", 3.0 * fwd_flop / (step * 1e-3) / 1e12);
+        rep.set(r, "gflops", 3.0 * fwd_flop / (step * 1e-3) / 1e9);
       }
       if (fwd > 0) rep.set(r, "tflops_fwd", fwd_flop / (fwd * 1e-3) / 1e12);
       if (bwd > 0) rep.set(r, "tflops_bwd", 2.0 * fwd_flop / (bwd * 1e-3) / 1e12);
@@ -410,10 +423,16 @@ int run_layer(const Options& opt) {
       rep.set(r, "saved_activation_bytes", static_cast<int64_t>(ctx.saved_activation_bytes()));
       rep.set(r, "saved_routing_bytes", static_cast<int64_t>(ctx.saved_routing_bytes()));
       rep.set(r, "saved_gib", static_cast<double>(ctx.saved_activation_bytes()) / kGiB);
+      rep.set(r, "saved_mib", static_cast<double>(ctx.saved_activation_bytes()) / kMiB);
       rep.set(r, "layer_pool_bytes", static_cast<int64_t>(layer.pool_bytes()));
       rep.set(r, "context_pool_bytes", static_cast<int64_t>(ctx.pool_bytes()));
       rep.set(r, "weight_copy_bytes", static_cast<int64_t>(plan.weight_copy_bytes));
-      rep.set(r, "pool_gib", static_cast<double>(layer.pool_bytes() + ctx.pool_bytes()) / kGiB);
+      const size_t pool = layer.pool_bytes() + ctx.pool_bytes();
+      rep.set(r, "pool_bytes", static_cast<int64_t>(pool));
+      rep.set(r, "pool_gib", static_cast<double>(pool) / kGiB);
+      rep.set(r, "pool_mib", static_cast<double>(pool) / kMiB);
+      if (pool != plan.step_bytes(1))
+        rep.set(r, "note", std::string("pool bytes differ from memory_plan"));
       const std::vector<int64_t>& ms = ctx.m_splits();
       if (!ms.empty()) {
         int64_t sum = 0, mx = 0;
@@ -452,20 +471,21 @@ int run_layer(const Options& opt) {
       "# %s: T %lld tokens, H %lld, F %lld, E %lld, top-%lld (%lld routed rows); %s; %s.\n"
       "# %s times: median of %d steps after %d warm-up steps (%s). step = forward + backward;\n"
       "# wcast = refresh_weights (weight copies, once per optimizer step; not in step).\n"
-      "# tokens/s = T / step; TFLOP/s = expert GEMM FLOPs of fwd + bwd (6 r H F + 12 r H F,\n"
+      "# tokens/s = T / step; %s = expert GEMM FLOPs of fwd + bwd (6 r H F + 12 r H F,\n"
       "# r = routed rows, router/gate GEMMs not counted) / step. casts = explicit\n"
       "# quantize/dequantize launches per step (fwd + bwd); conv = FP8->FP8 / MXFP4 conversions;\n"
-      "# wcasts = weight cast launches per refresh. saved GiB = activations saved for backward\n"
-      "# (routing state excluded); pool GiB = layer scratch + weight copies + one context's pool,\n"
-      "# allocated once (MoEMemoryPlan; excludes caller tensors and cuBLASLt's own memory) -- not\n"
-      "# a measured peak. load = max / mean padded rows per expert. x bf16 / x blockw = their "
-      "step\n"
-      "# time / this recipe's (>1: faster).\n",
+      "# wcasts = weight cast launches per refresh. saved = activations saved for backward\n"
+      "# (routing state excluded); pool = layer scratch + weight copies + one context's pool,\n"
+      "# allocated once (MoEMemoryPlan; includes the FP8 W / W^T copies, which bf16 with BF16\n"
+      "# masters does not need; excludes caller tensors and cuBLASLt's own memory) -- not a\n"
+      "# measured peak. load = max / mean padded rows per expert.\n"
+      "# x bf16 / x blockw = their step time / this recipe's (>1: faster).\n",
       shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
       static_cast<long long>(F), static_cast<long long>(E), static_cast<long long>(k),
       static_cast<long long>(rows), shape.router_note.c_str(), routing_note.c_str(),
       gpu ? "GPU" : "CPU reference", reps, warmup,
-      gpu ? "CUDA events; forward includes its one host sync" : "host wall clock");
+      gpu ? "CUDA events; forward includes its one host sync" : "host wall clock",
+      gpu ? "TFLOP/s" : "GFLOP/s");
   if (!gpu) std::printf("no GPU found: CPU reference times, not GPU performance.\n");
   if (!opt.json_path.empty()) {
     rep.write_json(opt.json_path);
