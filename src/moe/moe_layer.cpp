@@ -948,26 +948,27 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         transpose_scaled(in, out, o, stream);
         ++s.casts.conversions;
       };
+      // A saved wgrad operand [M][cols] -> its column-wise FP8 copy: directly from MXFP4
+      // (fp8-flow-mxfp4) or by the scaling-aware transpose of the saved FP8 (fp8-flow).
+      auto saved_to_colwise = [&](const auto& saved_mx, const auto& saved_q, int64_t cols,
+                                  const ScaledTensor& out, int slot) {
+        if (mx) {
+          mxfp4_to_fp8_transposed(S.mx(saved_mx, M, cols), out, stream);
+          ++s.casts.conversions;
+        } else {
+          ts(S.rowwise(saved_q, M, cols), out, slot);
+        }
+      };
       cast_q(nc, dy, dyq, stream);  // cast 2: the only backward cast
       permute(dyq, dypq, plan, {}, stream);
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
       ts(dypq, dypt, 0);
-      if (mx) {
-        mxfp4_to_fp8_transposed(S.mx(s.a_mx, M, F), at, stream);
-        ++s.casts.conversions;
-      } else {
-        ts(S.rowwise(s.a_q, M, F), at, 1);
-      }
+      saved_to_colwise(s.a_mx, s.a_q, F, at, 1);
       grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dhq, dprob, {}, stream);  // fused SwiGLU-bwd + quantize
       grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
       ts(dhq, dht, 2);
-      if (mx) {
-        mxfp4_to_fp8_transposed(S.mx(s.xp_mx, M, H), xpt, stream);
-        ++s.casts.conversions;
-      } else {
-        ts(S.rowwise(s.xp_q, M, H), xpt, 3);
-      }
+      saved_to_colwise(s.xp_mx, s.xp_q, H, xpt, 3);
       grouped_gemm_wgrad(dht, xpt, dw1_e, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;
       s.debug.fc2_wgrad_x = at;
