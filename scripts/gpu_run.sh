@@ -164,8 +164,10 @@ if ((do_sanitizer)) && need_tests memcheck; then
   else
     run_step memcheck "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
       build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
+    # cuBLASLt's own GEMM kernels (nvjet_*) report hazards under racecheck (vendor code, outside our
+    # reach; memcheck still covers them): racecheck looks at fp8flow's kernels only.
     run_step racecheck "$OUT/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 \
-      build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
+      --kernel-name-exclude kns=nvjet build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
   fi
 fi
 
