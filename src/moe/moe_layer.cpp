@@ -179,6 +179,7 @@ struct MoEContext::State {
   std::vector<int64_t> m_splits;
   TensorView x;  // the caller's forward input (gate wgrad)
   bool forward_done = false;
+  bool dw_counted = true;  // the last backward counted NaN/Inf in dW1, dW2 (or none ran yet)
   MoECastCount casts;
   MoEDebugViews debug;
   const void* layer = nullptr;
@@ -265,8 +266,8 @@ MoENonFinite MoEContext::nonfinite() const {
   n.y = c[kNfY];
   n.dy = c[kNfDy];
   n.dx = c[kNfDx];
-  n.dw1 = c[kNfDw1];
-  n.dw2 = c[kNfDw2];
+  n.dw1 = s_->dw_counted ? c[kNfDw1] : MoENonFinite::kNotCounted;
+  n.dw2 = s_->dw_counted ? c[kNfDw2] : MoENonFinite::kNotCounted;
   n.dgate = c[kNfDgate];
   return n;
 }
@@ -723,6 +724,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   s.x = x;
   s.stream = stream;
   s.forward_done = false;
+  s.dw_counted = true;
   s.casts = {};
   s.debug = {};
   detail::moe_memset0(dev, S.ptr(s.counters), s.counters.bytes, stream);
@@ -841,6 +843,11 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
 
 // ------------------------------------------------------------------------------------------------
 void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx, Stream stream) {
+  backward(dy, g, ctx, MoEBackwardOptions{}, stream);
+}
+
+void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx,
+                        const MoEBackwardOptions& opt, Stream stream) {
   const Check c("MoELayer::backward");
   Impl& m = *p_;
   c.that(ctx.s_ && ctx.s_->layer == p_.get(), "ctx", "a context made by this layer's make_context",
@@ -999,8 +1006,11 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
     FP8FLOW_SM90(sm90::moe_gate_backward(dl, m.w.gate, s.x, dx_exp, g.dx, g.dgate, stream));
 
   count_nonfinite(dev, g.dx, s.counter(kNfDx), stream);
-  count_nonfinite(dev, g.dw1, s.counter(kNfDw1), stream);
-  count_nonfinite(dev, g.dw2, s.counter(kNfDw2), stream);
+  if (opt.count_nonfinite_weight_grads) {  // off by default: moe.h, "Non-finite values"
+    count_nonfinite(dev, g.dw1, s.counter(kNfDw1), stream);
+    count_nonfinite(dev, g.dw2, s.counter(kNfDw2), stream);
+  }
+  s.dw_counted = opt.count_nonfinite_weight_grads;
   count_nonfinite(dev, g.dgate, s.counter(kNfDgate), stream);
   s.forward_done = false;
 }

@@ -56,11 +56,10 @@ void check_gate(const Case& c, Kind k) {
                                     << c.sms << " " << kind_name(k));
   emu::sm_count = c.sms;
   const HostTensor x = host_from_values(values(c.T * c.H, k, 1 + c.T), DType::BF16, c.T, c.H);
-  const HostTensor wg = host_from_values(values(c.E * c.H, k, 2 + c.E, 0.05f), DType::F32, c.E,
-                                         c.H);
+  const HostTensor wg =
+      host_from_values(values(c.E * c.H, k, 2 + c.E, 0.05f), DType::F32, c.E, c.H);
   const HostTensor dl = host_from_values(values(c.T * c.E, k, 3 + c.H), DType::F32, c.T, c.E);
-  const HostTensor dxe =
-      host_from_values(values(c.T * c.H, Kind::Normal, 4), DType::F32, c.T, c.H);
+  const HostTensor dxe = host_from_values(values(c.T * c.H, Kind::Normal, 4), DType::F32, c.T, c.H);
   HostTensor l1(DType::F32, c.T, c.E, 0x5A), l2(DType::F32, c.T, c.E, 0xA5);
   ref::moe_gate_logits(x.v, wg.v, l1.v);
   sm90::moe_gate_logits(x.v, wg.v, l2.v, nullptr);
@@ -88,9 +87,9 @@ void check_gate(const Case& c, Kind k) {
 TEST(MoeEmu, GateGemms) {
   // sms 132: the variants the GPU takes at these sizes (small tiles); sms 1: the big tiles.
   const std::vector<Case> cases = {
-      {1, 128, 4, 132},    {37, 128, 32, 132},  {77, 256, 36, 132}, {33, 128, 256, 132},
-      {100, 384, 32, 132}, {50, 128, 256, 1},   {70, 256, 64, 1},   {130, 256, 4, 1},
-      {600, 128, 4, 1},    {31, 256, 4, 1},     {65, 128, 40, 1},   {37, 7168, 32, 132},
+      {1, 128, 4, 132},    {37, 128, 32, 132}, {77, 256, 36, 132}, {33, 128, 256, 132},
+      {100, 384, 32, 132}, {50, 128, 256, 1},  {70, 256, 64, 1},   {130, 256, 4, 1},
+      {600, 128, 4, 1},    {31, 256, 4, 1},    {65, 128, 40, 1},   {37, 7168, 32, 132},
   };
   for (const Case& c : cases)
     for (Kind k : {Kind::Normal, Kind::Wide, Kind::Tiny}) check_gate(c, k);
@@ -100,7 +99,8 @@ TEST(MoeEmu, NonFiniteCount) {
   for (int sms : {132, 1})
     for (DType d : {DType::F32, DType::BF16})
       for (auto [r, c] : {std::pair<int64_t, int64_t>{5, 7}, {1000, 129}, {1, 3}, {64, 128}}) {
-        SCOPED_TRACE(::testing::Message() << to_string(d) << " " << r << "x" << c << " sms " << sms);
+        SCOPED_TRACE(::testing::Message()
+                     << to_string(d) << " " << r << "x" << c << " sms " << sms);
         emu::sm_count = sms;
         std::vector<float> v = values(r * c, Kind::Normal, 9);
         std::mt19937_64 rng(r * c);
