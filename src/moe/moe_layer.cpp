@@ -16,6 +16,7 @@
 #include "fp8flow/swiglu.h"
 #include "fp8flow/transpose.h"
 #include "moe/moe_backends.h"
+#include "ops/gemm/gemm_backends.h"
 
 namespace fp8flow {
 
@@ -599,6 +600,15 @@ void MoELayer::refresh_weights(Stream stream) {
   quantize(m.w.w1, whole(m.w1q, E * 2 * F, H), {}, stream);
   quantize(m.w.w2, whole(m.w2q, E * H, F), {}, stream);
   m.weight_casts += 2;
+  // W_e^T for every expert: on Cuda one stacked launch per matrix (the per-expert views are slices
+  // of whole, contiguous W / W^T tensors; 2F % 128 == H % 128 == 0), else per expert.
+  if (m.dev == Device::Cuda) {
+    FP8FLOW_SM90(sm90::transpose_block_weights_batched(whole(m.w1q, E * 2 * F, H),
+                                                       whole(m.w1t, E * H, 2 * F), E, stream));
+    FP8FLOW_SM90(sm90::transpose_block_weights_batched(whole(m.w2q, E * H, F),
+                                                       whole(m.w2t, E * F, H), E, stream));
+    return;
+  }
   for (int64_t e = 0; e < E; ++e) {
     transpose_block_weights(m.w1q_e[e], m.w1t_e[e], stream);
     transpose_block_weights(m.w2q_e[e], m.w2t_e[e], stream);

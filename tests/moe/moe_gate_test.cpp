@@ -4,16 +4,19 @@
 // summation order shows in the bits (wide-range values; tiny values whose products underflow to
 // signed zeros, so an extra or a missing term flips the sign of a zero). The router's expert
 // selection depends on these bits. GPU tests skip without a device; the CPU tests check the
-// reference's own contract (sequential order from +0, signed zeros, counter semantics).
+// reference's own contract (sequential order from +0, signed zeros, counter semantics). Also the
+// stacked weight transpose MoELayer::refresh_weights uses.
 #include <gtest/gtest.h>
 
 #include <cmath>
 #include <cstdio>
 #include <random>
+#include <tuple>
 #include <vector>
 
 #include "common/test_util.h"
 #include "moe/moe_backends.h"
+#include "ops/gemm/gemm_backends.h"
 
 namespace fp8flow::test {
 namespace {
@@ -171,6 +174,43 @@ TEST(MoEGateGpu, NonFiniteCountMatchesReference) {
       EXPECT_EQ(got, want);
       EXPECT_GT(want, 5);
     }
+}
+
+// MoELayer::refresh_weights makes every expert's W_e^T with ONE stacked launch per matrix
+// (sm90::transpose_block_weights_batched): bit-identical to the per-expert public op, codes and
+// scales, including partial 128-blocks along K.
+TEST(MoEWeightsGpu, BatchedBlockTransposeMatchesPerExpert) {
+  FP8FLOW_REQUIRE_GPU();
+  for (auto [B, N, K] :
+       {std::tuple<int64_t, int64_t, int64_t>{3, 256, 400}, {1, 128, 16}, {32, 128, 256}}) {
+    SCOPED_TRACE(::testing::Message() << B << " x " << N << " x " << K);
+    const int64_t nb = N / 128, kb = (K + 127) / 128;
+    HostTensor codes(DType::E4M3, B * N, K), sc(DType::F32, B * nb, kb);
+    std::mt19937_64 rng(static_cast<uint64_t>(B * N * K));
+    for (auto& b : codes.buf) b = static_cast<uint8_t>(rng());
+    for (int64_t i = 0; i < B * nb * kb; ++i)
+      sc.ptr<float>()[i] = std::ldexp(1.f, static_cast<int>(rng() % 200) - 100);
+    DeviceTensor w(codes), ws(sc);
+    DeviceTensor t1(DType::E4M3, B * K, N), s1(DType::F32, B * kb, nb);
+    DeviceTensor t2(DType::E4M3, B * K, N), s2(DType::F32, B * kb, nb);
+    sm90::transpose_block_weights_batched(ScaledTensor{w.v, ws.v, ScaleLayout::Block128x128, {}},
+                                          ScaledTensor{t1.v, s1.v, ScaleLayout::Block128x128, {}},
+                                          B, nullptr);
+    for (int64_t b = 0; b < B; ++b) {
+      auto slice = [&](const DeviceTensor& d, int64_t rows, int64_t cols) {
+        TensorView v = d.v;
+        v.data = static_cast<uint8_t*>(d.p) + b * rows * cols * dtype_bits(d.v.dtype) / 8;
+        v.rows = rows;
+        v.cols = cols;
+        return v;
+      };
+      transpose_block_weights(
+          ScaledTensor{slice(w, N, K), slice(ws, nb, kb), ScaleLayout::Block128x128, {}},
+          ScaledTensor{slice(t2, K, N), slice(s2, kb, nb), ScaleLayout::Block128x128, {}});
+    }
+    EXPECT_TRUE(bytes_equal(t1.to_host(), t2.to_host()));
+    EXPECT_TRUE(bytes_equal(s1.to_host(), s2.to_host()));
+  }
 }
 #endif
 
