@@ -75,8 +75,8 @@
 // MoENonFinite::dw1/dw2 read -1, "not counted"); MoEContext::nonfinite() reports them. Why the
 // weight gradients are off by default: they are the optimizer's to check (Megatron's found-inf /
 // grad-norm pass reads every gradient anyway), and counting them here reads dW1 + dW2 a second
-// time (F32 [E*2F][H] + [E*H][F]: 5.6 GB, ~1.9 ms per step at the DeepSeek-V3 shard shape, more
-// than the whole rest of the layer's non-GEMM work). Nothing is lost for the layer's own
+// time (F32 [E*2F][H] + [E*H][F]: 5.6 GB, ~1.9 ms per step at the DeepSeek-V3 shard shape, about
+// a tenth of the step). Nothing is lost for the layer's own
 // inputs: a NaN/Inf in x or dy, or one made inside the layer, shows in x, y, dy, dx or dgate first
 // (an FP8 code of NaN stays NaN through every GEMM and conversion); with finite inputs an F32 dW
 // can only become non-finite by overflowing the accumulation (|sum| > 3.4e38).
