@@ -76,10 +76,10 @@
 // weight gradients are off by default: they are the optimizer's to check (Megatron's found-inf /
 // grad-norm pass reads every gradient anyway), and counting them here reads dW1 + dW2 a second
 // time (F32 [E*2F][H] + [E*H][F]: 5.6 GB, ~1.9 ms per step at the DeepSeek-V3 shard shape, about
-// a tenth of the step). Nothing is lost for the layer's own
-// inputs: a NaN/Inf in x or dy, or one made inside the layer, shows in x, y, dy, dx or dgate first
-// (an FP8 code of NaN stays NaN through every GEMM and conversion); with finite inputs an F32 dW
-// can only become non-finite by overflowing the accumulation (|sum| > 3.4e38).
+// a tenth of the step). Nothing is lost for the layer's own inputs: a NaN/Inf in x or dy, or one
+// made inside the layer, shows in x, y, dy, dx or dgate first (an FP8 code of NaN stays NaN
+// through every GEMM and conversion); with finite inputs an F32 dW can only become non-finite by
+// overflowing the accumulation (|sum| > 3.4e38).
 //
 // Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
 // (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
