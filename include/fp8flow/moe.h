@@ -70,8 +70,16 @@
 // Determinism: same inputs, same bits, step after step (tested on the CPU backend); the gate GEMMs
 // and the router are bit-identical between backends, so both pick the same experts.
 // Non-finite values: forward counts NaN/Inf in x (and throws, naming x, unless
-// MoEForwardOptions::reject_nonfinite_input is false) and y; backward counts dy, dx, dW1, dW2,
-// dgate; MoEContext::nonfinite() reports them.
+// MoEForwardOptions::reject_nonfinite_input is false) and y; backward counts dy, dx and dgate, and
+// dW1, dW2 only when MoEBackwardOptions::count_nonfinite_weight_grads is on (else
+// MoENonFinite::dw1/dw2 read -1, "not counted"); MoEContext::nonfinite() reports them. Why the
+// weight gradients are off by default: they are the optimizer's to check (Megatron's found-inf /
+// grad-norm pass reads every gradient anyway), and counting them here reads dW1 + dW2 a second
+// time (F32 [E*2F][H] + [E*H][F]: 5.6 GB, ~1.9 ms per step at the DeepSeek-V3 shard shape, about
+// a tenth of the step). Nothing is lost for the layer's own inputs: a NaN/Inf in x or dy, or one
+// made inside the layer, shows in x, y, dy, dx or dgate first (an FP8 code of NaN stays NaN
+// through every GEMM and conversion); with finite inputs an F32 dW can only become non-finite by
+// overflowing the accumulation (|sum| > 3.4e38).
 //
 // Memory: the layer owns one scratch pool, the context one saved-state pool, both allocated once
 // (at construction) on the weights' device, sized for max_tokens; forward/backward never allocate.
@@ -136,9 +144,13 @@ struct MoECastCount {
 };
 
 // Non-finite element counts (NaN or +-Inf) seen at the layer's boundaries in the last step.
+// dw1 and dw2 are kNotCounted (-1) when the last backward ran without
+// MoEBackwardOptions::count_nonfinite_weight_grads (0 after a forward with no backward yet).
 struct MoENonFinite {
+  static constexpr int64_t kNotCounted = -1;
   int64_t x = 0, y = 0, dy = 0, dx = 0, dw1 = 0, dw2 = 0, dgate = 0;
-  bool any() const { return (x | y | dy | dx | dw1 | dw2 | dgate) != 0; }
+  bool weight_grads_counted() const { return dw1 != kNotCounted && dw2 != kNotCounted; }
+  bool any() const { return x > 0 || y > 0 || dy > 0 || dx > 0 || dw1 > 0 || dw2 > 0 || dgate > 0; }
 };
 
 struct MoETransposeUnderflow {
@@ -208,6 +220,13 @@ struct MoEForwardOptions {
   bool reject_nonfinite_input = true;
 };
 
+struct MoEBackwardOptions {
+  // Count NaN/Inf in grads.dw1 and grads.dw2 (MoENonFinite::dw1, dw2): one extra read of both
+  // (see "Non-finite values" above for why this is off by default). dy, dx and dgate are always
+  // counted.
+  bool count_nonfinite_weight_grads = false;
+};
+
 // Memory of a layer for a config, computed without allocating (MoELayer::memory_plan).
 struct MoEMemoryPlan {
   size_t layer_pool_bytes = 0;            // scratch + weight copies (MoELayer::pool_bytes())
@@ -245,6 +264,9 @@ class MoELayer {
   void forward(const TensorView& x, const TensorView& y, MoEContext& ctx,
                const MoEForwardOptions& opt = {}, Stream stream = nullptr);
   // dy BF16 [T][H] (T of the context's forward). Once per forward.
+  void backward(const TensorView& dy, const MoEGrads& grads, MoEContext& ctx,
+                const MoEBackwardOptions& opt, Stream stream = nullptr);
+  // Same with default options (weight gradients not checked for NaN/Inf).
   void backward(const TensorView& dy, const MoEGrads& grads, MoEContext& ctx,
                 Stream stream = nullptr);
 

@@ -27,8 +27,8 @@ void moe_memset0(Device dev, void* p, size_t bytes, Stream stream);
 //   logits[t][e] = sum_h x[t][h] * wg[e][h]                       x BF16 [T][H], wg F32 [E][H]
 //   dx[t][h]     = bf16(dx_exp[t][h] + sum_e dl[t][e] * wg[e][h])  dx_exp F32, dx BF16 [T][H]
 //   dwg[e][h]    = sum_t dl[t][e] * x[t][h]                        dwg F32 [E][H]
-// count_nonfinite: *count += number of NaN/Inf elements of t (BF16 or F32, contiguous); count is
-// an int64 on t's device.
+// count_nonfinite: *count += number of NaN/Inf elements of t (BF16 or F32, contiguous; on Cuda
+// 16-byte aligned); count is an int64 on t's device.
 namespace fp8flow::ref {
 void moe_gate_logits(const TensorView& x, const TensorView& wg, const TensorView& logits);
 void moe_gate_backward(const TensorView& dl, const TensorView& wg, const TensorView& x,

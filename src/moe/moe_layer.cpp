@@ -16,6 +16,7 @@
 #include "fp8flow/swiglu.h"
 #include "fp8flow/transpose.h"
 #include "moe/moe_backends.h"
+#include "ops/gemm/gemm_backends.h"
 
 namespace fp8flow {
 
@@ -179,6 +180,7 @@ struct MoEContext::State {
   std::vector<int64_t> m_splits;
   TensorView x;  // the caller's forward input (gate wgrad)
   bool forward_done = false;
+  bool dw_counted = true;  // the last backward counted NaN/Inf in dW1, dW2 (or none ran yet)
   MoECastCount casts;
   MoEDebugViews debug;
   const void* layer = nullptr;
@@ -265,8 +267,8 @@ MoENonFinite MoEContext::nonfinite() const {
   n.y = c[kNfY];
   n.dy = c[kNfDy];
   n.dx = c[kNfDx];
-  n.dw1 = c[kNfDw1];
-  n.dw2 = c[kNfDw2];
+  n.dw1 = s_->dw_counted ? c[kNfDw1] : MoENonFinite::kNotCounted;
+  n.dw2 = s_->dw_counted ? c[kNfDw2] : MoENonFinite::kNotCounted;
   n.dgate = c[kNfDgate];
   return n;
 }
@@ -598,6 +600,15 @@ void MoELayer::refresh_weights(Stream stream) {
   quantize(m.w.w1, whole(m.w1q, E * 2 * F, H), {}, stream);
   quantize(m.w.w2, whole(m.w2q, E * H, F), {}, stream);
   m.weight_casts += 2;
+  // W_e^T for every expert: on Cuda one stacked launch per matrix (the per-expert views are slices
+  // of whole, contiguous W / W^T tensors; 2F % 128 == H % 128 == 0), else per expert.
+  if (m.dev == Device::Cuda) {
+    FP8FLOW_SM90(sm90::transpose_block_weights_batched(whole(m.w1q, E * 2 * F, H),
+                                                       whole(m.w1t, E * H, 2 * F), E, stream));
+    FP8FLOW_SM90(sm90::transpose_block_weights_batched(whole(m.w2q, E * H, F),
+                                                       whole(m.w2t, E * F, H), E, stream));
+    return;
+  }
   for (int64_t e = 0; e < E; ++e) {
     transpose_block_weights(m.w1q_e[e], m.w1t_e[e], stream);
     transpose_block_weights(m.w2q_e[e], m.w2t_e[e], stream);
@@ -723,6 +734,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   s.x = x;
   s.stream = stream;
   s.forward_done = false;
+  s.dw_counted = true;
   s.casts = {};
   s.debug = {};
   detail::moe_memset0(dev, S.ptr(s.counters), s.counters.bytes, stream);
@@ -841,6 +853,11 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
 
 // ------------------------------------------------------------------------------------------------
 void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx, Stream stream) {
+  backward(dy, g, ctx, MoEBackwardOptions{}, stream);
+}
+
+void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx,
+                        const MoEBackwardOptions& opt, Stream stream) {
   const Check c("MoELayer::backward");
   Impl& m = *p_;
   c.that(ctx.s_ && ctx.s_->layer == p_.get(), "ctx", "a context made by this layer's make_context",
@@ -999,8 +1016,11 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
     FP8FLOW_SM90(sm90::moe_gate_backward(dl, m.w.gate, s.x, dx_exp, g.dx, g.dgate, stream));
 
   count_nonfinite(dev, g.dx, s.counter(kNfDx), stream);
-  count_nonfinite(dev, g.dw1, s.counter(kNfDw1), stream);
-  count_nonfinite(dev, g.dw2, s.counter(kNfDw2), stream);
+  if (opt.count_nonfinite_weight_grads) {  // off by default: moe.h, "Non-finite values"
+    count_nonfinite(dev, g.dw1, s.counter(kNfDw1), stream);
+    count_nonfinite(dev, g.dw2, s.counter(kNfDw2), stream);
+  }
+  s.dw_counted = opt.count_nonfinite_weight_grads;
   count_nonfinite(dev, g.dgate, s.counter(kNfDgate), stream);
   s.forward_done = false;
 }

@@ -847,6 +847,79 @@ TEST(MoELayer, NonFiniteInputRejectedOrReported) {
   }
 }
 
+// Weight-gradient NaN/Inf counting is opt-in (MoEBackwardOptions): by default dW1/dW2 read
+// kNotCounted and do not make any() true; with the option, an Inf planted in dy (it reaches dW1
+// and dW2 through both wgrads) is counted there; dy, dx and dgate are counted either way.
+void check_nonfinite_weight_grad_option(Device dev) {
+  Problem p;
+  p.T = 16;
+  for (Recipe r : {Recipe::Bf16, Recipe::Fp8Flow}) {
+    SCOPED_TRACE(to_string(r));
+    Data d = make_data(p);
+    HostTensor dy_bad = d.dy;
+    dy_bad.v.data = dy_bad.buf.data();
+    dy_bad.ptr<uint16_t>()[2 * p.H + 5] = 0x7F80;  // +Inf
+    auto run = [&](const HostTensor& dy_h, bool count_dw) {
+      MoEBackwardOptions o;
+      o.count_nonfinite_weight_grads = count_dw;
+      if (dev == Device::Cpu) {
+        MoELayer layer(make_config(p, r), MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+        MoEContext ctx = layer.make_context();
+        HostTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
+            dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
+            dg(DType::F32, p.E, p.H);
+        layer.forward(d.x.v, y.v, ctx);
+        EXPECT_EQ(ctx.nonfinite().dw1, 0);  // forward only: nothing counted yet, nothing found
+        layer.backward(dy_h.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx, o);
+        return ctx.nonfinite();
+      }
+#if FP8FLOW_WITH_CUDA
+      DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(dy_h);
+      MoELayer layer(make_config(p, r), MoEWeights{gate.v, {}, w1.v, w2.v});
+      MoEContext ctx = layer.make_context();
+      DeviceTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
+          dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
+          dg(DType::F32, p.E, p.H);
+      layer.forward(x.v, y.v, ctx);
+      layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx, o);
+      return ctx.nonfinite();
+#else
+      return MoENonFinite{};
+#endif
+    };
+    const MoENonFinite clean_off = run(d.dy, false), clean_on = run(d.dy, true);
+    EXPECT_FALSE(clean_off.weight_grads_counted());
+    EXPECT_EQ(clean_off.dw1, MoENonFinite::kNotCounted);
+    EXPECT_EQ(clean_off.dw2, MoENonFinite::kNotCounted);
+    EXPECT_FALSE(clean_off.any());
+    EXPECT_TRUE(clean_on.weight_grads_counted());
+    EXPECT_EQ(clean_on.dw1, 0);
+    EXPECT_EQ(clean_on.dw2, 0);
+    EXPECT_FALSE(clean_on.any());
+    const MoENonFinite bad_off = run(dy_bad, false), bad_on = run(dy_bad, true);
+    std::printf(
+        "[ moe ] %s %-15s Inf in dy: counts dy %lld dx %lld dgate %lld; dW1 %lld dW2 %lld "
+        "(option off: %lld %lld)\n",
+        to_string(dev), to_string(r), (long long)bad_on.dy, (long long)bad_on.dx,
+        (long long)bad_on.dgate, (long long)bad_on.dw1, (long long)bad_on.dw2,
+        (long long)bad_off.dw1, (long long)bad_off.dw2);
+    for (const MoENonFinite& n : {bad_off, bad_on}) {
+      EXPECT_EQ(n.dy, 1);
+      EXPECT_GT(n.dx, 0);  // the token's dx, through the expert path
+      EXPECT_TRUE(n.any());
+    }
+    EXPECT_EQ(bad_off.dw1, MoENonFinite::kNotCounted);
+    EXPECT_EQ(bad_off.dw2, MoENonFinite::kNotCounted);
+    EXPECT_GT(bad_on.dw1, 0);
+    EXPECT_GT(bad_on.dw2, 0);
+    EXPECT_EQ(bad_on.dx, bad_off.dx);
+  }
+}
+
+TEST(MoELayer, NonFiniteWeightGradsOptional) {
+  check_nonfinite_weight_grad_option(Device::Cpu);
+}
+
 // ---------------------------------------------------------------------------------------------
 #if FP8FLOW_WITH_CUDA
 // GPU == CPU for each recipe: same routing (bit-exact router and gate), outputs and gradients
@@ -901,6 +974,11 @@ TEST(MoELayerGpu, MatchesCpu) {
     for (Recipe r : kRecipes) {
       gpu_vs_cpu(pr, r);
     }
+}
+
+TEST(MoELayerGpu, NonFiniteWeightGradsOptional) {
+  FP8FLOW_REQUIRE_GPU();
+  check_nonfinite_weight_grad_option(Device::Cuda);
 }
 
 // GPU: F32 masters (BF16-representable values) give the same bits as BF16 masters, per recipe (the

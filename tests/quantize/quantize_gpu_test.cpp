@@ -15,6 +15,7 @@
 #include <vector>
 
 #include "common/test_util.h"
+#include "quantize/block_edge_values.h"
 
 #if FP8FLOW_WITH_CUDA
 
@@ -154,6 +155,29 @@ TEST(GpuQuantize, Block128MatchesReference) {
         }
       }
     }
+}
+
+// 128x128 blocks at the edges of the formats (block_edge_values): see block_edge_values.h.
+TEST(GpuQuantize, Block128EdgeBlocks) {
+  REQUIRE_DUT();
+  for (const Shape& s : {Shape{257, 400}, Shape{128, 16}, Shape{1024, 1024}}) {
+    const std::vector<float> x = block_edge_values(s.M, s.K, 300 + s.M);
+    for (DType in_dt : kInTypes) {
+      const HostTensor h = host_from_values(x, in_dt, s.M, s.K);
+      const Buf in_ref(Device::Cpu, h), in_dut(dut(), h);
+      for (DType fp8 : kFp8Types) {
+        SCOPED_TRACE(::testing::Message()
+                     << s.M << "x" << s.K << " " << to_string(in_dt) << "->" << to_string(fp8));
+        QBuf ref(Device::Cpu, fp8, s.M, s.K, ScaleLayout::Block128x128);
+        QBuf got(dut(), fp8, s.M, s.K, ScaleLayout::Block128x128);
+        quantize(in_ref.v, ref.view());
+        quantize(in_dut.v, got.view());
+        ASSERT_TRUE(same(ref, got));
+        HostTensor sc = ref.scale.read();
+        EXPECT_EQ(sc.ptr<float>()[0], std::ldexp(1.f, -127));  // the all-zero block
+      }
+    }
+  }
 }
 
 // Token splits (m_splits) for X^T: none, zeros, sizes that are not multiples of 128 or 16.

@@ -92,4 +92,10 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
                              std::span<const TensorView> dw, std::span<const int64_t> m_splits,
                              const Workspace& ws, const GroupedGemmOptions& opt, Stream stream);
 void transpose_block_weights(const ScaledTensor& w, const ScaledTensor& w_t, Stream stream);
+// Internal (no validation; MoELayer::refresh_weights): `batch` stacked matrices in one launch.
+// w: data [batch * N][K], scale [batch * ceil(N/128)][ceil(K/128)]; w_t: data [batch * K][N],
+// scale [batch * ceil(K/128)][ceil(N/128)]; matrix b of w_t is the transpose of matrix b of w.
+// N % 128 == 0 when batch > 1 (so that each matrix's scale rows are whole); K % 16 == 0.
+void transpose_block_weights_batched(const ScaledTensor& w, const ScaledTensor& w_t, int64_t batch,
+                                     Stream stream);
 }  // namespace fp8flow::sm90

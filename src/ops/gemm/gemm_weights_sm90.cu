@@ -12,6 +12,11 @@
 //   blocks with byte permutes, and writes four 16-byte output chunks; the 8 threads sharing an
 //   output row write 128 contiguous bytes.
 // NOTES: N, K are multiples of 16 (validated), so every 16-byte chunk is wholly inside or outside.
+// transpose_block_weights_batched (internal, used by MoELayer::refresh_weights): a stack of B
+// matrices in one launch, blockIdx.z = matrix. One launch per W1 / W2 instead of one per expert:
+// at the DeepSeek-V3 shard shape a single expert's W1 is 1792 CTAs, 1.7 waves of 8 CTAs/SM, so
+// every per-expert launch ended on a partly empty wave (plus a launch gap); the stacked grid is
+// 57344 CTAs, ~54 waves.
 #include <cuda_runtime.h>
 
 #include <cstdint>
@@ -27,6 +32,14 @@ __global__ void __launch_bounds__(256)
                                 const float* __restrict__ s, float* __restrict__ st, int N, int K,
                                 int nb, int kb) {
   __shared__ alignas(16) uint32_t tile[128 * 32];  // [row n][32 words], chunk-swizzled
+  // blockIdx.z: matrix of a stack (transpose_block_weights_batched); 0 for one matrix.
+  {
+    const size_t z = blockIdx.z;
+    w += z * static_cast<size_t>(N) * K;
+    wt += z * static_cast<size_t>(N) * K;
+    s += z * static_cast<size_t>(nb) * kb;
+    st += z * static_cast<size_t>(nb) * kb;
+  }
   const int kt = static_cast<int>(blockIdx.x), nt = static_cast<int>(blockIdx.y);
   const int n0 = nt * 128, k0 = kt * 128;
   const int t = static_cast<int>(threadIdx.x);
@@ -79,10 +92,16 @@ __global__ void __launch_bounds__(256)
 }  // namespace
 
 void transpose_block_weights(const ScaledTensor& w, const ScaledTensor& w_t, Stream stream) {
-  const int64_t N = w.data.rows, K = w.data.cols;
+  transpose_block_weights_batched(w, w_t, 1, stream);
+}
+
+void transpose_block_weights_batched(const ScaledTensor& w, const ScaledTensor& w_t, int64_t batch,
+                                     Stream stream) {
+  const int64_t N = w.data.rows / batch, K = w.data.cols;
   if (N == 0 || K == 0) return;
   const int64_t nb = detail::ceil_div(N, 128), kb = detail::ceil_div(K, 128);
-  const dim3 grid(static_cast<unsigned>(kb), static_cast<unsigned>(nb));
+  const dim3 grid(static_cast<unsigned>(kb), static_cast<unsigned>(nb),
+                  static_cast<unsigned>(batch));
   sm90_transpose_fp8_block128<<<grid, 256, 0, reinterpret_cast<cudaStream_t>(stream)>>>(
       static_cast<const uint8_t*>(w.data.data), static_cast<uint8_t*>(w_t.data.data),
       static_cast<const float*>(w.scale.data), static_cast<float*>(w_t.scale.data),

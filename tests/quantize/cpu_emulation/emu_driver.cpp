@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 #include "common/test_util.h"
 #include "ops/quantize/quantize_backends.h"
+#include "quantize/block_edge_values.h"
 using namespace fp8flow;
 using namespace fp8flow::test;
 
@@ -137,4 +138,21 @@ TEST(Emu, Dequantize) {
         ASSERT_TRUE(bytes_equal(o1, o2));
       }
   }
+}
+
+// 128x128 block quantize at the edges of the formats (the GPU test's Block128EdgeBlocks inputs).
+TEST(Emu, Block128EdgeBlocks) {
+  for (auto [M, K] : {std::pair<int64_t, int64_t>{257, 400}, {128, 16}})
+    for (DType in_dt : {DType::BF16, DType::F32})
+      for (DType fp8 : {DType::E4M3, DType::E5M2}) {
+        SCOPED_TRACE(::testing::Message()
+                     << M << "x" << K << " " << to_string(in_dt) << " " << to_string(fp8));
+        const HostTensor in = host_from_values(block_edge_values(M, K, 300 + M), in_dt, M, K);
+        Q b1(fp8, M, K, ScaleLayout::Block128x128),
+            b2(fp8, M, K, ScaleLayout::Block128x128, {}, 0xA5);
+        ref::quantize(in.v, b1.v());
+        sm90::quantize(in.v, b2.v(), nullptr);
+        ASSERT_TRUE(bytes_equal(b1.d, b2.d));
+        ASSERT_TRUE(bytes_equal(b1.s, b2.s));
+      }
 }

@@ -33,7 +33,7 @@ assert n > 0, "no launches found"
 open(sys.argv[2], 'w').write(dst)
 PY
 flags=(-O2 -std=c++20 -I "$here/fake_cuda" -I "$root/include" -I "$root/src" -I "$root/tests"
-       -DFP8FLOW_WITH_CUDA=0)
+       -DFP8FLOW_WITH_CUDA=0 -DFP8FLOW_DEQUANT_HW_CVT=0)  # the hw decode is inline PTX
 g++ "${flags[@]}" -c -x c++ "$out/quantize_sm90_emu.cpp" -o "$out/kernels.o"
 g++ "${flags[@]}" -c "$here/emu_driver.cpp" -o "$out/driver.o"
 g++ "$out/kernels.o" "$out/driver.o" -o "$out/emu_test" "$root/build-cpu/libfp8flow.a" -lgtest \
