@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/test_util.h"
@@ -90,6 +92,20 @@ inline uint8_t u8_at(const HostTensor& t, int64_t r, int64_t c) {
 }
 inline uint16_t u16_at(const HostTensor& t, int64_t r, int64_t c) {
   return reinterpret_cast<const uint16_t*>(t.buf.data())[r * t.v.cols + c];
+}
+
+// Expects f to throw fp8flow::Error whose message starts "fp8flow::<op>: <arg>: " and contains
+// `what` (if given).
+inline void expect_error(const std::function<void()>& f, const std::string& op,
+                         const std::string& arg, const std::string& what = "") {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one about " << arg;
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind("fp8flow::" + op + ": " + arg + ": ", 0), 0u) << msg;
+    if (!what.empty()) EXPECT_NE(msg.find(what), std::string::npos) << msg;
+  }
 }
 
 }  // namespace fp8flow::test

@@ -150,68 +150,48 @@ TEST(SwigluGpu, BranchFreeSiluEqualsHdExhaustive) {
   EXPECT_EQ(sm90::swiglu_silu_mismatches(&example), 0) << "e.g. x = 0x" << std::hex << example;
 }
 
-TEST(SwigluGpu, ForwardMatchesReference) {
-  FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 1000;
+// Runs check(case, out kind, weighted) over kShapes x kFills x `kinds` x {weighted, unweighted},
+// seeds from `seed` on; with `specials`, adversarial cases also get test::add_bf16_specials.
+template <typename Check>
+void for_each_case(uint64_t seed, std::initializer_list<DType> kinds, bool specials, Check check) {
   for (const Shape& s : kShapes)
     for (Fill f : kFills) {
-      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      for (DType k : kKinds)
+      SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
+      if (specials && f == Fill::Adversarial) test::add_bf16_specials(c);
+      for (DType k : kinds)
         for (bool weighted : {true, false}) {
           SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
                                           << " out " << to_string(k) << " weighted " << weighted);
-          expect_forward_equal(c, k, weighted);
+          check(c, k, weighted);
         }
     }
 }
 
+TEST(SwigluGpu, ForwardMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  for_each_case(1000, {DType::E4M3, DType::E5M2, DType::BF16}, false,
+                [](const SwigluCase& c, DType k, bool w) { expect_forward_equal(c, k, w); });
+}
+
 TEST(SwigluGpu, BackwardMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 2000;
-  for (const Shape& s : kShapes)
-    for (Fill f : kFills) {
-      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      for (DType k : kKinds)
-        for (bool weighted : {true, false}) {
-          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
-                                          << " out " << to_string(k) << " weighted " << weighted);
-          expect_backward_equal(c, k, weighted);
-        }
-    }
+  for_each_case(2000, {DType::E4M3, DType::E5M2, DType::BF16}, false,
+                [](const SwigluCase& c, DType k, bool w) { expect_backward_equal(c, k, w); });
 }
 
 // The saved-input variants: adversarial inputs also get BF16 specials (NaNs of both signs, +-Inf,
 // the largest and the subnormal values, an all-tiny row), whose saved codes must keep their signs.
 TEST(SwigluGpu, ForwardSavedInputMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 3000;
-  for (const Shape& s : kShapes)
-    for (Fill f : kFills) {
-      SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      if (f == Fill::Adversarial) test::add_bf16_specials(c);
-      for (DType k : {DType::E4M3, DType::E5M2})
-        for (bool weighted : {true, false}) {
-          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
-                                          << " out " << to_string(k) << " weighted " << weighted);
-          expect_forward_saved_equal(c, k, weighted);
-        }
-    }
+  for_each_case(3000, {DType::E4M3, DType::E5M2}, true,
+                [](const SwigluCase& c, DType k, bool w) { expect_forward_saved_equal(c, k, w); });
 }
 
 TEST(SwigluGpu, BackwardSavedInputMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 4000;
-  for (const Shape& s : kShapes)
-    for (Fill f : kFills) {
-      SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      if (f == Fill::Adversarial) test::add_bf16_specials(c);
-      for (DType k : {DType::E4M3, DType::E5M2})
-        for (bool weighted : {true, false}) {
-          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
-                                          << " out " << to_string(k) << " weighted " << weighted);
-          expect_backward_equal(c, k, weighted, nullptr, /*saved_in=*/true);
-        }
-    }
+  for_each_case(4000, {DType::E4M3, DType::E5M2}, true, [](const SwigluCase& c, DType k, bool w) {
+    expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
+  });
 }
 
 // Pad rows whose dy is not zero (signed zeros), and rows without padding at all.
