@@ -10,12 +10,8 @@
 #include "common/backend.h"
 #include "ops/swiglu/swiglu_backends.h"
 
-// CPU-only builds have no sm90:: symbols; check_cuda has thrown Unsupported before this point.
-#if FP8FLOW_WITH_CUDA
-#define FP8FLOW_SM90(call) call
-#else
-#define FP8FLOW_SM90(call) (void)0
-#endif
+// FP8FLOW_SM90 (common/backend.h): CPU-only builds have no sm90:: symbols; check_cuda has thrown
+// Unsupported before such a call is reached.
 
 namespace fp8flow {
 namespace {
