@@ -773,6 +773,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   // FC1 output h: saved as is (Bf16, Fp8Blockwise), or scratch whose FP8 copy is saved (flow).
   const TensorView h =
       is_flow(r) ? P.view(m.h_bf16, DType::BF16, M, 2 * F) : S.view(s.h, DType::BF16, M, 2 * F);
+  s.debug.fc1_out = h;
   const TensorView yp = P.view(m.yp, DType::BF16, M, H);
   const Workspace ws = m.ws_gemm();
   const GroupedGemmOptions go = m.gemm_opt();
@@ -833,7 +834,6 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       break;
     }
   }
-  s.debug.fc1_out = h;
   unpermute(yp, y, plan, stream);
   count_nonfinite(dev, y, s.counter(kNfY), stream);
   s.debug.topk_idx = ro.topk_idx;
@@ -874,6 +874,8 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   plan.src_slot = S.view(s.src_slot, DType::I32, 1, M);
   plan.invalid = S.view(s.invalid, DType::I32, 1, 1);
   const TensorView prob = S.view(s.prob, DType::F32, 1, M);
+  // FC1 output h as saved: BF16 (Bf16, Fp8Blockwise); the FP8-flow recipes read its E4M3 copy.
+  const TensorView h = is_flow(r) ? TensorView{} : S.view(s.h, DType::BF16, M, 2 * F);
   const TensorView da = P.view(m.da, DType::BF16, M, F);
   const TensorView dxp = P.view(m.dxp, DType::BF16, M, H);
   const TensorView dprob = P.view(m.dprob, DType::F32, 1, M);
@@ -894,7 +896,6 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const TensorView dh = P.view(m.dh_bf16, DType::BF16, M, 2 * F);
       const TensorView xp = S.view(s.xp_bf16, DType::BF16, M, H);
       const TensorView a = S.view(s.a_bf16, DType::BF16, M, F);
-      const TensorView h = S.view(s.h, DType::BF16, M, 2 * F);
       permute(dy, dyp, plan, {}, stream);
       grouped_gemm_dgrad_bf16(dyp, m.w2_e, da, splits, ws, go, stream);
       grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, ws, go, stream);
@@ -914,7 +915,6 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const ScaledTensor dht = P.colwise(m.dh_t, 2 * F, M, splits);
       const ScaledTensor xpt = S.colwise(s.xp_t, H, M, splits);
       const ScaledTensor at = S.colwise(s.a_t, F, M, splits);
-      const TensorView h = S.view(s.h, DType::BF16, M, 2 * F);
       cast_q(nc, dy, dyq, stream);    // cast 7: before combine-grad dispatch
       cast_dq(nc, dyq, dyd, stream);  // cast 8: after it
       permute(dyd, dyp, plan, {}, stream);
