@@ -282,7 +282,7 @@ TEST(SwigluSavedRef, EmptyRows) {
 
 using test::expect_error;
 
-struct SavedBadArgs : testing::Test {
+struct SwigluSavedBadArgs : testing::Test {
   static constexpr int64_t M = 4, F = 256;
   SwigluCase c = test::make_case(M, F, Fill::Normal, 71);
   SwigluHostScaled out{DType::E4M3, M, F}, in_q{DType::E4M3, M, 2 * F}, din{DType::E4M3, M, 2 * F};
@@ -291,7 +291,7 @@ struct SavedBadArgs : testing::Test {
   void bwd(const ScaledTensor& in) { swiglu_backward(c.dy.v, in, c.prob.v, din.view(), dprob.v); }
 };
 
-TEST_F(SavedBadArgs, ForwardInQ) {
+TEST_F(SwigluSavedBadArgs, ForwardInQ) {
   const std::string op = "swiglu";
   ScaledTensor q = in_q.view();
   q.data.dtype = DType::E5M2;
@@ -328,11 +328,12 @@ TEST_F(SavedBadArgs, ForwardInQ) {
   expect_error([&] { swiglu(in, c.prob.v, out.view(), in_q.view()); }, op, "in", "dtype BF16");
   ScaledTensor o = out.view();
   o.data.cols = 2 * F;
-  expect_error([&] { swiglu(c.in.v, c.prob.v, o, in_q.view()); }, op, "out.data", "shape");
+  o.scale.rows = 2 * F / 128;
+  expect_error([&] { swiglu(c.in.v, c.prob.v, o, in_q.view()); }, op, "out.data", "shape [4, 256]");
   expect_error([&] { swiglu(c.in.v, {}, out.view(), in_q.view()); }, op, "prob", "shape");
 }
 
-TEST_F(SavedBadArgs, BackwardIn) {
+TEST_F(SwigluSavedBadArgs, BackwardIn) {
   const std::string op = "swiglu_backward";
   swiglu(c.in.v, c.prob.v, out.view(), in_q.view());
   ScaledTensor q = in_q.view();
