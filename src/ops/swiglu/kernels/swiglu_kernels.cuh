@@ -60,6 +60,11 @@ constexpr int kThreads = 256;
 constexpr int kFwdItems = 2;  // (row, tile) items per half-warp (loads in flight: 2 per item)
 constexpr int kBwdSteps = 2;  // 256-column steps per warp iteration (loads in flight: 3 per step)
 constexpr int kHalf = 16;     // threads per 1x128 tile (16 x 8 columns)
+// NOTES: the forward that also writes the saved input needs 54 registers unbounded (4 blocks of
+// 256 per SM); capped at 5 blocks per SM it fits 48 with no spills, the occupancy of the plain
+// FP8 forward (43 -> 48 allocated). 0: no cap. Untimed choice: A/B it with `fp8flow-bench ops
+// --only "swiglu fwd"`.
+constexpr int kFwdSaveMinBlocks = 5;
 static_assert(kHalf * sd::kChunk == sd::kTile, "a half-warp covers one 1x128 tile");
 static_assert(2 * kHalf == sd::kLanes, "a warp's lanes are the dprob partial sums");
 
@@ -220,7 +225,7 @@ struct InChunk<true> {
 // ------------------------------------------------------------------------------------------------
 // Forward: grid ceil(items / (16 * kFwdItems)), block kThreads. kSaveIn: also the E4M3 copy of in.
 template <OutKind K, bool kSaveIn>
-__global__ void __launch_bounds__(kThreads)
+__global__ void __launch_bounds__(kThreads, kSaveIn ? kFwdSaveMinBlocks : 0)
     sm90_swiglu_fwd_bf16_1x128(const __grid_constant__ FwdParams p) {
   const uint32_t half = threadIdx.x / kHalf;
   const uint32_t lane = threadIdx.x % kHalf;
