@@ -620,6 +620,17 @@ TEST(MoELayer, SavedActivationBytes) {
   EXPECT_GE(saved[1], saved[2]);  // column-wise copies carry per-expert partial tiles
 }
 
+// The DeepSeek-V3 shard shape: E 32 local experts, T 4096 tokens, top-8, H 7168, F 2048.
+MoEConfig dsv3_shard_config() {
+  MoEConfig c;
+  c.hidden = 7168;
+  c.ffn = 2048;
+  c.experts = 32;
+  c.router = RouterConfig::deepseek_v3();
+  c.max_tokens = 4096;
+  return c;
+}
+
 // memory_plan equals what the layer and its context allocate; and the plan at the DeepSeek-V3
 // shard shape (E 32, T 4096, k 8, H 7168, F 2048, on Cuda), printed for the memory account.
 TEST(MoELayer, MemoryPlan) {
@@ -633,12 +644,7 @@ TEST(MoELayer, MemoryPlan) {
     EXPECT_EQ(plan.context_pool_bytes, ctx.pool_bytes()) << to_string(r);
     EXPECT_LE(plan.saved_activation_bytes_max, ctx.pool_bytes()) << to_string(r);
   }
-  MoEConfig c;
-  c.hidden = 7168;
-  c.ffn = 2048;
-  c.experts = 32;
-  c.router = RouterConfig::deepseek_v3();
-  c.max_tokens = 4096;
+  MoEConfig c = dsv3_shard_config();
   const double GiB = 1024.0 * 1024.0 * 1024.0;
   size_t saved[4];
   for (int i = 0; i < 4; ++i) {
@@ -669,12 +675,7 @@ TEST(MoELayer, MemoryPlan) {
 // bf16 2H + 4F + 2F = 26624 B; fp8-flow (H + H/32) + (2F + 2F/32) + (F + F/32) = 13728 B (0.516x);
 // fp8-flow-mxfp4 (H/2 + H/32) + (2F + 2F/32) + (F/2 + F/32) = 9120 B (0.343x).
 TEST(MoELayer, DeepSeekV3ShardSavedActivationRatios) {
-  MoEConfig c;
-  c.hidden = 7168;
-  c.ffn = 2048;
-  c.experts = 32;
-  c.router = RouterConfig::deepseek_v3();
-  c.max_tokens = 4096;
+  MoEConfig c = dsv3_shard_config();
   MoEMemoryPlan plan[4];
   for (int i = 0; i < 4; ++i) {
     c.recipe = kRecipes[i];
