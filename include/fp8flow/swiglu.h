@@ -38,7 +38,7 @@
 // ScaledTensor `in` uses that copy instead of the BF16 input: a = code * scale and b likewise,
 // decoded exactly as dequantize() decodes them (one FP32 multiply), then the same math as above.
 // So the forward sees the exact BF16 h and the backward its E4M3 rounding (relative error up to
-// 2^-4 per element, plus the subnormal range at 2^-9 * scale).
+// 2^-4 per element in E4M3's normal range, absolute error up to 2^-10 * scale below it).
 //
 // Tensors must be contiguous, must not overlap each other, and (Cuda) be 16-byte aligned.
 // Devices: all Cpu (reference backend) or all Cuda (sm_90a backend, asynchronous on `stream`).
