@@ -8,7 +8,11 @@
 //   Fp8Flow       FP8-Flow: 2 explicit casts (x before dispatch, dy before combine-grad); FP8 data
 //                 and scales travel through permute, SwiGLU(+bwd) fused with quantization, every
 //                 wgrad operand made by the scaling-aware transpose from the row-wise FP8 tensor
-//                 that fprop/dgrad consumed, BF16 only at GEMM outputs.
+//                 that fprop/dgrad consumed, BF16 only at GEMM outputs. The SwiGLU input (FC1
+//                 output h) is saved for backward as E4M3 with 1x128 scales, written by the
+//                 forward SwiGLU kernel from the same read (DeepSeek-V3 report sec. 3.3, "Low-
+//                 Precision Storage"): the forward uses the exact BF16 h, the backward SwiGLU its
+//                 E4M3 rounding; the BF16 h is scratch.
 //   Fp8FlowMxfp4  as Fp8Flow, but the activations saved for backward (FC1 input, FC2 input) are
 //                 stored as MXFP4 and expanded directly (mxfp4_to_fp8_transposed) to the
 //                 column-wise FP8 copies the wgrads need.
@@ -33,11 +37,11 @@
 //            bwd: Q*(dy) -> DQ*(dy) -> permute(bf16) -> Q*(dyp) -> QT*(dyp) -> GG dgrad + wgrad
 //                 (FC2) -> swiglu_backward(bf16 out) -> Q*(dh) -> QT*(dh) -> GG dgrad + wgrad (FC1)
 //                 -> unpermute(F32) -> router/gate backward as above.          6 + 6 = 12 casts
-//  Fp8Flow   fwd: Q*(x) -> permute(FP8 + scales + probs) -> GG fprop -> swiglu(FP8 out) ->
-//                 GG fprop -> unpermute
+//  Fp8Flow   fwd: Q*(x) -> permute(FP8 + scales + probs) -> GG fprop -> swiglu(FP8 out, + FP8
+//                 copy of h saved) -> GG fprop -> unpermute
 //            bwd: Q*(dy) -> permute(FP8) -> GG dgrad (FC2) -> TS(dyp), TS(a) -> GG wgrad (FC2) ->
-//                 swiglu_backward(FP8 out) -> GG dgrad (FC1) -> TS(dh), TS(xp) -> GG wgrad (FC1)
-//                 -> unpermute(F32) -> router/gate backward.                   1 + 1 = 2 casts
+//                 swiglu_backward(FP8 h in, FP8 out) -> GG dgrad (FC1) -> TS(dh), TS(xp) ->
+//                 GG wgrad (FC1) -> unpermute(F32) -> router/gate backward.    1 + 1 = 2 casts
 //  Fp8FlowMxfp4 as Fp8Flow, plus fwd: fp8_to_mxfp4(xp), fp8_to_mxfp4(a) (saved forms);
 //            bwd: mxfp4_to_fp8_transposed(xp4), mxfp4_to_fp8_transposed(a4) replace TS(xp), TS(a).
 //                                                                              1 + 1 = 2 casts
@@ -49,7 +53,8 @@
 // mxfp4_to_fp8*) in MoECastCount::conversions, and the weight casts in MoELayer::weight_casts()
 // (per refresh_weights: FP8 recipes 2 quantize launches, W1 and W2 as whole tensors; the Bf16
 // recipe with F32 masters 2 F32 -> BF16 conversions; else none). Quantization fused
-// into another op (swiglu / swiglu_backward FP8 outputs) is not an explicit cast.
+// into another op (swiglu / swiglu_backward FP8 outputs, the FP8 copy of h written by the forward
+// swiglu) is not an explicit cast.
 //
 // Weights (MoEWeights, non-owning views, same device): W_g F32 [E][H] (router gate), optional
 // selection bias F32 [1][E]; master weights W1 [E * 2F][H] and W2 [E * H][F], both BF16 or both F32
@@ -174,6 +179,10 @@ struct MoEDebugViews {
   ScaledTensor fc1_wgrad_dy;  // its column-wise copy [2F][M_pad] the FC1 wgrad consumed
   TensorView topk_idx;        // I32 [T][k]
   TensorView topk_weight;     // F32 [T][k]
+  // FC1 output h BF16 [M_pad][2F] of the last forward (all recipes; Fp8Flow/Mxfp4: in scratch),
+  // and its E4M3 1x128 copy saved for the backward SwiGLU (Fp8Flow/Mxfp4; a context tensor).
+  TensorView fc1_out;
+  ScaledTensor swiglu_saved_in;
 };
 
 class MoELayer;
@@ -190,7 +199,9 @@ class MoEContext {
   int64_t padded_rows() const;                   // M_pad of the last forward
   const std::vector<int64_t>& m_splits() const;  // padded rows per expert (host)
   // Bytes of the activations saved for backward by the last forward (recipe-dependent tensors:
-  // the FC1 input, FC1 output and FC2 input in their saved formats, with scales), and of the
+  // the FC1 input, FC1 output and FC2 input in their saved formats, with scales: Bf16 all BF16;
+  // Fp8Blockwise column-wise E4M3 copies of the FC1/FC2 inputs + BF16 FC1 output; Fp8Flow
+  // row-wise E4M3 for all three; Fp8FlowMxfp4 MXFP4 FC1/FC2 inputs + E4M3 FC1 output), and of the
   // routing state (logits, top-k, plan, probabilities), which every recipe keeps.
   size_t saved_activation_bytes() const;
   size_t saved_routing_bytes() const;

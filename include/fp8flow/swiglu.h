@@ -29,6 +29,17 @@
 // Unweighted SwiGLU (y = silu(a) * b): set SwigluOptions::weighted = false and pass empty views
 // ({}) for prob and dprob. Its results are those of the weighted op with p = 1 (bit for bit).
 //
+// Saved FP8 input (the fp8-flow recipes' SwiGLU input cached for backward, as DeepSeek-V3 caches
+// it, report sec. 3.3): the forward overload with `in_q` also writes the FP8 copy of its BF16
+// input, in_q.data E4M3 [M][2F], in_q.layout Rowwise1x128, in_q.scale F32 [2F/128][M] (M
+// contiguous), in_q.col_groups empty, bit for bit what quantize(in, in_q) writes (same scale rule;
+// NaN/Inf inputs encode as sign | 0x7F, as quantize encodes them), from the same read of `in`. Its
+// 1x128 tiles are the gate tiles [0, F) and the up tiles [F, 2F). The backward overload taking a
+// ScaledTensor `in` uses that copy instead of the BF16 input: a = code * scale and b likewise,
+// decoded exactly as dequantize() decodes them (one FP32 multiply), then the same math as above.
+// So the forward sees the exact BF16 h and the backward its E4M3 rounding (relative error up to
+// 2^-4 per element in E4M3's normal range, absolute error up to 2^-10 * scale below it).
+//
 // Tensors must be contiguous, must not overlap each other, and (Cuda) be 16-byte aligned.
 // Devices: all Cpu (reference backend) or all Cuda (sm_90a backend, asynchronous on `stream`).
 #pragma once
@@ -52,6 +63,11 @@ void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& ou
 void swiglu(const TensorView& in, const TensorView& prob, const TensorView& out,
             const SwigluOptions& = {}, Stream stream = nullptr);
 
+// Forward, FP8 out, also writing in_q, the E4M3 1x128 copy of `in` (see above; E4M3 only).
+// out as in the overload above. One kernel, one read of `in`.
+void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
+            const ScaledTensor& in_q, const SwigluOptions& = {}, Stream stream = nullptr);
+
 // Backward, FP8 out: din.data E4M3 or E5M2 [M][2F] holding da in columns [0, F) and db in
 // [F, 2F), din.layout Rowwise1x128, din.scale F32 [2F/128][M]; dprob F32 [M] ([M][1] or [1][M]).
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
@@ -61,6 +77,12 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
 // Backward, BF16 out: din BF16 [M][2F] (da | db, each rounded to nearest even); dprob as above.
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const TensorView& din, const TensorView& dprob, const SwigluOptions& = {},
+                     Stream stream = nullptr);
+
+// Backward from the saved FP8 input: in E4M3 [M][2F] Rowwise1x128 as written by the forward's
+// in_q (scale F32 [2F/128][M], col_groups empty); dy, prob, din, dprob as in the FP8-out overload.
+void swiglu_backward(const TensorView& dy, const ScaledTensor& in, const TensorView& prob,
+                     const ScaledTensor& din, const TensorView& dprob, const SwigluOptions& = {},
                      Stream stream = nullptr);
 
 }  // namespace fp8flow

@@ -172,7 +172,8 @@ struct MoEContext::State {
   QSlot xp_t, a_t;       // Fp8Blockwise (column-wise FP8 copies)
   QSlot xp_q, a_q;       // Fp8Flow (row-wise FP8)
   QSlot xp_mx, a_mx;     // Fp8FlowMxfp4
-  Slot h;                // BF16 [M][2F], all recipes
+  Slot h;                // FC1 output (SwiGLU input) BF16 [M][2F]: Bf16, Fp8Blockwise
+  QSlot h_q;             // ... as E4M3 1x128 (written by the fused SwiGLU): Fp8Flow, Fp8FlowMxfp4
 
   int64_t T = 0, Mp = 0, E = 0, H = 0, F = 0, k = 0;
   int64_t seq_len = 0;      // aux loss on: the router's seq_len, else 0
@@ -213,17 +214,22 @@ MoEDebugViews MoEContext::debug_views() const {
   return s_->debug;
 }
 
-size_t MoEContext::saved_activation_bytes() const {
-  const State& s = *s_;
-  const int64_t M = s.Mp, H = s.H, F = s.F;
-  size_t b = nbytes(DType::BF16, M, 2 * F);  // FC1 output (SwiGLU input), every recipe
-  switch (s.recipe) {
+namespace {
+
+// Bytes of the activations recipe r saves for backward at M padded rows: the FC1 input, the FC1
+// output h (the SwiGLU input) and the FC2 input, in the recipe's saved formats, with scales.
+// `colwise_tiles`: scale tiles per row of Fp8Blockwise's column-wise copies [K][M].
+size_t saved_bytes(Recipe r, int64_t M, int64_t H, int64_t F, int64_t colwise_tiles) {
+  // h: BF16, or in the FP8-flow recipes E4M3 with 1x128 scales (DeepSeek-V3's practice).
+  size_t b = is_flow(r) ? nbytes(DType::E4M3, M, 2 * F) + nbytes(DType::F32, 2 * F / 128, M)
+                        : nbytes(DType::BF16, M, 2 * F);
+  switch (r) {
     case Recipe::Bf16:
       b += nbytes(DType::BF16, M, H) + nbytes(DType::BF16, M, F);
       break;
     case Recipe::Fp8Blockwise:
-      b += nbytes(DType::E4M3, H, M) + nbytes(DType::F32, rowwise_tiles(M, s.m_splits), H);
-      b += nbytes(DType::E4M3, F, M) + nbytes(DType::F32, rowwise_tiles(M, s.m_splits), F);
+      b += nbytes(DType::E4M3, H, M) + nbytes(DType::F32, colwise_tiles, H);
+      b += nbytes(DType::E4M3, F, M) + nbytes(DType::F32, colwise_tiles, F);
       break;
     case Recipe::Fp8Flow:
       b += nbytes(DType::E4M3, M, H) + nbytes(DType::F32, H / 128, M);
@@ -235,6 +241,13 @@ size_t MoEContext::saved_activation_bytes() const {
       break;
   }
   return b;
+}
+
+}  // namespace
+
+size_t MoEContext::saved_activation_bytes() const {
+  const State& s = *s_;
+  return saved_bytes(s.recipe, s.Mp, s.H, s.F, rowwise_tiles(s.Mp, s.m_splits));
 }
 
 size_t MoEContext::saved_routing_bytes() const {
@@ -295,6 +308,7 @@ struct MoELayer::Impl {
   Slot x_deq;          // dequantized x BF16 [T][H] (blockwise)
   Slot xp_bf16;        // permuted x BF16 [M][H] (blockwise; bf16 saves it in the context)
   QSlot xp_q;          // row-wise FC1 input [M][H] (blockwise, mxfp4; flow saves it)
+  Slot h_bf16;         // FC1 out BF16 [M][2F] (flow, mxfp4: scratch, saved as FP8 in the context)
   Slot a_bf16;         // SwiGLU out BF16 (blockwise)
   QSlot a_q;           // row-wise FC2 input (blockwise, mxfp4)
   Slot yp;             // FC2 out BF16 [M][H]
@@ -469,6 +483,7 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.x_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
   m.xp_bf16 = add_if(l, blk, nbytes(DType::BF16, M, H));
   m.xp_q = add_rowwise(l, M, H, blk || mx);
+  m.h_bf16 = add_if(l, flow, nbytes(DType::BF16, M, 2 * F));
   m.a_bf16 = add_if(l, blk, nbytes(DType::BF16, M, F));
   m.a_q = add_rowwise(l, M, F, blk || mx);
   m.yp = l.add(nbytes(DType::BF16, M, H));
@@ -643,7 +658,8 @@ size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
     s->seq_counts = l.add(nbytes(DType::I32, T / m.cfg.router.seq_len, E));
     s->aux_loss = l.add(nbytes(DType::F32, 1, 1));
   }
-  s->h = l.add(nbytes(DType::BF16, M, 2 * F));
+  s->h = add_if(l, !is_flow(r), nbytes(DType::BF16, M, 2 * F));
+  s->h_q = add_rowwise(l, M, 2 * F, is_flow(r));
   if (r == Recipe::Bf16) {
     s->xp_bf16 = l.add(nbytes(DType::BF16, M, H));
     s->a_bf16 = l.add(nbytes(DType::BF16, M, F));
@@ -680,27 +696,8 @@ MoEMemoryPlan MoELayer::memory_plan(const MoEConfig& cfg, DType master, Device d
   plan.context_pool_bytes = layout_context(&s, m);
   plan.weight_copy_bytes = m.weight_copy_bytes;
   plan.max_padded_rows = m.Mmax;
-  const int64_t M = m.Mmax, H = m.H, F = m.F;
-  const int64_t tiles = M / 128 + m.E;  // column-wise tiles bound (per-expert partial tiles)
-  size_t b = nbytes(DType::BF16, M, 2 * F);
-  switch (cfg.recipe) {
-    case Recipe::Bf16:
-      b += nbytes(DType::BF16, M, H) + nbytes(DType::BF16, M, F);
-      break;
-    case Recipe::Fp8Blockwise:
-      b += nbytes(DType::E4M3, H, M) + nbytes(DType::F32, tiles, H) + nbytes(DType::E4M3, F, M) +
-           nbytes(DType::F32, tiles, F);
-      break;
-    case Recipe::Fp8Flow:
-      b += nbytes(DType::E4M3, M, H) + nbytes(DType::F32, H / 128, M) + nbytes(DType::E4M3, M, F) +
-           nbytes(DType::F32, F / 128, M);
-      break;
-    case Recipe::Fp8FlowMxfp4:
-      b += nbytes(DType::E2M1x2, M, H) + nbytes(DType::E8M0, M, H / 32) +
-           nbytes(DType::E2M1x2, M, F) + nbytes(DType::E8M0, M, F / 32);
-      break;
-  }
-  plan.saved_activation_bytes_max = b;
+  // Column-wise tiles bound: M / 128 full tiles plus one partial tile per expert.
+  plan.saved_activation_bytes_max = saved_bytes(cfg.recipe, m.Mmax, m.H, m.F, m.Mmax / 128 + m.E);
   return plan;
 }
 
@@ -785,7 +782,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   const std::span<const int64_t> splits(s.m_splits);
 
   PermuteProbs probs{ro.topk_weight, S.view(s.prob, DType::F32, 1, M)};
-  const TensorView h = S.view(s.h, DType::BF16, M, 2 * F);
+  // FC1 output h: saved as is (Bf16, Fp8Blockwise), or scratch whose FP8 copy is saved (flow).
+  const TensorView h =
+      is_flow(r) ? P.view(m.h_bf16, DType::BF16, M, 2 * F) : S.view(s.h, DType::BF16, M, 2 * F);
+  s.debug.fc1_out = h;
   const TensorView yp = P.view(m.yp, DType::BF16, M, H);
   const Workspace ws = m.ws_gemm();
   const GroupedGemmOptions go = m.gemm_opt();
@@ -829,10 +829,11 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       const ScaledTensor xq = P.rowwise(m.xq, T, H);
       const ScaledTensor xpq = mx ? P.rowwise(m.xp_q, M, H) : S.rowwise(s.xp_q, M, H);
       const ScaledTensor aq = mx ? P.rowwise(m.a_q, M, F) : S.rowwise(s.a_q, M, F);
+      const ScaledTensor hq = S.rowwise(s.h_q, M, 2 * F);
       cast_q(nc, x, xq, stream);  // cast 1: the only forward cast
       permute(xq, xpq, plan, probs, stream);
       grouped_gemm_fprop(xpq, m.w1q_e, h, splits, ws, go, stream);
-      swiglu(h, probs.prob, aq, {}, stream);  // fused SwiGLU + quantize
+      swiglu(h, probs.prob, aq, hq, {}, stream);  // fused SwiGLU + quantize of a, and of h (saved)
       grouped_gemm_fprop(aq, m.w2q_e, yp, splits, ws, go, stream);
       if (mx) {
         fp8_to_mxfp4(xpq, S.mx(s.xp_mx, M, H), stream);
@@ -841,6 +842,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       }
       s.debug.fc1_fprop_x = xpq;
       s.debug.fc2_fprop_x = aq;
+      s.debug.swiglu_saved_in = hq;
       break;
     }
   }
@@ -889,7 +891,8 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   plan.src_slot = S.view(s.src_slot, DType::I32, 1, M);
   plan.invalid = S.view(s.invalid, DType::I32, 1, 1);
   const TensorView prob = S.view(s.prob, DType::F32, 1, M);
-  const TensorView h = S.view(s.h, DType::BF16, M, 2 * F);
+  // FC1 output h as saved: BF16 (Bf16, Fp8Blockwise); the FP8-flow recipes read its E4M3 copy.
+  const TensorView h = is_flow(r) ? TensorView{} : S.view(s.h, DType::BF16, M, 2 * F);
   const TensorView da = P.view(m.da, DType::BF16, M, F);
   const TensorView dxp = P.view(m.dxp, DType::BF16, M, H);
   const TensorView dprob = P.view(m.dprob, DType::F32, 1, M);
@@ -982,7 +985,8 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       ts(dypq, dypt, 0);
       saved_to_colwise(s.a_mx, s.a_q, F, at, 1);
       grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
-      swiglu_backward(da, h, prob, dhq, dprob, {}, stream);  // fused SwiGLU-bwd + quantize
+      // Fused SwiGLU-bwd + quantize, on h as saved in E4M3 (the forward used the exact BF16 h).
+      swiglu_backward(da, S.rowwise(s.h_q, M, 2 * F), prob, dhq, dprob, {}, stream);
       grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
       ts(dhq, dht, 2);
       saved_to_colwise(s.xp_mx, s.xp_q, H, xpt, 3);

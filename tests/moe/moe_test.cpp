@@ -331,6 +331,10 @@ constexpr Recipe kRecipes[] = {Recipe::Bf16, Recipe::Fp8Blockwise, Recipe::Fp8Fl
 // fp8-flow 6.2-7.0e-2 (E4M3 has 3 mantissa bits: ~2.4% RMS per quantized operand, compounded over
 // two GEMM layers), fp8-flow-mxfp4 the same on y/dx/dgate and 1.4-1.6e-1 on dW1/dW2 (their
 // activation operand passes through E2M1). Order: y, dx, dW1, dW2, dgate.
+// The FP8-flow recipes save the SwiGLU input h as E4M3 (1x128) and the backward SwiGLU reads it
+// back: one more E4M3 rounding of both SwiGLU inputs on the path to dh, so dx, dW1 and dgate (all
+// downstream of dh) move from 5.2-7.0e-2 to 5.9-8.4e-2 (fp8-flow and fp8-flow-mxfp4 alike; y and
+// dW2 unchanged): their bound is 1.2e-1 there (was 1e-1), keeping a 1.4x margin.
 struct Bounds {
   double y, dx, dw1, dw2, dgate;
 };
@@ -341,9 +345,9 @@ Bounds bounds_for(Recipe r) {
     case Recipe::Fp8Blockwise:
       return {1e-1, 1e-1, 1e-1, 1e-1, 1e-1};
     case Recipe::Fp8Flow:
-      return {1e-1, 1e-1, 1e-1, 1e-1, 1e-1};
+      return {1e-1, 1.2e-1, 1.2e-1, 1e-1, 1.2e-1};
     case Recipe::Fp8FlowMxfp4:
-      return {1e-1, 1e-1, 2.5e-1, 2.5e-1, 1e-1};
+      return {1e-1, 1.2e-1, 2.5e-1, 2.5e-1, 1.2e-1};
   }
   return {};
 }
@@ -601,11 +605,12 @@ TEST(MoELayer, SavedActivationBytes) {
         "pools: layer %zu B, context %zu B\n",
         to_string(kRecipes[i]), static_cast<long long>(M), run.saved_bytes,
         double(run.saved_bytes) / double(M), run.routing_bytes, run.layer_pool, run.ctx_pool);
-    // Exact per-row formulas (H = F = 256): FC1 output BF16 2F*2 = 1024 B per row, plus
-    const double per_row[] = {1024 + 2.0 * 256 + 2.0 * 256,       // bf16: xp, a BF16
-                              1024 + 256 + 256,                   // fp8: codes (+ scales below)
-                              1024 + 256 + 256 + (2 + 2) * 4.0,   // flow: + 1x128 scales
-                              1024 + 128 + 128 + (8 + 8) * 1.0};  // mxfp4: E2M1 + E8M0
+    // Exact per-row formulas (H = F = 256): FC1 output h BF16 2F*2 = 1024 B per row (bf16,
+    // fp8-blockwise) or E4M3 2F + 4 scales of 4 B = 528 B (fp8-flow, fp8-flow-mxfp4), plus
+    const double per_row[] = {1024 + 2.0 * 256 + 2.0 * 256,      // bf16: xp, a BF16
+                              1024 + 256 + 256,                  // fp8: codes (+ scales below)
+                              528 + 256 + 256 + (2 + 2) * 4.0,   // flow: + 1x128 scales
+                              528 + 128 + 128 + (8 + 8) * 1.0};  // mxfp4: E2M1 + E8M0
     if (i != 1)
       EXPECT_EQ(double(run.saved_bytes), per_row[i] * double(M)) << to_string(kRecipes[i]);
     EXPECT_LE(run.saved_bytes, run.ctx_pool);
@@ -613,6 +618,17 @@ TEST(MoELayer, SavedActivationBytes) {
   EXPECT_GT(saved[0], saved[2]);
   EXPECT_GT(saved[2], saved[3]);
   EXPECT_GE(saved[1], saved[2]);  // column-wise copies carry per-expert partial tiles
+}
+
+// The DeepSeek-V3 shard shape: E 32 local experts, T 4096 tokens, top-8, H 7168, F 2048.
+MoEConfig dsv3_shard_config() {
+  MoEConfig c;
+  c.hidden = 7168;
+  c.ffn = 2048;
+  c.experts = 32;
+  c.router = RouterConfig::deepseek_v3();
+  c.max_tokens = 4096;
+  return c;
 }
 
 // memory_plan equals what the layer and its context allocate; and the plan at the DeepSeek-V3
@@ -628,12 +644,7 @@ TEST(MoELayer, MemoryPlan) {
     EXPECT_EQ(plan.context_pool_bytes, ctx.pool_bytes()) << to_string(r);
     EXPECT_LE(plan.saved_activation_bytes_max, ctx.pool_bytes()) << to_string(r);
   }
-  MoEConfig c;
-  c.hidden = 7168;
-  c.ffn = 2048;
-  c.experts = 32;
-  c.router = RouterConfig::deepseek_v3();
-  c.max_tokens = 4096;
+  MoEConfig c = dsv3_shard_config();
   const double GiB = 1024.0 * 1024.0 * 1024.0;
   size_t saved[4];
   for (int i = 0; i < 4; ++i) {
@@ -656,6 +667,69 @@ TEST(MoELayer, MemoryPlan) {
   bad.ffn = 100;
   expect_error([&] { MoELayer::memory_plan(bad, DType::BF16, Device::Cuda); },
                "fp8flow::MoELayer::memory_plan: cfg.ffn");
+}
+
+// Issue 4's memory targets at the DeepSeek-V3 shard (E 32, T 4096, k 8, H 7168, F 2048;
+// memory_plan, host only): saved activations of fp8-flow <= 0.55x bf16's, fp8-flow-mxfp4 <= 0.35x,
+// and the context pools (what is allocated per micro-batch in flight) shrink with them. Per row:
+// bf16 2H + 4F + 2F = 26624 B; fp8-flow (H + H/32) + (2F + 2F/32) + (F + F/32) = 13728 B (0.516x);
+// fp8-flow-mxfp4 (H/2 + H/32) + (2F + 2F/32) + (F/2 + F/32) = 9120 B (0.343x).
+TEST(MoELayer, DeepSeekV3ShardSavedActivationRatios) {
+  MoEConfig c = dsv3_shard_config();
+  MoEMemoryPlan plan[4];
+  for (int i = 0; i < 4; ++i) {
+    c.recipe = kRecipes[i];
+    plan[i] = MoELayer::memory_plan(c, DType::BF16, Device::Cuda);
+  }
+  const double M = double(plan[0].max_padded_rows);
+  const double per_row[] = {26624, 0, 13728, 9120};
+  for (int i = 0; i < 4; ++i) {
+    const double saved = double(plan[i].saved_activation_bytes_max);
+    std::printf(
+        "[ moe ] DeepSeek-V3 shard %-15s saved activations %.1f B/row, %.3fx bf16; context pool "
+        "%.3fx bf16's\n",
+        to_string(kRecipes[i]), saved / M, saved / double(plan[0].saved_activation_bytes_max),
+        double(plan[i].context_pool_bytes) / double(plan[0].context_pool_bytes));
+    if (per_row[i] > 0) EXPECT_EQ(saved, per_row[i] * M) << to_string(kRecipes[i]);
+  }
+  auto ratio = [&](int i, bool pool) {
+    return pool ? double(plan[i].context_pool_bytes) / double(plan[0].context_pool_bytes)
+                : double(plan[i].saved_activation_bytes_max) /
+                      double(plan[0].saved_activation_bytes_max);
+  };
+  EXPECT_LE(ratio(2, false), 0.55);
+  EXPECT_LE(ratio(3, false), 0.35);
+  EXPECT_LE(ratio(2, true), 0.55);
+  EXPECT_LE(ratio(3, true), 0.35);
+}
+
+// The FP8-flow recipes keep the SwiGLU input only as its E4M3 copy: the saved copy is quantize() of
+// the BF16 h the FC1 GEMM wrote (bit for bit), and the context holds no BF16 h (its pool is the
+// saved activations plus the routing state, as memory_plan says).
+TEST(MoELayer, Fp8FlowSavesSwigluInputAsFp8) {
+  Problem p;
+  const Data d = make_data(p);
+  for (Recipe r : {Recipe::Fp8Flow, Recipe::Fp8FlowMxfp4}) {
+    SCOPED_TRACE(to_string(r));
+    MoELayer layer(make_config(p, r), MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+    MoEContext ctx = layer.make_context();
+    HostTensor y(DType::BF16, p.T, p.H);
+    layer.forward(d.x.v, y.v, ctx);
+    const MoEDebugViews v = ctx.debug_views();
+    const int64_t M = ctx.padded_rows();
+    ASSERT_EQ(v.fc1_out.rows, M);
+    ASSERT_EQ(v.fc1_out.cols, 2 * p.F);
+    ASSERT_EQ(v.swiglu_saved_in.data.dtype, DType::E4M3);
+    HostTensor q(DType::E4M3, M, 2 * p.F), qs(DType::F32, 2 * p.F / 128, M);
+    quantize(v.fc1_out, ScaledTensor{q.v, qs.v, ScaleLayout::Rowwise1x128, {}});
+    const auto* saved = static_cast<const uint8_t*>(v.swiglu_saved_in.data.data);
+    const auto* saved_s = static_cast<const uint8_t*>(v.swiglu_saved_in.scale.data);
+    EXPECT_TRUE(std::equal(q.buf.begin(), q.buf.begin() + q.bytes(), saved));
+    EXPECT_TRUE(std::equal(qs.buf.begin(), qs.buf.begin() + qs.bytes(), saved_s));
+    // A BF16 h [M_pad][2F] would add M_pad * 1 KiB (> 128 KiB here) to the context pool.
+    const MoEMemoryPlan plan = MoELayer::memory_plan(make_config(p, r), DType::BF16, Device::Cpu);
+    EXPECT_LT(ctx.pool_bytes(), plan.saved_activation_bytes_max + 32 * 1024);
+  }
 }
 
 // fp8-flow: the FP8 values FC1/FC2 wgrad consume (scaling-aware transposes of the saved row-wise

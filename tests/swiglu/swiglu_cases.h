@@ -2,7 +2,9 @@
 #pragma once
 
 #include <cstdint>
+#include <functional>
 #include <random>
+#include <string>
 #include <vector>
 
 #include "common/test_util.h"
@@ -53,6 +55,24 @@ inline SwigluCase make_case(int64_t M, int64_t F, Fill fill, uint64_t seed, bool
   return c;
 }
 
+// Raw BF16 specials written into `in` (for the saved-input tests, whose FP8 copy must keep what
+// quantize() keeps): NaNs of both signs and with payloads, +-Inf, the largest finite values, the
+// smallest subnormals, and (when M > 2) row 2 made all-tiny (every |h| < 2^-126: the tile scale
+// clamps at 2^-127). Non-padding rows only.
+inline void add_bf16_specials(SwigluCase& c) {
+  const uint16_t specials[] = {0x7FC0, 0xFFC0, 0x7F81, 0xFF81, 0x7F80, 0xFF80,
+                               0x7F7F, 0xFF7F, 0x0001, 0x8001, 0x0080, 0x8000};
+  auto* h = c.in.ptr<uint16_t>();
+  const int64_t n = 2 * c.F;
+  int k = 0;
+  for (int64_t m = 0; m < c.M; m += 3) {
+    if (is_pad_row(m)) continue;
+    for (int64_t j = (m * 37) % 61; j < n; j += 97) h[m * n + j] = specials[k++ % 12];
+  }
+  if (c.M > 2 && !is_pad_row(2))
+    for (int64_t j = 0; j < n; ++j) h[2 * n + j] = static_cast<uint16_t>((j * 7919) % 0x100);
+}
+
 // Host output buffers (poisoned 0xA5) for a quantized [rows][cols] result.
 struct SwigluHostScaled {
   HostTensor data, scale;
@@ -72,6 +92,20 @@ inline uint8_t u8_at(const HostTensor& t, int64_t r, int64_t c) {
 }
 inline uint16_t u16_at(const HostTensor& t, int64_t r, int64_t c) {
   return reinterpret_cast<const uint16_t*>(t.buf.data())[r * t.v.cols + c];
+}
+
+// Expects f to throw fp8flow::Error whose message starts "fp8flow::<op>: <arg>: " and contains
+// `what` (if given).
+inline void expect_error(const std::function<void()>& f, const std::string& op,
+                         const std::string& arg, const std::string& what = "") {
+  try {
+    f();
+    ADD_FAILURE() << "no error; expected one about " << arg;
+  } catch (const Error& e) {
+    const std::string msg = e.what();
+    EXPECT_EQ(msg.rfind("fp8flow::" + op + ": " + arg + ": ", 0), 0u) << msg;
+    if (!what.empty()) EXPECT_NE(msg.find(what), std::string::npos) << msg;
+  }
 }
 
 }  // namespace fp8flow::test

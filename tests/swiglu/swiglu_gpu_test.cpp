@@ -1,5 +1,6 @@
 // SwiGLU ops, CUDA backend: GPU == CPU reference bit for bit (codes, scales, BF16, dprob) over
-// shapes, fills, output kinds and the unweighted variant; the hardware conversions the kernels use
+// shapes, fills, output kinds, the unweighted variant and the saved-FP8-input variants (whose
+// saved copy must also equal the GPU quantize()'s bytes); the hardware conversions the kernels use
 // against formats.h over all 2^32 inputs; streams, empty inputs, device-side bad arguments.
 // Skips with a printed reason where no GPU is visible.
 #include <gtest/gtest.h>
@@ -30,6 +31,7 @@ struct DeviceScaled {
   DeviceTensor data, scale;
   DeviceScaled(DType d, int64_t rows, int64_t cols)
       : data(d, rows, cols), scale(DType::F32, cols / 128, rows) {}
+  explicit DeviceScaled(const SwigluHostScaled& h) : data(h.data), scale(h.scale) {}
   ScaledTensor view() const { return ScaledTensor{data.v, scale.v, ScaleLayout::Rowwise1x128, {}}; }
 };
 
@@ -37,6 +39,34 @@ struct GpuCase {
   DeviceTensor in, dy, prob;
   explicit GpuCase(const SwigluCase& c) : in(c.in), dy(c.dy), prob(c.prob) {}
 };
+
+// The CPU reference's saved E4M3 copy of c.in (the forward overload with in_q).
+SwigluHostScaled saved_copy(const SwigluCase& c) {
+  SwigluHostScaled out(DType::E4M3, c.M, c.F), in_q(DType::E4M3, c.M, 2 * c.F);
+  swiglu(c.in.v, c.prob.v, out.view(), in_q.view());
+  return in_q;
+}
+
+// The forward overload that also writes the saved copy: out and in_q equal the reference, and
+// in_q equals the GPU quantize() of the same input.
+void expect_forward_saved_equal(const SwigluCase& c, DType kind, bool weighted,
+                                Stream stream = nullptr) {
+  const SwigluOptions opt{weighted};
+  GpuCase g(c);
+  SwigluHostScaled want(kind, c.M, c.F), want_q(DType::E4M3, c.M, 2 * c.F);
+  swiglu(c.in.v, weighted ? c.prob.v : TensorView{}, want.view(), want_q.view(), opt);
+  DeviceScaled got(kind, c.M, c.F), got_q(DType::E4M3, c.M, 2 * c.F),
+      quant(DType::E4M3, c.M, 2 * c.F);
+  swiglu(g.in.v, weighted ? g.prob.v : TensorView{}, got.view(), got_q.view(), opt, stream);
+  quantize(g.in.v, quant.view(), {}, stream);
+  const HostTensor q_data = got_q.data.to_host(), q_scale = got_q.scale.to_host();
+  EXPECT_TRUE(test::bytes_equal(got.data.to_host(), want.data)) << "codes";
+  EXPECT_TRUE(test::bytes_equal(got.scale.to_host(), want.scale)) << "scales";
+  EXPECT_TRUE(test::bytes_equal(q_data, want_q.data)) << "saved codes";
+  EXPECT_TRUE(test::bytes_equal(q_scale, want_q.scale)) << "saved scales";
+  EXPECT_TRUE(test::bytes_equal(q_data, quant.data.to_host())) << "saved codes vs quantize";
+  EXPECT_TRUE(test::bytes_equal(q_scale, quant.scale.to_host())) << "saved scales vs quantize";
+}
 
 // out kind: E4M3, E5M2 (scaled) or BF16.
 void expect_forward_equal(const SwigluCase& c, DType kind, bool weighted, Stream stream = nullptr) {
@@ -60,8 +90,9 @@ void expect_forward_equal(const SwigluCase& c, DType kind, bool weighted, Stream
   EXPECT_TRUE(test::bytes_equal(got.scale.to_host(), want.scale)) << "scales";
 }
 
-void expect_backward_equal(const SwigluCase& c, DType kind, bool weighted,
-                           Stream stream = nullptr) {
+// saved_in: the backward from the saved E4M3 copy of c.in (FP8 kinds only).
+void expect_backward_equal(const SwigluCase& c, DType kind, bool weighted, Stream stream = nullptr,
+                           bool saved_in = false) {
   const SwigluOptions opt{weighted};
   const TensorView prob = weighted ? c.prob.v : TensorView{};
   GpuCase g(c);
@@ -78,9 +109,16 @@ void expect_backward_equal(const SwigluCase& c, DType kind, bool weighted,
     EXPECT_TRUE(test::bytes_equal(got.to_host(), want)) << "BF16 din";
   } else {
     SwigluHostScaled want(kind, c.M, 2 * c.F);
-    swiglu_backward(c.dy.v, c.in.v, prob, want.view(), dpw, opt);
     DeviceScaled got(kind, c.M, 2 * c.F);
-    swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.view(), dpg, opt, stream);
+    if (saved_in) {
+      const SwigluHostScaled q = saved_copy(c);
+      const DeviceScaled gq(q);
+      swiglu_backward(c.dy.v, q.view(), prob, want.view(), dpw, opt);
+      swiglu_backward(g.dy.v, gq.view(), prob_gpu, got.view(), dpg, opt, stream);
+    } else {
+      swiglu_backward(c.dy.v, c.in.v, prob, want.view(), dpw, opt);
+      swiglu_backward(g.dy.v, g.in.v, prob_gpu, got.view(), dpg, opt, stream);
+    }
     EXPECT_TRUE(test::bytes_equal(got.data.to_host(), want.data)) << "din codes";
     EXPECT_TRUE(test::bytes_equal(got.scale.to_host(), want.scale)) << "din scales";
   }
@@ -112,34 +150,48 @@ TEST(SwigluGpu, BranchFreeSiluEqualsHdExhaustive) {
   EXPECT_EQ(sm90::swiglu_silu_mismatches(&example), 0) << "e.g. x = 0x" << std::hex << example;
 }
 
-TEST(SwigluGpu, ForwardMatchesReference) {
-  FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 1000;
+// Runs check(case, out kind, weighted) over kShapes x kFills x `kinds` x {weighted, unweighted},
+// seeds from `seed` on; with `specials`, adversarial cases also get test::add_bf16_specials.
+template <typename Check>
+void for_each_case(uint64_t seed, std::initializer_list<DType> kinds, bool specials, Check check) {
   for (const Shape& s : kShapes)
     for (Fill f : kFills) {
-      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      for (DType k : kKinds)
+      SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
+      if (specials && f == Fill::Adversarial) test::add_bf16_specials(c);
+      for (DType k : kinds)
         for (bool weighted : {true, false}) {
           SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
                                           << " out " << to_string(k) << " weighted " << weighted);
-          expect_forward_equal(c, k, weighted);
+          check(c, k, weighted);
         }
     }
 }
 
+TEST(SwigluGpu, ForwardMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  for_each_case(1000, {DType::E4M3, DType::E5M2, DType::BF16}, false,
+                [](const SwigluCase& c, DType k, bool w) { expect_forward_equal(c, k, w); });
+}
+
 TEST(SwigluGpu, BackwardMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
-  uint64_t seed = 2000;
-  for (const Shape& s : kShapes)
-    for (Fill f : kFills) {
-      const SwigluCase c = test::make_case(s.M, s.F, f, ++seed);
-      for (DType k : kKinds)
-        for (bool weighted : {true, false}) {
-          SCOPED_TRACE(testing::Message() << "M " << s.M << " F " << s.F << " fill " << int(f)
-                                          << " out " << to_string(k) << " weighted " << weighted);
-          expect_backward_equal(c, k, weighted);
-        }
-    }
+  for_each_case(2000, {DType::E4M3, DType::E5M2, DType::BF16}, false,
+                [](const SwigluCase& c, DType k, bool w) { expect_backward_equal(c, k, w); });
+}
+
+// The saved-input variants: adversarial inputs also get BF16 specials (NaNs of both signs, +-Inf,
+// the largest and the subnormal values, an all-tiny row), whose saved codes must keep their signs.
+TEST(SwigluGpu, ForwardSavedInputMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  for_each_case(3000, {DType::E4M3, DType::E5M2}, true,
+                [](const SwigluCase& c, DType k, bool w) { expect_forward_saved_equal(c, k, w); });
+}
+
+TEST(SwigluGpu, BackwardSavedInputMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  for_each_case(4000, {DType::E4M3, DType::E5M2}, true, [](const SwigluCase& c, DType k, bool w) {
+    expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
+  });
 }
 
 // Pad rows whose dy is not zero (signed zeros), and rows without padding at all.
@@ -152,6 +204,11 @@ TEST(SwigluGpu, PaddingVariantsMatchReference) {
     expect_backward_equal(with_dy, k, true);
     expect_forward_equal(no_pad, k, true);
     expect_backward_equal(no_pad, k, true);
+    if (k == DType::BF16) continue;
+    for (const SwigluCase* c : {&with_dy, &no_pad}) {
+      expect_forward_saved_equal(*c, k, true);
+      expect_backward_equal(*c, k, true, nullptr, /*saved_in=*/true);
+    }
   }
 }
 
@@ -163,6 +220,8 @@ TEST(SwigluGpu, LargeOnStream) {
   const SwigluCase c = test::make_case(4096, 2048, Fill::Normal, 9);
   expect_forward_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s));
   expect_backward_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s));
+  expect_forward_saved_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s));
+  expect_backward_equal(c, DType::E4M3, true, reinterpret_cast<Stream>(s), /*saved_in=*/true);
   EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);
   EXPECT_EQ(cudaStreamDestroy(s), cudaSuccess);
 }
@@ -224,6 +283,23 @@ TEST(SwigluGpu, BadDeviceArguments) {
   d.data.data = static_cast<char*>(big.p) + 8;
   expect_error([&] { swiglu_backward(g.dy.v, g.in.v, g.prob.v, d, dprob.v); },
                "fp8flow::swiglu_backward: din.data: ", "aligned");
+  // The saved-input overloads.
+  DeviceScaled in_q(DType::E4M3, 4, 512);
+  ScaledTensor q = in_q.view();
+  q.data.data = static_cast<char*>(big.p) + 8;
+  expect_error([&] { swiglu(g.in.v, g.prob.v, out.view(), q); },
+               "fp8flow::swiglu: in_q.data: ", "aligned");
+  q = in_q.view();
+  HostTensor host_scale(DType::F32, 4, 4);
+  q.scale.data = host_scale.buf.data();  // host memory marked Cuda
+  expect_error([&] { swiglu(g.in.v, g.prob.v, out.view(), q); },
+               "fp8flow::swiglu: in_q.scale: ", "device memory");
+  expect_error([&] { swiglu_backward(g.dy.v, q, g.prob.v, din.view(), dprob.v); },
+               "fp8flow::swiglu_backward: in.scale: ", "device memory");
+  q = in_q.view();
+  q.data.data = static_cast<char*>(big.p) + 8;
+  expect_error([&] { swiglu_backward(g.dy.v, q, g.prob.v, din.view(), dprob.v); },
+               "fp8flow::swiglu_backward: in.data: ", "aligned");
 }
 
 // Not a correctness test: prints achieved bandwidth (bytes read + written per second) of each
@@ -246,8 +322,9 @@ TEST(SwigluGpu, DISABLED_BandwidthReport) {
                          cudaMemcpyHostToDevice),
               cudaSuccess);
   }
-  DeviceScaled out(DType::E4M3, M, F), din(DType::E4M3, M, 2 * F);
+  DeviceScaled out(DType::E4M3, M, F), din(DType::E4M3, M, 2 * F), in_q(DType::E4M3, M, 2 * F);
   DeviceTensor out16(DType::BF16, M, F), din16(DType::BF16, M, 2 * F), dprob(DType::F32, M, 1);
+  swiglu(in.v, prob.v, out.view(), in_q.view());  // a valid saved copy for the backward row
   cudaEvent_t t0, t1;
   ASSERT_EQ(cudaEventCreate(&t0), cudaSuccess);
   ASSERT_EQ(cudaEventCreate(&t1), cudaSuccess);
@@ -283,6 +360,12 @@ TEST(SwigluGpu, DISABLED_BandwidthReport) {
          time_ms([&] { swiglu_backward(dy.v, in.v, prob.v, din16.v, dprob.v); }));
   report("fwd E4M3 unweighted", fwd8 - M * 4,
          time_ms([&] { swiglu(in.v, {}, out.view(), SwigluOptions{false}); }));
+  // The fp8-flow recipes' variants: forward also writing the saved E4M3 h (+ 2 B per output
+  // element and its scales), backward reading it (a, b: 2 B instead of 4 B, + scales).
+  report("fwd E4M3 + saved E4M3 h", fwd8 + mf * 2 + mf / 64 * 4,
+         time_ms([&] { swiglu(in.v, prob.v, out.view(), in_q.view()); }));
+  report("bwd E4M3 from saved h", bwd8 - mf * 2 + mf / 64 * 4,
+         time_ms([&] { swiglu_backward(dy.v, in_q.view(), prob.v, din.view(), dprob.v); }));
   EXPECT_EQ(cudaGetLastError(), cudaSuccess);
   cudaEventDestroy(t0);
   cudaEventDestroy(t1);

@@ -560,17 +560,7 @@ TEST(SwigluRef, FastDivIsExact) {
 // ------------------------------------------------------------------------------------------------
 // Bad arguments: each names the op and the argument.
 
-void expect_error(const std::function<void()>& f, const std::string& op, const std::string& arg,
-                  const std::string& what = "") {
-  try {
-    f();
-    ADD_FAILURE() << "no error; expected one about " << arg;
-  } catch (const Error& e) {
-    const std::string msg = e.what();
-    EXPECT_EQ(msg.rfind("fp8flow::" + op + ": " + arg + ": ", 0), 0u) << msg;
-    if (!what.empty()) EXPECT_NE(msg.find(what), std::string::npos) << msg;
-  }
-}
+using test::expect_error;
 
 struct BadArgs : testing::Test {
   static constexpr int64_t M = 4, F = 256;

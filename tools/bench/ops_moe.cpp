@@ -170,11 +170,14 @@ void add_swiglu(std::vector<MoeCase>& out, Mode mode) {
     const char* name;
     bool bwd, fp8;
     double published;
+    bool saved = false;  // fp8-flow recipes: forward also writes the E4M3 h, backward reads it
   };
   const V vs[] = {{"swiglu fwd e4m3", false, true, 0.118},
                   {"swiglu fwd bf16", false, false, 0},
                   {"swiglu bwd e4m3+dprob", true, true, 0.211},
-                  {"swiglu bwd bf16+dprob", true, false, 0}};
+                  {"swiglu bwd bf16+dprob", true, false, 0},
+                  {"swiglu fwd e4m3+saved e4m3 h", false, true, 0, true},
+                  {"swiglu bwd e4m3+dprob from e4m3 h", true, true, 0, true}};
   for (const V& v : vs) {
     MoeCase c;
     c.name = v.name;
@@ -191,7 +194,16 @@ void add_swiglu(std::vector<MoeCase>& out, Mode mode) {
       if (!v.bwd) {
         // Reads in (4 MF bytes) and prob (4 M); writes y: E4M3 MF + F32 scales [F/128][M], or
         // BF16 2 MF.
-        if (v.fp8) {
+        if (v.saved) {
+          // + the saved copy of in: E4M3 2 MF + F32 scales [2F/128][M].
+          const ScaledTensor y = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, F);
+          const ScaledTensor hq = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, 2 * F);
+          r.call = [in, prob, y, hq](Stream st) { swiglu(in, prob, y, hq, {}, st); };
+          r.outputs = {
+              {"y.data", y.data}, {"y.scale", y.scale}, {"h.data", hq.data}, {"h.scale", hq.scale}};
+          r.work =
+              4 * mf + 4 * d(m) + mf + 4 * d(F / 128) * d(m) + 2 * mf + 4 * d(2 * F / 128) * d(m);
+        } else if (v.fp8) {
           const ScaledTensor y = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, F);
           r.call = [in, prob, y](Stream st) { swiglu(in, prob, y, {}, st); };
           r.outputs = {{"y.data", y.data}, {"y.scale", y.scale}};
@@ -209,7 +221,20 @@ void add_swiglu(std::vector<MoeCase>& out, Mode mode) {
       const TensorView dy = a.tensor(DType::BF16, m, F);
       fill(dy, Fill::Bf16, 13);
       const TensorView dprob = a.tensor(DType::F32, m, 1);
-      if (v.fp8) {
+      if (v.saved) {
+        // From the saved E4M3 h (made here by the forward): in is read as E4M3 2 MF + F32 scales
+        // [2F/128][M] instead of BF16 4 MF.
+        const ScaledTensor y = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, F);
+        const ScaledTensor hq = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, 2 * F);
+        swiglu(in, prob, y, hq, {}, stream_for(a));
+        const ScaledTensor din = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, 2 * F);
+        r.call = [dy, hq, prob, din, dprob](Stream st) {
+          swiglu_backward(dy, hq, prob, din, dprob, {}, st);
+        };
+        r.outputs = {{"din.data", din.data}, {"din.scale", din.scale}, {"dprob", dprob}};
+        r.work = 2 * mf + 2 * mf + 4 * d(2 * F / 128) * d(m) + 4 * d(m) + 2 * mf +
+                 4 * d(2 * F / 128) * d(m) + 4 * d(m);
+      } else if (v.fp8) {
         const ScaledTensor din = a.scaled(DType::E4M3, ScaleLayout::Rowwise1x128, m, 2 * F);
         r.call = [dy, in, prob, din, dprob](Stream st) {
           swiglu_backward(dy, in, prob, din, dprob, {}, st);

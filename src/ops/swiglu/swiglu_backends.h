@@ -1,5 +1,6 @@
 // Internal: the two backends of the SwiGLU ops. Arguments are validated by swiglu.cpp; `prob` and
 // `dprob` are empty views when `weighted` is false (then p = 1 and dprob is not written).
+// `in_q` / a ScaledTensor `in`: the E4M3 Rowwise1x128 copy of the BF16 input (swiglu.h).
 #pragma once
 
 #include "fp8flow/swiglu.h"
@@ -11,6 +12,10 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
                      const ScaledTensor& din, const TensorView& dprob, bool weighted);
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const TensorView& din, const TensorView& dprob, bool weighted);
+void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
+            const ScaledTensor& in_q, bool weighted);
+void swiglu_backward(const TensorView& dy, const ScaledTensor& in, const TensorView& prob,
+                     const ScaledTensor& din, const TensorView& dprob, bool weighted);
 }  // namespace fp8flow::ref
 
 namespace fp8flow::sm90 {
@@ -23,6 +28,11 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
                      Stream stream);
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const TensorView& din, const TensorView& dprob, bool weighted, Stream stream);
+void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
+            const ScaledTensor& in_q, bool weighted, Stream stream);
+void swiglu_backward(const TensorView& dy, const ScaledTensor& in, const TensorView& prob,
+                     const ScaledTensor& din, const TensorView& dprob, bool weighted,
+                     Stream stream);
 }  // namespace fp8flow::sm90
 
 namespace fp8flow::sm90 {

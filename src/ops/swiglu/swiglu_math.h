@@ -107,13 +107,24 @@ FP8FLOW_HD int scale_exponent(float amax) {
   return fmt::scale_exponent(amax, K == OutKind::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp);
 }
 
-// One FP8 code of result y in a tile of exponent e: RNE(y * 2^-e), saturating; the multiply by an
+// How an FP8 output encodes NaN. Canonical: results of the SwiGLU math, whose NaN bits differ
+// between the CPU's and the GPU's arithmetic, get the canonical NaN code 0x7F. AsQuantize: the
+// saved FP8 copy of the BF16 input, whose NaNs have a definite sign, is encoded exactly as
+// fp8flow::quantize encodes it (fmt::e4m3_from_f32 of the value: sign | 0x7F for NaN and +-Inf).
+enum class NanCode : uint8_t { Canonical, AsQuantize };
+
+// One FP8 code of value y in a tile of exponent e: RNE(y * 2^-e), saturating; the multiply by an
 // exact power of two is a single IEEE rounding (== fmt::mul_pow2 for finite y, and keeps +-Inf).
-// NaN becomes the canonical NaN code whatever its sign or payload (NaN bits differ between the
-// CPU's and the GPU's arithmetic; the codes must not).
-template <OutKind K>
+// NaN: see NanCode.
+template <OutKind K, NanCode N = NanCode::Canonical>
 FP8FLOW_HD uint8_t encode_fp8(float y, float inv_scale) {
-  if (fmt::f32_is_nan(y)) return 0x7F;
+  if constexpr (N == NanCode::AsQuantize) {
+    // fmt::mul_pow2 passes NaN and Inf through unchanged; encode them as they are.
+    if (!fmt::f32_is_finite(y))
+      return K == OutKind::E4M3 ? fmt::e4m3_from_f32(y) : fmt::e5m2_from_f32(y);
+  } else if (fmt::f32_is_nan(y)) {
+    return 0x7F;
+  }
   const float v = hd::mul(y, inv_scale);
   return K == OutKind::E4M3 ? fmt::e4m3_from_f32(v) : fmt::e5m2_from_f32(v);
 }

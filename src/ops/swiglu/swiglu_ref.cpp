@@ -1,9 +1,11 @@
 // CPU reference backend of the SwiGLU ops: the definition the CUDA kernels are tested against, bit
 // for bit. Plain loops over rows and 1x128 tiles, written for reading; the element math and the
 // encoders are the shared __host__ __device__ functions of swiglu_math.h.
+#include <type_traits>
 #include <vector>
 
 #include "common/ref_access.h"
+#include "ops/quantize/kernels/dequant_value.h"
 #include "ops/swiglu/swiglu_backends.h"
 #include "ops/swiglu/swiglu_math.h"
 
@@ -17,9 +19,25 @@ float prob_at(const TensorView& prob, bool weighted, int64_t m) {
   return weighted ? static_cast<const float*>(prob.data)[m] : 1.0f;
 }
 
-// Quantizes one row's results y[0, n) (n % 128 == 0) into data row `r` starting at column `col0`,
+// Element (m, c) of the SwiGLU input [M][2F]: BF16, or its saved FP8 copy decoded exactly as
+// dequantize() decodes it (code * scale, one FP32 multiply).
+float in_at(const TensorView& in, int64_t m, int64_t c) {
+  return load_f32(in, m, c);
+}
+float in_at(const ScaledTensor& in, int64_t m, int64_t c) {
+  return detail::dequant_value(fmt::e4m3_to_f32(byte_at(in.data, m, c)),
+                               scale_at(in.scale, c / sd::kTile, m));
+}
+const TensorView& data_of(const TensorView& in) {
+  return in;
+}
+const TensorView& data_of(const ScaledTensor& in) {
+  return in.data;
+}
+
+// Quantizes one row's values y[0, n) (n % 128 == 0) into data row `r` starting at column `col0`,
 // with scales at scale[(col0 + t * 128) / 128][r].
-template <OutKind K>
+template <OutKind K, sd::NanCode N = sd::NanCode::Canonical>
 void quantize_row(const std::vector<float>& y, const ScaledTensor& out, int64_t r, int64_t col0) {
   const int64_t n = static_cast<int64_t>(y.size());
   for (int64_t c0 = 0; c0 < n; c0 += sd::kTile) {
@@ -29,7 +47,7 @@ void quantize_row(const std::vector<float>& y, const ScaledTensor& out, int64_t 
     scale_at(out.scale, (col0 + c0) / sd::kTile, r) = fmt::exp2i(e);
     const float inv = fmt::exp2i(-e);
     for (int64_t c = c0; c < c0 + sd::kTile; ++c)
-      byte_at(out.data, r, col0 + c) = sd::encode_fp8<K>(y[c], inv);
+      byte_at(out.data, r, col0 + c) = sd::encode_fp8<K, N>(y[c], inv);
   }
 }
 
@@ -39,29 +57,34 @@ void quantize_row(const std::vector<float>& y, const TensorView& out, int64_t r,
   for (size_t c = 0; c < y.size(); ++c) row[c] = sd::encode_bf16(y[c]);
 }
 
+// in_q (optional): the E4M3 1x128 copy of `in`, with the scale rule and encoding of quantize().
 template <OutKind K, typename Out>
-void forward(const TensorView& in, const TensorView& prob, const Out& out, bool weighted) {
+void forward(const TensorView& in, const TensorView& prob, const Out& out, bool weighted,
+             const ScaledTensor* in_q = nullptr) {
   const int64_t M = in.rows, F = in.cols / 2;
-  std::vector<float> y(static_cast<size_t>(F));
+  std::vector<float> y(static_cast<size_t>(F)), h(static_cast<size_t>(2 * F));
   for (int64_t m = 0; m < M; ++m) {
     const float p = prob_at(prob, weighted, m);
     for (int64_t j = 0; j < F; ++j)
       y[j] = sd::forward(load_f32(in, m, j), load_f32(in, m, F + j), p);
     quantize_row<K>(y, out, m, 0);
+    if (in_q == nullptr) continue;
+    for (int64_t c = 0; c < 2 * F; ++c) h[c] = load_f32(in, m, c);
+    quantize_row<OutKind::E4M3, sd::NanCode::AsQuantize>(h, *in_q, m, 0);
   }
 }
 
-template <OutKind K, typename Out>
-void backward(const TensorView& dy, const TensorView& in, const TensorView& prob, const Out& din,
+// In: TensorView (BF16) or ScaledTensor (its saved E4M3 copy, decoded by in_at).
+template <OutKind K, typename In, typename Out>
+void backward(const TensorView& dy, const In& in, const TensorView& prob, const Out& din,
               const TensorView& dprob, bool weighted) {
-  const int64_t M = in.rows, F = in.cols / 2;
+  const int64_t M = data_of(in).rows, F = data_of(in).cols / 2;
   std::vector<float> da(static_cast<size_t>(F)), db(static_cast<size_t>(F));
   std::vector<float> dp(static_cast<size_t>(F));
   for (int64_t m = 0; m < M; ++m) {
     const float p = prob_at(prob, weighted, m);
     for (int64_t j = 0; j < F; ++j) {
-      const sd::Grad g =
-          sd::backward(load_f32(dy, m, j), load_f32(in, m, j), load_f32(in, m, F + j), p);
+      const sd::Grad g = sd::backward(load_f32(dy, m, j), in_at(in, m, j), in_at(in, m, F + j), p);
       da[j] = g.da;
       db[j] = g.db;
       dp[j] = g.dp;
@@ -82,30 +105,45 @@ void backward(const TensorView& dy, const TensorView& in, const TensorView& prob
   }
 }
 
+// Calls fn(std::integral_constant<OutKind, K>) for the FP8 kind K of dtype d (E4M3 or E5M2).
+template <typename Fn>
+void with_fp8_kind(DType d, Fn&& fn) {
+  if (d == DType::E4M3)
+    fn(std::integral_constant<OutKind, OutKind::E4M3>{});
+  else
+    fn(std::integral_constant<OutKind, OutKind::E5M2>{});
+}
+
 }  // namespace
 
 void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out, bool weighted) {
-  if (out.data.dtype == DType::E4M3)
-    forward<OutKind::E4M3>(in, prob, out, weighted);
-  else
-    forward<OutKind::E5M2>(in, prob, out, weighted);
+  with_fp8_kind(out.data.dtype, [&](auto k) { forward<k.value>(in, prob, out, weighted); });
 }
 
 void swiglu(const TensorView& in, const TensorView& prob, const TensorView& out, bool weighted) {
   forward<OutKind::BF16>(in, prob, out, weighted);
 }
 
+void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
+            const ScaledTensor& in_q, bool weighted) {
+  with_fp8_kind(out.data.dtype, [&](auto k) { forward<k.value>(in, prob, out, weighted, &in_q); });
+}
+
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const ScaledTensor& din, const TensorView& dprob, bool weighted) {
-  if (din.data.dtype == DType::E4M3)
-    backward<OutKind::E4M3>(dy, in, prob, din, dprob, weighted);
-  else
-    backward<OutKind::E5M2>(dy, in, prob, din, dprob, weighted);
+  with_fp8_kind(din.data.dtype,
+                [&](auto k) { backward<k.value>(dy, in, prob, din, dprob, weighted); });
 }
 
 void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorView& prob,
                      const TensorView& din, const TensorView& dprob, bool weighted) {
   backward<OutKind::BF16>(dy, in, prob, din, dprob, weighted);
+}
+
+void swiglu_backward(const TensorView& dy, const ScaledTensor& in, const TensorView& prob,
+                     const ScaledTensor& din, const TensorView& dprob, bool weighted) {
+  with_fp8_kind(din.data.dtype,
+                [&](auto k) { backward<k.value>(dy, in, prob, din, dprob, weighted); });
 }
 
 }  // namespace fp8flow::ref

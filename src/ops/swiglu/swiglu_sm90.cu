@@ -16,9 +16,11 @@ cudaStream_t to_cuda(Stream s) {
   return reinterpret_cast<cudaStream_t>(s);
 }
 
-template <OutKind K>
+// kSaveIn: also writes in_q, the saved E4M3 copy of in (data, scale).
+template <OutKind K, bool kSaveIn = false>
 void launch_forward(const char* op, const TensorView& in, const TensorView& prob, void* out,
-                    float* scale, bool weighted, Stream stream) {
+                    float* scale, bool weighted, Stream stream,
+                    const ScaledTensor* in_q = nullptr) {
   const int64_t M = in.rows, F = in.cols / 2;
   const int64_t items = M * (F / 128);
   if (items == 0) return;
@@ -31,27 +33,31 @@ void launch_forward(const char* op, const TensorView& in, const TensorView& prob
   p.prob = weighted ? static_cast<const float*>(prob.data) : nullptr;
   p.out = out;
   p.scale = scale;
+  p.in_q = in_q ? in_q->data.data : nullptr;
+  p.in_q_scale = in_q ? static_cast<float*>(in_q->scale.data) : nullptr;
   p.rows = static_cast<uint32_t>(M);
   p.items = static_cast<uint32_t>(items);
   p.F = static_cast<uint32_t>(F);
   p.tiles = FastDiv(static_cast<uint32_t>(F / 128));
   constexpr int64_t kItemsPerBlock = k::kThreads / k::kHalf * k::kFwdItems;
   const dim3 grid(static_cast<unsigned>((items + kItemsPerBlock - 1) / kItemsPerBlock));
-  k::sm90_swiglu_fwd_bf16_1x128<K><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
+  k::sm90_swiglu_fwd_bf16_1x128<K, kSaveIn><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 
-template <OutKind K>
+// in: h BF16 [M][2F], or (kFp8In) its saved E4M3 copy with in_scale F32 [2F/128][M].
+template <OutKind K, bool kFp8In = false>
 void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
                      const TensorView& prob, void* din, float* scale, const TensorView& dprob,
-                     bool weighted, Stream stream) {
+                     bool weighted, Stream stream, const float* in_scale = nullptr) {
   const int64_t M = in.rows, F = in.cols / 2;
   if (M == 0) return;
   FP8FLOW_CHECK(F < (int64_t{1} << 30), InvalidArgument,
                 detail::cat("fp8flow::", op, ": in: expected F < 2^30, got ", F));
   k::BwdParams p{};
   p.dy = static_cast<const uint16_t*>(dy.data);
-  p.in = static_cast<const uint16_t*>(in.data);
+  p.in = in.data;
+  p.in_scale = in_scale;
   p.prob = weighted ? static_cast<const float*>(prob.data) : nullptr;
   p.din = din;
   p.scale = scale;
@@ -61,9 +67,9 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   constexpr int64_t kRowsPerBlock = k::kThreads / 32;
   const dim3 grid(static_cast<unsigned>((M + kRowsPerBlock - 1) / kRowsPerBlock));
   if (weighted)
-    k::sm90_swiglu_bwd_bf16_1x128<K, true><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
+    k::sm90_swiglu_bwd_1x128<K, true, kFp8In><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
   else
-    k::sm90_swiglu_bwd_bf16_1x128<K, false><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
+    k::sm90_swiglu_bwd_1x128<K, false, kFp8In><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 
@@ -187,6 +193,30 @@ void swiglu_backward(const TensorView& dy, const TensorView& in, const TensorVie
                      const TensorView& din, const TensorView& dprob, bool weighted, Stream stream) {
   launch_backward<OutKind::BF16>("swiglu_backward", dy, in, prob, din.data, nullptr, dprob,
                                  weighted, stream);
+}
+
+void swiglu(const TensorView& in, const TensorView& prob, const ScaledTensor& out,
+            const ScaledTensor& in_q, bool weighted, Stream stream) {
+  auto* scale = static_cast<float*>(out.scale.data);
+  if (out.data.dtype == DType::E4M3)
+    launch_forward<OutKind::E4M3, true>("swiglu", in, prob, out.data.data, scale, weighted, stream,
+                                        &in_q);
+  else
+    launch_forward<OutKind::E5M2, true>("swiglu", in, prob, out.data.data, scale, weighted, stream,
+                                        &in_q);
+}
+
+void swiglu_backward(const TensorView& dy, const ScaledTensor& in, const TensorView& prob,
+                     const ScaledTensor& din, const TensorView& dprob, bool weighted,
+                     Stream stream) {
+  auto* scale = static_cast<float*>(din.scale.data);
+  const auto* in_scale = static_cast<const float*>(in.scale.data);
+  if (din.data.dtype == DType::E4M3)
+    launch_backward<OutKind::E4M3, true>("swiglu_backward", dy, in.data, prob, din.data.data, scale,
+                                         dprob, weighted, stream, in_scale);
+  else
+    launch_backward<OutKind::E5M2, true>("swiglu_backward", dy, in.data, prob, din.data.data, scale,
+                                         dprob, weighted, stream, in_scale);
 }
 
 }  // namespace fp8flow::sm90

@@ -1,12 +1,16 @@
-// Device code of the SwiGLU ops (sm_90a): the fused forward (SwiGLU -> FP8 + 1x128 scales, or BF16)
-// and the fused backward (da, db -> FP8 + scales or BF16, plus dprob). Memory-bound elementwise
-// kernels; the element math is swiglu_math.h, shared with the CPU reference.
+// Device code of the SwiGLU ops (sm_90a): the fused forward (SwiGLU -> FP8 + 1x128 scales, or BF16;
+// optionally also the saved E4M3 1x128 copy of its input) and the fused backward (da, db -> FP8 +
+// scales or BF16, plus dprob; from the BF16 input or from its saved E4M3 copy). Memory-bound
+// elementwise kernels; the element math is swiglu_math.h, shared with the CPU reference.
 //
 // Napkin math at the DeepSeek-V3 shard shape M = 32768, F = 2048 (bench: `fp8flow-bench ops`):
 //   forward  reads 4 B per output element (a, b BF16) and writes 1 B (+ scales, 1/32 B):
 //            268 MB + 67 MB + 2 MB = 337 MB -> 0.112 ms at 3.0 TB/s (H100 copy ceiling).
+//            Saving the input as E4M3 (+ scales) writes 2 B (+ 1/16 B) more per output element:
+//            +134 MB + 4 MB = 475 MB -> 0.158 ms (+0.046 ms).
 //   backward reads 6 B per element pair (dy, a, b BF16), writes 2 B (da, db) + scales + dprob:
-//            403 MB + 134 MB + 4 MB = 541 MB -> 0.180 ms at 3.0 TB/s.
+//            403 MB + 134 MB + 4 MB = 541 MB -> 0.180 ms at 3.0 TB/s. From the saved E4M3 input
+//            it reads 4 B per pair (dy BF16, a, b E4M3) + scales: 272 + 138 = 410 MB -> 0.137 ms.
 //   Published fused kernels (FP8-Flow artifact, Hopper): 0.118 ms forward, 0.211 ms backward.
 //
 // NOTES:
@@ -24,12 +28,23 @@
 //   still joins the (half-warp-local) shuffles with zeros and skips its loads and stores.
 // - No shared memory, no atomics: every output element and scale has exactly one writer.
 // - Inputs are read once: loads use the streaming (evict-first) cache hint.
+// - Saved input (forward kSaveIn): the half-warp that owns output tile t of a row already holds
+//   that row's gate tile t and up tile t of h, which are exactly the 1x128 tiles t and F/128 + t
+//   of h's quantized copy: two more half-warp amaxes and two 8-byte stores per thread, no extra
+//   loads. Encoded with NanCode::AsQuantize so the bytes are quantize()'s.
+// - Backward from the saved input (kFp8In): a thread's 8 gate (up) values are 8 E4M3 codes, one
+//   8-byte load, and its tile's scale (the 16 lanes of a half-warp load the same word). Decoded by
+//   the dequantize kernel's hardware path (cvt.rn.f16x2.e4m3x2, cvt.f32.f16, mul.rn.f32: exact,
+//   = fmt::e4m3_to_f32(code) * scale) for every code: a NaN code decodes to a NaN with other bits
+//   than the reference's, which no output shows (every result it reaches is NaN, and NaN results
+//   are written canonically), so no per-chunk NaN test is needed.
 #pragma once
 
 #include <cuda_runtime.h>
 
 #include <cstdint>
 
+#include "ops/quantize/kernels/dequantize.cuh"
 #include "ops/swiglu/kernels/fast_div.h"
 #include "ops/swiglu/kernels/hw_cvt.cuh"
 #include "ops/swiglu/swiglu_math.h"
@@ -37,6 +52,7 @@
 namespace fp8flow::sm90::swiglu_kernels {
 
 using swiglu_detail::FastDiv;
+using swiglu_detail::NanCode;
 using swiglu_detail::OutKind;
 namespace sd = swiglu_detail;
 
@@ -44,6 +60,11 @@ constexpr int kThreads = 256;
 constexpr int kFwdItems = 2;  // (row, tile) items per half-warp (loads in flight: 2 per item)
 constexpr int kBwdSteps = 2;  // 256-column steps per warp iteration (loads in flight: 3 per step)
 constexpr int kHalf = 16;     // threads per 1x128 tile (16 x 8 columns)
+// NOTES: the forward that also writes the saved input needs 54 registers unbounded (4 blocks of
+// 256 per SM); capped at 5 blocks per SM it fits 48 with no spills, the occupancy of the plain
+// FP8 forward (43 -> 48 allocated). 0: no cap. Untimed choice: A/B it with `fp8flow-bench ops
+// --only "swiglu fwd"`.
+constexpr int kFwdSaveMinBlocks = 5;
 static_assert(kHalf * sd::kChunk == sd::kTile, "a half-warp covers one 1x128 tile");
 static_assert(2 * kHalf == sd::kLanes, "a warp's lanes are the dprob partial sums");
 
@@ -52,6 +73,8 @@ struct FwdParams {
   const float* prob;   // F32 [M], nullptr: unweighted (p = 1)
   void* out;           // FP8 codes or BF16 [M][F]
   float* scale;        // F32 [F/128][M] (FP8 only)
+  void* in_q;          // E4M3 [M][2F], the saved copy of in (kSaveIn kernels only)
+  float* in_q_scale;   // F32 [2F/128][M] (kSaveIn kernels only)
   uint32_t rows;       // M
   uint32_t items;      // M * F/128 (host-checked < 2^32)
   uint32_t F;
@@ -59,12 +82,13 @@ struct FwdParams {
 };
 
 struct BwdParams {
-  const uint16_t* dy;  // BF16 [M][F]
-  const uint16_t* in;  // BF16 [M][2F]
-  const float* prob;   // F32 [M] (weighted kernels only)
-  void* din;           // FP8 codes or BF16 [M][2F]
-  float* scale;        // F32 [2F/128][M] (FP8 only)
-  float* dprob;        // F32 [M] (weighted kernels only)
+  const uint16_t* dy;     // BF16 [M][F]
+  const void* in;         // BF16 [M][2F], or (kFp8In kernels) its saved E4M3 copy
+  const float* in_scale;  // F32 [2F/128][M] (kFp8In kernels only)
+  const float* prob;      // F32 [M] (weighted kernels only)
+  void* din;              // FP8 codes or BF16 [M][2F]
+  float* scale;           // F32 [2F/128][M] (FP8 only)
+  float* dprob;           // F32 [M] (weighted kernels only)
   uint32_t rows;
   uint32_t F;
 };
@@ -101,9 +125,9 @@ __device__ __forceinline__ bool all_finite8(const float (&y)[8]) {
   return ok;
 }
 
-// Quantizes this thread's 8 results of one tile (the half-warp holds the whole tile) and returns
+// Quantizes this thread's 8 values of one tile (the half-warp holds the whole tile) and returns
 // the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes).
-template <OutKind K>
+template <OutKind K, NanCode N>
 __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out) {
   // amax over finite results (== sd::amax_term / sd::amax_max, sharing the finiteness test with the
   // fast-path check below).
@@ -131,7 +155,8 @@ __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out
     for (int i = 0; i < 2; ++i) {
       w[i] = 0;
 #pragma unroll
-      for (int k = 0; k < 4; ++k) w[i] |= uint32_t{sd::encode_fp8<K>(y[4 * i + k], inv)} << (8 * k);
+      for (int k = 0; k < 4; ++k)
+        w[i] |= uint32_t{sd::encode_fp8<K, N>(y[4 * i + k], inv)} << (8 * k);
     }
   }
   return make_uint2(w[0], w[1]);
@@ -150,16 +175,16 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float (&y)[8]) {
   return make_uint4(w[0], w[1], w[2], w[3]);
 }
 
-// Stores 8 results of one tile at element offset `off` of a row-major [M][cols] output; FP8 also
+// Stores 8 values of one tile at element offset `off` of a row-major [M][cols] output; FP8 also
 // writes the scale of (tile, row) when this is lane 0 of the half-warp.
-template <OutKind K>
+template <OutKind K, NanCode N = NanCode::Canonical>
 __device__ __forceinline__ void store8(void* out, float* scale, uint64_t off, const float (&y)[8],
                                        bool active, bool scale_lane, uint64_t scale_idx) {
   if constexpr (K == OutKind::BF16) {
     if (active) *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + off) = pack_bf16x8(y);
   } else {
     float s;
-    const uint2 q = quantize8<K>(y, s);  // all lanes: shuffles inside
+    const uint2 q = quantize8<K, N>(y, s);  // all lanes: shuffles inside
     if (active) {
       *reinterpret_cast<uint2*>(static_cast<uint8_t*>(out) + off) = q;
       if (scale_lane) scale[scale_idx] = s;
@@ -167,10 +192,40 @@ __device__ __forceinline__ void store8(void* out, float* scale, uint64_t off, co
   }
 }
 
+// 8 consecutive values of the SwiGLU input h [M][2F] (one thread's chunk of a gate or up tile):
+// BF16 (16-byte load) or, kFp8, the saved E4M3 copy (8-byte load + the tile's scale). Zero when
+// not loaded.
+template <bool kFp8>
+struct InChunk {
+  uint4 v = make_uint4(0, 0, 0, 0);
+  __device__ __forceinline__ void load(const BwdParams& p, uint64_t row_off, uint32_t m,
+                                       uint32_t col) {
+    v = load_stream(static_cast<const uint16_t*>(p.in) + row_off + col);
+  }
+  __device__ __forceinline__ void unpack(float (&x)[8]) const { unpack_bf16x8(v, x); }
+};
+template <>
+struct InChunk<true> {
+  uint2 q = make_uint2(0, 0);
+  float s = 0.0f;
+  __device__ __forceinline__ void load(const BwdParams& p, uint64_t row_off, uint32_t m,
+                                       uint32_t col) {
+    q = __ldcs(reinterpret_cast<const uint2*>(static_cast<const uint8_t*>(p.in) + row_off + col));
+    s = __ldg(p.in_scale + uint64_t{col / sd::kTile} * p.rows + m);
+  }
+  // code * scale, exactly (see NOTES).
+  __device__ __forceinline__ void unpack(float (&x)[8]) const {
+    dq::decode4_hw<DqCodes::E4M3>(q.x, x[0], x[1], x[2], x[3]);
+    dq::decode4_hw<DqCodes::E4M3>(q.y, x[4], x[5], x[6], x[7]);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) x[k] = dq::mul_rn(x[k], s);
+  }
+};
+
 // ------------------------------------------------------------------------------------------------
-// Forward: grid ceil(items / (16 * kFwdItems)), block kThreads.
-template <OutKind K>
-__global__ void __launch_bounds__(kThreads)
+// Forward: grid ceil(items / (16 * kFwdItems)), block kThreads. kSaveIn: also the E4M3 copy of in.
+template <OutKind K, bool kSaveIn>
+__global__ void __launch_bounds__(kThreads, kSaveIn ? kFwdSaveMinBlocks : 0)
     sm90_swiglu_fwd_bf16_1x128(const __grid_constant__ FwdParams p) {
   const uint32_t half = threadIdx.x / kHalf;
   const uint32_t lane = threadIdx.x % kHalf;
@@ -202,17 +257,26 @@ __global__ void __launch_bounds__(kThreads)
     unpack_bf16x8(vb[u], b);
 #pragma unroll
     for (int k = 0; k < 8; ++k) y[k] = sd::forward(a[k], b[k], pr[u]);
+    const uint64_t scale_idx = uint64_t{tile[u]} * p.rows + row[u];
     store8<K>(p.out, p.scale, uint64_t{row[u]} * F + tile[u] * sd::kTile + lane * 8, y, active,
-              lane == 0, uint64_t{tile[u]} * p.rows + row[u]);
+              lane == 0, scale_idx);
+    if constexpr (kSaveIn) {  // h's tiles t (gate) and F/128 + t (up), quantize()'s encoding
+      const uint64_t off = uint64_t{row[u]} * (2 * F) + tile[u] * sd::kTile + lane * 8;
+      store8<OutKind::E4M3, NanCode::AsQuantize>(p.in_q, p.in_q_scale, off, a, active, lane == 0,
+                                                 scale_idx);
+      store8<OutKind::E4M3, NanCode::AsQuantize>(p.in_q, p.in_q_scale, off + F, b, active,
+                                                 lane == 0,
+                                                 scale_idx + uint64_t{p.tiles.d} * p.rows);
+    }
   }
 }
 
 // ------------------------------------------------------------------------------------------------
 // Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
-// no dprob (its products are not computed).
-template <OutKind K, bool kWeighted>
+// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy.
+template <OutKind K, bool kWeighted, bool kFp8In>
 __global__ void __launch_bounds__(kThreads)
-    sm90_swiglu_bwd_bf16_1x128(const __grid_constant__ BwdParams p) {
+    sm90_swiglu_bwd_1x128(const __grid_constant__ BwdParams p) {
   const uint32_t lane = threadIdx.x % 32;
   const uint32_t m = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
   if (m >= p.rows) return;  // whole warp
@@ -220,20 +284,20 @@ __global__ void __launch_bounds__(kThreads)
   const uint32_t tiles_a = F / sd::kTile;
   const float pr = kWeighted ? __ldg(p.prob + m) : 1.0f;
   const uint16_t* dy_row = p.dy + uint64_t{m} * F;
-  const uint16_t* in_row = p.in + uint64_t{m} * (2 * F);
-  const uint64_t out_row = uint64_t{m} * (2 * F);
+  const uint64_t row_off = uint64_t{m} * (2 * F);  // of row m in h and in din (elements)
   float part = 0.0f;
 
   for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
-    uint4 vdy[kBwdSteps], va[kBwdSteps], vb[kBwdSteps];
+    uint4 vdy[kBwdSteps];
+    InChunk<kFp8In> va[kBwdSteps], vb[kBwdSteps];
 #pragma unroll
     for (int u = 0; u < kBwdSteps; ++u) {
       const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
-      vdy[u] = va[u] = vb[u] = make_uint4(0, 0, 0, 0);
+      vdy[u] = make_uint4(0, 0, 0, 0);
       if (c < F) {
         vdy[u] = load_stream(dy_row + c);
-        va[u] = load_stream(in_row + c);
-        vb[u] = load_stream(in_row + F + c);
+        va[u].load(p, row_off, m, c);
+        vb[u].load(p, row_off, m, F + c);
       }
     }
 #pragma unroll
@@ -243,8 +307,8 @@ __global__ void __launch_bounds__(kThreads)
       const bool active = c < F;                 // half-warp-uniform
       float dy[8], a[8], b[8], da[8], db[8];
       unpack_bf16x8(vdy[u], dy);
-      unpack_bf16x8(va[u], a);
-      unpack_bf16x8(vb[u], b);
+      va[u].unpack(a);
+      vb[u].unpack(b);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
         const sd::Grad g = sd::backward(dy[k], a[k], b[k], pr);
@@ -254,8 +318,8 @@ __global__ void __launch_bounds__(kThreads)
       }
       const uint32_t t = c / sd::kTile;
       const bool scale_lane = lane % kHalf == 0;
-      store8<K>(p.din, p.scale, out_row + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
-      store8<K>(p.din, p.scale, out_row + F + c, db, active, scale_lane,
+      store8<K>(p.din, p.scale, row_off + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
+      store8<K>(p.din, p.scale, row_off + F + c, db, active, scale_lane,
                 uint64_t{tiles_a + t} * p.rows + m);
     }
   }
