@@ -481,7 +481,9 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
     const DType pd = r == Recipe::Bf16           ? DType::BF16
                      : r == Recipe::Fp8FlowMxfp4 ? DType::E2M1x2
                                                  : DType::E4M3;
-    const int64_t B = dispatch_wire(pd, H, true).row_bytes;
+    const DType bd = r == Recipe::Bf16 ? DType::BF16 : DType::E4M3;  // backward: dy
+    const int64_t B =
+        std::max(dispatch_wire(pd, H, true).row_bytes, dispatch_wire(bd, H, false).row_bytes);
     const int64_t Bc = dispatch_wire(DType::BF16, H, false).row_bytes;
     m.ep_send = l.add(static_cast<size_t>(std::max(T * k * B, m.Rmax * Bc)));
     m.ep_recv = l.add(static_cast<size_t>(m.Rmax * B));
