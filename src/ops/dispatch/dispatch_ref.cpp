@@ -51,12 +51,13 @@ void dispatch_pack(const WireArgs& a) {
     uint8_t* rec = a.wire + i * a.row_bytes;
     std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
     const int32_t m = a.map[i];
-    if (m < 0) continue;
+    const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
+    if (m < 0 || m >= limit) continue;  // a zero record, as the kernel writes
     const int64_t row = m / a.k;
     if (a.rows_data)
       std::memcpy(rec, a.rows_data + row * a.data_bytes, static_cast<size_t>(a.data_bytes));
     scales_to_record(a, row, rec + a.data_bytes);
-    if (a.prob_offset >= 0) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
+    if (a.prob_offset >= 0 && m < a.prob_len) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
   }
 }
 
