@@ -70,6 +70,30 @@
 // (between the quantization of x and permute; combine-grad likewise for dy). The naive recipe
 // still pays its Q/DQ there, so that it stays an honest baseline for the EP case.
 //
+// Expert parallelism (MoELayer(cfg, w, comm, stream), cfg.ep_size == comm->size() ranks;
+// dispatch.h has the mechanics): cfg.experts is the GLOBAL expert count E_g; rank r owns experts
+// [r E_l, (r+1) E_l), E_l = E_g / ep_size. Weights: gate (and bias) [E_g] replicated on every
+// rank; w1/w2 hold only the local experts ([E_l * 2F][H], [E_l * H][F]). Each rank routes its own
+// T tokens over E_g, then the permute at the dispatch point becomes dispatch (pack -> all-to-all
+// -> rows land in the permuted + padded layout of the local experts) and the final unpermute
+// becomes combine (all-to-all back, then the same slot-ordered FP32 sum on the token's rank).
+// Payloads: bf16 BF16 (+ prob); fp8-blockwise and fp8-flow FP8 + 1x128 scales (+ prob): the
+// naive recipe quantizes before the all-to-all and dequantizes after it (its casts 1/2 and 7/8),
+// fp8-flow consumes the received FP8 directly; fp8-flow-mxfp4 MXFP4 + E8M0 (+ prob): fp8_to_mxfp4
+// before, mxfp4_to_fp8 after (2 conversions), and the received MXFP4 rows ARE the saved FC1 input
+// (its forward fp8_to_mxfp4(xp) disappears). Backward: dy goes out like x (BF16 for bf16, FP8
+// for the others), dx rows come back BF16 with dprob (F32) in a second, small all-to-all.
+// Combine stays BF16. Equality: with the global tokens = the ranks' tokens concatenated in rank
+// order, y, dx and each rank's dW1/dW2 slice equal the single-GPU layer's bit for bit for bf16,
+// fp8-blockwise and fp8-flow (the expert rank's segments are the single-GPU ones); fp8-flow-mxfp4
+// equals the 1-rank EP layer bit for bit (its MXFP4 transport changes the FC1 input vs. the
+// comm-less layer). grads.dgate (and d_logits' aux part) are this rank's tokens' contribution:
+// sum (all-reduce) dgate over the ranks as for any replicated parameter. With the aux loss on,
+// each rank's aux loss covers its own sequences. One host sync per forward as before, plus the
+// counts all_gather (x's non-finite count travels with the counts, so every rank throws together).
+// cfg.ep_max_recv_rows bounds the rows a rank may receive (memory); a forward that would exceed it
+// on any rank throws on every rank.
+//
 // Gradients: of L = sum(y * dy) (+ aux_loss when the router's aux loss is on), with the top-k
 // selection held fixed. dx includes the router path (d_logits . W_g); dgate = d_logits^T . x.
 // Determinism: same inputs, same bits, step after step (tested on the CPU backend); the gate GEMMs
@@ -120,6 +144,11 @@ struct MoEConfig {
   int align = 16;          // expert segment alignment: power of two in [16, 128]
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
   int gemm_streams = 4;    // GroupedGemmOptions::streams
+  // Expert parallelism: ranks of the communicator given to the constructor (1: no EP), and the
+  // most rows one rank may receive in a forward (0: the worst case, ep_size * max_tokens *
+  // min(top_k, experts / ep_size); pools scale with it).
+  int ep_size = 1;
+  int64_t ep_max_recv_rows = 0;
   // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
   // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.
   bool debug_no_scratch_reuse = false;
@@ -186,6 +215,7 @@ struct MoEDebugViews {
 };
 
 class MoELayer;
+class Communicator;
 
 // The state saved between forward and backward of one micro-batch. Owns its memory (allocated once
 // when made by MoELayer::make_context); reusable step after step.
@@ -259,6 +289,10 @@ class MoELayer {
   // Validates cfg and weights (fp8flow::Error naming the field), allocates the scratch pool on the
   // weights' device and makes the FP8 weight copies.
   MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream = nullptr);
+  // Expert-parallel layer over comm (comm->size() == cfg.ep_size; device == the weights'; the
+  // layer keeps the pointer). Collective: checks that every rank passes the same config (and
+  // weight dtype), throwing ErrorKind::Comm on every rank otherwise. comm == nullptr: as above.
+  MoELayer(const MoEConfig& cfg, const MoEWeights& w, Communicator* comm, Stream stream = nullptr);
   MoELayer(MoELayer&&) noexcept;
   MoELayer& operator=(MoELayer&&) noexcept;
   ~MoELayer();

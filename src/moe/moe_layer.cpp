@@ -9,6 +9,8 @@
 
 #include "common/backend.h"
 #include "common/check.h"
+#include "fp8flow/comm.h"
+#include "fp8flow/dispatch.h"
 #include "fp8flow/gemm.h"
 #include "fp8flow/mxfp4.h"
 #include "fp8flow/permute.h"
@@ -176,7 +178,12 @@ struct MoEContext::State {
   QSlot h_q;             // ... as E4M3 1x128 (written by the fused SwiGLU): Fp8Flow, Fp8FlowMxfp4
 
   int64_t T = 0, Mp = 0, E = 0, H = 0, F = 0, k = 0;
-  int64_t seq_len = 0;      // aux loss on: the router's seq_len, else 0
+  int64_t seq_len = 0;  // aux loss on: the router's seq_len, else 0
+  // Expert parallelism (EP layers only): row maps of the last forward, its layout (host) and the
+  // number of rows this rank sent (its valid pairs: the source plan's rows).
+  Slot p2r, r2p, ep_table;
+  DispatchLayout layout;
+  int64_t n_send = 0;
   Stream stream = nullptr;  // of the last forward/backward: the accessors read on it
   std::vector<int64_t> m_splits;
   TensorView x;  // the caller's forward input (gate wgrad)
@@ -252,6 +259,7 @@ size_t MoEContext::saved_activation_bytes() const {
 
 size_t MoEContext::saved_routing_bytes() const {
   const State& s = *s_;
+  // (E here: the experts the router sees, E_g under expert parallelism.)
   return (s.seq_len > 0 ? nbytes(DType::I32, s.T / s.seq_len, s.E) + sizeof(float) : 0) +  // aux
          nbytes(DType::F32, s.T, s.E) + nbytes(DType::I32, s.T, s.k) * 2 +  // logits, idx, w
          nbytes(DType::I32, s.T, s.k) + nbytes(DType::I32, 1, s.Mp) +       // dest_row, src_slot
@@ -292,6 +300,16 @@ struct MoELayer::Impl {
   MoEWeights w;
   Device dev = Device::Cpu;
   int64_t H = 0, F = 0, E = 0, k = 0, Tmax = 0, Mmax = 0;
+  // Expert parallelism: E above is the LOCAL expert count E_l (weights, GEMMs, segments); Eg the
+  // global one the router and the gate see (== E without EP). Rmax: rows one rank may receive.
+  Communicator* comm = nullptr;
+  int64_t Eg = 0, Rmax = 0;
+  bool ep = false;
+  // EP scratch: dispatch wire buffers (send: this rank's records, recv: received records; the
+  // combine reuses send for the expert side's records), combine outputs in send order (rows BF16
+  // [T k][H], dprob F32 [T k]), the dprob records, and x as MXFP4 (fp8-flow-mxfp4).
+  Slot ep_send, ep_recv, ep_rows, ep_prob, ep_psend;
+  QSlot xq_mx;
   int weight_casts = 0;
   size_t weight_copy_bytes = 0;
 
@@ -357,12 +375,17 @@ void check_config(const Check& c, const MoEConfig& cfg) {
          "in [1, 2^24)", cat(cfg.max_tokens));
   c.that(cfg.gemm_streams >= 1 && cfg.gemm_streams <= 8, "cfg.gemm_streams", "in [1, 8]",
          cat(cfg.gemm_streams));
+  c.that(cfg.ep_size >= 1 && cfg.experts % cfg.ep_size == 0, "cfg.ep_size",
+         cat("a positive divisor of cfg.experts (", cfg.experts, ")"), cat(cfg.ep_size));
+  c.that(cfg.ep_max_recv_rows >= 0 && cfg.ep_max_recv_rows < (int64_t{1} << 30),
+         "cfg.ep_max_recv_rows", "in [0, 2^30)", cat(cfg.ep_max_recv_rows));
 }
 
 void check_weights(const Check& c, const MoEConfig& cfg, const MoEWeights& w) {
-  const int64_t H = cfg.hidden, F = cfg.ffn, E = cfg.experts;
+  // The gate sees all experts; w1/w2 hold the local ones (all of them without EP).
+  const int64_t H = cfg.hidden, F = cfg.ffn, E = cfg.experts / cfg.ep_size, Eg = cfg.experts;
   c.view(w.gate, "w.gate", {DType::F32});
-  c.shape(w.gate, "w.gate", E, H);
+  c.shape(w.gate, "w.gate", Eg, H);
   c.contiguous(w.gate, "w.gate");
   c.view(w.w1, "w.w1", {DType::BF16, DType::F32});
   c.shape(w.w1, "w.w1", E * 2 * F, H);
@@ -376,7 +399,8 @@ void check_weights(const Check& c, const MoEConfig& cfg, const MoEWeights& w) {
   c.same_device(w.w1, "w.w1", w.w2, "w.w2");
   if (w.gate_bias.data) {
     c.view(w.gate_bias, "w.gate_bias", {DType::F32});
-    c.that(w.gate_bias.numel() == E, "w.gate_bias", cat(E, " elements"), cat(w.gate_bias.numel()));
+    c.that(w.gate_bias.numel() == Eg, "w.gate_bias", cat(Eg, " elements"),
+           cat(w.gate_bias.numel()));
     c.same_device(w.w1, "w.w1", w.gate_bias, "w.gate_bias");
   }
   if (w.w1.device == Device::Cuda) {
@@ -434,11 +458,18 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.dev = dev;
   m.H = cfg.hidden;
   m.F = cfg.ffn;
-  m.E = cfg.experts;
+  m.Eg = cfg.experts;
+  m.E = cfg.experts / cfg.ep_size;
+  m.ep = cfg.ep_size > 1 || m.comm != nullptr;
   m.k = cfg.router.top_k;
   m.Tmax = cfg.max_tokens;
   m.Mmax = permutation_max_rows(m.Tmax, m.k, m.E, cfg.align);
-  const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k;
+  if (m.ep) {
+    m.Rmax = cfg.ep_max_recv_rows > 0 ? cfg.ep_max_recv_rows
+                                      : dispatch_max_recv_rows(cfg.ep_size, m.Tmax, m.k, m.E);
+    m.Mmax = m.Rmax + m.E * (cfg.align - 1);
+  }
+  const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k, Eg = m.Eg;
   const Recipe r = cfg.recipe;
   const bool fp8 = is_fp8(r), flow = is_flow(r), blk = r == Recipe::Fp8Blockwise,
              mx = r == Recipe::Fp8FlowMxfp4, bf = r == Recipe::Bf16;
@@ -458,8 +489,25 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.w2_bf16 = add_if(l, m.bf16_copies, nbytes(DType::BF16, E * H, F));
   m.weight_copy_bytes = l.total;
   m.d_aux = add_if(l, cfg.router.aux_enabled(), sizeof(float));
-  m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, E) : 0);
-  m.router_ws = l.add(cuda ? router_workspace_bytes(T, E, cfg.router) : 0);
+  m.perm_ws = l.add(cuda ? permutation_workspace_bytes(T, k, Eg) : 0);
+  m.router_ws = l.add(cuda ? router_workspace_bytes(T, Eg, cfg.router) : 0);
+  if (m.ep) {
+    // Dispatch records carry the recipe's payload (+ prob); the backward dispatch (no prob) and
+    // the combine (BF16 rows, expert side) fit in the same buffers.
+    const DType pd = r == Recipe::Bf16           ? DType::BF16
+                     : r == Recipe::Fp8FlowMxfp4 ? DType::E2M1x2
+                                                 : DType::E4M3;
+    const DType bd = r == Recipe::Bf16 ? DType::BF16 : DType::E4M3;  // backward: dy
+    const int64_t B =
+        std::max(dispatch_wire(pd, H, true).row_bytes, dispatch_wire(bd, H, false).row_bytes);
+    const int64_t Bc = dispatch_wire(DType::BF16, H, false).row_bytes;
+    m.ep_send = l.add(static_cast<size_t>(std::max(T * k * B, m.Rmax * Bc)));
+    m.ep_recv = l.add(static_cast<size_t>(m.Rmax * B));
+    m.ep_rows = l.add(nbytes(DType::BF16, T * k, H));
+    m.ep_prob = l.add(nbytes(DType::F32, 1, T * k));
+    m.ep_psend = l.add(nbytes(DType::F32, 1, m.Rmax));
+    m.xq_mx = add_mx(l, T, H, r == Recipe::Fp8FlowMxfp4);
+  }
   if (cuda) {
     // Bound on every grouped GEMM's workspace for any split of at most M rows over E experts: the
     // packed activation scales are sum_e align256(4 * ceil(K/128) * M_e) <= 4 * ceil(K/128) * M +
@@ -511,7 +559,7 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.dx_exp = l.add(nbytes(DType::F32, T, H));
   m.dprob = l.add(nbytes(DType::F32, 1, M));
   m.dtw = l.add(nbytes(DType::F32, T, k));
-  m.dlogits = l.add(nbytes(DType::F32, T, E));
+  m.dlogits = l.add(nbytes(DType::F32, T, Eg));
   l.total = std::max(l.total, phase1_end);
   l.total = std::max(l.total, forward_end);
   return l.total;
@@ -520,12 +568,61 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
 }  // namespace
 
 MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Stream stream)
+    : MoELayer(cfg, w, nullptr, stream) {}
+
+namespace {
+
+int64_t f32_bits(float f) {
+  uint32_t b;
+  std::memcpy(&b, &f, 4);
+  return b;
+}
+
+// What every rank of an EP group must agree on: the config fields that shape the computation or
+// the collectives, and the weights' dtype / bias presence.
+std::vector<int64_t> config_fingerprint(const MoEConfig& cfg, const MoEWeights& w) {
+  const RouterConfig& rc = cfg.router;
+  return {cfg.hidden,
+          cfg.ffn,
+          cfg.experts,
+          static_cast<int64_t>(cfg.recipe),
+          cfg.align,
+          cfg.max_tokens,
+          cfg.ep_size,
+          cfg.ep_max_recv_rows,
+          static_cast<int64_t>(rc.kind),
+          rc.top_k,
+          rc.n_groups,
+          rc.topk_groups,
+          rc.renormalize,
+          f32_bits(rc.scaling),
+          f32_bits(rc.aux_alpha),
+          rc.seq_len,
+          static_cast<int64_t>(w.w1.dtype),
+          w.gate_bias.data != nullptr};
+}
+
+}  // namespace
+
+MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Communicator* comm, Stream stream)
     : p_(std::make_unique<Impl>()) {
   const Check c("MoELayer");
+  if (comm) {
+    // First, collectively, so that a mismatch throws on every rank (none is left waiting).
+    check_same_on_all_ranks(*comm, config_fingerprint(cfg, w), "MoELayer: cfg", stream);
+    c.that(comm->size() == cfg.ep_size, "cfg.ep_size", cat(comm->size(), " (comm->size())"),
+           cat(cfg.ep_size));
+    c.that(comm->device() == w.w1.device, "comm",
+           cat("a communicator on the weights' device (", to_string(w.w1.device), ")"),
+           cat(comm->backend(), " on ", to_string(comm->device())));
+  } else {
+    c.that(cfg.ep_size == 1, "cfg.ep_size", "1 without a communicator", cat(cfg.ep_size));
+  }
   check_config(c, cfg);
   check_weights(c, cfg, w);
   Impl& m = *p_;
   m.w = w;
+  m.comm = comm;
   m.pool.allocate(w.w1.device, layout_layer(m, cfg, w.w1.dtype, w.w1.device), stream);
   if (cfg.router.aux_enabled()) {
     const float one = 1.0f;
@@ -634,28 +731,35 @@ namespace {
 
 // Lays out a context's saved-state pool for layer m; returns its size.
 size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
-  const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k;
+  const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k, Eg = m.Eg;
   const Recipe r = m.cfg.recipe;
   s->recipe = r;
-  s->E = E;
+  s->E = Eg;
   s->H = H;
   s->F = F;
   s->k = k;
   Layout l;
-  s->logits = l.add(nbytes(DType::F32, T, E));
+  s->logits = l.add(nbytes(DType::F32, T, Eg));
   s->topk_idx = l.add(nbytes(DType::I32, T, k));
   s->topk_w = l.add(nbytes(DType::F32, T, k));
-  s->tpe_router = l.add(nbytes(DType::I32, 1, E));
-  s->tpe = l.add(nbytes(DType::I32, 1, E));
-  s->offsets = l.add(nbytes(DType::I64, 1, E + 1));
+  s->tpe_router = l.add(nbytes(DType::I32, 1, Eg));
+  // The routing plan: over the local experts (single GPU), or the source plan over E_g with
+  // align 1 (EP: T k rows at most) plus the expert side's row maps.
+  s->tpe = l.add(nbytes(DType::I32, 1, Eg));
+  s->offsets = l.add(nbytes(DType::I64, 1, Eg + 1));
   s->dest_row = l.add(nbytes(DType::I32, T, k));
-  s->src_slot = l.add(nbytes(DType::I32, 1, M));
+  s->src_slot = l.add(nbytes(DType::I32, 1, m.ep ? T * k : M));
+  if (m.ep) {
+    s->p2r = l.add(nbytes(DType::I32, 1, M));
+    s->r2p = l.add(nbytes(DType::I32, 1, m.Rmax));
+    s->ep_table = l.add(nbytes(DType::I64, 1, (E + 1) + E * (2 * m.cfg.ep_size + 1)));
+  }
   s->invalid = l.add(nbytes(DType::I32, 1, 1));
   s->prob = l.add(nbytes(DType::F32, 1, M));
   s->counters = l.add(nbytes(DType::I64, 1, kNumCounters));
   if (m.cfg.router.aux_enabled()) {
     s->seq_len = m.cfg.router.seq_len;
-    s->seq_counts = l.add(nbytes(DType::I32, T / m.cfg.router.seq_len, E));
+    s->seq_counts = l.add(nbytes(DType::I32, T / m.cfg.router.seq_len, Eg));
     s->aux_loss = l.add(nbytes(DType::F32, 1, 1));
   }
   s->h = add_if(l, !is_flow(r), nbytes(DType::BF16, M, 2 * F));
@@ -724,9 +828,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   MoEContext::State& s = *ctx.s_;
   const Pool& P = m.pool;
   const Pool& S = s.pool;
-  const int64_t T = x.rows, H = m.H, F = m.F, E = m.E, k = m.k;
+  const int64_t T = x.rows, H = m.H, F = m.F, E = m.E, k = m.k, Eg = m.Eg;
   const Recipe r = m.cfg.recipe;
   const Device dev = m.dev;
+  const bool ep = m.ep;
   s.T = T;
   s.x = x;
   s.stream = stream;
@@ -738,7 +843,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   count_nonfinite(dev, x, s.counter(kNfX), stream);
 
   // Router: gate GEMM, top-k, plan.
-  const TensorView logits = S.view(s.logits, DType::F32, T, E);
+  const TensorView logits = S.view(s.logits, DType::F32, T, Eg);
   if (dev == Device::Cpu)
     ref::moe_gate_logits(x, m.w.gate, logits);
   else
@@ -746,40 +851,91 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   RouterOutputs ro;
   ro.topk_idx = S.view(s.topk_idx, DType::I32, T, k);
   ro.topk_weight = S.view(s.topk_w, DType::F32, T, k);
-  ro.tokens_per_expert = S.view(s.tpe_router, DType::I32, 1, E);
+  ro.tokens_per_expert = S.view(s.tpe_router, DType::I32, 1, Eg);
   if (aux) {
-    ro.seq_counts = S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, E);
+    ro.seq_counts = S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, Eg);
     ro.aux_loss = S.view(s.aux_loss, DType::F32, 1, 1);
   }
-  const TensorView bias =
-      m.w.gate_bias.data ? TensorView{m.w.gate_bias.data, DType::F32, 1, E, -1, dev} : TensorView{};
+  const TensorView bias = m.w.gate_bias.data
+                              ? TensorView{m.w.gate_bias.data, DType::F32, 1, Eg, -1, dev}
+                              : TensorView{};
   const TensorView router_ws =
       dev == Device::Cuda && m.router_ws.bytes > 0
           ? P.view(m.router_ws, DType::E4M3, 1, static_cast<int64_t>(m.router_ws.bytes))
           : TensorView{};
   router_forward(logits, bias, ro, m.cfg.router, router_ws, stream);
+  // The routing plan: single GPU over the local experts, padded; EP: the source plan over E_g
+  // (align 1: the send order, dispatch.h).
+  const int64_t Ep = ep ? Eg : E;
   PermutationPlan plan;
-  plan.tokens_per_expert = S.view(s.tpe, DType::I32, 1, E);
-  plan.offsets = S.view(s.offsets, DType::I64, 1, E + 1);
+  plan.tokens_per_expert = S.view(s.tpe, DType::I32, 1, Ep);
+  plan.offsets = S.view(s.offsets, DType::I64, 1, Ep + 1);
   plan.dest_row = S.view(s.dest_row, DType::I32, T, k);
-  plan.src_slot = S.view(s.src_slot, DType::I32, 1, m.Mmax);
+  plan.src_slot = S.view(s.src_slot, DType::I32, 1, ep ? T * k : m.Mmax);
   plan.invalid = S.view(s.invalid, DType::I32, 1, 1);
-  make_permutation(ro.topk_idx, E, plan, P.ptr(m.perm_ws), m.perm_ws.bytes, {m.cfg.align}, stream);
+  make_permutation(ro.topk_idx, Ep, plan, P.ptr(m.perm_ws), m.perm_ws.bytes, {ep ? 1 : m.cfg.align},
+                   stream);
 
   // The one host sync of a step: padded offsets (-> m_splits) and the non-finite count of x.
-  std::vector<int64_t> off(static_cast<size_t>(E + 1));
+  std::vector<int64_t> off(static_cast<size_t>(Ep + 1));
   int64_t nf_x = 0;
   detail::moe_copy_to_host(dev, &nf_x, s.counter(kNfX), sizeof nf_x, stream, /*sync=*/false);
   detail::moe_copy_to_host(dev, off.data(), S.ptr(s.offsets), off.size() * sizeof(int64_t), stream);
-  if (opt.reject_nonfinite_input && nf_x != 0)
-    c.fail(ErrorKind::InvalidArgument, "x",
-           cat("expected finite values, got ", nf_x, " NaN/Inf elements"));
-  s.m_splits.resize(static_cast<size_t>(E));
-  for (int64_t e = 0; e < E; ++e) s.m_splits[e] = off[e + 1] - off[e];
-  const int64_t M = off[E];
+  int64_t M = 0;
+  if (ep) {
+    // Counts exchange: per-expert counts of the source plan, with x's non-finite count appended
+    // so that every rank rejects a bad x together (none is left in a collective).
+    std::vector<int64_t> mine(static_cast<size_t>(Eg + 1));
+    for (int64_t e = 0; e < Eg; ++e) mine[e] = off[e + 1] - off[e];
+    mine[Eg] = nf_x;
+    const std::vector<int64_t> all = m.comm->all_gather(mine, stream);
+    const int N = m.comm->size();
+    std::vector<int64_t> counts;
+    counts.reserve(static_cast<size_t>(N * Eg));
+    int64_t nf_any = 0, nf_rank = -1;
+    for (int q = 0; q < N; ++q) {
+      counts.insert(counts.end(), all.begin() + q * (Eg + 1), all.begin() + q * (Eg + 1) + Eg);
+      if (all[q * (Eg + 1) + Eg] != 0 && nf_rank < 0) {
+        nf_rank = q;
+        nf_any = all[q * (Eg + 1) + Eg];
+      }
+    }
+    if (opt.reject_nonfinite_input && nf_any != 0)
+      c.fail(ErrorKind::InvalidArgument, "x",
+             cat("expected finite values on every rank, got ", nf_any, " NaN/Inf elements on rank ",
+                 nf_rank));
+    s.layout = make_dispatch_layout(counts, N, m.comm->rank(), Eg, m.cfg.align);
+    if (s.layout.max_recv_total > m.Rmax)
+      c.fail(ErrorKind::InvalidArgument, "cfg.ep_max_recv_rows",
+             cat("expected every rank to receive at most ", m.Rmax,
+                 " rows (the pools' bound), got ", s.layout.max_recv_total));
+    make_dispatch_maps(s.layout, S.view(s.ep_table, DType::I64, 1, s.ep_table.bytes / 8),
+                       S.view(s.p2r, DType::I32, 1, m.Mmax),
+                       S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)),
+                       stream);
+    s.m_splits = s.layout.m_splits;
+    M = s.layout.padded_rows;
+    s.n_send = off[Eg];
+    plan.src_slot = S.view(s.src_slot, DType::I32, 1, s.n_send);
+  } else {
+    if (opt.reject_nonfinite_input && nf_x != 0)
+      c.fail(ErrorKind::InvalidArgument, "x",
+             cat("expected finite values, got ", nf_x, " NaN/Inf elements"));
+    s.m_splits.resize(static_cast<size_t>(E));
+    for (int64_t e = 0; e < E; ++e) s.m_splits[e] = off[e + 1] - off[e];
+    M = off[E];
+    plan.src_slot = S.view(s.src_slot, DType::I32, 1, M);
+  }
   s.Mp = M;
-  plan.src_slot = S.view(s.src_slot, DType::I32, 1, M);
   const std::span<const int64_t> splits(s.m_splits);
+  // The dispatch point (EP): token-order rows (+ top-k weights) -> this rank's permuted rows
+  // (+ probs); the single-GPU path calls permute at the same place.
+  const DispatchBuffers ep_buf{P.ptr(m.ep_send), m.ep_send.bytes, P.ptr(m.ep_recv),
+                               m.ep_recv.bytes};
+  auto ep_dispatch = [&](const DispatchRows& in, const DispatchRows& out) {
+    dispatch(*m.comm, s.layout, in, plan.src_slot, static_cast<int>(k),
+             S.view(s.p2r, DType::I32, 1, m.Mmax), out, ep_buf, stream);
+  };
 
   PermuteProbs probs{ro.topk_weight, S.view(s.prob, DType::F32, 1, M)};
   // FC1 output h: saved as is (Bf16, Fp8Blockwise), or scratch whose FP8 copy is saved (flow).
@@ -794,7 +950,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
     case Recipe::Bf16: {
       const TensorView xp = S.view(s.xp_bf16, DType::BF16, M, H);
       const TensorView a = S.view(s.a_bf16, DType::BF16, M, F);
-      permute(x, xp, plan, probs, stream);
+      if (ep)
+        ep_dispatch({x, {}, ro.topk_weight}, {xp, {}, probs.prob});
+      else
+        permute(x, xp, plan, probs, stream);
       grouped_gemm_fprop_bf16(xp, m.w1_e, h, splits, ws, go, stream);
       swiglu(h, probs.prob, a, {}, stream);
       grouped_gemm_fprop_bf16(a, m.w2_e, yp, splits, ws, go, stream);
@@ -809,9 +968,16 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       const TensorView a = P.view(m.a_bf16, DType::BF16, M, F);
       const ScaledTensor aq = P.rowwise(m.a_q, M, F);
       const ScaledTensor at = S.colwise(s.a_t, F, M, splits);
-      cast_q(nc, x, xq, stream);    // cast 1: before dispatch
-      cast_dq(nc, xq, xd, stream);  // cast 2: after dispatch
-      permute(xd, xp, plan, probs, stream);
+      cast_q(nc, x, xq, stream);  // cast 1: before dispatch
+      if (ep) {
+        // FP8 on the wire, landing permuted in xpq's buffer; cast 2 dequantizes the permuted rows
+        // (pad rows: code 0 x 2^-127 = +0, what permute(bf16) writes), then cast 3 overwrites it.
+        ep_dispatch({xq.data, xq.scale, ro.topk_weight}, {xpq.data, xpq.scale, probs.prob});
+        cast_dq(nc, xpq, xp, stream);  // cast 2: after dispatch
+      } else {
+        cast_dq(nc, xq, xd, stream);  // cast 2: after dispatch
+        permute(xd, xp, plan, probs, stream);
+      }
       cast_q(nc, xp, xpq, stream);   // cast 3: FC1 input row-wise
       cast_qt(nc, xp, xpt, stream);  // cast 4: FC1 input column-wise (saved)
       grouped_gemm_fprop(xpq, m.w1q_e, h, splits, ws, go, stream);
@@ -831,14 +997,29 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       const ScaledTensor aq = mx ? P.rowwise(m.a_q, M, F) : S.rowwise(s.a_q, M, F);
       const ScaledTensor hq = S.rowwise(s.h_q, M, 2 * F);
       cast_q(nc, x, xq, stream);  // cast 1: the only forward cast
-      permute(xq, xpq, plan, probs, stream);
+      if (ep && mx) {
+        // MXFP4 on the wire; the received permuted MXFP4 rows are the saved FC1 input.
+        const ScaledTensor xq4 = P.mx(m.xq_mx, T, H);
+        const ScaledTensor xp4 = S.mx(s.xp_mx, M, H);
+        fp8_to_mxfp4(xq, xq4, stream);
+        ep_dispatch({xq4.data, xq4.scale, ro.topk_weight}, {xp4.data, xp4.scale, probs.prob});
+        mxfp4_to_fp8(xp4, xpq, stream);
+        s.casts.conversions += 2;
+      } else if (ep) {
+        ep_dispatch({xq.data, xq.scale, ro.topk_weight}, {xpq.data, xpq.scale, probs.prob});
+      } else {
+        permute(xq, xpq, plan, probs, stream);
+      }
       grouped_gemm_fprop(xpq, m.w1q_e, h, splits, ws, go, stream);
       swiglu(h, probs.prob, aq, hq, {}, stream);  // fused SwiGLU + quantize of a, and of h (saved)
       grouped_gemm_fprop(aq, m.w2q_e, yp, splits, ws, go, stream);
       if (mx) {
-        fp8_to_mxfp4(xpq, S.mx(s.xp_mx, M, H), stream);
+        if (!ep) {
+          fp8_to_mxfp4(xpq, S.mx(s.xp_mx, M, H), stream);
+          ++s.casts.conversions;
+        }
         fp8_to_mxfp4(aq, S.mx(s.a_mx, M, F), stream);
-        s.casts.conversions += 2;
+        ++s.casts.conversions;
       }
       s.debug.fc1_fprop_x = xpq;
       s.debug.fc2_fprop_x = aq;
@@ -846,7 +1027,16 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       break;
     }
   }
-  unpermute(yp, y, plan, stream);
+  if (ep) {
+    // Combine: expert outputs back to the tokens' ranks (send order), then the single-GPU sum.
+    const TensorView yr = P.view(m.ep_rows, DType::BF16, s.n_send, H);
+    combine(*m.comm, s.layout, {yp, {}, {}},
+            S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)), yr, ep_buf,
+            stream);
+    unpermute(yr, y, plan, stream);
+  } else {
+    unpermute(yp, y, plan, stream);
+  }
   count_nonfinite(dev, y, s.counter(kNfY), stream);
   s.debug.topk_idx = ro.topk_idx;
   s.debug.topk_weight = ro.topk_weight;
@@ -867,14 +1057,15 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   MoEContext::State& s = *ctx.s_;
   c.that(s.forward_done, "ctx", "a context holding a forward not yet consumed by backward",
          "none (call forward first; backward runs once per forward)");
-  const int64_t T = s.T, M = s.Mp, H = m.H, F = m.F, E = m.E, k = m.k;
+  const int64_t T = s.T, M = s.Mp, H = m.H, F = m.F, E = m.E, k = m.k, Eg = m.Eg;
   const Device dev = m.dev;
+  const bool ep = m.ep;
   check_io(c, dy, "dy", DType::BF16, T, H, dev);
   check_io(c, g.dx, "grads.dx", DType::BF16, T, H, dev);
   check_io(c, g.dw1, "grads.dw1", DType::F32, E * 2 * F, H, dev);
   check_io(c, g.dw2, "grads.dw2", DType::F32, E * H, F, dev);
-  check_io(c, g.dgate, "grads.dgate", DType::F32, E, H, dev);
-  if (g.d_logits.data) check_io(c, g.d_logits, "grads.d_logits", DType::F32, T, E, dev);
+  check_io(c, g.dgate, "grads.dgate", DType::F32, Eg, H, dev);
+  if (g.d_logits.data) check_io(c, g.d_logits, "grads.d_logits", DType::F32, T, Eg, dev);
 
   const Pool& P = m.pool;
   const Pool& S = s.pool;
@@ -884,12 +1075,22 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   s.stream = stream;
   count_nonfinite(dev, dy, s.counter(kNfDy), stream);
 
+  const int64_t Ep = ep ? Eg : E;
   PermutationPlan plan;
-  plan.tokens_per_expert = S.view(s.tpe, DType::I32, 1, E);
-  plan.offsets = S.view(s.offsets, DType::I64, 1, E + 1);
+  plan.tokens_per_expert = S.view(s.tpe, DType::I32, 1, Ep);
+  plan.offsets = S.view(s.offsets, DType::I64, 1, Ep + 1);
   plan.dest_row = S.view(s.dest_row, DType::I32, T, k);
-  plan.src_slot = S.view(s.src_slot, DType::I32, 1, M);
+  plan.src_slot = S.view(s.src_slot, DType::I32, 1, ep ? s.n_send : M);
   plan.invalid = S.view(s.invalid, DType::I32, 1, 1);
+  // EP: dy leaves like x did (no probs); dx rows and dprob come back by combine.
+  const DispatchBuffers ep_buf{P.ptr(m.ep_send), m.ep_send.bytes, P.ptr(m.ep_recv),
+                               m.ep_recv.bytes};
+  const TensorView r2p =
+      ep ? S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)) : TensorView{};
+  auto ep_dispatch = [&](const DispatchRows& in, const DispatchRows& out) {
+    dispatch(*m.comm, s.layout, in, plan.src_slot, static_cast<int>(k),
+             S.view(s.p2r, DType::I32, 1, m.Mmax), out, ep_buf, stream);
+  };
   const TensorView prob = S.view(s.prob, DType::F32, 1, M);
   // FC1 output h as saved: BF16 (Bf16, Fp8Blockwise); the FP8-flow recipes read its E4M3 copy.
   const TensorView h = is_flow(r) ? TensorView{} : S.view(s.h, DType::BF16, M, 2 * F);
@@ -913,7 +1114,10 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const TensorView dh = P.view(m.dh_bf16, DType::BF16, M, 2 * F);
       const TensorView xp = S.view(s.xp_bf16, DType::BF16, M, H);
       const TensorView a = S.view(s.a_bf16, DType::BF16, M, F);
-      permute(dy, dyp, plan, {}, stream);
+      if (ep)
+        ep_dispatch({dy, {}, {}}, {dyp, {}, {}});
+      else
+        permute(dy, dyp, plan, {}, stream);
       grouped_gemm_dgrad_bf16(dyp, m.w2_e, da, splits, ws, go, stream);
       grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dh, dprob, {}, stream);
@@ -932,9 +1136,14 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const ScaledTensor dht = P.colwise(m.dh_t, 2 * F, M, splits);
       const ScaledTensor xpt = S.colwise(s.xp_t, H, M, splits);
       const ScaledTensor at = S.colwise(s.a_t, F, M, splits);
-      cast_q(nc, dy, dyq, stream);    // cast 7: before combine-grad dispatch
-      cast_dq(nc, dyq, dyd, stream);  // cast 8: after it
-      permute(dyd, dyp, plan, {}, stream);
+      cast_q(nc, dy, dyq, stream);  // cast 7: before combine-grad dispatch
+      if (ep) {
+        ep_dispatch({dyq.data, dyq.scale, {}}, {dypq.data, dypq.scale, {}});
+        cast_dq(nc, dypq, dyp, stream);  // cast 8: after it (cast 9 overwrites dypq)
+      } else {
+        cast_dq(nc, dyq, dyd, stream);  // cast 8: after it
+        permute(dyd, dyp, plan, {}, stream);
+      }
       cast_q(nc, dyp, dypq, stream);   // cast 9: FC2 grad row-wise
       cast_qt(nc, dyp, dypt, stream);  // cast 10: FC2 grad column-wise
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
@@ -980,7 +1189,10 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         }
       };
       cast_q(nc, dy, dyq, stream);  // cast 2: the only backward cast
-      permute(dyq, dypq, plan, {}, stream);
+      if (ep)
+        ep_dispatch({dyq.data, dyq.scale, {}}, {dypq.data, dypq.scale, {}});
+      else
+        permute(dyq, dypq, plan, {}, stream);
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
       ts(dypq, dypt, 0);
       saved_to_colwise(s.a_mx, s.a_q, F, at, 1);
@@ -1003,14 +1215,26 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
 
   // Combine-grad of the expert path, router and gate.
   const TensorView dx_exp = P.view(m.dx_exp, DType::F32, T, H);
-  unpermute(dxp, dx_exp, plan, stream);
   const TensorView dtw = P.view(m.dtw, DType::F32, T, k);
-  permute_probs_backward(dprob, plan, dtw, stream);
-  const TensorView logits = S.view(s.logits, DType::F32, T, E);
-  const TensorView dl = g.d_logits.data ? g.d_logits : P.view(m.dlogits, DType::F32, T, E);
+  if (ep) {
+    // dx rows (BF16, as the single-GPU unpermute reads them) and dprob back in send order, then
+    // the same unpermute / probs backward over the source plan.
+    const TensorView dxr = P.view(m.ep_rows, DType::BF16, s.n_send, H);
+    const TensorView dpr = P.view(m.ep_prob, DType::F32, 1, s.n_send);
+    combine(*m.comm, s.layout, {dxp, {}, {}}, r2p, dxr, ep_buf, stream);
+    combine(*m.comm, s.layout, {{}, {}, dprob}, r2p, dpr,
+            {P.ptr(m.ep_psend), m.ep_psend.bytes, nullptr, 0}, stream);
+    unpermute(dxr, dx_exp, plan, stream);
+    permute_probs_backward(dpr, plan, dtw, stream);
+  } else {
+    unpermute(dxp, dx_exp, plan, stream);
+    permute_probs_backward(dprob, plan, dtw, stream);
+  }
+  const TensorView logits = S.view(s.logits, DType::F32, T, Eg);
+  const TensorView dl = g.d_logits.data ? g.d_logits : P.view(m.dlogits, DType::F32, T, Eg);
   const bool aux = m.cfg.router.aux_enabled();
   const TensorView seq_counts =
-      aux ? S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, E) : TensorView{};
+      aux ? S.view(s.seq_counts, DType::I32, T / m.cfg.router.seq_len, Eg) : TensorView{};
   const TensorView d_aux = aux ? P.view(m.d_aux, DType::F32, 1, 1) : TensorView{};
   router_backward(logits, S.view(s.topk_idx, DType::I32, T, k), dtw, seq_counts, d_aux, dl,
                   m.cfg.router, stream);

@@ -24,6 +24,7 @@ struct Options {
   std::string config;              // --config NAME (layer: dsv3-shard, dsv2-lite, small)
   std::string recipe;              // --recipe NAME|all (layer)
   std::string routing;             // --routing balanced|skewed (layer)
+  int gpus = 0;                    // --gpus N (comm: ranks, one thread per GPU; 0 = all visible)
   std::vector<std::string> extra;  // arguments left for the subcommand (after --)
 };
 

@@ -1,6 +1,7 @@
 // fp8flow-bench: the project's benchmark and verification tool.
 //   fp8flow-bench ops [--json FILE] [--reps N] [--warmup N] [--only TEXT] [--quick] ...
 //   fp8flow-bench layer [--config NAME] [--recipe NAME|all] [--routing balanced|skewed] ...
+//   fp8flow-bench comm [--gpus N] [--quick] ...   (or: mpirun -np N fp8flow-bench comm)
 // Each subcommand lives in its own file and registers itself (cli.h); this file only parses the
 // common options and dispatches.
 #include <cstdio>
@@ -42,9 +43,11 @@ void usage(FILE* f) {
       "  --config NAME      layer: dsv3-shard (default), dsv2-lite or small\n"
       "  --recipe NAME|all  layer: bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4 or all (default)\n"
       "  --routing R        layer: balanced (default) or skewed (a few experts biased hot)\n"
+      "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
+      "                     under mpirun one process per GPU instead (mpirun -np N ...)\n"
       "  -h, --help         this help\n"
       "\n"
-      "layer defaults: --reps 10 --warmup 3 (full steps).\n"
+      "layer defaults: --reps 10 --warmup 3 (full steps). comm defaults: --reps 20 --warmup 5.\n"
       "Without a CUDA device (or in a CPU-only build) `ops` runs the CPU reference on small\n"
       "shapes, says so, and exits 0. With one, it exits nonzero on any mismatch or error.\n"
       "fp8flow %s\n",
@@ -101,6 +104,8 @@ int main(int argc, char** argv) {
       opt.recipe = value("--recipe");
     else if (a == "--routing")
       opt.routing = value("--routing");
+    else if (a == "--gpus")
+      opt.gpus = static_cast<int>(int_value("--gpus", 1));
     else if (a == "--only")
       opt.only = value("--only");
     else if (a == "--quick")

@@ -1,0 +1,188 @@
+// Expert-parallel dispatch and combine: routed rows travel from the rank that owns the token to the
+// rank that owns the expert (dispatch) and back (combine), landing directly in the permuted +
+// padded expert-major layout that the grouped GEMMs consume (permute.h), so the expert side needs
+// no separate permute pass.
+//
+// Model. N ranks (Communicator::size()), E_g global experts split contiguously: rank r owns
+// experts [r * E_l, (r + 1) * E_l), E_l = E_g / N. One routed row per (token, slot) pair (no
+// per-rank token dedup). Each rank routes its own T tokens over all E_g experts.
+//
+// Source side ("send order"). The pairs of a rank sorted by global expert, flat index t * k + j
+// ascending within an expert: exactly the plan make_permutation(topk_idx, E_g, align = 1) makes
+// (its src_slot[0, n) lists the pairs, its dest_row gives each pair's send row). Rows to rank j
+// are then contiguous: [send_offsets[j], send_offsets[j] + send_rows[j]).
+//
+// Expert side ("receive order" -> "permuted order"). Rank r receives, from each source s in rank
+// order, the rows s routed to r's experts, grouped by local expert, in s's order. The permuted
+// layout it writes has segments per local expert e (padded to `align`, zero pad rows, FP8 pad
+// scale 2^-127, MX pad scale byte 0, prob 0, as permute writes them); inside a segment the rows
+// come source-rank ascending, then in the source's order. If the global token order is the
+// concatenation of the ranks' tokens, that is exactly the single-GPU permuted layout of the same
+// global routing restricted to r's experts: the reason an EP run can equal a single-GPU run bit
+// for bit.
+//
+// Counts exchange: every rank all_gathers its per-expert pair counts [E_g] (one host
+// synchronization); make_dispatch_layout turns the [N][E_g] matrix into the all-to-all sizes, the
+// local experts' padded segments (m_splits) and a small table from which the row maps
+// (permuted row <-> received row) are computed on the device (make_dispatch_maps).
+//
+// Wire format (DispatchWire): every routed row travels as one fixed-size record:
+//   [data: D bytes][scales: S bytes][prob: 4 bytes, optional][zero pad to a multiple of 16]
+//   BF16  D = 2H, S = 0                       F32   D = 4H, S = 0
+//   FP8   D = H (E4M3), S = 4 * ceil(H/128) (the row's F32 1x128 scales, one per tile)
+//   MXFP4 D = H/2 (E2M1x2), S = H/32 (E8M0)
+// A record without scales or prob is the plain row (so a received BF16 buffer IS a [rows][H]
+// tensor), and a prob-only record (no data) is 4 bytes (a received buffer IS an F32 [rows] vector).
+// At H = 7168: BF16 + prob 14352 B, FP8 + prob 7408 B (1.94x fewer), MXFP4 + prob 3824 B (3.75x).
+//
+// Determinism: every output is a pure function of the inputs; bytes move unchanged (NaN payloads
+// included); the CUDA backend matches the CPU reference bit for bit. No host synchronization
+// except inside exchange_dispatch_counts (the counts all_gather) and whatever the communicator's
+// all_to_all_v does.
+//
+// Devices: Cpu tensors -> reference backend; Cuda tensors -> sm_90a kernels. The collectives run
+// on the communicator's device (InProcess: Cpu; NCCL: Cuda); tensors must be on that device.
+#pragma once
+
+#include <cstddef>
+#include <cstdint>
+#include <span>
+#include <vector>
+
+#include "fp8flow/comm.h"
+#include "fp8flow/types.h"
+
+namespace fp8flow {
+
+// ---- Host-side layout ---------------------------------------------------------------------------
+
+// Everything the host knows after the counts exchange. Row counts, not bytes.
+struct DispatchLayout {
+  int ranks = 1, rank = 0;
+  int64_t experts = 0;          // E_g
+  int64_t local_experts = 0;    // E_l = E_g / ranks; this rank owns [rank * E_l, (rank + 1) * E_l)
+  int align = 1;                // expert segment alignment of the permuted layout
+  std::vector<int64_t> counts;  // [ranks][E_g]: pairs rank s routes to global expert e (row-major)
+  std::vector<int64_t> send_rows, send_offsets;  // [ranks]: to rank j (offsets = prefix sums)
+  std::vector<int64_t> recv_rows, recv_offsets;  // [ranks]: from rank s
+  int64_t send_total = 0;                        // rows this rank sends (= its valid pairs)
+  int64_t recv_total = 0;                        // rows this rank receives
+  std::vector<int64_t> tokens_per_expert;        // [E_l]: rows received per local expert
+  std::vector<int64_t> m_splits;                 // [E_l]: padded segment sizes
+  std::vector<int64_t> offsets;                  // [E_l + 1]: padded segment starts
+  int64_t padded_rows = 0;                       // M_pad = offsets[E_l]
+  int64_t max_recv_total = 0;                    // largest recv_total over all ranks
+  int64_t max_padded_rows = 0;                   // largest padded_rows over all ranks
+  // The row-map table make_dispatch_maps uploads (layout: see src/ops/dispatch/dispatch_map.h):
+  // offsets [E_l + 1], per-(expert, source) prefix [E_l][ranks + 1], chunk starts [E_l][ranks].
+  std::vector<int64_t> table;
+};
+
+// Builds the layout of rank `rank` from all ranks' per-expert counts (all_counts [ranks][experts],
+// rank-major, what all_gather returns). experts % ranks == 0, counts >= 0, align a power of two in
+// [1, 128]. Pure host function (what the CPU tests exercise).
+DispatchLayout make_dispatch_layout(std::span<const int64_t> all_counts, int ranks, int rank,
+                                    int64_t experts, int align);
+
+// The counts exchange: all_gather of `my_counts` ([experts] pairs per global expert, host) over
+// comm, then make_dispatch_layout for comm.rank(). Collective; synchronizes the host.
+DispatchLayout exchange_dispatch_counts(Communicator& comm, std::span<const int64_t> my_counts,
+                                        int64_t experts, int align, Stream stream = nullptr);
+
+// Host reference of the row map: the received row that lands in permuted row r, or -1 for a pad
+// row (r in [0, padded_rows)). The device maps are computed by the same function.
+int64_t dispatch_recv_row(const DispatchLayout& layout, int64_t r);
+
+// Upper bound on rows received by one rank for any routing: ranks * T_max * min(k, E_l) (top-k
+// picks distinct experts, so a token sends at most min(k, E_l) rows to one rank).
+int64_t dispatch_max_recv_rows(int ranks, int64_t max_tokens, int64_t topk, int64_t local_experts);
+
+// ---- Wire format --------------------------------------------------------------------------------
+
+struct DispatchWire {
+  DType dtype = DType::BF16;  // data dtype: BF16, F32, E4M3, E2M1x2 (none: prob-only, see below)
+  int64_t hidden = 0;         // H (0 with no data: a prob-only record)
+  int64_t data_bytes = 0;     // D
+  int64_t scale_bytes = 0;    // S
+  int64_t prob_offset = -1;   // byte offset of the prob in the record; -1: no prob
+  int64_t row_bytes = 0;      // record size (multiple of 16 when there is data; 4 for prob-only)
+};
+
+// The record of a payload: data dtype BF16 / F32 (no scales), E4M3 (1x128 F32 scales) or E2M1x2
+// (E8M0 scales), hidden H (BF16 H % 8, F32 H % 4, E4M3 H % 16, E2M1x2 H % 128), with or without
+// the prob. hidden == 0: prob-only record (with_prob must be true). Pure host function.
+DispatchWire dispatch_wire(DType data_dtype, int64_t hidden, bool with_prob);
+
+// ---- Device row maps ----------------------------------------------------------------------------
+
+// perm_to_recv I32 [>= padded_rows]: received row landing in permuted row r (-1 on pad rows;
+//   entries past padded_rows are set to -1 too);
+// recv_to_perm I32 [>= recv_total]: permuted row of received row q.
+// table: I64 [>= layout.table.size()] device scratch for the uploaded table (Cuda; ignored on Cpu).
+// CUDA: one async host-to-device copy of the table (from pageable memory) and one kernel.
+void make_dispatch_maps(const DispatchLayout& layout, const TensorView& table,
+                        const TensorView& perm_to_recv, const TensorView& recv_to_perm,
+                        Stream stream = nullptr);
+
+// ---- Pack / unpack (local, no communication) ---------------------------------------------------
+
+// Rows in one payload, and their probabilities.
+//   data   BF16 / F32 [R][H] (no scale) | E4M3 [R][H] with scale F32 [ceil(H/128)][R] (R
+//          contiguous, the Rowwise1x128 layout) | E2M1x2 [R][H] with scale E8M0 [R][H/32].
+//          Empty (data == nullptr): no rows, prob only.
+//   prob   optional F32 (see each op for its indexing).
+struct DispatchRows {
+  TensorView data;
+  TensorView scale;
+  TensorView prob;
+};
+
+// Gathers records: record i (i in [0, n), n = wire.rows) is in row map[i] / k and, when the wire
+// has a prob, in.prob[map[i]] (in.prob flat, indexed by the map entry: topk_weight [T][k] with the
+// source plan's src_slot and k; a per-row [R] vector with k = 1). map I32 [>= n], entries in
+// [0, in rows * k) (a negative entry writes a zero record). wire: a byte tensor [n][row_bytes]
+// (any 8-bit dtype, e.g. E4M3, used as bytes), 16-byte aligned on Cuda.
+// CUDA: one CTA per 32 records, 16-byte loads/stores, scales through shared memory-free 4-byte
+// gathers; memory bound.
+void dispatch_pack(const DispatchRows& in, const TensorView& map, int k, const TensorView& wire,
+                   Stream stream = nullptr);
+
+// Scatters records into rows: out row r (r in [0, R), R = out rows or prob numel) is record
+// map[r], or a pad row where map[r] < 0 (zero data, FP8 scale 2^-127, MX scale byte 0, prob 0).
+// map empty (data == nullptr): the identity (R <= wire rows). out.prob F32 [R] when the wire has
+// a prob (required then), absent otherwise.
+void dispatch_unpack(const TensorView& wire, const TensorView& map, const DispatchRows& out,
+                     Stream stream = nullptr);
+
+// ---- Dispatch / combine (collective)
+// -------------------------------------------------------------
+
+// Wire buffers on the communicator's device: send >= send_total records, recv >= recv_total
+// records (dispatch; the other way round for combine), 16-byte aligned.
+struct DispatchBuffers {
+  void* send = nullptr;
+  size_t send_bytes = 0;
+  void* recv = nullptr;
+  size_t recv_bytes = 0;
+};
+
+// Dispatch: pack this rank's rows in send order (map = the source plan's src_slot, k its top-k,
+// in.prob = topk_weight [T][k] or empty), one all_to_all_v, unpack into the permuted layout of
+// this rank's experts (perm_to_recv from make_dispatch_maps): out data [M][H] (M >= padded_rows;
+// rows past padded_rows are written as pad rows), out.scale as in DispatchRows, out.prob [M] F32
+// when in.prob is given.
+void dispatch(Communicator& comm, const DispatchLayout& layout, const DispatchRows& in,
+              const TensorView& send_map, int k, const TensorView& perm_to_recv,
+              const DispatchRows& out, const DispatchBuffers& buffers, Stream stream = nullptr);
+
+// Combine: the way back. Pack rows of the permuted layout in receive order (recv_to_perm), one
+// all_to_all_v with the dispatch sizes reversed, landing in send order on the source rank:
+// out [send_total][H] BF16/F32 rows (or an F32 [send_total] vector for a prob-only combine of
+// in.prob [M]). The received buffer is the output itself (plain records), so buffers.recv is
+// unused; buffers.send holds recv_total records. The source rank then sums a token's k rows with
+// unpermute(out, y, source_plan) (slot order, FP32), which is the single-GPU combine.
+void combine(Communicator& comm, const DispatchLayout& layout, const DispatchRows& in,
+             const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buffers,
+             Stream stream = nullptr);
+
+}  // namespace fp8flow

@@ -1,0 +1,492 @@
+// Dispatch / combine: host-side layout (counts -> sizes, segments, map table), wire format,
+// argument validation, routing to the reference (Cpu) or sm_90a (Cuda) backend, and the
+// collective compositions (pack -> all_to_all_v -> unpack).
+#include "fp8flow/dispatch.h"
+
+#include <algorithm>
+#include <climits>
+#include <string>
+
+#include "common/backend.h"
+#include "common/check.h"
+#include "ops/dispatch/dispatch_backends.h"
+#include "ops/dispatch/dispatch_map.h"
+
+namespace fp8flow {
+
+namespace {
+
+using detail::cat;
+using detail::Check;
+using detail::WireArgs;
+using detail::WireScale;
+
+int64_t align16(int64_t b) {
+  return (b + 15) / 16 * 16;
+}
+
+bool present(const TensorView& t) {
+  return t.data != nullptr;
+}
+
+bool is_byte_dtype(DType d) {
+  return dtype_bits(d) == 8;
+}
+
+// The wire of a row set (data dtype and H from `data`, prob present or not).
+DispatchWire wire_of(const Check& c, const DispatchRows& rows, const char* arg) {
+  if (!present(rows.data)) {
+    c.that(present(rows.prob), cat(arg, ".prob"), "given when there is no data (prob-only)",
+           "empty");
+    return dispatch_wire(DType::F32, 0, true);
+  }
+  c.view(rows.data, cat(arg, ".data"), {DType::BF16, DType::F32, DType::E4M3, DType::E2M1x2});
+  return dispatch_wire(rows.data.dtype, rows.data.cols, present(rows.prob));
+}
+
+// Validates a row set of R rows against its wire and fills the row side of WireArgs.
+void row_side(const Check& c, const DispatchRows& rows, const char* arg, const DispatchWire& w,
+              int64_t R, WireArgs& a) {
+  const std::string an(arg);
+  if (w.hidden > 0) {
+    c.shape(rows.data, an + ".data", R, w.hidden);
+    c.contiguous(rows.data, an + ".data");
+    a.rows_data = static_cast<uint8_t*>(rows.data.data);
+    a.data_bytes = w.data_bytes;
+    a.rows = R;
+    if (w.dtype == DType::E4M3) {
+      const int64_t tiles = (w.hidden + 127) / 128;
+      c.view(rows.scale, an + ".scale", {DType::F32});
+      c.shape(rows.scale, an + ".scale", tiles, R);
+      c.contiguous(rows.scale, an + ".scale");
+      c.same_device(rows.data, an + ".data", rows.scale, an + ".scale");
+      a.scale = WireScale::Col;
+    } else if (w.dtype == DType::E2M1x2) {
+      c.view(rows.scale, an + ".scale", {DType::E8M0});
+      c.shape(rows.scale, an + ".scale", R, w.hidden / 32);
+      c.contiguous(rows.scale, an + ".scale");
+      c.same_device(rows.data, an + ".data", rows.scale, an + ".scale");
+      a.scale = WireScale::Row;
+    } else {
+      c.that(!present(rows.scale), an + ".scale", cat("empty for ", to_string(w.dtype), " rows"),
+             "a tensor");
+    }
+    a.rows_scale = rows.scale.data;
+    a.scale_bytes = w.scale_bytes;
+  }
+  if (present(rows.prob)) {
+    c.view(rows.prob, an + ".prob", {DType::F32});
+    c.contiguous(rows.prob, an + ".prob");
+    if (w.hidden > 0) c.same_device(rows.data, an + ".data", rows.prob, an + ".prob");
+    a.prob = static_cast<float*>(rows.prob.data);
+    a.prob_len = rows.prob.numel();
+    a.prob_offset = w.prob_offset;
+  }
+}
+
+Device rows_device(const DispatchRows& r) {
+  return present(r.data) ? r.data.device : r.prob.device;
+}
+
+void check_wire_tensor(const Check& c, const TensorView& wire, const DispatchWire& w,
+                       int64_t min_rows, Device dev) {
+  c.view(wire, "wire");
+  c.that(is_byte_dtype(wire.dtype), "wire.dtype", "an 8-bit dtype (bytes)", to_string(wire.dtype));
+  c.contiguous(wire, "wire");
+  c.that(wire.cols == w.row_bytes, "wire.cols", cat(w.row_bytes, " (record bytes)"),
+         cat(wire.cols));
+  c.that(wire.rows >= min_rows, "wire.rows", cat("at least ", min_rows), cat(wire.rows));
+  c.that(wire.device == dev, "wire.device", to_string(dev), to_string(wire.device));
+}
+
+void check_map(const Check& c, const TensorView& map, const char* arg, int64_t n, Device dev) {
+  c.view(map, arg, {DType::I32});
+  c.contiguous(map, arg);
+  c.that(map.numel() >= n, arg, cat("at least ", n, " entries"), cat(map.numel()));
+  c.that(map.device == dev, cat(arg, ".device"), to_string(dev), to_string(map.device));
+}
+
+void require_cuda(const Check& c, std::initializer_list<std::pair<const void*, const char*>> ps,
+                  Device dev) {
+  if (dev != Device::Cuda) return;
+  detail::require_cuda_backend(c);
+  for (auto [p, name] : ps) {
+    if (!p) continue;
+    const TensorView t{const_cast<void*>(p), DType::E4M3, 1, 1, -1, Device::Cuda};
+    detail::require_device_pointer(c, t, name);
+  }
+}
+
+void aligned16(const Check& c, const void* p, const char* arg) {
+  const auto a = reinterpret_cast<uintptr_t>(p);
+  c.that(a % 16 == 0, arg, "a 16-byte aligned pointer",
+         cat("address ending 0x", std::hex, a % 256));
+}
+
+void run_pack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
+  if (a.wire_rows == 0) return;
+  if (dev == Device::Cpu) return ref::dispatch_pack(a);
+  require_cuda(c,
+               {{a.rows_data, "in.data"},
+                {a.rows_scale, "in.scale"},
+                {a.prob, "in.prob"},
+                {a.wire, "wire"},
+                {a.map, "map"}},
+               dev);
+  if (a.rows_data) aligned16(c, a.rows_data, "in.data");
+  aligned16(c, a.wire, "wire");
+  FP8FLOW_SM90(sm90::dispatch_pack(a, stream));
+  (void)stream;
+}
+
+void run_unpack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
+  if (a.map_rows == 0) return;
+  if (dev == Device::Cpu) return ref::dispatch_unpack(a);
+  require_cuda(c,
+               {{a.rows_data, "out.data"},
+                {a.rows_scale, "out.scale"},
+                {a.prob, "out.prob"},
+                {a.wire, "wire"},
+                {a.map, "map"}},
+               dev);
+  if (a.rows_data) aligned16(c, a.rows_data, "out.data");
+  aligned16(c, a.wire, "wire");
+  FP8FLOW_SM90(sm90::dispatch_unpack(a, stream));
+  (void)stream;
+}
+
+// Pack: validated WireArgs for rows `in` (R rows), map, k, into `wire_ptr` (n records).
+WireArgs pack_args(const Check& c, const DispatchRows& in, const DispatchWire& w,
+                   const TensorView& map, int k, void* wire_ptr, int64_t n) {
+  c.that(k >= 1, "k", "at least 1", cat(k));
+  WireArgs a;
+  const int64_t R = present(in.data) ? in.data.rows : 0;
+  row_side(c, in, "in", w, R, a);
+  check_map(c, map, "map", n, rows_device(in));
+  a.map = static_cast<const int32_t*>(map.data);
+  a.k = k;
+  a.wire = static_cast<uint8_t*>(wire_ptr);
+  a.wire_rows = n;
+  a.map_rows = n;
+  a.row_bytes = w.row_bytes;
+  return a;
+}
+
+}  // namespace
+
+// ---- Layout -------------------------------------------------------------------------------------
+
+DispatchLayout make_dispatch_layout(std::span<const int64_t> all_counts, int ranks, int rank,
+                                    int64_t experts, int align) {
+  const Check c("make_dispatch_layout");
+  c.that(ranks >= 1, "ranks", "at least 1", cat(ranks));
+  c.that(rank >= 0 && rank < ranks, "rank", cat("in [0, ", ranks, ")"), cat(rank));
+  c.that(experts >= 1 && experts % ranks == 0, "experts",
+         cat("a positive multiple of ranks (", ranks, ")"), cat(experts));
+  c.that(align >= 1 && align <= 128 && (align & (align - 1)) == 0, "align",
+         "a power of two in [1, 128]", cat(align));
+  c.that(static_cast<int64_t>(all_counts.size()) == int64_t{ranks} * experts, "all_counts",
+         cat(int64_t{ranks} * experts, " entries (ranks x experts)"), cat(all_counts.size()));
+  for (size_t i = 0; i < all_counts.size(); ++i)
+    c.that(all_counts[i] >= 0 && all_counts[i] < INT32_MAX, "all_counts", "entries in [0, 2^31)",
+           cat(all_counts[i], " at [", i / experts, "][", i % experts, "]"));
+  DispatchLayout l;
+  l.ranks = ranks;
+  l.rank = rank;
+  l.experts = experts;
+  const int64_t El = experts / ranks, N = ranks;
+  l.local_experts = El;
+  l.align = align;
+  l.counts.assign(all_counts.begin(), all_counts.end());
+  auto cnt = [&](int64_t s, int64_t e) { return l.counts[static_cast<size_t>(s * experts + e)]; };
+  auto pad = [&](int64_t n) { return (n + align - 1) / align * align; };
+
+  l.send_rows.assign(N, 0);
+  l.send_offsets.assign(N, 0);
+  l.recv_rows.assign(N, 0);
+  l.recv_offsets.assign(N, 0);
+  for (int64_t j = 0; j < N; ++j)
+    for (int64_t e = j * El; e < (j + 1) * El; ++e) l.send_rows[j] += cnt(rank, e);
+  for (int64_t s = 0; s < N; ++s)
+    for (int64_t e = rank * El; e < (rank + 1) * El; ++e) l.recv_rows[s] += cnt(s, e);
+  for (int64_t j = 1; j < N; ++j) {
+    l.send_offsets[j] = l.send_offsets[j - 1] + l.send_rows[j - 1];
+    l.recv_offsets[j] = l.recv_offsets[j - 1] + l.recv_rows[j - 1];
+  }
+  l.send_total = l.send_offsets[N - 1] + l.send_rows[N - 1];
+  l.recv_total = l.recv_offsets[N - 1] + l.recv_rows[N - 1];
+
+  l.tokens_per_expert.assign(El, 0);
+  l.m_splits.assign(El, 0);
+  l.offsets.assign(El + 1, 0);
+  for (int64_t e = 0; e < El; ++e) {
+    for (int64_t s = 0; s < N; ++s) l.tokens_per_expert[e] += cnt(s, rank * El + e);
+    l.m_splits[e] = pad(l.tokens_per_expert[e]);
+    l.offsets[e + 1] = l.offsets[e] + l.m_splits[e];
+  }
+  l.padded_rows = l.offsets[El];
+  for (int64_t r = 0; r < N; ++r) {
+    int64_t recv = 0, padded = 0;
+    for (int64_t e = r * El; e < (r + 1) * El; ++e) {
+      int64_t n = 0;
+      for (int64_t s = 0; s < N; ++s) n += cnt(s, e);
+      recv += n;
+      padded += pad(n);
+    }
+    l.max_recv_total = std::max(l.max_recv_total, recv);
+    l.max_padded_rows = std::max(l.max_padded_rows, padded);
+  }
+  c.that(l.max_padded_rows < INT32_MAX && l.send_total < INT32_MAX, "all_counts",
+         "row totals < 2^31 on every rank", cat(l.max_padded_rows));
+
+  // Map table (dispatch_map.h).
+  l.table.assign(static_cast<size_t>(detail::dispatch_table_size(El, N)), 0);
+  int64_t* off = l.table.data();
+  int64_t* pre = off + (El + 1);
+  int64_t* start = pre + El * (N + 1);
+  for (int64_t e = 0; e <= El; ++e) off[e] = l.offsets[e];
+  for (int64_t e = 0; e < El; ++e) {
+    pre[e * (N + 1)] = 0;
+    for (int64_t s = 0; s < N; ++s)
+      pre[e * (N + 1) + s + 1] = pre[e * (N + 1) + s] + cnt(s, rank * El + e);
+  }
+  for (int64_t s = 0; s < N; ++s) {
+    int64_t row = l.recv_offsets[s];
+    for (int64_t e = 0; e < El; ++e) {
+      start[e * N + s] = row;
+      row += cnt(s, rank * El + e);
+    }
+  }
+  return l;
+}
+
+DispatchLayout exchange_dispatch_counts(Communicator& comm, std::span<const int64_t> my_counts,
+                                        int64_t experts, int align, Stream stream) {
+  const Check c("exchange_dispatch_counts");
+  c.that(static_cast<int64_t>(my_counts.size()) == experts, "my_counts",
+         cat(experts, " entries (experts)"), cat(my_counts.size()));
+  const std::vector<int64_t> all = comm.all_gather(my_counts, stream);
+  return make_dispatch_layout(all, comm.size(), comm.rank(), experts, align);
+}
+
+int64_t dispatch_recv_row(const DispatchLayout& l, int64_t r) {
+  if (r < 0 || r >= l.padded_rows) return -1;
+  const detail::DispatchTable tb{l.table.data(), static_cast<int32_t>(l.local_experts),
+                                 static_cast<int32_t>(l.ranks)};
+  return detail::dispatch_recv_row(tb, r);
+}
+
+int64_t dispatch_max_recv_rows(int ranks, int64_t max_tokens, int64_t topk, int64_t local_experts) {
+  return int64_t{ranks} * max_tokens * std::min(topk, local_experts);
+}
+
+DispatchWire dispatch_wire(DType data_dtype, int64_t hidden, bool with_prob) {
+  const Check c("dispatch_wire");
+  DispatchWire w;
+  if (hidden == 0) {
+    c.that(with_prob, "with_prob", "true for a prob-only record (hidden == 0)", "false");
+    w.dtype = DType::F32;
+    w.prob_offset = 0;
+    w.row_bytes = 4;
+    return w;
+  }
+  w.dtype = data_dtype;
+  w.hidden = hidden;
+  switch (data_dtype) {
+    case DType::BF16:
+      c.that(hidden > 0 && hidden % 8 == 0, "hidden", "a positive multiple of 8 (BF16)",
+             cat(hidden));
+      w.data_bytes = 2 * hidden;
+      break;
+    case DType::F32:
+      c.that(hidden > 0 && hidden % 4 == 0, "hidden", "a positive multiple of 4 (F32)",
+             cat(hidden));
+      w.data_bytes = 4 * hidden;
+      break;
+    case DType::E4M3:
+      c.that(hidden > 0 && hidden % 16 == 0, "hidden", "a positive multiple of 16 (E4M3)",
+             cat(hidden));
+      w.data_bytes = hidden;
+      w.scale_bytes = 4 * ((hidden + 127) / 128);
+      break;
+    case DType::E2M1x2:
+      c.that(hidden > 0 && hidden % 128 == 0, "hidden", "a positive multiple of 128 (E2M1x2)",
+             cat(hidden));
+      w.data_bytes = hidden / 2;
+      w.scale_bytes = hidden / 32;
+      break;
+    default:
+      c.fail(ErrorKind::InvalidArgument, "data_dtype",
+             cat("expected BF16, F32, E4M3 or E2M1x2, got ", to_string(data_dtype)));
+  }
+  const int64_t used = w.data_bytes + w.scale_bytes;
+  if (with_prob) w.prob_offset = used;
+  w.row_bytes = align16(used + (with_prob ? 4 : 0));
+  return w;
+}
+
+// ---- Maps, pack, unpack ------------------------------------------------------------------------
+
+void make_dispatch_maps(const DispatchLayout& l, const TensorView& table,
+                        const TensorView& perm_to_recv, const TensorView& recv_to_perm,
+                        Stream stream) {
+  const Check c("make_dispatch_maps");
+  c.that(
+      static_cast<int64_t>(l.table.size()) == detail::dispatch_table_size(l.local_experts, l.ranks),
+      "layout.table", "the table of make_dispatch_layout", cat(l.table.size(), " entries"));
+  const Device dev = perm_to_recv.device;
+  check_map(c, perm_to_recv, "perm_to_recv", l.padded_rows, dev);
+  check_map(c, recv_to_perm, "recv_to_perm", l.recv_total, dev);
+  if (dev == Device::Cpu)
+    return ref::dispatch_maps(l, static_cast<int32_t*>(perm_to_recv.data), perm_to_recv.numel(),
+                              static_cast<int32_t*>(recv_to_perm.data));
+  c.view(table, "table", {DType::I64});
+  c.that(table.numel() >= static_cast<int64_t>(l.table.size()), "table",
+         cat("at least ", l.table.size(), " entries"), cat(table.numel()));
+  c.that(table.device == dev, "table.device", to_string(dev), to_string(table.device));
+  require_cuda(c,
+               {{table.data, "table"},
+                {perm_to_recv.data, "perm_to_recv"},
+                {recv_to_perm.data, "recv_to_perm"}},
+               dev);
+  FP8FLOW_SM90(sm90::dispatch_maps(l, static_cast<int64_t*>(table.data),
+                                   static_cast<int32_t*>(perm_to_recv.data), perm_to_recv.numel(),
+                                   static_cast<int32_t*>(recv_to_perm.data), stream));
+  (void)stream;
+}
+
+void dispatch_pack(const DispatchRows& in, const TensorView& map, int k, const TensorView& wire,
+                   Stream stream) {
+  const Check c("dispatch_pack");
+  const DispatchWire w = wire_of(c, in, "in");
+  const Device dev = rows_device(in);
+  check_wire_tensor(c, wire, w, wire.rows, dev);
+  WireArgs a = pack_args(c, in, w, map, k, wire.data, wire.rows);
+  run_pack(c, a, dev, stream);
+}
+
+void dispatch_unpack(const TensorView& wire, const TensorView& map, const DispatchRows& out,
+                     Stream stream) {
+  const Check c("dispatch_unpack");
+  const DispatchWire w = wire_of(c, out, "out");
+  const Device dev = rows_device(out);
+  check_wire_tensor(c, wire, w, 0, dev);
+  const int64_t R = present(out.data) ? out.data.rows : out.prob.numel();
+  WireArgs a;
+  row_side(c, out, "out", w, R, a);
+  if (present(out.prob))
+    c.that(out.prob.numel() == R, "out.prob", cat(R, " elements (out rows)"),
+           cat(out.prob.numel()));
+  if (present(map)) {
+    check_map(c, map, "map", R, dev);
+    a.map = static_cast<const int32_t*>(map.data);
+  }
+  a.wire = static_cast<uint8_t*>(wire.data);
+  a.wire_rows = wire.rows;
+  a.row_bytes = w.row_bytes;
+  a.map_rows = R;
+  run_unpack(c, a, dev, stream);
+}
+
+// ---- Collectives --------------------------------------------------------------------------------
+
+namespace {
+
+std::vector<int64_t> scaled(const std::vector<int64_t>& v, int64_t f) {
+  std::vector<int64_t> o(v.size());
+  for (size_t i = 0; i < v.size(); ++i) o[i] = v[i] * f;
+  return o;
+}
+
+void check_layout_comm(const Check& c, Communicator& comm, const DispatchLayout& l, Device dev) {
+  c.that(l.ranks == comm.size() && l.rank == comm.rank(), "layout",
+         cat("a layout of rank ", comm.rank(), " of ", comm.size()),
+         cat("rank ", l.rank, " of ", l.ranks));
+  c.that(comm.device() == dev, "comm", cat("a communicator on ", to_string(dev)),
+         cat("one on ", to_string(comm.device()), " (", comm.backend(), ")"));
+}
+
+void check_buffer(const Check& c, const void* p, size_t have, int64_t need, const char* arg) {
+  c.that(have >= static_cast<size_t>(need), cat(arg, "_bytes"), cat("at least ", need), cat(have));
+  if (need > 0) {
+    c.that(p != nullptr, arg, "a non-null pointer", "nullptr");
+    aligned16(c, p, arg);
+  }
+}
+
+}  // namespace
+
+void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
+              const TensorView& send_map, int k, const TensorView& perm_to_recv,
+              const DispatchRows& out, const DispatchBuffers& buf, Stream stream) {
+  const Check c("dispatch");
+  const DispatchWire w = wire_of(c, in, "in");
+  const DispatchWire wo = wire_of(c, out, "out");
+  c.that(wo.dtype == w.dtype && wo.hidden == w.hidden && wo.prob_offset == w.prob_offset, "out",
+         cat("rows of the same payload as in (", to_string(w.dtype), ", H ", w.hidden,
+             w.prob_offset >= 0 ? ", with prob)" : ", no prob)"),
+         cat(to_string(wo.dtype), ", H ", wo.hidden,
+             wo.prob_offset >= 0 ? ", with prob" : ", no prob"));
+  const Device dev = rows_device(in);
+  check_layout_comm(c, comm, l, dev);
+  const int64_t B = w.row_bytes;
+  check_buffer(c, buf.send, buf.send_bytes, l.send_total * B, "buffers.send");
+  check_buffer(c, buf.recv, buf.recv_bytes, l.recv_total * B, "buffers.recv");
+  const int64_t M = present(out.data) ? out.data.rows : out.prob.numel();
+  c.that(M >= l.padded_rows, "out", cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(M));
+  if (present(in.prob) && present(in.data))
+    c.that(in.prob.numel() == in.data.rows * k, "in.prob",
+           cat(in.data.rows * k, " elements (T x k, the top-k weights)"), cat(in.prob.numel()));
+
+  WireArgs pa = pack_args(c, in, w, send_map, k, buf.send, l.send_total);
+  run_pack(c, pa, dev, stream);
+  comm.all_to_all_v(buf.send, scaled(l.send_rows, B), scaled(l.send_offsets, B), buf.recv,
+                    scaled(l.recv_rows, B), scaled(l.recv_offsets, B), stream);
+  WireArgs ua;
+  row_side(c, out, "out", wo, M, ua);
+  check_map(c, perm_to_recv, "perm_to_recv", M, dev);
+  ua.map = static_cast<const int32_t*>(perm_to_recv.data);
+  ua.wire = static_cast<uint8_t*>(buf.recv);
+  ua.wire_rows = l.recv_total;
+  ua.row_bytes = B;
+  ua.map_rows = M;
+  run_unpack(c, ua, dev, stream);
+}
+
+void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
+             const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buf,
+             Stream stream) {
+  const Check c("combine");
+  c.that(!present(in.scale), "in.scale", "empty (combine moves BF16/F32 rows or a prob vector)",
+         "a tensor");
+  c.that(present(in.data) != present(in.prob), "in",
+         "either rows (in.data, BF16/F32) or a prob vector (in.prob), not both", "both or none");
+  if (present(in.data)) c.view(in.data, "in.data", {DType::BF16, DType::F32});
+  const DispatchWire w = wire_of(c, in, "in");
+  const Device dev = rows_device(in);
+  check_layout_comm(c, comm, l, dev);
+  const int64_t B = w.row_bytes;
+  if (w.hidden > 0) {
+    c.that(w.row_bytes == w.data_bytes, "in.data", "rows of a multiple of 16 bytes",
+           cat(w.data_bytes, " bytes"));
+    c.view(out, "out", {in.data.dtype});
+    c.shape(out, "out", l.send_total, w.hidden);
+    c.contiguous(out, "out");
+    c.that(in.data.rows >= l.padded_rows, "in.data",
+           cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(in.data.rows));
+  } else {
+    c.view(out, "out", {DType::F32});
+    c.contiguous(out, "out");
+    c.that(out.numel() == l.send_total, "out", cat(l.send_total, " elements (send_total)"),
+           cat(out.numel()));
+  }
+  c.that(out.device == dev, "out.device", to_string(dev), to_string(out.device));
+  check_buffer(c, buf.send, buf.send_bytes, l.recv_total * B, "buffers.send");
+  if (dev == Device::Cuda && l.send_total > 0) aligned16(c, out.data, "out");
+  WireArgs pa = pack_args(c, in, w, recv_to_perm, 1, buf.send, l.recv_total);
+  run_pack(c, pa, dev, stream);
+  comm.all_to_all_v(buf.send, scaled(l.recv_rows, B), scaled(l.recv_offsets, B), out.data,
+                    scaled(l.send_rows, B), scaled(l.send_offsets, B), stream);
+}
+
+}  // namespace fp8flow

@@ -1,0 +1,97 @@
+// CPU reference backend of the dispatch ops: plain byte loops defining what the CUDA kernels must
+// produce bit for bit (bytes move unchanged; pad rows as permute writes them).
+#include <cstring>
+
+#include "fp8flow/formats.h"
+#include "ops/dispatch/dispatch_backends.h"
+#include "ops/dispatch/dispatch_map.h"
+
+namespace fp8flow::ref {
+namespace {
+
+using detail::WireArgs;
+using detail::WireScale;
+
+// Copies one row's scales between the row tensor (row `row`) and a record (at `rec`).
+void scales_to_record(const WireArgs& a, int64_t row, uint8_t* rec) {
+  if (a.scale == WireScale::Col) {
+    const int64_t tiles = a.scale_bytes / 4;
+    const float* s = static_cast<const float*>(a.rows_scale);
+    for (int64_t b = 0; b < tiles; ++b) std::memcpy(rec + 4 * b, &s[b * a.rows + row], 4);
+  } else if (a.scale == WireScale::Row) {
+    std::memcpy(rec, static_cast<const uint8_t*>(a.rows_scale) + row * a.scale_bytes,
+                static_cast<size_t>(a.scale_bytes));
+  }
+}
+
+void record_to_scales(const WireArgs& a, const uint8_t* rec, int64_t row) {
+  if (a.scale == WireScale::Col) {
+    const int64_t tiles = a.scale_bytes / 4;
+    float* s = static_cast<float*>(a.rows_scale);
+    for (int64_t b = 0; b < tiles; ++b) {
+      if (rec) {
+        std::memcpy(&s[b * a.rows + row], rec + 4 * b, 4);
+      } else {
+        s[b * a.rows + row] = fmt::exp2i(fmt::kMinScaleExp);  // 2^-127, as permute's pad rows
+      }
+    }
+  } else if (a.scale == WireScale::Row) {
+    uint8_t* d = static_cast<uint8_t*>(a.rows_scale) + row * a.scale_bytes;
+    if (rec)
+      std::memcpy(d, rec, static_cast<size_t>(a.scale_bytes));
+    else
+      std::memset(d, 0, static_cast<size_t>(a.scale_bytes));
+  }
+}
+
+}  // namespace
+
+void dispatch_pack(const WireArgs& a) {
+  for (int64_t i = 0; i < a.wire_rows; ++i) {
+    uint8_t* rec = a.wire + i * a.row_bytes;
+    std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
+    const int32_t m = a.map[i];
+    const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
+    if (m < 0 || m >= limit) continue;  // a zero record, as the kernel writes
+    const int64_t row = m / a.k;
+    if (a.rows_data)
+      std::memcpy(rec, a.rows_data + row * a.data_bytes, static_cast<size_t>(a.data_bytes));
+    scales_to_record(a, row, rec + a.data_bytes);
+    if (a.prob_offset >= 0 && m < a.prob_len) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
+  }
+}
+
+void dispatch_unpack(const WireArgs& a) {
+  for (int64_t r = 0; r < a.map_rows; ++r) {
+    const int64_t q = a.map ? a.map[r] : r;
+    const bool valid = q >= 0 && q < a.wire_rows;
+    const uint8_t* rec = valid ? a.wire + q * a.row_bytes : nullptr;
+    if (a.rows_data) {
+      uint8_t* d = a.rows_data + r * a.data_bytes;
+      if (valid)
+        std::memcpy(d, rec, static_cast<size_t>(a.data_bytes));
+      else
+        std::memset(d, 0, static_cast<size_t>(a.data_bytes));
+    }
+    record_to_scales(a, valid ? rec + a.data_bytes : nullptr, r);
+    if (a.prob_offset >= 0) {
+      if (valid)
+        std::memcpy(&a.prob[r], rec + a.prob_offset, 4);
+      else
+        a.prob[r] = 0.0f;
+    }
+  }
+}
+
+void dispatch_maps(const DispatchLayout& l, int32_t* perm_to_recv, int64_t perm_len,
+                   int32_t* recv_to_perm) {
+  const detail::DispatchTable tb{l.table.data(), static_cast<int32_t>(l.local_experts),
+                                 static_cast<int32_t>(l.ranks)};
+  for (int64_t r = 0; r < perm_len; ++r) {
+    const int64_t q = r < l.padded_rows ? detail::dispatch_recv_row(tb, r) : -1;
+    perm_to_recv[r] = static_cast<int32_t>(q);
+    if (q >= 0) recv_to_perm[q] = static_cast<int32_t>(r);
+  }
+}
+
+}  // namespace fp8flow::ref

@@ -1,0 +1,229 @@
+// sm_90a backend of the dispatch ops: pack (rows -> wire records, a gather), unpack (records ->
+// permuted rows, pad rows written), and the row maps.
+//
+// Pack / unpack: one CTA (256 threads) per 32 records / rows. The 32 row indices are resolved
+// once into shared memory; then the CTA streams the rows' data as 16-byte vectors (4 in flight per
+// thread, loads issued before stores), then the record tails (scales, prob, zero pad) as 4-byte
+// words. FP8 column scales ([tiles][rows], rows contiguous) are read (pack) / written (unpack) with
+// consecutive threads on consecutive rows of one tile, so the permuted side's scale writes are
+// coalesced; the record side is row-contiguous.
+// Napkin math (FP8 + prob, 32768 records, H = 7168, record 7408 B): pack reads 7168 + 224 + 4 B per
+// row (gathered; X fits L2 at T = 4096) and writes 7408 B: ~485 MB moved, ~0.2 ms at 2.5 TB/s;
+// unpack the same plus ~240 pad rows. BF16 (14352 B records) twice that, MXFP4 (3824 B) half.
+// Bench: `fp8flow-bench comm` (dispatch rows, "pack"/"unpack" columns).
+#include <cuda_runtime.h>
+
+#include <algorithm>
+
+#include "common/cuda_check.h"
+#include "fp8flow/formats.h"
+#include "ops/dispatch/dispatch_backends.h"
+#include "ops/dispatch/dispatch_map.h"
+
+namespace fp8flow::sm90 {
+namespace {
+
+using detail::WireArgs;
+using detail::WireScale;
+
+constexpr int kThreads = 256;
+constexpr int kRowsPerCta = 32;
+constexpr int kUnroll = 4;
+
+cudaStream_t cu(Stream s) {
+  return reinterpret_cast<cudaStream_t>(s);
+}
+
+// NOTES: row indices of the CTA's 32 rows are resolved once (map reads are scattered int32 loads)
+// so the data loop is pure address arithmetic; divisions by the chunk count per row use the
+// hardware integer path (a few instructions, far below the memory time of a 16-byte access).
+__global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ WireArgs a) {
+  __shared__ int32_t s_row[kRowsPerCta];  // source row, -1: zero record
+  __shared__ int32_t s_map[kRowsPerCta];  // map entry (prob index), -1: none
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta;
+  const int n = static_cast<int>(a.wire_rows - r0 < kRowsPerCta ? a.wire_rows - r0 : kRowsPerCta);
+  const int tid = threadIdx.x;
+  if (tid < n) {
+    const int32_t m = a.map[r0 + tid];
+    const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
+    const bool valid = m >= 0 && m < limit;
+    s_row[tid] = valid ? m / a.k : -1;
+    s_map[tid] = valid ? m : -1;
+  }
+  __syncthreads();
+
+  const int64_t cpr = a.data_bytes / 16;  // 16-byte chunks per row
+  const int64_t chunks = n * cpr;
+  for (int64_t c0 = tid; c0 < chunks; c0 += static_cast<int64_t>(kThreads) * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u) * kThreads;
+      v[u] = make_uint4(0, 0, 0, 0);
+      if (c < chunks) {
+        const int row = static_cast<int>(c / cpr);
+        const int64_t col = c - row * cpr;
+        const int32_t src = s_row[row];
+        if (src >= 0)
+          v[u] = __ldg(reinterpret_cast<const uint4*>(a.rows_data + src * a.data_bytes) + col);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u) * kThreads;
+      if (c < chunks) {
+        const int row = static_cast<int>(c / cpr);
+        const int64_t col = c - row * cpr;
+        reinterpret_cast<uint4*>(a.wire + (r0 + row) * a.row_bytes)[col] = v[u];
+      }
+    }
+  }
+
+  // Record tails: scales, prob, zero pad, as 4-byte words.
+  const int64_t tail_words = (a.row_bytes - a.data_bytes) / 4;
+  const int64_t scale_words = a.scale_bytes / 4;
+  const int64_t prob_word = a.prob_offset >= 0 ? (a.prob_offset - a.data_bytes) / 4 : -1;
+  const int64_t words = n * tail_words;
+  for (int64_t c = tid; c < words; c += kThreads) {
+    // Column scales: consecutive threads take consecutive rows of one word (tile).
+    const int row = static_cast<int>(c % n);
+    const int64_t w = c / n;
+    const int32_t src = s_row[row];
+    uint32_t val = 0;
+    if (w < scale_words) {
+      if (src >= 0) {
+        if (a.scale == WireScale::Col)
+          val = __ldg(static_cast<const uint32_t*>(a.rows_scale) + w * a.rows + src);
+        else
+          val = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.rows_scale) +
+                                                        src * a.scale_bytes) +
+                      w);
+      }
+    } else if (w == prob_word) {
+      const int32_t m = s_map[row];
+      if (m >= 0 && m < a.prob_len) val = __float_as_uint(__ldg(a.prob + m));
+    }
+    reinterpret_cast<uint32_t*>(a.wire + (r0 + row) * a.row_bytes + a.data_bytes)[w] = val;
+  }
+}
+
+__global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant__ WireArgs a) {
+  __shared__ int32_t s_rec[kRowsPerCta];  // record, -1: pad row
+  const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta;
+  const int n = static_cast<int>(a.map_rows - r0 < kRowsPerCta ? a.map_rows - r0 : kRowsPerCta);
+  const int tid = threadIdx.x;
+  if (tid < n) {
+    const int64_t q = a.map ? a.map[r0 + tid] : r0 + tid;
+    s_rec[tid] = q >= 0 && q < a.wire_rows ? static_cast<int32_t>(q) : -1;
+  }
+  __syncthreads();
+
+  const int64_t cpr = a.data_bytes / 16;
+  const int64_t chunks = n * cpr;
+  for (int64_t c0 = tid; c0 < chunks; c0 += static_cast<int64_t>(kThreads) * kUnroll) {
+    uint4 v[kUnroll];
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u) * kThreads;
+      v[u] = make_uint4(0, 0, 0, 0);
+      if (c < chunks) {
+        const int row = static_cast<int>(c / cpr);
+        const int64_t col = c - row * cpr;
+        const int32_t q = s_rec[row];
+        if (q >= 0) v[u] = __ldg(reinterpret_cast<const uint4*>(a.wire + q * a.row_bytes) + col);
+      }
+    }
+#pragma unroll
+    for (int u = 0; u < kUnroll; ++u) {
+      const int64_t c = c0 + static_cast<int64_t>(u) * kThreads;
+      if (c < chunks) {
+        const int row = static_cast<int>(c / cpr);
+        const int64_t col = c - row * cpr;
+        reinterpret_cast<uint4*>(a.rows_data + (r0 + row) * a.data_bytes)[col] = v[u];
+      }
+    }
+  }
+
+  const int64_t scale_words = a.scale_bytes / 4;
+  if (a.scale == WireScale::Col) {
+    const uint32_t pad = __float_as_uint(fmt::exp2i(fmt::kMinScaleExp));  // 2^-127
+    float* out = static_cast<float*>(a.rows_scale);
+    for (int64_t c = tid; c < n * scale_words; c += kThreads) {
+      const int row = static_cast<int>(c % n);
+      const int64_t w = c / n;
+      const int32_t q = s_rec[row];
+      const uint32_t val =
+          q >= 0
+              ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
+                      w)
+              : pad;
+      reinterpret_cast<uint32_t*>(out)[w * a.rows + r0 + row] = val;
+    }
+  } else if (a.scale == WireScale::Row) {
+    uint8_t* out = static_cast<uint8_t*>(a.rows_scale);
+    for (int64_t c = tid; c < n * scale_words; c += kThreads) {
+      const int row = static_cast<int>(c / scale_words);
+      const int64_t w = c - row * scale_words;
+      const int32_t q = s_rec[row];
+      const uint32_t val =
+          q >= 0
+              ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
+                      w)
+              : 0u;
+      reinterpret_cast<uint32_t*>(out + (r0 + row) * a.scale_bytes)[w] = val;
+    }
+  }
+  if (a.prob_offset >= 0 && tid < n) {
+    const int32_t q = s_rec[tid];
+    a.prob[r0 + tid] =
+        q >= 0 ? __ldg(reinterpret_cast<const float*>(a.wire + q * a.row_bytes + a.prob_offset))
+               : 0.0f;
+  }
+}
+
+__global__ void maps_kernel(const int64_t* table, int32_t experts, int32_t ranks,
+                            int64_t padded_rows, int32_t* perm_to_recv, int64_t perm_len,
+                            int32_t* recv_to_perm) {
+  const detail::DispatchTable tb{table, experts, ranks};
+  for (int64_t r = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; r < perm_len;
+       r += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = r < padded_rows ? detail::dispatch_recv_row(tb, r) : -1;
+    perm_to_recv[r] = static_cast<int32_t>(q);
+    if (q >= 0) recv_to_perm[q] = static_cast<int32_t>(r);
+  }
+}
+
+int grid_for(int64_t rows) {
+  return static_cast<int>((rows + kRowsPerCta - 1) / kRowsPerCta);
+}
+
+}  // namespace
+
+void dispatch_pack(const WireArgs& a, Stream stream) {
+  if (a.wire_rows == 0) return;
+  pack_kernel<<<grid_for(a.wire_rows), kThreads, 0, cu(stream)>>>(a);
+  FP8FLOW_CUDA_CHECK_LAUNCH("dispatch_pack");
+}
+
+void dispatch_unpack(const WireArgs& a, Stream stream) {
+  if (a.map_rows == 0) return;
+  unpack_kernel<<<grid_for(a.map_rows), kThreads, 0, cu(stream)>>>(a);
+  FP8FLOW_CUDA_CHECK_LAUNCH("dispatch_unpack");
+}
+
+void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,
+                   int64_t perm_len, int32_t* recv_to_perm, Stream stream) {
+  // NOTES: a pageable-memory async copy is staged by the driver before this call returns, so the
+  // layout's vector may die right after; the table is a few KB.
+  FP8FLOW_CUDA_CHECK("make_dispatch_maps",
+                     cudaMemcpyAsync(table_dev, l.table.data(), l.table.size() * sizeof(int64_t),
+                                     cudaMemcpyHostToDevice, cu(stream)));
+  if (perm_len == 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>((perm_len + 255) / 256, 4096));
+  maps_kernel<<<blocks, 256, 0, cu(stream)>>>(table_dev, static_cast<int32_t>(l.local_experts),
+                                              static_cast<int32_t>(l.ranks), l.padded_rows,
+                                              perm_to_recv, perm_len, recv_to_perm);
+  FP8FLOW_CUDA_CHECK_LAUNCH("make_dispatch_maps");
+}
+
+}  // namespace fp8flow::sm90

@@ -1,0 +1,512 @@
+// Dispatch / combine on the CPU: the counts layout against a direct construction (random routing,
+// empty experts, all pairs on one expert, a rank receiving nothing, token counts not multiple of
+// anything), the wire format, and the whole dispatch -> combine round trip on N simulated ranks
+// (explicit byte exchange between the ranks' buffers, no communicator) against the single-GPU
+// permute / unpermute of the same global routing: bit for bit, for BF16, FP8 and MXFP4 payloads.
+// Bad inputs name the op and the argument.
+#include <gtest/gtest.h>
+
+#include <cstring>
+#include <numeric>
+#include <random>
+#include <vector>
+
+#include "../permute/permute_test_util.h"
+#include "common/test_util.h"
+#include "fp8flow/dispatch.h"
+#include "fp8flow/permute.h"
+
+namespace fp8flow::test {
+namespace {
+
+// Per-rank counts [ranks][E] from each rank's routing.
+std::vector<int64_t> counts_of(const std::vector<std::vector<int32_t>>& idx, int64_t E) {
+  std::vector<int64_t> c(idx.size() * E, 0);
+  for (size_t s = 0; s < idx.size(); ++s)
+    for (int32_t e : idx[s])
+      if (e >= 0 && e < E) ++c[s * E + e];
+  return c;
+}
+
+// Direct construction of the permuted -> received map of rank r.
+std::vector<int64_t> direct_map(const std::vector<int64_t>& cnt, int N, int r, int64_t E,
+                                int align) {
+  const int64_t El = E / N;
+  std::vector<int64_t> recv_off(N + 1, 0);
+  for (int s = 0; s < N; ++s) {
+    int64_t n = 0;
+    for (int64_t e = r * El; e < (r + 1) * El; ++e) n += cnt[s * E + e];
+    recv_off[s + 1] = recv_off[s] + n;
+  }
+  std::vector<int64_t> map;
+  for (int64_t e = 0; e < El; ++e) {
+    int64_t n = 0;
+    for (int s = 0; s < N; ++s) {
+      int64_t first = recv_off[s];
+      for (int64_t e2 = r * El; e2 < r * El + e; ++e2) first += cnt[s * E + e2];
+      for (int64_t i = 0; i < cnt[s * E + r * El + e]; ++i) map.push_back(first + i);
+      n += cnt[s * E + r * El + e];
+    }
+    for (int64_t p = n; p % align != 0; ++p) map.push_back(-1);
+  }
+  return map;
+}
+
+void check_layout(const std::vector<int64_t>& cnt, int N, int64_t E, int align) {
+  std::vector<int64_t> sent_total(N, 0), recv_total(N, 0);
+  for (int r = 0; r < N; ++r) {
+    SCOPED_TRACE(::testing::Message()
+                 << "rank " << r << " of " << N << ", E " << E << ", align " << align);
+    const DispatchLayout l = make_dispatch_layout(cnt, N, r, E, align);
+    const std::vector<int64_t> want = direct_map(cnt, N, r, E, align);
+    ASSERT_EQ(l.padded_rows, static_cast<int64_t>(want.size()));
+    for (int64_t p = 0; p < l.padded_rows; ++p) ASSERT_EQ(dispatch_recv_row(l, p), want[p]) << p;
+    EXPECT_EQ(dispatch_recv_row(l, l.padded_rows), -1);
+    // Every received row lands exactly once.
+    std::vector<int> seen(l.recv_total, 0);
+    for (int64_t q : want)
+      if (q >= 0) ++seen[q];
+    for (int64_t q = 0; q < l.recv_total; ++q) ASSERT_EQ(seen[q], 1) << q;
+    // The device-side maps (CPU backend) agree.
+    HostTensor p2r(DType::I32, 1, l.padded_rows + 3), r2p(DType::I32, 1, l.recv_total + 1);
+    make_dispatch_maps(l, {}, p2r.v, r2p.v);
+    for (int64_t p = 0; p < l.padded_rows + 3; ++p)
+      ASSERT_EQ(p2r.ptr<int32_t>()[p], p < l.padded_rows ? want[p] : -1);
+    for (int64_t p = 0; p < l.padded_rows; ++p)
+      if (want[p] >= 0) ASSERT_EQ(r2p.ptr<int32_t>()[want[p]], p);
+    // Sizes.
+    int64_t ms = 0;
+    for (int64_t e = 0; e < l.local_experts; ++e) {
+      EXPECT_EQ(l.m_splits[e] % align, 0);
+      EXPECT_EQ(l.offsets[e], ms);
+      ms += l.m_splits[e];
+    }
+    EXPECT_EQ(ms, l.padded_rows);
+    sent_total[r] = l.send_total;
+    recv_total[r] = l.recv_total;
+    for (int j = 0; j < N; ++j) {
+      const DispatchLayout lj = make_dispatch_layout(cnt, N, j, E, align);
+      EXPECT_EQ(l.send_rows[j], lj.recv_rows[r]) << "rank " << r << " -> " << j;
+      EXPECT_EQ(l.max_recv_total, lj.max_recv_total);
+    }
+  }
+  EXPECT_EQ(std::accumulate(sent_total.begin(), sent_total.end(), int64_t{0}),
+            std::accumulate(recv_total.begin(), recv_total.end(), int64_t{0}));
+}
+
+TEST(DispatchLayout, MatchesDirectConstruction) {
+  for (int N : {1, 2, 3, 4}) {
+    for (int64_t El : {1, 2, 5}) {
+      const int64_t E = El * N;
+      for (int align : {1, 16}) {
+        std::vector<std::vector<int32_t>> idx;
+        for (int s = 0; s < N; ++s)
+          idx.push_back(route_uniform(37 + 11 * s, std::min<int64_t>(3, E), E, 7 * s + N));
+        check_layout(counts_of(idx, E), N, E, align);
+      }
+    }
+  }
+}
+
+TEST(DispatchLayout, AdversarialCounts) {
+  const int N = 4;
+  const int64_t E = 8;
+  // All pairs of every rank on one expert (rank 2's first).
+  std::vector<int64_t> one(N * E, 0);
+  for (int s = 0; s < N; ++s) one[s * E + 4] = 100 + s;
+  check_layout(one, N, E, 16);
+  // Nothing at all.
+  check_layout(std::vector<int64_t>(N * E, 0), N, E, 16);
+  // Rank 1 receives nothing, rank 3 sends nothing, empty experts inside segments.
+  std::vector<int64_t> c(N * E, 0);
+  for (int s = 0; s < 3; ++s)
+    for (int64_t e : {0, 1, 5, 7}) c[s * E + e] = 3 * s + e + 1;
+  check_layout(c, N, E, 8);
+  const DispatchLayout l1 = make_dispatch_layout(c, N, 1, E, 8);
+  EXPECT_EQ(l1.recv_total, 0);
+  EXPECT_EQ(l1.padded_rows, 0);
+  const DispatchLayout l3 = make_dispatch_layout(c, N, 3, E, 8);
+  EXPECT_EQ(l3.send_total, 0);
+}
+
+TEST(DispatchLayout, WireFormat) {
+  const DispatchWire bf = dispatch_wire(DType::BF16, 7168, true);
+  const DispatchWire f8 = dispatch_wire(DType::E4M3, 7168, true);
+  const DispatchWire mx = dispatch_wire(DType::E2M1x2, 7168, true);
+  EXPECT_EQ(bf.row_bytes, 14352);
+  EXPECT_EQ(f8.row_bytes, 7408);
+  EXPECT_EQ(f8.scale_bytes, 224);
+  EXPECT_EQ(f8.prob_offset, 7168 + 224);
+  EXPECT_EQ(mx.row_bytes, 3824);
+  EXPECT_EQ(dispatch_wire(DType::BF16, 7168, false).row_bytes, 14336);
+  EXPECT_EQ(dispatch_wire(DType::E4M3, 144, false).row_bytes, 160);  // 144 + 8 -> 16s
+  const DispatchWire p = dispatch_wire(DType::F32, 0, true);
+  EXPECT_EQ(p.row_bytes, 4);
+  EXPECT_EQ(p.prob_offset, 0);
+  EXPECT_EQ(dispatch_max_recv_rows(4, 100, 8, 2), 800);
+}
+
+// ---------------------------------------------------------------------------------------------
+// N simulated ranks, one thread of control: each step of every rank runs in turn, and the
+// all-to-all is a byte copy between the ranks' buffers.
+
+void exchange(const std::vector<DispatchLayout>& ls, const std::vector<std::vector<uint8_t>>& send,
+              std::vector<std::vector<uint8_t>>& recv, int64_t B, bool reverse) {
+  const int N = static_cast<int>(ls.size());
+  for (int r = 0; r < N; ++r) {
+    for (int s = 0; s < N; ++s) {
+      // s -> r: forward uses s's send_rows[r] at send_offsets[r], landing at r's recv_offsets[s].
+      const int64_t n = reverse ? ls[s].recv_rows[r] : ls[s].send_rows[r];
+      const int64_t src = reverse ? ls[s].recv_offsets[r] : ls[s].send_offsets[r];
+      const int64_t dst = reverse ? ls[r].send_offsets[s] : ls[r].recv_offsets[s];
+      const int64_t expect = reverse ? ls[r].send_rows[s] : ls[r].recv_rows[s];
+      ASSERT_EQ(n, expect);
+      if (n) std::memcpy(recv[r].data() + dst * B, send[s].data() + src * B, n * B);
+    }
+  }
+}
+
+struct Plan {
+  HostTensor tpe, off, dest, src, inv;
+  PermutationPlan p;
+  Plan(int64_t T, int64_t k, int64_t E, int align)
+      : tpe(DType::I32, 1, E),
+        off(DType::I64, 1, E + 1),
+        dest(DType::I32, T, k),
+        src(DType::I32, 1, permutation_max_rows(T, k, E, align)),
+        inv(DType::I32, 1, 1) {
+    p = {tpe.v, off.v, dest.v, src.v, inv.v};
+  }
+  int64_t rows() const {
+    return off.buf.empty() ? 0 : reinterpret_cast<const int64_t*>(off.buf.data())[off.v.cols - 1];
+  }
+};
+
+HostTensor random_bytes(DType d, int64_t r, int64_t c, uint64_t seed) {
+  HostTensor h(d, r, c);
+  std::mt19937_64 rng(seed);
+  for (auto& b : h.buf) b = static_cast<uint8_t>(rng());
+  return h;
+}
+
+HostTensor slice_rows(const HostTensor& t, int64_t r0, int64_t n) {
+  HostTensor o(t.v.dtype, n, t.v.cols);
+  std::memcpy(o.buf.data(), t.buf.data() + r0 * t.v.row_bytes(), n * t.v.row_bytes());
+  return o;
+}
+
+// Columns [c0, c0 + n) of a [rows][cols] tensor (the FP8 scales of a row range).
+HostTensor slice_cols(const HostTensor& t, int64_t c0, int64_t n) {
+  HostTensor o(t.v.dtype, t.v.rows, n);
+  const size_t el = dtype_bits(t.v.dtype) / 8;
+  for (int64_t r = 0; r < t.v.rows; ++r)
+    std::memcpy(o.buf.data() + r * n * el, t.buf.data() + (r * t.v.cols + c0) * el, n * el);
+  return o;
+}
+
+enum class Kind { Bf16, Fp8, Mx };
+
+struct RoundTripCase {
+  int N = 2;
+  int64_t El = 2, H = 256, k = 2;
+  std::vector<int64_t> T;  // tokens per rank
+  Kind kind = Kind::Fp8;
+  bool probs = true;
+  int align = 16;
+  int routing = 0;  // 0 uniform, 1 skewed, 2 all on expert 1, 3 rank 0's experts get nothing
+  uint64_t seed = 1;
+};
+
+void round_trip(const RoundTripCase& cs) {
+  const int N = cs.N;
+  const int64_t El = cs.El, E = El * N, H = cs.H, k = cs.k;
+  const DType dd = cs.kind == Kind::Bf16  ? DType::BF16
+                   : cs.kind == Kind::Fp8 ? DType::E4M3
+                                          : DType::E2M1x2;
+  // Routing and inputs per rank; the global problem is their concatenation.
+  std::vector<std::vector<int32_t>> idx(N);
+  std::vector<int32_t> gidx;
+  int64_t Tg = 0;
+  for (int s = 0; s < N; ++s) {
+    const int64_t T = cs.T[s];
+    switch (cs.routing) {
+      case 0:
+        idx[s] = route_uniform(T, k, E, cs.seed * 100 + s);
+        break;
+      case 1:
+        idx[s] = route_skewed(T, k, E, cs.seed * 100 + s);
+        break;
+      case 2:
+        idx[s] = route_constant(T, k, 1);
+        break;
+      default: {
+        idx[s] = route_uniform(T, k, E, cs.seed * 100 + s);
+        for (auto& e : idx[s])
+          if (e < El) e = static_cast<int32_t>(El + e % (E - El));
+      }
+    }
+    gidx.insert(gidx.end(), idx[s].begin(), idx[s].end());
+    Tg += T;
+  }
+  HostTensor gx = random_bytes(dd, Tg, H, cs.seed + 1);
+  const int64_t tiles = (H + 127) / 128;
+  HostTensor gsc = cs.kind == Kind::Fp8  ? random_bytes(DType::F32, tiles, Tg, cs.seed + 2)
+                   : cs.kind == Kind::Mx ? random_bytes(DType::E8M0, Tg, H / 32, cs.seed + 2)
+                                         : HostTensor();
+  std::vector<float> wv = make_values(Tg, k, Fill::Normal, cs.seed + 3);
+  HostTensor gw = host_from_values(wv, DType::F32, Tg, k);
+
+  // Single-GPU reference: the global plan and permute.
+  HostTensor gidx_t(DType::I32, Tg, k);
+  std::memcpy(gidx_t.buf.data(), gidx.data(), gidx.size() * 4);
+  Plan gp(Tg, k, E, cs.align);
+  make_permutation(gidx_t.v, E, gp.p, nullptr, 0, {cs.align});
+  const int64_t Mg = gp.rows();
+  HostTensor gxp(dd, Mg, H), gprob(DType::F32, 1, Mg);
+  HostTensor gscp = cs.kind == Kind::Fp8  ? HostTensor(DType::F32, tiles, Mg)
+                    : cs.kind == Kind::Mx ? HostTensor(DType::E8M0, Mg, H / 32)
+                                          : HostTensor();
+  PermutationPlan gpl = gp.p;
+  gpl.src_slot.cols = Mg;
+  const PermuteProbs gpr = cs.probs ? PermuteProbs{gw.v, gprob.v} : PermuteProbs{};
+  if (cs.kind == Kind::Bf16)
+    permute(gx.v, gxp.v, gpl, gpr);
+  else
+    permute(
+        ScaledTensor{
+            gx.v, gsc.v, cs.kind == Kind::Mx ? ScaleLayout::Mx1x32 : ScaleLayout::Rowwise1x128, {}},
+        ScaledTensor{gxp.v,
+                     gscp.v,
+                     cs.kind == Kind::Mx ? ScaleLayout::Mx1x32 : ScaleLayout::Rowwise1x128,
+                     {}},
+        gpl, gpr);
+  // Expert outputs (random BF16) and their single-GPU combine.
+  HostTensor gyp = random_bytes(DType::BF16, Mg, H, cs.seed + 4);
+  for (size_t i = 0; i < gyp.buf.size(); i += 2) gyp.buf[i + 1] &= 0x3F;  // finite, |v| < 2
+  HostTensor gy(DType::BF16, Tg, H);
+  unpermute(gyp.v, gy.v, gpl);
+  HostTensor gdprob =
+      host_from_values(make_values(1, Mg, Fill::Normal, cs.seed + 5), DType::F32, 1, Mg);
+  HostTensor gdw(DType::F32, Tg, k);
+  permute_probs_backward(gdprob.v, gpl, gdw.v);
+  const int64_t* goff = reinterpret_cast<const int64_t*>(gp.off.buf.data());
+
+  // EP: per-rank source plans (align 1 over E), layouts, pack.
+  std::vector<Plan> sp;
+  std::vector<DispatchLayout> ls;
+  std::vector<HostTensor> x(N), sc(N), w(N);
+  int64_t t0 = 0;
+  std::vector<int64_t> tok0(N);
+  for (int s = 0; s < N; ++s) {
+    const int64_t T = cs.T[s];
+    tok0[s] = t0;
+    HostTensor it(DType::I32, T, k);
+    std::memcpy(it.buf.data(), idx[s].data(), idx[s].size() * 4);
+    sp.emplace_back(T, k, E, 1);
+    make_permutation(it.v, E, sp.back().p, nullptr, 0, {1});
+    x[s] = slice_rows(gx, t0, T);
+    w[s] = slice_rows(gw, t0, T);
+    if (cs.kind == Kind::Fp8) sc[s] = slice_cols(gsc, t0, T);
+    if (cs.kind == Kind::Mx) sc[s] = slice_rows(gsc, t0, T);
+    t0 += T;
+  }
+  const std::vector<int64_t> cnt = counts_of(idx, E);
+  for (int s = 0; s < N; ++s) ls.push_back(make_dispatch_layout(cnt, N, s, E, cs.align));
+  for (int s = 0; s < N; ++s) {
+    std::vector<int64_t> mine(cnt.begin() + s * E, cnt.begin() + (s + 1) * E);
+    for (int64_t e = 0; e < E; ++e)
+      ASSERT_EQ(mine[e], reinterpret_cast<const int32_t*>(sp[s].tpe.buf.data())[e]);
+  }
+  const DispatchWire wire = dispatch_wire(dd, H, cs.probs);
+  const int64_t B = wire.row_bytes;
+  std::vector<std::vector<uint8_t>> send(N), recv(N);
+  for (int s = 0; s < N; ++s) {
+    send[s].assign(std::max<int64_t>(1, ls[s].send_total) * B, 0xA5);
+    recv[s].assign(std::max<int64_t>(1, ls[s].recv_total) * B, 0xA5);
+    const DispatchRows in{x[s].v, sc[s].v, cs.probs ? w[s].v : TensorView{}};
+    const TensorView wt{send[s].data(), DType::E4M3, ls[s].send_total, B, -1, Device::Cpu};
+    dispatch_pack(in, sp[s].src.v, static_cast<int>(k), wt);
+  }
+  exchange(ls, send, recv, B, false);
+
+  // Expert side: unpack into the permuted layout and compare with the global permute.
+  std::vector<HostTensor> p2r(N), r2p(N), yp(N), dpr(N);
+  for (int r = 0; r < N; ++r) {
+    SCOPED_TRACE(::testing::Message() << "expert rank " << r);
+    const DispatchLayout& l = ls[r];
+    p2r[r] = HostTensor(DType::I32, 1, l.padded_rows + 5);
+    r2p[r] = HostTensor(DType::I32, 1, std::max<int64_t>(1, l.recv_total));
+    make_dispatch_maps(l, {}, p2r[r].v, r2p[r].v);
+    const int64_t M = l.padded_rows + 5;  // extra rows: written as pad rows
+    HostTensor xp(dd, M, H), prob(DType::F32, 1, M);
+    HostTensor scp = cs.kind == Kind::Fp8  ? HostTensor(DType::F32, tiles, M)
+                     : cs.kind == Kind::Mx ? HostTensor(DType::E8M0, M, H / 32)
+                                           : HostTensor();
+    const TensorView wt{recv[r].data(), DType::E4M3, l.recv_total, B, -1, Device::Cpu};
+    dispatch_unpack(wt, p2r[r].v, DispatchRows{xp.v, scp.v, cs.probs ? prob.v : TensorView{}});
+    const int64_t m0 = goff[r * El], Ml = goff[(r + 1) * El] - m0;
+    ASSERT_EQ(Ml, l.padded_rows);
+    EXPECT_TRUE(bytes_equal(slice_rows(xp, 0, Ml), slice_rows(gxp, m0, Ml)));
+    HostTensor zero_pad(dd, 5, H, 0);
+    EXPECT_TRUE(bytes_equal(slice_rows(xp, Ml, 5), zero_pad));
+    if (cs.kind == Kind::Fp8) {
+      EXPECT_TRUE(bytes_equal(slice_cols(scp, 0, Ml), slice_cols(gscp, m0, Ml)));
+      for (int64_t b = 0; b < tiles; ++b)
+        for (int64_t i = Ml; i < M; ++i)
+          EXPECT_EQ(scp.ptr<float>()[b * M + i], std::ldexp(1.0f, -127));
+    }
+    if (cs.kind == Kind::Mx)
+      EXPECT_TRUE(bytes_equal(slice_rows(scp, 0, Ml), slice_rows(gscp, m0, Ml)));
+    if (cs.probs) {
+      EXPECT_TRUE(bytes_equal(slice_cols(prob, 0, Ml), slice_cols(gprob, m0, Ml)));
+      for (int64_t i = Ml; i < M; ++i) EXPECT_EQ(prob.ptr<float>()[i], 0.0f);
+    }
+    yp[r] = slice_rows(gyp, m0, Ml);
+    dpr[r] = slice_cols(gdprob, m0, Ml);
+  }
+
+  // Combine: rows and a prob vector back, then unpermute / permute_probs_backward per source.
+  const DispatchWire rw = dispatch_wire(DType::BF16, H, false);
+  std::vector<std::vector<uint8_t>> csend(N), crecv(N), psend(N), precv(N);
+  for (int r = 0; r < N; ++r) {
+    const DispatchLayout& l = ls[r];
+    csend[r].assign(std::max<int64_t>(1, l.recv_total) * rw.row_bytes, 0xA5);
+    crecv[r].assign(std::max<int64_t>(1, l.send_total) * rw.row_bytes, 0xA5);
+    psend[r].assign(std::max<int64_t>(1, l.recv_total) * 4, 0xA5);
+    precv[r].assign(std::max<int64_t>(1, l.send_total) * 4, 0xA5);
+    dispatch_pack(
+        DispatchRows{yp[r].v, {}, {}}, r2p[r].v, 1,
+        TensorView{csend[r].data(), DType::E4M3, l.recv_total, rw.row_bytes, -1, Device::Cpu});
+    dispatch_pack(DispatchRows{{}, {}, dpr[r].v}, r2p[r].v, 1,
+                  TensorView{psend[r].data(), DType::E4M3, l.recv_total, 4, -1, Device::Cpu});
+  }
+  exchange(ls, csend, crecv, rw.row_bytes, true);
+  exchange(ls, psend, precv, 4, true);
+  for (int s = 0; s < N; ++s) {
+    SCOPED_TRACE(::testing::Message() << "source rank " << s);
+    const int64_t T = cs.T[s], n = ls[s].send_total;
+    HostTensor y(DType::BF16, T, H), dw(DType::F32, T, k);
+    unpermute(TensorView{crecv[s].data(), DType::BF16, n, H, -1, Device::Cpu}, y.v, sp[s].p);
+    permute_probs_backward(TensorView{precv[s].data(), DType::F32, 1, n, -1, Device::Cpu}, sp[s].p,
+                           dw.v);
+    EXPECT_TRUE(bytes_equal(y, slice_rows(gy, tok0[s], T)));
+    EXPECT_TRUE(bytes_equal(dw, slice_rows(gdw, tok0[s], T)));
+  }
+}
+
+TEST(Dispatch, RoundTripEqualsSingleGpuPermute) {
+  for (Kind kind : {Kind::Bf16, Kind::Fp8, Kind::Mx}) {
+    for (int N : {1, 2, 3, 4}) {
+      for (int routing : {0, 1, 2, 3}) {
+        if (routing == 3 && N == 1) continue;
+        RoundTripCase cs;
+        cs.N = N;
+        cs.kind = kind;
+        cs.routing = routing;
+        cs.El = routing == 1 ? 3 : 2;
+        cs.k = routing == 0 ? 3 : 2;
+        cs.H = kind == Kind::Mx ? 256 : (kind == Kind::Fp8 ? 144 : 200);
+        cs.probs = (N + routing) % 2 == 0;
+        for (int s = 0; s < N; ++s) cs.T.push_back(s == 1 ? 1 : 13 + 7 * s);
+        cs.seed = 10 * N + routing;
+        SCOPED_TRACE(::testing::Message()
+                     << "kind " << int(kind) << " N " << N << " routing " << routing);
+        round_trip(cs);
+      }
+    }
+  }
+}
+
+TEST(Dispatch, RoundTripAlignOneAndLargerK) {
+  RoundTripCase cs;
+  cs.N = 4;
+  cs.El = 3;
+  cs.k = 8;
+  cs.align = 1;
+  cs.T = {5, 0, 9, 2};
+  cs.kind = Kind::Fp8;
+  cs.H = 384;
+  round_trip(cs);
+  cs.align = 128;
+  cs.kind = Kind::Bf16;
+  cs.H = 64;
+  round_trip(cs);
+}
+
+// ---------------------------------------------------------------------------------------------
+void expect_error(const std::function<void()>& f, const std::string& op, const std::string& arg) {
+  try {
+    f();
+    ADD_FAILURE() << "no error (" << op << ", " << arg << ")";
+  } catch (const Error& e) {
+    const std::string m = e.what();
+    EXPECT_NE(m.find("fp8flow::" + op + ":"), std::string::npos) << m;
+    EXPECT_NE(m.find(arg), std::string::npos) << m;
+  }
+}
+
+TEST(Dispatch, BadInputs) {
+  std::vector<int64_t> cnt(2 * 4, 1);
+  expect_error([&] { make_dispatch_layout(cnt, 2, 0, 5, 16); }, "make_dispatch_layout", "experts");
+  expect_error([&] { make_dispatch_layout(cnt, 2, 2, 4, 16); }, "make_dispatch_layout", "rank");
+  expect_error([&] { make_dispatch_layout(cnt, 2, 0, 4, 12); }, "make_dispatch_layout", "align");
+  expect_error([&] { make_dispatch_layout(std::vector<int64_t>(7, 1), 2, 0, 4, 16); },
+               "make_dispatch_layout", "all_counts");
+  std::vector<int64_t> neg = cnt;
+  neg[3] = -1;
+  expect_error([&] { make_dispatch_layout(neg, 2, 0, 4, 16); }, "make_dispatch_layout",
+               "all_counts");
+  expect_error([&] { dispatch_wire(DType::E4M3, 100, true); }, "dispatch_wire", "hidden");
+  expect_error([&] { dispatch_wire(DType::E2M1x2, 96, true); }, "dispatch_wire", "hidden");
+  expect_error([&] { dispatch_wire(DType::I32, 128, true); }, "dispatch_wire", "data_dtype");
+  expect_error([&] { dispatch_wire(DType::BF16, 0, false); }, "dispatch_wire", "with_prob");
+
+  HostTensor x(DType::E4M3, 4, 128), sc(DType::F32, 1, 4), w(DType::F32, 4, 2);
+  HostTensor map(DType::I32, 1, 8), wire(DType::E4M3, 8, 144), bad_wire(DType::E4M3, 8, 160);
+  for (int i = 0; i < 8; ++i) map.ptr<int32_t>()[i] = i;
+  dispatch_pack({x.v, sc.v, w.v}, map.v, 2, wire.v);  // valid
+  expect_error(
+      [&] {
+        dispatch_pack({x.v, sc.v, w.v}, map.v, 2, bad_wire.v);
+      },
+      "dispatch_pack", "wire.cols");
+  HostTensor wire_bf(DType::BF16, 8, 72);
+  expect_error(
+      [&] {
+        dispatch_pack({x.v, sc.v, w.v}, map.v, 2, wire_bf.v);
+      },
+      "dispatch_pack", "wire.dtype");
+  HostTensor sc_bad(DType::F32, 2, 4);
+  expect_error(
+      [&] {
+        dispatch_pack({x.v, sc_bad.v, w.v}, map.v, 2, wire.v);
+      },
+      "dispatch_pack", "in.scale");
+  HostTensor short_map(DType::I32, 1, 3);
+  expect_error(
+      [&] {
+        dispatch_pack({x.v, sc.v, w.v}, short_map.v, 2, wire.v);
+      },
+      "dispatch_pack", "map");
+  expect_error([&] { dispatch_pack({x.v, sc.v, w.v}, map.v, 0, wire.v); }, "dispatch_pack", "k");
+  HostTensor xb(DType::BF16, 4, 128);
+  expect_error(
+      [&] {
+        HostTensor wire256(DType::E4M3, 8, 256);
+        dispatch_pack({xb.v, sc.v, {}}, map.v, 1, wire256.v);
+      },
+      "dispatch_pack", "in.scale");
+  expect_error(
+      [&] {
+        dispatch_unpack(bad_wire.v, map.v, {x.v, sc.v, {}});
+      },
+      "dispatch_unpack", "wire.cols");
+  expect_error([&] { dispatch_pack({{}, {}, {}}, map.v, 1, wire.v); }, "dispatch_pack", "in.prob");
+  const DispatchLayout l = make_dispatch_layout(cnt, 2, 0, 4, 16);
+  HostTensor p2r(DType::I32, 1, 3), r2p(DType::I32, 1, 64);
+  expect_error([&] { make_dispatch_maps(l, {}, p2r.v, r2p.v); }, "make_dispatch_maps",
+               "perm_to_recv");
+}
+
+}  // namespace
+}  // namespace fp8flow::test

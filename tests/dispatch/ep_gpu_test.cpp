@@ -1,0 +1,284 @@
+// GPU tests of the dispatch ops and the expert-parallel layer.
+// - DispatchGpu.KernelsMatchCpu (1 GPU): pack, unpack and the row maps on the device against the
+//   CPU reference, bit for bit (FP8 / MXFP4 / BF16 / prob-only records, pad rows, gaps).
+// - EpLayerGpu.MatchesSingleGpu (>= 2 GPUs, NCCL): one process, one thread per GPU, NCCL
+//   communicators from one unique id; the EP layer on 2 (and 4 when present) GPUs against the
+//   comm-less layer on GPU 0 over the concatenated tokens: y, dx and each rank's dW1/dW2 slice bit
+//   for bit for bf16, fp8-blockwise and fp8-flow; fp8-flow-mxfp4 against the 1-rank EP layer.
+//   dgate: sum over ranks vs the single-GPU one (FP32 order).
+// Both skip with a printed reason where the hardware is missing.
+#include <gtest/gtest.h>
+
+#include <cmath>
+#include <cstring>
+#include <exception>
+#include <random>
+#include <thread>
+#include <vector>
+
+#include "common/test_util.h"
+#include "fp8flow/comm.h"
+#include "fp8flow/dispatch.h"
+#include "fp8flow/moe.h"
+
+namespace fp8flow::test {
+namespace {
+
+#if FP8FLOW_WITH_CUDA
+
+int gpu_count() {
+  int n = 0;
+  if (!cuda_available() || cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+}
+
+HostTensor random_bytes(DType d, int64_t r, int64_t c, uint64_t seed) {
+  HostTensor h(d, r, c);
+  std::mt19937_64 rng(seed);
+  for (auto& b : h.buf) b = static_cast<uint8_t>(rng());
+  return h;
+}
+
+TEST(DispatchGpu, KernelsMatchCpu) {
+  FP8FLOW_REQUIRE_GPU();
+  // Layout of rank 1 of 3 with empty experts and a rank sending nothing.
+  const int N = 3;
+  const int64_t E = 6;
+  std::vector<int64_t> cnt = {5, 0, 7, 1, 0, 3, 0, 0, 0, 0, 0, 0, 2, 9, 0, 40, 1, 0};
+  const DispatchLayout l = make_dispatch_layout(cnt, N, 1, E, 16);
+  HostTensor p2r(DType::I32, 1, l.padded_rows + 7), r2p(DType::I32, 1, l.recv_total);
+  make_dispatch_maps(l, {}, p2r.v, r2p.v);
+  DeviceTensor table(DType::I64, 1, static_cast<int64_t>(l.table.size()));
+  DeviceTensor dp2r(DType::I32, 1, l.padded_rows + 7), dr2p(DType::I32, 1, l.recv_total);
+  make_dispatch_maps(l, table.v, dp2r.v, dr2p.v);
+  EXPECT_TRUE(bytes_equal(dp2r.to_host(), p2r));
+  EXPECT_TRUE(bytes_equal(dr2p.to_host(), r2p));
+
+  for (DType dd : {DType::E4M3, DType::E2M1x2, DType::BF16, DType::F32}) {
+    for (bool prob : {true, false}) {
+      SCOPED_TRACE(::testing::Message() << to_string(dd) << (prob ? " + prob" : ""));
+      const int64_t T = 77, k = 3, H = dd == DType::E2M1x2 ? 640 : 400, n = 150;
+      const DispatchWire w = dispatch_wire(dd, H, prob);
+      HostTensor x = random_bytes(dd, T, H, 1);
+      HostTensor sc = dd == DType::E4M3     ? random_bytes(DType::F32, (H + 127) / 128, T, 2)
+                      : dd == DType::E2M1x2 ? random_bytes(DType::E8M0, T, H / 32, 2)
+                                            : HostTensor();
+      HostTensor pr = random_bytes(DType::F32, T, k, 3);
+      HostTensor map(DType::I32, 1, n);
+      std::mt19937 rng(4);
+      for (int64_t i = 0; i < n; ++i)
+        map.ptr<int32_t>()[i] = i % 17 == 5 ? -1 : static_cast<int32_t>(rng() % (T * k));
+      HostTensor wire(DType::E4M3, n, w.row_bytes);
+      dispatch_pack({x.v, sc.v, prob ? pr.v : TensorView{}}, map.v, static_cast<int>(k), wire.v);
+      DeviceTensor dx(x), dpr(pr), dmap(map), dwire(DType::E4M3, n, w.row_bytes);
+      DeviceTensor dsc = sc.buf.empty() ? DeviceTensor() : DeviceTensor(sc);
+      dispatch_pack({dx.v, dsc.v, prob ? dpr.v : TensorView{}}, dmap.v, static_cast<int>(k),
+                    dwire.v);
+      EXPECT_TRUE(bytes_equal(dwire.to_host(), wire)) << "pack";
+      // Unpack with a map that has pad rows and out-of-range entries.
+      const int64_t R = 190;
+      HostTensor umap(DType::I32, 1, R);
+      for (int64_t r = 0; r < R; ++r)
+        umap.ptr<int32_t>()[r] = r % 11 == 3 ? -1 : static_cast<int32_t>((r * 7) % (n + 4));
+      HostTensor ox(dd, R, H), op(DType::F32, 1, R);
+      HostTensor os = dd == DType::E4M3     ? HostTensor(DType::F32, (H + 127) / 128, R)
+                      : dd == DType::E2M1x2 ? HostTensor(DType::E8M0, R, H / 32)
+                                            : HostTensor();
+      dispatch_unpack(wire.v, umap.v, {ox.v, os.v, prob ? op.v : TensorView{}});
+      DeviceTensor dumap(umap), dox(dd, R, H), dop(DType::F32, 1, R);
+      DeviceTensor dos =
+          os.buf.empty() ? DeviceTensor() : DeviceTensor(os.v.dtype, os.v.rows, os.v.cols);
+      dispatch_unpack(dwire.v, dumap.v, {dox.v, dos.v, prob ? dop.v : TensorView{}});
+      EXPECT_TRUE(bytes_equal(dox.to_host(), ox)) << "unpack data";
+      if (!os.buf.empty()) EXPECT_TRUE(bytes_equal(dos.to_host(), os)) << "unpack scales";
+      if (prob) EXPECT_TRUE(bytes_equal(dop.to_host(), op)) << "unpack prob";
+    }
+  }
+  // Prob-only records.
+  HostTensor dp = random_bytes(DType::F32, 1, 50, 9), map(DType::I32, 1, 40);
+  for (int i = 0; i < 40; ++i) map.ptr<int32_t>()[i] = (i * 13) % 50;
+  HostTensor wire(DType::E4M3, 40, 4);
+  dispatch_pack({{}, {}, dp.v}, map.v, 1, wire.v);
+  DeviceTensor ddp(dp), dmap(map), dwire(DType::E4M3, 40, 4);
+  dispatch_pack({{}, {}, ddp.v}, dmap.v, 1, dwire.v);
+  EXPECT_TRUE(bytes_equal(dwire.to_host(), wire));
+}
+
+// ---------------------------------------------------------------------------------------------
+// The EP layer on N GPUs vs the layer on GPU 0.
+
+struct Problem {
+  std::vector<int64_t> T;
+  int64_t H = 1024, F = 512, Eg = 8;
+  RouterConfig router = RouterConfig::softmax_topk(2, true);
+  uint64_t seed = 3;
+  int64_t tg() const {
+    int64_t s = 0;
+    for (auto t : T) s += t;
+    return s;
+  }
+  int64_t tmax() const {
+    int64_t s = 0;
+    for (auto t : T) s = std::max(s, t);
+    return s;
+  }
+};
+
+std::vector<float> normal(int64_t n, float sd, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::normal_distribution<float> nd(0.f, sd);
+  std::vector<float> v(static_cast<size_t>(n));
+  for (auto& f : v) f = nd(rng);
+  return v;
+}
+
+struct Global {
+  Problem p;
+  HostTensor x, dy, gate, w1, w2;
+};
+
+struct Out {
+  HostTensor y, dx, dw1, dw2, dgate;
+};
+
+HostTensor rows(const HostTensor& t, int64_t r0, int64_t n) {
+  HostTensor o(t.v.dtype, n, t.v.cols);
+  std::memcpy(o.buf.data(), t.buf.data() + r0 * t.v.row_bytes(), n * t.v.row_bytes());
+  return o;
+}
+
+// Runs on the current device: tokens [t0, t0 + T), experts [e0, e0 + El).
+Out run_layer(const Global& g, Recipe r, Communicator* comm, int ep, int64_t t0, int64_t T,
+              int64_t e0, int64_t El, int64_t max_tokens) {
+  const Problem& p = g.p;
+  const int64_t H = p.H, F = p.F;
+  cudaStream_t st = nullptr;
+  EXPECT_EQ(cudaStreamCreate(&st), cudaSuccess);
+  const Stream stream = reinterpret_cast<Stream>(st);
+  DeviceTensor gate(g.gate), w1(rows(g.w1, e0 * 2 * F, El * 2 * F)), w2(rows(g.w2, e0 * H, El * H));
+  DeviceTensor x(rows(g.x, t0, T)), dy(rows(g.dy, t0, T));
+  DeviceTensor y(DType::BF16, T, H), dx(DType::BF16, T, H), dw1(DType::F32, El * 2 * F, H),
+      dw2(DType::F32, El * H, F), dgate(DType::F32, p.Eg, H);
+  MoEConfig c;
+  c.hidden = H;
+  c.ffn = F;
+  c.experts = p.Eg;
+  c.router = p.router;
+  c.recipe = r;
+  c.max_tokens = max_tokens;
+  c.ep_size = ep;
+  Out o;
+  {
+    MoELayer layer(c, MoEWeights{gate.v, {}, w1.v, w2.v}, comm, stream);
+    MoEContext ctx = layer.make_context();
+    layer.forward(x.v, y.v, ctx, {}, stream);
+    layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dgate.v, {}}, ctx, stream);
+    EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+  }
+  o.y = y.to_host();
+  o.dx = dx.to_host();
+  o.dw1 = dw1.to_host();
+  o.dw2 = dw2.to_host();
+  o.dgate = dgate.to_host();
+  cudaStreamDestroy(st);
+  return o;
+}
+
+// N threads, thread q on GPU q with an NCCL communicator of N ranks.
+std::vector<Out> run_ep(const Global& g, Recipe r, int N, bool all_tokens_on_one = false) {
+  const NcclUniqueIdBytes id = nccl_unique_id();
+  std::vector<Out> outs(N);
+  std::vector<std::exception_ptr> errs(N);
+  std::vector<std::thread> th;
+  for (int q = 0; q < N; ++q)
+    th.emplace_back([&, q] {
+      try {
+        if (cudaSetDevice(q) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
+        auto comm = make_nccl_communicator(id, q, N);
+        int64_t t0 = 0;
+        for (int s = 0; s < q; ++s) t0 += g.p.T[s];
+        const int64_t El = g.p.Eg / N;
+        if (all_tokens_on_one)
+          outs[q] = run_layer(g, r, comm.get(), N, 0, g.p.tg(), 0, g.p.Eg, g.p.tg());
+        else
+          outs[q] = run_layer(g, r, comm.get(), N, t0, g.p.T[q], q * El, El, g.p.tmax());
+      } catch (...) {
+        errs[q] = std::current_exception();
+      }
+    });
+  for (auto& t : th) t.join();
+  cudaSetDevice(0);
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
+  return outs;
+}
+
+double rel_rms_f32(const HostTensor& a, const HostTensor& b) {
+  double num = 0, den = 0;
+  const float* x = reinterpret_cast<const float*>(a.buf.data());
+  const float* y = reinterpret_cast<const float*>(b.buf.data());
+  for (int64_t i = 0; i < a.v.numel(); ++i) {
+    num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
+    den += double(y[i]) * y[i];
+  }
+  return std::sqrt(num / std::max(den, 1e-30));
+}
+
+void compare(const Problem& p, const std::vector<Out>& ep, const Out& ref) {
+  const int N = static_cast<int>(ep.size());
+  const int64_t El = p.Eg / N;
+  int64_t t0 = 0;
+  HostTensor sum(DType::F32, p.Eg, p.H, 0);
+  for (int q = 0; q < N; ++q) {
+    SCOPED_TRACE(::testing::Message() << "rank " << q << " of " << N);
+    const int64_t T = N == 1 ? p.tg() : p.T[q];
+    EXPECT_TRUE(bytes_equal(ep[q].y, rows(ref.y, t0, T))) << "y";
+    EXPECT_TRUE(bytes_equal(ep[q].dx, rows(ref.dx, t0, T))) << "dx";
+    EXPECT_TRUE(bytes_equal(ep[q].dw1, rows(ref.dw1, q * El * 2 * p.F, El * 2 * p.F))) << "dw1";
+    EXPECT_TRUE(bytes_equal(ep[q].dw2, rows(ref.dw2, q * El * p.H, El * p.H))) << "dw2";
+    for (int64_t i = 0; i < sum.v.numel(); ++i)
+      sum.ptr<float>()[i] += reinterpret_cast<const float*>(ep[q].dgate.buf.data())[i];
+    t0 += T;
+  }
+  EXPECT_LT(rel_rms_f32(sum, ref.dgate), 1e-5) << "dgate";
+}
+
+TEST(EpLayerGpu, MatchesSingleGpu) {
+  if (!built_with_nccl()) GTEST_SKIP() << "built without NCCL: EP GPU test skipped";
+  const int gpus = gpu_count();
+  if (gpus < 2)
+    GTEST_SKIP() << "needs >= 2 CUDA devices, found " << gpus << ": EP GPU test skipped";
+  for (int N : {2, 4}) {
+    if (N > gpus) {
+      std::printf("EpLayerGpu: %d GPUs present, EP %d skipped\n", gpus, N);
+      continue;
+    }
+    Problem p;
+    p.T = N == 2 ? std::vector<int64_t>{300, 177} : std::vector<int64_t>{129, 1, 256, 200};
+    if (N == 4) p.router = RouterConfig::softmax_topk(4, false);
+    Global g{p, {}, {}, {}, {}, {}};
+    const int64_t T = p.tg(), H = p.H, F = p.F, E = p.Eg;
+    g.x = host_from_values(normal(T * H, 1.f, p.seed), DType::BF16, T, H);
+    g.dy = host_from_values(normal(T * H, 1.f, p.seed + 1), DType::BF16, T, H);
+    g.gate =
+        host_from_values(normal(E * H, 1.f / std::sqrt(float(H)), p.seed + 2), DType::F32, E, H);
+    g.w1 = host_from_values(normal(E * 2 * F * H, 1.f / std::sqrt(float(H)), p.seed + 3),
+                            DType::BF16, E * 2 * F, H);
+    g.w2 = host_from_values(normal(E * H * F, 1.f / std::sqrt(float(F)), p.seed + 4), DType::BF16,
+                            E * H, F);
+    for (Recipe r : {Recipe::Bf16, Recipe::Fp8Blockwise, Recipe::Fp8Flow, Recipe::Fp8FlowMxfp4}) {
+      SCOPED_TRACE(::testing::Message() << to_string(r) << ", EP " << N);
+      cudaSetDevice(0);
+      const bool mx = r == Recipe::Fp8FlowMxfp4;
+      // Reference on GPU 0: the comm-less layer, or (mxfp4) the 1-rank EP layer.
+      const Out ref = mx ? run_ep(g, r, 1, /*all_tokens_on_one=*/true)[0]
+                         : run_layer(g, r, nullptr, 1, 0, T, 0, E, T);
+      compare(p, run_ep(g, r, N), ref);
+    }
+  }
+}
+
+#endif  // FP8FLOW_WITH_CUDA
+
+}  // namespace
+}  // namespace fp8flow::test
