@@ -51,22 +51,24 @@ using detail::cat;
 
 static_assert(sizeof(ncclUniqueId) == sizeof(NcclUniqueIdBytes), "NCCL unique id size changed");
 
-// Poll pacing: the first polls only yield (most InProgress states clear within microseconds),
-// then sleeps that grow from 10 us to 1 ms, so a long wait does not burn a core.
+// Poll pacing: the first 100 us only yield (an all_gather of counts or an InProgress state
+// usually clears within tens of microseconds, and a sleep would overshoot it), then sleeps that
+// grow from 20 us to 1 ms, so a long wait does not burn a core.
 class Backoff {
  public:
   void pause() {
-    if (n_ < 32) {
+    const auto spent = Clock::now() - start_;
+    if (spent < std::chrono::microseconds(100)) {
       std::this_thread::yield();
-    } else {
-      const int us = std::min(1000, 10 * (n_ - 31));
-      std::this_thread::sleep_for(std::chrono::microseconds(us));
+      return;
     }
-    ++n_;
+    sleep_us_ = std::min(1000, sleep_us_ + 20);
+    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us_));
   }
 
  private:
-  int n_ = 0;
+  Clock::time_point start_ = Clock::now();
+  int sleep_us_ = 0;
 };
 
 std::string nccl_text(ncclResult_t r, ncclComm_t comm) {
