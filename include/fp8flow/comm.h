@@ -1,8 +1,8 @@
 // Expert-parallel communication: a small communicator interface with three implementations.
 //
 //   NCCL        wraps an ncclComm_t the caller made (e.g. the PyTorch front-end), or one
-//   bootstrapped
-//               by fp8flow (MPI in the C++ tools; a unique id the caller broadcasts otherwise).
+//               bootstrapped by fp8flow (MPI in the C++ tools; a unique id the caller broadcasts
+//               otherwise).
 //               Data on the Cuda device; collectives are asynchronous on the given stream.
 //               Non-blocking NCCL with a timeout: a peer that dies or never arrives makes the call
 //               throw fp8flow::Error(ErrorKind::Comm) after `timeout_ms` (the communicator is
@@ -10,17 +10,30 @@
 //   InProcess   N simulated ranks in one process, one thread per rank, host (Cpu) memory: what the
 //               CPU test suite uses to run dispatch/combine and the layer with EP > 1 without NCCL.
 //               Collectives rendezvous between the N threads; a rank that does not arrive within
-//               the timeout makes the others throw ErrorKind::Comm.
+//               the timeout makes the others throw ErrorKind::Comm, and so does a rank that
+//               throws anything (in a collective, even InvalidArgument, or in its own code) or
+//               returns while others wait for it: the group is aborted at once, no waiting.
 //
 // Collectives (all ranks call them in the same order, as with NCCL):
 //   all_to_all_v  bytes: rank i sends send_bytes[j] bytes from send + send_offsets[j] to rank j,
 //                 and receives recv_bytes[j] bytes from rank j at recv + recv_offsets[j]. Counts
 //                 and offsets are host arrays of size() entries; the caller knows recv_bytes (from
 //                 a counts exchange). Grouped point-to-point send/recv under NCCL.
-//   all_gather    a small host int64 vector per rank -> the concatenation of all ranks' vectors
-//                 (rank order). Synchronizes the host (it is for counts and config checks).
+//                 Offsets/counts are validated locally (size() entries, >= 0, non-null buffers
+//                 when bytes move: InvalidArgument). InProcess also checks that every rank's
+//                 recv_bytes[j] equals what rank j sends (Comm error naming both ranks) and that
+//                 receive ranges do not overlap; NCCL cannot check across ranks (a mismatch ends
+//                 in an NCCL error or the timeout). InProcess copies synchronously; NCCL is
+//                 asynchronous on `stream` (buffers must stay valid until the stream passes it).
+//   all_gather    a small host int64 vector per rank, the same count on every rank -> the
+//                 concatenation of all ranks' vectors (rank order). Synchronizes the host (it is
+//                 for counts and config checks). A rank passing another count: Comm error.
 //   barrier       host synchronization of all ranks.
 // Errors: fp8flow::Error naming "fp8flow::Communicator::<call>", the argument, expected and got.
+// After a Comm error (timeout, a peer failed, NCCL error) the communicator is unusable: every
+// later call throws ErrorKind::Comm with the first reason. Under NCCL a watchdog thread times
+// each collective from when it starts on the GPU; on timeout it aborts an owned communicator,
+// which also releases a caller blocked in cudaStreamSynchronize behind the stuck collective.
 // Thread safety: one communicator is used by one thread at a time.
 #pragma once
 
@@ -74,8 +87,10 @@ NcclUniqueIdBytes nccl_unique_id();
 // returned object).
 std::unique_ptr<Communicator> make_nccl_communicator(const NcclUniqueIdBytes& id, int rank,
                                                      int size, int64_t timeout_ms = 120000);
-// Wraps an existing ncclComm_t (passed as void*; not owned, not destroyed). If it was made
-// blocking, the timeout cannot interrupt a stuck collective (documented limitation).
+// Wraps an existing ncclComm_t (passed as void*; not owned, never destroyed nor aborted: on a
+// timeout the wrapper fails and throws, and the owner must ncclCommAbort it). If it was made
+// blocking, the timeout cannot interrupt NCCL calls that block (documented limitation). Use it on
+// the communicator's device (rank/size/device are read from it).
 std::unique_ptr<Communicator> wrap_nccl_communicator(void* nccl_comm, int64_t timeout_ms = 120000);
 // MPI bootstrap for the C++ tools (`mpirun -np N ...`): rank/size from MPI_COMM_WORLD, the unique
 // id broadcast by MPI, device = local rank. Available when built with FP8FLOW_WITH_MPI; otherwise

@@ -51,22 +51,24 @@ using detail::cat;
 
 static_assert(sizeof(ncclUniqueId) == sizeof(NcclUniqueIdBytes), "NCCL unique id size changed");
 
-// Poll pacing: the first polls only yield (most InProgress states clear within microseconds),
-// then sleeps that grow from 10 us to 1 ms, so a long wait does not burn a core.
+// Poll pacing: the first 100 us only yield (an all_gather of counts or an InProgress state
+// usually clears within tens of microseconds, and a sleep would overshoot it), then sleeps that
+// grow from 20 us to 1 ms, so a long wait does not burn a core.
 class Backoff {
  public:
   void pause() {
-    if (n_ < 32) {
+    const auto spent = Clock::now() - start_;
+    if (spent < std::chrono::microseconds(100)) {
       std::this_thread::yield();
-    } else {
-      const int us = std::min(1000, 10 * (n_ - 31));
-      std::this_thread::sleep_for(std::chrono::microseconds(us));
+      return;
     }
-    ++n_;
+    sleep_us_ = std::min(1000, sleep_us_ + 20);
+    std::this_thread::sleep_for(std::chrono::microseconds(sleep_us_));
   }
 
  private:
-  int n_ = 0;
+  Clock::time_point start_ = Clock::now();
+  int sleep_us_ = 0;
 };
 
 std::string nccl_text(ncclResult_t r, ncclComm_t comm) {
@@ -128,8 +130,8 @@ class NcclCommunicator final : public Communicator {
                                        nccl_text(r, comm_)));
     }
     DeviceScope dev(device_);
-    cudaError_t e = cudaMalloc(&dev_buf_, kStagingBytes);
-    if (e == cudaSuccess) e = cudaMallocHost(&host_buf_, kStagingBytes);
+    cudaError_t e = cudaMalloc(&dev_buf_, staging_bytes_);
+    if (e == cudaSuccess) e = cudaMallocHost(&host_buf_, staging_bytes_);
     if (e != cudaSuccess) {
       release_buffers();
       if (owned_) ncclCommAbort(comm_);
@@ -195,17 +197,24 @@ class NcclCommunicator final : public Communicator {
       std::unique_lock lock(mu_);
       throw_if_failed(lock, call);
       nccl(lock, call, ncclGroupStart());
+      // Inside the group, an error is remembered and the group closed before failing (aborting a
+      // communicator with ops still queued in an open group would leave them dangling).
+      ncclResult_t first = ncclSuccess;
+      auto keep = [&](ncclResult_t r) {
+        if (r != ncclSuccess && r != ncclInProgress && first == ncclSuccess) first = r;
+      };
       for (int j = 0; j < size_; ++j) {
         if (send_bytes[j] > 0)
-          nccl(lock, call,
-               ncclSend(static_cast<const uint8_t*>(send) + send_offsets[j],
+          keep(ncclSend(static_cast<const uint8_t*>(send) + send_offsets[j],
                         static_cast<size_t>(send_bytes[j]), ncclUint8, j, comm_, s));
         if (recv_bytes[j] > 0)
-          nccl(lock, call,
-               ncclRecv(static_cast<uint8_t*>(recv) + recv_offsets[j],
+          keep(ncclRecv(static_cast<uint8_t*>(recv) + recv_offsets[j],
                         static_cast<size_t>(recv_bytes[j]), ncclUint8, j, comm_, s));
       }
-      nccl(lock, call, ncclGroupEnd());
+      const ncclResult_t end = ncclGroupEnd();
+      if (first != ncclSuccess)
+        fail_and_throw(lock, call, cat("NCCL error: ", nccl_text(first, comm_)));
+      nccl(lock, call, end);
     } catch (...) {
       give_back(ev);
       throw;
@@ -220,8 +229,6 @@ class NcclCommunicator final : public Communicator {
   void barrier(Stream stream) override { gather({}, stream, "barrier"); }
 
  private:
-  static constexpr size_t kStagingBytes = size_t{1} << 16;
-
   struct Pending {
     cudaEvent_t start = nullptr, end = nullptr;
     const char* call = "";
@@ -374,7 +381,8 @@ class NcclCommunicator final : public Communicator {
       p.seq = ++seq_;
       pending_.push_back(p);
     }
-    wcv_.notify_all();
+    // No notify: the watchdog polls on its own (2 ms while work is pending), so a stream of small
+    // collectives does not wake it each time.
   }
 
   // all_gather (and barrier, with no values): each rank's segment is [count, values...]; the
@@ -383,15 +391,25 @@ class NcclCommunicator final : public Communicator {
   std::vector<int64_t> gather(std::span<const int64_t> mine, Stream stream, const char* call) {
     const size_t k = mine.size() + 1;
     const size_t bytes = k * size_ * sizeof(int64_t);
-    detail::Check("Communicator::all_gather")
-        .that(bytes <= kStagingBytes, "mine",
-              cat("at most ", kStagingBytes / sizeof(int64_t) / size_ - 1, " values"),
-              cat(mine.size()));
     DeviceScope dev(device_);
     auto s = reinterpret_cast<cudaStream_t>(stream);
-    int64_t* const host = host_buf_;
     std::unique_lock lock(mu_);
     throw_if_failed(lock, call);
+    if (bytes > staging_bytes_) {
+      // Grow (rare; the previous gather has completed, so nothing uses the old buffers).
+      release_buffers();
+      staging_bytes_ = std::max(bytes, 2 * staging_bytes_);
+      cudaError_t e = cudaMalloc(&dev_buf_, staging_bytes_);
+      if (e == cudaSuccess) e = cudaMallocHost(&host_buf_, staging_bytes_);
+      if (e != cudaSuccess) {
+        release_buffers();
+        staging_bytes_ = 0;
+        lock.unlock();
+        throw Error(ErrorKind::Cuda, cat("fp8flow::Communicator::", call, ": staging buffers of ",
+                                         bytes, " bytes: ", cuda_text(e)));
+      }
+    }
+    int64_t* const host = host_buf_;
     // The pinned staging buffer is only touched under mu_ and fully synchronized below.
     host[rank_ * k] = static_cast<int64_t>(mine.size());
     std::copy(mine.begin(), mine.end(), host + rank_ * k + 1);
@@ -514,9 +532,10 @@ class NcclCommunicator final : public Communicator {
   const bool owned_;
   int rank_ = 0, size_ = 0, device_ = 0;
   const std::chrono::milliseconds timeout_;
-  std::string error_;  // non-empty once failed
-  int64_t* dev_buf_ = nullptr;
+  std::string error_;           // non-empty once failed
+  int64_t* dev_buf_ = nullptr;  // all_gather staging: device and pinned host, grown on demand
   int64_t* host_buf_ = nullptr;
+  size_t staging_bytes_ = size_t{1} << 16;
 
   std::mutex wmu_;  // the watchdog's queue and the event pool
   std::condition_variable wcv_;

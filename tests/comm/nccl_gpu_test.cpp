@@ -274,6 +274,59 @@ TEST(CommNcclGpu, PeerThatNeverCallsTimesOut) {
   EXPECT_FALSE(errors[1]) << what_of(errors[1]);
 }
 
+// The connections are warm (one exchange done), then rank 1 skips the next one: rank 0's
+// all_to_all_v is enqueued and its kernel waits forever on the GPU. The watchdog must abort the
+// communicator after the timeout, which releases rank 0 even from a plain cudaStreamSynchronize;
+// the next call throws a Comm error saying so.
+TEST(CommNcclGpu, StuckKernelIsAbortedByTheWatchdog) {
+  FP8FLOW_REQUIRE_NCCL_GPUS(2);
+  const int64_t timeout_ms = 3000;
+  std::atomic<bool> rank0_done{false};
+  double sync_ms = -1;
+  std::string msg;
+  ErrorKind kind = ErrorKind::InvalidArgument;
+  auto errors = run_on_gpus(2, timeout_ms, [&](int r, Communicator& comm) {
+    void* buf = nullptr;
+    ASSERT_EQ(cudaMalloc(&buf, 4 << 20), cudaSuccess);
+    cudaStream_t s;
+    ASSERT_EQ(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), cudaSuccess);
+    const auto st = reinterpret_cast<Stream>(s);
+    const std::vector<int64_t> bytes{1 << 20, 1 << 20}, offs{0, 1 << 20};
+    uint8_t* b = static_cast<uint8_t*>(buf);  // send: first 2 MiB, receive: the next 2 MiB
+    uint8_t* rb = b + (2 << 20);
+    comm.all_to_all_v(b, bytes, offs, rb, bytes, offs, st);  // warm-up: both ranks
+    comm.barrier(st);
+    if (r == 1) {
+      while (!rank0_done) std::this_thread::sleep_for(std::chrono::milliseconds(10));
+    } else {
+      const auto start = Clock::now();
+      try {
+        comm.all_to_all_v(b, bytes, offs, rb, bytes, offs, st);  // rank 1 never posts its half
+        EXPECT_EQ(cudaStreamSynchronize(s), cudaSuccess);        // returns once the watchdog aborts
+        sync_ms = std::chrono::duration<double, std::milli>(Clock::now() - start).count();
+        comm.barrier(st);
+      } catch (const Error& e) {
+        msg = e.what();
+        kind = e.kind();
+      }
+      rank0_done = true;
+    }
+    cudaStreamDestroy(s);
+    cudaFree(buf);
+  });
+  EXPECT_EQ(kind, ErrorKind::Comm) << msg;
+  EXPECT_TRUE(has(msg, "watchdog") || has(msg, "timeout")) << msg;
+  EXPECT_TRUE(has(msg, "aborted")) << msg;
+  std::printf("cudaStreamSynchronize returned after %.0f ms (timeout %lld ms); then: %s\n", sync_ms,
+              static_cast<long long>(timeout_ms), msg.c_str());
+  if (sync_ms >= 0) {
+    EXPECT_GE(sync_ms, 0.9 * timeout_ms);
+    EXPECT_LT(sync_ms, timeout_ms + 5000);
+  }
+  EXPECT_FALSE(errors[0]) << what_of(errors[0]);
+  EXPECT_FALSE(errors[1]) << what_of(errors[1]);
+}
+
 // Rank 1 never joins: make_nccl_communicator on rank 0 throws within the timeout plus slack.
 TEST(CommNcclGpu, RankThatNeverJoinsTimesOut) {
   FP8FLOW_REQUIRE_NCCL_GPUS(2);
