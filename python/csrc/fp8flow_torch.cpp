@@ -4,7 +4,8 @@
 // here: every computation is the C++ library's; this file allocates outputs, picks the device, the
 // current CUDA stream, and maps dtypes.
 //
-// Tensors: 2-D, rows with unit stride (ld = stride(0)); dtype mapping torch -> fp8flow:
+// Tensors: 2-D; inputs are made contiguous (.contiguous(): a copy only when strided), outputs are
+// allocated contiguous here. dtype mapping torch -> fp8flow:
 //   float32 F32, bfloat16 BF16, float8_e4m3fn E4M3, float8_e5m2 E5M2, float8_e8m0fnu E8M0,
 //   float4_e2m1fn_x2 E2M1x2 ([R][C/2] bytes = [R][C] logical elements), int32 I32, int64 I64,
 //   uint8: whichever byte format the argument expects (so code written for torch builds without the
@@ -82,17 +83,17 @@ DType dtype_of(const at::Tensor& t, DType want, const std::string& op, const std
     case at::kLong:
       return DType::I64;
 #if FP8FLOW_TORCH_AT_LEAST(2, 1)
-    case at::kFloat8_e4m3fn:
+    case c10::ScalarType::Float8_e4m3fn:
       return DType::E4M3;
-    case at::kFloat8_e5m2:
+    case c10::ScalarType::Float8_e5m2:
       return DType::E5M2;
 #endif
 #if FP8FLOW_TORCH_AT_LEAST(2, 7)
-    case at::kFloat8_e8m0fnu:
+    case c10::ScalarType::Float8_e8m0fnu:
       return DType::E8M0;
 #endif
 #if FP8FLOW_TORCH_AT_LEAST(2, 8)
-    case at::kFloat4_e2m1fn_x2:
+    case c10::ScalarType::Float4_e2m1fn_x2:
       return DType::E2M1x2;
 #endif
     case at::kByte:
@@ -118,17 +119,17 @@ at::ScalarType scalar_of(DType d) {
       return at::kLong;
 #if FP8FLOW_TORCH_AT_LEAST(2, 1)
     case DType::E4M3:
-      return at::kFloat8_e4m3fn;
+      return c10::ScalarType::Float8_e4m3fn;
     case DType::E5M2:
-      return at::kFloat8_e5m2;
+      return c10::ScalarType::Float8_e5m2;
 #endif
 #if FP8FLOW_TORCH_AT_LEAST(2, 7)
     case DType::E8M0:
-      return at::kFloat8_e8m0fnu;
+      return c10::ScalarType::Float8_e8m0fnu;
 #endif
 #if FP8FLOW_TORCH_AT_LEAST(2, 8)
     case DType::E2M1x2:
-      return at::kFloat4_e2m1fn_x2;
+      return c10::ScalarType::Float4_e2m1fn_x2;
 #endif
     default:
       return at::kByte;
@@ -235,8 +236,11 @@ void check_2d(const at::Tensor& t, const std::string& op, const std::string& arg
 
 // ---- tensor ops (CPU and CUDA kernels; Meta kernels below) -------------------------------------
 
-std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x, std::string layout,
+std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x_in, std::string layout,
                                                std::string fmt) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor x = x_in.contiguous();
+
   const char* op = "quantize";
   const ScaleLayout l = fp8_layout(layout, op);
   const DType d = fp8_format(fmt, op);
@@ -250,9 +254,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_op(const at::Tensor& x, std::string 
   return {data, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_transposed_op(const at::Tensor& x,
+std::tuple<at::Tensor, at::Tensor> quantize_transposed_op(const at::Tensor& x_in,
                                                           c10::ArrayRef<int64_t> groups,
                                                           std::string fmt) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor x = x_in.contiguous();
+
   const char* op = "quantize_transposed";
   const DType d = fp8_format(fmt, op);
   check_2d(x, op, "in");
@@ -268,7 +275,10 @@ std::tuple<at::Tensor, at::Tensor> quantize_transposed_op(const at::Tensor& x,
 }
 
 std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> quantize_both_op(
-    const at::Tensor& x, c10::ArrayRef<int64_t> groups, std::string fmt) {
+    const at::Tensor& x_in, c10::ArrayRef<int64_t> groups, std::string fmt) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor x = x_in.contiguous();
+
   const char* op = "quantize_both";
   const DType d = fp8_format(fmt, op);
   check_2d(x, op, "in");
@@ -296,8 +306,12 @@ at::ScalarType out_float_dtype(c10::optional<at::ScalarType> t, const std::strin
   return s;
 }
 
-at::Tensor dequantize_op(const at::Tensor& data, const at::Tensor& scale, std::string layout,
+at::Tensor dequantize_op(const at::Tensor& data_in, const at::Tensor& scale_in, std::string layout,
                          c10::ArrayRef<int64_t> groups, c10::optional<at::ScalarType> out_dtype) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+
   const char* op = "dequantize";
   const ScaleLayout l = fp8_layout(layout, op);
   const at::ScalarType os = out_float_dtype(out_dtype, op);
@@ -316,10 +330,14 @@ TransposeScalePolicy policy_of(const std::string& p, const std::string& op) {
   fail(op, "policy", "'column_tight' or 'tile_max'", cat("'", p, "'"));
 }
 
-std::tuple<at::Tensor, at::Tensor, at::Tensor> transpose_scaled_op(const at::Tensor& data,
-                                                                   const at::Tensor& scale,
+std::tuple<at::Tensor, at::Tensor, at::Tensor> transpose_scaled_op(const at::Tensor& data_in,
+                                                                   const at::Tensor& scale_in,
                                                                    c10::ArrayRef<int64_t> groups,
                                                                    std::string policy) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+
   const char* op = "transpose_scaled";
   TransposeOptions opt;
   opt.policy = policy_of(policy, op);
@@ -346,7 +364,10 @@ std::tuple<at::Tensor, at::Tensor> alloc_mx(int64_t M, int64_t K, const at::Tens
   return {alloc(DType::E2M1x2, M, K, like), alloc(DType::E8M0, ss.rows, ss.cols, like)};
 }
 
-std::tuple<at::Tensor, at::Tensor> quantize_mxfp4_op(const at::Tensor& x) {
+std::tuple<at::Tensor, at::Tensor> quantize_mxfp4_op(const at::Tensor& x_in) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor x = x_in.contiguous();
+
   const char* op = "quantize_mxfp4";
   check_2d(x, op, "in");
   DeviceScope ds(x, op);
@@ -358,8 +379,12 @@ std::tuple<at::Tensor, at::Tensor> quantize_mxfp4_op(const at::Tensor& x) {
   return {data, scale};
 }
 
-std::tuple<at::Tensor, at::Tensor> fp8_to_mxfp4_op(const at::Tensor& data,
-                                                   const at::Tensor& scale) {
+std::tuple<at::Tensor, at::Tensor> fp8_to_mxfp4_op(const at::Tensor& data_in,
+                                                   const at::Tensor& scale_in) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+
   const char* op = "fp8_to_mxfp4";
   check_2d(data, op, "in.data");
   DeviceScope ds(data, op);
@@ -371,8 +396,12 @@ std::tuple<at::Tensor, at::Tensor> fp8_to_mxfp4_op(const at::Tensor& data,
   return {od, os};
 }
 
-std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_op(const at::Tensor& data,
-                                                   const at::Tensor& scale) {
+std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_op(const at::Tensor& data_in,
+                                                   const at::Tensor& scale_in) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+
   const char* op = "mxfp4_to_fp8";
   check_2d(data, op, "in.data");
   DeviceScope ds(data, op);
@@ -388,9 +417,13 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_op(const at::Tensor& data,
   return {od, os};
 }
 
-std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_transposed_op(const at::Tensor& data,
-                                                              const at::Tensor& scale,
+std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_transposed_op(const at::Tensor& data_in,
+                                                              const at::Tensor& scale_in,
                                                               c10::ArrayRef<int64_t> groups) {
+  // The library wants contiguous rows: copy strided inputs (no-op when contiguous).
+  const at::Tensor data = data_in.contiguous();
+  const at::Tensor scale = scale_in.contiguous();
+
   const char* op = "mxfp4_to_fp8_transposed";
   check_2d(data, op, "in.data");
   DeviceScope ds(data, op);
