@@ -54,7 +54,9 @@ import torch.nn.functional as F
 from torch import nn
 
 HERE = os.path.dirname(os.path.abspath(__file__))
-sys.path.insert(0, os.path.join(HERE, "..", "python"))  # an in-place build of the extension
+_PY = os.path.join(HERE, "..", "python")
+if glob.glob(os.path.join(_PY, "fp8flow", "_C*.so")):  # an in-place build; else the installed one
+    sys.path.insert(0, _PY)
 
 RECIPES = ["bf16", "fp8-blockwise", "fp8-flow", "fp8-flow-mxfp4"]
 
@@ -100,7 +102,8 @@ class Block(nn.Module):
             H, args.ffn, args.experts, args.top_k, router=args.router, renormalize=True,
             aux_loss_coeff=args.aux_loss_coeff, seq_len=args.seq, recipe=args.recipe,
             max_tokens=args.batch * args.seq, init_std=init_std, output_init_std=out_std,
-            track_aux_loss=False, device=args.device)
+            track_aux_loss=False, device=args.device,
+            refresh="manual" if args.refresh == "explicit" else "auto")
 
     def forward(self, x):
         x = x + self.attn(self.ln1(x)).float()
@@ -266,6 +269,9 @@ def train(args):
             loss.backward()
             torch.nn.utils.clip_grad_norm_(model.parameters(), 1.0)
             opt.step()
+            if args.refresh == "explicit":  # re-make the FP8 weight copies from the updated masters
+                for m in model.moe_layers():
+                    m.refresh_weights()
             opt.zero_grad(set_to_none=True)
             lv = loss.item()  # one host sync per step
             dt = time.time() - t0
@@ -525,6 +531,9 @@ def main():
     ap.add_argument("--router", choices=["softmax", "sigmoid"], default="softmax")
     ap.add_argument("--aux-loss-coeff", type=float, default=1e-2)
     ap.add_argument("--aux-every", type=int, default=10, help="read the aux loss every N steps")
+    ap.add_argument("--refresh", choices=["explicit", "auto"], default="explicit",
+                    help="FP8 weight copies: refresh_weights() after each optimizer step, or "
+                         "fp8flow.MoE's automatic version-counter check at the next forward")
     ap.add_argument("--lr", type=float, default=3e-4)
     ap.add_argument("--warmup", type=int, default=100)
     ap.add_argument("--min-lr-ratio", type=float, default=0.1)

@@ -6,13 +6,19 @@ marker and skip (with the reason) where fp8flow has no usable CUDA device; the C
 C++ library's reference backend. Run: python -m pytest python/tests -q  (-m "not cuda" for CPU only)
 """
 
+import glob
 import os
 import sys
 
 import pytest
 
-# Allow running against an in-place build (python setup.py build_ext --inplace) without install.
-sys.path.insert(0, os.path.abspath(os.path.join(os.path.dirname(__file__), "..")))
+# Use an in-place build (python setup.py build_ext --inplace) when there is one; otherwise the
+# installed package (pip install ./python), which the source directory must not shadow.
+_PKG_ROOT = os.path.abspath(os.path.join(os.path.dirname(__file__), ".."))
+if glob.glob(os.path.join(_PKG_ROOT, "fp8flow", "_C*.so")):
+    sys.path.insert(0, _PKG_ROOT)
+elif _PKG_ROOT in sys.path:
+    sys.path.remove(_PKG_ROOT)
 
 
 def pytest_configure(config):

@@ -325,10 +325,13 @@ def test_cuda_equals_cpu_layer(recipe):
 
 
 @pytest.mark.cuda
-def test_cuda_optimizer_step_and_determinism():
+@pytest.mark.parametrize("impl", ["foreach", "fused"])
+def test_cuda_optimizer_step_and_determinism(impl):
+    # refresh="auto": the optimizer's in-place updates bump the parameters' version counters
+    # (foreach and fused AdamW kernels alike), which the next forward sees.
     m = make(512, 256, 8, 2, "fp8-flow", "cuda", seed=35, **SOFTMAX)
     x, dy = inputs(256, 512, "cuda", 36)
-    opt = torch.optim.AdamW(m.parameters(), lr=1e-3)
+    opt = torch.optim.AdamW(m.parameters(), lr=1e-3, **{impl: True})
     losses = []
     for _ in range(3):
         y = m(x)
@@ -338,6 +341,7 @@ def test_cuda_optimizer_step_and_determinism():
         opt.zero_grad(set_to_none=True)
         losses.append(loss.item())
     assert m._layer.contexts() == 1
+    assert m._layer.weight_casts() >= 2 * 3  # initial copies + one refresh per step (2 launches each)
     twin = copy.deepcopy(m)
     with torch.no_grad():
         assert torch.equal(m(x), twin(x))  # refreshed copies == copies made from scratch
