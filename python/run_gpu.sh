@@ -124,7 +124,12 @@ if ((lib_ok)); then
     fi
   fi
   grep -E "fp8flow setup.py:" "$OUT/py_build.log" | tail -2
-  (cd /tmp && "$PY" -c "import fp8flow; print('fp8flow', fp8flow.version(), 'cuda', fp8flow.cuda_available(), 'from', fp8flow.__file__)") 2>&1 | tee -a "$OUT/py_env.txt"
+  (cd /tmp && "$PY" - <<'EOF') 2>&1 | tee -a "$OUT/py_env.txt"
+import fp8flow
+print("fp8flow", fp8flow.version(), "cuda", fp8flow.cuda_available(), "from", fp8flow.__file__)
+libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if any(k in l for k in ("libcudart", "libcublasLt", "libnccl"))})
+print("loaded CUDA libraries:", *libs, sep="\n  ")
+EOF
 fi
 
 # ---- 4. pytest --------------------------------------------------------------------------------------
