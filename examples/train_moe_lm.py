@@ -160,6 +160,7 @@ def lr_at(step, total, args):
 def fit_steps(args, rate, t_loop0, done, log):
     """Step count for the time budget, agreed between the runs sharing --sync-dir."""
     rates = {args.recipe: rate}
+    failed = set()
     if args.sync_dir:
         os.makedirs(args.sync_dir, exist_ok=True)
         with open(os.path.join(args.sync_dir, f"{args.recipe}.rate"), "w") as f:
@@ -169,15 +170,21 @@ def fit_steps(args, rate, t_loop0, done, log):
         while time.time() < deadline:
             for r in want:
                 p = os.path.join(args.sync_dir, f"{r}.rate")
-                if r not in rates and os.path.exists(p):
+                if r not in rates and r not in failed and os.path.exists(p):
+                    text = open(p).read().strip()
+                    if text == "failed":  # that run died: do not wait for it
+                        failed.add(r)
+                        continue
                     try:
-                        rates[r] = float(open(p).read().strip())
+                        rates[r] = float(text)
                     except ValueError:
                         pass
-            if all(r in rates for r in want):
+            if all(r in rates or r in failed for r in want):
                 break
             time.sleep(1.0)
-        missing = [r for r in want if r not in rates]
+        missing = [r for r in want if r not in rates and r not in failed]
+        if failed:
+            log(f"fit: runs {sorted(failed)} failed before their projection")
         if missing:
             log(f"fit: no projection from {missing} within {args.sync_timeout} s; deciding without them")
     slowest = max(rates.values())
@@ -216,6 +223,8 @@ def train(args):
         torch.manual_seed(args.seed)
         dev = torch.device(args.device)
         if dev.type == "cuda":
+            if dev.index is None:
+                dev = torch.device("cuda", torch.cuda.current_device())
             torch.cuda.set_device(dev)
             summary["device"] = torch.cuda.get_device_name(dev)
         summary["torch"] = torch.__version__
@@ -329,6 +338,15 @@ def train(args):
         log(f"done: {summary['steps_done']} steps, {summary.get('tokens_per_s', 0):.0f} tok/s, status {status}")
         return 0 if nan_step is None else 3
     except Exception as e:  # the run's own failure must not lose what it wrote so far
+        if args.sync_dir and args.fit_steps:  # concurrent runs waiting for our projection
+            try:
+                os.makedirs(args.sync_dir, exist_ok=True)
+                p = os.path.join(args.sync_dir, f"{args.recipe}.rate")
+                if not os.path.exists(p):
+                    with open(p, "w") as f:
+                        f.write("failed\n")
+            except OSError:
+                pass
         summary["status"] = f"error: {type(e).__name__}: {e}"
         summary["traceback"] = traceback.format_exc()
         write_summary()
@@ -518,7 +536,7 @@ def main():
     ap.add_argument("--calib-steps", type=int, default=20)
     ap.add_argument("--sync-dir", default="", help="directory where concurrent runs share projections")
     ap.add_argument("--sync-recipes", default=",".join(RECIPES))
-    ap.add_argument("--sync-timeout", type=float, default=120.0)
+    ap.add_argument("--sync-timeout", type=float, default=90.0)
     ap.add_argument("--reserve-s", type=float, default=20.0, help="kept free of the budget for the end")
     ap.add_argument("--layers", type=int, default=8)
     ap.add_argument("--hidden", type=int, default=1024)
