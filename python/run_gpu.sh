@@ -105,6 +105,7 @@ fi
 # ---- 3. the extension -----------------------------------------------------------------------------
 ext_ok=0
 if ((lib_ok)); then
+  rm -rf python/build python/fp8flow.egg-info  # no stale objects from an earlier build
   note "ext: pip install --no-build-isolation --no-deps ./python"
   t=$(date +%s)
   if timeout 400 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v ./python \
@@ -114,7 +115,7 @@ if ((lib_ok)); then
   else
     note "ext: pip install failed (tail below); in-place build instead"
     tail -15 "$OUT/py_build.log"
-    if (cd python && timeout 400 "$PY" setup.py build_ext --inplace) >>"$OUT/py_build.log" 2>&1; then
+    if (cd python && timeout 400 "$PY" setup.py build_ext --inplace --force) >>"$OUT/py_build.log" 2>&1; then
       export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
       ext_ok=1
       record ext "PASS (in-place build after pip failed, $(($(date +%s) - t)) s)"

@@ -163,6 +163,8 @@ log(
 ext = CppExtension(
     name="fp8flow._C",
     sources=["csrc/fp8flow_torch.cpp"],
+    # Rebuild when the archive or the headers change (setuptools otherwise only looks at sources).
+    depends=[str(ARCHIVE)] + sorted(str(p) for p in (INCLUDE / "fp8flow").glob("*.h")),
     include_dirs=include_dirs,
     define_macros=define_macros,
     library_dirs=library_dirs,
