@@ -102,7 +102,8 @@ class Block(nn.Module):
             H, args.ffn, args.experts, args.top_k, router=args.router, renormalize=True,
             aux_loss_coeff=args.aux_loss_coeff, seq_len=args.seq, recipe=args.recipe,
             max_tokens=args.batch * args.seq, init_std=init_std, output_init_std=out_std,
-            track_aux_loss=False, device=args.device,
+            gemm_streams=args.gemm_streams,
+            track_aux_loss=False, device=args.device, reject_nonfinite=False,  # NaN -> the loss
             refresh="manual" if args.refresh == "explicit" else "auto")
 
     def forward(self, x):
@@ -548,6 +549,7 @@ def main():
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--router", choices=["softmax", "sigmoid"], default="softmax")
     ap.add_argument("--aux-loss-coeff", type=float, default=1e-2)
+    ap.add_argument("--gemm-streams", type=int, default=4, help="MoEConfig::gemm_streams")
     ap.add_argument("--aux-every", type=int, default=10, help="read the aux loss every N steps")
     ap.add_argument("--refresh", choices=["explicit", "auto"], default="explicit",
                     help="FP8 weight copies: refresh_weights() after each optimizer step, or "

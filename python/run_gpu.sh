@@ -6,6 +6,8 @@
 #   3. ext     pip install --no-build-isolation --no-deps ./python; on failure an in-place build
 #              (python setup.py build_ext --inplace)                     -> $OUT/py_build.log
 #   4. pytest  python/tests (CPU and CUDA tests), under a timeout        -> $OUT/pytest.log
+#              (before the training; beside it, on the spare GPUs, when there are more GPUs than
+#              recipes)
 #   5. train   examples/train_moe_lm.py for bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4: one
 #              recipe per GPU in parallel when 4 GPUs are visible (CUDA_VISIBLE_DEVICES per run,
 #              same seed and data order), one after the other otherwise; the step count fitted to
@@ -134,23 +136,41 @@ EOF
 fi
 
 # ---- 4. pytest --------------------------------------------------------------------------------------
-if ((ext_ok && do_tests)); then
-  note "pytest (timeout ${pytest_timeout} s)"
+# run_pytest: the suite under the timeout; its status line goes to $OUT/pytest.status (the function
+# may run in the background, beside the training, where spare GPUs allow).
+run_pytest() {
   timeout --kill-after=10 "$pytest_timeout" "$PY" -m pytest python/tests -q -rs -p no:cacheprovider \
     --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
-  rc=$?
-  line=$(grep -E "^(=+ )?[0-9]+ (passed|failed)|passed|failed" "$OUT/pytest.log" | tail -1)
-  if [ $rc -eq 0 ]; then record pytest "PASS: $line"
-  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then record pytest "TIMEOUT (${pytest_timeout} s): $line"
-  else record pytest "FAIL (rc $rc): $line"; fi
+  local rc=$? line st
+  line=$(grep -E "[0-9]+ (passed|failed|skipped)" "$OUT/pytest.log" | tail -1)
+  if [ $rc -eq 0 ]; then st="PASS: $line"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st="TIMEOUT (${pytest_timeout} s): $line"
+  else st="FAIL (rc $rc): $line"; fi
+  echo "$st" >"$OUT/pytest.status"
+}
+pytest_done() {
+  record pytest "$(cat "$OUT/pytest.status" 2>/dev/null || echo "FAIL (no status)")"
   grep -E "FAILED|ERROR|SKIPPED" "$OUT/pytest.log" | head -40
   tail -3 "$OUT/pytest.log"
+}
+IFS=, read -r -a R <<<"$recipes"
+pytest_bg=""
+if ((ext_ok && do_tests)); then
+  if ((do_train)) && [ "$NGPU" -gt "${#R[@]}" ]; then
+    spare=$(seq -s, "${#R[@]}" $((NGPU - 1)))
+    note "pytest in the background on GPUs $spare (timeout ${pytest_timeout} s)"
+    CUDA_VISIBLE_DEVICES=$spare run_pytest &
+    pytest_bg=$!
+  else
+    note "pytest (timeout ${pytest_timeout} s)"
+    run_pytest
+    pytest_done
+  fi
 fi
 
 # ---- 5. training ------------------------------------------------------------------------------------
 train_ok=1
 if ((ext_ok && do_train)); then
-  IFS=, read -r -a R <<<"$recipes"
   budget=$(calc "$total_min - $(elapsed_min) - 0.9")  # 0.9 min: model set-up, validation, report
   if [ -n "$cap_min" ]; then budget=$(calc "($cap_min < $budget) ? $cap_min : $budget"); fi
   mkdir -p "$OUT/train"
@@ -196,6 +216,10 @@ if ((ext_ok && do_train)); then
   "$PY" examples/train_moe_lm.py --report "$OUT/train" >"$OUT/train/report.out" 2>&1 || train_ok=0
   cp -f "$OUT/train/train_report.md" "$OUT/train/losses.png" "$OUT/train/losses.csv" "$OUT/" 2>/dev/null
   cat "$OUT/train/report.out"
+fi
+if [ -n "$pytest_bg" ]; then
+  wait "$pytest_bg"
+  pytest_done
 fi
 
 # ---- summary ----------------------------------------------------------------------------------------

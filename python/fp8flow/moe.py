@@ -246,10 +246,11 @@ class MoE(nn.Module):
     def _forward_torch(self, x, seq_hint):
         seq = self.seq_len if self.seq_len is not None else seq_hint
         gate, bias, w1, w2 = self._weights()
-        y, aux, _ = reference.moe_reference(
-            x, gate, bias, w1, w2, kind=self.router, top_k=self.top_k, n_groups=self.n_groups,
-            topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
-            aux_alpha=self.aux_loss_coeff, seq_len=seq)
+        with torch.autocast(device_type=x.device.type, enabled=False):  # F32 router, as in C++
+            y, aux, _ = reference.moe_reference(
+                x, gate, bias, w1, w2, kind=self.router, top_k=self.top_k, n_groups=self.n_groups,
+                topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
+                aux_alpha=self.aux_loss_coeff, seq_len=seq)
         if self.aux_loss_coeff:
             if self.track_aux_loss:
                 self.last_aux_loss = float(aux)
