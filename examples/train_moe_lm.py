@@ -549,7 +549,7 @@ def main():
     ap.add_argument("--ffn", type=int, default=512)
     ap.add_argument("--router", choices=["softmax", "sigmoid"], default="softmax")
     ap.add_argument("--aux-loss-coeff", type=float, default=1e-2)
-    ap.add_argument("--gemm-streams", type=int, default=4, help="MoEConfig::gemm_streams")
+    ap.add_argument("--gemm-streams", type=int, default=0, help="MoEConfig::gemm_streams (0: its default)")
     ap.add_argument("--aux-every", type=int, default=10, help="read the aux loss every N steps")
     ap.add_argument("--refresh", choices=["explicit", "auto"], default="explicit",
                     help="FP8 weight copies: refresh_weights() after each optimizer step, or "

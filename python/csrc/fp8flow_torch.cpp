@@ -554,9 +554,9 @@ class MoELayerHolder : public torch::CustomClassHolder {
     cfg_.router.aux_alpha = static_cast<float>(aux_alpha);
     cfg_.router.seq_len = seq_len;
     cfg_.recipe = recipe_of(recipe);
-    cfg_.align = static_cast<int>(align);
+    if (align > 0) cfg_.align = static_cast<int>(align);  // 0: MoEConfig's default
     cfg_.max_tokens = max_tokens;
-    cfg_.gemm_streams = static_cast<int>(gemm_streams);
+    if (gemm_streams > 0) cfg_.gemm_streams = static_cast<int>(gemm_streams);
     hold(gate, gate_bias, w1, w2);
     DeviceScope ds(w1_, "MoELayer");
     layer_ = std::make_unique<MoELayer>(cfg_, weights(), ds.stream());

@@ -99,25 +99,29 @@ class MoE(nn.Module):
       expert_bias: keep a selection-bias buffer (not trained by autograd; e.g. aux-loss-free
         balancing updates it in place)
       recipe, align (expert segment alignment), max_tokens (None: from the input), gemm_streams
+      (align / gemm_streams None: MoEConfig's defaults)
     """
 
     def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
                  topk_groups=1, renormalize=True, scaling=1.0, aux_loss_coeff=0.0, seq_len=None,
-                 expert_bias=False, recipe="fp8-flow", align=16, max_tokens=None, gemm_streams=4,
+                 expert_bias=False, recipe="fp8-flow", align=None, max_tokens=None,
+                 gemm_streams=None,
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
                  process_group=None):
         super().__init__()
-        self.hidden, self.ffn, self.experts, self.top_k = int(hidden), int(ffn), int(experts), int(top_k)
+        self.hidden, self.ffn = int(hidden), int(ffn)
+        self.experts, self.top_k = int(experts), int(top_k)
         self.router, self.n_groups, self.topk_groups = router, int(n_groups), int(topk_groups)
         self.renormalize, self.scaling = bool(renormalize), float(scaling)
         self.aux_loss_coeff = float(aux_loss_coeff)
         self.seq_len = seq_len
-        self.align, self.max_tokens, self.gemm_streams = int(align), max_tokens, int(gemm_streams)
+        self.align, self.max_tokens, self.gemm_streams = align, max_tokens, gemm_streams
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
         if refresh not in ("auto", "always", "manual"):
-            raise ValueError(f"fp8flow.MoE: refresh: expected 'auto', 'always' or 'manual', got {refresh!r}")
+            raise ValueError(
+                f"fp8flow.MoE: refresh: expected 'auto', 'always' or 'manual', got {refresh!r}")
         self.refresh = refresh
         self.reject_nonfinite = bool(reject_nonfinite)
         self.track_aux_loss = bool(track_aux_loss)
@@ -195,12 +199,12 @@ class MoE(nn.Module):
             self._layer = translate(torch.classes.fp8flow.MoELayer)(
                 self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
                 self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
-                self.recipe, self.align, cap, self.gemm_streams, gate, bias, w1, w2)
+                self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2)
             self._layer_key = key
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)
-        elif self.refresh == "always" or (
-                self.refresh == "auto" and (snap[2][3] != self._seen[2][3] or snap[3][3] != self._seen[3][3])):
+        elif self.refresh == "always" or (self.refresh == "auto" and (
+                snap[2][3] != self._seen[2][3] or snap[3][3] != self._seen[3][3])):
             call(self._layer.refresh_weights)
         self._seen = snap
         return self._layer
@@ -219,7 +223,8 @@ class MoE(nn.Module):
     # ---- forward ------------------------------------------------------------------------------
     def forward(self, x):
         if x.shape[-1] != self.hidden:
-            raise ValueError(f"fp8flow.MoE: x: expected last dimension {self.hidden}, got shape {tuple(x.shape)}")
+            raise ValueError(f"fp8flow.MoE: x: expected last dimension {self.hidden}, "
+                             f"got shape {tuple(x.shape)}")
         lead = x.shape[:-1]
         seq_hint = x.shape[-2] if x.dim() == 3 else None
         y = self._forward_2d(x.reshape(-1, self.hidden), seq_hint)
