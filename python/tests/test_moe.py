@@ -147,6 +147,30 @@ def test_cpu_optimizer_step_refreshes_weight_copies():
         assert torch.equal(fresh(x), y1)
 
 
+@pytest.mark.parametrize("recipe", fp8flow.RECIPES)
+def test_cpu_step_changes_only_the_routed_experts(recipe):
+    # A selection bias sends every token to experts 0 and 1: the gradients of experts 2 and 3 (their
+    # W1/W2 rows and, with the sigmoid router and no aux loss, their gate rows) are exactly zero,
+    # so plain SGD moves experts 0 and 1 only; the bias buffer is not a parameter.
+    m = make(256, 256, 4, 2, recipe, seed=41, router="sigmoid", expert_bias=True)
+    with torch.no_grad():
+        m.expert_bias.copy_(torch.tensor([8.0, 8.0, 0.0, 0.0]))
+    x, dy = inputs(48, 256, "cpu", 42)
+    before = {n: p.detach().clone() for n, p in m.named_parameters()}
+    bias0 = m.expert_bias.clone()
+    opt = torch.optim.SGD(m.parameters(), lr=0.1)
+    run_layer(m, x, dy, keep=False)
+    opt.step()
+    E, F, H = 4, 256, 256
+    rows = {"w1": 2 * F, "w2": H, "gate_weight": 1}
+    for name, p in m.named_parameters():
+        per = rows[name]
+        for e in range(E):
+            moved = not torch.equal(p.detach()[e * per:(e + 1) * per], before[name][e * per:(e + 1) * per])
+            assert moved == (e < 2), f"{recipe}: {name} expert {e} {'moved' if moved else 'did not move'}"
+    assert torch.equal(m.expert_bias, bias0)
+
+
 def test_cpu_refresh_modes_and_replaced_storage():
     m = make(256, 256, 4, 2, "fp8-flow", seed=9, refresh="manual", **SOFTMAX)
     x, _ = inputs(32, 256, "cpu", 10)
