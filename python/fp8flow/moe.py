@@ -1,0 +1,281 @@
+"""fp8flow.MoE: the C++ MoE layer (include/fp8flow/moe.h) as a torch.nn.Module.
+
+    moe = fp8flow.MoE(hidden=1024, ffn=512, experts=64, top_k=6, recipe="fp8-flow").cuda()
+    y = moe(x)            # x [T, H] or [B, S, H], any float dtype (computed in BF16)
+    y.sum().backward()    # dx, dW1, dW2, dgate through autograd (accumulated into .grad)
+    opt.step()            # the next forward re-makes the FP8 weight copies (see "Weights")
+
+Parameters (the layout of Megatron-Core's grouped experts, see fp8flow.megatron for the mapping):
+  gate_weight  F32 [E, H]          router.weight
+  expert_bias  F32 [E] (buffer)    router.expert_bias (selection bias; only with expert_bias=True)
+  w1           [E*2F, H]           rows [e*2F, e*2F+F) = expert e's gate projection, the next F its
+                                   up projection: torch.cat of TEGroupedMLP's linear_fc1.weight{e}
+  w2           [E*H, F]            rows [e*H, (e+1)*H) = expert e's down projection:
+                                   torch.cat of TEGroupedMLP's linear_fc2.weight{e}
+  w1/w2 dtype: params_dtype, float32 (FP32 masters, default) or bfloat16. Gradients: dW1, dW2 and
+  dgate are FP32 from the C++ layer; autograd accumulates them into .grad (cast to the
+  parameter's dtype).
+
+Recipes (settable at any time; the C++ layer is rebuilt at the next forward):
+  "bf16", "fp8-blockwise", "fp8-flow", "fp8-flow-mxfp4"   the C++ layer's four recipes
+  "torch"                                                 plain PyTorch (fp8flow.reference), the
+                                                          sanity baseline; same parameters
+
+Weights. The C++ layer keeps FP8 (or BF16) copies of W1 and W2, made from the parameters. With
+refresh="auto" (default) each forward checks the parameters' version counters and storage: an
+in-place update (optimizer.step(), nn.init.*, copy_ under no_grad) re-makes the copies before the
+forward runs, a replaced storage (param.data = ..., .to()) re-points the layer at it. Updates that
+bypass the version counter (writes through `param.data.<op>_()`) are not seen: call
+refresh_weights() after them, or use refresh="always" (every forward re-makes the copies) or
+"manual" (only refresh_weights() does). The gate and the bias are read directly, never copied.
+
+Router aux loss (aux_loss_coeff != 0, sequence-wise, needs T % seq_len == 0; seq_len defaults to
+S of a [B, S, H] input): as in Megatron, it is not returned into the caller's loss: the backward
+adds its gradient with weight 1 itself. Its value is module.last_aux_loss (a float, read after
+each forward when track_aux_loss is True: one host synchronization).
+
+Memory: the C++ layer allocates its own device pools (not torch's caching allocator):
+fp8flow_device_bytes() reports them. One context (the saved state of one forward) per forward in
+flight, allocated once and reused.
+
+Not supported: double backward; inputs needing more than max_tokens tokens re-build the layer
+(max_tokens=None sizes it from the largest T seen). Expert parallelism (process_group with more
+than one rank) raises NotImplementedError until the C++ layer takes a communicator (branch `ep`).
+torch.compile: the layer's forward runs outside the compiled graph (a clean graph break).
+"""
+
+import torch
+from torch import nn
+from torch.autograd.function import once_differentiable
+
+from . import reference
+from ._errors import call, translate
+
+RECIPES = ("bf16", "fp8-blockwise", "fp8-flow", "fp8-flow-mxfp4")
+ALL_RECIPES = RECIPES + ("torch",)
+
+
+def _compiler_disable(fn):
+    c = getattr(torch, "compiler", None)
+    if c is not None and hasattr(c, "disable"):
+        return c.disable(fn)
+    dynamo = getattr(torch, "_dynamo", None)
+    if dynamo is not None and hasattr(dynamo, "disable"):
+        return dynamo.disable(fn)
+    return fn
+
+
+class _MoEFunction(torch.autograd.Function):
+    """forward: torch.ops.fp8flow.moe_forward -> y (the C++ context saved on ctx);
+    backward: torch.ops.fp8flow.moe_backward -> dx, dgate, dW1, dW2."""
+
+    @staticmethod
+    def forward(ctx, layer, reject_nonfinite, box, x, gate, w1, w2):
+        y, c = call(torch.ops.fp8flow.moe_forward, layer, x, reject_nonfinite)
+        ctx.fp8flow_ctx = c
+        box.append(c)
+        return y
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, dy):
+        c = ctx.fp8flow_ctx
+        ctx.fp8flow_ctx = None  # the context goes back to its layer once the last reference drops
+        if c is None:
+            raise RuntimeError("fp8flow.MoE: backward ran twice through the same forward")
+        dx, dw1, dw2, dgate = call(torch.ops.fp8flow.moe_backward, c, dy)
+        return None, None, None, dx, dgate, dw1, dw2
+
+
+class MoE(nn.Module):
+    """One MoE layer (router + routed experts + combine). See the module docstring.
+
+    Config (as MoEConfig / RouterConfig in include/fp8flow/moe.h, router.h; validated by the C++
+    layer when it is built, i.e. at the first forward):
+      hidden H, ffn F (multiples of 128), experts E (multiple of 4, 4..256), top_k (1..8)
+      router "softmax" (Mixtral/Qwen) or "sigmoid" (DeepSeek-V3: selection on sigmoid + bias)
+      n_groups, topk_groups: group-limited selection; renormalize; scaling: the weight factor
+      aux_loss_coeff, seq_len: the sequence-wise aux loss (off at 0)
+      expert_bias: keep a selection-bias buffer (not trained by autograd; e.g. aux-loss-free
+        balancing updates it in place)
+      recipe, align (expert segment alignment), max_tokens (None: from the input), gemm_streams
+      (align / gemm_streams None: MoEConfig's defaults)
+    """
+
+    def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
+                 topk_groups=1, renormalize=True, scaling=1.0, aux_loss_coeff=0.0, seq_len=None,
+                 expert_bias=False, recipe="fp8-flow", align=None, max_tokens=None,
+                 gemm_streams=None,
+                 params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
+                 refresh="auto", reject_nonfinite=True, track_aux_loss=True,
+                 process_group=None):
+        super().__init__()
+        self.hidden, self.ffn = int(hidden), int(ffn)
+        self.experts, self.top_k = int(experts), int(top_k)
+        self.router, self.n_groups, self.topk_groups = router, int(n_groups), int(topk_groups)
+        self.renormalize, self.scaling = bool(renormalize), float(scaling)
+        self.aux_loss_coeff = float(aux_loss_coeff)
+        self.seq_len = seq_len
+        self.align, self.max_tokens, self.gemm_streams = align, max_tokens, gemm_streams
+        self.init_std = init_std
+        self.output_init_std = init_std if output_init_std is None else output_init_std
+        if refresh not in ("auto", "always", "manual"):
+            raise ValueError(
+                f"fp8flow.MoE: refresh: expected 'auto', 'always' or 'manual', got {refresh!r}")
+        self.refresh = refresh
+        self.reject_nonfinite = bool(reject_nonfinite)
+        self.track_aux_loss = bool(track_aux_loss)
+        self.keep_last_context = False  # debug/test: keep the last forward's C++ context
+        self.last_context = None
+        self.last_aux_loss = 0.0
+        self.process_group = process_group
+        if process_group is not None:
+            import torch.distributed as dist
+
+            if dist.get_world_size(process_group) > 1 and not torch.ops.fp8flow.moe_ep_available():
+                raise NotImplementedError(
+                    "fp8flow.MoE: expert parallelism over a process group of "
+                    f"{dist.get_world_size(process_group)} ranks: the C++ MoELayer does not take a "
+                    "communicator yet (branch `ep`); fp8flow.distributed.make_communicator(group) "
+                    "already builds the NCCL communicator from the group")
+        H, Fw, E = self.hidden, self.ffn, self.experts
+        self.gate_weight = nn.Parameter(torch.empty(E, H, device=device, dtype=torch.float32))
+        self.w1 = nn.Parameter(torch.empty(E * 2 * Fw, H, device=device, dtype=params_dtype))
+        self.w2 = nn.Parameter(torch.empty(E * H, Fw, device=device, dtype=params_dtype))
+        if expert_bias:
+            self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
+        else:
+            self.expert_bias = None
+        self._recipe = None
+        self.recipe = recipe
+        self._layer = None
+        self._layer_key = None
+        self._seen = None
+        self.reset_parameters()
+
+    # ---- config -------------------------------------------------------------------------------
+    @property
+    def recipe(self):
+        return self._recipe
+
+    @recipe.setter
+    def recipe(self, r):
+        if r not in ALL_RECIPES:
+            raise ValueError(f"fp8flow.MoE: recipe: expected one of {ALL_RECIPES}, got {r!r}")
+        if r != self._recipe:
+            self._recipe = r
+            self._layer = None  # rebuilt at the next forward
+
+    def extra_repr(self):
+        return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.experts}, top_k={self.top_k}, "
+                f"router={self.router!r}, recipe={self.recipe!r}, params_dtype={self.w1.dtype}")
+
+    @torch.no_grad()
+    def reset_parameters(self):
+        nn.init.normal_(self.gate_weight, 0.0, self.init_std)
+        nn.init.normal_(self.w1, 0.0, self.init_std)
+        nn.init.normal_(self.w2, 0.0, self.output_init_std)
+
+    # ---- the C++ layer ------------------------------------------------------------------------
+    def _weights(self):
+        return self.gate_weight, self.expert_bias, self.w1, self.w2
+
+    def _snapshot(self):
+        return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t._version)
+                     for t in self._weights())
+
+    def _prepare(self, tokens, seq_hint):
+        """The C++ layer for this forward: built, re-pointed or refreshed as needed."""
+        gate, bias, w1, w2 = self._weights()
+        cap = tokens if self.max_tokens is None else int(self.max_tokens)
+        if self.max_tokens is None and self._layer is not None:
+            cap = max(cap, self._layer.max_tokens())
+        seq = self.seq_len if self.seq_len is not None else (seq_hint or 0)
+        seq = int(seq) if self.aux_loss_coeff else 0
+        key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None)
+        snap = self._snapshot()
+        if self._layer is None or key != self._layer_key:
+            self._layer = None  # free the old pools first
+            self._layer = translate(torch.classes.fp8flow.MoELayer)(
+                self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
+                self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
+                self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2)
+            self._layer_key = key
+        elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
+            call(self._layer.set_weights, gate, bias, w1, w2)
+        elif self.refresh == "always" or (self.refresh == "auto" and (
+                snap[2][3] != self._seen[2][3] or snap[3][3] != self._seen[3][3])):
+            call(self._layer.refresh_weights)
+        self._seen = snap
+        return self._layer
+
+    def refresh_weights(self):
+        """Re-make the C++ layer's weight copies now (after updates the version check misses)."""
+        if self._layer is not None:
+            gate, bias, w1, w2 = self._weights()
+            call(self._layer.set_weights, gate, bias, w1, w2)
+            self._seen = self._snapshot()
+
+    def fp8flow_device_bytes(self):
+        """Device memory the C++ layer owns (scratch pool, weight copies, contexts made so far)."""
+        return 0 if self._layer is None else int(self._layer.device_bytes())
+
+    # ---- forward ------------------------------------------------------------------------------
+    def forward(self, x):
+        if x.shape[-1] != self.hidden:
+            raise ValueError(f"fp8flow.MoE: x: expected last dimension {self.hidden}, "
+                             f"got shape {tuple(x.shape)}")
+        lead = x.shape[:-1]
+        seq_hint = x.shape[-2] if x.dim() == 3 else None
+        y = self._forward_2d(x.reshape(-1, self.hidden), seq_hint)
+        return y.to(x.dtype).reshape(*lead, self.hidden)
+
+    @_compiler_disable
+    def _forward_2d(self, x, seq_hint):
+        x = x.to(torch.bfloat16)
+        if self.recipe == "torch":
+            return self._forward_torch(x, seq_hint)
+        layer = self._prepare(x.shape[0], seq_hint)
+        gate, _, w1, w2 = self._weights()
+        box = []
+        if torch.is_grad_enabled() and any(t.requires_grad for t in (x, gate, w1, w2)):
+            y = _MoEFunction.apply(layer, self.reject_nonfinite, box, x, gate, w1, w2)
+        else:
+            y, c = call(torch.ops.fp8flow.moe_forward, layer, x, self.reject_nonfinite)
+            box.append(c)
+        if self.aux_loss_coeff and self.track_aux_loss:
+            self.last_aux_loss = float(box[0].aux_loss())
+        self.last_context = box[0] if self.keep_last_context else None
+        return y
+
+    def _forward_torch(self, x, seq_hint):
+        seq = self.seq_len if self.seq_len is not None else seq_hint
+        gate, bias, w1, w2 = self._weights()
+        with torch.autocast(device_type=x.device.type, enabled=False):  # F32 router, as in C++
+            y, aux, _ = reference.moe_reference(
+                x, gate, bias, w1, w2, kind=self.router, top_k=self.top_k, n_groups=self.n_groups,
+                topk_groups=self.topk_groups, renormalize=self.renormalize, scaling=self.scaling,
+                aux_alpha=self.aux_loss_coeff, seq_len=seq)
+        if self.aux_loss_coeff:
+            if self.track_aux_loss:
+                self.last_aux_loss = float(aux)
+            if torch.is_grad_enabled() and aux.requires_grad:
+                y = reference.AuxLossInjector.apply(y, aux)
+        return y
+
+    # ---- state -------------------------------------------------------------------------------
+    def __getstate__(self):  # pickling / deepcopy: the C++ layer is rebuilt on first use
+        state = self.__dict__.copy()
+        state["_layer"] = None
+        state["_layer_key"] = None
+        state["_seen"] = None
+        state["last_context"] = None
+        return state
+
+
+def moe_flops_per_token(hidden, ffn, top_k):
+    """Expert GEMM FLOPs per token of one forward (FC1 H -> 2F and FC2 F -> H per routed slot)."""
+    return 2 * top_k * (hidden * 2 * ffn + ffn * hidden)
+
+
+__all__ = ["MoE", "RECIPES", "ALL_RECIPES", "moe_flops_per_token"]

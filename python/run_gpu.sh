@@ -1,0 +1,235 @@
+#!/usr/bin/env bash
+# python/run_gpu.sh: fp8flow's PyTorch front-end on a GPU machine, in one run, results under $OUT.
+#   1. env     GPUs, Python, torch                                     -> $OUT/py_env.txt
+#   2. lib     libfp8flow.a: the prebuilt one in $FP8FLOW_BUILD_DIR (default build/), else built
+#              here (cmake --preset default, target fp8flow only)        -> $OUT/lib_build.log
+#   3. ext     pip install --no-build-isolation --no-deps ./python; on failure an in-place build
+#              (python setup.py build_ext --inplace)                     -> $OUT/py_build.log
+#   4. pytest  python/tests (CPU and CUDA tests), under a timeout        -> $OUT/pytest.log
+#              (before the training; beside it, on the spare GPUs, when there are more GPUs than
+#              recipes)
+#   5. train   examples/train_moe_lm.py for bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4: one
+#              recipe per GPU in parallel when 4 GPUs are visible (CUDA_VISIBLE_DEVICES per run,
+#              same seed and data order), one after the other otherwise; the step count fitted to
+#              the budget and agreed between the runs             -> $OUT/train/{loss_*.csv,...}
+#   6. report  the curves side by side: $OUT/losses.png, $OUT/losses.csv, $OUT/train_report.md
+# A failing step is recorded and the next ones still run where they can (a failed recipe does not
+# lose the others' results: each run writes its CSV every step and its summary at the end).
+#
+# Usage: python/run_gpu.sh [--total-minutes M] [--minutes M] [--steps N] [--recipes LIST]
+#                          [--no-tests] [--no-train] [--pytest-timeout S] [--train-args "..."]
+#   --total-minutes  wall-clock budget of the whole script (default 9.3): the training budget is
+#                    what is left after the build and the tests, minus a reserve for the report
+#   --minutes        cap on the training loop's budget (default: no cap beyond the total)
+#   --steps          requested steps per recipe (default 3000); fewer when they do not fit
+#   --recipes        comma-separated (default bf16,fp8-blockwise,fp8-flow,fp8-flow-mxfp4)
+#   --train-args     extra arguments for train_moe_lm.py (e.g. "--batch 4 --layers 4")
+# Environment: OUT (default ./out), PYTHON (default /opt/torch/.venv/bin/python3, else python3),
+# FP8FLOW_BUILD_DIR (default build). Exit status 0 when every step passed.
+set -uo pipefail
+cd "$(dirname "$0")/.." || exit 2
+ROOT=$PWD
+OUT=${OUT:-$ROOT/out}
+mkdir -p "$OUT"
+OUT=$(cd "$OUT" && pwd)
+export PATH="/usr/local/cuda/bin:$PATH"
+PY=${PYTHON:-/opt/torch/.venv/bin/python3}
+[ -x "$PY" ] || PY=$(command -v python3)
+export FP8FLOW_BUILD_DIR=${FP8FLOW_BUILD_DIR:-$ROOT/build}
+export FP8FLOW_ROOT=$ROOT
+T0=$(date +%s)
+
+total_min=9.3 cap_min="" steps=3000 recipes="bf16,fp8-blockwise,fp8-flow,fp8-flow-mxfp4"
+do_tests=1 do_train=1 pytest_timeout=150 train_args=""
+while (($#)); do
+  case "$1" in
+    --total-minutes) total_min=${2:?}; shift ;;
+    --minutes) cap_min=${2:?}; shift ;;
+    --steps) steps=${2:?}; shift ;;
+    --recipes) recipes=${2:?}; shift ;;
+    --no-tests) do_tests=0 ;;
+    --no-train) do_train=0 ;;
+    --pytest-timeout) pytest_timeout=${2:?}; shift ;;
+    --train-args) train_args=${2:?}; shift ;;
+    -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
+    *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
+  esac
+  shift
+done
+
+status=() # "name: STATUS" lines for the summary
+note() { echo "== $* ($(($(date +%s) - T0)) s)" | tee -a "$OUT/progress.txt"; }
+record() { status+=("$(printf '%-8s %s' "$1" "$2")"); }
+elapsed_min() { awk -v a="$(date +%s)" -v b="$T0" 'BEGIN { printf "%.2f", (a - b) / 60 }'; }
+calc() { awk "BEGIN { printf \"%.2f\", $1 }"; }        # calc EXPR: float arithmetic without bc
+calc_int() { awk "BEGIN { printf \"%d\", $1 }"; }
+
+# ---- 1. env ---------------------------------------------------------------------------------------
+{
+  echo "date: $(date -u '+%Y-%m-%d %H:%M:%S UTC')  host: $(hostname)"
+  echo "git: $(git -C "$ROOT" describe --always --dirty 2>/dev/null || echo "unknown (no .git)")"
+  nvidia-smi --query-gpu=index,name,memory.total,driver_version --format=csv 2>&1 || true
+  echo "python: $PY"
+  "$PY" - <<'EOF' 2>&1
+import sys
+print("python", sys.version.split()[0])
+for m in ("torch", "numpy", "matplotlib", "pytest", "ml_dtypes", "setuptools", "pip"):
+    try:
+        mod = __import__(m)
+        extra = f" (cuda {mod.version.cuda}, GPUs {mod.cuda.device_count()})" if m == "torch" else ""
+        print(m, getattr(mod, "__version__", "?") + extra)
+    except Exception as e:
+        print(m, "missing:", e)
+EOF
+} >"$OUT/py_env.txt" 2>&1
+note "env -> $OUT/py_env.txt"
+cat "$OUT/py_env.txt"
+NGPU=$("$PY" -c "import torch; print(torch.cuda.device_count())" 2>/dev/null || echo 0)
+
+# ---- 2. the library -------------------------------------------------------------------------------
+lib_ok=1
+if [ -f "$FP8FLOW_BUILD_DIR/libfp8flow.a" ]; then
+  note "lib: prebuilt $FP8FLOW_BUILD_DIR/libfp8flow.a"
+  record lib "PASS (prebuilt)"
+else
+  note "lib: building libfp8flow.a (cmake --preset default, target fp8flow)"
+  if (cmake --preset default -DFP8FLOW_BUILD_TESTS=OFF -DFP8FLOW_BUILD_TOOLS=OFF &&
+    cmake --build build -j"$(nproc)" --target fp8flow) >"$OUT/lib_build.log" 2>&1; then
+    export FP8FLOW_BUILD_DIR=$ROOT/build
+    record lib PASS
+  else
+    lib_ok=0
+    record lib "FAIL (see lib_build.log)"
+    tail -20 "$OUT/lib_build.log"
+  fi
+fi
+
+# ---- 3. the extension -----------------------------------------------------------------------------
+ext_ok=0
+if ((lib_ok)); then
+  rm -rf python/build python/fp8flow.egg-info  # no stale objects from an earlier build
+  note "ext: pip install --no-build-isolation --no-deps ./python"
+  t=$(date +%s)
+  if timeout 400 "$PY" -m pip install --no-build-isolation --no-deps --no-index -v ./python \
+    >"$OUT/py_build.log" 2>&1; then
+    ext_ok=1
+    record ext "PASS (pip install, $(($(date +%s) - t)) s)"
+  else
+    note "ext: pip install failed (tail below); in-place build instead"
+    tail -15 "$OUT/py_build.log"
+    if (cd python && timeout 400 "$PY" setup.py build_ext --inplace --force) >>"$OUT/py_build.log" 2>&1; then
+      export PYTHONPATH="$ROOT/python${PYTHONPATH:+:$PYTHONPATH}"
+      ext_ok=1
+      record ext "PASS (in-place build after pip failed, $(($(date +%s) - t)) s)"
+    else
+      record ext "FAIL (see py_build.log)"
+      tail -30 "$OUT/py_build.log"
+    fi
+  fi
+  grep -E "fp8flow setup.py:" "$OUT/py_build.log" | tail -2
+  (cd /tmp && "$PY" - <<'EOF') 2>&1 | tee -a "$OUT/py_env.txt"
+import fp8flow
+print("fp8flow", fp8flow.version(), "cuda", fp8flow.cuda_available(), "from", fp8flow.__file__)
+libs = sorted({l.split()[-1] for l in open("/proc/self/maps") if any(k in l for k in ("libcudart", "libcublasLt", "libnccl"))})
+print("loaded CUDA libraries:", *libs, sep="\n  ")
+EOF
+fi
+
+# ---- 4. pytest --------------------------------------------------------------------------------------
+# run_pytest: the suite under the timeout; its status line goes to $OUT/pytest.status (the function
+# may run in the background, beside the training, where spare GPUs allow).
+run_pytest() {
+  timeout --kill-after=10 "$pytest_timeout" "$PY" -m pytest python/tests -q -rs -p no:cacheprovider \
+    --junitxml="$OUT/pytest.xml" >"$OUT/pytest.log" 2>&1
+  local rc=$? line st
+  line=$(grep -E "[0-9]+ (passed|failed|skipped)" "$OUT/pytest.log" | tail -1)
+  if [ $rc -eq 0 ]; then st="PASS: $line"
+  elif [ $rc -eq 124 ] || [ $rc -eq 137 ]; then st="TIMEOUT (${pytest_timeout} s): $line"
+  else st="FAIL (rc $rc): $line"; fi
+  echo "$st" >"$OUT/pytest.status"
+}
+pytest_done() {
+  record pytest "$(cat "$OUT/pytest.status" 2>/dev/null || echo "FAIL (no status)")"
+  grep -E "FAILED|ERROR|SKIPPED" "$OUT/pytest.log" | head -40
+  tail -3 "$OUT/pytest.log"
+}
+IFS=, read -r -a R <<<"$recipes"
+pytest_bg=""
+if ((ext_ok && do_tests)); then
+  if ((do_train)) && [ "$NGPU" -gt "${#R[@]}" ]; then
+    spare=$(seq -s, "${#R[@]}" $((NGPU - 1)))
+    note "pytest in the background on GPUs $spare (timeout ${pytest_timeout} s)"
+    CUDA_VISIBLE_DEVICES=$spare run_pytest &
+    pytest_bg=$!
+  else
+    note "pytest (timeout ${pytest_timeout} s)"
+    run_pytest
+    pytest_done
+  fi
+fi
+
+# ---- 5. training ------------------------------------------------------------------------------------
+train_ok=1
+if ((ext_ok && do_train)); then
+  budget=$(calc "$total_min - $(elapsed_min) - 0.9")  # 0.9 min: model set-up, validation, report
+  if [ -n "$cap_min" ]; then budget=$(calc "($cap_min < $budget) ? $cap_min : $budget"); fi
+  mkdir -p "$OUT/train"
+  rm -rf "$OUT/train/sync"
+  common=(examples/train_moe_lm.py --out "$OUT/train" --steps "$steps" --fit-steps)
+  if [ "$NGPU" -ge "${#R[@]}" ]; then
+    note "train: ${#R[@]} recipes in parallel, one GPU each, loop budget ${budget} min"
+    pids=()
+    for i in "${!R[@]}"; do
+      # shellcheck disable=SC2086  # train_args is a list of words on purpose
+      CUDA_VISIBLE_DEVICES=$i timeout --kill-after=20 "$(calc_int "($budget + 1.5) * 60")" \
+        "$PY" "${common[@]}" --recipe "${R[$i]}" --minutes "$budget" --sync-dir "$OUT/train/sync" \
+        --sync-recipes "$recipes" $train_args >"$OUT/train/train_${R[$i]}.out" 2>&1 &
+      pids+=($!)
+    done
+    for i in "${!R[@]}"; do
+      wait "${pids[$i]}"
+      rc=$?
+      [ $rc -eq 0 ] || train_ok=0
+      record "${R[$i]}" "rc $rc: $(tail -1 "$OUT/train/train_${R[$i]}.out")"
+    done
+  else
+    per=$(calc "$budget / ${#R[@]}")
+    note "train: ${#R[@]} recipes one after the other on 1 GPU ($NGPU visible), ${per} min each"
+    planned=""
+    for r in "${R[@]}"; do
+      extra=(--fit-steps)  # the first run fits the steps to its share; the others use its count
+      [ -n "$planned" ] && extra=()
+      # shellcheck disable=SC2086
+      CUDA_VISIBLE_DEVICES=0 timeout --kill-after=20 "$(calc_int "($per + 1.5) * 60")" \
+        "$PY" examples/train_moe_lm.py --out "$OUT/train" --steps "${planned:-$steps}" "${extra[@]}" \
+        --recipe "$r" --minutes "$per" $train_args >"$OUT/train/train_$r.out" 2>&1
+      rc=$?
+      [ $rc -eq 0 ] || train_ok=0
+      record "$r" "rc $rc: $(tail -1 "$OUT/train/train_$r.out")"
+      if [ -z "$planned" ] && [ -f "$OUT/train/summary_$r.json" ]; then
+        planned=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('steps_planned', ''))" \
+          "$OUT/train/summary_$r.json" 2>/dev/null)
+      fi
+    done
+  fi
+  note "report"
+  "$PY" examples/train_moe_lm.py --report "$OUT/train" >"$OUT/train/report.out" 2>&1 || train_ok=0
+  cp -f "$OUT/train/train_report.md" "$OUT/train/losses.png" "$OUT/train/losses.csv" "$OUT/" 2>/dev/null
+  cat "$OUT/train/report.out"
+fi
+if [ -n "$pytest_bg" ]; then
+  wait "$pytest_bg"
+  pytest_done
+fi
+
+# ---- summary ----------------------------------------------------------------------------------------
+{
+  echo
+  echo "=========================== python/run_gpu.sh summary ==========================="
+  echo "out: $OUT   total: $(($(date +%s) - T0)) s   GPUs: $NGPU"
+  for s in "${status[@]}"; do echo "  $s"; done
+} | tee "$OUT/py_summary.txt"
+failed=0
+for s in "${status[@]}"; do case "$s" in *FAIL* | *TIMEOUT* | *"rc "[1-9]*) failed=1 ;; esac; done
+((train_ok)) || failed=1
+exit $failed
