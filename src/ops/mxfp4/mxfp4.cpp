@@ -42,12 +42,6 @@ void check_pointer_aligned(const Check& c, const TensorView& t, const std::strin
 
 }  // namespace
 
-// A CPU-only build has no sm90 backend to link; require_cuda_backend has thrown before these.
-#if FP8FLOW_WITH_CUDA
-#define FP8FLOW_SM90(call) sm90::call
-#else
-#define FP8FLOW_SM90(call) (void)stream
-#endif
 
 void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream) {
   const Check c("quantize_mxfp4");
@@ -61,7 +55,7 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream
   check_cuda_pointers(c, {{&in, "in"}, {&out.data, "out.data"}, {&out.scale, "out.scale"}});
   check_pointer_aligned(c, in, "in", 16);
   check_pointer_aligned(c, out.data, "out.data", 16);
-  FP8FLOW_SM90(quantize_mxfp4(in, out, stream));
+  FP8FLOW_SM90(sm90::quantize_mxfp4(in, out, stream));
 }
 
 void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {
@@ -79,7 +73,7 @@ void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream
   check_pointer_aligned(c, in.data, "in.data", 16);
   check_pointer_aligned(c, in.scale, "in.scale", 4);
   check_pointer_aligned(c, out.data, "out.data", 16);
-  FP8FLOW_SM90(fp8_to_mxfp4(in, out, stream));
+  FP8FLOW_SM90(sm90::fp8_to_mxfp4(in, out, stream));
 }
 
 void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {
@@ -97,7 +91,7 @@ void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream
   check_pointer_aligned(c, in.data, "in.data", 16);
   check_pointer_aligned(c, out.data, "out.data", 16);
   check_pointer_aligned(c, out.scale, "out.scale", 4);
-  FP8FLOW_SM90(mxfp4_to_fp8(in, out, stream));
+  FP8FLOW_SM90(sm90::mxfp4_to_fp8(in, out, stream));
 }
 
 void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, Stream stream) {
@@ -118,7 +112,7 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   // are not 16-byte aligned take the kernel's byte-store path.
   check_pointer_aligned(c, out_t.data, "out_t.data", 16);
   check_pointer_aligned(c, out_t.scale, "out_t.scale", 4);
-  FP8FLOW_SM90(mxfp4_to_fp8_transposed(in, out_t, stream));
+  FP8FLOW_SM90(sm90::mxfp4_to_fp8_transposed(in, out_t, stream));
 }
 
 }  // namespace fp8flow
