@@ -21,7 +21,9 @@
 // The MoE layer: a torch custom class fp8flow.MoELayer owns the C++ MoELayer (pools, FP8 weight
 // copies) and holds the weight tensors it views; fp8flow.MoEContext holds one MoEContext (saved
 // state of one forward) and returns it to its layer's free list when destroyed, so contexts are
-// allocated once and reused step after step (one per forward in flight).
+// allocated once and reused step after step (one per forward in flight). Expert parallelism: the
+// layer's constructor takes an optional fp8flow.Communicator (ep_size = its ranks; w1/w2 then hold
+// the rank's local experts) and keeps a reference to it, so the communicator outlives the layer.
 #include <torch/custom_class.h>
 #include <torch/extension.h>
 #include <torch/library.h>
@@ -41,10 +43,8 @@
 #include <c10/cuda/CUDAStream.h>
 #endif
 
-#include "fp8flow/fp8flow.h"
-#ifdef FP8FLOW_PY_HAVE_COMM
 #include "fp8flow/comm.h"
-#endif
+#include "fp8flow/fp8flow.h"
 
 #define FP8FLOW_TORCH_AT_LEAST(major, minor) \
   (TORCH_VERSION_MAJOR > (major) ||          \
@@ -518,6 +518,67 @@ std::tuple<at::Tensor, at::Tensor> mxfp4_to_fp8_transposed_meta(const at::Tensor
   return {meta(DType::E4M3, K, M, data), meta(DType::F32, st.rows, st.cols, data)};
 }
 
+// ---- expert-parallel communicator (needs the library's comm implementation) --------------------
+
+// fp8flow.Communicator: owns one fp8flow Communicator. Defined in every build (so that the MoE
+// layer's constructor can name it); without the library's comm implementation its constructor
+// throws Unsupported (comm_available() says which).
+class CommunicatorHolder : public torch::CustomClassHolder {
+ public:
+  // id: uint8 [128] (nccl_unique_id of rank 0, distributed by the caller); current CUDA device.
+  CommunicatorHolder(at::Tensor id, int64_t rank, int64_t size, int64_t timeout_ms) {
+    const char* op = "make_nccl_communicator";
+#ifdef FP8FLOW_PY_HAVE_COMM
+    const at::Tensor b = id.to(at::kCPU).contiguous();
+    if (b.scalar_type() != at::kByte || b.numel() != int64_t{sizeof(NcclUniqueIdBytes)})
+      fail(op, "id", cat("uint8 tensor of ", sizeof(NcclUniqueIdBytes), " bytes"),
+           cat(b.scalar_type(), " of ", b.numel(), " elements"));
+    NcclUniqueIdBytes u{};
+    std::memcpy(u.bytes, b.data_ptr(), sizeof(u.bytes));
+    comm_ = make_nccl_communicator(u, static_cast<int>(rank), static_cast<int>(size), timeout_ms);
+#else
+    fail(op, "build", "a libfp8flow.a with the communicator implementation (branch `comm`)",
+         "one without", ErrorKind::Unsupported);
+#endif
+  }
+#ifdef FP8FLOW_PY_HAVE_COMM
+  int64_t rank() const {
+    return comm_->rank();
+  }
+  int64_t size() const {
+    return comm_->size();
+  }
+  std::string backend() const {
+    return comm_->backend();
+  }
+#else
+  int64_t rank() const {
+    return 0;
+  }
+  int64_t size() const {
+    return 1;
+  }
+  std::string backend() const {
+    return "none";
+  }
+#endif
+  Communicator& comm() {
+    return *comm_;
+  }
+
+ private:
+  std::unique_ptr<Communicator> comm_;
+};
+
+#ifdef FP8FLOW_PY_HAVE_COMM
+at::Tensor nccl_unique_id_op() {
+  const NcclUniqueIdBytes u = nccl_unique_id();
+  at::Tensor t = at::empty({int64_t{sizeof(u.bytes)}}, at::TensorOptions().dtype(at::kByte));
+  std::memcpy(t.data_ptr(), u.bytes, sizeof(u.bytes));
+  return t;
+}
+#endif
+
 // ---- the MoE layer -----------------------------------------------------------------------------
 
 Recipe recipe_of(const std::string& r) {
@@ -541,7 +602,9 @@ class MoELayerHolder : public torch::CustomClassHolder {
                  int64_t n_groups, int64_t topk_groups, bool renormalize, double scaling,
                  double aux_alpha, int64_t seq_len, std::string recipe, int64_t align,
                  int64_t max_tokens, int64_t gemm_streams, at::Tensor gate,
-                 c10::optional<at::Tensor> gate_bias, at::Tensor w1, at::Tensor w2) {
+                 c10::optional<at::Tensor> gate_bias, at::Tensor w1, at::Tensor w2,
+                 c10::optional<c10::intrusive_ptr<CommunicatorHolder>> comm,
+                 int64_t ep_max_recv_rows) {
     cfg_.hidden = hidden;
     cfg_.ffn = ffn;
     cfg_.experts = experts;
@@ -557,9 +620,17 @@ class MoELayerHolder : public torch::CustomClassHolder {
     if (align > 0) cfg_.align = static_cast<int>(align);  // 0: MoEConfig's default
     cfg_.max_tokens = max_tokens;
     if (gemm_streams > 0) cfg_.gemm_streams = static_cast<int>(gemm_streams);
+    // Expert parallelism: ep_size = the communicator's ranks; w1/w2 are this rank's experts. The
+    // communicator is held here (declared before layer_, so it outlives the layer).
+    if (comm.has_value() && *comm) {
+      comm_ = *comm;
+      cfg_.ep_size = static_cast<int>(comm_->size());
+      cfg_.ep_max_recv_rows = ep_max_recv_rows;  // 0: the C++ worst case
+    }
     hold(gate, gate_bias, w1, w2);
     DeviceScope ds(w1_, "MoELayer");
-    layer_ = std::make_unique<MoELayer>(cfg_, weights(), ds.stream());
+    layer_ = comm_ ? std::make_unique<MoELayer>(cfg_, weights(), &comm_->comm(), ds.stream())
+                   : std::make_unique<MoELayer>(cfg_, weights(), ds.stream());
   }
 
   // Re-make the FP8 (or BF16) weight copies from the held weight tensors (after an optimizer step).
@@ -609,6 +680,8 @@ class MoELayerHolder : public torch::CustomClassHolder {
   int64_t contexts() const { return contexts_made_; }
   int64_t weight_casts() const { return layer_->weight_casts(); }
   int64_t max_tokens() const { return cfg_.max_tokens; }
+  int64_t ep_size() const { return cfg_.ep_size; }
+  int64_t ep_max_recv_rows() const { return cfg_.ep_max_recv_rows; }
   std::string recipe() const { return to_string(cfg_.recipe); }
   // Layer pool + every context made so far (the device memory fp8flow owns for this layer).
   int64_t device_bytes() const { return pool_bytes() + contexts_made_ * context_pool_bytes(); }
@@ -641,6 +714,7 @@ class MoELayerHolder : public torch::CustomClassHolder {
 
   MoEConfig cfg_;
   at::Tensor gate_, bias_, w1_, w2_;
+  c10::intrusive_ptr<CommunicatorHolder> comm_;  // before layer_: destroyed after it
   std::unique_ptr<MoELayer> layer_;
   std::mutex mu_;
   std::vector<std::unique_ptr<MoEContext>> free_;
@@ -733,11 +807,13 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_backward_op(
   const at::Tensor dy = dy_in.contiguous();
   DeviceScope ds(dy, op);
   const MoEConfig& cfg = L.layer().config();
-  const int64_t T = dy.size(0), H = cfg.hidden, F = cfg.ffn, E = cfg.experts;
+  // dW1/dW2: this rank's experts (E / ep_size); dgate: every expert (this rank's tokens' part).
+  const int64_t T = dy.size(0), H = cfg.hidden, F = cfg.ffn, Eg = cfg.experts,
+                E = cfg.experts / cfg.ep_size;
   const auto f32 = dy.options().dtype(at::kFloat);
   at::Tensor dx = at::empty({T, H}, dy.options().dtype(at::kBFloat16));
   at::Tensor dw1 = at::empty({E * 2 * F, H}, f32), dw2 = at::empty({E * H, F}, f32);
-  at::Tensor dgate = at::empty({E, H}, f32);
+  at::Tensor dgate = at::empty({Eg, H}, f32);
   MoEGrads g;
   g.dx = view_of(dx, op, "grads.dx");
   g.dw1 = view_of(dw1, op, "grads.dw1");
@@ -751,39 +827,6 @@ std::tuple<at::Tensor, at::Tensor, at::Tensor, at::Tensor> moe_backward_op(
   return {dx, dw1, dw2, dgate};
 }
 
-// ---- expert-parallel communicator (needs the library's comm implementation) --------------------
-
-#ifdef FP8FLOW_PY_HAVE_COMM
-class CommunicatorHolder : public torch::CustomClassHolder {
- public:
-  // id: uint8 [128] (nccl_unique_id of rank 0, distributed by the caller); current CUDA device.
-  CommunicatorHolder(at::Tensor id, int64_t rank, int64_t size, int64_t timeout_ms) {
-    const char* op = "make_nccl_communicator";
-    const at::Tensor b = id.to(at::kCPU).contiguous();
-    if (b.scalar_type() != at::kByte || b.numel() != int64_t{sizeof(NcclUniqueIdBytes)})
-      fail(op, "id", cat("uint8 tensor of ", sizeof(NcclUniqueIdBytes), " bytes"),
-           cat(b.scalar_type(), " of ", b.numel(), " elements"));
-    NcclUniqueIdBytes u{};
-    std::memcpy(u.bytes, b.data_ptr(), sizeof(u.bytes));
-    comm_ = make_nccl_communicator(u, static_cast<int>(rank), static_cast<int>(size), timeout_ms);
-  }
-  int64_t rank() const { return comm_->rank(); }
-  int64_t size() const { return comm_->size(); }
-  std::string backend() const { return comm_->backend(); }
-  Communicator& comm() { return *comm_; }
-
- private:
-  std::unique_ptr<Communicator> comm_;
-};
-
-at::Tensor nccl_unique_id_op() {
-  const NcclUniqueIdBytes u = nccl_unique_id();
-  at::Tensor t = at::empty({int64_t{sizeof(u.bytes)}}, at::TensorOptions().dtype(at::kByte));
-  std::memcpy(t.data_ptr(), u.bytes, sizeof(u.bytes));
-  return t;
-}
-#endif
-
 bool comm_available_op() {
 #ifdef FP8FLOW_PY_HAVE_COMM
   return built_with_nccl();
@@ -792,9 +835,10 @@ bool comm_available_op() {
 #endif
 }
 
-// Whether the C++ MoELayer takes an expert-parallel communicator (branch `ep`, not on main yet).
+// Whether fp8flow.MoE can run expert-parallel from torch: the C++ MoELayer takes a communicator
+// (include/fp8flow/moe.h), and torch processes can only share fp8flow's NCCL one.
 bool moe_ep_available_op() {
-  return false;
+  return comm_available_op();
 }
 
 bool cuda_available_op() {
@@ -825,10 +869,19 @@ void throw_op(std::string kind, std::string msg) {
 using namespace fp8flow::py;  // NOLINT
 
 TORCH_LIBRARY(fp8flow, m) {
+  // Registered first: the MoE layer's constructor takes one.
+  m.class_<CommunicatorHolder>("Communicator")
+      .def(torch::init<at::Tensor, int64_t, int64_t, int64_t>())
+      .def("rank", &CommunicatorHolder::rank)
+      .def("size", &CommunicatorHolder::size)
+      .def("backend", &CommunicatorHolder::backend);
   m.class_<MoELayerHolder>("MoELayer")
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
                        double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
-                       c10::optional<at::Tensor>, at::Tensor, at::Tensor>())
+                       c10::optional<at::Tensor>, at::Tensor, at::Tensor,
+                       c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t>())
+      .def("ep_size", &MoELayerHolder::ep_size)
+      .def("ep_max_recv_rows", &MoELayerHolder::ep_max_recv_rows)
       .def("refresh_weights", &MoELayerHolder::refresh_weights)
       .def("set_weights", &MoELayerHolder::set_weights)
       .def("pool_bytes", &MoELayerHolder::pool_bytes)
@@ -852,11 +905,6 @@ TORCH_LIBRARY(fp8flow, m) {
       .def("topk_idx", &MoEContextHolder::topk_idx)
       .def("topk_weight", &MoEContextHolder::topk_weight);
 #ifdef FP8FLOW_PY_HAVE_COMM
-  m.class_<CommunicatorHolder>("Communicator")
-      .def(torch::init<at::Tensor, int64_t, int64_t, int64_t>())
-      .def("rank", &CommunicatorHolder::rank)
-      .def("size", &CommunicatorHolder::size)
-      .def("backend", &CommunicatorHolder::backend);
   m.def("nccl_unique_id() -> Tensor", &nccl_unique_id_op);
 #endif
 

@@ -8,9 +8,9 @@ communicator (fp8flow::make_nccl_communicator(id, rank, size)) on its current CU
 torch.cuda.set_device first). fp8flow owns this communicator (its own NCCL communicator next to
 torch's, same ranks).
 
-Availability: needs a libfp8flow.a with the communicator implementation (branch `comm`); the MoE
-layer's use of it waits for the C++ MoELayer's EP config (branch `ep`): fp8flow.MoE with a group of
-more than one rank raises NotImplementedError until then.
+Availability: needs a libfp8flow.a built with NCCL (comm_available()). fp8flow.MoE(...,
+process_group=group) calls make_communicator itself at its first forward (expert parallelism, see
+fp8flow/moe.py) and its C++ layer keeps the communicator alive.
 """
 
 import torch

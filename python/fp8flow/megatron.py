@@ -26,7 +26,7 @@ import torch
 def to_megatron(moe, prefix="", layout="te"):
     """fp8flow.MoE -> a Megatron-Core state dict (tensors are copies). layout 'te' (TEGroupedMLP)
     or 'legacy' (GroupedMLP)."""
-    E, H, Fw = moe.experts, moe.hidden, moe.ffn
+    E, H, Fw = moe.local_experts, moe.hidden, moe.ffn
     sd = {prefix + "router.weight": moe.gate_weight.detach().clone()}
     if moe.expert_bias is not None:
         sd[prefix + "router.expert_bias"] = moe.expert_bias.detach().clone()
@@ -48,7 +48,7 @@ def to_megatron(moe, prefix="", layout="te"):
 def load_megatron(moe, sd, prefix="", layout="te"):
     """Copies a Megatron-Core state dict (see the module docstring) into fp8flow.MoE's parameters
     (in place: the next forward refreshes the FP8 weight copies)."""
-    E, H, Fw = moe.experts, moe.hidden, moe.ffn
+    E, H, Fw = moe.local_experts, moe.hidden, moe.ffn
     moe.gate_weight.copy_(sd[prefix + "router.weight"])
     if moe.expert_bias is not None and prefix + "router.expert_bias" in sd:
         moe.expert_bias.copy_(sd[prefix + "router.expert_bias"])

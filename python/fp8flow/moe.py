@@ -38,10 +38,35 @@ Memory: the C++ layer allocates its own device pools (not torch's caching alloca
 fp8flow_device_bytes() reports them. One context (the saved state of one forward) per forward in
 flight, allocated once and reused.
 
+Expert parallelism (process_group=pg with pg.size() = N > 1; include/fp8flow/moe.h):
+  experts E is the GLOBAL count (E % N == 0); rank r of pg owns experts [r E_l, (r+1) E_l),
+  E_l = E / N (Megatron's EP sharding). Parameters: w1 [E_l*2F, H] and w2 [E_l*H, F] are this
+  rank's shard (module.local_experts = E_l, module.expert_offset = r E_l); gate_weight [E, H] and
+  expert_bias [E] are replicated and must be equal on every rank (same seed at construction, or
+  broadcast them). Each rank passes its own tokens; the layer dispatches them to the experts'
+  ranks and combines the results back (fp8flow's NCCL communicator, built from pg at the first
+  forward by fp8flow.distributed.make_communicator: rank 0's unique id broadcast over pg; it is
+  kept alive by the C++ layer that uses it). Every forward/backward is collective over pg (all
+  ranks call it, same recipe and config), and so is the first forward and any re-build.
+  Gradients: dW1/dW2 are the local experts' full gradients (no reduction over pg needed). dgate
+  covers only this rank's tokens: the router is a replicated parameter and its gradient must be
+  summed over pg, which this module does NOT do: it is left to the caller's data-parallel
+  reduction, as Megatron does (DDP over a group spanning pg all-reduces gate_weight.grad like any
+  replicated weight; note DDP averages: use the same token-mean loss convention as for the dense
+  weights). Do not let a DDP over pg reduce or broadcast w1/w2 (they differ per rank): exclude
+  them (e.g. DistributedDataParallel._set_params_and_buffers_to_ignore_for_model) or give them
+  their own expert-data-parallel group. The aux loss (module.last_aux_loss) covers this rank's
+  sequences. Token cap: with max_tokens=None every forward agrees the cap over pg (one all_reduce
+  of T, a host sync); pass max_tokens (the per-rank T bound, equal on all ranks) to avoid it.
+  ep_max_recv_rows bounds the rows one rank may receive (memory; None/0: the C++ worst case,
+  N * max_tokens * min(top_k, E_l)); a forward that would exceed it raises on every rank.
+  expert_parallel=True builds the EP layer even on a 1-rank group (reproduces the EP transport,
+  e.g. fp8-flow-mxfp4's MXFP4 dispatch, on one GPU); False keeps every expert on every rank.
+  Needs CUDA parameters and a libfp8flow.a with NCCL (fp8flow.distributed.comm_available()).
+
 Not supported: double backward; inputs needing more than max_tokens tokens re-build the layer
-(max_tokens=None sizes it from the largest T seen). Expert parallelism (process_group with more
-than one rank) raises NotImplementedError until the C++ layer takes a communicator (branch `ep`).
-torch.compile: the layer's forward runs outside the compiled graph (a clean graph break).
+(max_tokens=None sizes it from the largest T seen). torch.compile: the layer's forward runs
+outside the compiled graph (a clean graph break).
 """
 
 import torch
@@ -100,6 +125,7 @@ class MoE(nn.Module):
         balancing updates it in place)
       recipe, align (expert segment alignment), max_tokens (None: from the input), gemm_streams
       (align / gemm_streams None: MoEConfig's defaults)
+      process_group, expert_parallel, ep_max_recv_rows: expert parallelism (module docstring)
     """
 
     def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
@@ -108,7 +134,7 @@ class MoE(nn.Module):
                  gemm_streams=None,
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
-                 process_group=None):
+                 process_group=None, expert_parallel=None, ep_max_recv_rows=None):
         super().__init__()
         self.hidden, self.ffn = int(hidden), int(ffn)
         self.experts, self.top_k = int(experts), int(top_k)
@@ -129,19 +155,35 @@ class MoE(nn.Module):
         self.last_context = None
         self.last_aux_loss = 0.0
         self.process_group = process_group
+        self.ep_size, self.ep_rank, self._ep = 1, 0, False
         if process_group is not None:
             import torch.distributed as dist
 
-            if dist.get_world_size(process_group) > 1 and not torch.ops.fp8flow.moe_ep_available():
-                raise NotImplementedError(
-                    "fp8flow.MoE: expert parallelism over a process group of "
-                    f"{dist.get_world_size(process_group)} ranks: the C++ MoELayer does not take a "
-                    "communicator yet (branch `ep`); fp8flow.distributed.make_communicator(group) "
-                    "already builds the NCCL communicator from the group")
-        H, Fw, E = self.hidden, self.ffn, self.experts
+            world = dist.get_world_size(process_group)
+            self._ep = world > 1 if expert_parallel is None else bool(expert_parallel)
+            if self._ep:
+                if not torch.ops.fp8flow.moe_ep_available():
+                    raise NotImplementedError(
+                        f"fp8flow.MoE: expert parallelism over a process group of {world} ranks "
+                        "needs fp8flow's NCCL communicator, and this libfp8flow.a has none "
+                        "(built without NCCL / CUDA): fp8flow.distributed.comm_available() is False")
+                if self.experts % world:
+                    raise ValueError(f"fp8flow.MoE: experts: expected a multiple of the process "
+                                     f"group's size {world}, got {self.experts}")
+                self.ep_size, self.ep_rank = world, dist.get_rank(process_group)
+        elif expert_parallel:
+            raise ValueError("fp8flow.MoE: expert_parallel=True needs a process_group")
+        self.ep_max_recv_rows = int(ep_max_recv_rows or 0)
+        if self.ep_max_recv_rows < 0:
+            raise ValueError(f"fp8flow.MoE: ep_max_recv_rows: expected >= 0 or None, "
+                             f"got {ep_max_recv_rows}")
+        self.local_experts = self.experts // self.ep_size
+        self.expert_offset = self.ep_rank * self.local_experts
+        self._comm = None  # fp8flow.Communicator over process_group (EP), made at the first forward
+        H, Fw, E, El = self.hidden, self.ffn, self.experts, self.local_experts
         self.gate_weight = nn.Parameter(torch.empty(E, H, device=device, dtype=torch.float32))
-        self.w1 = nn.Parameter(torch.empty(E * 2 * Fw, H, device=device, dtype=params_dtype))
-        self.w2 = nn.Parameter(torch.empty(E * H, Fw, device=device, dtype=params_dtype))
+        self.w1 = nn.Parameter(torch.empty(El * 2 * Fw, H, device=device, dtype=params_dtype))
+        self.w2 = nn.Parameter(torch.empty(El * H, Fw, device=device, dtype=params_dtype))
         if expert_bias:
             self.register_buffer("expert_bias", torch.zeros(E, device=device, dtype=torch.float32))
         else:
@@ -168,7 +210,9 @@ class MoE(nn.Module):
 
     def extra_repr(self):
         return (f"hidden={self.hidden}, ffn={self.ffn}, experts={self.experts}, top_k={self.top_k}, "
-                f"router={self.router!r}, recipe={self.recipe!r}, params_dtype={self.w1.dtype}")
+                f"router={self.router!r}, recipe={self.recipe!r}, params_dtype={self.w1.dtype}"
+                + (f", ep_size={self.ep_size}, ep_rank={self.ep_rank}, "
+                   f"local_experts={self.local_experts}" if self._ep else ""))
 
     @torch.no_grad()
     def reset_parameters(self):
@@ -184,9 +228,32 @@ class MoE(nn.Module):
         return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t._version)
                      for t in self._weights())
 
+    def _communicator(self, device):
+        """fp8flow's NCCL communicator over process_group (EP; collective at its first call)."""
+        if self._comm is None:
+            if device.type != "cuda":
+                raise ValueError("fp8flow.MoE: expert parallelism needs CUDA parameters, got "
+                                 f"{device}")
+            from . import distributed
+
+            with torch.cuda.device(device):
+                self._comm = distributed.make_communicator(self.process_group)
+        return self._comm
+
+    def _agreed_cap(self, tokens, device):
+        """EP with max_tokens=None: the largest T over the process group (every rank's layer must
+        have the same max_tokens; the C++ constructor checks it). One all_reduce + host sync."""
+        import torch.distributed as dist
+
+        t = torch.tensor([tokens], dtype=torch.int64, device=device)
+        dist.all_reduce(t, op=dist.ReduceOp.MAX, group=self.process_group)
+        return int(t.item())
+
     def _prepare(self, tokens, seq_hint):
         """The C++ layer for this forward: built, re-pointed or refreshed as needed."""
         gate, bias, w1, w2 = self._weights()
+        if self._ep and self.max_tokens is None:
+            tokens = self._agreed_cap(tokens, w1.device)
         cap = tokens if self.max_tokens is None else int(self.max_tokens)
         if self.max_tokens is None and self._layer is not None:
             cap = max(cap, self._layer.max_tokens())
@@ -196,10 +263,12 @@ class MoE(nn.Module):
         snap = self._snapshot()
         if self._layer is None or key != self._layer_key:
             self._layer = None  # free the old pools first
+            comm = self._communicator(w1.device) if self._ep else None
             self._layer = translate(torch.classes.fp8flow.MoELayer)(
                 self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
                 self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
-                self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2)
+                self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2,
+                comm, self.ep_max_recv_rows)
             self._layer_key = key
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)
@@ -234,6 +303,9 @@ class MoE(nn.Module):
     def _forward_2d(self, x, seq_hint):
         x = x.to(torch.bfloat16)
         if self.recipe == "torch":
+            if self._ep:
+                raise NotImplementedError(
+                    "fp8flow.MoE: recipe 'torch' (the PyTorch reference) has no expert parallelism")
             return self._forward_torch(x, seq_hint)
         layer = self._prepare(x.shape[0], seq_hint)
         gate, _, w1, w2 = self._weights()
@@ -270,6 +342,7 @@ class MoE(nn.Module):
         state["_layer_key"] = None
         state["_seen"] = None
         state["last_context"] = None
+        state["_comm"] = None  # EP: a new communicator at the first forward (collective)
         return state
 
 

@@ -86,7 +86,7 @@ def check_vs_reference(recipe, device, T, H, F, E, k, router, seed=0):
           "  ".join(f"{n} {e:.2e} (<{BOUNDS[recipe][n]:.2g})" for n, e in errs.items()))
     for n, e in errs.items():
         assert e < BOUNDS[recipe][n], f"{recipe} {n}: rel err {e:.3e} >= {BOUNDS[recipe][n]}"
-    assert not any(ctx.nonfinite())
+    assert not any(v > 0 for v in ctx.nonfinite())  # -1: dW1/dW2 not counted (C++ default)
     return m, ctx
 
 
