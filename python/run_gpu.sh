@@ -6,8 +6,8 @@
 #   3. ext     pip install --no-build-isolation --no-deps ./python; on failure an in-place build
 #              (python setup.py build_ext --inplace)                     -> $OUT/py_build.log
 #   4. pytest  python/tests (CPU and CUDA tests), under a timeout        -> $OUT/pytest.log
-#              (before the training; beside it, on the spare GPUs, when there are more GPUs than
-#              recipes)
+#              (before the training; beside it, on the spare GPUs, when at least 2 GPUs are left
+#              over by the recipes, so that test_ep.py's 2-GPU expert-parallel tests still run)
 #   5. train   examples/train_moe_lm.py for bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4: one
 #              recipe per GPU in parallel when 4 GPUs are visible (CUDA_VISIBLE_DEVICES per run,
 #              same seed and data order), one after the other otherwise; the step count fitted to
@@ -40,7 +40,7 @@ export FP8FLOW_ROOT=$ROOT
 T0=$(date +%s)
 
 total_min=9.3 cap_min="" steps=3000 recipes="bf16,fp8-blockwise,fp8-flow,fp8-flow-mxfp4"
-do_tests=1 do_train=1 pytest_timeout=150 train_args=""
+do_tests=1 do_train=1 pytest_timeout=200 train_args=""
 while (($#)); do
   case "$1" in
     --total-minutes) total_min=${2:?}; shift ;;
@@ -156,7 +156,8 @@ pytest_done() {
 IFS=, read -r -a R <<<"$recipes"
 pytest_bg=""
 if ((ext_ok && do_tests)); then
-  if ((do_train)) && [ "$NGPU" -gt "${#R[@]}" ]; then
+  # Beside the training only with >= 2 spare GPUs (test_ep.py needs two); else first, on all GPUs.
+  if ((do_train)) && [ "$NGPU" -ge $((${#R[@]} + 2)) ]; then
     spare=$(seq -s, "${#R[@]}" $((NGPU - 1)))
     note "pytest in the background on GPUs $spare (timeout ${pytest_timeout} s)"
     CUDA_VISIBLE_DEVICES=$spare run_pytest &
