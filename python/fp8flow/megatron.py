@@ -1,5 +1,5 @@
 """Mapping between fp8flow.MoE's parameters and Megatron-Core's MoE layer state dict (TP = 1; with
-expert parallelism, E in w1/w2 is the number of local experts of the rank; the router stays [E_g, H]).
+expert parallelism, E in w1/w2 is the rank's number of local experts; the router stays [E_g, H]).
 
 fp8flow.MoE               Megatron-Core (MoELayer, moe_grouped_gemm)
 gate_weight [E, H]        router.weight [E, H]
