@@ -166,7 +166,8 @@ class MoE(nn.Module):
                     raise NotImplementedError(
                         f"fp8flow.MoE: expert parallelism over a process group of {world} ranks "
                         "needs fp8flow's NCCL communicator, and this libfp8flow.a has none "
-                        "(built without NCCL / CUDA): fp8flow.distributed.comm_available() is False")
+                        "(built without NCCL / CUDA): fp8flow.distributed.comm_available() is "
+                        "False")
                 if self.experts % world:
                     raise ValueError(f"fp8flow.MoE: experts: expected a multiple of the process "
                                      f"group's size {world}, got {self.experts}")
