@@ -605,8 +605,9 @@ void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors
         "# expert parallel, %d ranks, weak scaling: each rank keeps T %lld tokens and %lld local\n"
         "# experts (%lld global experts; the router picks over all of them). Times per step: the\n"
         "# slowest rank's, then the median over steps (each step after a barrier); tokens/s and\n"
-        "# TFLOP/s are per rank; saved / pool = the largest rank's; rload = max / mean rows\n"
-        "# received per rank; load is over all %lld experts.\n",
+        "# TFLOP/s are per rank; saved / pool = the largest rank's; rload = max / mean padded "
+        "rows\n"
+        "# received per rank (local experts); load is over all %lld experts.\n",
         L.ep, static_cast<long long>(T), static_cast<long long>(E),
         static_cast<long long>(E * L.ep), static_cast<long long>(E * L.ep));
   std::printf(
