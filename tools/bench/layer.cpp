@@ -735,7 +735,7 @@ int run_layer(const Options& opt) {
 
   // Expert parallel: one rank each; rank 0 fills the report.
   Report rep;
-  int errors = 0;
+  int errors = 0, ranks = L.ep;
   auto rank_fn = [&](const std::string& mode) {
     return [&, mode](Communicator& comm, Stream st) {
       LayerRun R = L;
@@ -748,7 +748,7 @@ int run_layer(const Options& opt) {
           layer_rank(R, R.ep > 1 ? &comm : nullptr, st, comm.rank() == 0 ? &rep : nullptr);
       if (comm.rank() == 0) {
         errors = e;
-        L.ep = R.ep;
+        ranks = R.ep;  // read after the ranks have joined (L is shared: not written here)
       }
     };
   };
@@ -769,6 +769,7 @@ int run_layer(const Options& opt) {
                                  "fp8flow-bench layer");
   }
   if (failed) return 1;
+  L.ep = ranks;
   print_report(rep, L, opt, errors);
   return errors ? 1 : 0;
 }
