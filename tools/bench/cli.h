@@ -25,6 +25,7 @@ struct Options {
   std::string recipe;              // --recipe NAME|all (layer)
   std::string routing;             // --routing balanced|skewed (layer)
   int gpus = 0;                    // --gpus N (comm: ranks, one thread per GPU; 0 = all visible)
+  int ep = 0;                      // --ep N (layer: expert-parallel ranks; 0/1 = one GPU)
   std::vector<std::string> extra;  // arguments left for the subcommand (after --)
 };
 

@@ -28,7 +28,6 @@
 #include <memory>
 #include <stdexcept>
 #include <string>
-#include <thread>
 #include <vector>
 
 #include "cli.h"
@@ -36,6 +35,7 @@
 #include "fp8flow/comm.h"
 #include "fp8flow/version.h"
 #include "harness.h"
+#include "ranks.h"
 
 #if FP8FLOW_WITH_CUDA
 #include <cuda_runtime.h>
@@ -51,7 +51,6 @@ std::vector<CommCase>& comm_cases() {
 namespace {
 
 constexpr int64_t kMiB = int64_t{1} << 20;
-constexpr int64_t kTimeoutMs = 120000;
 
 #if FP8FLOW_WITH_CUDA
 void cuda_ok(cudaError_t e, const char* what) {
@@ -345,20 +344,6 @@ void run_rank(Communicator& comm, Stream stream, const Options& opt, int warmup,
   }
 }
 
-bool under_mpirun() {
-  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
-}
-
-int gpu_count() {
-#if FP8FLOW_WITH_CUDA
-  int n = 0;
-  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
-  return n;
-#else
-  return 0;
-#endif
-}
-
 void fill_meta(Report& rep, const std::string& mode, int ranks, int warmup, int reps) {
   rep.meta("tool", std::string("fp8flow-bench comm"));
   rep.meta("fp8flow", std::string(version_string()));
@@ -422,11 +407,14 @@ int run_inprocess(const Options& opt, int ranks, const std::string& why) {
   const std::string mode = "inprocess (CPU, simulated ranks)";
   fill_meta(rep, mode, ranks, warmup, reps);
   set_columns(rep);
-  run_in_process(ranks, [&](Communicator& comm) {
-    run_rank(comm, nullptr, opt, warmup, reps, comm.rank() == 0 ? &rep : nullptr);
-  });
+  const int failed = run_ranks_inprocess(
+      ranks,
+      [&](Communicator& comm, Stream) {
+        run_rank(comm, nullptr, opt, warmup, reps, comm.rank() == 0 ? &rep : nullptr);
+      },
+      "fp8flow-bench comm");
   print_report(rep, opt, mode, ranks);
-  return 0;
+  return failed ? 1 : 0;
 }
 
 #if FP8FLOW_WITH_CUDA
@@ -434,64 +422,37 @@ int run_inprocess(const Options& opt, int ranks, const std::string& why) {
 int run_threads(const Options& opt, int ranks, int warmup, int reps) {
   Report rep;
   const std::string mode = "nccl, one process, one thread per GPU";
-  cuda_ok(cudaSetDevice(0), "cudaSetDevice");
   fill_meta(rep, mode, ranks, warmup, reps);
-  rep.meta("timeout_ms", kTimeoutMs);
+  rep.meta("timeout_ms", kRankTimeoutMs);
   set_columns(rep);
-  const NcclUniqueIdBytes id = nccl_unique_id();
-  std::vector<std::exception_ptr> errors(ranks);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < ranks; ++r)
-    threads.emplace_back([&, r] {
-      cudaStream_t s = nullptr;
-      try {
-        cuda_ok(cudaSetDevice(r), "cudaSetDevice");
-        cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-        auto comm = make_nccl_communicator(id, r, ranks, kTimeoutMs);
-        run_rank(*comm, reinterpret_cast<Stream>(s), opt, warmup, reps, r == 0 ? &rep : nullptr);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-      if (s) cudaStreamDestroy(s);
-    });
-  for (auto& t : threads) t.join();
-  int failed = 0;
-  for (int r = 0; r < ranks; ++r)
-    if (errors[r]) {
-      ++failed;
-      try {
-        std::rethrow_exception(errors[r]);
-      } catch (const std::exception& e) {
-        std::fprintf(stderr, "fp8flow-bench comm: rank %d: %s\n", r, e.what());
-      }
-    }
+  const int failed = run_ranks_threads(
+      ranks,
+      [&](Communicator& comm, Stream s) {
+        run_rank(comm, s, opt, warmup, reps, comm.rank() == 0 ? &rep : nullptr);
+      },
+      "fp8flow-bench comm");
   print_report(rep, opt, mode, ranks);
   return failed ? 1 : 0;
 }
 
 // One process per GPU under mpirun.
 int run_mpi(const Options& opt, int warmup, int reps) {
-  auto comm = make_nccl_communicator_mpi(kTimeoutMs);
-  const int ranks = comm->size();
   Report rep;
   const std::string mode = "nccl, mpirun, one process per GPU";
-  if (comm->rank() == 0) {
-    fill_meta(rep, mode, ranks, warmup, reps);
-    rep.meta("timeout_ms", kTimeoutMs);
-    set_columns(rep);
-  }
-  cudaStream_t s = nullptr;
-  cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), "cudaStreamCreate");
-  try {
-    run_rank(*comm, reinterpret_cast<Stream>(s), opt, warmup, reps,
-             comm->rank() == 0 ? &rep : nullptr);
-  } catch (const std::exception& e) {
-    std::fprintf(stderr, "fp8flow-bench comm: rank %d: %s\n", comm->rank(), e.what());
-    cudaStreamDestroy(s);
-    return 1;
-  }
-  cudaStreamDestroy(s);
-  if (comm->rank() == 0) print_report(rep, opt, mode, ranks);
+  int rank = -1, ranks = 0;
+  const int failed = run_ranks_mpi(
+      [&](Communicator& comm, Stream s) {
+        ranks = comm.size();
+        if (comm.rank() == 0) {
+          fill_meta(rep, mode, ranks, warmup, reps);
+          rep.meta("timeout_ms", kRankTimeoutMs);
+          set_columns(rep);
+        }
+        run_rank(comm, s, opt, warmup, reps, comm.rank() == 0 ? &rep : nullptr);
+      },
+      "fp8flow-bench comm", &rank);
+  if (failed) return 1;
+  if (rank == 0) print_report(rep, opt, mode, ranks);
   return 0;
 }
 #endif

@@ -3,6 +3,18 @@
 //
 //   fp8flow-bench layer [--config dsv3-shard|dsv2-lite|small] [--recipe NAME|all]
 //                       [--routing balanced|skewed] [--reps N] [--warmup N] [--json FILE]
+//   fp8flow-bench layer --ep N [...]        expert parallel, one thread per GPU (N GPUs)
+//   mpirun -np N fp8flow-bench layer [...]  expert parallel, one process per GPU
+//
+// Expert parallel (--ep N > 1, or mpirun): MoELayer(cfg, w, comm, stream) on every rank (rank
+// setup shared with `comm`, ranks.h), weak scaling: each rank keeps the config's T tokens and its
+// E experts as LOCAL experts, so the layer has E * N global experts (dsv3-shard: 32 per rank,
+// 4096 tokens x top-8 per rank, as the papers' EP runs). The gate [E N][H] and bias are the same
+// on every rank; x, dy and the local masters are seeded per rank. ep_max_recv_rows: the worst
+// case if its pools fit on every rank (free memory - 1 GiB), else 1.5x the balanced expectation
+// T k (skewed: 1.25x the hot rank's expectation). Per step, the slowest rank's time (after a
+// barrier), median over steps; rank 0 prints and writes --json. --ep 1 is the single-GPU path.
+// Without a GPU, N InProcess ranks run the tiny CPU shape.
 //
 // Per recipe: seeded random BF16 master weights (shared by every recipe), a layer sized for T
 // tokens, one context; `warmup` untimed steps, then `reps` timed steps. One step is
@@ -20,7 +32,9 @@
 // "load" column (max / mean padded rows per expert) shows how close the run came.
 #include <algorithm>
 #include <chrono>
+#include <climits>
 #include <cmath>
+#include <cstdint>
 #include <cstdio>
 #include <cstring>
 #include <memory>
@@ -29,10 +43,12 @@
 #include <vector>
 
 #include "cli.h"
+#include "fp8flow/comm.h"
 #include "fp8flow/formats.h"
 #include "fp8flow/moe.h"
 #include "fp8flow/version.h"
 #include "harness.h"
+#include "ranks.h"
 
 #if FP8FLOW_WITH_CUDA
 #include <cuda_runtime.h>
@@ -174,10 +190,9 @@ float elapsed(cudaEvent_t a, cudaEvent_t b) {
 
 // Runs one step; `times` (may be null: warm-up) gets the phase times in ms.
 void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const TensorView& y,
-              const TensorView& dy, const MoEGrads& g, bool gpu, PhaseTimes* times) {
+              const TensorView& dy, const MoEGrads& g, bool gpu, Stream st, PhaseTimes* times) {
   if (gpu) {
 #if FP8FLOW_WITH_CUDA
-    const Stream st = bench_stream();
     const auto cs = reinterpret_cast<cudaStream_t>(st);
     Events ev;
     LAYER_CUDA(cudaEventRecord(ev.e[0], cs));
@@ -187,7 +202,7 @@ void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const Tenso
     LAYER_CUDA(cudaEventRecord(ev.e[2], cs));
     layer.refresh_weights(st);
     LAYER_CUDA(cudaEventRecord(ev.e[3], cs));
-    sync_stream();
+    LAYER_CUDA(cudaStreamSynchronize(cs));
     if (times) {
       times->fwd.push_back(elapsed(ev.e[0], ev.e[1]));
       times->bwd.push_back(elapsed(ev.e[1], ev.e[2]));
@@ -222,139 +237,290 @@ double number(const Value& v) {
   return v.index() == 3 ? std::get<double>(v) : 0;
 }
 
-int run_layer(const Options& opt) {
-  const DeviceInfo dev = query_device();
-  const bool gpu = dev.gpu;
-  const Device where = gpu ? Device::Cuda : Device::Cpu;
-  const int reps = opt.reps_given ? opt.reps : 10;
-  const int warmup = opt.warmup_given ? opt.warmup : 3;
-
-  // Options.
-  const std::string config = opt.config.empty() ? "dsv3-shard" : opt.config;
-  LayerShape shape;
-  if (!make_shape(config, shape)) {
-    std::fprintf(stderr,
-                 "fp8flow-bench layer: --config: expected dsv3-shard, dsv2-lite or small, got "
-                 "'%s'\n",
-                 config.c_str());
-    return 2;
-  }
-  const std::string recipe_opt = opt.recipe.empty() ? "all" : opt.recipe;
+// What every rank of one run shares (options resolved, shapes, report layout).
+struct LayerRun {
+  bool gpu = false;
+  int reps = 10, warmup = 3;
+  int ep = 1;        // ranks (1: the single-GPU layer, no communicator)
+  LayerShape shape;  // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
-  for (const auto& r : kRecipes)
-    if (recipe_opt == "all" || recipe_opt == r.name) recipes.push_back(r);
-  if (recipes.empty()) {
+  std::string routing, routing_note;
+  int hot = 1;
+  double fwd_flop = 0;  // expert GEMM FLOPs of one forward on one rank (T k routed rows)
+};
+
+// Rows a rank may receive (MoEConfig::ep_max_recv_rows) when the worst case does not fit:
+// balanced, 1.5x the expectation T k; skewed, 1.25x rank 0's expectation (every token's `hot`
+// picks land on rank 0's experts, the other k - hot spread over the ranks). 0: the worst case.
+int64_t bounded_recv_rows(const LayerRun& L) {
+  const int64_t T = L.shape.T, k = L.shape.router.top_k, ep = L.ep;
+  const int64_t worst = ep * T * std::min(k, L.shape.E);
+  const int64_t want =
+      L.routing == "balanced" ? (3 * T * k + 1) / 2 : (5 * T * (L.hot * ep + (k - L.hot)) + 3) / 4;
+  return std::min(worst, want);
+}
+
+// Per-rank values gathered on every rank (comm null: this rank's only).
+std::vector<int64_t> gather(Communicator* comm, const std::vector<int64_t>& mine, Stream st) {
+  return comm ? comm->all_gather(mine, st) : mine;
+}
+
+// Per repetition the slowest rank's time (ms), from every rank's times (comm null: as is).
+std::vector<double> slowest(Communicator* comm, const std::vector<double>& ms, int reps,
+                            Stream st) {
+  if (!comm) return ms;
+  std::vector<int64_t> ns(static_cast<size_t>(reps), 0);
+  for (size_t i = 0; i < ms.size() && i < ns.size(); ++i) ns[i] = static_cast<int64_t>(ms[i] * 1e6);
+  const std::vector<int64_t> all = comm->all_gather(ns, st);
+  std::vector<double> out(static_cast<size_t>(reps), 0.0);
+  for (size_t q = 0; q < all.size() / ns.size(); ++q)
+    for (size_t i = 0; i < out.size(); ++i)
+      out[i] = std::max(out[i], static_cast<double>(all[q * ns.size() + i]) / 1e6);
+  return out;
+}
+
+// One rank: its tensors, then every recipe timed; rank 0 (rep non-null) gets the rows. comm null:
+// the single-GPU layer. Every collective below is reached by every rank in the same order, also
+// when a recipe fails on some rank (the failure travels in the gathered `ok` flag).
+int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
+  const bool gpu = L.gpu;
+  const Device where = gpu ? Device::Cuda : Device::Cpu;
+  const int rank = comm ? comm->rank() : 0;
+  const int64_t T = L.shape.T, H = L.shape.H, F = L.shape.F, E = L.shape.E;
+  const int64_t Eg = E * L.ep;
+  const int reps = std::max(L.reps, 1), warmup = L.warmup;
+  const uint64_t rs = 1000 * static_cast<uint64_t>(rank);  // per-rank seed offset (rank 0: 0)
+
+  // This rank's tensors: local expert masters, the replicated gate and bias, x, dy, outputs and
+  // gradients.
+  if (rank == 0)
     std::fprintf(stderr,
-                 "fp8flow-bench layer: --recipe: expected bf16, fp8-blockwise, fp8-flow, "
-                 "fp8-flow-mxfp4 or all, got '%s'\n",
-                 recipe_opt.c_str());
-    return 2;
-  }
-  const std::string routing = opt.routing.empty() ? "balanced" : opt.routing;
-  if (routing != "balanced" && routing != "skewed") {
-    std::fprintf(stderr, "fp8flow-bench layer: --routing: expected balanced or skewed, got '%s'\n",
-                 routing.c_str());
-    return 2;
-  }
-  if (!opt.only.empty() || opt.quick || opt.list)
-    std::fprintf(stderr, "fp8flow-bench layer: --only, --quick and --list are ignored\n");
-
-  // Without a GPU: the `small` configuration shrunk to a size the CPU reference runs quickly.
-  if (!gpu) {
-    std::printf(
-        "fp8flow-bench layer: no CUDA device found (%s build): running the CPU reference of the "
-        "'small' configuration shrunk to T 64, H 256, F 256, E 8, top-2 (--config %s ignored); "
-        "times are the CPU reference's, not a GPU's.\n",
-        FP8FLOW_WITH_CUDA ? "CUDA" : "CPU-only", config.c_str());
-    shape.name = "small-cpu-tiny";
-    shape.T = 64, shape.H = 256, shape.F = 256, shape.E = 8;
-    shape.router = RouterConfig::softmax_topk(2, true);
-    shape.router_note = "softmax top-2, renormalized";
-  }
-  const int64_t T = shape.T, H = shape.H, F = shape.F, E = shape.E;
-  const int64_t k = shape.router.top_k;
-  const int64_t rows = T * k;
-  const int hot = static_cast<int>(std::max<int64_t>(1, k / 2));
-  const std::string routing_note =
-      routing == "balanced" ? "balanced: random gate N(0, 1/H), i.i.d. tokens, zero selection bias"
-                            : "skewed: selection bias +1 on experts 0.." + std::to_string(hot - 1) +
-                                  " (picked by every token), 0 elsewhere";
-
-  Report rep;
-  rep.meta("tool", std::string("fp8flow-bench layer"));
-  rep.meta("fp8flow", std::string(version_string()));
-  rep.meta("git", git_rev());
-  rep.meta("date", utc_now());
-  rep.meta("mode", std::string(gpu ? "gpu" : "cpu-reference"));
-  if (gpu) {
-    rep.meta("device", dev.name);
-    rep.meta("sm_count", static_cast<int64_t>(dev.sm_count));
-    rep.meta("compute_capability",
-             std::to_string(dev.cc_major) + "." + std::to_string(dev.cc_minor));
-    rep.meta("memory_bytes", dev.mem_bytes);
-    rep.meta("cuda_runtime", dev.runtime);
-    rep.meta("cuda_driver", dev.driver);
-  }
-  rep.meta("config", shape.name);
-  rep.meta("T", T);
-  rep.meta("H", H);
-  rep.meta("F", F);
-  rep.meta("E", E);
-  rep.meta("top_k", k);
-  rep.meta("routed_rows", rows);
-  rep.meta("router", shape.router_note);
-  rep.meta("routing", routing_note);
-  rep.meta("reps", static_cast<int64_t>(reps));
-  rep.meta("warmup", static_cast<int64_t>(warmup));
-  const double fwd_flop = 6.0 * static_cast<double>(rows) * static_cast<double>(H) *
-                          static_cast<double>(F);  // 2 r H 2F + 2 r F H
-  rep.meta("expert_gemm_tflop_fwd", fwd_flop / 1e12);
-  rep.meta("expert_gemm_tflop_step", 3.0 * fwd_flop / 1e12);
-
-  // Shared tensors: masters, gate, bias, x, dy, outputs and gradients.
-  std::fprintf(stderr, "fp8flow-bench layer: generating inputs (%s, T %lld H %lld F %lld E %lld)\n",
-               shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
-               static_cast<long long>(F), static_cast<long long>(E));
+                 "fp8flow-bench layer: generating inputs (%s, T %lld H %lld F %lld E %lld)\n",
+                 L.shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
+                 static_cast<long long>(F), static_cast<long long>(Eg));
   Arena arena(where);
   const TensorView w1 = arena.tensor(DType::BF16, E * 2 * F, H);
   const TensorView w2 = arena.tensor(DType::BF16, E * H, F);
-  const TensorView gate = arena.tensor(DType::F32, E, H);
-  const TensorView bias = arena.tensor(DType::F32, 1, E);
+  const TensorView gate = arena.tensor(DType::F32, Eg, H);
+  const TensorView bias = arena.tensor(DType::F32, 1, Eg);
   const TensorView x = arena.tensor(DType::BF16, T, H);
   const TensorView dy = arena.tensor(DType::BF16, T, H);
   const TensorView y = arena.tensor(DType::BF16, T, H);
   const MoEGrads grads{arena.tensor(DType::BF16, T, H),
                        arena.tensor(DType::F32, E * 2 * F, H),
                        arena.tensor(DType::F32, E * H, F),
-                       arena.tensor(DType::F32, E, H),
+                       arena.tensor(DType::F32, Eg, H),
                        {}};
   {
     const size_t chunk = size_t{16} << 20;  // elements of the repeated weight chunk
     const std::vector<uint16_t> c1 =
-        to_bf16(normals(std::min<size_t>(chunk, w1.numel()), 1.0f / std::sqrt(float(H)), 11));
+        to_bf16(normals(std::min<size_t>(chunk, w1.numel()), 1.0f / std::sqrt(float(H)), 11 + rs));
     upload_repeat(w1, c1.data(), c1.size() * 2);
     const std::vector<uint16_t> c2 =
-        to_bf16(normals(std::min<size_t>(chunk, w2.numel()), 1.0f / std::sqrt(float(F)), 12));
+        to_bf16(normals(std::min<size_t>(chunk, w2.numel()), 1.0f / std::sqrt(float(F)), 12 + rs));
     upload_repeat(w2, c2.data(), c2.size() * 2);
+    // The gate and bias are replicated: the same seed on every rank.
     const std::vector<float> g =
-        normals(static_cast<size_t>(E * H), 1.0f / std::sqrt(float(H)), 13);
+        normals(static_cast<size_t>(Eg * H), 1.0f / std::sqrt(float(H)), 13);
     upload_repeat(gate, g.data(), g.size() * 4);
-    std::vector<float> b(static_cast<size_t>(E), 0.0f);
-    if (routing == "skewed")
-      for (int e = 0; e < hot; ++e) b[static_cast<size_t>(e)] = 1.0f;
+    std::vector<float> b(static_cast<size_t>(Eg), 0.0f);
+    if (L.routing == "skewed")
+      for (int e = 0; e < L.hot; ++e) b[static_cast<size_t>(e)] = 1.0f;
     upload_repeat(bias, b.data(), b.size() * 4);
-    const std::vector<uint16_t> hx = to_bf16(normals(static_cast<size_t>(T * H), 1.0f, 14));
+    const std::vector<uint16_t> hx = to_bf16(normals(static_cast<size_t>(T * H), 1.0f, 14 + rs));
     upload_repeat(x, hx.data(), hx.size() * 2);
-    const std::vector<uint16_t> hdy = to_bf16(normals(static_cast<size_t>(T * H), 1.0f, 15));
+    const std::vector<uint16_t> hdy = to_bf16(normals(static_cast<size_t>(T * H), 1.0f, 15 + rs));
     upload_repeat(dy, hdy.data(), hdy.size() * 2);
   }
 #if FP8FLOW_WITH_CUDA
   if (gpu) LAYER_CUDA(cudaDeviceSynchronize());  // uploads done before the bench stream runs
 #endif
   const MoEWeights weights{gate, bias, w1, w2};
-  rep.meta("shared_tensor_bytes", static_cast<int64_t>(arena.bytes_allocated()));
+  if (rep) rep->meta("shared_tensor_bytes", static_cast<int64_t>(arena.bytes_allocated()));
 
-  rep.columns({
+  int errors = 0;
+  for (const auto& rn : L.recipes) {
+    MoEConfig cfg;
+    cfg.hidden = H;
+    cfg.ffn = F;
+    cfg.experts = Eg;
+    cfg.router = L.shape.router;
+    cfg.recipe = rn.recipe;
+    cfg.max_tokens = T;
+    std::string error;
+    // Pools: the single-GPU layer as before; with EP the worst-case receive bound if it fits on
+    // every rank, else bounded_recv_rows (agreed on collectively: the config must match).
+    if (comm) {
+      cfg.ep_size = L.ep;
+      size_t free_b = SIZE_MAX;
+      if (gpu) free_b = device_memory().first;
+      const size_t margin = gpu ? size_t{1} << 30 : 0;  // NCCL, cuBLASLt and the allocator
+      const size_t worst = MoELayer::memory_plan(cfg, DType::BF16, where).step_bytes(1);
+      cfg.ep_max_recv_rows = bounded_recv_rows(L);
+      const size_t bounded = MoELayer::memory_plan(cfg, DType::BF16, where).step_bytes(1);
+      const std::vector<int64_t> fit =
+          gather(comm,
+                 {worst + margin <= free_b ? 1 : 0, bounded + margin <= free_b ? 1 : 0,
+                  static_cast<int64_t>(std::min<size_t>(free_b, INT64_MAX))},
+                 st);
+      bool all_worst = true, all_bounded = true;
+      int64_t min_free = INT64_MAX;
+      for (size_t q = 0; q < fit.size(); q += 3) {
+        all_worst = all_worst && fit[q] == 1;
+        all_bounded = all_bounded && fit[q + 1] == 1;
+        min_free = std::min(min_free, fit[q + 2]);
+      }
+      if (all_worst) cfg.ep_max_recv_rows = 0;
+      if (!all_worst && !all_bounded)
+        error = "pools need " + std::to_string(bounded >> 20) + " MiB (+1 GiB margin), " +
+                std::to_string(min_free >> 20) + " MiB free on the fullest rank";
+    }
+    const MoEMemoryPlan plan = MoELayer::memory_plan(cfg, DType::BF16, where);
+    if (rank == 0)
+      std::fprintf(stderr, "fp8flow-bench layer: %s: pools %.3f GiB, timing %d + %d steps\n",
+                   rn.name, static_cast<double>(plan.step_bytes(1)) / kGiB, warmup, L.reps);
+    PhaseTimes pt;
+    int wcasts = 0;
+    MoECastCount cc{};
+    size_t saved = 0, saved_routing = 0, layer_pool = 0, ctx_pool = 0;
+    int64_t padded = 0, sum_rows = 0, max_rows = 0, nsplits = 0;
+    bool nonfinite = false;
+    bool comm_broken = false;
+    if (error.empty()) {
+      try {
+        if (gpu && !comm) {
+          const size_t free_b = device_memory().first;
+          if (plan.step_bytes(1) > free_b)
+            throw std::runtime_error("pools need " + std::to_string(plan.step_bytes(1) >> 20) +
+                                     " MiB, " + std::to_string(free_b >> 20) + " MiB free");
+        }
+        MoELayer layer = comm ? MoELayer(cfg, weights, comm, gpu ? st : nullptr)
+                              : MoELayer(cfg, weights, gpu ? st : nullptr);
+        MoEContext ctx = layer.make_context();
+        auto step = [&](PhaseTimes* t) {
+          if (comm) comm->barrier(st);  // the ranks start each step together
+          run_step(layer, ctx, x, y, dy, grads, gpu, st, t);
+        };
+        for (int i = 0; i < warmup; ++i) step(nullptr);
+        const int wc0 = layer.weight_casts();
+        for (int i = 0; i < reps; ++i) step(&pt);
+        wcasts = (layer.weight_casts() - wc0) / reps;
+        cc = ctx.casts();
+        saved = ctx.saved_activation_bytes();
+        saved_routing = ctx.saved_routing_bytes();
+        layer_pool = layer.pool_bytes();
+        ctx_pool = ctx.pool_bytes();
+        const std::vector<int64_t>& ms = ctx.m_splits();
+        padded = ctx.padded_rows();
+        nsplits = static_cast<int64_t>(ms.size());
+        for (int64_t v : ms) sum_rows += v, max_rows = std::max(max_rows, v);
+        nonfinite = ctx.nonfinite().any();
+      } catch (const Error& e) {
+        error = e.what();
+        comm_broken = comm && e.kind() == ErrorKind::Comm;
+      } catch (const std::exception& e) {
+        error = e.what();
+      }
+    }
+    if (comm_broken) throw std::runtime_error(error);  // the communicator is gone: stop the run
+    // Every rank's outcome and statistics (fixed size, so a failed rank still takes part).
+    const std::vector<int64_t> st_all =
+        gather(comm,
+               {error.empty() ? 1 : 0, static_cast<int64_t>(saved), max_rows, sum_rows, nsplits,
+                static_cast<int64_t>(layer_pool + ctx_pool), nonfinite ? 1 : 0},
+               st);
+    constexpr size_t kStats = 7;
+    const int nranks = static_cast<int>(st_all.size() / kStats);
+    int failed_rank = -1;
+    int64_t saved_max = 0, rows_max = 0, rows_sum = 0, experts = 0, recv_max = 0, pool_max = 0;
+    bool any_nonfinite = false;
+    for (int q = 0; q < nranks; ++q) {
+      const int64_t* v = &st_all[q * kStats];
+      if (!v[0] && failed_rank < 0) failed_rank = q;
+      saved_max = std::max(saved_max, v[1]);
+      rows_max = std::max(rows_max, v[2]);
+      rows_sum += v[3];
+      recv_max = std::max(recv_max, v[3]);
+      experts += v[4];
+      pool_max = std::max(pool_max, v[5]);
+      any_nonfinite = any_nonfinite || v[6];
+    }
+    const bool ok = failed_rank < 0;
+    std::vector<double> fwd_t, bwd_t, step_t, wcast_t;
+    if (ok) {
+      fwd_t = slowest(comm, pt.fwd, reps, st);
+      bwd_t = slowest(comm, pt.bwd, reps, st);
+      step_t = slowest(comm, pt.step, reps, st);
+      wcast_t = slowest(comm, pt.wcast, reps, st);
+    }
+    if (!error.empty() && comm)
+      std::fprintf(stderr, "fp8flow-bench layer: rank %d: %s: %s\n", rank, rn.name, error.c_str());
+    if (!rep) continue;
+    const size_t r = rep->add_row();
+    rep->set(r, "recipe", std::string(rn.name));
+    if (!ok) {
+      rep->set(r, "error",
+               !error.empty() ? error
+                              : "failed on rank " + std::to_string(failed_rank) +
+                                    " (its message is on stderr)");
+      ++errors;
+      continue;
+    }
+    const double fwd = median_of(fwd_t), bwd = median_of(bwd_t), stp = median_of(step_t);
+    rep->set(r, "fwd_ms", fwd);
+    rep->set(r, "bwd_ms", bwd);
+    rep->set(r, "step_ms", stp);
+    rep->set(r, "step_min_ms", *std::min_element(step_t.begin(), step_t.end()));
+    rep->set(r, "weight_cast_ms", median_of(wcast_t));
+    if (stp > 0) {
+      rep->set(r, "tokens_per_s", static_cast<double>(T) / (stp * 1e-3));
+      rep->set(r, "tflops", 3.0 * L.fwd_flop / (stp * 1e-3) / 1e12);
+      rep->set(r, "gflops", 3.0 * L.fwd_flop / (stp * 1e-3) / 1e9);
+    }
+    if (fwd > 0) rep->set(r, "tflops_fwd", L.fwd_flop / (fwd * 1e-3) / 1e12);
+    if (bwd > 0) rep->set(r, "tflops_bwd", 2.0 * L.fwd_flop / (bwd * 1e-3) / 1e12);
+    rep->set(r, "casts", static_cast<int64_t>(cc.total()));
+    rep->set(r, "casts_fwd", static_cast<int64_t>(cc.forward));
+    rep->set(r, "casts_bwd", static_cast<int64_t>(cc.backward));
+    rep->set(r, "conversions", static_cast<int64_t>(cc.conversions));
+    rep->set(r, "weight_casts", static_cast<int64_t>(wcasts));
+    // With EP: saved and pool are the largest rank's (rank 0's own values are in *_rank0).
+    rep->set(r, "saved_activation_bytes", saved_max);
+    rep->set(r, "saved_routing_bytes", static_cast<int64_t>(saved_routing));
+    rep->set(r, "saved_gib", static_cast<double>(saved_max) / kGiB);
+    rep->set(r, "saved_mib", static_cast<double>(saved_max) / kMiB);
+    rep->set(r, "layer_pool_bytes", static_cast<int64_t>(layer_pool));
+    rep->set(r, "context_pool_bytes", static_cast<int64_t>(ctx_pool));
+    rep->set(r, "weight_copy_bytes", static_cast<int64_t>(plan.weight_copy_bytes));
+    rep->set(r, "pool_bytes", pool_max);
+    rep->set(r, "pool_gib", static_cast<double>(pool_max) / kGiB);
+    rep->set(r, "pool_mib", static_cast<double>(pool_max) / kMiB);
+    if (static_cast<size_t>(pool_max) != plan.step_bytes(1))
+      rep->set(r, "note", std::string("pool bytes differ from memory_plan"));
+    if (comm) {
+      rep->set(r, "saved_activation_bytes_rank0", static_cast<int64_t>(saved));
+      rep->set(r, "ep_max_recv_rows", cfg.ep_max_recv_rows);
+      rep->set(r, "max_recv_rows", recv_max);
+      if (rows_sum > 0)
+        rep->set(r, "rank_load",
+                 static_cast<double>(recv_max) * nranks / static_cast<double>(rows_sum));
+    }
+    if (experts > 0) {
+      rep->set(r, "padded_rows", comm ? rows_sum : padded);
+      rep->set(r, "max_expert_rows", rows_max);
+      if (rows_sum > 0)
+        rep->set(r, "load",
+                 static_cast<double>(rows_max) * static_cast<double>(experts) /
+                     static_cast<double>(rows_sum));
+    }
+    if (any_nonfinite) rep->set(r, "nonfinite", true);
+  }
+  return errors;
+}
+
+// The table's columns (rank_load only with EP).
+void set_columns(Report& rep, bool gpu, bool ep) {
+  std::vector<Column> cols{
       {"recipe", "recipe", 15, true, 0, true},
       {"fwd_ms", gpu ? "fwd ms" : "fwd ms(cpu)", 11, false, 3},
       {"bwd_ms", gpu ? "bwd ms" : "bwd ms(cpu)", 11, false, 3},
@@ -369,88 +535,55 @@ int run_layer(const Options& opt) {
       {gpu ? "saved_gib" : "saved_mib", gpu ? "saved GiB" : "saved MiB", 9, false, 3},
       {gpu ? "pool_gib" : "pool_mib", gpu ? "pool GiB" : "pool MiB", 8, false, 3},
       {"load", "load", 5, false, 2},
-      {"vs_bf16", "x bf16", 6, false, 2},
-      {"vs_blockwise", "x blockw", 8, false, 2},
-  });
+  };
+  if (ep) cols.push_back({"rank_load", "rload", 5, false, 2});
+  cols.push_back({"vs_bf16", "x bf16", 6, false, 2});
+  cols.push_back({"vs_blockwise", "x blockw", 8, false, 2});
+  rep.columns(std::move(cols));
+}
 
-  int errors = 0;
-  for (const auto& rn : recipes) {
-    const size_t r = rep.add_row();
-    rep.set(r, "recipe", std::string(rn.name));
-    try {
-      MoEConfig cfg;
-      cfg.hidden = H;
-      cfg.ffn = F;
-      cfg.experts = E;
-      cfg.router = shape.router;
-      cfg.recipe = rn.recipe;
-      cfg.max_tokens = T;
-      const MoEMemoryPlan plan = MoELayer::memory_plan(cfg, DType::BF16, where);
-      std::fprintf(stderr, "fp8flow-bench layer: %s: pools %.3f GiB, timing %d + %d steps\n",
-                   rn.name, static_cast<double>(plan.step_bytes(1)) / kGiB, warmup, reps);
-      if (gpu) {
-        const size_t free_b = device_memory().first;
-        if (plan.step_bytes(1) > free_b)
-          throw std::runtime_error("pools need " + std::to_string(plan.step_bytes(1) >> 20) +
-                                   " MiB, " + std::to_string(free_b >> 20) + " MiB free");
-      }
-      MoELayer layer(cfg, weights, gpu ? bench_stream() : nullptr);
-      MoEContext ctx = layer.make_context();
-      for (int i = 0; i < warmup; ++i) run_step(layer, ctx, x, y, dy, grads, gpu, nullptr);
-      PhaseTimes pt;
-      const int wc0 = layer.weight_casts();
-      for (int i = 0; i < std::max(reps, 1); ++i) run_step(layer, ctx, x, y, dy, grads, gpu, &pt);
-      const int wcasts = (layer.weight_casts() - wc0) / std::max(reps, 1);
-      const double fwd = median_of(pt.fwd), bwd = median_of(pt.bwd), step = median_of(pt.step);
-      rep.set(r, "fwd_ms", fwd);
-      rep.set(r, "bwd_ms", bwd);
-      rep.set(r, "step_ms", step);
-      rep.set(r, "step_min_ms", *std::min_element(pt.step.begin(), pt.step.end()));
-      rep.set(r, "weight_cast_ms", median_of(pt.wcast));
-      if (step > 0) {
-        rep.set(r, "tokens_per_s", static_cast<double>(T) / (step * 1e-3));
-        rep.set(r, "tflops", 3.0 * fwd_flop / (step * 1e-3) / 1e12);
-        rep.set(r, "gflops", 3.0 * fwd_flop / (step * 1e-3) / 1e9);
-      }
-      if (fwd > 0) rep.set(r, "tflops_fwd", fwd_flop / (fwd * 1e-3) / 1e12);
-      if (bwd > 0) rep.set(r, "tflops_bwd", 2.0 * fwd_flop / (bwd * 1e-3) / 1e12);
-      const MoECastCount cc = ctx.casts();
-      rep.set(r, "casts", static_cast<int64_t>(cc.total()));
-      rep.set(r, "casts_fwd", static_cast<int64_t>(cc.forward));
-      rep.set(r, "casts_bwd", static_cast<int64_t>(cc.backward));
-      rep.set(r, "conversions", static_cast<int64_t>(cc.conversions));
-      rep.set(r, "weight_casts", static_cast<int64_t>(wcasts));
-      rep.set(r, "saved_activation_bytes", static_cast<int64_t>(ctx.saved_activation_bytes()));
-      rep.set(r, "saved_routing_bytes", static_cast<int64_t>(ctx.saved_routing_bytes()));
-      rep.set(r, "saved_gib", static_cast<double>(ctx.saved_activation_bytes()) / kGiB);
-      rep.set(r, "saved_mib", static_cast<double>(ctx.saved_activation_bytes()) / kMiB);
-      rep.set(r, "layer_pool_bytes", static_cast<int64_t>(layer.pool_bytes()));
-      rep.set(r, "context_pool_bytes", static_cast<int64_t>(ctx.pool_bytes()));
-      rep.set(r, "weight_copy_bytes", static_cast<int64_t>(plan.weight_copy_bytes));
-      const size_t pool = layer.pool_bytes() + ctx.pool_bytes();
-      rep.set(r, "pool_bytes", static_cast<int64_t>(pool));
-      rep.set(r, "pool_gib", static_cast<double>(pool) / kGiB);
-      rep.set(r, "pool_mib", static_cast<double>(pool) / kMiB);
-      if (pool != plan.step_bytes(1))
-        rep.set(r, "note", std::string("pool bytes differ from memory_plan"));
-      const std::vector<int64_t>& ms = ctx.m_splits();
-      if (!ms.empty()) {
-        int64_t sum = 0, mx = 0;
-        for (int64_t v : ms) sum += v, mx = std::max(mx, v);
-        rep.set(r, "padded_rows", ctx.padded_rows());
-        rep.set(r, "max_expert_rows", mx);
-        if (sum > 0)
-          rep.set(
-              r, "load",
-              static_cast<double>(mx) * static_cast<double>(ms.size()) / static_cast<double>(sum));
-      }
-      if (ctx.nonfinite().any()) rep.set(r, "nonfinite", true);
-    } catch (const std::exception& e) {
-      rep.set(r, "error", std::string(e.what()));
-      ++errors;
-    }
+void fill_meta(Report& rep, const LayerRun& L, const std::string& mode) {
+  const int64_t T = L.shape.T, H = L.shape.H, F = L.shape.F, E = L.shape.E;
+  const int64_t k = L.shape.router.top_k;
+  rep.meta("tool", std::string("fp8flow-bench layer"));
+  rep.meta("fp8flow", std::string(version_string()));
+  rep.meta("git", git_rev());
+  rep.meta("date", utc_now());
+  rep.meta("mode", mode);
+  if (L.gpu) {
+    const DeviceInfo dev = query_device();
+    rep.meta("device", dev.name);
+    rep.meta("sm_count", static_cast<int64_t>(dev.sm_count));
+    rep.meta("compute_capability",
+             std::to_string(dev.cc_major) + "." + std::to_string(dev.cc_minor));
+    rep.meta("memory_bytes", dev.mem_bytes);
+    rep.meta("cuda_runtime", dev.runtime);
+    rep.meta("cuda_driver", dev.driver);
   }
+  rep.meta("config", L.shape.name);
+  if (L.ep > 1) {
+    rep.meta("ep", static_cast<int64_t>(L.ep));
+    rep.meta("experts_global", E * L.ep);
+    rep.meta("experts_per_rank", E);
+    rep.meta("scaling", std::string("weak: T tokens and E local experts per rank"));
+  }
+  rep.meta("T", T);
+  rep.meta("H", H);
+  rep.meta("F", F);
+  rep.meta("E", E * L.ep);
+  rep.meta("top_k", k);
+  rep.meta("routed_rows", T * k);
+  rep.meta("router", L.shape.router_note);
+  rep.meta("routing", L.routing_note);
+  rep.meta("reps", static_cast<int64_t>(L.reps));
+  rep.meta("warmup", static_cast<int64_t>(L.warmup));
+  rep.meta("expert_gemm_tflop_fwd", L.fwd_flop / 1e12);
+  rep.meta("expert_gemm_tflop_step", 3.0 * L.fwd_flop / 1e12);
+}
 
+void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors) {
+  const int64_t T = L.shape.T, H = L.shape.H, F = L.shape.F, E = L.shape.E;
+  const int64_t k = L.shape.router.top_k;
   // Speedups of each recipe's step vs bf16 and vs fp8-blockwise of this run.
   double bf16_ms = 0, blockwise_ms = 0;
   for (size_t r = 0; r < rep.rows(); ++r) {
@@ -467,6 +600,16 @@ int run_layer(const Options& opt) {
   rep.meta("errors", static_cast<int64_t>(errors));
 
   std::printf("%s", rep.table().c_str());
+  if (L.ep > 1)
+    std::printf(
+        "# expert parallel, %d ranks, weak scaling: each rank keeps T %lld tokens and %lld local\n"
+        "# experts (%lld global experts; the router picks over all of them). Times per step: the\n"
+        "# slowest rank's, then the median over steps (each step after a barrier); tokens/s and\n"
+        "# TFLOP/s are per rank; saved / pool = the largest rank's; rload = max / mean padded "
+        "rows\n"
+        "# received per rank (local experts); load is over all %lld experts.\n",
+        L.ep, static_cast<long long>(T), static_cast<long long>(E),
+        static_cast<long long>(E * L.ep), static_cast<long long>(E * L.ep));
   std::printf(
       "# %s: T %lld tokens, H %lld, F %lld, E %lld, top-%lld (%lld routed rows); %s; %s.\n"
       "# %s times: median of %d steps after %d warm-up steps (%s). step = forward + backward;\n"
@@ -480,17 +623,154 @@ int run_layer(const Options& opt) {
       "# masters does not need; excludes caller tensors and cuBLASLt's own memory) -- not a\n"
       "# measured peak. load = max / mean padded rows per expert.\n"
       "# x bf16 / x blockw = their step time / this recipe's (>1: faster).\n",
-      shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
-      static_cast<long long>(F), static_cast<long long>(E), static_cast<long long>(k),
-      static_cast<long long>(rows), shape.router_note.c_str(), routing_note.c_str(),
-      gpu ? "GPU" : "CPU reference", reps, warmup,
-      gpu ? "CUDA events; forward includes its one host sync" : "host wall clock",
-      gpu ? "TFLOP/s" : "GFLOP/s");
-  if (!gpu) std::printf("no GPU found: CPU reference times, not GPU performance.\n");
+      L.shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
+      static_cast<long long>(F), static_cast<long long>(E * L.ep), static_cast<long long>(k),
+      static_cast<long long>(T * k), L.shape.router_note.c_str(), L.routing_note.c_str(),
+      L.gpu ? "GPU" : "CPU reference", L.reps, L.warmup,
+      L.gpu ? "CUDA events; forward includes its one host sync" : "host wall clock",
+      L.gpu ? "TFLOP/s" : "GFLOP/s");
+  if (!L.gpu) std::printf("no GPU found: CPU reference times, not GPU performance.\n");
   if (!opt.json_path.empty()) {
     rep.write_json(opt.json_path);
     std::printf("wrote %s\n", opt.json_path.c_str());
   }
+}
+
+int run_layer(const Options& opt) {
+  LayerRun L;
+  const bool mpi = under_mpirun();
+  const bool gpu = query_device().gpu;
+  L.gpu = gpu;
+  L.reps = opt.reps_given ? opt.reps : 10;
+  L.warmup = opt.warmup_given ? opt.warmup : 3;
+
+  // Options.
+  const std::string config = opt.config.empty() ? "dsv3-shard" : opt.config;
+  LayerShape& shape = L.shape;
+  if (!make_shape(config, shape)) {
+    std::fprintf(stderr,
+                 "fp8flow-bench layer: --config: expected dsv3-shard, dsv2-lite or small, got "
+                 "'%s'\n",
+                 config.c_str());
+    return 2;
+  }
+  const std::string recipe_opt = opt.recipe.empty() ? "all" : opt.recipe;
+  for (const auto& r : kRecipes)
+    if (recipe_opt == "all" || recipe_opt == r.name) L.recipes.push_back(r);
+  if (L.recipes.empty()) {
+    std::fprintf(stderr,
+                 "fp8flow-bench layer: --recipe: expected bf16, fp8-blockwise, fp8-flow, "
+                 "fp8-flow-mxfp4 or all, got '%s'\n",
+                 recipe_opt.c_str());
+    return 2;
+  }
+  L.routing = opt.routing.empty() ? "balanced" : opt.routing;
+  if (L.routing != "balanced" && L.routing != "skewed") {
+    std::fprintf(stderr, "fp8flow-bench layer: --routing: expected balanced or skewed, got '%s'\n",
+                 L.routing.c_str());
+    return 2;
+  }
+  if (!opt.only.empty() || opt.quick || opt.list)
+    std::fprintf(stderr, "fp8flow-bench layer: --only, --quick and --list are ignored\n");
+
+  // Ranks: --ep N (threads, one per GPU; InProcess on the CPU), or the mpirun size.
+  L.ep = std::max(opt.ep, 1);
+  if (mpi && gpu && built_with_mpi() && built_with_nccl()) {
+    L.ep = 0;  // set from MPI below
+  } else if (mpi && (gpu || opt.ep > 1)) {
+    std::fprintf(stderr,
+                 "fp8flow-bench layer: started under mpirun, but mpirun mode needs CUDA devices, "
+                 "NCCL and an MPI build (FP8FLOW_WITH_MPI); use `fp8flow-bench layer --ep N`\n");
+    return 2;
+  } else if (gpu && L.ep > 1) {
+    const int gpus = gpu_count();
+    if (!built_with_nccl() || L.ep > gpus) {
+      std::fprintf(stderr,
+                   "fp8flow-bench layer: --ep %d: needs %d GPUs and NCCL (%d visible, NCCL %s)\n",
+                   L.ep, L.ep, gpus, built_with_nccl() ? "on" : "off");
+      return 2;
+    }
+  } else if (!gpu && L.ep > 16) {
+    std::fprintf(stderr, "fp8flow-bench layer: --ep: at most 16 simulated ranks, got %d\n", L.ep);
+    return 2;
+  }
+
+  // Without a GPU: the `small` configuration shrunk to a size the CPU reference runs quickly.
+  if (!gpu) {
+    std::printf(
+        "fp8flow-bench layer: no CUDA device found (%s build): running the CPU reference of the "
+        "'small' configuration shrunk to T 64, H 256, F 256, E 8, top-2 (--config %s ignored); "
+        "times are the CPU reference's, not a GPU's.\n",
+        FP8FLOW_WITH_CUDA ? "CUDA" : "CPU-only", config.c_str());
+    if (L.ep > 1)
+      std::printf(
+          "fp8flow-bench layer: --ep %d without a GPU: %d simulated ranks (InProcess "
+          "communicator, host memory, one thread each), each with T 64 tokens and 8 local "
+          "experts (%d global).\n",
+          L.ep, L.ep, 8 * L.ep);
+    shape.name = "small-cpu-tiny";
+    shape.T = 64, shape.H = 256, shape.F = 256, shape.E = 8;
+    shape.router = RouterConfig::softmax_topk(2, true);
+    shape.router_note = "softmax top-2, renormalized";
+  }
+  const int64_t k = shape.router.top_k;
+  L.hot = static_cast<int>(std::max<int64_t>(1, k / 2));
+  L.routing_note = L.routing == "balanced"
+                       ? "balanced: random gate N(0, 1/H), i.i.d. tokens, zero selection bias"
+                       : "skewed: selection bias +1 on experts 0.." + std::to_string(L.hot - 1) +
+                             " (picked by every token" +
+                             (L.ep > 1 ? std::string(", all on rank 0") : "") + "), 0 elsewhere";
+  L.fwd_flop = 6.0 * static_cast<double>(shape.T * k) * static_cast<double>(shape.H) *
+               static_cast<double>(shape.F);  // 2 r H 2F + 2 r F H
+
+  // The single-GPU (or single CPU) layer: no communicator, the bench stream.
+  if (L.ep == 1) {
+    Report rep;
+    fill_meta(rep, L, gpu ? "gpu" : "cpu-reference");
+    set_columns(rep, gpu, false);
+    const int errors = layer_rank(L, nullptr, gpu ? bench_stream() : nullptr, &rep);
+    print_report(rep, L, opt, errors);
+    return errors ? 1 : 0;
+  }
+
+  // Expert parallel: one rank each; rank 0 fills the report.
+  Report rep;
+  int errors = 0, ranks = L.ep;
+  auto rank_fn = [&](const std::string& mode) {
+    return [&, mode](Communicator& comm, Stream st) {
+      LayerRun R = L;
+      R.ep = comm.size();
+      if (comm.rank() == 0) {
+        fill_meta(rep, R, mode);
+        set_columns(rep, gpu, R.ep > 1);
+      }
+      const int e =
+          layer_rank(R, R.ep > 1 ? &comm : nullptr, st, comm.rank() == 0 ? &rep : nullptr);
+      if (comm.rank() == 0) {
+        errors = e;
+        ranks = R.ep;  // read after the ranks have joined (L is shared: not written here)
+      }
+    };
+  };
+  int failed = 0;
+  if (L.ep == 0) {
+    if (opt.ep > 0)
+      std::fprintf(stderr,
+                   "fp8flow-bench layer: under mpirun the ranks are mpirun's (--ep ignored)\n");
+    int rank = -1;
+    failed = run_ranks_mpi(rank_fn("gpu, ep (nccl, mpirun, one process per GPU)"),
+                           "fp8flow-bench layer", &rank);
+    if (rank != 0) return failed ? 1 : 0;
+  } else if (gpu) {
+    failed = run_ranks_threads(L.ep, rank_fn("gpu, ep (nccl, one process, one thread per GPU)"),
+                               "fp8flow-bench layer");
+  } else {
+    failed = run_ranks_inprocess(L.ep, rank_fn("cpu-reference, ep (inprocess, simulated ranks)"),
+                                 "fp8flow-bench layer");
+  }
+  if (failed) return 1;
+  L.ep = ranks;
+  print_report(rep, L, opt, errors);
   return errors ? 1 : 0;
 }
 

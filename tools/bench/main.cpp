@@ -1,6 +1,7 @@
 // fp8flow-bench: the project's benchmark and verification tool.
 //   fp8flow-bench ops [--json FILE] [--reps N] [--warmup N] [--only TEXT] [--quick] ...
 //   fp8flow-bench layer [--config NAME] [--recipe NAME|all] [--routing balanced|skewed] ...
+//   fp8flow-bench layer --ep N ...   (or: mpirun -np N fp8flow-bench layer)  expert parallel
 //   fp8flow-bench comm [--gpus N] [--quick] ...   (or: mpirun -np N fp8flow-bench comm)
 // Each subcommand lives in its own file and registers itself (cli.h); this file only parses the
 // common options and dispatches.
@@ -43,6 +44,11 @@ void usage(FILE* f) {
       "  --config NAME      layer: dsv3-shard (default), dsv2-lite or small\n"
       "  --recipe NAME|all  layer: bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4 or all (default)\n"
       "  --routing R        layer: balanced (default) or skewed (a few experts biased hot)\n"
+      "  --ep N             layer: expert parallel over N GPUs, one thread each (NCCL); each\n"
+      "                     rank keeps the config's T tokens and E local experts (E*N global;\n"
+      "                     weak scaling); times are the slowest rank's. Under mpirun the\n"
+      "                     ranks are mpirun's (mpirun -np N fp8flow-bench layer). Without a\n"
+      "                     GPU: N simulated ranks on the CPU (tiny shape). --ep 1: one GPU\n"
       "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
       "                     under mpirun one process per GPU instead (mpirun -np N ...)\n"
       "  -h, --help         this help\n"
@@ -106,6 +112,8 @@ int main(int argc, char** argv) {
       opt.routing = value("--routing");
     else if (a == "--gpus")
       opt.gpus = static_cast<int>(int_value("--gpus", 1));
+    else if (a == "--ep")
+      opt.ep = static_cast<int>(int_value("--ep", 1));
     else if (a == "--only")
       opt.only = value("--only");
     else if (a == "--quick")

@@ -1,0 +1,119 @@
+// fp8flow-bench rank setup (see ranks.h).
+#include "ranks.h"
+
+#include <cstdio>
+#include <cstdlib>
+#include <exception>
+#include <stdexcept>
+#include <string>
+#include <thread>
+#include <vector>
+
+#if FP8FLOW_WITH_CUDA
+#include <cuda_runtime.h>
+#endif
+
+namespace fp8flow::bench {
+namespace {
+
+#if FP8FLOW_WITH_CUDA
+void cuda_ok(cudaError_t e, const char* tool, const char* what) {
+  if (e != cudaSuccess)
+    throw std::runtime_error(std::string(tool) + ": " + what + ": " + cudaGetErrorString(e));
+}
+#endif
+
+void print_error(const char* tool, int rank, const std::exception_ptr& p) {
+  try {
+    std::rethrow_exception(p);
+  } catch (const std::exception& e) {
+    std::fprintf(stderr, "%s: rank %d: %s\n", tool, rank, e.what());
+  } catch (...) {
+    std::fprintf(stderr, "%s: rank %d: unknown error\n", tool, rank);
+  }
+}
+
+}  // namespace
+
+bool under_mpirun() {
+  return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
+}
+
+int gpu_count() {
+#if FP8FLOW_WITH_CUDA
+  int n = 0;
+  if (cudaGetDeviceCount(&n) != cudaSuccess) return 0;
+  return n;
+#else
+  return 0;
+#endif
+}
+
+int run_ranks_threads(int ranks, const RankFn& fn, const char* tool) {
+#if FP8FLOW_WITH_CUDA
+  cuda_ok(cudaSetDevice(0), tool, "cudaSetDevice");
+  const NcclUniqueIdBytes id = nccl_unique_id();
+  std::vector<std::exception_ptr> errors(ranks);
+  std::vector<std::thread> threads;
+  for (int r = 0; r < ranks; ++r)
+    threads.emplace_back([&, r] {
+      cudaStream_t s = nullptr;
+      try {
+        cuda_ok(cudaSetDevice(r), tool, "cudaSetDevice");
+        cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), tool, "cudaStreamCreate");
+        auto comm = make_nccl_communicator(id, r, ranks, kRankTimeoutMs);
+        fn(*comm, reinterpret_cast<Stream>(s));
+      } catch (...) {
+        errors[r] = std::current_exception();
+      }
+      if (s) cudaStreamDestroy(s);
+    });
+  for (auto& t : threads) t.join();
+  int failed = 0;
+  for (int r = 0; r < ranks; ++r)
+    if (errors[r]) {
+      ++failed;
+      print_error(tool, r, errors[r]);
+    }
+  return failed;
+#else
+  (void)ranks, (void)fn;
+  std::fprintf(stderr, "%s: thread-per-GPU ranks need a CUDA build\n", tool);
+  return 1;
+#endif
+}
+
+int run_ranks_mpi(const RankFn& fn, const char* tool, int* rank) {
+  if (rank) *rank = -1;
+#if FP8FLOW_WITH_CUDA
+  auto comm = make_nccl_communicator_mpi(kRankTimeoutMs);
+  if (rank) *rank = comm->rank();
+  cudaStream_t s = nullptr;
+  int failed = 0;
+  try {
+    cuda_ok(cudaStreamCreateWithFlags(&s, cudaStreamNonBlocking), tool, "cudaStreamCreate");
+    fn(*comm, reinterpret_cast<Stream>(s));
+  } catch (...) {
+    print_error(tool, comm->rank(), std::current_exception());
+    failed = 1;
+  }
+  if (s) cudaStreamDestroy(s);
+  return failed;
+#else
+  (void)fn;
+  std::fprintf(stderr, "%s: mpirun ranks need a CUDA build\n", tool);
+  return 1;
+#endif
+}
+
+int run_ranks_inprocess(int ranks, const RankFn& fn, const char* tool) {
+  try {
+    run_in_process(ranks, [&](Communicator& comm) { fn(comm, nullptr); });
+  } catch (...) {
+    print_error(tool, -1, std::current_exception());
+    return 1;
+  }
+  return 0;
+}
+
+}  // namespace fp8flow::bench
