@@ -62,6 +62,13 @@ class Communicator {
                             std::span<const int64_t> recv_offsets, Stream stream) = 0;
   virtual std::vector<int64_t> all_gather(std::span<const int64_t> mine, Stream stream) = 0;
   virtual void barrier(Stream stream) = 0;
+
+  // Internal: persistent resources of ops built on this communicator (the pipelined dispatch's
+  // side stream and events), created by the op on first use and released with the communicator.
+  std::shared_ptr<void>& op_state() { return op_state_; }
+
+ private:
+  std::shared_ptr<void> op_state_;
 };
 
 // Checks that every rank passes the same values (e.g. a config's fields); throws

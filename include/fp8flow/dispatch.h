@@ -166,6 +166,30 @@ struct DispatchBuffers {
   size_t recv_bytes = 0;
 };
 
+// Pipelining (DispatchOptions::chunks = C > 1): the rows of every (source, destination) pair are
+// split into C runs (pair of n rows: run c = its rows [n c / C, n (c + 1) / C), floor), and each
+// run goes pack -> all_to_all_v -> unpack on its own; on Cuda the all_to_all_v of run c runs on
+// the communicator's side stream (high priority, created once per communicator) while `stream`
+// packs run c + 1 and unpacks run c - 1 (events between them), so pack and unpack hide behind the
+// transfer and every link stays busy in every run. Results are bit-identical for every C (a row's
+// record and its permuted row do not depend on the chunking); pad rows are written with run 0.
+// The stream semantics are unchanged: all work is ordered after prior work on `stream`, and later
+// work on `stream` sees the results. On Cpu (InProcess) the runs execute one after another.
+// C = 1: one pack, one all_to_all_v, one unpack, all on `stream`. C = 0: automatic (kAutoChunks
+// on a Cuda communicator when the mean records per rank are at least kAutoChunkMinBytes, else 1;
+// computed from the layout's global counts, so equal on every rank). Every rank must use the same
+// C (it sets the all_to_all_v sizes; a mismatch is an InProcess Comm error, an NCCL timeout).
+// More than 256 ranks: no chunking.
+struct DispatchOptions {
+  int chunks = 0;  // 0: automatic; >= 1: that many runs
+  static constexpr int kAutoChunks = 4;
+  static constexpr int64_t kAutoChunkMinBytes = int64_t{8} << 20;
+};
+
+// The run count dispatch / combine use for records of `row_bytes` under `opts` (see above).
+int dispatch_chunks(const DispatchLayout& layout, int64_t row_bytes, Device device,
+                    const DispatchOptions& opts = {});
+
 // Dispatch: pack this rank's rows in send order (map = the source plan's src_slot, k its top-k,
 // in.prob = topk_weight [T][k] or empty), one all_to_all_v, unpack into the permuted layout of
 // this rank's experts (perm_to_recv from make_dispatch_maps): out data [M][H] (M >= padded_rows;
@@ -173,7 +197,8 @@ struct DispatchBuffers {
 // when in.prob is given.
 void dispatch(Communicator& comm, const DispatchLayout& layout, const DispatchRows& in,
               const TensorView& send_map, int k, const TensorView& perm_to_recv,
-              const DispatchRows& out, const DispatchBuffers& buffers, Stream stream = nullptr);
+              const DispatchRows& out, const DispatchBuffers& buffers, Stream stream = nullptr,
+              const DispatchOptions& opts = {});
 
 // Combine: the way back. Pack rows of the permuted layout in receive order (recv_to_perm), one
 // all_to_all_v with the dispatch sizes reversed, landing in send order on the source rank:
@@ -183,6 +208,6 @@ void dispatch(Communicator& comm, const DispatchLayout& layout, const DispatchRo
 // unpermute(out, y, source_plan) (slot order, FP32), which is the single-GPU combine.
 void combine(Communicator& comm, const DispatchLayout& layout, const DispatchRows& in,
              const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buffers,
-             Stream stream = nullptr);
+             Stream stream = nullptr, const DispatchOptions& opts = {});
 
 }  // namespace fp8flow

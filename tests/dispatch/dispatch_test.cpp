@@ -434,6 +434,115 @@ TEST(Dispatch, RoundTripAlignOneAndLargerK) {
 }
 
 // ---------------------------------------------------------------------------------------------
+// Pipelined dispatch / combine (DispatchOptions::chunks) on InProcess ranks: every chunk count
+// gives the bytes of chunks = 1 (which the round trip above pins to the single-GPU permute), for
+// every payload, with ranks of 0 and 1 tokens (peers sending 0 rows, or fewer rows than chunks).
+struct PipeOut {
+  HostTensor xp, sc, prob, y, dprob;
+};
+
+std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<int64_t>& T,
+                              int routing, int chunks) {
+  const int64_t El = 3, E = El * N, k = 2;
+  const int64_t H = kind == Kind::Mx ? 256 : (kind == Kind::Fp8 ? 144 : 200);
+  const DType dd = kind == Kind::Bf16  ? DType::BF16
+                   : kind == Kind::Fp8 ? DType::E4M3
+                                       : DType::E2M1x2;
+  const int64_t tiles = (H + 127) / 128;
+  std::vector<PipeOut> outs(N);
+  run_in_process(N, [&](Communicator& comm) {
+    const int s = comm.rank();
+    const uint64_t seed = 1000 * s + 7;
+    std::vector<int32_t> idx =
+        routing == 1 ? route_skewed(T[s], k, E, seed) : route_uniform(T[s], k, E, seed);
+    if (routing == 2)
+      for (auto& e : idx)
+        if (e < El) e = static_cast<int32_t>(El + e % (E - El));
+    HostTensor it(DType::I32, T[s], k);
+    std::memcpy(it.buf.data(), idx.data(), idx.size() * 4);
+    Plan sp(T[s], k, E, 1);
+    make_permutation(it.v, E, sp.p, nullptr, 0, {1});
+    std::vector<int64_t> mine(E, 0);
+    for (int32_t e : idx) ++mine[e];
+    const DispatchLayout l = exchange_dispatch_counts(comm, mine, E, 16);
+    HostTensor x = random_bytes(dd, T[s], H, seed + 1);
+    HostTensor sc = kind == Kind::Fp8  ? random_bytes(DType::F32, tiles, T[s], seed + 2)
+                    : kind == Kind::Mx ? random_bytes(DType::E8M0, T[s], H / 32, seed + 2)
+                                       : HostTensor();
+    HostTensor w = random_bytes(DType::F32, T[s], k, seed + 3);
+    HostTensor p2r(DType::I32, 1, l.padded_rows + 3), r2p(DType::I32, 1, l.recv_total + 1);
+    make_dispatch_maps(l, {}, p2r.v, r2p.v);
+    const int64_t M = l.padded_rows + 3;
+    PipeOut& o = outs[s];
+    o.xp = HostTensor(dd, M, H);
+    o.sc = kind == Kind::Fp8  ? HostTensor(DType::F32, tiles, M)
+           : kind == Kind::Mx ? HostTensor(DType::E8M0, M, H / 32)
+                              : HostTensor();
+    o.prob = HostTensor(DType::F32, 1, M);
+    const int64_t B = dispatch_wire(dd, H, probs).row_bytes;
+    HostTensor send(DType::E4M3, l.send_total + 1, B), recv(DType::E4M3, l.recv_total + 1, B);
+    const DispatchBuffers buf{send.buf.data(), send.buf.size(), recv.buf.data(), recv.buf.size()};
+    const DispatchOptions opts{chunks};
+    dispatch(comm, l, {x.v, sc.v, probs ? w.v : TensorView{}}, sp.src.v, static_cast<int>(k), p2r.v,
+             {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}}, buf, nullptr, opts);
+    // Combine: BF16 rows and a prob vector back.
+    HostTensor yp = random_bytes(DType::BF16, M, 64, seed + 4);
+    HostTensor dp = random_bytes(DType::F32, 1, M, seed + 5);
+    o.y = HostTensor(DType::BF16, l.send_total, 64);
+    o.dprob = HostTensor(DType::F32, 1, l.send_total);
+    HostTensor csend(DType::E4M3, l.recv_total + 1, 128);
+    const DispatchBuffers cbuf{csend.buf.data(), csend.buf.size(), nullptr, 0};
+    combine(comm, l, {yp.v, {}, {}}, r2p.v, o.y.v, cbuf, nullptr, opts);
+    combine(comm, l, {{}, {}, dp.v}, r2p.v, o.dprob.v, cbuf, nullptr, opts);
+  });
+  return outs;
+}
+
+TEST(Dispatch, PipelinedChunksAreBitIdentical) {
+  struct Case {
+    Kind kind;
+    bool probs;
+    int N;
+    std::vector<int64_t> T;
+    int routing;
+  };
+  const std::vector<Case> cases = {
+      {Kind::Bf16, true, 1, {9}, 0},           {Kind::Bf16, true, 2, {13, 1}, 0},
+      {Kind::Fp8, true, 3, {0, 11, 1}, 1},     {Kind::Fp8, false, 4, {5, 0, 9, 2}, 2},
+      {Kind::Mx, false, 4, {17, 1, 0, 6}, 0},  {Kind::Mx, true, 2, {1, 1}, 2},
+      {Kind::Bf16, false, 3, {40, 23, 31}, 1},
+  };
+  for (const Case& cs : cases) {
+    SCOPED_TRACE(::testing::Message() << "kind " << int(cs.kind) << " N " << cs.N << " routing "
+                                      << cs.routing << " probs " << cs.probs);
+    const std::vector<PipeOut> ref = run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1);
+    for (int chunks : {0, 2, 3, 4, 7}) {
+      SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
+      const std::vector<PipeOut> got = run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks);
+      for (int r = 0; r < cs.N; ++r) {
+        SCOPED_TRACE(::testing::Message() << "rank " << r);
+        EXPECT_TRUE(bytes_equal(got[r].xp, ref[r].xp));
+        if (cs.kind != Kind::Bf16) EXPECT_TRUE(bytes_equal(got[r].sc, ref[r].sc));
+        EXPECT_TRUE(bytes_equal(got[r].prob, ref[r].prob));
+        EXPECT_TRUE(bytes_equal(got[r].y, ref[r].y));
+        EXPECT_TRUE(bytes_equal(got[r].dprob, ref[r].dprob));
+      }
+    }
+  }
+}
+
+TEST(Dispatch, ChunkCount) {
+  std::vector<int64_t> cnt(4 * 8, 0);
+  cnt[3] = 1000;  // 1000 rows over 4 ranks: 250 mean
+  const DispatchLayout l = make_dispatch_layout(cnt, 4, 0, 8, 1);
+  EXPECT_EQ(dispatch_chunks(l, 14352, Device::Cpu), 1);   // auto on Cpu: 1
+  EXPECT_EQ(dispatch_chunks(l, 14352, Device::Cuda), 1);  // 3.6 MB mean: 1
+  EXPECT_EQ(dispatch_chunks(l, 65536, Device::Cuda), 4);  // 16 MB mean: 4
+  EXPECT_EQ(dispatch_chunks(l, 16, Device::Cpu, {7}), 7);
+  EXPECT_THROW(dispatch_chunks(l, 16, Device::Cpu, {-1}), Error);
+  EXPECT_THROW(dispatch_chunks(l, 16, Device::Cpu, {65}), Error);
+}
+
 void expect_error(const std::function<void()>& f, const std::string& op, const std::string& arg) {
   try {
     f();

@@ -6,9 +6,12 @@
 //   comm-less layer on GPU 0 over the concatenated tokens: y, dx and each rank's dW1/dW2 slice bit
 //   for bit for bf16, fp8-blockwise and fp8-flow; fp8-flow-mxfp4 against the 1-rank EP layer.
 //   dgate: sum over ranks vs the single-GPU one (FP32 order).
-// Both skip with a printed reason where the hardware is missing.
+// - DispatchGpu.PipelinedChunksMatchCpu (>= 1 GPU, NCCL): chunked dispatch / combine on
+//   min(GPUs, 4) ranks, every chunk count against chunks = 1, and that against InProcess ranks.
+// All skip with a printed reason where the hardware is missing.
 #include <gtest/gtest.h>
 
+#include <algorithm>
 #include <cmath>
 #include <cstring>
 #include <exception>
@@ -102,6 +105,147 @@ TEST(DispatchGpu, KernelsMatchCpu) {
   DeviceTensor ddp(dp), dmap(map), dwire(DType::E4M3, 40, 4);
   dispatch_pack({{}, {}, ddp.v}, dmap.v, 1, dwire.v);
   EXPECT_TRUE(bytes_equal(dwire.to_host(), wire));
+}
+
+// ---------------------------------------------------------------------------------------------
+// Pipelined dispatch / combine (DispatchOptions::chunks) through NCCL on min(GPUs, 4) ranks (one
+// thread per GPU; 1 GPU: a 1-rank communicator, sends to itself): chunks 0 (auto), 3, 4 and 7 give
+// the bytes of chunks 1, and chunks 1 gives the bytes of the same ranks on InProcess (CPU).
+
+struct PipeGpuOut {
+  HostTensor xp, sc, prob, y;
+};
+
+// Rank q's part (inputs seeded by q): dispatch of E4M3 / BF16 / E2M1x2 rows (+ prob for the first
+// two) and a BF16 combine back, with tensors on `dev`.
+PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks) {
+  const int q = comm.rank(), N = comm.size();
+  const int64_t T = q == 1 ? 1 : 300 + 37 * q, k = 4, El = 5, E = El * N;
+  const int64_t H = dd == DType::BF16 ? 520 : 640, tiles = (H + 127) / 128;
+  const bool prob = dd != DType::E2M1x2;
+  std::mt19937 rng(100 + q);
+  std::vector<int32_t> idx(T * k);
+  for (int64_t t = 0; t < T; ++t)
+    for (int64_t j = 0; j < k; ++j) {
+      int32_t e;
+      bool dup;
+      do {
+        // Skewed: rank 0's experts are rare, the last rank's first expert common.
+        e = static_cast<int32_t>(rng() % 3 == 0 ? (N - 1) * El : rng() % E);
+        dup = false;
+        for (int64_t i = 0; i < j; ++i) dup |= idx[t * k + i] == e;
+      } while (dup);
+      idx[t * k + j] = e;
+    }
+  std::vector<int64_t> mine(E, 0);
+  for (int32_t e : idx) ++mine[e];
+  HostTensor smap(DType::I32, 1, T * k + 1);
+  int64_t n = 0;
+  for (int64_t e = 0; e < E; ++e)
+    for (int64_t i = 0; i < T * k; ++i)
+      if (idx[i] == e) smap.ptr<int32_t>()[n++] = static_cast<int32_t>(i);
+  const DispatchLayout l = exchange_dispatch_counts(comm, mine, E, 16);
+  HostTensor p2r(DType::I32, 1, l.padded_rows + 3), r2p(DType::I32, 1, l.recv_total + 1);
+  make_dispatch_maps(l, {}, p2r.v, r2p.v);
+  const int64_t M = l.padded_rows + 3;
+  HostTensor x = random_bytes(dd, T, H, 10 * q + 1);
+  HostTensor sc = dd == DType::E4M3     ? random_bytes(DType::F32, tiles, T, 10 * q + 2)
+                  : dd == DType::E2M1x2 ? random_bytes(DType::E8M0, T, H / 32, 10 * q + 2)
+                                        : HostTensor();
+  HostTensor w = random_bytes(DType::F32, T, k, 10 * q + 3);
+  HostTensor yp = random_bytes(DType::BF16, M, 256, 10 * q + 4);
+  const int64_t B = dispatch_wire(dd, H, prob).row_bytes;
+  const DispatchOptions opts{chunks};
+  PipeGpuOut o;
+  auto out_scale = [&] {
+    return dd == DType::E4M3     ? HostTensor(DType::F32, tiles, M)
+           : dd == DType::E2M1x2 ? HostTensor(DType::E8M0, M, H / 32)
+                                 : HostTensor();
+  };
+  if (dev == Device::Cpu) {
+    o.xp = HostTensor(dd, M, H);
+    o.sc = out_scale();
+    o.prob = HostTensor(DType::F32, 1, M);
+    o.y = HostTensor(DType::BF16, l.send_total, 256);
+    HostTensor send(DType::E4M3, l.send_total + 1, B), recv(DType::E4M3, l.recv_total + 1, B);
+    HostTensor csend(DType::E4M3, l.recv_total + 1, 512);
+    dispatch(comm, l, {x.v, sc.v, prob ? w.v : TensorView{}}, smap.v, static_cast<int>(k), p2r.v,
+             {o.xp.v, o.sc.v, prob ? o.prob.v : TensorView{}},
+             {send.buf.data(), send.buf.size(), recv.buf.data(), recv.buf.size()}, nullptr, opts);
+    combine(comm, l, {yp.v, {}, {}}, r2p.v, o.y.v, {csend.buf.data(), csend.buf.size(), nullptr, 0},
+            nullptr, opts);
+    return o;
+  }
+  cudaStream_t st = nullptr;
+  EXPECT_EQ(cudaStreamCreate(&st), cudaSuccess);
+  const Stream stream = reinterpret_cast<Stream>(st);
+  DeviceTensor dx(x), dw(w), dsmap(smap), dp2r(p2r), dr2p(r2p), dyp(yp);
+  DeviceTensor dsc = sc.buf.empty() ? DeviceTensor() : DeviceTensor(sc);
+  HostTensor osc = out_scale();
+  DeviceTensor dxp(dd, M, H), dprob(DType::F32, 1, M), dy(DType::BF16, l.send_total, 256);
+  DeviceTensor dosc =
+      osc.buf.empty() ? DeviceTensor() : DeviceTensor(osc.v.dtype, osc.v.rows, osc.v.cols);
+  DeviceTensor send(DType::E4M3, l.send_total + 1, B), recv(DType::E4M3, l.recv_total + 1, B);
+  DeviceTensor csend(DType::E4M3, l.recv_total + 1, 512);
+  dispatch(comm, l, {dx.v, dsc.v, prob ? dw.v : TensorView{}}, dsmap.v, static_cast<int>(k), dp2r.v,
+           {dxp.v, dosc.v, prob ? dprob.v : TensorView{}},
+           {send.v.data, send.n, recv.v.data, recv.n}, stream, opts);
+  combine(comm, l, {dyp.v, {}, {}}, dr2p.v, dy.v, {csend.v.data, csend.n, nullptr, 0}, stream,
+          opts);
+  EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
+  cudaStreamDestroy(st);
+  o.xp = dxp.to_host();
+  if (!osc.buf.empty()) o.sc = dosc.to_host();
+  o.prob = prob ? dprob.to_host() : HostTensor(DType::F32, 1, M);
+  o.y = dy.to_host();
+  return o;
+}
+
+std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks) {
+  const NcclUniqueIdBytes id = nccl_unique_id();
+  std::vector<PipeGpuOut> outs(N);
+  std::vector<std::exception_ptr> errs(N);
+  std::vector<std::thread> th;
+  for (int q = 0; q < N; ++q)
+    th.emplace_back([&, q] {
+      try {
+        if (cudaSetDevice(q) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
+        auto comm = make_nccl_communicator(id, q, N);
+        outs[q] = pipe_rank(*comm, Device::Cuda, dd, chunks);
+      } catch (...) {
+        errs[q] = std::current_exception();
+      }
+    });
+  for (auto& t : th) t.join();
+  cudaSetDevice(0);
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
+  return outs;
+}
+
+TEST(DispatchGpu, PipelinedChunksMatchCpu) {
+  FP8FLOW_REQUIRE_GPU();
+  if (!built_with_nccl()) GTEST_SKIP() << "built without NCCL: pipelined dispatch test skipped";
+  const int N = std::min(gpu_count(), 4);
+  for (DType dd : {DType::E4M3, DType::BF16, DType::E2M1x2}) {
+    SCOPED_TRACE(::testing::Message() << to_string(dd) << ", " << N << " ranks");
+    std::vector<PipeGpuOut> cpu(N);
+    run_in_process(
+        N, [&](Communicator& comm) { cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1); });
+    const std::vector<PipeGpuOut> one = pipe_nccl(N, dd, 1);
+    for (int chunks : {1, 0, 3, 4, 7}) {
+      SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
+      const std::vector<PipeGpuOut> got = chunks == 1 ? one : pipe_nccl(N, dd, chunks);
+      const std::vector<PipeGpuOut>& want = chunks == 1 ? cpu : one;
+      for (int q = 0; q < N; ++q) {
+        SCOPED_TRACE(::testing::Message() << "rank " << q);
+        EXPECT_TRUE(bytes_equal(got[q].xp, want[q].xp)) << "xp";
+        if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, want[q].sc)) << "scales";
+        if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, want[q].prob)) << "prob";
+        EXPECT_TRUE(bytes_equal(got[q].y, want[q].y)) << "combine";
+      }
+    }
+  }
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -7,14 +7,19 @@
 //   dispatch       mxfp4+conv: fp8_to_mxfp4 on the tokens, the MXFP4 dispatch, mxfp4_to_fp8 on
 //                  the permuted rows (what fp8-flow-mxfp4 pays at the dispatch point)
 //   combine        bf16: the expert outputs back (pack -> all_to_all_v), as the layer does
+//   "<payload> c1" the same op with DispatchOptions{1} (no pipelining), for comparison; the
+//                  default rows run the default chunking (pipelined on GPUs: DispatchOptions) and
+//                  are verified ("ok") against a chunks = 1 run: outputs bit-identical per rank
 // bytes_per_rank = records a rank sends (T k, every pair is routed) x record size (combine: the
 // mean records a rank sends back, also T k); the note gives routed rows per second (T k / time) and
 // the ratio to the BF16 dispatch (targets on 4 H100s: FP8 >= 1.8x, MXFP4 >= 3x). Without GPUs:
 // InProcess ranks on a small shape (T 64, top-4, H 256).
 #include <algorithm>
 #include <cstdio>
+#include <initializer_list>
 #include <random>
 #include <string>
+#include <utility>
 #include <vector>
 
 #include "comm_bench.h"
@@ -62,6 +67,26 @@ CommBuffer random_buffer(CommBench& b, size_t bytes, uint64_t seed, uint8_t mask
 
 TensorView view(const CommBuffer& buf, DType d, int64_t r, int64_t c) {
   return TensorView{buf.data(), d, r, c, -1, buf.device()};
+}
+
+// The first `bytes` of each buffer, on the host (after the stream is synchronized).
+std::vector<std::vector<uint8_t>> snapshot(
+    CommBench& b, std::initializer_list<std::pair<const CommBuffer*, size_t>> bufs) {
+  b.sync();
+  std::vector<std::vector<uint8_t>> out;
+  for (auto [buf, bytes] : bufs) {
+    out.emplace_back(bytes);
+    to_host(out.back().data(), *buf, bytes);
+  }
+  return out;
+}
+
+// Whether every rank saw `ok` (collective).
+bool everyone(CommBench& b, bool ok) {
+  const int64_t mine = ok ? 1 : 0;
+  for (int64_t v : b.comm().all_gather(std::span<const int64_t>(&mine, 1), b.stream()))
+    if (!v) return false;
+  return true;
 }
 
 void dispatch_cases(CommBench& b) {
@@ -132,16 +157,37 @@ void dispatch_cases(CommBench& b) {
   struct Payload {
     const char* name;
     DispatchRows in, out;
+    const CommBuffer *data, *scale;  // the outputs
+    size_t data_bytes, scale_bytes;
   };
+  const size_t Ms = static_cast<size_t>(M), Hs = static_cast<size_t>(H);
   const Payload pays[] = {
-      {"bf16", {view(xb, DType::BF16, T, H), {}, wt}, {view(pb, DType::BF16, M, H), {}, pr}},
+      {"bf16",
+       {view(xb, DType::BF16, T, H), {}, wt},
+       {view(pb, DType::BF16, M, H), {}, pr},
+       &pb,
+       &prob,
+       Ms * Hs * 2,
+       0},
       {"fp8",
        {view(x8, DType::E4M3, T, H), view(s8, DType::F32, tiles, T), wt},
-       {view(p8, DType::E4M3, M, H), view(ps8, DType::F32, tiles, M), pr}},
+       {view(p8, DType::E4M3, M, H), view(ps8, DType::F32, tiles, M), pr},
+       &p8,
+       &ps8,
+       Ms * Hs,
+       static_cast<size_t>(tiles) * Ms * 4},
       {"mxfp4",
        {view(x4, DType::E2M1x2, T, H), view(s4, DType::E8M0, T, H / 32), wt},
-       {view(p4, DType::E2M1x2, M, H), view(ps4, DType::E8M0, M, H / 32), pr}},
+       {view(p4, DType::E2M1x2, M, H), view(ps4, DType::E8M0, M, H / 32), pr},
+       &p4,
+       &ps4,
+       Ms * Hs / 2,
+       Ms * Hs / 32},
   };
+  // Pipelining: the default rows use the default chunking (DispatchOptions{}); "<payload> c1"
+  // rows force one run (pack -> a2a -> unpack serialized), for comparison. The default rows are
+  // verified against a chunks = 1 run (outputs bit-identical on every rank).
+  const DispatchOptions one{1};
   double bf16_rows_per_s = 0;
   for (const Payload& p : pays) {
     const DispatchWire wire = dispatch_wire(p.in.data.dtype, H, true);
@@ -160,11 +206,29 @@ void dispatch_cases(CommBench& b) {
     r.payload = p.name;
     r.shape = shape;
     r.bytes_per_rank = bytes;
+    const int chunks = dispatch_chunks(l, wire.row_bytes, dev);
+    auto outputs = [&] {
+      return snapshot(b, {{p.data, p.data_bytes}, {p.scale, p.scale_bytes}, {&prob, Ms * 4}});
+    };
+    dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, one);
+    const auto want = outputs();
     r.timing =
         b.time([&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st); },
                bytes);
-    r.note = rows_note(r.timing);
+    r.verified = everyone(b, outputs() == want);
+    r.note = rows_note(r.timing) + "; chunks " + std::to_string(chunks) +
+             " (vs chunks 1: " + (r.verified ? "identical)" : "DIFFERENT)");
     b.row(r);
+    if (std::string(p.name) == "bf16" || chunks != 1) {
+      CommRow c1 = r;
+      c1.payload = std::string(p.name) + " c1";
+      c1.timing = b.time(
+          [&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, one); },
+          bytes);
+      c1.verified = r.verified;
+      c1.note = "chunks 1: pack, a2a, unpack serialized";
+      b.row(c1);
+    }
     CommRow a;
     a.kase = "dispatch-a2a";
     a.payload = p.name;
@@ -177,8 +241,16 @@ void dispatch_cases(CommBench& b) {
       rb[j] = l.recv_rows[j] * wire.row_bytes;
       ro[j] = l.recv_offsets[j] * wire.row_bytes;
     }
+    // Verified: the received records equal those of the dispatch above (recv poisoned first).
+    const size_t recv_bytes = static_cast<size_t>(l.recv_total * wire.row_bytes);
+    const auto got = snapshot(b, {{&recv, recv_bytes}});
+    {
+      const std::vector<uint8_t> poison(recv_bytes, 0xA5);
+      to_device(recv, poison.data(), recv_bytes);
+    }
     a.timing =
         b.time([&] { b.comm().all_to_all_v(send.data(), sb, so, recv.data(), rb, ro, st); }, bytes);
+    a.verified = everyone(b, snapshot(b, {{&recv, recv_bytes}}) == got);
     a.note = "records only (no pack/unpack)";
     b.row(a);
   }
@@ -204,14 +276,20 @@ void dispatch_cases(CommBench& b) {
     r.payload = "mxfp4+conv";
     r.shape = shape;
     r.bytes_per_rank = bytes;
-    r.timing = b.time(
-        [&] {
-          fp8_to_mxfp4(q8, q4, st);
-          dispatch(b.comm(), l, {q4.data, q4.scale, wt}, s_src, static_cast<int>(k), pm,
-                   {o4.data, o4.scale, view(prob, DType::F32, 1, Ml)}, buf, st);
-          mxfp4_to_fp8(o4, o8, st);
-        },
-        bytes);
+    auto run = [&](const DispatchOptions& o) {
+      fp8_to_mxfp4(q8, q4, st);
+      dispatch(b.comm(), l, {q4.data, q4.scale, wt}, s_src, static_cast<int>(k), pm,
+               {o4.data, o4.scale, view(prob, DType::F32, 1, Ml)}, buf, st, o);
+      mxfp4_to_fp8(o4, o8, st);
+    };
+    const size_t Mls = static_cast<size_t>(Ml);
+    auto outputs = [&] {
+      return snapshot(b, {{&p8, Mls * Hs}, {&ps8, static_cast<size_t>(tiles) * Mls * 4}});
+    };
+    run(one);
+    const auto want = outputs();
+    r.timing = b.time([&] { run({}); }, bytes);
+    r.verified = everyone(b, outputs() == want);
     const double rps = r.timing.median_ms > 0 ? l.send_total / (r.timing.median_ms * 1e-3) : 0;
     char s[160];
     std::snprintf(s, sizeof s, "%.3g rows/s; %.2fx bf16 rows/s; fp8->mxfp4 + dispatch + mxfp4->fp8",
@@ -230,17 +308,26 @@ void dispatch_cases(CommBench& b) {
     r.payload = "bf16";
     r.shape = shape;
     r.bytes_per_rank = bytes;
-    r.timing = b.time(
-        [&] {
-          combine(b.comm(), l, {view(pb, DType::BF16, Ml, H), {}, {}}, view(r2p, DType::I32, 1, R),
-                  view(yb, DType::BF16, std::max<int64_t>(l.send_total, 1), H), buf, st);
-        },
-        bytes);
-    char s[120];
-    std::snprintf(s, sizeof s, "%.3g rows/s; then unpermute (not timed here)",
-                  r.timing.median_ms > 0 ? T * k / (r.timing.median_ms * 1e-3) : 0.0);
+    auto run = [&](const DispatchOptions& o) {
+      combine(b.comm(), l, {view(pb, DType::BF16, Ml, H), {}, {}}, view(r2p, DType::I32, 1, R),
+              view(yb, DType::BF16, std::max<int64_t>(l.send_total, 1), H), buf, st, o);
+    };
+    const size_t yb_bytes = static_cast<size_t>(l.send_total) * Hs * 2;
+    run(one);
+    const auto want = snapshot(b, {{&yb, yb_bytes}});
+    r.timing = b.time([&] { run({}); }, bytes);
+    r.verified = everyone(b, snapshot(b, {{&yb, yb_bytes}}) == want);
+    const int chunks = dispatch_chunks(l, B, dev);
+    char s[160];
+    std::snprintf(s, sizeof s, "%.3g rows/s; then unpermute (not timed here); chunks %d",
+                  r.timing.median_ms > 0 ? T * k / (r.timing.median_ms * 1e-3) : 0.0, chunks);
     r.note = s;
     b.row(r);
+    CommRow c1 = r;
+    c1.payload = "bf16 c1";
+    c1.timing = b.time([&] { run(one); }, bytes);
+    c1.note = "chunks 1: pack, a2a serialized";
+    b.row(c1);
   }
 }
 

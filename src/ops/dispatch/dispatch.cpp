@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <memory>
 #include <string>
 
 #include "common/backend.h"
@@ -392,12 +393,6 @@ void dispatch_unpack(const TensorView& wire, const TensorView& map, const Dispat
 
 namespace {
 
-std::vector<int64_t> scaled(const std::vector<int64_t>& v, int64_t f) {
-  std::vector<int64_t> o(v.size());
-  for (size_t i = 0; i < v.size(); ++i) o[i] = v[i] * f;
-  return o;
-}
-
 void check_layout_comm(const Check& c, Communicator& comm, const DispatchLayout& l, Device dev) {
   c.that(l.ranks == comm.size() && l.rank == comm.rank(), "layout",
          cat("a layout of rank ", comm.rank(), " of ", comm.size()),
@@ -414,11 +409,106 @@ void check_buffer(const Check& c, const void* p, size_t have, int64_t need, cons
   }
 }
 
+// The filter of run c of C over record segments (rows, prefix offsets).
+detail::ChunkFilter filter_of(const std::vector<int64_t>& rows, const std::vector<int64_t>& off,
+                              int C, int c) {
+  detail::ChunkFilter f;
+  if (C <= 1) return f;
+  const auto N = static_cast<int>(rows.size());
+  f.chunks = C;
+  f.chunk = c;
+  f.segments = N;
+  for (int j = 0; j < N; ++j) f.seg[j] = static_cast<int32_t>(off[j]);
+  f.seg[N] = static_cast<int32_t>(off[N - 1] + rows[N - 1]);
+  return f;
+}
+
+// The pipeline resources of a communicator (Cuda), created on first use.
+void* pipe_state(Communicator& comm) {
+#if FP8FLOW_WITH_CUDA
+  std::shared_ptr<void>& slot = comm.op_state();
+  if (!slot) slot = sm90::pipe_create();
+  return slot.get();
+#else
+  (void)comm;
+  return nullptr;
+#endif
+}
+
+// The collective body of dispatch (unpack given) and combine (unpack null): C runs of
+// pack -> all_to_all_v -> unpack. Run c's records of peer j are [n_j c / C, n_j (c + 1) / C) of
+// its segment on both sides: the pack filter uses the send segments, the unpack filter the
+// receive segments. With C > 1 on Cuda the all_to_all_v run on the side stream:
+//   stream: pack0 pack1 | wait a0, unpack0, pack2 | wait a1, unpack1, pack3 | ... | wait aC-1, ...
+//   side:   wait p0, a2a0 | wait p1, a2a1 | ...
+// so a2a(c) overlaps pack(c + 1) and unpack(c - 1), and `stream` ends after every run.
+void run_runs(const Check& c, Communicator& comm, Device dev, Stream stream, int C,
+              const WireArgs& pack, const void* send, const std::vector<int64_t>& send_rows,
+              const std::vector<int64_t>& send_off, void* recv,
+              const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_off,
+              int64_t B, const WireArgs* unpack) {
+  const size_t N = send_rows.size();
+  void* st = dev == Device::Cuda && C > 1 ? pipe_state(comm) : nullptr;
+  Stream side = stream;
+  FP8FLOW_SM90(if (st) side = sm90::pipe_side(st));
+  auto record = [&](int which, int r, Stream s) {
+    FP8FLOW_SM90(if (st) sm90::pipe_record(st, which, r, s));
+    (void)which, (void)r, (void)s;
+  };
+  auto wait = [&](int which, int r, Stream s) {
+    FP8FLOW_SM90(if (st) sm90::pipe_wait(st, which, r, s));
+    (void)which, (void)r, (void)s;
+  };
+  auto run_pack_of = [&](int r) {
+    WireArgs a = pack;
+    a.filter = filter_of(send_rows, send_off, C, r);
+    run_pack(c, a, dev, stream);
+    record(0, r, stream);
+  };
+  std::vector<int64_t> sb(N), so(N), rb(N), ro(N);
+  run_pack_of(0);
+  for (int r = 0; r < C; ++r) {
+    for (size_t j = 0; j < N; ++j) {
+      const int64_t s0 = detail::chunk_begin(send_rows[j], r, C);
+      const int64_t r0 = detail::chunk_begin(recv_rows[j], r, C);
+      sb[j] = (detail::chunk_begin(send_rows[j], r + 1, C) - s0) * B;
+      so[j] = (send_off[j] + s0) * B;
+      rb[j] = (detail::chunk_begin(recv_rows[j], r + 1, C) - r0) * B;
+      ro[j] = (recv_off[j] + r0) * B;
+    }
+    wait(0, r, side);
+    comm.all_to_all_v(send, sb, so, recv, rb, ro, side);
+    record(1, r, side);
+    if (r + 1 < C) run_pack_of(r + 1);
+    wait(1, r, stream);
+    if (unpack) {
+      WireArgs a = *unpack;
+      a.filter = filter_of(recv_rows, recv_off, C, r);
+      run_unpack(c, a, dev, stream);
+    }
+  }
+}
+
 }  // namespace
+
+int dispatch_chunks(const DispatchLayout& l, int64_t row_bytes, Device device,
+                    const DispatchOptions& opts) {
+  const Check c("dispatch");
+  c.that(opts.chunks >= 0 && opts.chunks <= 64, "opts.chunks", "in [0, 64] (0: automatic)",
+         cat(opts.chunks));
+  if (l.ranks > detail::kMaxChunkSegments) return 1;
+  if (opts.chunks >= 1) return opts.chunks;
+  if (device != Device::Cuda) return 1;
+  int64_t rows = 0;
+  for (int64_t v : l.counts) rows += v;
+  const int64_t mean_bytes = rows / std::max(1, l.ranks) * row_bytes;
+  return mean_bytes >= DispatchOptions::kAutoChunkMinBytes ? DispatchOptions::kAutoChunks : 1;
+}
 
 void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
               const TensorView& send_map, int k, const TensorView& perm_to_recv,
-              const DispatchRows& out, const DispatchBuffers& buf, Stream stream) {
+              const DispatchRows& out, const DispatchBuffers& buf, Stream stream,
+              const DispatchOptions& opts) {
   const Check c("dispatch");
   const DispatchWire w = wire_of(c, in, "in");
   const DispatchWire wo = wire_of(c, out, "out");
@@ -438,10 +528,8 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
     c.that(in.prob.numel() == in.data.rows * k, "in.prob",
            cat(in.data.rows * k, " elements (T x k, the top-k weights)"), cat(in.prob.numel()));
 
+  const int C = dispatch_chunks(l, B, dev, opts);
   WireArgs pa = pack_args(c, in, w, send_map, k, buf.send, l.send_total);
-  run_pack(c, pa, dev, stream);
-  comm.all_to_all_v(buf.send, scaled(l.send_rows, B), scaled(l.send_offsets, B), buf.recv,
-                    scaled(l.recv_rows, B), scaled(l.recv_offsets, B), stream);
   WireArgs ua;
   row_side(c, out, "out", wo, M, ua);
   check_map(c, perm_to_recv, "perm_to_recv", M, dev);
@@ -450,12 +538,13 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
   ua.wire_rows = l.recv_total;
   ua.row_bytes = B;
   ua.map_rows = M;
-  run_unpack(c, ua, dev, stream);
+  run_runs(c, comm, dev, stream, C, pa, buf.send, l.send_rows, l.send_offsets, buf.recv,
+           l.recv_rows, l.recv_offsets, B, &ua);
 }
 
 void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
              const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buf,
-             Stream stream) {
+             Stream stream, const DispatchOptions& opts) {
   const Check c("combine");
   c.that(!present(in.scale), "in.scale", "empty (combine moves BF16/F32 rows or a prob vector)",
          "a tensor");
@@ -483,10 +572,10 @@ void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in
   c.that(out.device == dev, "out.device", to_string(dev), to_string(out.device));
   check_buffer(c, buf.send, buf.send_bytes, l.recv_total * B, "buffers.send");
   if (dev == Device::Cuda && l.send_total > 0) aligned16(c, out.data, "out");
+  const int C = dispatch_chunks(l, B, dev, opts);
   WireArgs pa = pack_args(c, in, w, recv_to_perm, 1, buf.send, l.recv_total);
-  run_pack(c, pa, dev, stream);
-  comm.all_to_all_v(buf.send, scaled(l.recv_rows, B), scaled(l.recv_offsets, B), out.data,
-                    scaled(l.send_rows, B), scaled(l.send_offsets, B), stream);
+  run_runs(c, comm, dev, stream, C, pa, buf.send, l.recv_rows, l.recv_offsets, out.data,
+           l.send_rows, l.send_offsets, B, nullptr);
 }
 
 }  // namespace fp8flow

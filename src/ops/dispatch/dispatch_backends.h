@@ -4,11 +4,49 @@
 
 #include <cstdint>
 
+#include <memory>
+
 #include "fp8flow/dispatch.h"
+#include "fp8flow/formats.h"  // FP8FLOW_HD
 
 namespace fp8flow::detail {
 
 enum class WireScale : int { None = 0, Col = 1, Row = 2 };
+
+// Chunk filter of the pipelined dispatch / combine (DispatchOptions::chunks): records are grouped
+// in `segments` peer segments (seg: prefix offsets, seg[segments] = the total), and chunk c of a
+// segment of n records is its rows [n c / C, n (c + 1) / C) (floor). With chunks <= 1 every record
+// passes. The segments fit the kernel parameters (more ranks than kMaxChunkSegments: no chunking).
+constexpr int kMaxChunkSegments = 256;
+struct ChunkFilter {
+  int32_t chunks = 1;
+  int32_t chunk = 0;
+  int32_t segments = 0;
+  int32_t seg[kMaxChunkSegments + 1] = {};
+};
+
+// First row of chunk c of a segment of n rows (C chunks).
+FP8FLOW_HD int64_t chunk_begin(int64_t n, int64_t c, int64_t C) {
+  return n * c / C;
+}
+
+// Whether record q (an index into the segmented record range) belongs to the filter's chunk.
+// Records outside [0, total) (unpack: pad rows, invalid map entries) belong to chunk 0.
+FP8FLOW_HD bool in_chunk(const ChunkFilter& f, int64_t q) {
+  if (f.chunks <= 1) return true;
+  if (q < 0 || q >= f.seg[f.segments]) return f.chunk == 0;
+  int lo = 0, hi = f.segments - 1;  // the last s with seg[s] <= q
+  while (lo < hi) {
+    const int mid = (lo + hi + 1) / 2;
+    if (f.seg[mid] <= q)
+      lo = mid;
+    else
+      hi = mid - 1;
+  }
+  const int64_t n = f.seg[lo + 1] - f.seg[lo], i = q - f.seg[lo];
+  // i in [n c / C, n (c + 1) / C)  <=>  c = floor(((i + 1) C - 1) / n)
+  return ((i + 1) * f.chunks - 1) / n == f.chunk;
+}
 
 // One pack or unpack: rows <-> records. "rows" are the token-order or permuted tensors; the map
 // is applied on the gathering side (pack: record i <- row map[i] / k; unpack: row r <- record
@@ -29,6 +67,9 @@ struct WireArgs {
   const int32_t* map = nullptr;
   int64_t map_rows = 0;  // unpack: out rows R (map entries read); pack: = wire_rows
   int32_t k = 1;         // pack only
+  // Pack: only records i in the chunk are written (others untouched); unpack: only rows r whose
+  // record map[r] is in the chunk (pad rows: chunk 0).
+  ChunkFilter filter;
 };
 
 }  // namespace fp8flow::detail
@@ -45,4 +86,12 @@ void dispatch_pack(const detail::WireArgs& a, Stream stream);
 void dispatch_unpack(const detail::WireArgs& a, Stream stream);
 void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,
                    int64_t perm_len, int32_t* recv_to_perm, Stream stream);
+
+// Pipeline resources of one communicator: a non-blocking, highest-priority side stream on the
+// current device and per-chunk events (grown on demand), released with the returned pointer.
+std::shared_ptr<void> pipe_create();
+Stream pipe_side(void* state);
+// Records event `which` (0: packed, 1: arrived) of chunk c on `from`; makes `to` wait for it.
+void pipe_record(void* state, int which, int c, Stream from);
+void pipe_wait(void* state, int which, int c, Stream to);
 }  // namespace fp8flow::sm90

@@ -48,6 +48,7 @@ void record_to_scales(const WireArgs& a, const uint8_t* rec, int64_t row) {
 
 void dispatch_pack(const WireArgs& a) {
   for (int64_t i = 0; i < a.wire_rows; ++i) {
+    if (!detail::in_chunk(a.filter, i)) continue;
     uint8_t* rec = a.wire + i * a.row_bytes;
     std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
     const int32_t m = a.map[i];
@@ -65,6 +66,7 @@ void dispatch_unpack(const WireArgs& a) {
   for (int64_t r = 0; r < a.map_rows; ++r) {
     const int64_t q = a.map ? a.map[r] : r;
     const bool valid = q >= 0 && q < a.wire_rows;
+    if (!detail::in_chunk(a.filter, valid ? q : -1)) continue;
     const uint8_t* rec = valid ? a.wire + q * a.row_bytes : nullptr;
     if (a.rows_data) {
       uint8_t* d = a.rows_data + r * a.data_bytes;

@@ -14,6 +14,8 @@
 #include <cuda_runtime.h>
 
 #include <algorithm>
+#include <memory>
+#include <vector>
 
 #include "common/cuda_check.h"
 #include "fp8flow/formats.h"
@@ -40,17 +42,29 @@ cudaStream_t cu(Stream s) {
 __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ WireArgs a) {
   __shared__ int32_t s_row[kRowsPerCta];  // source row, -1: zero record
   __shared__ int32_t s_map[kRowsPerCta];  // map entry (prob index), -1: none
+  __shared__ int32_t s_idx[kRowsPerCta];  // record (offset from r0) of compacted row j
+  __shared__ int s_n;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta;
-  const int n = static_cast<int>(a.wire_rows - r0 < kRowsPerCta ? a.wire_rows - r0 : kRowsPerCta);
+  const int n_all =
+      static_cast<int>(a.wire_rows - r0 < kRowsPerCta ? a.wire_rows - r0 : kRowsPerCta);
   const int tid = threadIdx.x;
-  if (tid < n) {
-    const int32_t m = a.map[r0 + tid];
-    const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
-    const bool valid = m >= 0 && m < limit;
-    s_row[tid] = valid ? m / a.k : -1;
-    s_map[tid] = valid ? m : -1;
+  if (tid < kRowsPerCta) {  // warp 0: the records of this CTA in the chunk, compacted
+    const bool take = tid < n_all && detail::in_chunk(a.filter, r0 + tid);
+    const unsigned mask = __ballot_sync(0xffffffffu, take);
+    if (take) {
+      const int j = __popc(mask & ((1u << tid) - 1u));
+      const int32_t m = a.map[r0 + tid];
+      const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
+      const bool valid = m >= 0 && m < limit;
+      s_row[j] = valid ? m / a.k : -1;
+      s_map[j] = valid ? m : -1;
+      s_idx[j] = tid;
+    }
+    if (tid == 0) s_n = __popc(mask);
   }
   __syncthreads();
+  const int n = s_n;
+  if (n == 0) return;
 
   const int64_t cpr = a.data_bytes / 16;  // 16-byte chunks per row
   const int64_t chunks = n * cpr;
@@ -74,7 +88,7 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
       if (c < chunks) {
         const int row = static_cast<int>(c / cpr);
         const int64_t col = c - row * cpr;
-        reinterpret_cast<uint4*>(a.wire + (r0 + row) * a.row_bytes)[col] = v[u];
+        reinterpret_cast<uint4*>(a.wire + (r0 + s_idx[row]) * a.row_bytes)[col] = v[u];
       }
     }
   }
@@ -103,20 +117,35 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
       const int32_t m = s_map[row];
       if (m >= 0 && m < a.prob_len) val = __float_as_uint(__ldg(a.prob + m));
     }
-    reinterpret_cast<uint32_t*>(a.wire + (r0 + row) * a.row_bytes + a.data_bytes)[w] = val;
+    reinterpret_cast<uint32_t*>(a.wire + (r0 + s_idx[row]) * a.row_bytes + a.data_bytes)[w] = val;
   }
 }
 
 __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant__ WireArgs a) {
-  __shared__ int32_t s_rec[kRowsPerCta];  // record, -1: pad row
+  __shared__ int32_t s_rec[kRowsPerCta];  // record of compacted row j, -1: pad row
+  __shared__ int32_t s_out[kRowsPerCta];  // out row (offset from r0) of compacted row j
+  __shared__ int s_n;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta;
-  const int n = static_cast<int>(a.map_rows - r0 < kRowsPerCta ? a.map_rows - r0 : kRowsPerCta);
+  const int n_all = static_cast<int>(a.map_rows - r0 < kRowsPerCta ? a.map_rows - r0 : kRowsPerCta);
   const int tid = threadIdx.x;
-  if (tid < n) {
-    const int64_t q = a.map ? a.map[r0 + tid] : r0 + tid;
-    s_rec[tid] = q >= 0 && q < a.wire_rows ? static_cast<int32_t>(q) : -1;
+  if (tid < kRowsPerCta) {  // warp 0: the rows of this CTA whose record is in the chunk
+    int64_t q = -1;
+    if (tid < n_all) {
+      q = a.map ? a.map[r0 + tid] : r0 + tid;
+      if (q < 0 || q >= a.wire_rows) q = -1;
+    }
+    const bool take = tid < n_all && detail::in_chunk(a.filter, q);
+    const unsigned mask = __ballot_sync(0xffffffffu, take);
+    if (take) {
+      const int j = __popc(mask & ((1u << tid) - 1u));
+      s_rec[j] = static_cast<int32_t>(q);
+      s_out[j] = tid;
+    }
+    if (tid == 0) s_n = __popc(mask);
   }
   __syncthreads();
+  const int n = s_n;
+  if (n == 0) return;
 
   const int64_t cpr = a.data_bytes / 16;
   const int64_t chunks = n * cpr;
@@ -139,7 +168,7 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       if (c < chunks) {
         const int row = static_cast<int>(c / cpr);
         const int64_t col = c - row * cpr;
-        reinterpret_cast<uint4*>(a.rows_data + (r0 + row) * a.data_bytes)[col] = v[u];
+        reinterpret_cast<uint4*>(a.rows_data + (r0 + s_out[row]) * a.data_bytes)[col] = v[u];
       }
     }
   }
@@ -157,7 +186,7 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
               ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
                       w)
               : pad;
-      reinterpret_cast<uint32_t*>(out)[w * a.rows + r0 + row] = val;
+      reinterpret_cast<uint32_t*>(out)[w * a.rows + r0 + s_out[row]] = val;
     }
   } else if (a.scale == WireScale::Row) {
     uint8_t* out = static_cast<uint8_t*>(a.rows_scale);
@@ -170,12 +199,12 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
               ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
                       w)
               : 0u;
-      reinterpret_cast<uint32_t*>(out + (r0 + row) * a.scale_bytes)[w] = val;
+      reinterpret_cast<uint32_t*>(out + (r0 + s_out[row]) * a.scale_bytes)[w] = val;
     }
   }
   if (a.prob_offset >= 0 && tid < n) {
     const int32_t q = s_rec[tid];
-    a.prob[r0 + tid] =
+    a.prob[r0 + s_out[tid]] =
         q >= 0 ? __ldg(reinterpret_cast<const float*>(a.wire + q * a.row_bytes + a.prob_offset))
                : 0.0f;
   }
@@ -224,6 +253,57 @@ void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to
                                               static_cast<int32_t>(l.ranks), l.padded_rows,
                                               perm_to_recv, perm_len, recv_to_perm);
   FP8FLOW_CUDA_CHECK_LAUNCH("make_dispatch_maps");
+}
+
+namespace {
+
+struct PipeState {
+  cudaStream_t side = nullptr;
+  std::vector<cudaEvent_t> ev[2];  // [packed, arrived][chunk]
+  ~PipeState() {
+    for (auto& v : ev)
+      for (cudaEvent_t e : v) cudaEventDestroy(e);
+    if (side) cudaStreamDestroy(side);
+  }
+  cudaEvent_t event(int which, int c) {
+    auto& v = ev[which];
+    while (static_cast<int>(v.size()) <= c) {
+      cudaEvent_t e = nullptr;
+      FP8FLOW_CUDA_CHECK("dispatch (pipeline)",
+                         cudaEventCreateWithFlags(&e, cudaEventDisableTiming));
+      v.push_back(e);
+    }
+    return v[static_cast<size_t>(c)];
+  }
+};
+
+}  // namespace
+
+// NOTES: the side stream carries the all-to-alls; it is non-blocking (no implicit sync with the
+// legacy default stream a caller may pass) and of the highest priority, so the NCCL kernels get
+// SMs ahead of queued pack/unpack CTAs. One event per chunk and direction: each is recorded once
+// per call and waited on right after, so reuse across calls is safe.
+std::shared_ptr<void> pipe_create() {
+  auto st = std::make_shared<PipeState>();
+  int lo = 0, hi = 0;
+  FP8FLOW_CUDA_CHECK("dispatch (pipeline)", cudaDeviceGetStreamPriorityRange(&lo, &hi));
+  FP8FLOW_CUDA_CHECK("dispatch (pipeline)",
+                     cudaStreamCreateWithPriority(&st->side, cudaStreamNonBlocking, hi));
+  return st;
+}
+
+Stream pipe_side(void* state) {
+  return static_cast<PipeState*>(state)->side;
+}
+
+void pipe_record(void* state, int which, int c, Stream from) {
+  auto* st = static_cast<PipeState*>(state);
+  FP8FLOW_CUDA_CHECK("dispatch (pipeline)", cudaEventRecord(st->event(which, c), cu(from)));
+}
+
+void pipe_wait(void* state, int which, int c, Stream to) {
+  auto* st = static_cast<PipeState*>(state);
+  FP8FLOW_CUDA_CHECK("dispatch (pipeline)", cudaStreamWaitEvent(cu(to), st->event(which, c), 0));
 }
 
 }  // namespace fp8flow::sm90
