@@ -11,6 +11,7 @@
 #include <cstring>
 #include <ctime>
 #include <fstream>
+#include <mutex>
 #include <sstream>
 #include <stdexcept>
 #include <thread>
@@ -173,12 +174,15 @@ DeviceInfo query_device() {
 
 Stream bench_stream() {
 #if FP8FLOW_WITH_CUDA
-  static cudaStream_t s = [] {
-    cudaStream_t st = nullptr;
-    BENCH_CUDA(cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
-    return st;
-  }();
-  return reinterpret_cast<Stream>(s);
+  // One stream per device (the current one): EP runs drive several devices from several threads.
+  static std::mutex mu;
+  static cudaStream_t streams[64] = {};
+  int dev = 0;
+  BENCH_CUDA(cudaGetDevice(&dev));
+  if (dev < 0 || dev >= 64) throw std::runtime_error("fp8flow-bench: device index out of range");
+  std::lock_guard<std::mutex> lk(mu);
+  if (!streams[dev]) BENCH_CUDA(cudaStreamCreateWithFlags(&streams[dev], cudaStreamNonBlocking));
+  return reinterpret_cast<Stream>(streams[dev]);
 #else
   return nullptr;
 #endif
