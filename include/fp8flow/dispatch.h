@@ -182,7 +182,10 @@ struct DispatchBuffers {
 // More than 256 ranks: no chunking.
 struct DispatchOptions {
   int chunks = 0;  // 0: automatic; >= 1: that many runs
-  static constexpr int kAutoChunks = 4;
+  // Measured on 4 H100s (NVSwitch, 32768 routed rows x H 7168 per rank, bench/RESULTS.md): 4 runs
+  // gained nothing over 1 (BF16 1.94 vs 1.90 ms, MXFP4 0.63 vs 0.56 ms): NCCL's all-to-all already
+  // saturates the copy engines/SMs it shares with pack and unpack. So automatic = 1 for now.
+  static constexpr int kAutoChunks = 1;
   static constexpr int64_t kAutoChunkMinBytes = int64_t{8} << 20;
 };
 

@@ -537,7 +537,7 @@ TEST(Dispatch, ChunkCount) {
   const DispatchLayout l = make_dispatch_layout(cnt, 4, 0, 8, 1);
   EXPECT_EQ(dispatch_chunks(l, 14352, Device::Cpu), 1);   // auto on Cpu: 1
   EXPECT_EQ(dispatch_chunks(l, 14352, Device::Cuda), 1);  // 3.6 MB mean: 1
-  EXPECT_EQ(dispatch_chunks(l, 65536, Device::Cuda), 4);  // 16 MB mean: 4
+  EXPECT_EQ(dispatch_chunks(l, 65536, Device::Cuda), DispatchOptions::kAutoChunks);  // 16 MB mean
   EXPECT_EQ(dispatch_chunks(l, 16, Device::Cpu, {7}), 7);
   EXPECT_THROW(dispatch_chunks(l, 16, Device::Cpu, {-1}), Error);
   EXPECT_THROW(dispatch_chunks(l, 16, Device::Cpu, {65}), Error);
