@@ -165,9 +165,11 @@ if ((do_sanitizer)) && need_tests memcheck; then
     run_step memcheck "$OUT/memcheck.log" compute-sanitizer --tool memcheck --error-exitcode 1 \
       build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
     # cuBLASLt's own GEMM kernels (nvjet_*) report hazards under racecheck (vendor code, outside our
-    # reach; memcheck still covers them): racecheck looks at fp8flow's kernels only.
-    run_step racecheck "$OUT/racecheck.log" compute-sanitizer --tool racecheck --error-exitcode 1 \
-      --kernel-name-exclude kns=nvjet build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
+    # reach; memcheck still covers them). Excluding them with --kernel-name-exclude made the H100
+    # raise "Internal Sanitizer Error" inside them, so racecheck sees everything and the step fails
+    # only on a hazard reported in a kernel that is not nvjet_*.
+    run_step racecheck "$OUT/racecheck.log" bash -c 'compute-sanitizer --tool racecheck "$@" 2>&1 | tee "$0"; ! grep -E "Race reported between" "$0" | grep -qv nvjet_' \
+      "$OUT/racecheck.raw.log" build/tests/fp8flow_tests --gtest_filter="$gtest_filter" || true
   fi
 fi
 
