@@ -361,6 +361,13 @@ void check_config(const Check& c, const MoEConfig& cfg) {
   c.that(cfg.hidden > 0 && cfg.hidden % 128 == 0, "cfg.hidden", "a positive multiple of 128",
          cat(cfg.hidden));
   c.that(cfg.ffn > 0 && cfg.ffn % 128 == 0, "cfg.ffn", "a positive multiple of 128", cat(cfg.ffn));
+  // FP8 recipes: each expert's slice of the 128x128 weight scales ([2F/128][H/128] and
+  // [H/128][F/128] F32 per expert) must start 16-byte aligned for the GEMM library.
+  if (cfg.recipe != Recipe::Bf16 && cfg.hidden > 0 && cfg.ffn > 0)
+    c.that((cfg.hidden / 128) * (cfg.ffn / 128) % 4 == 0, "cfg.hidden, cfg.ffn",
+           "(hidden / 128) * (ffn / 128) a multiple of 4 for the FP8 recipes (per-expert weight "
+           "scales 16-byte aligned)",
+           cat(cfg.hidden, ", ", cfg.ffn));
   c.that(cfg.experts >= 4 && cfg.experts <= 256 && cfg.experts % 4 == 0, "cfg.experts",
          "a multiple of 4 in [4, 256]", cat(cfg.experts));
   c.that(cfg.router.top_k >= 1 && cfg.router.top_k <= 8 && cfg.router.top_k <= cfg.experts,

@@ -847,6 +847,10 @@ TEST(MoELayer, BadConfigAndWeights) {
   c.hidden = 200;
   expect_error([&] { MoELayer l(c, w); }, "fp8flow::MoELayer: cfg.hidden");
   c = make_config(p, Recipe::Fp8Flow);
+  c.hidden = 256;
+  c.ffn = 128;  // (256/128)*(128/128) = 2: per-expert weight scales not 16-byte aligned
+  expect_error([&] { MoELayer l(c, w); }, "fp8flow::MoELayer: cfg.hidden, cfg.ffn");
+  c = make_config(p, Recipe::Fp8Flow);
   c.align = 8;
   expect_error([&] { MoELayer l(c, w); }, "fp8flow::MoELayer: cfg.align");
   c = make_config(p, Recipe::Fp8Flow);
