@@ -127,6 +127,15 @@ if ((lib_ok)); then
     fi
   fi
   grep -E "fp8flow setup.py:" "$OUT/py_build.log" | tail -2
+  # A second (static) libstdc++ inside the extension crashes at the first ostringstream (see
+  # setup.py): say so, and smoke-test one layer construction before spending the training budget.
+  so=$("$PY" -c "import importlib.util as u; print(u.find_spec('fp8flow._C').origin)" 2>/dev/null)
+  if [ -n "$so" ] && nm -C --defined-only "$so" 2>/dev/null | grep -q "std::locale::classic()"; then
+    note "ext: WARNING: $so defines libstdc++ itself (std::locale): linked statically?"
+  fi
+  if ! (cd /tmp && timeout 120 "$PY" -c "import torch, fp8flow; m = fp8flow.MoE(256, 256, 4, 2, recipe='bf16'); m(torch.randn(8, 256)); print('ext: smoke test passed (CPU layer)')") 2>&1 | tee -a "$OUT/py_env.txt"; then
+    record smoke "FAIL (constructing a CPU MoE layer crashed or failed; see py_env.txt)"
+  fi
   (cd /tmp && "$PY" - <<'EOF') 2>&1 | tee -a "$OUT/py_env.txt"
 import fp8flow
 print("fp8flow", fp8flow.version(), "cuda", fp8flow.cuda_available(), "from", fp8flow.__file__)

@@ -114,6 +114,17 @@ if not ARCHIVE.exists():
         "at the build directory that holds libfp8flow.a."
     )
 
+# The compiler that links the extension. On the GPU machine's image, `c++`/`g++` on PATH is
+# /opt/gcc/bin/g++ (what torch's BuildExtension picks when CXX is unset), and every extension built
+# with it crashed inside libstdc++'s stream code at the first std::ostringstream (cuda-gdb: the
+# faulting frames are libstdc++ code inside our _C.so, i.e. a second, static copy of libstdc++ next
+# to the system one torch uses; locale facets then do not match). Prefer the system compiler, whose
+# libstdc++ is the shared one Python loads; FP8FLOW_CXX or CXX override.
+if "FP8FLOW_CXX" in os.environ:
+    os.environ["CXX"] = os.environ["FP8FLOW_CXX"]
+elif "CXX" not in os.environ and Path("/usr/bin/g++").exists():
+    os.environ["CXX"] = "/usr/bin/g++"
+
 cache = cmake_cache()
 undefined = archive_symbols(defined=False) or set()
 defined = archive_symbols(defined=True) or set()
