@@ -19,6 +19,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/nccl_test_util.h"
 #include "common/test_data.h"
 #include "common/test_util.h"
 #include "dispatch/ep_test_util.h"
@@ -40,23 +41,11 @@ int gpu_count() {
 }
 
 // Runs body(comm, q) on N threads, thread q on GPU q with rank q of one NCCL communicator of N
-// ranks; after all have joined, rethrows the lowest rank's exception, if any.
+// ranks (default timeout); then back on GPU 0, rethrows the lowest rank's exception, if any.
 template <typename F>
 void on_nccl_ranks(int N, F&& body) {
-  const NcclUniqueIdBytes id = nccl_unique_id();
-  std::vector<std::exception_ptr> errs(N);
-  std::vector<std::thread> th;
-  for (int q = 0; q < N; ++q)
-    th.emplace_back([&, q] {
-      try {
-        if (cudaSetDevice(q) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
-        auto comm = make_nccl_communicator(id, q, N);
-        body(*comm, q);
-      } catch (...) {
-        errs[q] = std::current_exception();
-      }
-    });
-  for (auto& t : th) t.join();
+  const std::vector<std::exception_ptr> errs =
+      run_on_gpus(N, 120000, [&](int q, Communicator& comm) { body(comm, q); });
   cudaSetDevice(0);
   for (auto& e : errs)
     if (e) std::rethrow_exception(e);
