@@ -27,6 +27,7 @@
 #include <thread>
 #include <vector>
 
+#include "comm/comm_check.h"
 #include "common/check.h"
 #include "fp8flow/comm.h"
 
@@ -166,25 +167,11 @@ class InProcessCommunicator final : public Communicator {
                          std::span<const int64_t> send_offsets, void* recv,
                          std::span<const int64_t> recv_bytes,
                          std::span<const int64_t> recv_offsets) const {
-    detail::Check check("Communicator::all_to_all_v");
     (void)call;
+    detail::check_all_to_all_v_args(s_.n, send, send_bytes, send_offsets, recv, recv_bytes,
+                                    recv_offsets);
     const auto n = static_cast<size_t>(s_.n);
-    const std::string sz = cat(s_.n, " entries (one per rank)");
-    check.that(send_bytes.size() == n, "send_bytes", sz, cat(send_bytes.size()));
-    check.that(send_offsets.size() == n, "send_offsets", sz, cat(send_offsets.size()));
-    check.that(recv_bytes.size() == n, "recv_bytes", sz, cat(recv_bytes.size()));
-    check.that(recv_offsets.size() == n, "recv_offsets", sz, cat(recv_offsets.size()));
-    int64_t total_send = 0, total_recv = 0;
-    for (size_t j = 0; j < n; ++j) {
-      check.that(send_bytes[j] >= 0, cat("send_bytes[", j, "]"), ">= 0", cat(send_bytes[j]));
-      check.that(recv_bytes[j] >= 0, cat("recv_bytes[", j, "]"), ">= 0", cat(recv_bytes[j]));
-      check.that(send_offsets[j] >= 0, cat("send_offsets[", j, "]"), ">= 0", cat(send_offsets[j]));
-      check.that(recv_offsets[j] >= 0, cat("recv_offsets[", j, "]"), ">= 0", cat(recv_offsets[j]));
-      total_send += send_bytes[j];
-      total_recv += recv_bytes[j];
-    }
-    check.that(send != nullptr || total_send == 0, "send", "a non-null pointer", "nullptr");
-    check.that(recv != nullptr || total_recv == 0, "recv", "a non-null pointer", "nullptr");
+    detail::Check check("Communicator::all_to_all_v");
     // Receive ranges must not overlap (each byte of recv written by one peer at most).
     std::vector<std::pair<int64_t, size_t>> ranges;
     for (size_t j = 0; j < n; ++j)

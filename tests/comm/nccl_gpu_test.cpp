@@ -14,6 +14,7 @@
 #include <thread>
 #include <vector>
 
+#include "common/nccl_test_util.h"
 #include "fp8flow/comm.h"
 
 #if FP8FLOW_WITH_CUDA
@@ -93,26 +94,7 @@ int gpu_count() {
                    << " visible: NCCL GPU test skipped";                                 \
   } while (0)
 
-// Runs fn(rank, comm) on n threads, thread r on GPU r with its own communicator; returns each
-// rank's exception (nullptr if none). The communicators are destroyed on their threads.
-std::vector<std::exception_ptr> run_on_gpus(int n, int64_t timeout_ms,
-                                            const std::function<void(int, Communicator&)>& fn) {
-  const NcclUniqueIdBytes id = nccl_unique_id();
-  std::vector<std::exception_ptr> errors(n);
-  std::vector<std::thread> threads;
-  for (int r = 0; r < n; ++r)
-    threads.emplace_back([&, r] {
-      try {
-        if (cudaSetDevice(r) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
-        auto comm = make_nccl_communicator(id, r, n, timeout_ms);
-        fn(r, *comm);
-      } catch (...) {
-        errors[r] = std::current_exception();
-      }
-    });
-  for (auto& t : threads) t.join();
-  return errors;
-}
+using test::run_on_gpus;
 
 std::string what_of(const std::exception_ptr& e) {
   if (!e) return "";

@@ -12,6 +12,7 @@
 #include <vector>
 
 #include "../permute/permute_test_util.h"
+#include "common/test_data.h"
 #include "common/test_util.h"
 #include "fp8flow/dispatch.h"
 #include "fp8flow/permute.h"
@@ -181,19 +182,6 @@ struct Plan {
     return off.buf.empty() ? 0 : reinterpret_cast<const int64_t*>(off.buf.data())[off.v.cols - 1];
   }
 };
-
-HostTensor random_bytes(DType d, int64_t r, int64_t c, uint64_t seed) {
-  HostTensor h(d, r, c);
-  std::mt19937_64 rng(seed);
-  for (auto& b : h.buf) b = static_cast<uint8_t>(rng());
-  return h;
-}
-
-HostTensor slice_rows(const HostTensor& t, int64_t r0, int64_t n) {
-  HostTensor o(t.v.dtype, n, t.v.cols);
-  std::memcpy(o.buf.data(), t.buf.data() + r0 * t.v.row_bytes(), n * t.v.row_bytes());
-  return o;
-}
 
 // Columns [c0, c0 + n) of a [rows][cols] tensor (the FP8 scales of a row range).
 HostTensor slice_cols(const HostTensor& t, int64_t c0, int64_t n) {
@@ -574,43 +562,23 @@ TEST(Dispatch, BadInputs) {
   HostTensor map(DType::I32, 1, 8), wire(DType::E4M3, 8, 144), bad_wire(DType::E4M3, 8, 160);
   for (int i = 0; i < 8; ++i) map.ptr<int32_t>()[i] = i;
   dispatch_pack({x.v, sc.v, w.v}, map.v, 2, wire.v);  // valid
-  expect_error(
-      [&] {
-        dispatch_pack({x.v, sc.v, w.v}, map.v, 2, bad_wire.v);
-      },
-      "dispatch_pack", "wire.cols");
-  HostTensor wire_bf(DType::BF16, 8, 72);
-  expect_error(
-      [&] {
-        dispatch_pack({x.v, sc.v, w.v}, map.v, 2, wire_bf.v);
-      },
-      "dispatch_pack", "wire.dtype");
-  HostTensor sc_bad(DType::F32, 2, 4);
-  expect_error(
-      [&] {
-        dispatch_pack({x.v, sc_bad.v, w.v}, map.v, 2, wire.v);
-      },
-      "dispatch_pack", "in.scale");
-  HostTensor short_map(DType::I32, 1, 3);
-  expect_error(
-      [&] {
-        dispatch_pack({x.v, sc.v, w.v}, short_map.v, 2, wire.v);
-      },
-      "dispatch_pack", "map");
-  expect_error([&] { dispatch_pack({x.v, sc.v, w.v}, map.v, 0, wire.v); }, "dispatch_pack", "k");
+  auto pack_error = [&](const DispatchRows& in, const HostTensor& m, int k, const HostTensor& out,
+                        const char* arg) {
+    expect_error([&] { dispatch_pack(in, m.v, k, out.v); }, "dispatch_pack", arg);
+  };
+  pack_error({x.v, sc.v, w.v}, map, 2, bad_wire, "wire.cols");
+  pack_error({x.v, sc.v, w.v}, map, 2, HostTensor(DType::BF16, 8, 72), "wire.dtype");
+  pack_error({x.v, HostTensor(DType::F32, 2, 4).v, w.v}, map, 2, wire, "in.scale");
+  pack_error({x.v, sc.v, w.v}, HostTensor(DType::I32, 1, 3), 2, wire, "map");
+  pack_error({x.v, sc.v, w.v}, map, 0, wire, "k");
   HostTensor xb(DType::BF16, 4, 128);
-  expect_error(
-      [&] {
-        HostTensor wire256(DType::E4M3, 8, 256);
-        dispatch_pack({xb.v, sc.v, {}}, map.v, 1, wire256.v);
-      },
-      "dispatch_pack", "in.scale");
+  pack_error({xb.v, sc.v, {}}, map, 1, HostTensor(DType::E4M3, 8, 256), "in.scale");
   expect_error(
       [&] {
         dispatch_unpack(bad_wire.v, map.v, {x.v, sc.v, {}});
       },
       "dispatch_unpack", "wire.cols");
-  expect_error([&] { dispatch_pack({{}, {}, {}}, map.v, 1, wire.v); }, "dispatch_pack", "in.prob");
+  pack_error({{}, {}, {}}, map, 1, wire, "in.prob");
   const DispatchLayout l = make_dispatch_layout(cnt, 2, 0, 4, 16);
   HostTensor p2r(DType::I32, 1, 3), r2p(DType::I32, 1, 64);
   expect_error([&] { make_dispatch_maps(l, {}, p2r.v, r2p.v); }, "make_dispatch_maps",

@@ -19,7 +19,10 @@
 #include <thread>
 #include <vector>
 
+#include "common/nccl_test_util.h"
+#include "common/test_data.h"
 #include "common/test_util.h"
+#include "dispatch/ep_test_util.h"
 #include "fp8flow/comm.h"
 #include "fp8flow/dispatch.h"
 #include "fp8flow/moe.h"
@@ -29,17 +32,23 @@ namespace {
 
 #if FP8FLOW_WITH_CUDA
 
+using namespace eptest;
+
 int gpu_count() {
   int n = 0;
   if (!cuda_available() || cudaGetDeviceCount(&n) != cudaSuccess) return 0;
   return n;
 }
 
-HostTensor random_bytes(DType d, int64_t r, int64_t c, uint64_t seed) {
-  HostTensor h(d, r, c);
-  std::mt19937_64 rng(seed);
-  for (auto& b : h.buf) b = static_cast<uint8_t>(rng());
-  return h;
+// Runs body(comm, q) on N threads, thread q on GPU q with rank q of one NCCL communicator of N
+// ranks (default timeout); then back on GPU 0, rethrows the lowest rank's exception, if any.
+template <typename F>
+void on_nccl_ranks(int N, F&& body) {
+  const std::vector<std::exception_ptr> errs =
+      run_on_gpus(N, 120000, [&](int q, Communicator& comm) { body(comm, q); });
+  cudaSetDevice(0);
+  for (auto& e : errs)
+    if (e) std::rethrow_exception(e);
 }
 
 TEST(DispatchGpu, KernelsMatchCpu) {
@@ -202,24 +211,9 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks) {
 }
 
 std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks) {
-  const NcclUniqueIdBytes id = nccl_unique_id();
   std::vector<PipeGpuOut> outs(N);
-  std::vector<std::exception_ptr> errs(N);
-  std::vector<std::thread> th;
-  for (int q = 0; q < N; ++q)
-    th.emplace_back([&, q] {
-      try {
-        if (cudaSetDevice(q) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
-        auto comm = make_nccl_communicator(id, q, N);
-        outs[q] = pipe_rank(*comm, Device::Cuda, dd, chunks);
-      } catch (...) {
-        errs[q] = std::current_exception();
-      }
-    });
-  for (auto& t : th) t.join();
-  cudaSetDevice(0);
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
+  on_nccl_ranks(
+      N, [&](Communicator& comm, int q) { outs[q] = pipe_rank(comm, Device::Cuda, dd, chunks); });
   return outs;
 }
 
@@ -251,69 +245,22 @@ TEST(DispatchGpu, PipelinedChunksMatchCpu) {
 // ---------------------------------------------------------------------------------------------
 // The EP layer on N GPUs vs the layer on GPU 0.
 
-struct Problem {
-  std::vector<int64_t> T;
-  int64_t H = 1024, F = 512, Eg = 8;
-  RouterConfig router = RouterConfig::softmax_topk(2, true);
-  uint64_t seed = 3;
-  int64_t tg() const {
-    int64_t s = 0;
-    for (auto t : T) s += t;
-    return s;
-  }
-  int64_t tmax() const {
-    int64_t s = 0;
-    for (auto t : T) s = std::max(s, t);
-    return s;
-  }
-};
-
-std::vector<float> normal(int64_t n, float sd, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& f : v) f = nd(rng);
-  return v;
-}
-
-struct Global {
-  Problem p;
-  HostTensor x, dy, gate, w1, w2;
-};
-
-struct Out {
-  HostTensor y, dx, dw1, dw2, dgate;
-};
-
-HostTensor rows(const HostTensor& t, int64_t r0, int64_t n) {
-  HostTensor o(t.v.dtype, n, t.v.cols);
-  std::memcpy(o.buf.data(), t.buf.data() + r0 * t.v.row_bytes(), n * t.v.row_bytes());
-  return o;
-}
-
 // Runs on the current device: tokens [t0, t0 + T), experts [e0, e0 + El).
 Out run_layer(const Global& g, Recipe r, Communicator* comm, int ep, int64_t t0, int64_t T,
               int64_t e0, int64_t El, int64_t max_tokens) {
-  const Problem& p = g.p;
+  const EpProblem& p = g.p;
   const int64_t H = p.H, F = p.F;
   cudaStream_t st = nullptr;
   EXPECT_EQ(cudaStreamCreate(&st), cudaSuccess);
   const Stream stream = reinterpret_cast<Stream>(st);
-  DeviceTensor gate(g.gate), w1(rows(g.w1, e0 * 2 * F, El * 2 * F)), w2(rows(g.w2, e0 * H, El * H));
-  DeviceTensor x(rows(g.x, t0, T)), dy(rows(g.dy, t0, T));
+  DeviceTensor gate(g.gate), w1(slice_rows(g.w1, e0 * 2 * F, El * 2 * F)),
+      w2(slice_rows(g.w2, e0 * H, El * H));
+  DeviceTensor x(slice_rows(g.x, t0, T)), dy(slice_rows(g.dy, t0, T));
   DeviceTensor y(DType::BF16, T, H), dx(DType::BF16, T, H), dw1(DType::F32, El * 2 * F, H),
       dw2(DType::F32, El * H, F), dgate(DType::F32, p.Eg, H);
-  MoEConfig c;
-  c.hidden = H;
-  c.ffn = F;
-  c.experts = p.Eg;
-  c.router = p.router;
-  c.recipe = r;
-  c.max_tokens = max_tokens;
-  c.ep_size = ep;
   Out o;
   {
-    MoELayer layer(c, MoEWeights{gate.v, {}, w1.v, w2.v}, comm, stream);
+    MoELayer layer(config(p, r, ep, max_tokens), MoEWeights{gate.v, {}, w1.v, w2.v}, comm, stream);
     MoEContext ctx = layer.make_context();
     layer.forward(x.v, y.v, ctx, {}, stream);
     layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dgate.v, {}}, ctx, stream);
@@ -330,61 +277,17 @@ Out run_layer(const Global& g, Recipe r, Communicator* comm, int ep, int64_t t0,
 
 // N threads, thread q on GPU q with an NCCL communicator of N ranks.
 std::vector<Out> run_ep(const Global& g, Recipe r, int N, bool all_tokens_on_one = false) {
-  const NcclUniqueIdBytes id = nccl_unique_id();
   std::vector<Out> outs(N);
-  std::vector<std::exception_ptr> errs(N);
-  std::vector<std::thread> th;
-  for (int q = 0; q < N; ++q)
-    th.emplace_back([&, q] {
-      try {
-        if (cudaSetDevice(q) != cudaSuccess) throw std::runtime_error("cudaSetDevice");
-        auto comm = make_nccl_communicator(id, q, N);
-        int64_t t0 = 0;
-        for (int s = 0; s < q; ++s) t0 += g.p.T[s];
-        const int64_t El = g.p.Eg / N;
-        if (all_tokens_on_one)
-          outs[q] = run_layer(g, r, comm.get(), N, 0, g.p.tg(), 0, g.p.Eg, g.p.tg());
-        else
-          outs[q] = run_layer(g, r, comm.get(), N, t0, g.p.T[q], q * El, El, g.p.tmax());
-      } catch (...) {
-        errs[q] = std::current_exception();
-      }
-    });
-  for (auto& t : th) t.join();
-  cudaSetDevice(0);
-  for (auto& e : errs)
-    if (e) std::rethrow_exception(e);
+  on_nccl_ranks(N, [&](Communicator& comm, int q) {
+    int64_t t0 = 0;
+    for (int s = 0; s < q; ++s) t0 += g.p.T[s];
+    const int64_t El = g.p.Eg / N;
+    if (all_tokens_on_one)
+      outs[q] = run_layer(g, r, &comm, N, 0, g.p.tg(), 0, g.p.Eg, g.p.tg());
+    else
+      outs[q] = run_layer(g, r, &comm, N, t0, g.p.T[q], q * El, El, g.p.tmax());
+  });
   return outs;
-}
-
-double rel_rms_f32(const HostTensor& a, const HostTensor& b) {
-  double num = 0, den = 0;
-  const float* x = reinterpret_cast<const float*>(a.buf.data());
-  const float* y = reinterpret_cast<const float*>(b.buf.data());
-  for (int64_t i = 0; i < a.v.numel(); ++i) {
-    num += (double(x[i]) - y[i]) * (double(x[i]) - y[i]);
-    den += double(y[i]) * y[i];
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
-void compare(const Problem& p, const std::vector<Out>& ep, const Out& ref) {
-  const int N = static_cast<int>(ep.size());
-  const int64_t El = p.Eg / N;
-  int64_t t0 = 0;
-  HostTensor sum(DType::F32, p.Eg, p.H, 0);
-  for (int q = 0; q < N; ++q) {
-    SCOPED_TRACE(::testing::Message() << "rank " << q << " of " << N);
-    const int64_t T = N == 1 ? p.tg() : p.T[q];
-    EXPECT_TRUE(bytes_equal(ep[q].y, rows(ref.y, t0, T))) << "y";
-    EXPECT_TRUE(bytes_equal(ep[q].dx, rows(ref.dx, t0, T))) << "dx";
-    EXPECT_TRUE(bytes_equal(ep[q].dw1, rows(ref.dw1, q * El * 2 * p.F, El * 2 * p.F))) << "dw1";
-    EXPECT_TRUE(bytes_equal(ep[q].dw2, rows(ref.dw2, q * El * p.H, El * p.H))) << "dw2";
-    for (int64_t i = 0; i < sum.v.numel(); ++i)
-      sum.ptr<float>()[i] += reinterpret_cast<const float*>(ep[q].dgate.buf.data())[i];
-    t0 += T;
-  }
-  EXPECT_LT(rel_rms_f32(sum, ref.dgate), 1e-5) << "dgate";
 }
 
 TEST(EpLayerGpu, MatchesSingleGpu) {
@@ -397,19 +300,14 @@ TEST(EpLayerGpu, MatchesSingleGpu) {
       std::printf("EpLayerGpu: %d GPUs present, EP %d skipped\n", gpus, N);
       continue;
     }
-    Problem p;
+    EpProblem p;
     p.T = N == 2 ? std::vector<int64_t>{300, 177} : std::vector<int64_t>{129, 1, 256, 200};
+    p.H = 1024;
+    p.F = 512;
+    p.seed = 3;
     if (N == 4) p.router = RouterConfig::softmax_topk(4, false);
-    Global g{p, {}, {}, {}, {}, {}};
-    const int64_t T = p.tg(), H = p.H, F = p.F, E = p.Eg;
-    g.x = host_from_values(normal(T * H, 1.f, p.seed), DType::BF16, T, H);
-    g.dy = host_from_values(normal(T * H, 1.f, p.seed + 1), DType::BF16, T, H);
-    g.gate =
-        host_from_values(normal(E * H, 1.f / std::sqrt(float(H)), p.seed + 2), DType::F32, E, H);
-    g.w1 = host_from_values(normal(E * 2 * F * H, 1.f / std::sqrt(float(H)), p.seed + 3),
-                            DType::BF16, E * 2 * F, H);
-    g.w2 = host_from_values(normal(E * H * F, 1.f / std::sqrt(float(F)), p.seed + 4), DType::BF16,
-                            E * H, F);
+    const Global g = make_global(p, /*draw_bias=*/false);
+    const int64_t T = p.tg(), E = p.Eg;
     for (Recipe r : {Recipe::Bf16, Recipe::Fp8Blockwise, Recipe::Fp8Flow, Recipe::Fp8FlowMxfp4}) {
       SCOPED_TRACE(::testing::Message() << to_string(r) << ", EP " << N);
       cudaSetDevice(0);
@@ -417,7 +315,7 @@ TEST(EpLayerGpu, MatchesSingleGpu) {
       // Reference on GPU 0: the comm-less layer, or (mxfp4) the 1-rank EP layer.
       const Out ref = mx ? run_ep(g, r, 1, /*all_tokens_on_one=*/true)[0]
                          : run_layer(g, r, nullptr, 1, 0, T, 0, E, T);
-      compare(p, run_ep(g, r, N), ref);
+      compare(g, run_ep(g, r, N), ref, /*bitwise=*/true, 0);
     }
   }
 }

@@ -16,74 +16,14 @@
 #include <vector>
 
 #include "common/test_util.h"
+#include "dispatch/ep_test_util.h"
 #include "fp8flow/comm.h"
 #include "fp8flow/moe.h"
 
 namespace fp8flow::test {
 namespace {
 
-struct EpProblem {
-  std::vector<int64_t> T = {40, 23};  // tokens per rank
-  int64_t H = 256, F = 256, Eg = 8;
-  RouterConfig router = RouterConfig::softmax_topk(2, true);
-  bool bias = false;
-  uint64_t seed = 1;
-  int64_t tg() const {
-    int64_t t = 0;
-    for (auto v : T) t += v;
-    return t;
-  }
-  int64_t tmax() const {
-    int64_t t = 0;
-    for (auto v : T) t = std::max(t, v);
-    return t;
-  }
-};
-
-std::vector<float> normal(int64_t n, float sd, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& f : v) f = nd(rng);
-  return v;
-}
-
-struct Global {
-  EpProblem p;
-  HostTensor x, dy, gate, bias, w1, w2;
-};
-
-Global make_global(const EpProblem& p) {
-  Global g;
-  g.p = p;
-  const int64_t T = p.tg(), H = p.H, F = p.F, E = p.Eg;
-  g.x = host_from_values(normal(T * H, 1.f, p.seed), DType::BF16, T, H);
-  g.dy = host_from_values(normal(T * H, 1.f, p.seed + 1), DType::BF16, T, H);
-  g.gate = host_from_values(normal(E * H, 1.f / std::sqrt(float(H)), p.seed + 2), DType::F32, E, H);
-  g.bias = host_from_values(normal(E, 0.05f, p.seed + 3), DType::F32, 1, E);
-  g.w1 = host_from_values(normal(E * 2 * F * H, 1.f / std::sqrt(float(H)), p.seed + 4), DType::BF16,
-                          E * 2 * F, H);
-  g.w2 = host_from_values(normal(E * H * F, 1.f / std::sqrt(float(F)), p.seed + 5), DType::BF16,
-                          E * H, F);
-  return g;
-}
-
-MoEConfig config(const EpProblem& p, Recipe r, int ep, int64_t max_tokens) {
-  MoEConfig c;
-  c.hidden = p.H;
-  c.ffn = p.F;
-  c.experts = p.Eg;
-  c.router = p.router;
-  c.recipe = r;
-  c.max_tokens = max_tokens;
-  c.ep_size = ep;
-  return c;
-}
-
-struct Out {
-  HostTensor y, dx, dw1, dw2, dgate;
-  MoECastCount casts;
-};
+using namespace eptest;
 
 TensorView rows_of(const HostTensor& t, int64_t r0, int64_t n) {
   TensorView v = t.v;
@@ -124,64 +64,6 @@ std::vector<Out> run_ep(const Global& g, Recipe r, int N) {
     outs[q] = run_rank(g, r, &comm, N, t0[q], g.p.T[q], q * El, El, tmax);
   });
   return outs;
-}
-
-HostTensor slice(const HostTensor& t, int64_t r0, int64_t n) {
-  HostTensor o(t.v.dtype, n, t.v.cols);
-  std::memcpy(o.buf.data(), t.buf.data() + r0 * t.v.row_bytes(), n * t.v.row_bytes());
-  return o;
-}
-
-// Relative RMS difference of two BF16/F32 tensors.
-double rel_rms(const HostTensor& a, const HostTensor& b) {
-  auto val = [](const HostTensor& t, int64_t i) {
-    return t.v.dtype == DType::F32
-               ? double(reinterpret_cast<const float*>(t.buf.data())[i])
-               : double(fmt::bf16_to_f32(reinterpret_cast<const uint16_t*>(t.buf.data())[i]));
-  };
-  double num = 0, den = 0;
-  for (int64_t i = 0; i < a.v.numel(); ++i) {
-    const double d = val(a, i) - val(b, i);
-    num += d * d;
-    den += val(b, i) * val(b, i);
-  }
-  return std::sqrt(num / std::max(den, 1e-30));
-}
-
-// EP outputs vs a reference run over all tokens and experts (ref: one Out with global shapes).
-void compare(const Global& g, const std::vector<Out>& ep, const Out& ref, bool bitwise,
-             double bound) {
-  EpProblem p = g.p;
-  const int N = static_cast<int>(ep.size());
-  if (N == 1) p.T = {p.tg()};
-  const int64_t El = p.Eg / N;
-  int64_t t0 = 0;
-  for (int q = 0; q < N; ++q) {
-    SCOPED_TRACE(::testing::Message() << "rank " << q << " of " << N);
-    const int64_t T = p.T[q];
-    const HostTensor ry = slice(ref.y, t0, T), rdx = slice(ref.dx, t0, T);
-    const HostTensor rw1 = slice(ref.dw1, q * El * 2 * p.F, El * 2 * p.F);
-    const HostTensor rw2 = slice(ref.dw2, q * El * p.H, El * p.H);
-    if (bitwise) {
-      EXPECT_TRUE(bytes_equal(ep[q].y, ry)) << "y";
-      EXPECT_TRUE(bytes_equal(ep[q].dx, rdx)) << "dx";
-      EXPECT_TRUE(bytes_equal(ep[q].dw1, rw1)) << "dw1";
-      EXPECT_TRUE(bytes_equal(ep[q].dw2, rw2)) << "dw2";
-    } else {
-      EXPECT_LT(rel_rms(ep[q].y, ry), bound) << "y";
-      EXPECT_LT(rel_rms(ep[q].dx, rdx), bound) << "dx";
-      EXPECT_LT(rel_rms(ep[q].dw1, rw1), bound) << "dw1";
-      EXPECT_LT(rel_rms(ep[q].dw2, rw2), bound) << "dw2";
-    }
-    t0 += T;
-  }
-  // dgate: this rank's tokens' part; the sum over ranks is the single-GPU gradient up to FP32
-  // summation order.
-  HostTensor sum(DType::F32, p.Eg, p.H, 0);
-  for (int q = 0; q < N; ++q)
-    for (int64_t i = 0; i < sum.v.numel(); ++i)
-      sum.ptr<float>()[i] += reinterpret_cast<const float*>(ep[q].dgate.buf.data())[i];
-  EXPECT_LT(rel_rms(sum, ref.dgate), bitwise ? 1e-5 : bound) << "dgate";
 }
 
 Out run_single(const Global& g, Recipe r, Communicator* comm) {
@@ -344,7 +226,7 @@ TEST(EpLayer, ReceiveBoundAndNonFiniteThrowOnEveryRank) {
                    rows_of(g.w2, q * 4 * p.H, 4 * p.H)};
       MoELayer l(c, w, &comm);
       MoEContext ctx = l.make_context();
-      HostTensor x = slice(g.x, q * 40, 40), y(DType::BF16, 40, p.H);
+      HostTensor x = slice_rows(g.x, q * 40, 40), y(DType::BF16, 40, p.H);
       if (nan_on_rank1 && q == 1) x.ptr<uint16_t>()[5] = 0x7FC0;
       try {
         l.forward(x.v, y.v, ctx);

@@ -15,31 +15,14 @@
 #include <vector>
 
 #include "common/test_util.h"
+#include "moe/gate_values.h"
 #include "moe/moe_backends.h"
 #include "ops/gemm/gemm_backends.h"
 
 namespace fp8flow::test {
 namespace {
 
-// Normal: N(0, sd). Wide: 2^U(-20, 20) with random signs. Tiny: +-1e-25 (products underflow).
-enum class Kind { Normal, Wide, Tiny };
-
-std::vector<float> gate_values(int64_t n, Kind k, uint64_t seed, float sd = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::uniform_real_distribution<float> ud(0.f, 1.f);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& f : v) {
-    const float s = ud(rng) < 0.5f ? -1.f : 1.f;
-    if (k == Kind::Normal)
-      f = nd(rng);
-    else if (k == Kind::Wide)
-      f = s * std::ldexp(1.f + ud(rng), static_cast<int>(ud(rng) * 40) - 20);
-    else
-      f = s * 1e-25f;
-  }
-  return v;
-}
+using Kind = GateFill;
 
 struct GateInputs {
   HostTensor x, wg, dl, dx_exp;

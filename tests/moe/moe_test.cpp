@@ -10,6 +10,7 @@
 #include <numeric>
 #include <vector>
 
+#include "common/test_data.h"
 #include "common/test_util.h"
 #include "fp8flow/moe.h"
 
@@ -30,27 +31,21 @@ struct Data {
   HostTensor x, w1, w2, dy, gate, bias;
 };
 
-std::vector<float> normal(int64_t n, float sd, uint64_t seed) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& f : v) f = nd(rng);
-  return v;
-}
-
 Data make_data(const Problem& p) {
   Data d;
   d.p = p;
   const int64_t T = p.T, H = p.H, F = p.F, E = p.E;
-  d.x = host_from_values(normal(T * H, 1.f, p.seed), DType::BF16, T, H);
-  d.w1 = host_from_values(normal(E * 2 * F * H, 1.f / std::sqrt(float(H)), p.seed + 1), DType::BF16,
-                          E * 2 * F, H);
-  d.w2 = host_from_values(normal(E * H * F, 1.f / std::sqrt(float(F)), p.seed + 2), DType::BF16,
-                          E * H, F);
-  d.dy = host_from_values(normal(T * H, 1.f, p.seed + 3), DType::BF16, T, H);
-  d.gate = host_from_values(normal(E * H, 1.f / std::sqrt(float(H)), p.seed + 4), DType::F32, E, H);
-  d.bias = host_from_values(p.bias_values.empty() ? normal(E, 0.05f, p.seed + 5) : p.bias_values,
-                            DType::F32, 1, E);
+  d.x = host_from_values(normal_values(T * H, 1.f, p.seed), DType::BF16, T, H);
+  d.w1 = host_from_values(normal_values(E * 2 * F * H, 1.f / std::sqrt(float(H)), p.seed + 1),
+                          DType::BF16, E * 2 * F, H);
+  d.w2 = host_from_values(normal_values(E * H * F, 1.f / std::sqrt(float(F)), p.seed + 2),
+                          DType::BF16, E * H, F);
+  d.dy = host_from_values(normal_values(T * H, 1.f, p.seed + 3), DType::BF16, T, H);
+  d.gate = host_from_values(normal_values(E * H, 1.f / std::sqrt(float(H)), p.seed + 4), DType::F32,
+                            E, H);
+  d.bias =
+      host_from_values(p.bias_values.empty() ? normal_values(E, 0.05f, p.seed + 5) : p.bias_values,
+                       DType::F32, 1, E);
   return d;
 }
 
@@ -286,6 +281,36 @@ MoEConfig make_config(const Problem& p, Recipe r) {
   return c;
 }
 
+// The layer's output and gradients for problem p, as HostTensor or DeviceTensor.
+template <typename Tensor>
+struct LayerOutputs {
+  Tensor y, dx, dw1, dw2, dg;
+  explicit LayerOutputs(const Problem& p)
+      : y(DType::BF16, p.T, p.H),
+        dx(DType::BF16, p.T, p.H),
+        dw1(DType::F32, p.E * 2 * p.F, p.H),
+        dw2(DType::F32, p.E * p.H, p.F),
+        dg(DType::F32, p.E, p.H) {}
+  MoEGrads grads() const { return MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}; }
+};
+
+#if FP8FLOW_WITH_CUDA
+// Forward and backward of the layer (no bias) on the GPU over d's tokens and weights, with
+// upstream gradient dy_h; then check(ctx, out) while the layer and its context are alive.
+template <typename F>
+void run_gpu_layer(const Data& d, Recipe r, const HostTensor& dy_h, const MoEBackwardOptions& o,
+                   F&& check) {
+  const Problem& p = d.p;
+  DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(dy_h);
+  MoELayer layer(make_config(p, r), MoEWeights{gate.v, {}, w1.v, w2.v});
+  MoEContext ctx = layer.make_context();
+  LayerOutputs<DeviceTensor> out(p);
+  layer.forward(x.v, out.y.v, ctx);
+  layer.backward(dy.v, out.grads(), ctx, o);
+  check(ctx, out);
+}
+#endif
+
 LayerRun run_cpu(const Data& d, Recipe r) {
   const Problem& p = d.p;
   MoEWeights w{d.gate.v, p.bias ? d.bias.v : TensorView{}, d.w1.v, d.w2.v};
@@ -441,9 +466,9 @@ TEST(MoELayer, Fp32MasterWeights) {
   }
   // General F32 values (not BF16-representable).
   Data g = d;
-  g.w1 =
-      host_from_values(normal(p.E * 2 * p.F * p.H, 1.f / 16, 21), DType::F32, p.E * 2 * p.F, p.H);
-  g.w2 = host_from_values(normal(p.E * p.H * p.F, 1.f / 16, 22), DType::F32, p.E * p.H, p.F);
+  g.w1 = host_from_values(normal_values(p.E * 2 * p.F * p.H, 1.f / 16, 21), DType::F32,
+                          p.E * 2 * p.F, p.H);
+  g.w2 = host_from_values(normal_values(p.E * p.H * p.F, 1.f / 16, 22), DType::F32, p.E * p.H, p.F);
   Ref ref = make_ref(g);
   ref.forward();
   ref.backward();
@@ -943,24 +968,16 @@ void check_nonfinite_weight_grad_option(Device dev) {
       if (dev == Device::Cpu) {
         MoELayer layer(make_config(p, r), MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
         MoEContext ctx = layer.make_context();
-        HostTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
-            dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
-            dg(DType::F32, p.E, p.H);
-        layer.forward(d.x.v, y.v, ctx);
+        LayerOutputs<HostTensor> out(p);
+        layer.forward(d.x.v, out.y.v, ctx);
         EXPECT_EQ(ctx.nonfinite().dw1, 0);  // forward only: nothing counted yet, nothing found
-        layer.backward(dy_h.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx, o);
+        layer.backward(dy_h.v, out.grads(), ctx, o);
         return ctx.nonfinite();
       }
 #if FP8FLOW_WITH_CUDA
-      DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(dy_h);
-      MoELayer layer(make_config(p, r), MoEWeights{gate.v, {}, w1.v, w2.v});
-      MoEContext ctx = layer.make_context();
-      DeviceTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
-          dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
-          dg(DType::F32, p.E, p.H);
-      layer.forward(x.v, y.v, ctx);
-      layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx, o);
-      return ctx.nonfinite();
+      MoENonFinite nf;
+      run_gpu_layer(d, r, dy_h, o, [&](MoEContext& ctx, auto&) { nf = ctx.nonfinite(); });
+      return nf;
 #else
       return MoENonFinite{};
 #endif
@@ -1008,33 +1025,28 @@ void gpu_vs_cpu(const Problem& p, Recipe r) {
   {
     SCOPED_TRACE(to_string(r));
     const LayerRun cpu = run_cpu(d, r);
-    DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(d.dy);
-    MoELayer layer(make_config(p, r), MoEWeights{gate.v, {}, w1.v, w2.v});
-    MoEContext ctx = layer.make_context();
-    DeviceTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
-        dw1(DType::F32, p.E * 2 * p.F, p.H), dw2(DType::F32, p.E * p.H, p.F),
-        dg(DType::F32, p.E, p.H);
-    layer.forward(x.v, y.v, ctx);
-    layer.backward(dy.v, MoEGrads{dx.v, dw1.v, dw2.v, dg.v, {}}, ctx);
-    EXPECT_EQ(ctx.m_splits(), cpu.m_splits);
-    EXPECT_EQ(ctx.aux_loss(), cpu.aux_loss);  // router and gate are bit-exact across backends
-    EXPECT_EQ(ctx.casts().total(), cpu.casts.total());
-    EXPECT_FALSE(ctx.nonfinite().any());
-    const double bound = r == Recipe::Bf16 ? 2e-3 : 1e-2;
-    // fp8-flow-mxfp4's wgrad reads activations re-rounded to E2M1 (1 mantissa bit): one FP8 code
-    // that flips between backends (GEMM accumulation order) can move a 32-block's shared exponent
-    // and several E2M1 codes with it. Measured on an H100: dW2 1.0-1.1e-2, dW1 5e-3.
-    const double wbound = r == Recipe::Fp8FlowMxfp4 ? 3e-2 : bound;
-    const double ey = rel_err(y.to_host(), cpu.y), edx = rel_err(dx.to_host(), cpu.dx),
-                 ew1 = rel_err(dw1.to_host(), cpu.dw1), ew2 = rel_err(dw2.to_host(), cpu.dw2),
-                 eg = rel_err(dg.to_host(), cpu.dgate);
-    std::printf("[ moe ] GPU vs CPU %-15s y %.2e dx %.2e dW1 %.2e dW2 %.2e dgate %.2e (< %.0e)\n",
-                to_string(r), ey, edx, ew1, ew2, eg, bound);
-    EXPECT_LT(ey, bound);
-    EXPECT_LT(edx, bound);
-    EXPECT_LT(ew1, wbound);
-    EXPECT_LT(ew2, wbound);
-    EXPECT_LT(eg, bound);
+    run_gpu_layer(d, r, d.dy, MoEBackwardOptions{}, [&](MoEContext& ctx, auto& out) {
+      EXPECT_EQ(ctx.m_splits(), cpu.m_splits);
+      EXPECT_EQ(ctx.aux_loss(), cpu.aux_loss);  // router and gate are bit-exact across backends
+      EXPECT_EQ(ctx.casts().total(), cpu.casts.total());
+      EXPECT_FALSE(ctx.nonfinite().any());
+      const double bound = r == Recipe::Bf16 ? 2e-3 : 1e-2;
+      // fp8-flow-mxfp4's wgrad reads activations re-rounded to E2M1 (1 mantissa bit): one FP8 code
+      // that flips between backends (GEMM accumulation order) can move a 32-block's shared exponent
+      // and several E2M1 codes with it. Measured on an H100: dW2 1.0-1.1e-2, dW1 5e-3.
+      const double wbound = r == Recipe::Fp8FlowMxfp4 ? 3e-2 : bound;
+      const double ey = rel_err(out.y.to_host(), cpu.y), edx = rel_err(out.dx.to_host(), cpu.dx),
+                   ew1 = rel_err(out.dw1.to_host(), cpu.dw1),
+                   ew2 = rel_err(out.dw2.to_host(), cpu.dw2),
+                   eg = rel_err(out.dg.to_host(), cpu.dgate);
+      std::printf("[ moe ] GPU vs CPU %-15s y %.2e dx %.2e dW1 %.2e dW2 %.2e dgate %.2e (< %.0e)\n",
+                  to_string(r), ey, edx, ew1, ew2, eg, bound);
+      EXPECT_LT(ey, bound);
+      EXPECT_LT(edx, bound);
+      EXPECT_LT(ew1, wbound);
+      EXPECT_LT(ew2, wbound);
+      EXPECT_LT(eg, bound);
+    });
   }
 }
 

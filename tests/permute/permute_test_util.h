@@ -15,6 +15,7 @@
 #include <string>
 #include <vector>
 
+#include "../common/test_data.h"
 #include "../common/test_util.h"
 #include "fp8flow/permute.h"
 
@@ -74,14 +75,6 @@ inline std::vector<int32_t> route_with_invalid(int64_t T, int64_t k, int64_t E, 
 inline HostTensor host_i32(const std::vector<int32_t>& v, int64_t rows, int64_t cols) {
   HostTensor h(DType::I32, rows, cols);
   if (!v.empty()) std::memcpy(h.buf.data(), v.data(), v.size() * 4);
-  return h;
-}
-
-// Random bytes (every FP8 / E2M1 / E8M0 / BF16 code, NaNs included).
-inline HostTensor random_bytes(DType d, int64_t rows, int64_t cols, uint64_t seed) {
-  HostTensor h(d, rows, cols);
-  std::mt19937_64 rng(seed);
-  for (size_t i = 0; i < h.bytes(); ++i) h.buf[i] = static_cast<uint8_t>(rng());
   return h;
 }
 

@@ -109,3 +109,11 @@ inline void expect_error(const std::function<void()>& f, const std::string& op,
 }
 
 }  // namespace fp8flow::test
+
+// The swiglu test files live in namespace fp8flow (next to the ops) and name these unqualified.
+namespace fp8flow {
+using test::Fill;
+using test::HostTensor;
+using test::SwigluCase;
+using test::SwigluHostScaled;
+}  // namespace fp8flow

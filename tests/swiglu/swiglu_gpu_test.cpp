@@ -22,10 +22,6 @@ namespace {
 #if FP8FLOW_WITH_CUDA
 
 using test::DeviceTensor;
-using test::Fill;
-using test::HostTensor;
-using test::SwigluCase;
-using test::SwigluHostScaled;
 
 struct DeviceScaled {
   DeviceTensor data, scale;

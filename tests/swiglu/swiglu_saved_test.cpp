@@ -16,11 +16,6 @@
 namespace fp8flow {
 namespace {
 
-using test::Fill;
-using test::HostTensor;
-using test::SwigluCase;
-using test::SwigluHostScaled;
-
 struct Shape {
   int64_t M, F;
 };

@@ -16,11 +16,6 @@
 namespace fp8flow {
 namespace {
 
-using test::Fill;
-using test::HostTensor;
-using test::SwigluCase;
-using test::SwigluHostScaled;
-
 double silu64(double a) {
   return a / (1.0 + std::exp(-a));
 }

@@ -188,6 +188,22 @@ void dispatch_cases(CommBench& b) {
   // rows force one run (pack -> a2a -> unpack serialized), for comparison. The default rows are
   // verified against a chunks = 1 run (outputs bit-identical on every rank).
   const DispatchOptions one{1};
+  auto make_row = [&](const char* kase, const std::string& payload, int64_t bytes) {
+    CommRow r;
+    r.kase = kase;
+    r.payload = payload;
+    r.shape = shape;
+    r.bytes_per_rank = bytes;
+    return r;
+  };
+  // run(opts) writes outputs(): a chunks = 1 run gives the reference outputs, then the default
+  // chunking is timed and its outputs verified against them on every rank.
+  auto time_vs_one = [&](CommRow& r, const auto& run, const auto& outputs) {
+    run(one);
+    const auto want = outputs();
+    r.timing = b.time([&] { run(DispatchOptions{}); }, r.bytes_per_rank);
+    r.verified = everyone(b, outputs() == want);
+  };
   double bf16_rows_per_s = 0;
   for (const Payload& p : pays) {
     const DispatchWire wire = dispatch_wire(p.in.data.dtype, H, true);
@@ -201,39 +217,27 @@ void dispatch_cases(CommBench& b) {
                     static_cast<long long>(wire.row_bytes));
       return std::string(s);
     };
-    CommRow r;
-    r.kase = "dispatch";
-    r.payload = p.name;
-    r.shape = shape;
-    r.bytes_per_rank = bytes;
+    CommRow r = make_row("dispatch", p.name, bytes);
     const int chunks = dispatch_chunks(l, wire.row_bytes, dev);
+    auto run = [&](const DispatchOptions& o) {
+      dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, o);
+    };
     auto outputs = [&] {
       return snapshot(b, {{p.data, p.data_bytes}, {p.scale, p.scale_bytes}, {&prob, Ms * 4}});
     };
-    dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, one);
-    const auto want = outputs();
-    r.timing =
-        b.time([&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st); },
-               bytes);
-    r.verified = everyone(b, outputs() == want);
+    time_vs_one(r, run, outputs);
     r.note = rows_note(r.timing) + "; chunks " + std::to_string(chunks) +
              " (vs chunks 1: " + (r.verified ? "identical)" : "DIFFERENT)");
     b.row(r);
     if (std::string(p.name) == "bf16" || chunks != 1) {
       CommRow c1 = r;
       c1.payload = std::string(p.name) + " c1";
-      c1.timing = b.time(
-          [&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, one); },
-          bytes);
+      c1.timing = b.time([&] { run(one); }, bytes);
       c1.verified = r.verified;
       c1.note = "chunks 1: pack, a2a, unpack serialized";
       b.row(c1);
     }
-    CommRow a;
-    a.kase = "dispatch-a2a";
-    a.payload = p.name;
-    a.shape = shape;
-    a.bytes_per_rank = bytes;
+    CommRow a = make_row("dispatch-a2a", p.name, bytes);
     std::vector<int64_t> sb(N), so(N), rb(N), ro(N);
     for (int j = 0; j < N; ++j) {
       sb[j] = l.send_rows[j] * wire.row_bytes;
@@ -271,11 +275,7 @@ void dispatch_cases(CommBench& b) {
                           view(ps8, DType::F32, tiles, Ml),
                           ScaleLayout::Rowwise1x128,
                           {}};
-    CommRow r;
-    r.kase = "dispatch";
-    r.payload = "mxfp4+conv";
-    r.shape = shape;
-    r.bytes_per_rank = bytes;
+    CommRow r = make_row("dispatch", "mxfp4+conv", bytes);
     auto run = [&](const DispatchOptions& o) {
       fp8_to_mxfp4(q8, q4, st);
       dispatch(b.comm(), l, {q4.data, q4.scale, wt}, s_src, static_cast<int>(k), pm,
@@ -286,10 +286,7 @@ void dispatch_cases(CommBench& b) {
     auto outputs = [&] {
       return snapshot(b, {{&p8, Mls * Hs}, {&ps8, static_cast<size_t>(tiles) * Mls * 4}});
     };
-    run(one);
-    const auto want = outputs();
-    r.timing = b.time([&] { run({}); }, bytes);
-    r.verified = everyone(b, outputs() == want);
+    time_vs_one(r, run, outputs);
     const double rps = r.timing.median_ms > 0 ? l.send_total / (r.timing.median_ms * 1e-3) : 0;
     char s[160];
     std::snprintf(s, sizeof s, "%.3g rows/s; %.2fx bf16 rows/s; fp8->mxfp4 + dispatch + mxfp4->fp8",
@@ -303,20 +300,13 @@ void dispatch_cases(CommBench& b) {
     const int64_t B = dispatch_wire(DType::BF16, H, false).row_bytes;
     // Same bytes on every rank (b.time needs them equal): the mean records per rank, T k.
     const int64_t bytes = T * k * B;
-    CommRow r;
-    r.kase = "combine";
-    r.payload = "bf16";
-    r.shape = shape;
-    r.bytes_per_rank = bytes;
+    CommRow r = make_row("combine", "bf16", bytes);
     auto run = [&](const DispatchOptions& o) {
       combine(b.comm(), l, {view(pb, DType::BF16, Ml, H), {}, {}}, view(r2p, DType::I32, 1, R),
               view(yb, DType::BF16, std::max<int64_t>(l.send_total, 1), H), buf, st, o);
     };
     const size_t yb_bytes = static_cast<size_t>(l.send_total) * Hs * 2;
-    run(one);
-    const auto want = snapshot(b, {{&yb, yb_bytes}});
-    r.timing = b.time([&] { run({}); }, bytes);
-    r.verified = everyone(b, snapshot(b, {{&yb, yb_bytes}}) == want);
+    time_vs_one(r, run, [&] { return snapshot(b, {{&yb, yb_bytes}}); });
     const int chunks = dispatch_chunks(l, B, dev);
     char s[160];
     std::snprintf(s, sizeof s, "%.3g rows/s; then unpermute (not timed here); chunks %d",

@@ -6,6 +6,7 @@
 #include <random>
 
 #include "common/test_util.h"
+#include "moe/gate_values.h"
 #include "moe/moe_backends.h"
 // Last: the fake runtime (emu::sm_count); its macros must not touch the headers above.
 #include <cuda_runtime.h>
@@ -15,32 +16,7 @@ using namespace fp8flow::test;
 
 namespace {
 
-// Normal: N(0, 1). Wide: 2^U(-20, 20) with random signs (any change of summation order shows in
-// the bits). Tiny: +-1e-25, whose products underflow to signed zeros (the sign of a zero result
-// depends on the last term: catches extra or missing terms).
-enum class Kind { Normal, Wide, Tiny };
-
-std::vector<float> values(int64_t n, Kind k, uint64_t seed, float sd = 1.0f) {
-  std::mt19937_64 rng(seed);
-  std::normal_distribution<float> nd(0.f, sd);
-  std::uniform_real_distribution<float> ud(0.f, 1.f);
-  std::vector<float> v(static_cast<size_t>(n));
-  for (auto& f : v) {
-    const float s = ud(rng) < 0.5f ? -1.f : 1.f;
-    switch (k) {
-      case Kind::Normal:
-        f = nd(rng);
-        break;
-      case Kind::Wide:
-        f = s * std::ldexp(1.f + ud(rng), static_cast<int>(ud(rng) * 40) - 20);
-        break;
-      case Kind::Tiny:
-        f = s * 1e-25f;
-        break;
-    }
-  }
-  return v;
-}
+using Kind = GateFill;
 
 struct Case {
   int64_t T, H, E;
@@ -55,11 +31,12 @@ void check_gate(const Case& c, Kind k) {
   SCOPED_TRACE(::testing::Message() << "T " << c.T << " H " << c.H << " E " << c.E << " sms "
                                     << c.sms << " " << kind_name(k));
   emu::sm_count = c.sms;
-  const HostTensor x = host_from_values(values(c.T * c.H, k, 1 + c.T), DType::BF16, c.T, c.H);
+  const HostTensor x = host_from_values(gate_values(c.T * c.H, k, 1 + c.T), DType::BF16, c.T, c.H);
   const HostTensor wg =
-      host_from_values(values(c.E * c.H, k, 2 + c.E, 0.05f), DType::F32, c.E, c.H);
-  const HostTensor dl = host_from_values(values(c.T * c.E, k, 3 + c.H), DType::F32, c.T, c.E);
-  const HostTensor dxe = host_from_values(values(c.T * c.H, Kind::Normal, 4), DType::F32, c.T, c.H);
+      host_from_values(gate_values(c.E * c.H, k, 2 + c.E, 0.05f), DType::F32, c.E, c.H);
+  const HostTensor dl = host_from_values(gate_values(c.T * c.E, k, 3 + c.H), DType::F32, c.T, c.E);
+  const HostTensor dxe =
+      host_from_values(gate_values(c.T * c.H, Kind::Normal, 4), DType::F32, c.T, c.H);
   HostTensor l1(DType::F32, c.T, c.E, 0x5A), l2(DType::F32, c.T, c.E, 0xA5);
   ref::moe_gate_logits(x.v, wg.v, l1.v);
   sm90::moe_gate_logits(x.v, wg.v, l2.v, nullptr);
@@ -102,7 +79,7 @@ TEST(MoeEmu, NonFiniteCount) {
         SCOPED_TRACE(::testing::Message()
                      << to_string(d) << " " << r << "x" << c << " sms " << sms);
         emu::sm_count = sms;
-        std::vector<float> v = values(r * c, Kind::Normal, 9);
+        std::vector<float> v = gate_values(r * c, Kind::Normal, 9);
         std::mt19937_64 rng(r * c);
         const float bad[] = {std::nanf(""), -std::nanf(""), INFINITY, -INFINITY};
         for (int i = 0; i < 60; ++i) v[rng() % v.size()] = bad[i % 4];
@@ -118,7 +95,7 @@ TEST(MoeEmu, NonFiniteCount) {
 
 TEST(MoeEmu, ToBf16) {
   emu::sm_count = 132;
-  std::vector<float> v = values(3 * 1001, Kind::Wide, 11);
+  std::vector<float> v = gate_values(3 * 1001, Kind::Wide, 11);
   v[7] = std::nanf("");
   v[8] = -INFINITY;
   const HostTensor in = host_from_values(v, DType::F32, 3, 1001);

@@ -1,0 +1,18 @@
+// Argument checks shared by the Communicator backends (InProcess, NCCL).
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+namespace fp8flow::detail {
+
+// Local checks of all_to_all_v's arguments (before anything is sent or published), throwing
+// ErrorKind::InvalidArgument as "fp8flow::Communicator::all_to_all_v: <arg>: ...": one entry per
+// rank in each count/offset span, counts and offsets >= 0, send/recv non-null unless their total
+// is zero.
+void check_all_to_all_v_args(int nranks, const void* send, std::span<const int64_t> send_bytes,
+                             std::span<const int64_t> send_offsets, const void* recv,
+                             std::span<const int64_t> recv_bytes,
+                             std::span<const int64_t> recv_offsets);
+
+}  // namespace fp8flow::detail
