@@ -7,6 +7,9 @@
 #   5. racecheck  compute-sanitizer --tool racecheck on the *Gpu* tests     -> $OUT/racecheck.log
 #   6. formats    scripts/check_formats_torch.py vs torch / ml_dtypes        -> $OUT/check_formats.log
 #   7. bench      fp8flow-bench ops --json $OUT/bench_ops.json              -> $OUT/bench_ops.txt
+#                 with >= 2 GPUs also fp8flow-bench comm --gpus N and layer --ep N (thread per GPU)
+#                 -> $OUT/bench_comm.txt, $OUT/bench_layer_ep.txt
+# (The device tool returns at most 8 files from $OUT: tar the folder at the end of the call.)
 # A failing step is recorded and the next one still runs (steps that need the build are skipped
 # when it failed), so one run yields everything; a summary of every step (status, time, log tail)
 # is printed last and saved to $OUT/summary.txt. Exit status: 0 when every step that ran passed.
@@ -182,6 +185,15 @@ if ((do_bench)) && need_build bench; then
   # shellcheck disable=SC2086  # bench_args is a list of words on purpose
   run_step bench "$OUT/bench_ops.txt" build/tools/fp8flow-bench ops --json "$OUT/bench_ops.json" \
     $bench_args || true
+  # Expert parallelism where the machine has several GPUs: the comm bench (NCCL all-to-all
+  # reference, dispatch/combine per payload) and the layer table with EP, thread per GPU.
+  ngpu=$(nvidia-smi -L 2>/dev/null | grep -c "^GPU" || true)
+  if [ "${ngpu:-0}" -ge 2 ]; then
+    run_step comm "$OUT/bench_comm.txt" build/tools/fp8flow-bench comm --gpus "$ngpu" \
+      --json "$OUT/bench_comm.json" || true
+    run_step layer_ep "$OUT/bench_layer_ep.txt" build/tools/fp8flow-bench layer --ep "$ngpu" \
+      --json "$OUT/bench_layer_ep.json" || true
+  fi
 fi
 
 # ------------------------------------------------------------------------------------------------
