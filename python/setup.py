@@ -166,6 +166,13 @@ for need, name, key in ((need_nccl, "nccl", "FP8FLOW_NCCL_LIBRARY"), (need_mpi, 
     library_dirs.append(str(d))
     extra_link_args += [flag, f"-Wl,-rpath,{d}"]
 
+# Link the shared libstdc++ explicitly, before the driver's own (possibly static) one, so that the
+# extension and torch share one libstdc++ (see the CXX note above).
+for d in (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/lib/x86_64-linux-gnu")):
+    if (d / "libstdc++.so.6").exists():
+        extra_link_args = [f"-L{d}", "-l:libstdc++.so.6"] + extra_link_args
+        break
+
 log(
     f"archive {ARCHIVE} (CUDA backend: {lib_cuda}), torch {torch.__version__} (CUDA {torch.version.cuda}); "
     f"CUDA streams in the binding: {py_cuda}; communicator: {have_comm}; NCCL: {need_nccl}; MPI: {need_mpi}"
