@@ -42,7 +42,6 @@ void check_pointer_aligned(const Check& c, const TensorView& t, const std::strin
 
 }  // namespace
 
-
 void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream) {
   const Check c("quantize_mxfp4");
   c.view(in, "in", {DType::F32, DType::BF16});
