@@ -187,6 +187,17 @@ void check_bf16(const Check& c, const TensorView& t, const std::string& arg) {
   c.aligned(t, arg, 16);
 }
 
+// Per-expert BF16 weights w[e] [N][K] on the device of `anchor` (named `anchor_name`).
+void check_bf16_weights(const Check& c, std::span<const TensorView> w, int64_t N, int64_t K,
+                        const TensorView& anchor, const char* anchor_name) {
+  for (size_t e = 0; e < w.size(); ++e) {
+    const std::string n = cat("w[", e, "]");
+    check_bf16(c, w[e], n);
+    c.shape(w[e], n, N, K);
+    c.same_device(anchor, anchor_name, w[e], n);
+  }
+}
+
 }  // namespace
 
 size_t grouped_gemm_workspace_bytes(GroupedGemmKind kind, int64_t n, int64_t k,
@@ -292,12 +303,7 @@ void grouped_gemm_fprop_bf16(const TensorView& x, std::span<const TensorView> w,
          cat(N));
   check_out(c, y, "y", M, N, o);
   c.same_device(x, "x", y, "y");
-  for (size_t e = 0; e < w.size(); ++e) {
-    const std::string n = cat("w[", e, "]");
-    check_bf16(c, w[e], n);
-    c.shape(w[e], n, N, K);
-    c.same_device(x, "x", w[e], n);
-  }
+  check_bf16_weights(c, w, N, K, x, "x");
   if (x.device == Device::Cpu) return ref::grouped_gemm_fprop_bf16(x, w, y, m_splits, o.accumulate);
   require_cuda(c, {{&x, "x"}, {&y, "y"}});
   for (size_t e = 0; e < w.size(); ++e) detail::require_device_pointer(c, w[e], cat("w[", e, "]"));
@@ -325,12 +331,7 @@ void grouped_gemm_dgrad_bf16(const TensorView& dy, std::span<const TensorView> w
          cat(K));
   check_out(c, dx, "dx", M, K, o);
   c.same_device(dy, "dy", dx, "dx");
-  for (size_t e = 0; e < w.size(); ++e) {
-    const std::string n = cat("w[", e, "]");
-    check_bf16(c, w[e], n);
-    c.shape(w[e], n, N, K);
-    c.same_device(dy, "dy", w[e], n);
-  }
+  check_bf16_weights(c, w, N, K, dy, "dy");
   if (dy.device == Device::Cpu)
     return ref::grouped_gemm_dgrad_bf16(dy, w, dx, m_splits, o.accumulate);
   require_cuda(c, {{&dy, "dy"}, {&dx, "dx"}});
