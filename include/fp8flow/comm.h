@@ -25,6 +25,22 @@
 //                 receive ranges do not overlap; NCCL cannot check across ranks (a mismatch ends
 //                 in an NCCL error or the timeout). InProcess copies synchronously; NCCL is
 //                 asynchronous on `stream` (buffers must stay valid until the stream passes it).
+//   all_to_all_segments
+//                 one group of point-to-point transfers: each send segment moves `bytes` bytes
+//                 from its `data` to rank `peer`, each receive segment receives `bytes` bytes from
+//                 rank `peer` into its `data` (any addresses: a segment names its own buffer).
+//                 Zero-byte segments are ignored. The sends of rank i to rank j are matched with
+//                 the receives of rank j from rank i in list order (the k-th non-empty with the
+//                 k-th non-empty), so both sides must list them in the same order and with the
+//                 same sizes; several segments per peer are allowed (what the in-place dispatch
+//                 uses to land each (peer, expert) block straight in its final place). Grouped
+//                 ncclSend/ncclRecv under NCCL (which runs a peer pair's transfers in order).
+//                 Validated locally like all_to_all_v (peer in [0, size()), bytes >= 0, non-null
+//                 data when bytes move, receive ranges that do not overlap: InvalidArgument).
+//                 InProcess also checks across ranks that every rank's k-th receive from j has the
+//                 size of j's k-th send to it and that the counts agree (Comm error naming both
+//                 ranks); NCCL cannot (a mismatch ends in an NCCL error or the timeout).
+//                 Synchronous on InProcess, asynchronous on `stream` under NCCL.
 //   all_gather    a small host int64 vector per rank, the same count on every rank -> the
 //                 concatenation of all ranks' vectors (rank order). Synchronizes the host (it is
 //                 for counts and config checks). A rank passing another count: Comm error.
@@ -47,6 +63,14 @@
 
 namespace fp8flow {
 
+// One point-to-point transfer of all_to_all_segments.
+// Sends read `data`; receives write it.
+struct CommSegment {
+  int peer = 0;          // the rank sent to / received from
+  void* data = nullptr;  // the segment's first byte
+  int64_t bytes = 0;     // 0: ignored
+};
+
 class Communicator {
  public:
   virtual ~Communicator() = default;
@@ -60,6 +84,8 @@ class Communicator {
                             std::span<const int64_t> send_offsets, void* recv,
                             std::span<const int64_t> recv_bytes,
                             std::span<const int64_t> recv_offsets, Stream stream) = 0;
+  virtual void all_to_all_segments(std::span<const CommSegment> sends,
+                                   std::span<const CommSegment> recvs, Stream stream) = 0;
   virtual std::vector<int64_t> all_gather(std::span<const int64_t> mine, Stream stream) = 0;
   virtual void barrier(Stream stream) = 0;
 

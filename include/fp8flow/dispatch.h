@@ -180,14 +180,39 @@ struct DispatchBuffers {
 // computed from the layout's global counts, so equal on every rank). Every rank must use the same
 // C (it sets the all_to_all_v sizes; a mismatch is an InProcess Comm error, an NCCL timeout).
 // More than 256 ranks: no chunking.
+//
+// In place (DispatchOptions::in_place): the data part of the rows skips the records. Dispatch:
+// the pack kernel writes the data rows (send order) to the front of buffers.send and only the
+// small [scales][prob] records (S + 4 bytes: FP8 4 ceil(H/128), MXFP4 H/32; nothing for BF16 /
+// F32 without prob) behind them; one all_to_all_segments moves every (peer, local expert) block
+// of data rows straight into its rows of out.data (the permuted layout is expert-major, then
+// source-rank-major, so the rows rank p sends for local expert e are one contiguous block of
+// both the sender's send order and the receiver's out.data) plus one record message per peer;
+// the unpack then writes only the scales, probs and the pad rows (zero data). Unpack's data copy
+// is gone. Combine: no pack at all; each (source, expert) block of in.data (or in.prob) goes
+// straight from the permuted rows to its send-order rows of out. Results are bit-identical to the
+// record path for every payload and chunk count (chunks split the per-peer rows as above, and a
+// run's blocks are their intersections with the (peer, expert) blocks). Buffers: dispatch needs
+// buffers.send >= send_total (D + S + 4) and buffers.recv >= recv_total (S + 4) bytes (never more
+// than the record path), combine none. Prob-only dispatch (no data) always uses the record path.
+// Every rank must use the same setting (a mismatch is an InProcess Comm error, an NCCL error or
+// timeout). Auto = kAutoInPlace (off until measured on GPUs: the record path stays the default).
+enum class InPlace : int { Auto = 0, On = 1, Off = 2 };
+
 struct DispatchOptions {
   int chunks = 0;  // 0: automatic; >= 1: that many runs
+  InPlace in_place = InPlace::Auto;
+  static constexpr bool kAutoInPlace = false;
   // Measured on 4 H100s (NVSwitch, 32768 routed rows x H 7168 per rank, bench/RESULTS.md): 4 runs
   // gained nothing over 1 (BF16 1.94 vs 1.90 ms, MXFP4 0.63 vs 0.56 ms): NCCL's all-to-all already
   // saturates the copy engines/SMs it shares with pack and unpack. So automatic = 1 for now.
   static constexpr int kAutoChunks = 1;
   static constexpr int64_t kAutoChunkMinBytes = int64_t{8} << 20;
 };
+
+// Whether dispatch / combine move the data in place under `opts` (see above; prob-only dispatch
+// never does).
+bool dispatch_in_place(const DispatchOptions& opts = {});
 
 // The run count dispatch / combine use for records of `row_bytes` under `opts` (see above).
 int dispatch_chunks(const DispatchLayout& layout, int64_t row_bytes, Device device,

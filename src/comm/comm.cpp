@@ -1,4 +1,6 @@
 // Backend-independent communicator helpers: check_same_on_all_ranks.
+#include <algorithm>
+#include <cstdint>
 #include <vector>
 
 #include "common/check.h"

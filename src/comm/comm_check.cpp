@@ -1,7 +1,11 @@
 // Argument checks shared by the Communicator backends (see comm_check.h).
 #include "comm/comm_check.h"
 
+#include <algorithm>
+#include <cstdint>
 #include <string>
+#include <utility>
+#include <vector>
 
 #include "common/check.h"
 
@@ -29,6 +33,36 @@ void check_all_to_all_v_args(int nranks, const void* send, std::span<const int64
   }
   check.that(send != nullptr || total_send == 0, "send", "a non-null pointer", "nullptr");
   check.that(recv != nullptr || total_recv == 0, "recv", "a non-null pointer", "nullptr");
+}
+
+void validate_segments(int ranks, std::span<const CommSegment> sends,
+                       std::span<const CommSegment> recvs) {
+  const Check check("Communicator::all_to_all_segments");
+  auto each = [&](std::span<const CommSegment> segs, const char* arg) {
+    for (size_t i = 0; i < segs.size(); ++i) {
+      const CommSegment& g = segs[i];
+      check.that(g.peer >= 0 && g.peer < ranks, cat(arg, "[", i, "].peer"),
+                 cat("a rank in [0, ", ranks, ")"), cat(g.peer));
+      check.that(g.bytes >= 0, cat(arg, "[", i, "].bytes"), ">= 0", cat(g.bytes));
+      check.that(g.data != nullptr || g.bytes == 0, cat(arg, "[", i, "].data"),
+                 "a non-null pointer", "nullptr");
+    }
+  };
+  each(sends, "sends");
+  each(recvs, "recvs");
+  // Receive ranges must not overlap (each byte written by one transfer at most).
+  std::vector<std::pair<uintptr_t, size_t>> ranges;
+  for (size_t i = 0; i < recvs.size(); ++i)
+    if (recvs[i].bytes > 0) ranges.push_back({reinterpret_cast<uintptr_t>(recvs[i].data), i});
+  std::sort(ranges.begin(), ranges.end());
+  for (size_t k = 1; k < ranges.size(); ++k) {
+    const size_t a = ranges[k - 1].second, b = ranges[k].second;
+    const uintptr_t end_a = ranges[k - 1].first + static_cast<uintptr_t>(recvs[a].bytes);
+    check.that(end_a <= ranges[k].first, cat("recvs[", b, "].data"),
+               cat("receive ranges that do not overlap; recvs[", a, "] (", recvs[a].bytes,
+                   " bytes) ends ", end_a - ranges[k].first, " bytes past its start"),
+               "an overlap");
+  }
 }
 
 }  // namespace fp8flow::detail

@@ -44,7 +44,8 @@ struct Slot {
   const void* send = nullptr;
   std::vector<int64_t> send_bytes, send_offsets;
   std::vector<int64_t> recv_bytes;
-  std::vector<int64_t> gather;  // all_gather: this rank's values
+  std::vector<int64_t> gather;            // all_gather: this rank's values
+  std::vector<CommSegment> sends, recvs;  // all_to_all_segments: the non-empty segments
 };
 
 struct Shared {
@@ -122,6 +123,63 @@ class InProcessCommunicator final : public Communicator {
         if (from[j].second > 0)
           std::memcpy(static_cast<uint8_t*>(recv) + recv_offsets[j], from[j].first,
                       static_cast<size_t>(from[j].second));
+      lock.lock();
+      arrive_and_wait(lock, call);
+    });
+  }
+
+  void all_to_all_segments(std::span<const CommSegment> sends, std::span<const CommSegment> recvs,
+                           Stream) override {
+    const char* call = "all_to_all_segments";
+    guarded(call, [&] {
+      detail::validate_segments(s_.n, sends, recvs);
+      Slot mine;
+      mine.call = call;
+      for (const CommSegment& g : sends)
+        if (g.bytes > 0) mine.sends.push_back(g);
+      for (const CommSegment& g : recvs)
+        if (g.bytes > 0) mine.recvs.push_back(g);
+      std::unique_lock lock(s_.m);
+      publish_and_wait(lock, call, std::move(mine));
+      // Cross-rank matching, checked by every rank over the whole group (same verdict
+      // everywhere): the k-th send of i to j against the k-th receive of j from i.
+      for (int i = 0; i < s_.n; ++i)
+        for (int j = 0; j < s_.n; ++j) {
+          std::vector<int64_t> sent, expected;
+          for (const CommSegment& g : s_.slots[i].sends)
+            if (g.peer == j) sent.push_back(g.bytes);
+          for (const CommSegment& g : s_.slots[j].recvs)
+            if (g.peer == i) expected.push_back(g.bytes);
+          if (sent == expected) continue;
+          size_t k = 0;
+          while (k < sent.size() && k < expected.size() && sent[k] == expected[k]) ++k;
+          const auto what = [](const std::vector<int64_t>& v, size_t k) {
+            return k < v.size() ? cat(v[k], " bytes") : std::string("nothing");
+          };
+          fail_group(lock, cat("fp8flow::Communicator::all_to_all_segments: recvs: rank ", j,
+                               " expects ", what(expected, k), " in its transfer #", k,
+                               " from rank ", i, ", but rank ", i, " sends ", what(sent, k), " (",
+                               sent.size(), " sends vs ", expected.size(), " receives)"));
+        }
+      // This rank's receives, each paired with its sender's matching segment.
+      struct Copy {
+        uint8_t* dst;
+        const uint8_t* src;
+        int64_t bytes;
+      };
+      std::vector<Copy> copies;
+      std::vector<size_t> next(s_.n, 0);  // per peer: next send of that peer to this rank
+      for (const CommSegment& g : s_.slots[rank_].recvs) {
+        const Slot& peer = s_.slots[g.peer];
+        size_t& k = next[g.peer];
+        while (peer.sends[k].peer != rank_) ++k;
+        copies.push_back({static_cast<uint8_t*>(g.data),
+                          static_cast<const uint8_t*>(peer.sends[k].data), g.bytes});
+        ++k;
+      }
+      // The copies run outside the lock (the peers' buffers are pinned until phase 2).
+      lock.unlock();
+      for (const Copy& cp : copies) std::memcpy(cp.dst, cp.src, static_cast<size_t>(cp.bytes));
       lock.lock();
       arrive_and_wait(lock, call);
     });

@@ -223,6 +223,44 @@ class NcclCommunicator final : public Communicator {
     track_end(ev, s);
   }
 
+  void all_to_all_segments(std::span<const CommSegment> sends, std::span<const CommSegment> recvs,
+                           Stream stream) override {
+    const char* call = "all_to_all_segments";
+    detail::validate_segments(size_, sends, recvs);
+    DeviceScope dev(device_);
+    auto s = reinterpret_cast<cudaStream_t>(stream);
+    {
+      std::unique_lock lock(mu_);
+      throw_if_failed(lock, call);
+    }
+    cudaEvent_t ev = track_begin(call, s);
+    try {
+      std::unique_lock lock(mu_);
+      throw_if_failed(lock, call);
+      nccl(lock, call, ncclGroupStart());
+      // As in all_to_all_v: errors inside the group are remembered, the group closed, then thrown.
+      // NCCL matches the sends / receives of one peer pair in the order they are posted.
+      ncclResult_t first = ncclSuccess;
+      auto keep = [&](ncclResult_t r) {
+        if (r != ncclSuccess && r != ncclInProgress && first == ncclSuccess) first = r;
+      };
+      for (const CommSegment& g : sends)
+        if (g.bytes > 0)
+          keep(ncclSend(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_, s));
+      for (const CommSegment& g : recvs)
+        if (g.bytes > 0)
+          keep(ncclRecv(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_, s));
+      const ncclResult_t end = ncclGroupEnd();
+      if (first != ncclSuccess)
+        fail_and_throw(lock, call, cat("NCCL error: ", nccl_text(first, comm_)));
+      nccl(lock, call, end);
+    } catch (...) {
+      give_back(ev);
+      throw;
+    }
+    track_end(ev, s);
+  }
+
   std::vector<int64_t> all_gather(std::span<const int64_t> mine, Stream stream) override {
     return gather(mine, stream, "all_gather");
   }

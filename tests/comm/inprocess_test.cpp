@@ -460,5 +460,172 @@ TEST(CommInProcess, CheckSameOnAllRanks) {
       << o.rethrown;
 }
 
+// ---- all_to_all_segments ------------------------------------------------------------------
+// Every ordered pair (src, dst) exchanges a random number of segments (0..3, some of 0 bytes),
+// scattered over both buffers in a pair-dependent order; the k-th non-empty send of src to dst
+// must land in the k-th non-empty receive of dst from src.
+struct SegPlan {
+  // seg[src][dst]: sizes of the segments src sends to dst, in order (the same on every rank).
+  std::vector<std::vector<std::vector<int64_t>>> seg;
+};
+SegPlan random_segments(int n, uint32_t seed) {
+  std::mt19937 rng(seed);
+  SegPlan p;
+  p.seg.assign(n, std::vector<std::vector<int64_t>>(n));
+  for (auto& row : p.seg)
+    for (auto& v : row) {
+      const int k = static_cast<int>(rng() % 4);
+      for (int i = 0; i < k; ++i) v.push_back(rng() % 5 == 0 ? 0 : 1 + rng() % 300);
+    }
+  return p;
+}
+
+TEST(CommInProcess, AllToAllSegmentsRandom1To6Ranks) {
+  for (int n = 1; n <= 6; ++n) {
+    for (uint32_t seed = 1; seed <= 4; ++seed) {
+      SCOPED_TRACE(::testing::Message() << n << " ranks, seed " << seed);
+      const SegPlan p = random_segments(n, seed * 31 + n);
+      run_in_process(n, [&](Communicator& comm) {
+        const int me = comm.rank();
+        // Send buffer: segments to peers in reverse peer order, gaps of 3 bytes; the bytes of a
+        // segment encode (me, dst, segment index, position).
+        std::vector<uint8_t> send(1, 0), recv(1, 0);
+        auto fill = [](int src, int dst, size_t k, int64_t b) {
+          return static_cast<uint8_t>(pattern(src, dst, b) + 13 * static_cast<int>(k));
+        };
+        std::vector<CommSegment> sends, recvs;
+        std::vector<std::pair<size_t, int64_t>> send_at;  // (offset, bytes) per send
+        int64_t total = 0;
+        for (int dst = n - 1; dst >= 0; --dst)
+          for (int64_t b : p.seg[me][dst]) {
+            send_at.push_back({static_cast<size_t>(total), b});
+            total += b + 3;
+          }
+        send.assign(static_cast<size_t>(total) + 1, 0xEE);
+        size_t i = 0;
+        for (int dst = n - 1; dst >= 0; --dst)
+          for (size_t k = 0; k < p.seg[me][dst].size(); ++k, ++i) {
+            const auto [off, b] = send_at[i];
+            for (int64_t x = 0; x < b; ++x) send[off + x] = fill(me, dst, k, x);
+            sends.push_back({dst, send.data() + off, b});
+          }
+        // Receive buffer: from peers in ascending order, gaps of 5 bytes.
+        int64_t rtotal = 0;
+        for (int src = 0; src < n; ++src)
+          for (int64_t b : p.seg[src][me]) rtotal += b + 5;
+        recv.assign(static_cast<size_t>(rtotal) + 1, 0xEE);
+        int64_t at = 0;
+        for (int src = 0; src < n; ++src)
+          for (int64_t b : p.seg[src][me]) {
+            recvs.push_back({src, recv.data() + at, b});
+            at += b + 5;
+          }
+        comm.all_to_all_segments(sends, recvs, nullptr);
+        at = 0;
+        for (int src = 0; src < n; ++src)
+          for (size_t k = 0; k < p.seg[src][me].size(); ++k) {
+            const int64_t b = p.seg[src][me][k];
+            for (int64_t x = 0; x < b; ++x)
+              ASSERT_EQ(recv[at + x], fill(src, me, k, x)) << src << " seg " << k << " byte " << x;
+            for (int64_t x = b; x < b + 5; ++x) ASSERT_EQ(recv[at + x], 0xEE) << "gap touched";
+            at += b + 5;
+          }
+      });
+    }
+  }
+}
+
+TEST(CommInProcess, AllToAllSegmentsEmpty) {
+  run_in_process(3, [&](Communicator& comm) {
+    comm.all_to_all_segments({}, {}, nullptr);
+    // Zero-byte segments with null data are ignored (and need no partner).
+    const std::vector<CommSegment> z{{(comm.rank() + 1) % 3, nullptr, 0}};
+    comm.all_to_all_segments(z, {}, nullptr);
+    comm.all_to_all_segments({}, z, nullptr);
+  });
+}
+
+TEST(CommInProcess, AllToAllSegmentsMismatchNamesBothRanks) {
+  // Rank 0 sends 4 then 6 bytes to rank 1; rank 1 expects 4 then 7.
+  const auto o = run_collecting(
+      3,
+      [](Communicator& comm) {
+        std::vector<uint8_t> buf(64, 1);
+        std::vector<CommSegment> sends, recvs;
+        if (comm.rank() == 0) sends = {{1, buf.data(), 4}, {1, buf.data() + 8, 6}};
+        if (comm.rank() == 1) recvs = {{0, buf.data(), 4}, {0, buf.data() + 8, 7}};
+        comm.all_to_all_segments(sends, recvs, nullptr);
+      },
+      60000);
+  const std::string want =
+      "fp8flow::Communicator::all_to_all_segments: recvs: rank 1 expects 7 bytes in its transfer "
+      "#1 from rank 0, but rank 0 sends 6 bytes (2 sends vs 2 receives)";
+  EXPECT_EQ(o.rethrown, want);
+  for (int r = 0; r < 3; ++r) EXPECT_EQ(o.kind[r], ErrorKind::Comm) << o.msg[r];
+  // A missing receive.
+  const auto o2 = run_collecting(
+      2,
+      [](Communicator& comm) {
+        std::vector<uint8_t> buf(64, 1);
+        std::vector<CommSegment> sends;
+        if (comm.rank() == 1) sends = {{0, buf.data(), 4}};
+        comm.all_to_all_segments(sends, {}, nullptr);
+      },
+      60000);
+  EXPECT_TRUE(has(o2.rethrown,
+                  "rank 0 expects nothing in its transfer #0 from rank 1, but rank 1 "
+                  "sends 4 bytes (1 sends vs 0 receives)"))
+      << o2.rethrown;
+}
+
+void expect_bad_segments(const std::function<void(Communicator&)>& bad_call,
+                         const std::string& arg) {
+  const auto o = run_collecting(
+      3,
+      [&](Communicator& comm) {
+        if (comm.rank() == 1)
+          bad_call(comm);
+        else
+          comm.all_to_all_segments({}, {}, nullptr);
+      },
+      60000);
+  EXPECT_TRUE(has(o.rethrown, "fp8flow::Communicator::all_to_all_segments: " + arg + ": expected"))
+      << arg << " -> " << o.rethrown;
+  ASSERT_TRUE(o.is_error[1]);
+  EXPECT_EQ(o.kind[1], ErrorKind::InvalidArgument);
+  EXPECT_EQ(o.kind[0], ErrorKind::Comm);
+  EXPECT_EQ(o.kind[2], ErrorKind::Comm);
+}
+
+TEST(CommInProcess, AllToAllSegmentsBadArguments) {
+  uint8_t buf[64] = {};
+  using V = std::vector<CommSegment>;
+  expect_bad_segments(
+      [&](Communicator& c) {
+        c.all_to_all_segments(V{{3, buf, 1}}, {}, nullptr);
+      },
+      "sends[0].peer");
+  expect_bad_segments(
+      [&](Communicator& c) {
+        c.all_to_all_segments({}, V{{0, buf, 1}, {-1, buf, 1}}, nullptr);
+      },
+      "recvs[1].peer");
+  expect_bad_segments(
+      [&](Communicator& c) {
+        c.all_to_all_segments(V{{0, buf, -2}}, {}, nullptr);
+      },
+      "sends[0].bytes");
+  expect_bad_segments(
+      [&](Communicator& c) {
+        c.all_to_all_segments({}, V{{0, nullptr, 4}}, nullptr);
+      },
+      "recvs[0].data");
+  expect_bad_segments(
+      [&](Communicator& c) {
+        c.all_to_all_segments({}, V{{0, buf + 8, 8}, {2, buf + 20, 4}, {1, buf, 9}}, nullptr);
+      },
+      "recvs[0].data");
+}
+
 }  // namespace
 }  // namespace fp8flow

@@ -429,8 +429,11 @@ struct PipeOut {
   HostTensor xp, sc, prob, y, dprob;
 };
 
+// routing: 0 uniform, 1 skewed, 2 rank 0's experts get nothing, 3 every pair on the last rank's
+// first expert. in_place On: the buffers are exactly the in-place minimum (dispatch_in_place).
 std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<int64_t>& T,
-                              int routing, int chunks) {
+                              int routing, int chunks, int align = 16,
+                              InPlace in_place = InPlace::Auto) {
   const int64_t El = 3, E = El * N, k = 2;
   const int64_t H = kind == Kind::Mx ? 256 : (kind == Kind::Fp8 ? 144 : 200);
   const DType dd = kind == Kind::Bf16  ? DType::BF16
@@ -446,18 +449,20 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
     if (routing == 2)
       for (auto& e : idx)
         if (e < El) e = static_cast<int32_t>(El + e % (E - El));
-    HostTensor it(DType::I32, T[s], k);
+    if (routing == 3) idx = route_constant(T[s], 1, static_cast<int32_t>((N - 1) * El));
+    const int64_t kk = routing == 3 ? 1 : k;
+    HostTensor it(DType::I32, T[s], kk);
     std::memcpy(it.buf.data(), idx.data(), idx.size() * 4);
-    Plan sp(T[s], k, E, 1);
+    Plan sp(T[s], kk, E, 1);
     make_permutation(it.v, E, sp.p, nullptr, 0, {1});
     std::vector<int64_t> mine(E, 0);
     for (int32_t e : idx) ++mine[e];
-    const DispatchLayout l = exchange_dispatch_counts(comm, mine, E, 16);
+    const DispatchLayout l = exchange_dispatch_counts(comm, mine, E, align);
     HostTensor x = random_bytes(dd, T[s], H, seed + 1);
     HostTensor sc = kind == Kind::Fp8  ? random_bytes(DType::F32, tiles, T[s], seed + 2)
                     : kind == Kind::Mx ? random_bytes(DType::E8M0, T[s], H / 32, seed + 2)
                                        : HostTensor();
-    HostTensor w = random_bytes(DType::F32, T[s], k, seed + 3);
+    HostTensor w = random_bytes(DType::F32, T[s], kk, seed + 3);
     HostTensor p2r(DType::I32, 1, l.padded_rows + 3), r2p(DType::I32, 1, l.recv_total + 1);
     make_dispatch_maps(l, {}, p2r.v, r2p.v);
     const int64_t M = l.padded_rows + 3;
@@ -469,17 +474,27 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
     o.prob = HostTensor(DType::F32, 1, M);
     const int64_t B = dispatch_wire(dd, H, probs).row_bytes;
     HostTensor send(DType::E4M3, l.send_total + 1, B), recv(DType::E4M3, l.recv_total + 1, B);
-    const DispatchBuffers buf{send.buf.data(), send.buf.size(), recv.buf.data(), recv.buf.size()};
-    const DispatchOptions opts{chunks};
-    dispatch(comm, l, {x.v, sc.v, probs ? w.v : TensorView{}}, sp.src.v, static_cast<int>(k), p2r.v,
-             {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}}, buf, nullptr, opts);
+    DispatchBuffers buf{send.buf.data(), send.buf.size(), recv.buf.data(), recv.buf.size()};
+    const DispatchOptions opts{chunks, in_place};
+    std::vector<uint8_t> ip_send, ip_recv;
+    if (dispatch_in_place(opts)) {  // exactly the in-place need (data + side records)
+      const DispatchWire wi = dispatch_wire(dd, H, probs);
+      const int64_t side = wi.scale_bytes + (probs ? 4 : 0);
+      ip_send.assign(l.send_total * (wi.data_bytes + side), 0xA5);
+      ip_recv.assign(l.recv_total * side, 0xA5);
+      buf = {ip_send.empty() ? nullptr : ip_send.data(), ip_send.size(),
+             ip_recv.empty() ? nullptr : ip_recv.data(), ip_recv.size()};
+    }
+    dispatch(comm, l, {x.v, sc.v, probs ? w.v : TensorView{}}, sp.src.v, static_cast<int>(kk),
+             p2r.v, {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}}, buf, nullptr, opts);
     // Combine: BF16 rows and a prob vector back.
     HostTensor yp = random_bytes(DType::BF16, M, 64, seed + 4);
     HostTensor dp = random_bytes(DType::F32, 1, M, seed + 5);
     o.y = HostTensor(DType::BF16, l.send_total, 64);
     o.dprob = HostTensor(DType::F32, 1, l.send_total);
     HostTensor csend(DType::E4M3, l.recv_total + 1, 128);
-    const DispatchBuffers cbuf{csend.buf.data(), csend.buf.size(), nullptr, 0};
+    DispatchBuffers cbuf{csend.buf.data(), csend.buf.size(), nullptr, 0};
+    if (dispatch_in_place(opts)) cbuf = {};  // combine in place needs no buffer
     combine(comm, l, {yp.v, {}, {}}, r2p.v, o.y.v, cbuf, nullptr, opts);
     combine(comm, l, {{}, {}, dp.v}, r2p.v, o.dprob.v, cbuf, nullptr, opts);
   });
@@ -517,6 +532,65 @@ TEST(Dispatch, PipelinedChunksAreBitIdentical) {
       }
     }
   }
+}
+
+// In-place dispatch / combine (DispatchOptions::in_place = On) against the record path (Off,
+// chunks 1), bit for bit, including the pad rows and the rows past padded_rows (outputs start
+// poisoned, so a row the in-place path forgets shows): 1-4 ranks, every payload with and without
+// probs, ranks with 0 / 1 tokens (peers sending nothing), empty experts, all pairs on one expert,
+// align 1 / 16 / 128, chunks 1 and 3 (run blocks cut inside (peer, expert) blocks).
+TEST(Dispatch, InPlaceIsBitIdentical) {
+  struct Case {
+    Kind kind;
+    bool probs;
+    int N;
+    std::vector<int64_t> T;
+    int routing;
+  };
+  const std::vector<Case> cases = {
+      {Kind::Bf16, true, 1, {9}, 0},
+      {Kind::Bf16, false, 2, {13, 1}, 1},
+      {Kind::Fp8, true, 3, {0, 11, 1}, 1},
+      {Kind::Fp8, false, 4, {5, 0, 9, 2}, 2},
+      {Kind::Fp8, true, 4, {40, 23, 31, 7}, 3},
+      {Kind::Mx, false, 4, {17, 1, 0, 6}, 0},
+      {Kind::Mx, true, 2, {1, 1}, 2},
+      {Kind::Mx, true, 3, {30, 0, 12}, 3},
+      {Kind::Bf16, true, 4, {0, 0, 0, 0}, 0},
+      {Kind::Bf16, false, 3, {40, 23, 31}, 3},
+  };
+  for (const Case& cs : cases) {
+    for (int align : {1, 16, 128}) {
+      SCOPED_TRACE(::testing::Message()
+                   << "kind " << int(cs.kind) << " N " << cs.N << " routing " << cs.routing
+                   << " probs " << cs.probs << " align " << align);
+      const std::vector<PipeOut> ref =
+          run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1, align, InPlace::Off);
+      for (int chunks : {1, 3}) {
+        SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
+        const std::vector<PipeOut> got =
+            run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks, align, InPlace::On);
+        for (int r = 0; r < cs.N; ++r) {
+          SCOPED_TRACE(::testing::Message() << "rank " << r);
+          EXPECT_TRUE(bytes_equal(got[r].xp, ref[r].xp)) << "xp";
+          if (cs.kind != Kind::Bf16) EXPECT_TRUE(bytes_equal(got[r].sc, ref[r].sc)) << "scales";
+          EXPECT_TRUE(bytes_equal(got[r].prob, ref[r].prob)) << "prob";
+          EXPECT_TRUE(bytes_equal(got[r].y, ref[r].y)) << "combine";
+          EXPECT_TRUE(bytes_equal(got[r].dprob, ref[r].dprob)) << "combine prob";
+        }
+      }
+    }
+  }
+}
+
+TEST(Dispatch, InPlaceOption) {
+  EXPECT_EQ(dispatch_in_place({}), DispatchOptions::kAutoInPlace);
+  EXPECT_FALSE(DispatchOptions::kAutoInPlace);  // the record path stays the default for now
+  EXPECT_TRUE(dispatch_in_place({0, InPlace::On}));
+  EXPECT_FALSE(dispatch_in_place({0, InPlace::Off}));
+  DispatchOptions bad;
+  bad.in_place = static_cast<InPlace>(7);
+  EXPECT_THROW(dispatch_in_place(bad), Error);
 }
 
 TEST(Dispatch, ChunkCount) {

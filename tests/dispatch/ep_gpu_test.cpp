@@ -8,6 +8,8 @@
 //   dgate: sum over ranks vs the single-GPU one (FP32 order).
 // - DispatchGpu.PipelinedChunksMatchCpu (>= 1 GPU, NCCL): chunked dispatch / combine on
 //   min(GPUs, 4) ranks, every chunk count against chunks = 1, and that against InProcess ranks.
+// - DispatchGpu.InPlaceMatchesCpu (>= 1 GPU, NCCL): in-place dispatch / combine
+//   (DispatchOptions::in_place = On) through NCCL against the record path on InProcess ranks.
 // All skip with a printed reason where the hardware is missing.
 #include <gtest/gtest.h>
 
@@ -127,7 +129,8 @@ struct PipeGpuOut {
 
 // Rank q's part (inputs seeded by q): dispatch of E4M3 / BF16 / E2M1x2 rows (+ prob for the first
 // two) and a BF16 combine back, with tensors on `dev`.
-PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks) {
+PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
+                     InPlace in_place = InPlace::Auto) {
   const int q = comm.rank(), N = comm.size();
   const int64_t T = q == 1 ? 1 : 300 + 37 * q, k = 4, El = 5, E = El * N;
   const int64_t H = dd == DType::BF16 ? 520 : 640, tiles = (H + 127) / 128;
@@ -164,7 +167,7 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks) {
   HostTensor w = random_bytes(DType::F32, T, k, 10 * q + 3);
   HostTensor yp = random_bytes(DType::BF16, M, 256, 10 * q + 4);
   const int64_t B = dispatch_wire(dd, H, prob).row_bytes;
-  const DispatchOptions opts{chunks};
+  const DispatchOptions opts{chunks, in_place};
   PipeGpuOut o;
   auto out_scale = [&] {
     return dd == DType::E4M3     ? HostTensor(DType::F32, tiles, M)
@@ -210,10 +213,11 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks) {
   return o;
 }
 
-std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks) {
+std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks, InPlace in_place = InPlace::Auto) {
   std::vector<PipeGpuOut> outs(N);
-  on_nccl_ranks(
-      N, [&](Communicator& comm, int q) { outs[q] = pipe_rank(comm, Device::Cuda, dd, chunks); });
+  on_nccl_ranks(N, [&](Communicator& comm, int q) {
+    outs[q] = pipe_rank(comm, Device::Cuda, dd, chunks, in_place);
+  });
   return outs;
 }
 
@@ -237,6 +241,34 @@ TEST(DispatchGpu, PipelinedChunksMatchCpu) {
         if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, want[q].sc)) << "scales";
         if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, want[q].prob)) << "prob";
         EXPECT_TRUE(bytes_equal(got[q].y, want[q].y)) << "combine";
+      }
+    }
+  }
+}
+
+// In-place dispatch / combine (DispatchOptions::in_place = On: data blocks received straight into
+// the permuted rows through all_to_all_segments, combine without pack) through NCCL on
+// min(GPUs, 4) ranks, chunks 1, 3 and 0 (auto), against the record path on InProcess ranks (CPU),
+// bit for bit: rows, pad rows and rows past padded_rows, scales, probs, the combined rows.
+TEST(DispatchGpu, InPlaceMatchesCpu) {
+  FP8FLOW_REQUIRE_GPU();
+  if (!built_with_nccl()) GTEST_SKIP() << "built without NCCL: in-place dispatch test skipped";
+  const int N = std::min(gpu_count(), 4);
+  for (DType dd : {DType::E4M3, DType::BF16, DType::E2M1x2}) {
+    SCOPED_TRACE(::testing::Message() << to_string(dd) << ", " << N << " ranks");
+    std::vector<PipeGpuOut> cpu(N);
+    run_in_process(N, [&](Communicator& comm) {
+      cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1, InPlace::Off);
+    });
+    for (int chunks : {1, 3, 0}) {
+      SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
+      const std::vector<PipeGpuOut> got = pipe_nccl(N, dd, chunks, InPlace::On);
+      for (int q = 0; q < N; ++q) {
+        SCOPED_TRACE(::testing::Message() << "rank " << q);
+        EXPECT_TRUE(bytes_equal(got[q].xp, cpu[q].xp)) << "xp";
+        if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, cpu[q].sc)) << "scales";
+        if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, cpu[q].prob)) << "prob";
+        EXPECT_TRUE(bytes_equal(got[q].y, cpu[q].y)) << "combine";
       }
     }
   }

@@ -10,6 +10,10 @@
 //   "<payload> c1" the same op with DispatchOptions{1} (no pipelining), for comparison; the
 //                  default rows run the default chunking (pipelined on GPUs: DispatchOptions) and
 //                  are verified ("ok") against a chunks = 1 run: outputs bit-identical per rank
+//   "<payload> inplace" the same op with DispatchOptions{1, InPlace::On}: data blocks received
+//                  straight into the permuted rows (all_to_all_segments), only scales / probs /
+//                  pad rows unpacked (combine: no pack); outputs poisoned first, then verified
+//                  against the chunks = 1 record-path run
 // bytes_per_rank = records a rank sends (T k, every pair is routed) x record size (combine: the
 // mean records a rank sends back, also T k); the note gives routed rows per second (T k / time) and
 // the ratio to the BF16 dispatch (targets on 4 H100s: FP8 >= 1.8x, MXFP4 >= 3x). Without GPUs:
@@ -229,6 +233,28 @@ void dispatch_cases(CommBench& b) {
     r.note = rows_note(r.timing) + "; chunks " + std::to_string(chunks) +
              " (vs chunks 1: " + (r.verified ? "identical)" : "DIFFERENT)");
     b.row(r);
+    {
+      // In place vs the record path: poison the outputs, run once, compare, then time.
+      const DispatchOptions ip{1, InPlace::On};
+      for (auto [buf_p, n] : {std::pair{p.data, p.data_bytes}, std::pair{p.scale, p.scale_bytes},
+                              std::pair{static_cast<const CommBuffer*>(&prob), Ms * 4}}) {
+        if (!buf_p || n == 0) continue;
+        const std::vector<uint8_t> poison(n, 0xA5);
+        to_device(*buf_p, poison.data(), n);
+      }
+      dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, ip);
+      CommRow ipr = r;
+      ipr.payload = std::string(p.name) + " inplace";
+      ipr.verified = everyone(b, outputs() == want);
+      ipr.timing = b.time(
+          [&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, ip); },
+          bytes);
+      const DispatchWire wn = dispatch_wire(p.in.data.dtype, H, true);
+      ipr.note = rows_note(ipr.timing) + "; in place: data " + std::to_string(wn.data_bytes) +
+                 " B/row by segments, side record " + std::to_string(wn.scale_bytes + 4) +
+                 " B/row (vs chunks 1 record path: " + (ipr.verified ? "identical)" : "DIFFERENT)");
+      b.row(ipr);
+    }
     if (std::string(p.name) == "bf16" || chunks != 1) {
       CommRow c1 = r;
       c1.payload = std::string(p.name) + " c1";
@@ -293,6 +319,17 @@ void dispatch_cases(CommBench& b) {
                   rps, bf16_rows_per_s > 0 ? rps / bf16_rows_per_s : 0.0);
     r.note = s;
     b.row(r);
+    CommRow ipr = r;
+    ipr.payload = "mxfp4+conv inplace";
+    {
+      const std::vector<uint8_t> poison(Mls * Hs, 0xA5);
+      to_device(p8, poison.data(), poison.size());
+    }
+    run({1, InPlace::On});
+    ipr.verified = everyone(b, outputs() == want);
+    ipr.timing = b.time([&] { run({1, InPlace::On}); }, bytes);
+    ipr.note = "in-place MXFP4 dispatch between the conversions";
+    b.row(ipr);
   }
   {
     // Combine: BF16 expert outputs back to the tokens' ranks (send order).
@@ -318,6 +355,17 @@ void dispatch_cases(CommBench& b) {
     c1.timing = b.time([&] { run(one); }, bytes);
     c1.note = "chunks 1: pack, a2a serialized";
     b.row(c1);
+    CommRow ipr = r;
+    ipr.payload = "bf16 inplace";
+    {
+      const std::vector<uint8_t> poison(yb_bytes, 0xA5);
+      if (yb_bytes) to_device(yb, poison.data(), yb_bytes);
+    }
+    run({1, InPlace::On});
+    ipr.verified = everyone(b, snapshot(b, {{&yb, yb_bytes}}) == want);
+    ipr.timing = b.time([&] { run({1, InPlace::On}); }, bytes);
+    ipr.note = "in place: no pack, (source, expert) blocks straight from the permuted rows";
+    b.row(ipr);
   }
 }
 

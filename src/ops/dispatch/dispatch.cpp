@@ -5,6 +5,7 @@
 
 #include <algorithm>
 #include <climits>
+#include <functional>
 #include <memory>
 #include <string>
 
@@ -435,19 +436,26 @@ void* pipe_state(Communicator& comm) {
 #endif
 }
 
+// Run r of C of the records of peer segments (rows, prefix offsets): [begin, end) per peer.
+std::pair<int64_t, int64_t> run_rows(const std::vector<int64_t>& rows, size_t j, int r, int C) {
+  return {detail::chunk_begin(rows[j], r, C), detail::chunk_begin(rows[j], r + 1, C)};
+}
+
 // The collective body of dispatch (unpack given) and combine (unpack null): C runs of
-// pack -> all_to_all_v -> unpack. Run c's records of peer j are [n_j c / C, n_j (c + 1) / C) of
-// its segment on both sides: the pack filter uses the send segments, the unpack filter the
-// receive segments. With C > 1 on Cuda the all_to_all_v run on the side stream:
+// pack -> exchange(r) -> unpack (pack / unpack skipped when null). Run c's records of peer j are
+// [n_j c / C, n_j (c + 1) / C) of its segment on both sides: the pack filter uses the send
+// segments, the unpack filter the receive segments. With C > 1 on Cuda the exchanges run on the
+// side stream:
 //   stream: pack0 pack1 | wait a0, unpack0, pack2 | wait a1, unpack1, pack3 | ... | wait aC-1, ...
 //   side:   wait p0, a2a0 | wait p1, a2a1 | ...
-// so a2a(c) overlaps pack(c + 1) and unpack(c - 1), and `stream` ends after every run.
+// so a2a(c) overlaps pack(c + 1) and unpack(c - 1), and `stream` ends after every run. The
+// "packed" event is recorded even without a pack, so the side stream always starts after the
+// work queued on `stream` before the call.
 void run_runs(const Check& c, Communicator& comm, Device dev, Stream stream, int C,
-              const WireArgs& pack, const void* send, const std::vector<int64_t>& send_rows,
-              const std::vector<int64_t>& send_off, void* recv,
-              const std::vector<int64_t>& recv_rows, const std::vector<int64_t>& recv_off,
-              int64_t B, const WireArgs* unpack) {
-  const size_t N = send_rows.size();
+              const WireArgs* pack, const std::vector<int64_t>& send_rows,
+              const std::vector<int64_t>& send_off, const std::vector<int64_t>& recv_rows,
+              const std::vector<int64_t>& recv_off,
+              const std::function<void(int, Stream)>& exchange, const WireArgs* unpack) {
   void* st = dev == Device::Cuda && C > 1 ? pipe_state(comm) : nullptr;
   Stream side = stream;
   FP8FLOW_SM90(if (st) side = sm90::pipe_side(st));
@@ -460,24 +468,17 @@ void run_runs(const Check& c, Communicator& comm, Device dev, Stream stream, int
     (void)which, (void)r, (void)s;
   };
   auto run_pack_of = [&](int r) {
-    WireArgs a = pack;
-    a.filter = filter_of(send_rows, send_off, C, r);
-    run_pack(c, a, dev, stream);
+    if (pack) {
+      WireArgs a = *pack;
+      a.filter = filter_of(send_rows, send_off, C, r);
+      run_pack(c, a, dev, stream);
+    }
     record(0, r, stream);
   };
-  std::vector<int64_t> sb(N), so(N), rb(N), ro(N);
   run_pack_of(0);
   for (int r = 0; r < C; ++r) {
-    for (size_t j = 0; j < N; ++j) {
-      const int64_t s0 = detail::chunk_begin(send_rows[j], r, C);
-      const int64_t r0 = detail::chunk_begin(recv_rows[j], r, C);
-      sb[j] = (detail::chunk_begin(send_rows[j], r + 1, C) - s0) * B;
-      so[j] = (send_off[j] + s0) * B;
-      rb[j] = (detail::chunk_begin(recv_rows[j], r + 1, C) - r0) * B;
-      ro[j] = (recv_off[j] + r0) * B;
-    }
     wait(0, r, side);
-    comm.all_to_all_v(send, sb, so, recv, rb, ro, side);
+    exchange(r, side);
     record(1, r, side);
     if (r + 1 < C) run_pack_of(r + 1);
     wait(1, r, stream);
@@ -489,7 +490,88 @@ void run_runs(const Check& c, Communicator& comm, Device dev, Stream stream, int
   }
 }
 
+// The record exchange of run r: one all_to_all_v of records of B bytes.
+std::function<void(int, Stream)> record_exchange(Communicator& comm, int C, const void* send,
+                                                 const std::vector<int64_t>& send_rows,
+                                                 const std::vector<int64_t>& send_off, void* recv,
+                                                 const std::vector<int64_t>& recv_rows,
+                                                 const std::vector<int64_t>& recv_off, int64_t B) {
+  return [&comm, C, send, &send_rows, &send_off, recv, &recv_rows, &recv_off, B](int r, Stream s) {
+    const size_t N = send_rows.size();
+    std::vector<int64_t> sb(N), so(N), rb(N), ro(N);
+    for (size_t j = 0; j < N; ++j) {
+      const auto [s0, s1] = run_rows(send_rows, j, r, C);
+      const auto [r0, r1] = run_rows(recv_rows, j, r, C);
+      sb[j] = (s1 - s0) * B;
+      so[j] = (send_off[j] + s0) * B;
+      rb[j] = (r1 - r0) * B;
+      ro[j] = (recv_off[j] + r0) * B;
+    }
+    comm.all_to_all_v(send, sb, so, recv, rb, ro, s);
+  };
+}
+
+// In-place segments of run r (DispatchOptions::in_place), rows of D bytes.
+// Token side: rows in send order at `tok` (row send_offsets[j] + i: the i-th row exchanged with
+// rank j); the rows of peer j for its local expert e are a contiguous block, in expert order.
+// Expert side: the permuted rows at `perm`; the rows of source s for local expert e start at
+// offsets[e] + (rows of e from sources < s). Both sides cut the blocks with the run's rows of
+// the peer segment, so the k-th non-empty segment of a pair matches on both ends.
+void token_side_segments(const DispatchLayout& l, int r, int C, uint8_t* tok, int64_t D,
+                         std::vector<CommSegment>& out) {
+  const int64_t El = l.local_experts;
+  for (size_t j = 0; j < l.send_rows.size(); ++j) {
+    const auto [c0, c1] = run_rows(l.send_rows, j, r, C);
+    int64_t x = 0;
+    for (int64_t e = 0; e < El; ++e) {
+      const int64_t n = l.counts[static_cast<size_t>(l.rank * l.experts + j * El + e)];
+      const int64_t lo = std::max(x, c0), hi = std::min(x + n, c1);
+      if (hi > lo)
+        out.push_back({static_cast<int>(j), tok + (l.send_offsets[j] + lo) * D, (hi - lo) * D});
+      x += n;
+    }
+  }
+}
+
+void expert_side_segments(const DispatchLayout& l, int r, int C, uint8_t* perm, int64_t D,
+                          std::vector<CommSegment>& out) {
+  const int64_t El = l.local_experts, N = l.ranks;
+  auto cnt = [&](int64_t s, int64_t e) {
+    return l.counts[static_cast<size_t>(s * l.experts + l.rank * El + e)];
+  };
+  for (int64_t s = 0; s < N; ++s) {
+    const auto [c0, c1] = run_rows(l.recv_rows, static_cast<size_t>(s), r, C);
+    int64_t y = 0;
+    for (int64_t e = 0; e < El; ++e) {
+      const int64_t n = cnt(s, e);
+      int64_t first = l.offsets[e];  // permuted row of source s's first row for e
+      for (int64_t s2 = 0; s2 < s; ++s2) first += cnt(s2, e);
+      const int64_t lo = std::max(y, c0), hi = std::min(y + n, c1);
+      if (hi > lo) out.push_back({static_cast<int>(s), perm + (first + lo - y) * D, (hi - lo) * D});
+      y += n;
+    }
+  }
+}
+
+// One record segment per peer: run r's records of the peer segments (rows, prefix offsets).
+void record_segments(const std::vector<int64_t>& rows, const std::vector<int64_t>& off, int r,
+                     int C, uint8_t* base, int64_t B, std::vector<CommSegment>& out) {
+  if (B == 0) return;
+  for (size_t j = 0; j < rows.size(); ++j) {
+    const auto [c0, c1] = run_rows(rows, j, r, C);
+    if (c1 > c0) out.push_back({static_cast<int>(j), base + (off[j] + c0) * B, (c1 - c0) * B});
+  }
+}
+
 }  // namespace
+
+bool dispatch_in_place(const DispatchOptions& opts) {
+  const Check c("dispatch");
+  const int v = static_cast<int>(opts.in_place);
+  c.that(v >= 0 && v <= 2, "opts.in_place", "Auto, On or Off", cat(v));
+  if (opts.in_place == InPlace::Auto) return DispatchOptions::kAutoInPlace;
+  return opts.in_place == InPlace::On;
+}
 
 int dispatch_chunks(const DispatchLayout& l, int64_t row_bytes, Device device,
                     const DispatchOptions& opts) {
@@ -520,8 +602,16 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
   const Device dev = rows_device(in);
   check_layout_comm(c, comm, l, dev);
   const int64_t B = w.row_bytes;
-  check_buffer(c, buf.send, buf.send_bytes, l.send_total * B, "buffers.send");
-  check_buffer(c, buf.recv, buf.recv_bytes, l.recv_total * B, "buffers.recv");
+  // In place: data rows [send_total][D] then side records [send_total][side_bytes] in
+  // buffers.send, side records [recv_total][side_bytes] in buffers.recv (D is a multiple of 16,
+  // so the side records start 16-byte aligned).
+  const bool in_place = dispatch_in_place(opts) && w.hidden > 0;
+  const int64_t D = w.data_bytes;
+  const int64_t side_bytes = w.scale_bytes + (w.prob_offset >= 0 ? 4 : 0);
+  const int64_t send_need = in_place ? l.send_total * (D + side_bytes) : l.send_total * B;
+  const int64_t recv_need = in_place ? l.recv_total * side_bytes : l.recv_total * B;
+  check_buffer(c, buf.send, buf.send_bytes, send_need, "buffers.send");
+  check_buffer(c, buf.recv, buf.recv_bytes, recv_need, "buffers.recv");
   const int64_t M = present(out.data) ? out.data.rows : out.prob.numel();
   c.that(M >= l.padded_rows, "out", cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(M));
   if (present(in.prob) && present(in.data))
@@ -538,8 +628,34 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
   ua.wire_rows = l.recv_total;
   ua.row_bytes = B;
   ua.map_rows = M;
-  run_runs(c, comm, dev, stream, C, pa, buf.send, l.send_rows, l.send_offsets, buf.recv,
-           l.recv_rows, l.recv_offsets, B, &ua);
+  if (!in_place) {
+    run_runs(c, comm, dev, stream, C, &pa, l.send_rows, l.send_offsets, l.recv_rows, l.recv_offsets,
+             record_exchange(comm, C, buf.send, l.send_rows, l.send_offsets, buf.recv, l.recv_rows,
+                             l.recv_offsets, B),
+             &ua);
+    return;
+  }
+  auto* send = static_cast<uint8_t*>(buf.send);
+  uint8_t* side_send = send + l.send_total * D;
+  for (WireArgs* a : {&pa, &ua}) {
+    a->data_apart = true;
+    a->row_bytes = side_bytes;
+    if (a->prob_offset >= 0) a->prob_offset = w.scale_bytes;
+  }
+  pa.data_wire = send;
+  pa.wire = side_send;
+  auto* data_out = static_cast<uint8_t*>(out.data.data);
+  auto* recv = static_cast<uint8_t*>(buf.recv);
+  const auto exchange = [&](int r, Stream st) {
+    std::vector<CommSegment> sends, recvs;
+    token_side_segments(l, r, C, send, D, sends);
+    record_segments(l.send_rows, l.send_offsets, r, C, side_send, side_bytes, sends);
+    expert_side_segments(l, r, C, data_out, D, recvs);
+    record_segments(l.recv_rows, l.recv_offsets, r, C, recv, side_bytes, recvs);
+    comm.all_to_all_segments(sends, recvs, st);
+  };
+  run_runs(c, comm, dev, stream, C, &pa, l.send_rows, l.send_offsets, l.recv_rows, l.recv_offsets,
+           exchange, &ua);
 }
 
 void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
@@ -570,12 +686,38 @@ void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in
            cat(out.numel()));
   }
   c.that(out.device == dev, "out.device", to_string(dev), to_string(out.device));
-  check_buffer(c, buf.send, buf.send_bytes, l.recv_total * B, "buffers.send");
+  const bool in_place = dispatch_in_place(opts);
+  if (!in_place) check_buffer(c, buf.send, buf.send_bytes, l.recv_total * B, "buffers.send");
   if (dev == Device::Cuda && l.send_total > 0) aligned16(c, out.data, "out");
   const int C = dispatch_chunks(l, B, dev, opts);
-  WireArgs pa = pack_args(c, in, w, recv_to_perm, 1, buf.send, l.recv_total);
-  run_runs(c, comm, dev, stream, C, pa, buf.send, l.recv_rows, l.recv_offsets, out.data,
-           l.send_rows, l.send_offsets, B, nullptr);
+  if (!in_place) {
+    WireArgs pa = pack_args(c, in, w, recv_to_perm, 1, buf.send, l.recv_total);
+    run_runs(c, comm, dev, stream, C, &pa, l.recv_rows, l.recv_offsets, l.send_rows, l.send_offsets,
+             record_exchange(comm, C, buf.send, l.recv_rows, l.recv_offsets, out.data, l.send_rows,
+                             l.send_offsets, B),
+             nullptr);
+    return;
+  }
+  // In place: no pack; every (source, expert) block of the permuted rows goes straight to its
+  // send-order rows on the source rank (the dispatch segments, reversed).
+  const int64_t R = present(in.data) ? in.data.rows : in.prob.numel();
+  c.that(R >= l.padded_rows, present(in.data) ? "in.data" : "in.prob",
+         cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(R));
+  if (dev == Device::Cuda) {
+    detail::require_cuda_backend(c);
+    require_cuda(c, {{present(in.data) ? in.data.data : in.prob.data, "in"}, {out.data, "out"}},
+                 dev);
+  }
+  auto* perm = static_cast<uint8_t*>(present(in.data) ? in.data.data : in.prob.data);
+  auto* tok = static_cast<uint8_t*>(out.data);
+  const auto exchange = [&](int r, Stream st) {
+    std::vector<CommSegment> sends, recvs;
+    expert_side_segments(l, r, C, perm, B, sends);
+    token_side_segments(l, r, C, tok, B, recvs);
+    comm.all_to_all_segments(sends, recvs, st);
+  };
+  run_runs(c, comm, dev, stream, C, nullptr, l.recv_rows, l.recv_offsets, l.send_rows,
+           l.send_offsets, exchange, nullptr);
 }
 
 }  // namespace fp8flow

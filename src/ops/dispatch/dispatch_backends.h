@@ -67,6 +67,14 @@ struct WireArgs {
   const int32_t* map = nullptr;
   int64_t map_rows = 0;  // unpack: out rows R (map entries read); pack: = wire_rows
   int32_t k = 1;         // pack only
+  // In-place dispatch (DispatchOptions::in_place): the data part travels apart from the record.
+  // Records are then [scales][prob] only (row_bytes = S (+ 4), scales at record offset 0,
+  // prob_offset = S). Pack writes record i's data to data_wire + i * data_bytes (send order, so a
+  // (peer, expert) block is contiguous); unpack leaves the data of received rows alone (it
+  // arrived in its permuted row) and writes only the pad rows' zero data.
+  bool data_apart = false;
+  uint8_t* data_wire = nullptr;  // pack with data_apart: [wire_rows][data_bytes]
+  FP8FLOW_HD int64_t rec_data() const { return data_apart ? 0 : data_bytes; }
   // Pack: only records i in the chunk are written (others untouched); unpack: only rows r whose
   // record map[r] is in the chunk (pad rows: chunk 0).
   ChunkFilter filter;

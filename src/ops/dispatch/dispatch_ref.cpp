@@ -49,15 +49,17 @@ void record_to_scales(const WireArgs& a, const uint8_t* rec, int64_t row) {
 void dispatch_pack(const WireArgs& a) {
   for (int64_t i = 0; i < a.wire_rows; ++i) {
     if (!detail::in_chunk(a.filter, i)) continue;
-    uint8_t* rec = a.wire + i * a.row_bytes;
-    std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
+    uint8_t* rec = a.row_bytes > 0 ? a.wire + i * a.row_bytes : nullptr;
+    if (rec) std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
+    uint8_t* drec = a.data_apart ? (a.rows_data ? a.data_wire + i * a.data_bytes : nullptr) : rec;
+    if (a.data_apart && drec) std::memset(drec, 0, static_cast<size_t>(a.data_bytes));
     const int32_t m = a.map[i];
     const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
     if (m < 0 || m >= limit) continue;  // a zero record, as the kernel writes
     const int64_t row = m / a.k;
     if (a.rows_data)
-      std::memcpy(rec, a.rows_data + row * a.data_bytes, static_cast<size_t>(a.data_bytes));
-    scales_to_record(a, row, rec + a.data_bytes);
+      std::memcpy(drec, a.rows_data + row * a.data_bytes, static_cast<size_t>(a.data_bytes));
+    if (rec) scales_to_record(a, row, rec + a.rec_data());
     if (a.prob_offset >= 0 && m < a.prob_len) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
   }
 }
@@ -67,15 +69,15 @@ void dispatch_unpack(const WireArgs& a) {
     const int64_t q = a.map ? a.map[r] : r;
     const bool valid = q >= 0 && q < a.wire_rows;
     if (!detail::in_chunk(a.filter, valid ? q : -1)) continue;
-    const uint8_t* rec = valid ? a.wire + q * a.row_bytes : nullptr;
+    const uint8_t* rec = valid && a.row_bytes > 0 ? a.wire + q * a.row_bytes : nullptr;
     if (a.rows_data) {
       uint8_t* d = a.rows_data + r * a.data_bytes;
-      if (valid)
-        std::memcpy(d, rec, static_cast<size_t>(a.data_bytes));
-      else
+      if (!valid)
         std::memset(d, 0, static_cast<size_t>(a.data_bytes));
+      else if (!a.data_apart)  // data_apart: the row's data arrived in place
+        std::memcpy(d, rec, static_cast<size_t>(a.data_bytes));
     }
-    record_to_scales(a, valid ? rec + a.data_bytes : nullptr, r);
+    record_to_scales(a, rec ? rec + a.rec_data() : nullptr, r);
     if (a.prob_offset >= 0) {
       if (valid)
         std::memcpy(&a.prob[r], rec + a.prob_offset, 4);

@@ -88,15 +88,18 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
       if (c < chunks) {
         const int row = static_cast<int>(c / cpr);
         const int64_t col = c - row * cpr;
-        reinterpret_cast<uint4*>(a.wire + (r0 + s_idx[row]) * a.row_bytes)[col] = v[u];
+        uint8_t* dst = a.data_apart ? a.data_wire + (r0 + s_idx[row]) * a.data_bytes
+                                    : a.wire + (r0 + s_idx[row]) * a.row_bytes;
+        reinterpret_cast<uint4*>(dst)[col] = v[u];
       }
     }
   }
 
   // Record tails: scales, prob, zero pad, as 4-byte words.
-  const int64_t tail_words = (a.row_bytes - a.data_bytes) / 4;
+  const int64_t rec_data = a.rec_data();
+  const int64_t tail_words = (a.row_bytes - rec_data) / 4;
   const int64_t scale_words = a.scale_bytes / 4;
-  const int64_t prob_word = a.prob_offset >= 0 ? (a.prob_offset - a.data_bytes) / 4 : -1;
+  const int64_t prob_word = a.prob_offset >= 0 ? (a.prob_offset - rec_data) / 4 : -1;
   const int64_t words = n * tail_words;
   for (int64_t c = tid; c < words; c += kThreads) {
     // Column scales: consecutive threads take consecutive rows of one word (tile).
@@ -117,14 +120,18 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
       const int32_t m = s_map[row];
       if (m >= 0 && m < a.prob_len) val = __float_as_uint(__ldg(a.prob + m));
     }
-    reinterpret_cast<uint32_t*>(a.wire + (r0 + s_idx[row]) * a.row_bytes + a.data_bytes)[w] = val;
+    reinterpret_cast<uint32_t*>(a.wire + (r0 + s_idx[row]) * a.row_bytes + rec_data)[w] = val;
   }
 }
 
+// NOTES: with data_apart (in-place dispatch) the data loop runs over the pad rows only (a second
+// compaction), so a CTA of received rows moves just the scales and probs.
 __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant__ WireArgs a) {
-  __shared__ int32_t s_rec[kRowsPerCta];  // record of compacted row j, -1: pad row
-  __shared__ int32_t s_out[kRowsPerCta];  // out row (offset from r0) of compacted row j
-  __shared__ int s_n;
+  __shared__ int32_t s_rec[kRowsPerCta];   // record of compacted row j, -1: pad row
+  __shared__ int32_t s_out[kRowsPerCta];   // out row (offset from r0) of compacted row j
+  __shared__ int32_t s_drec[kRowsPerCta];  // the same for the rows whose data this CTA writes
+  __shared__ int32_t s_dout[kRowsPerCta];
+  __shared__ int s_n, s_nd;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) * kRowsPerCta;
   const int n_all = static_cast<int>(a.map_rows - r0 < kRowsPerCta ? a.map_rows - r0 : kRowsPerCta);
   const int tid = threadIdx.x;
@@ -141,14 +148,24 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       s_rec[j] = static_cast<int32_t>(q);
       s_out[j] = tid;
     }
-    if (tid == 0) s_n = __popc(mask);
+    const bool dtake = take && (!a.data_apart || q < 0);
+    const unsigned dmask = __ballot_sync(0xffffffffu, dtake);
+    if (dtake) {
+      const int j = __popc(dmask & ((1u << tid) - 1u));
+      s_drec[j] = static_cast<int32_t>(q);
+      s_dout[j] = tid;
+    }
+    if (tid == 0) {
+      s_n = __popc(mask);
+      s_nd = __popc(dmask);
+    }
   }
   __syncthreads();
   const int n = s_n;
   if (n == 0) return;
 
   const int64_t cpr = a.data_bytes / 16;
-  const int64_t chunks = n * cpr;
+  const int64_t chunks = s_nd * cpr;
   for (int64_t c0 = tid; c0 < chunks; c0 += static_cast<int64_t>(kThreads) * kUnroll) {
     uint4 v[kUnroll];
 #pragma unroll
@@ -158,7 +175,7 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       if (c < chunks) {
         const int row = static_cast<int>(c / cpr);
         const int64_t col = c - row * cpr;
-        const int32_t q = s_rec[row];
+        const int32_t q = s_drec[row];
         if (q >= 0) v[u] = __ldg(reinterpret_cast<const uint4*>(a.wire + q * a.row_bytes) + col);
       }
     }
@@ -168,12 +185,13 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       if (c < chunks) {
         const int row = static_cast<int>(c / cpr);
         const int64_t col = c - row * cpr;
-        reinterpret_cast<uint4*>(a.rows_data + (r0 + s_out[row]) * a.data_bytes)[col] = v[u];
+        reinterpret_cast<uint4*>(a.rows_data + (r0 + s_dout[row]) * a.data_bytes)[col] = v[u];
       }
     }
   }
 
   const int64_t scale_words = a.scale_bytes / 4;
+  const int64_t rec_data = a.rec_data();
   if (a.scale == WireScale::Col) {
     const uint32_t pad = __float_as_uint(fmt::exp2i(fmt::kMinScaleExp));  // 2^-127
     float* out = static_cast<float*>(a.rows_scale);
@@ -182,10 +200,8 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       const int64_t w = c / n;
       const int32_t q = s_rec[row];
       const uint32_t val =
-          q >= 0
-              ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
-                      w)
-              : pad;
+          q >= 0 ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + rec_data) + w)
+                 : pad;
       reinterpret_cast<uint32_t*>(out)[w * a.rows + r0 + s_out[row]] = val;
     }
   } else if (a.scale == WireScale::Row) {
@@ -195,10 +211,8 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       const int64_t w = c - row * scale_words;
       const int32_t q = s_rec[row];
       const uint32_t val =
-          q >= 0
-              ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.data_bytes) +
-                      w)
-              : 0u;
+          q >= 0 ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + rec_data) + w)
+                 : 0u;
       reinterpret_cast<uint32_t*>(out + (r0 + s_out[row]) * a.scale_bytes)[w] = val;
     }
   }
