@@ -677,6 +677,7 @@ int run_ops(const Options& opt) {
   moe.reps = env.reps;
   moe.warmup = env.warmup;
   moe.l2_bytes = env.dev.l2_bytes;
+  moe.gemm_algos = opt.gemm_algos;
   const std::vector<std::string> moe_labels = moe_case_labels(moe, opt.only);
   if (opt.list) {
     for (const auto& c : cases) {
