@@ -892,9 +892,11 @@ size_t run_row(const MoeEnv& env, Report& rep, const MoeCase& c,
       rep.set(r, "algo_config", algos);
       if (c.gemm_algo > 0) rep.set(r, "notes", notes + " | " + algos);
     }
+    // One plan (balanced / dense): its config; skewed splits have one plan per expert size.
+    const std::string shown = algos.find("; ") == std::string::npos ? algos : "(several plans)";
     std::fprintf(stderr, "  %-40s %-16s %10.4f ms  %s%s%s\n", c.name.c_str(), c.shape.c_str(),
                  m.t.median_ms, std::get<std::string>(rep.get(r, "verify")).c_str(),
-                 algos.empty() ? "" : "  ", algos.c_str());
+                 shown.empty() ? "" : "  ", shown.c_str());
   } catch (const std::exception& e) {
     if (algo_not_returned(c, e.what())) {  // --no-verify: found out here
       rep.set(r, "notes", notes + " | skipped: " + e.what());
