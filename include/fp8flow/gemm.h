@@ -48,6 +48,7 @@ struct GroupedGemmOptions {
   // alignment (same bits run to run); different indices may differ in the last bits (different
   // tiles, K order or stage split). Plans are cached per (problem, algo). For tuning and
   // benchmarks (fp8flow-bench ops --gemm-algos N); the index means nothing across library versions.
+  // The CPU reference ignores it (beyond rejecting a negative value).
   int algo = 0;
 };
 
