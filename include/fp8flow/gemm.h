@@ -27,6 +27,7 @@
 #include <cstddef>
 #include <cstdint>
 #include <span>
+#include <string>
 
 #include "fp8flow/types.h"
 
@@ -38,6 +39,17 @@ struct GroupedGemmOptions {
   bool accumulate = false;
   // Internal CUDA streams the experts are spread over (1..8). 1 runs everything on `stream`.
   int streams = 4;
+  // Which cuBLASLt algorithm each expert's GEMM runs: an index into cuBLASLt's heuristic list for
+  // the expert's problem (cublasLtMatmulAlgoGetHeuristic, up to 16 results, split-K / reductions
+  // excluded as above; results the heuristic marks unusable are skipped before indexing). 0 (the
+  // default) is today's choice, the heuristic's first. An index past the list throws fp8flow::Error
+  // (InvalidArgument) naming options.algo and how many results there are; negative throws too.
+  // A fixed index is deterministic for a given cuBLASLt version, problem shape and pointer
+  // alignment (same bits run to run); different indices may differ in the last bits (different
+  // tiles, K order or stage split). Plans are cached per (problem, algo). For tuning and
+  // benchmarks (fp8flow-bench ops --gemm-algos N); the index means nothing across library versions.
+  // The CPU reference ignores it (beyond rejecting a negative value).
+  int algo = 0;
 };
 
 // Device scratch memory the caller provides for a Cuda call: 256-byte aligned, at least
@@ -118,6 +130,12 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
                              std::span<const TensorView> dw, std::span<const int64_t> m_splits,
                              const Workspace& workspace, const GroupedGemmOptions& options = {},
                              Stream stream = nullptr);
+
+// Diagnostics: the cuBLASLt algorithms the latest Cuda grouped GEMM call on the current device ran
+// (one entry per distinct plan, "m=.. n=.. k=.. algo#i id=.. tile=.. stages=.. splitk=.. ..."; the
+// tile/stages/cluster numbers are cublasLtMatmulTile_t / cublasLtMatmulStages_t /
+// cublasLtClusterShape_t values). Empty before any call and in CPU-only builds.
+std::string grouped_gemm_last_algos();
 
 // ---------------------------------------------------------------------------------------------
 // W [N][K] -> W^T [K][N], both Block128x128 FP8 (E4M3 or E5M2, same dtype). Exact: every 128x128

@@ -581,6 +581,41 @@ TEST(GemmCheck, Bf16RejectsBadArguments) {
                "grouped_gemm_wgrad_bf16", "x");
 }
 
+TEST(GemmCheck, RejectsNegativeAlgo) {
+  CheckFixture f;
+  const GroupedGemmOptions o{.algo = -1};
+  expect_error([&] { grouped_gemm_fprop(f.x.view(), views(f.w), f.y.v, f.p.splits, {}, o); },
+               "grouped_gemm_fprop", "options.algo");
+  expect_error([&] { grouped_gemm_dgrad(f.dy.view(), views(f.wt), f.dx.v, f.p.splits, {}, o); },
+               "grouped_gemm_dgrad", "options.algo");
+  expect_error(
+      [&] { grouped_gemm_wgrad(f.dy_t.view(), f.x_t.view(), views(f.dw), f.p.splits, {}, o); },
+      "grouped_gemm_wgrad", "options.algo");
+  const Problem p{64, 40, {8, 8}};
+  HostTensor x(DType::BF16, 16, 40), y(DType::BF16, 16, 64);
+  std::vector<HostTensor> w;
+  for (int e = 0; e < 2; ++e) w.emplace_back(DType::BF16, 64, 40);
+  expect_error([&] { grouped_gemm_fprop_bf16(x.v, views(w), y.v, p.splits, {}, o); },
+               "grouped_gemm_fprop_bf16", "options.algo");
+  try {
+    grouped_gemm_fprop(f.x.view(), views(f.w), f.y.v, f.p.splits, {}, {.algo = -7});
+    ADD_FAILURE() << "no error";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument) << e.what();
+    EXPECT_NE(std::string(e.what()).find("got -7"), std::string::npos) << e.what();
+  }
+}
+
+// The CPU reference has no algorithms to choose from: a valid algo changes nothing.
+TEST(GemmRef, AlgoIsIgnoredByTheReference) {
+  CheckFixture f;
+  HostTensor y0(DType::BF16, f.p.M(), f.p.N), y3(DType::BF16, f.p.M(), f.p.N);
+  grouped_gemm_fprop(f.x.view(), views(f.w), y0.v, f.p.splits, {});
+  grouped_gemm_fprop(f.x.view(), views(f.w), y3.v, f.p.splits, {}, {.algo = 3});
+  EXPECT_TRUE(bytes_equal(y0, y3));
+  if (!cuda_available()) EXPECT_EQ(grouped_gemm_last_algos(), "");  // no Cuda call ran
+}
+
 TEST(GemmCheck, TransposeRejectsBadArguments) {
   const HostQ w = quant_block(make_values(128, 256, Fill::Normal, 1), 128, 256);
   HostQ t = make_q(DType::E4M3, ScaleLayout::Block128x128, 256, 128);
@@ -925,6 +960,88 @@ TEST(GemmGpu, RejectsSmallWorkspaceAndHostPointers) {
   bad.device = Device::Cuda;  // a host pointer claiming to be device memory
   expect_error([&] { grouped_gemm_fprop(xd.view(), views(wd), bad, p.splits, ws.ws); },
                "grouped_gemm_fprop", "y");
+}
+
+// GroupedGemmOptions::algo: 0 is the default (bitwise, also after other algorithms' plans are
+// cached); 1 (when the heuristic returns it) is within the same bound of the FP64 reference and
+// deterministic; an index past the heuristic's list is an InvalidArgument naming options.algo.
+TEST(GemmGpu, AlgoIndexSelectsOtherHeuristicResults) {
+  FP8FLOW_REQUIRE_GPU();
+  const Problem p{512, 1024, {256, 0, 384, 128}};
+  const HostQ x = quant_rows(make_values(p.M(), p.K, Fill::Normal, 41), p.M(), p.K);
+  const std::vector<HostQ> w = make_weights(p, 90);
+  const HostQ dy_t = quant_cols(make_values(p.M(), p.N, Fill::Normal, 42), p.M(), p.N, p.splits);
+  const HostQ x_t = quant_cols(make_values(p.M(), p.K, Fill::Normal, 43), p.M(), p.K, p.splits);
+  const DevQ xd = to_dev(x), dyd = to_dev(dy_t), xtd = to_dev(x_t);
+  const std::vector<DevQ> wd = to_dev(w);
+  DevWorkspace ws(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits, {}) +
+                  grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Wgrad, p.N, p.K, p.splits, {}));
+  // fprop, BF16 out.
+  HostTensor want(DType::BF16, p.M(), p.N);
+  grouped_gemm_fprop(x.view(), views(w), want.v, p.splits, {});
+  auto fprop = [&](GroupedGemmOptions o) {
+    DeviceTensor y(DType::BF16, p.M(), p.N);
+    grouped_gemm_fprop(xd.view(), views(wd), y.v, p.splits, ws.ws, o);
+    return y.to_host();
+  };
+  const HostTensor def = fprop({});
+  EXPECT_NE(grouped_gemm_last_algos().find("algo#0"), std::string::npos)
+      << grouped_gemm_last_algos();
+  EXPECT_TRUE(bytes_equal(def, fprop({.algo = 0})));
+  try {
+    const HostTensor a1 = fprop({.algo = 1});
+    std::printf("fprop algo 1: %s\n", grouped_gemm_last_algos().c_str());
+    EXPECT_NE(grouped_gemm_last_algos().find("algo#1"), std::string::npos);
+    EXPECT_TRUE(rows_close(
+        a1.v, [&](int64_t r, int64_t c) { return ref::load_f32(want.v, r, c); }, 0, p.M(),
+        kTolBf16));
+    EXPECT_TRUE(bytes_equal(a1, fprop({.algo = 1})));
+  } catch (const Error& e) {
+    std::printf("fprop: no algo 1: %s\n", e.what());
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+    EXPECT_NE(std::string(e.what()).find("options.algo: expected < 1"), std::string::npos)
+        << e.what();
+  }
+  EXPECT_TRUE(bytes_equal(def, fprop({})));  // the cached algo-1 plan does not leak into algo 0
+  // wgrad, F32 out (the layer's main-grad GEMM).
+  std::vector<HostTensor> wantw;
+  for (size_t e = 0; e < p.E(); ++e) wantw.emplace_back(DType::F32, p.N, p.K);
+  grouped_gemm_wgrad(dy_t.view(), x_t.view(), views(wantw), p.splits, {});
+  auto wgrad = [&](GroupedGemmOptions o) {
+    std::vector<DeviceTensor> dw;
+    for (size_t e = 0; e < p.E(); ++e) dw.emplace_back(DType::F32, p.N, p.K);
+    grouped_gemm_wgrad(dyd.view(), xtd.view(), views(dw), p.splits, ws.ws, o);
+    std::vector<HostTensor> h;
+    for (const DeviceTensor& t : dw) h.push_back(t.to_host());
+    return h;
+  };
+  const std::vector<HostTensor> wdef = wgrad({}), w0 = wgrad({.algo = 0});
+  for (size_t e = 0; e < p.E(); ++e) EXPECT_TRUE(bytes_equal(wdef[e], w0[e]));
+  try {
+    const std::vector<HostTensor> w1 = wgrad({.algo = 1});
+    std::printf("wgrad f32 algo 1: %s\n", grouped_gemm_last_algos().c_str());
+    for (size_t e = 0; e < p.E(); ++e) {
+      SCOPED_TRACE(e);
+      EXPECT_TRUE(rows_close(
+          w1[e].v, [&](int64_t r, int64_t c) { return ref::load_f32(wantw[e].v, r, c); }, 0, p.N,
+          kTolF32));
+      if (p.splits[e] == 0) EXPECT_TRUE(bytes_equal(w1[e], wantw[e]));  // zeroed, no GEMM
+    }
+  } catch (const Error& e) {
+    std::printf("wgrad: no algo 1: %s\n", e.what());
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument);
+  }
+  // Past the list (at most 16 results are requested).
+  try {
+    fprop({.algo = 16});
+    ADD_FAILURE() << "no error for algo 16";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::InvalidArgument) << e.what();
+    const std::string msg = e.what();
+    EXPECT_NE(msg.find("fp8flow::grouped_gemm_fprop: options.algo: expected < "), std::string::npos)
+        << msg;
+    EXPECT_NE(msg.find("got 16"), std::string::npos) << msg;
+  }
 }
 
 #endif  // FP8FLOW_WITH_CUDA

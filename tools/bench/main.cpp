@@ -41,6 +41,9 @@ void usage(FILE* f) {
       "  --no-verify        skip the bit-exact GPU vs CPU reference check\n"
       "  --verify-rows N    rows of the verification shape (default 2048; same K)\n"
       "  --list             print the case labels and exit\n"
+      "  --gemm-algos N     ops: the FP8 grouped GEMM rows (balanced split) also with\n"
+      "                     cuBLASLt heuristic result 1..N-1 (GroupedGemmOptions::algo),\n"
+      "                     each checked against algo 0 at the timed shape\n"
       "  --config NAME      layer: dsv3-shard (default), dsv2-lite or small\n"
       "  --recipe NAME|all  layer: bf16, fp8-blockwise, fp8-flow, fp8-flow-mxfp4 or all (default)\n"
       "  --routing R        layer: balanced (default) or skewed (a few experts biased hot)\n"
@@ -114,6 +117,8 @@ int main(int argc, char** argv) {
       opt.gpus = static_cast<int>(int_value("--gpus", 1));
     else if (a == "--ep")
       opt.ep = static_cast<int>(int_value("--ep", 1));
+    else if (a == "--gemm-algos")
+      opt.gemm_algos = static_cast<int>(int_value("--gemm-algos", 1));
     else if (a == "--only")
       opt.only = value("--only");
     else if (a == "--quick")

@@ -677,6 +677,7 @@ int run_ops(const Options& opt) {
   moe.reps = env.reps;
   moe.warmup = env.warmup;
   moe.l2_bytes = env.dev.l2_bytes;
+  moe.gemm_algos = opt.gemm_algos;
   const std::vector<std::string> moe_labels = moe_case_labels(moe, opt.only);
   if (opt.list) {
     for (const auto& c : cases) {
@@ -791,7 +792,12 @@ int run_ops(const Options& opt) {
       "# + maps + probs. gemm rows: TFLOP/s = 2*M*N*K / time, verified by relative error < 1e-2 "
       "at\n"
       "# 3 experts (N 384, K 256); %%dense: grouped / dense throughput (dense = 1 expert, all "
-      "rows).\n");
+      "rows).\n"
+      "# f32: wgrad with F32 dW (the layer's main grad). algoN (--gemm-algos): cuBLASLt heuristic\n"
+      "# result N (GroupedGemmOptions::algo), also compared with algo 0 at the timed shape; notes\n"
+      "# give its config (tile/stages/cluster: cublasLtMatmulTile_t/Stages_t/ClusterShape_t ids);\n"
+      "# verify n/a: the small verification shape has fewer results; skipped: none at this "
+      "index.\n");
   int mismatches = 0, errors = 0;
   for (size_t r = 0; r < rep.rows(); ++r) {
     const std::string v = std::get<std::string>(rep.get(r, "verify"));

@@ -18,6 +18,7 @@
 #include <cstdio>
 #include <cstring>
 #include <functional>
+#include <iomanip>
 #include <map>
 #include <memory>
 #include <numeric>
@@ -154,6 +155,11 @@ struct MoeCase {
   std::string notes;
   int batch = 32;  // timed launches per gate (harness time_gpu)
   std::function<MoeCall(Arena&, Size)> prepare;
+  // Grouped GEMM rows run with GroupedGemmOptions::algo = gemm_algo (--gemm-algos); for algo > 0,
+  // `baseline` prepares the same timed call with algo 0 (same seeded inputs) to compare against.
+  bool gemm = false;
+  int gemm_algo = 0;
+  std::function<MoeCall(Arena&)> baseline;
   std::string label() const { return name + " " + shape; }
 };
 
@@ -455,6 +461,8 @@ Groups skewed_splits(int64_t E, int64_t total) {
 struct GemmDims {
   int64_t N = 0, K = 0;
   Groups splits;
+  DType wgrad_out = DType::BF16;  // dW dtype of the FP8/BF16 wgrad (F32: the layer's main grad)
+  int algo = 0;                   // GroupedGemmOptions::algo
 };
 
 MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
@@ -462,9 +470,11 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
   const int64_t M = std::accumulate(g.splits.begin(), g.splits.end(), int64_t{0});
   // The splits live as long as the call (the column-wise operands' col_groups point into them).
   const auto splits = std::make_shared<const Groups>(g.splits);
+  GroupedGemmOptions o;
+  o.algo = g.algo;
   Workspace ws;
   if (a.device() == Device::Cuda) {
-    ws.bytes = grouped_gemm_workspace_bytes(kind, N, K, *splits);
+    ws.bytes = grouped_gemm_workspace_bytes(kind, N, K, *splits, o);
     if (ws.bytes) ws.data = a.tensor(DType::E4M3, 1, static_cast<int64_t>(ws.bytes)).data;
   }
   const auto R = ScaleLayout::Rowwise1x128, B = ScaleLayout::Block128x128;
@@ -490,7 +500,7 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
   auto dweights = [&]() {
     std::vector<TensorView> w;
     for (int64_t e = 0; e < E; ++e) {
-      w.push_back(a.tensor(DType::BF16, N, K));
+      w.push_back(a.tensor(g.wgrad_out, N, K));
       r.outputs.emplace_back("dw[" + std::to_string(e) + "]", w.back());
     }
     return w;
@@ -511,7 +521,9 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const auto w = weights8(N, K);
       const TensorView y = a.tensor(DType::BF16, M, N);
       r.outputs = {{"y", y}};
-      r.call = [x, w, y, splits, ws](Stream s) { grouped_gemm_fprop(x, w, y, *splits, ws, {}, s); };
+      r.call = [x, w, y, splits, ws, o](Stream s) {
+        grouped_gemm_fprop(x, w, y, *splits, ws, o, s);
+      };
       break;
     }
     case GroupedGemmKind::Fp8Dgrad: {
@@ -519,8 +531,8 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const auto w_t = weights8(K, N);  // W_e^T [K][N] (random: any weight will do)
       const TensorView dx = a.tensor(DType::BF16, M, K);
       r.outputs = {{"dx", dx}};
-      r.call = [dy, w_t, dx, splits, ws](Stream s) {
-        grouped_gemm_dgrad(dy, w_t, dx, *splits, ws, {}, s);
+      r.call = [dy, w_t, dx, splits, ws, o](Stream s) {
+        grouped_gemm_dgrad(dy, w_t, dx, *splits, ws, o, s);
       };
       break;
     }
@@ -528,8 +540,8 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const ScaledTensor dy_t = act8(N, M, *splits);
       const ScaledTensor x_t = act8(K, M, *splits);
       const auto dw = dweights();
-      r.call = [dy_t, x_t, dw, splits, ws](Stream s) {
-        grouped_gemm_wgrad(dy_t, x_t, dw, *splits, ws, {}, s);
+      r.call = [dy_t, x_t, dw, splits, ws, o](Stream s) {
+        grouped_gemm_wgrad(dy_t, x_t, dw, *splits, ws, o, s);
       };
       break;
     }
@@ -538,8 +550,8 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const auto w = weights16(N, K);
       const TensorView y = a.tensor(DType::BF16, M, N);
       r.outputs = {{"y", y}};
-      r.call = [x, w, y, splits, ws](Stream s) {
-        grouped_gemm_fprop_bf16(x, w, y, *splits, ws, {}, s);
+      r.call = [x, w, y, splits, ws, o](Stream s) {
+        grouped_gemm_fprop_bf16(x, w, y, *splits, ws, o, s);
       };
       break;
     }
@@ -548,8 +560,8 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const auto w = weights16(N, K);
       const TensorView dx = a.tensor(DType::BF16, M, K);
       r.outputs = {{"dx", dx}};
-      r.call = [dy, w, dx, splits, ws](Stream s) {
-        grouped_gemm_dgrad_bf16(dy, w, dx, *splits, ws, {}, s);
+      r.call = [dy, w, dx, splits, ws, o](Stream s) {
+        grouped_gemm_dgrad_bf16(dy, w, dx, *splits, ws, o, s);
       };
       break;
     }
@@ -557,8 +569,8 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
       const TensorView dy = act16(M, N);
       const TensorView x = act16(M, K);
       const auto dw = dweights();
-      r.call = [dy, x, dw, splits, ws](Stream s) {
-        grouped_gemm_wgrad_bf16(dy, x, dw, *splits, ws, {}, s);
+      r.call = [dy, x, dw, splits, ws, o](Stream s) {
+        grouped_gemm_wgrad_bf16(dy, x, dw, *splits, ws, o, s);
       };
       break;
     }
@@ -566,7 +578,10 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
   return r;
 }
 
-void add_gemm(std::vector<MoeCase>& out, Mode mode) {
+// gemm_algos > 1 (--gemm-algos N): for the FP8 rows at the balanced split, also one row per
+// GroupedGemmOptions::algo = 1..N-1 (GPU modes only; indices the heuristic does not return are
+// reported as skipped).
+void add_gemm(std::vector<MoeCase>& out, Mode mode, int gemm_algos) {
   // Timed splits per mode; verification at 3 experts (K 256, N 384) with the same pattern.
   const int64_t E = mode == Mode::Full ? 32 : mode == Mode::Quick ? 8 : 3;
   const int64_t rows = mode == Mode::Full ? 1024 : mode == Mode::Quick ? 256 : 128;
@@ -584,24 +599,32 @@ void add_gemm(std::vector<MoeCase>& out, Mode mode) {
     int64_t N, K;
   };
   const Fc fcs[] = {{"FC1", 4096, 7168}, {"FC2", 7168, 2048}};
-  const GroupedGemmKind kinds[] = {GroupedGemmKind::Fp8Fprop,  GroupedGemmKind::Fp8Dgrad,
-                                   GroupedGemmKind::Fp8Wgrad,  GroupedGemmKind::Bf16Fprop,
-                                   GroupedGemmKind::Bf16Dgrad, GroupedGemmKind::Bf16Wgrad};
+  struct Variant {
+    GroupedGemmKind kind;
+    DType wgrad_out;  // wgrad only
+  };
+  const Variant variants[] = {
+      {GroupedGemmKind::Fp8Fprop, DType::BF16},  {GroupedGemmKind::Fp8Dgrad, DType::BF16},
+      {GroupedGemmKind::Fp8Wgrad, DType::BF16},  {GroupedGemmKind::Fp8Wgrad, DType::F32},
+      {GroupedGemmKind::Bf16Fprop, DType::BF16}, {GroupedGemmKind::Bf16Dgrad, DType::BF16},
+      {GroupedGemmKind::Bf16Wgrad, DType::BF16}};
   for (const Fc& fc : fcs)
-    for (const GroupedGemmKind kind : kinds) {
+    for (const Variant& v : variants) {
+      const GroupedGemmKind kind = v.kind;
       const bool fp8 = kind == GroupedGemmKind::Fp8Fprop || kind == GroupedGemmKind::Fp8Dgrad ||
                        kind == GroupedGemmKind::Fp8Wgrad;
       const char* op =
           kind == GroupedGemmKind::Fp8Fprop || kind == GroupedGemmKind::Bf16Fprop   ? "fprop"
           : kind == GroupedGemmKind::Fp8Dgrad || kind == GroupedGemmKind::Bf16Dgrad ? "dgrad"
                                                                                     : "wgrad";
-      const std::string name = std::string("gemm ") + fc.tag + (fp8 ? " fp8 " : " bf16 ") + op;
+      // "f32": the F32 dW the layer accumulates into (its main grad), 2x the BF16 row's writes.
+      const std::string name = std::string("gemm ") + fc.tag + (fp8 ? " fp8 " : " bf16 ") + op +
+                               (v.wgrad_out == DType::F32 ? " f32" : "");
       // The CPU fallback runs the FP64 reference: a small N x K.
       const int64_t N = mode == Mode::Cpu ? 384 : fc.N, K = mode == Mode::Cpu ? 256 : fc.K;
-      std::string dense_label;
-      for (const Split& s : splits) {
+      auto make = [&](const Split& s, int algo) {
         MoeCase c;
-        c.name = name;
+        c.name = algo > 0 ? name + " algo" + std::to_string(algo) : name;
         const int64_t ne = static_cast<int64_t>(s.timed.size());
         c.shape = std::string(s.tag) + " " + std::to_string(ne) +
                   (std::string(s.tag) == "skew" ? "/" + std::to_string(M)
@@ -610,15 +633,34 @@ void add_gemm(std::vector<MoeCase>& out, Mode mode) {
         c.rel_tol = 1e-2;
         c.batch = 4;  // one call enqueues E GEMMs over several streams
         c.notes = "N " + std::to_string(N) + " K " + std::to_string(K);
-        if (std::string(s.tag) == "dense") dense_label = c.label();
-        const GemmDims timed{N, K, s.timed}, verify{384, 256, s.verify};
+        c.gemm = true;
+        c.gemm_algo = algo;
+        const GemmDims timed{N, K, s.timed, v.wgrad_out, algo},
+            verify{384, 256, s.verify, v.wgrad_out, algo};
         c.prepare = [kind, timed, verify](Arena& a, Size size) {
           return prepare_gemm(a, kind, size == Size::Verify ? verify : timed);
         };
+        if (algo > 0) {
+          GemmDims base = timed;
+          base.algo = 0;
+          c.baseline = [kind, base](Arena& a) { return prepare_gemm(a, kind, base); };
+        }
+        return c;
+      };
+      std::string dense_label;
+      for (const Split& s : splits) {
+        MoeCase c = make(s, 0);
+        if (std::string(s.tag) == "dense") dense_label = c.label();
         out.push_back(std::move(c));
       }
       // Grouped rows point at the dense row of the same op and FC (pushed last of the three).
       for (size_t i = out.size() - 3; i + 1 < out.size(); ++i) out[i].dense = dense_label;
+      if (fp8 && mode != Mode::Cpu)
+        for (int algo = 1; algo < gemm_algos; ++algo) {
+          MoeCase c = make(splits[0], algo);
+          c.dense = dense_label;
+          out.push_back(std::move(c));
+        }
     }
 }
 
@@ -628,7 +670,7 @@ std::vector<MoeCase> build_cases(const MoeEnv& env, const std::string& only) {
   add_swiglu(cases, mode);
   add_permute(cases, mode);
   add_router(cases, mode);
-  add_gemm(cases, mode);
+  add_gemm(cases, mode, env.gemm_algos);
   if (!only.empty())
     std::erase_if(cases,
                   [&](const MoeCase& c) { return c.label().find(only) == std::string::npos; });
@@ -639,13 +681,16 @@ std::vector<MoeCase> build_cases(const MoeEnv& env, const std::string& only) {
 // Running.
 
 // Relative Frobenius error of BF16/F32 outputs: ||got - want|| / ||want|| over all outputs.
-double rel_error(const NamedViews& got, const NamedViews& want) {
+// `equal` (optional): set to whether every output byte is the same.
+double rel_error(const NamedViews& got, const NamedViews& want, bool* equal = nullptr) {
   if (got.size() != want.size()) throw std::runtime_error("different number of outputs");
   double err = 0, ref = 0;
+  if (equal) *equal = true;
   for (size_t i = 0; i < got.size(); ++i) {
     const TensorView& g = got[i].second;
     const std::vector<uint8_t> a = host_bytes(g), b = host_bytes(want[i].second);
     if (a.size() != b.size()) throw std::runtime_error(got[i].first + ": sizes differ");
+    if (equal && a != b) *equal = false;
     const bool f32 = g.dtype == DType::F32;
     const size_t n = a.size() / (f32 ? 4 : 2);
     for (size_t j = 0; j < n; ++j) {
@@ -705,6 +750,30 @@ Verified verify_case(const MoeCase& c) {
   return v;
 }
 
+// A --gemm-algos row against algo 0 at the timed shape (the kernels that are timed; the FP64
+// reference only runs at the small verification shape, where the heuristic may pick other ones).
+struct VsDefault {
+  double rel_err = -1;
+  bool bitwise = false;
+};
+
+VsDefault compare_to_default(const MoeCase& c) {
+  Arena a(Device::Cuda);
+  const MoeCall got = c.prepare(a, Size::Timed);
+  const MoeCall base = c.baseline(a);
+  got.call(bench_stream());
+  base.call(bench_stream());
+  sync_stream();
+  VsDefault v;
+  v.rel_err = rel_error(got.outputs, base.outputs, &v.bitwise);
+  return v;
+}
+
+// An --gemm-algos index the heuristic does not return for this problem (GroupedGemmOptions::algo).
+bool algo_not_returned(const MoeCase& c, const std::string& what) {
+  return c.gemm_algo > 0 && what.find("options.algo") != std::string::npos;
+}
+
 struct Timed {
   Timing t;
   int sets = 1;
@@ -742,9 +811,46 @@ size_t run_row(const MoeEnv& env, Report& rep, const MoeCase& c,
   rep.set(r, "case", c.name);
   rep.set(r, "shape", c.shape);
   rep.set(r, "backend", std::string(env.gpu ? "sm90" : "cpu-reference"));
-  if (!c.notes.empty()) rep.set(r, "notes", c.notes);
+  std::string notes = c.notes;
+  if (c.gemm) rep.set(r, "gemm_algo", static_cast<int64_t>(c.gemm_algo));
+  if (env.gpu && c.gemm_algo > 0) {
+    try {
+      if (env.verify) {
+        const VsDefault d = compare_to_default(c);
+        rep.set(r, "vs_algo0_rel_err", d.rel_err);
+        rep.set(r, "vs_algo0_bitwise", d.bitwise);
+        std::ostringstream os;
+        os << " | vs algo0 " << (d.bitwise ? "bitwise equal" : "rel err ") << std::setprecision(2);
+        if (!d.bitwise) os << d.rel_err;
+        notes += os.str();
+        if (!(d.rel_err < c.rel_tol))
+          problems.push_back(c.label() + ": relative error vs algo 0 at the timed shape " +
+                             std::to_string(d.rel_err) + " >= " + std::to_string(c.rel_tol));
+      }
+    } catch (const std::exception& e) {
+      rep.set(r, "verify", std::string("-"));
+      if (!algo_not_returned(c, e.what())) {
+        rep.set(r, "error", std::string(e.what()));
+        problems.push_back(c.label() + ": vs algo 0: " + e.what());
+        std::fprintf(stderr, "  %-40s %-16s error: %s\n", c.name.c_str(), c.shape.c_str(),
+                     e.what());
+        return r;
+      }
+      rep.set(r, "notes", notes + " | skipped: " + e.what());
+      std::fprintf(stderr, "  %-40s %-16s skipped (the heuristic returns fewer algorithms)\n",
+                   c.name.c_str(), c.shape.c_str());
+      return r;
+    }
+  }
+  if (!notes.empty()) rep.set(r, "notes", notes);
   if (env.gpu && env.verify) {
-    const Verified v = verify_case(c);
+    Verified v = verify_case(c);
+    if (v.status == "error" && algo_not_returned(c, v.detail)) {
+      // The small verification shape has a shorter heuristic list: only the timed-shape check.
+      v.status = "n/a";
+      rep.set(r, "verify_detail", v.detail);
+      v.detail.clear();
+    }
     rep.set(r, "verify", v.status);
     rep.set(r, "verify_mode", std::string(c.rel_tol > 0 ? "rel_err" : "bitwise"));
     if (v.rel_err >= 0) rep.set(r, "verify_rel_err", v.rel_err);
@@ -780,9 +886,24 @@ size_t run_row(const MoeEnv& env, Report& rep, const MoeCase& c,
       rep.set(r, "published_ms", c.published_ms);
       rep.set(r, "vs_published", c.published_ms / m.t.median_ms);
     }
-    std::fprintf(stderr, "  %-40s %-16s %10.4f ms  %s\n", c.name.c_str(), c.shape.c_str(),
-                 m.t.median_ms, std::get<std::string>(rep.get(r, "verify")).c_str());
+    std::string algos;
+    if (c.gemm && env.gpu) {
+      algos = grouped_gemm_last_algos();  // the timed calls' plans
+      rep.set(r, "algo_config", algos);
+      if (c.gemm_algo > 0) rep.set(r, "notes", notes + " | " + algos);
+    }
+    // One plan (balanced / dense): its config; skewed splits have one plan per expert size.
+    const std::string shown = algos.find("; ") == std::string::npos ? algos : "(several plans)";
+    std::fprintf(stderr, "  %-40s %-16s %10.4f ms  %s%s%s\n", c.name.c_str(), c.shape.c_str(),
+                 m.t.median_ms, std::get<std::string>(rep.get(r, "verify")).c_str(),
+                 shown.empty() ? "" : "  ", shown.c_str());
   } catch (const std::exception& e) {
+    if (algo_not_returned(c, e.what())) {  // --no-verify: found out here
+      rep.set(r, "notes", notes + " | skipped: " + e.what());
+      std::fprintf(stderr, "  %-40s %-16s skipped (the heuristic returns fewer algorithms)\n",
+                   c.name.c_str(), c.shape.c_str());
+      return r;
+    }
     rep.set(r, "error", std::string(e.what()));
     problems.push_back(c.label() + ": " + e.what());
     std::fprintf(stderr, "  %-40s %-16s error: %s\n", c.name.c_str(), c.shape.c_str(), e.what());

@@ -17,6 +17,7 @@ struct MoeEnv {
   int reps = 0, warmup = 0;
   int64_t l2_bytes = 0;
   double copy_gbps = 0;  // device-to-device copy bandwidth (read + write) of this run
+  int gemm_algos = 0;    // --gemm-algos N: FP8 GEMM rows also for GroupedGemmOptions::algo 1..N-1
 };
 
 // Labels ("name shape") of the expert-compute cases whose label contains `only` (all if empty).

@@ -67,6 +67,9 @@ int lanes_of(const GroupedGemmOptions& o) {
 void check_options(const Check& c, const GroupedGemmOptions& o) {
   c.that(o.streams >= 1 && o.streams <= detail::kMaxLanes, "options.streams",
          cat("1..", detail::kMaxLanes), cat(o.streams));
+  // The upper bound depends on the problem: the CUDA backend checks it when it builds the plan.
+  c.that(o.algo >= 0, "options.algo", ">= 0 (an index into cuBLASLt's heuristic results)",
+         cat(o.algo));
 }
 
 // m_splits: 1..kMaxGroups experts, sizes >= 0 (multiples of `align`), summing to `total`.
@@ -368,6 +371,14 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
   sm90::grouped_gemm_wgrad_bf16(dy, x, dw, m_splits, ws, o, stream);
 #else
   (void)stream;
+#endif
+}
+
+std::string grouped_gemm_last_algos() {
+#if FP8FLOW_WITH_CUDA
+  return sm90::last_algos();
+#else
+  return {};
 #endif
 }
 

@@ -5,6 +5,7 @@
 
 #include <cstdint>
 #include <span>
+#include <string>
 
 #include "fp8flow/gemm.h"
 
@@ -92,6 +93,8 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
                              std::span<const TensorView> dw, std::span<const int64_t> m_splits,
                              const Workspace& ws, const GroupedGemmOptions& opt, Stream stream);
 void transpose_block_weights(const ScaledTensor& w, const ScaledTensor& w_t, Stream stream);
+// grouped_gemm_last_algos(): the plans of the latest call on the current device.
+std::string last_algos();
 // Internal (no validation; MoELayer::refresh_weights): `batch` stacked matrices in one launch.
 // w: data [batch * N][K], scale [batch * ceil(N/128)][ceil(K/128)]; w_t: data [batch * K][N],
 // scale [batch * ceil(K/128)][ceil(N/128)]; matrix b of w_t is the transpose of matrix b of w.

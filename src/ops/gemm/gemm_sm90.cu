@@ -37,6 +37,9 @@
 //   output tiles and a long K (e.g. m=4096 n<=240 k=7168) the heuristic only offers split-K
 //   (splitK 2, COMPUTE_TYPE reduction): we then force SPLITK_NUM = 1 and validate with
 //   cublasLtMatmulAlgoCheck.
+// - GroupedGemmOptions::algo > 0 picks another of the heuristic's (up to 16) split-K-free results
+//   (select_algo_index), for tuning: the FP8 wgrad with F32 out at the DeepSeek-V3 shard runs the
+//   heuristic's first choice at ~422 TFLOP/s, ~3x off its floors. algo is part of the plan key.
 #include <cublasLt.h>
 #include <cuda_runtime.h>
 
@@ -47,6 +50,7 @@
 #include <map>
 #include <mutex>
 #include <numeric>
+#include <string>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -123,6 +127,7 @@ struct LtKey {
   // Alignment (bytes, 16..256) of the A, B and D pointers: the heuristic may only pick algorithms
   // that are valid for these (CUBLASLT_MATMUL_PREF_MIN_ALIGNMENT_*).
   int32_t a_align = 16, b_align = 16, d_align = 16;
+  int32_t algo = 0;  // GroupedGemmOptions::algo: index into the heuristic's results
   auto operator<=>(const LtKey&) const = default;
 };
 
@@ -139,6 +144,7 @@ struct LtPlan {
   cublasLtMatmulAlgo_t algo{};
   size_t workspace = 0;
   const char* how = "";  // which selection step found the algorithm (see select_algo)
+  std::string summary;   // shape and algorithm config (grouped_gemm_last_algos)
 };
 
 void destroy_plan(LtPlan& p) {
@@ -169,6 +175,7 @@ struct DeviceContext {
   cudaEvent_t fork = nullptr;
   cudaEvent_t join[kMaxLanes] = {};
   std::map<LtKey, LtPlan> plans;
+  std::string last;  // summaries of the latest call's plans (grouped_gemm_last_algos)
 };
 
 constexpr int kMaxDevices = 64;
@@ -179,8 +186,13 @@ std::mutex& gemm_mutex() {
   return m;
 }
 
-DeviceContext& device_context(const char* op) {
+DeviceContext* contexts() {
   static DeviceContext ctx[kMaxDevices];
+  return ctx;
+}
+
+DeviceContext& device_context(const char* op) {
+  DeviceContext* ctx = contexts();
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
   if (dev < 0 || dev >= kMaxDevices)
@@ -234,9 +246,10 @@ bool non_split(const cublasLtMatmulAlgo_t& a) {
              CUBLASLT_REDUCTION_SCHEME_NONE;
 }
 
-// Up to 8 heuristic results for the plan's descriptors under `reduction_mask`.
+// Up to `max` (8 for the default selection) heuristic results for the plan's descriptors under
+// `reduction_mask`.
 int heuristic(cublasLtHandle_t lt, const LtKey& k, const LtPlan& p, uint32_t reduction_mask,
-              cublasLtMatmulHeuristicResult_t (&res)[8], cublasStatus_t& st) {
+              cublasLtMatmulHeuristicResult_t* res, int max, cublasStatus_t& st) {
   cublasLtMatmulPreference_t pref = nullptr;
   st = cublasLtMatmulPreferenceCreate(&pref);
   if (st != CUBLAS_STATUS_SUCCESS) return 0;
@@ -255,7 +268,7 @@ int heuristic(cublasLtHandle_t lt, const LtKey& k, const LtPlan& p, uint32_t red
     st = cublasLtMatmulPreferenceSetAttribute(pref, attrs[i], &al[i], sizeof(al[i]));
   int count = 0;
   if (st == CUBLAS_STATUS_SUCCESS)
-    st = cublasLtMatmulAlgoGetHeuristic(lt, p.desc, p.a, p.b, p.d, p.d, pref, 8, res, &count);
+    st = cublasLtMatmulAlgoGetHeuristic(lt, p.desc, p.a, p.b, p.d, p.d, pref, max, res, &count);
   cublasLtMatmulPreferenceDestroy(pref);
   return st == CUBLAS_STATUS_SUCCESS ? count : 0;
 }
@@ -270,7 +283,7 @@ int heuristic(cublasLtHandle_t lt, const LtKey& k, const LtPlan& p, uint32_t red
 void select_algo(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPlan& p) {
   cublasLtMatmulHeuristicResult_t res[8] = {};
   cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
-  int count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_NONE, res, st);
+  int count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_NONE, res, 8, st);
   for (int i = 0; i < count; ++i)
     if (res[i].state == CUBLAS_STATUS_SUCCESS && non_split(res[i].algo)) {
       p.algo = res[i].algo;
@@ -280,7 +293,7 @@ void select_algo(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPlan& p)
     }
   const cublasStatus_t st_none = st;
   const int count_none = count;
-  count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_MASK, res, st);
+  count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_MASK, res, 8, st);
   for (int i = 0; i < count; ++i)
     if (res[i].state == CUBLAS_STATUS_SUCCESS && non_split(res[i].algo)) {
       p.algo = res[i].algo;
@@ -316,7 +329,37 @@ void select_algo(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPlan& p)
           lt_status_name(st), ", ", count, " with)"));
 }
 
-// Descriptor, layouts and the heuristic's first algorithm for one problem.
+// GroupedGemmOptions::algo > 0: the k.algo-th usable result (state SUCCESS, no split-K, no
+// reduction) of up to kMaxAlgoResults heuristic results under reduction mask NONE. Usable result 0
+// is what select_algo's first step picks (same heuristic call, larger requested count), but
+// algo = 0 keeps going through select_algo so that the default is unchanged, fallbacks included.
+// Throws InvalidArgument naming options.algo and the number of usable results past the list.
+constexpr int kMaxAlgoResults = 16;
+
+void select_algo_index(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPlan& p) {
+  cublasLtMatmulHeuristicResult_t res[kMaxAlgoResults] = {};
+  cublasStatus_t st = CUBLAS_STATUS_SUCCESS;
+  const int count = heuristic(lt, k, p, CUBLASLT_REDUCTION_SCHEME_NONE, res, kMaxAlgoResults, st);
+  int usable = 0;
+  for (int i = 0; i < count; ++i) {
+    if (res[i].state != CUBLAS_STATUS_SUCCESS || !non_split(res[i].algo)) continue;
+    if (usable == k.algo) {
+      p.algo = res[i].algo;
+      p.workspace = res[i].workspaceSize;
+      p.how = "heuristic, options.algo";
+      return;
+    }
+    ++usable;
+  }
+  detail::throw_error(
+      ErrorKind::InvalidArgument,
+      cat("fp8flow::", op, ": options.algo: expected < ", usable,
+          " (the usable cuBLASLt heuristic ", "results, of ", kMaxAlgoResults,
+          " requested, without split-K, for m=", k.m, " n=", k.n, " k=", k.k, " lda=", k.lda,
+          " ldb=", k.ldb, " ldd=", k.ldd, "; ", lt_status_name(st), "), got ", k.algo));
+}
+
+// Descriptor, layouts and the heuristic's first algorithm (or options.algo's) for one problem.
 LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
   const LtKey& k = j.key;
   LtPlan p;
@@ -347,7 +390,25 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
     FP8FLOW_LT_CHECK(op, cublasLtMatrixLayoutCreate(&p.d, static_cast<cudaDataType_t>(k.d_type),
                                                     k.m, k.n, k.ldd));
 
-    select_algo(op, lt, k, p);
+    if (k.algo == 0)
+      select_algo(op, lt, k, p);
+    else
+      select_algo_index(op, lt, k, p);
+    char buf[320];
+    std::snprintf(
+        buf, sizeof(buf),
+        "m=%lld n=%lld k=%lld algo#%d id=%d tile=%u stages=%u splitk=%d swizzle=%u "
+        "custom=%u cluster=%u ws=%zu",
+        (long long)k.m, (long long)k.n, (long long)k.k, k.algo,
+        algo_attr<int32_t>(p.algo, CUBLASLT_ALGO_CONFIG_ID),
+        algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
+        algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
+        algo_attr<int32_t>(p.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
+        algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
+        algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
+        static_cast<unsigned>(algo_attr<uint16_t>(p.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)),
+        p.workspace);
+    p.summary = buf;
     if (log_enabled())
       std::fprintf(
           stderr,
@@ -376,13 +437,17 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
 // the least-loaded lane; the assignment only affects timing, never results).
 void run_jobs(const char* op, DeviceContext& ctx, std::vector<LtJob>& jobs, const Workspace& ws,
               const GroupedGemmOptions& opt, cudaStream_t stream) {
+  ctx.last.clear();
   for (LtJob& j : jobs) {
+    j.key.algo = opt.algo;
     j.key.a_align = ptr_align(j.a);
     j.key.b_align = ptr_align(j.b);
     j.key.d_align = ptr_align(j.d);
     auto it = ctx.plans.find(j.key);
     if (it == ctx.plans.end()) it = ctx.plans.emplace(j.key, make_plan(op, ctx.lt, j)).first;
     j.plan = &it->second;
+    if (ctx.last.find(j.plan->summary) == std::string::npos)
+      ctx.last += (ctx.last.empty() ? "" : "; ") + j.plan->summary;
   }
   if (jobs.empty()) return;
   const int lanes =
@@ -699,6 +764,13 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
     m0 += me;
   }
   run_jobs(op, ctx, jobs, ws, opt, stream);
+}
+
+std::string last_algos() {
+  std::lock_guard<std::mutex> lock(gemm_mutex());
+  int dev = 0;
+  if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return {};
+  return contexts()[dev].last;
 }
 
 }  // namespace fp8flow::sm90
