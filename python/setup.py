@@ -166,16 +166,38 @@ for need, name, key in ((need_nccl, "nccl", "FP8FLOW_NCCL_LIBRARY"), (need_mpi, 
     library_dirs.append(str(d))
     extra_link_args += [flag, f"-Wl,-rpath,{d}"]
 
+
+
+def cxx_accepts(flag):
+    """Whether the extension's C++ driver links a shared object with `flag` (e.g. -nostdlib++,
+    GCC >= 13 and clang)."""
+    import tempfile
+
+    cxx = os.environ.get("CXX", "c++").split()
+    with tempfile.TemporaryDirectory() as tmp:
+        src, out = Path(tmp, "probe.cpp"), Path(tmp, "probe.so")
+        src.write_text("int fp8flow_probe() { return 0; }\n")
+        try:
+            r = subprocess.run(cxx + ["-shared", "-fPIC", flag, str(src), "-o", str(out)], capture_output=True)
+        except OSError:
+            return False
+        return r.returncode == 0
+
+
 # Link the shared libstdc++ explicitly, before the driver's own (possibly static) one, so that the
-# extension and torch share one libstdc++ (see the CXX note above).
+# extension and torch share one libstdc++ (see the CXX note above); where the driver knows
+# -nostdlib++, it adds no libstdc++ of its own at all.
 for d in (Path("/usr/lib/x86_64-linux-gnu"), Path("/usr/lib64"), Path("/lib/x86_64-linux-gnu")):
     if (d / "libstdc++.so.6").exists():
         extra_link_args = [f"-L{d}", "-l:libstdc++.so.6"] + extra_link_args
+        if cxx_accepts("-nostdlib++"):
+            extra_link_args = ["-nostdlib++"] + extra_link_args
         break
 
 log(
     f"archive {ARCHIVE} (CUDA backend: {lib_cuda}), torch {torch.__version__} (CUDA {torch.version.cuda}); "
-    f"CUDA streams in the binding: {py_cuda}; communicator: {have_comm}; NCCL: {need_nccl}; MPI: {need_mpi}"
+    f"CUDA streams in the binding: {py_cuda}; communicator: {have_comm}; NCCL: {need_nccl}; MPI: {need_mpi}; "
+    f"CXX {os.environ.get('CXX', 'c++ (unset)')}; libstdc++ link flags {[a for a in extra_link_args if 'stdc' in a or 'stdlib' in a]}"
 )
 
 ext = CppExtension(

@@ -201,12 +201,32 @@ void dispatch_cases(CommBench& b) {
     return r;
   };
   // run(opts) writes outputs(): a chunks = 1 run gives the reference outputs, then the default
-  // chunking is timed and its outputs verified against them on every rank.
+  // chunking is timed and its outputs verified against them on every rank. Returns the reference
+  // outputs (the in-place rows are verified against them too).
   auto time_vs_one = [&](CommRow& r, const auto& run, const auto& outputs) {
     run(one);
-    const auto want = outputs();
+    auto want = outputs();
     r.timing = b.time([&] { run(DispatchOptions{}); }, r.bytes_per_rank);
     r.verified = everyone(b, outputs() == want);
+    return want;
+  };
+  // "<payload> inplace" rows: the listed outputs poisoned, one DispatchOptions{1, InPlace::On} run
+  // verified against the record path's reference outputs `want`, then timed.
+  using Poisoned = std::pair<const CommBuffer*, size_t>;
+  auto in_place_row = [&](const CommRow& r, const auto& run, const auto& outputs, const auto& want,
+                          std::initializer_list<Poisoned> poisoned) {
+    for (auto [buf_p, n] : poisoned) {
+      if (!buf_p || n == 0) continue;
+      const std::vector<uint8_t> poison(n, 0xA5);
+      to_device(*buf_p, poison.data(), n);
+    }
+    const DispatchOptions ip{1, InPlace::On};
+    CommRow ipr = r;
+    ipr.payload = r.payload + " inplace";
+    run(ip);
+    ipr.verified = everyone(b, outputs() == want);
+    ipr.timing = b.time([&] { run(ip); }, r.bytes_per_rank);
+    return ipr;
   };
   double bf16_rows_per_s = 0;
   for (const Payload& p : pays) {
@@ -229,26 +249,14 @@ void dispatch_cases(CommBench& b) {
     auto outputs = [&] {
       return snapshot(b, {{p.data, p.data_bytes}, {p.scale, p.scale_bytes}, {&prob, Ms * 4}});
     };
-    time_vs_one(r, run, outputs);
+    const auto want = time_vs_one(r, run, outputs);
     r.note = rows_note(r.timing) + "; chunks " + std::to_string(chunks) +
              " (vs chunks 1: " + (r.verified ? "identical)" : "DIFFERENT)");
     b.row(r);
     {
-      // In place vs the record path: poison the outputs, run once, compare, then time.
-      const DispatchOptions ip{1, InPlace::On};
-      for (auto [buf_p, n] : {std::pair{p.data, p.data_bytes}, std::pair{p.scale, p.scale_bytes},
-                              std::pair{static_cast<const CommBuffer*>(&prob), Ms * 4}}) {
-        if (!buf_p || n == 0) continue;
-        const std::vector<uint8_t> poison(n, 0xA5);
-        to_device(*buf_p, poison.data(), n);
-      }
-      dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, ip);
-      CommRow ipr = r;
-      ipr.payload = std::string(p.name) + " inplace";
-      ipr.verified = everyone(b, outputs() == want);
-      ipr.timing = b.time(
-          [&] { dispatch(b.comm(), l, p.in, s_src, static_cast<int>(k), pm, p.out, buf, st, ip); },
-          bytes);
+      CommRow ipr = in_place_row(r, run, outputs, want,
+                                 {Poisoned{p.data, p.data_bytes}, Poisoned{p.scale, p.scale_bytes},
+                                  Poisoned{&prob, Ms * 4}});
       const DispatchWire wn = dispatch_wire(p.in.data.dtype, H, true);
       ipr.note = rows_note(ipr.timing) + "; in place: data " + std::to_string(wn.data_bytes) +
                  " B/row by segments, side record " + std::to_string(wn.scale_bytes + 4) +
@@ -312,22 +320,14 @@ void dispatch_cases(CommBench& b) {
     auto outputs = [&] {
       return snapshot(b, {{&p8, Mls * Hs}, {&ps8, static_cast<size_t>(tiles) * Mls * 4}});
     };
-    time_vs_one(r, run, outputs);
+    const auto want = time_vs_one(r, run, outputs);
     const double rps = r.timing.median_ms > 0 ? l.send_total / (r.timing.median_ms * 1e-3) : 0;
     char s[160];
     std::snprintf(s, sizeof s, "%.3g rows/s; %.2fx bf16 rows/s; fp8->mxfp4 + dispatch + mxfp4->fp8",
                   rps, bf16_rows_per_s > 0 ? rps / bf16_rows_per_s : 0.0);
     r.note = s;
     b.row(r);
-    CommRow ipr = r;
-    ipr.payload = "mxfp4+conv inplace";
-    {
-      const std::vector<uint8_t> poison(Mls * Hs, 0xA5);
-      to_device(p8, poison.data(), poison.size());
-    }
-    run({1, InPlace::On});
-    ipr.verified = everyone(b, outputs() == want);
-    ipr.timing = b.time([&] { run({1, InPlace::On}); }, bytes);
+    CommRow ipr = in_place_row(r, run, outputs, want, {Poisoned{&p8, Mls * Hs}});
     ipr.note = "in-place MXFP4 dispatch between the conversions";
     b.row(ipr);
   }
@@ -343,7 +343,8 @@ void dispatch_cases(CommBench& b) {
               view(yb, DType::BF16, std::max<int64_t>(l.send_total, 1), H), buf, st, o);
     };
     const size_t yb_bytes = static_cast<size_t>(l.send_total) * Hs * 2;
-    time_vs_one(r, run, [&] { return snapshot(b, {{&yb, yb_bytes}}); });
+    auto outputs = [&] { return snapshot(b, {{&yb, yb_bytes}}); };
+    const auto want = time_vs_one(r, run, outputs);
     const int chunks = dispatch_chunks(l, B, dev);
     char s[160];
     std::snprintf(s, sizeof s, "%.3g rows/s; then unpermute (not timed here); chunks %d",
@@ -355,15 +356,7 @@ void dispatch_cases(CommBench& b) {
     c1.timing = b.time([&] { run(one); }, bytes);
     c1.note = "chunks 1: pack, a2a serialized";
     b.row(c1);
-    CommRow ipr = r;
-    ipr.payload = "bf16 inplace";
-    {
-      const std::vector<uint8_t> poison(yb_bytes, 0xA5);
-      if (yb_bytes) to_device(yb, poison.data(), yb_bytes);
-    }
-    run({1, InPlace::On});
-    ipr.verified = everyone(b, snapshot(b, {{&yb, yb_bytes}}) == want);
-    ipr.timing = b.time([&] { run({1, InPlace::On}); }, bytes);
+    CommRow ipr = in_place_row(r, run, outputs, want, {Poisoned{&yb, yb_bytes}});
     ipr.note = "in place: no pack, (source, expert) blocks straight from the permuted rows";
     b.row(ipr);
   }
