@@ -24,8 +24,11 @@ Recipes (settable at any time; the C++ layer is rebuilt at the next forward):
 Weights. The C++ layer keeps FP8 (or BF16) copies of W1 and W2, made from the parameters. With
 refresh="auto" (default) each forward checks the parameters' version counters and storage: an
 in-place update (optimizer.step(), nn.init.*, copy_ under no_grad) re-makes the copies before the
-forward runs, a replaced storage (param.data = ..., .to()) re-points the layer at it. Updates that
-bypass the version counter (writes through `param.data.<op>_()`) are not seen: call
+forward runs, a replaced storage (param.data = ..., .to()) re-points the layer at it. A step of any
+torch.optim optimizer that holds w1 or w2 counts as an update too (a global optimizer step hook):
+fused optimizers (AdamW(fused=True), torch 2.11) update the parameters without bumping their
+version counters. Other updates that bypass the version counter (writes through
+`param.data.<op>_()`) are not seen: call
 refresh_weights() after them, or use refresh="always" (every forward re-makes the copies) or
 "manual" (only refresh_weights() does). The gate and the bias are read directly, never copied.
 
@@ -75,6 +78,31 @@ from torch.autograd.function import once_differentiable
 
 from . import reference
 from ._errors import call, translate
+
+# Optimizer steps per watched parameter (id(param) -> count), counted by one global
+# torch.optim step post-hook: the "auto" refresh's second signal next to the version counter,
+# which fused optimizer kernels do not bump. Only the expert weights of MoE modules are watched;
+# a reused id after a parameter dies only causes one extra (harmless) refresh.
+_OPT_STEPS = {}
+_OPT_HOOK = None
+
+
+def _count_optimizer_step(optimizer, args, kwargs):
+    for group in optimizer.param_groups:
+        for p in group["params"]:
+            k = id(p)
+            if k in _OPT_STEPS:
+                _OPT_STEPS[k] += 1
+
+
+def _watch(*params):
+    global _OPT_HOOK
+    if _OPT_HOOK is None:
+        register = getattr(getattr(torch.optim, "optimizer", None),
+                           "register_optimizer_step_post_hook", None)
+        _OPT_HOOK = register(_count_optimizer_step) if register else False  # torch < 2.0: none
+    for p in params:
+        _OPT_STEPS.setdefault(id(p), 0)
 
 RECIPES = ("bf16", "fp8-blockwise", "fp8-flow", "fp8-flow-mxfp4")
 ALL_RECIPES = RECIPES + ("torch",)
@@ -226,7 +254,9 @@ class MoE(nn.Module):
         return self.gate_weight, self.expert_bias, self.w1, self.w2
 
     def _snapshot(self):
-        return tuple(None if t is None else (t.data_ptr(), t.dtype, t.device, t._version)
+        _watch(self.w1, self.w2)
+        return tuple(None if t is None else
+                     (t.data_ptr(), t.dtype, t.device, t._version, _OPT_STEPS.get(id(t), 0))
                      for t in self._weights())
 
     def _communicator(self, device):
@@ -274,7 +304,7 @@ class MoE(nn.Module):
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)
         elif self.refresh == "always" or (self.refresh == "auto" and (
-                snap[2][3] != self._seen[2][3] or snap[3][3] != self._seen[3][3])):
+                snap[2][3:] != self._seen[2][3:] or snap[3][3:] != self._seen[3][3:])):
             call(self._layer.refresh_weights)
         self._seen = snap
         return self._layer

@@ -351,8 +351,9 @@ def test_cuda_equals_cpu_layer(recipe):
 @pytest.mark.cuda
 @pytest.mark.parametrize("impl", ["foreach", "fused"])
 def test_cuda_optimizer_step_and_determinism(impl):
-    # refresh="auto": the optimizer's in-place updates bump the parameters' version counters
-    # (foreach and fused AdamW kernels alike), which the next forward sees.
+    # refresh="auto": foreach AdamW bumps the parameters' version counters; fused AdamW (torch
+    # 2.11) does not, and the optimizer step hook catches it. Either way the next forward must use
+    # the updated weights (the twin check below).
     m = make(512, 256, 8, 2, "fp8-flow", "cuda", seed=35, **SOFTMAX)
     x, dy = inputs(256, 512, "cuda", 36)
     opt = torch.optim.AdamW(m.parameters(), lr=1e-3, **{impl: True})
@@ -370,6 +371,35 @@ def test_cuda_optimizer_step_and_determinism(impl):
     with torch.no_grad():
         assert torch.equal(m(x), twin(x))  # refreshed copies == copies made from scratch
     assert losses[2] < losses[0]  # descending along -dy
+
+
+@pytest.mark.skipif(
+    not hasattr(getattr(torch.optim, "optimizer", None), "register_optimizer_step_post_hook"),
+    reason="torch < 2.0 has no optimizer step hooks (only the version counters are watched)")
+def test_cpu_refresh_after_step_that_bypasses_version_counter():
+    class DataSGD(torch.optim.Optimizer):  # writes through .data: no version bump, like fused kernels
+        def __init__(self, params, lr):
+            super().__init__(params, dict(lr=lr))
+
+        @torch.no_grad()
+        def step(self, closure=None):
+            for g in self.param_groups:
+                for p in g["params"]:
+                    if p.grad is not None:
+                        p.data.add_(p.grad, alpha=-g["lr"])
+
+    m = make(256, 256, 4, 2, "fp8-flow", seed=38, **SOFTMAX)
+    x, dy = inputs(64, 256, "cpu", 39)
+    opt = DataSGD(m.parameters(), lr=0.05)
+    y0 = m(x)
+    (y0.float() * dy.float()).sum().backward()
+    versions = (m.w1._version, m.w2._version)
+    opt.step()
+    assert (m.w1._version, m.w2._version) == versions  # the case the hook is for
+    with torch.no_grad():
+        y1 = m(x)
+        assert not torch.equal(y1, y0.detach())  # the step changed the weights' FP8 copies
+        assert torch.equal(y1, copy.deepcopy(m)(x))  # refreshed copies == copies made from scratch
 
 
 @pytest.mark.cuda
