@@ -95,11 +95,20 @@ def _count_optimizer_step(optimizer, args, kwargs):
                 _OPT_STEPS[k] += 1
 
 
+def _optimizer_hook_registrar():
+    """torch.optim.optimizer.register_optimizer_step_post_hook (torch >= 2.0), else None. Imported
+    explicitly: torch.optim's __init__ does not keep its submodules as attributes."""
+    try:
+        from torch.optim.optimizer import register_optimizer_step_post_hook
+    except ImportError:
+        return None
+    return register_optimizer_step_post_hook
+
+
 def _watch(*params):
     global _OPT_HOOK
     if _OPT_HOOK is None:
-        register = getattr(getattr(torch.optim, "optimizer", None),
-                           "register_optimizer_step_post_hook", None)
+        register = _optimizer_hook_registrar()
         _OPT_HOOK = register(_count_optimizer_step) if register else False  # torch < 2.0: none
     for p in params:
         _OPT_STEPS.setdefault(id(p), 0)

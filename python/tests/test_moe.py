@@ -17,6 +17,7 @@ import pytest
 torch = pytest.importorskip("torch")
 fp8flow = pytest.importorskip("fp8flow")
 
+from fp8flow.moe import _optimizer_hook_registrar  # noqa: E402
 from util import rel  # noqa: E402
 
 BOUNDS = {
@@ -374,7 +375,7 @@ def test_cuda_optimizer_step_and_determinism(impl):
 
 
 @pytest.mark.skipif(
-    not hasattr(getattr(torch.optim, "optimizer", None), "register_optimizer_step_post_hook"),
+    _optimizer_hook_registrar() is None,
     reason="torch < 2.0 has no optimizer step hooks (only the version counters are watched)")
 def test_cpu_refresh_after_step_that_bypasses_version_counter():
     class DataSGD(torch.optim.Optimizer):  # writes through .data: no version bump, like fused kernels
