@@ -12,7 +12,9 @@ def rel(a, b):
 
 def as_bytes(t):
     """The tensor's storage bytes (uint8 view) on the CPU: for bitwise comparisons of any dtype."""
-    t = t.detach().contiguous().cpu().reshape(-1)  # 1-D: view() rejects 0-dim tensors (torch 2.x)
+    t = t.detach().contiguous().cpu()
+    if t.dim() == 0:
+        t = t.reshape(1)  # view(dtype) rejects 0-dim tensors of another element size (torch 2.x)
     if t.dtype == torch.uint8:
         return t
     return t.view(torch.uint8)
