@@ -36,6 +36,14 @@ each run projects its time and the step count becomes the largest multiple of 50
 more than --steps); runs started together share their projections through --sync-dir so that all of
 them pick the same count (the slowest run decides), and the LR schedule is then set for that count
 (the calibration steps are all inside the warm-up, which does not depend on it).
+
+Runs longer than one sitting (e.g. the device tool's 10-minute calls): --ckpt DIR saves
+DIR/ckpt_<recipe>.pt (model, optimizer, step, planned steps) when the loop ends (at the time budget,
+at --stop-at N or done); a later run with the same arguments plus --resume continues from it (same LR
+schedule, the CSV appended), with results identical to an uninterrupted run (the batches depend only
+on (seed, step); the CPU test python/tests/test_train_example.py checks it bit for bit):
+    python examples/train_moe_lm.py --recipe fp8-flow --steps 6000 --minutes 8 --ckpt /tmp/ck
+    python examples/train_moe_lm.py --recipe fp8-flow --steps 6000 --minutes 8 --ckpt /tmp/ck --resume
 """
 
 import argparse
@@ -248,21 +256,38 @@ def train(args):
                                  {"params": no_decay, "weight_decay": 0.0}], **opt_kw)
 
         csv_path = os.path.join(args.out, f"loss_{args.recipe}.csv")
-        csv = open(csv_path, "w")
-        csv.write("step,loss,lr,aux_loss,step_ms,tokens_per_s,elapsed_s\n")
-        csv.flush()
         tokens_per_step = args.batch * args.seq
         total = args.steps
+        step = 0
+        ckpt_path = os.path.join(args.ckpt, f"ckpt_{args.recipe}.pt") if args.ckpt else ""
+        if args.resume:
+            if not ckpt_path or not os.path.exists(ckpt_path):
+                raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path or '(no --ckpt given)'}")
+            ck = torch.load(ckpt_path, map_location=dev)
+            model.load_state_dict(ck["model"])
+            opt.load_state_dict(ck["optimizer"])
+            step, total = int(ck["step"]), int(ck["total"])
+            summary["resumed_from"] = step
+            log(f"resumed from {ckpt_path}: step {step} of {total}")
+            csv = open(csv_path, "a")
+        else:
+            csv = open(csv_path, "w")
+            csv.write("step,loss,lr,aux_loss,step_ms,tokens_per_s,elapsed_s\n")
+            csv.flush()
+        step0 = step
         t_loop0 = time.time()
         step_times = []
         nan_step = None
         status = "ok"
-        step = 0
         if dev.type == "cuda":
             torch.cuda.reset_peak_memory_stats(dev)
         while step < total:
             if time.time() - t_loop0 > args.minutes * 60:
                 status = f"truncated at step {step} (budget {args.minutes} min)"
+                log(status)
+                break
+            if args.stop_at and step >= args.stop_at:
+                status = f"stopped at step {step} (--stop-at)"
                 log(status)
                 break
             t0 = time.time()
@@ -299,7 +324,11 @@ def train(args):
                 log(f"step {step}/{total} loss {lv:.4f} lr {lr:.2e} {dt * 1e3:.0f} ms "
                     f"({tokens_per_step / dt:.0f} tok/s)")
             step += 1
-            if args.fit_steps and step == args.calib_steps:
+            if step - step0 == args.calib_steps and step0 > 0:  # resumed: the plan is the checkpoint's
+                rate = float(np.median(step_times[max(2, args.calib_steps // 3):]))
+                log(f"projection: {rate * 1e3:.1f} ms/step -> {total - step} steps left in "
+                    f"{rate * (total - step) / 60:.1f} min (budget {args.minutes} min)")
+            elif args.fit_steps and step0 == 0 and step == args.calib_steps:
                 rate = float(np.median(step_times[max(2, args.calib_steps // 3):]))
                 log(f"projection: {rate * 1e3:.1f} ms/step -> {args.steps} steps in "
                     f"{rate * args.steps / 60:.1f} min (budget {args.minutes} min)")
@@ -311,6 +340,14 @@ def train(args):
                 log(f"projection: {rate * 1e3:.1f} ms/step -> {total} steps in {rate * total / 60:.1f} min "
                     f"(budget {args.minutes} min)")
         csv.close()
+        if ckpt_path and nan_step is None:  # what a --resume needs (a finished run's too: its
+            # --resume then only re-validates, so parallel runs of different speeds resume alike)
+            os.makedirs(args.ckpt, exist_ok=True)
+            torch.save({"model": model.state_dict(), "optimizer": opt.state_dict(), "step": step,
+                        "total": total}, ckpt_path + ".tmp")
+            os.replace(ckpt_path + ".tmp", ckpt_path)
+            log(f"checkpoint: step {step} of {total} -> {ckpt_path}")
+            summary["checkpoint"] = ckpt_path
         summary["steps_planned"] = total
         summary["steps_done"] = step if nan_step is None else nan_step + 1
         summary["nan_step"] = nan_step
@@ -535,6 +572,9 @@ def main():
     ap.add_argument("--minutes", type=float, default=6.0, help="budget of the training loop")
     ap.add_argument("--fit-steps", action="store_true", help="reduce --steps to fit the budget")
     ap.add_argument("--calib-steps", type=int, default=20)
+    ap.add_argument("--ckpt", default="", help="directory of the checkpoint a paused run leaves")
+    ap.add_argument("--resume", action="store_true", help="continue from --ckpt's checkpoint")
+    ap.add_argument("--stop-at", type=int, default=0, help="pause (checkpoint) before this step")
     ap.add_argument("--sync-dir", default="", help="directory where concurrent runs share projections")
     ap.add_argument("--sync-recipes", default=",".join(RECIPES))
     ap.add_argument("--sync-timeout", type=float, default=90.0)

@@ -24,6 +24,10 @@
 #   --steps          requested steps per recipe (default 3000); fewer when they do not fit
 #   --recipes        comma-separated (default bf16,fp8-blockwise,fp8-flow,fp8-flow-mxfp4)
 #   --train-args     extra arguments for train_moe_lm.py (e.g. "--batch 4 --layers 4")
+#   --ckpt DIR       a run longer than one call: exactly --steps steps (no fitting), paused at the
+#                    time budget with a checkpoint per recipe in DIR, whose DIR/train holds the CSVs
+#                    (copied to $OUT/train at the end); on a machine that stays up between calls
+#   --resume         continue the runs paused in --ckpt DIR (same --steps and --train-args)
 # Environment: OUT (default ./out), PYTHON (default /opt/torch/.venv/bin/python3, else python3),
 # FP8FLOW_BUILD_DIR (default build). Exit status 0 when every step passed.
 set -uo pipefail
@@ -40,7 +44,7 @@ export FP8FLOW_ROOT=$ROOT
 T0=$(date +%s)
 
 total_min=9.3 cap_min="" steps=3000 recipes="bf16,fp8-blockwise,fp8-flow,fp8-flow-mxfp4"
-do_tests=1 do_train=1 pytest_timeout=200 train_args=""
+do_tests=1 do_train=1 pytest_timeout=200 train_args="" ckpt="" resume=0
 while (($#)); do
   case "$1" in
     --total-minutes) total_min=${2:?}; shift ;;
@@ -51,6 +55,8 @@ while (($#)); do
     --no-train) do_train=0 ;;
     --pytest-timeout) pytest_timeout=${2:?}; shift ;;
     --train-args) train_args=${2:?}; shift ;;
+    --ckpt) ckpt=${2:?}; shift ;;
+    --resume) resume=1 ;;
     -h | --help) sed -n '2,/^set -uo/p' "$0" | sed '$d; s/^# \{0,1\}//'; exit 0 ;;
     *) echo "run_gpu.sh: unknown argument '$1' (see --help)" >&2; exit 2 ;;
   esac
@@ -183,49 +189,61 @@ train_ok=1
 if ((ext_ok && do_train)); then
   budget=$(calc "$total_min - $(elapsed_min) - 0.9")  # 0.9 min: model set-up, validation, report
   if [ -n "$cap_min" ]; then budget=$(calc "($cap_min < $budget) ? $cap_min : $budget"); fi
-  mkdir -p "$OUT/train"
-  rm -rf "$OUT/train/sync"
-  common=(examples/train_moe_lm.py --out "$OUT/train" --steps "$steps" --fit-steps)
+  TRAIN_OUT=$OUT/train
+  common=(examples/train_moe_lm.py --out "$TRAIN_OUT" --steps "$steps" --fit-steps)
+  if [ -n "$ckpt" ]; then  # fixed --steps over several calls; the CSVs stay next to the checkpoints
+    TRAIN_OUT=$ckpt/train
+    common=(examples/train_moe_lm.py --out "$TRAIN_OUT" --steps "$steps" --ckpt "$ckpt")
+    ((resume)) && common+=(--resume)
+  elif ((resume)); then
+    echo "run_gpu.sh: --resume needs --ckpt DIR" >&2; exit 2
+  fi
+  mkdir -p "$TRAIN_OUT"
+  rm -rf "$TRAIN_OUT/sync"
   if [ "$NGPU" -ge "${#R[@]}" ]; then
     note "train: ${#R[@]} recipes in parallel, one GPU each, loop budget ${budget} min"
     pids=()
     for i in "${!R[@]}"; do
       # shellcheck disable=SC2086  # train_args is a list of words on purpose
       CUDA_VISIBLE_DEVICES=$i timeout --kill-after=20 "$(calc_int "($budget + 1.5) * 60")" \
-        "$PY" "${common[@]}" --recipe "${R[$i]}" --minutes "$budget" --sync-dir "$OUT/train/sync" \
-        --sync-recipes "$recipes" $train_args >"$OUT/train/train_${R[$i]}.out" 2>&1 &
+        "$PY" "${common[@]}" --recipe "${R[$i]}" --minutes "$budget" --sync-dir "$TRAIN_OUT/sync" \
+        --sync-recipes "$recipes" $train_args >"$TRAIN_OUT/train_${R[$i]}.out" 2>&1 &
       pids+=($!)
     done
     for i in "${!R[@]}"; do
       wait "${pids[$i]}"
       rc=$?
       [ $rc -eq 0 ] || train_ok=0
-      record "${R[$i]}" "rc $rc: $(tail -1 "$OUT/train/train_${R[$i]}.out")"
+      record "${R[$i]}" "rc $rc: $(tail -1 "$TRAIN_OUT/train_${R[$i]}.out")"
     done
   else
     per=$(calc "$budget / ${#R[@]}")
     note "train: ${#R[@]} recipes one after the other on 1 GPU ($NGPU visible), ${per} min each"
     planned=""
     for r in "${R[@]}"; do
-      extra=(--fit-steps)  # the first run fits the steps to its share; the others use its count
-      [ -n "$planned" ] && extra=()
+      # The first run fits the steps to its share; the others use its count (with --ckpt: --steps).
+      run=("${common[@]}")
+      [ -n "$planned" ] && run=(examples/train_moe_lm.py --out "$TRAIN_OUT" --steps "$planned")
       # shellcheck disable=SC2086
       CUDA_VISIBLE_DEVICES=0 timeout --kill-after=20 "$(calc_int "($per + 1.5) * 60")" \
-        "$PY" examples/train_moe_lm.py --out "$OUT/train" --steps "${planned:-$steps}" "${extra[@]}" \
-        --recipe "$r" --minutes "$per" $train_args >"$OUT/train/train_$r.out" 2>&1
+        "$PY" "${run[@]}" --recipe "$r" --minutes "$per" $train_args >"$TRAIN_OUT/train_$r.out" 2>&1
       rc=$?
       [ $rc -eq 0 ] || train_ok=0
-      record "$r" "rc $rc: $(tail -1 "$OUT/train/train_$r.out")"
-      if [ -z "$planned" ] && [ -f "$OUT/train/summary_$r.json" ]; then
+      record "$r" "rc $rc: $(tail -1 "$TRAIN_OUT/train_$r.out")"
+      if [ -z "$planned" ] && [ -z "$ckpt" ] && [ -f "$TRAIN_OUT/summary_$r.json" ]; then
         planned=$("$PY" -c "import json,sys; print(json.load(open(sys.argv[1])).get('steps_planned', ''))" \
-          "$OUT/train/summary_$r.json" 2>/dev/null)
+          "$TRAIN_OUT/summary_$r.json" 2>/dev/null)
       fi
     done
   fi
   note "report"
-  "$PY" examples/train_moe_lm.py --report "$OUT/train" >"$OUT/train/report.out" 2>&1 || train_ok=0
-  cp -f "$OUT/train/train_report.md" "$OUT/train/losses.png" "$OUT/train/losses.csv" "$OUT/" 2>/dev/null
-  cat "$OUT/train/report.out"
+  "$PY" examples/train_moe_lm.py --report "$TRAIN_OUT" >"$TRAIN_OUT/report.out" 2>&1 || train_ok=0
+  if [ "$TRAIN_OUT" != "$OUT/train" ]; then
+    mkdir -p "$OUT/train" && cp -f "$TRAIN_OUT"/*.csv "$TRAIN_OUT"/*.json "$TRAIN_OUT"/*.log \
+      "$TRAIN_OUT"/*.out "$TRAIN_OUT"/*.md "$TRAIN_OUT"/*.png "$OUT/train/" 2>/dev/null
+  fi
+  cp -f "$TRAIN_OUT/train_report.md" "$TRAIN_OUT/losses.png" "$TRAIN_OUT/losses.csv" "$OUT/" 2>/dev/null
+  cat "$TRAIN_OUT/report.out"
 fi
 if [ -n "$pytest_bg" ]; then
   wait "$pytest_bg"
