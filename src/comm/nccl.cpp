@@ -185,80 +185,35 @@ class NcclCommunicator final : public Communicator {
                     std::span<const int64_t> send_offsets, void* recv,
                     std::span<const int64_t> recv_bytes, std::span<const int64_t> recv_offsets,
                     Stream stream) override {
-    const char* call = "all_to_all_v";
     validate_a2a(send, send_bytes, send_offsets, recv, recv_bytes, recv_offsets);
-    DeviceScope dev(device_);
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    {
-      std::unique_lock lock(mu_);
-      throw_if_failed(lock, call);
-    }
-    cudaEvent_t ev = track_begin(call, s);
-    try {
-      std::unique_lock lock(mu_);
-      throw_if_failed(lock, call);
-      nccl(lock, call, ncclGroupStart());
-      // Inside the group, an error is remembered and the group closed before failing (aborting a
-      // communicator with ops still queued in an open group would leave them dangling).
-      ncclResult_t first = ncclSuccess;
-      auto keep = [&](ncclResult_t r) {
-        if (r != ncclSuccess && r != ncclInProgress && first == ncclSuccess) first = r;
-      };
+    grouped_send_recv("all_to_all_v", stream, [&](auto&& keep) {
       for (int j = 0; j < size_; ++j) {
         if (send_bytes[j] > 0)
           keep(ncclSend(static_cast<const uint8_t*>(send) + send_offsets[j],
-                        static_cast<size_t>(send_bytes[j]), ncclUint8, j, comm_, s));
+                        static_cast<size_t>(send_bytes[j]), ncclUint8, j, comm_,
+                        stream_of(stream)));
         if (recv_bytes[j] > 0)
           keep(ncclRecv(static_cast<uint8_t*>(recv) + recv_offsets[j],
-                        static_cast<size_t>(recv_bytes[j]), ncclUint8, j, comm_, s));
+                        static_cast<size_t>(recv_bytes[j]), ncclUint8, j, comm_,
+                        stream_of(stream)));
       }
-      const ncclResult_t end = ncclGroupEnd();
-      if (first != ncclSuccess)
-        fail_and_throw(lock, call, cat("NCCL error: ", nccl_text(first, comm_)));
-      nccl(lock, call, end);
-    } catch (...) {
-      give_back(ev);
-      throw;
-    }
-    track_end(ev, s);
+    });
   }
 
   void all_to_all_segments(std::span<const CommSegment> sends, std::span<const CommSegment> recvs,
                            Stream stream) override {
-    const char* call = "all_to_all_segments";
     detail::validate_segments(size_, sends, recvs);
-    DeviceScope dev(device_);
-    auto s = reinterpret_cast<cudaStream_t>(stream);
-    {
-      std::unique_lock lock(mu_);
-      throw_if_failed(lock, call);
-    }
-    cudaEvent_t ev = track_begin(call, s);
-    try {
-      std::unique_lock lock(mu_);
-      throw_if_failed(lock, call);
-      nccl(lock, call, ncclGroupStart());
-      // As in all_to_all_v: errors inside the group are remembered, the group closed, then thrown.
-      // NCCL matches the sends / receives of one peer pair in the order they are posted.
-      ncclResult_t first = ncclSuccess;
-      auto keep = [&](ncclResult_t r) {
-        if (r != ncclSuccess && r != ncclInProgress && first == ncclSuccess) first = r;
-      };
+    // NCCL matches the sends / receives of one peer pair in the order they are posted.
+    grouped_send_recv("all_to_all_segments", stream, [&](auto&& keep) {
       for (const CommSegment& g : sends)
         if (g.bytes > 0)
-          keep(ncclSend(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_, s));
+          keep(ncclSend(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_,
+                        stream_of(stream)));
       for (const CommSegment& g : recvs)
         if (g.bytes > 0)
-          keep(ncclRecv(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_, s));
-      const ncclResult_t end = ncclGroupEnd();
-      if (first != ncclSuccess)
-        fail_and_throw(lock, call, cat("NCCL error: ", nccl_text(first, comm_)));
-      nccl(lock, call, end);
-    } catch (...) {
-      give_back(ev);
-      throw;
-    }
-    track_end(ev, s);
+          keep(ncclRecv(g.data, static_cast<size_t>(g.bytes), ncclUint8, g.peer, comm_,
+                        stream_of(stream)));
+    });
   }
 
   std::vector<int64_t> all_gather(std::span<const int64_t> mine, Stream stream) override {
@@ -275,6 +230,40 @@ class NcclCommunicator final : public Communicator {
     bool running = false;
     Clock::time_point started;
   };
+
+  static cudaStream_t stream_of(Stream stream) { return reinterpret_cast<cudaStream_t>(stream); }
+
+  // One NCCL group of point-to-point calls on `stream`: post(keep) posts them, passing each
+  // ncclResult_t to keep. Inside the group an error is remembered and the group closed before
+  // failing (aborting a communicator with ops still queued in an open group would leave them
+  // dangling); the watchdog tracks the group like any collective.
+  template <class Post>
+  void grouped_send_recv(const char* call, Stream stream, Post&& post) {
+    DeviceScope dev(device_);
+    cudaStream_t s = stream_of(stream);
+    {
+      std::unique_lock lock(mu_);
+      throw_if_failed(lock, call);
+    }
+    cudaEvent_t ev = track_begin(call, s);
+    try {
+      std::unique_lock lock(mu_);
+      throw_if_failed(lock, call);
+      nccl(lock, call, ncclGroupStart());
+      ncclResult_t first = ncclSuccess;
+      post([&](ncclResult_t r) {
+        if (r != ncclSuccess && r != ncclInProgress && first == ncclSuccess) first = r;
+      });
+      const ncclResult_t end = ncclGroupEnd();
+      if (first != ncclSuccess)
+        fail_and_throw(lock, call, cat("NCCL error: ", nccl_text(first, comm_)));
+      nccl(lock, call, end);
+    } catch (...) {
+      give_back(ev);
+      throw;
+    }
+    track_end(ev, s);
+  }
 
   void release_buffers() {
     if (dev_buf_) cudaFree(dev_buf_);

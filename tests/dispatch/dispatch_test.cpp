@@ -501,35 +501,42 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
   return outs;
 }
 
+// One pipeline case: payload kind, with/without probs, ranks, tokens per rank, routing pattern.
+struct PipeCase {
+  Kind kind;
+  bool probs;
+  int N;
+  std::vector<int64_t> T;
+  int routing;
+};
+
+// Every output of every rank of `got` equals `ref` bit for bit (scales only for FP8/MXFP4).
+void expect_pipes_equal(const std::vector<PipeOut>& got, const std::vector<PipeOut>& ref,
+                        const PipeCase& cs) {
+  for (int r = 0; r < cs.N; ++r) {
+    SCOPED_TRACE(::testing::Message() << "rank " << r);
+    EXPECT_TRUE(bytes_equal(got[r].xp, ref[r].xp)) << "xp";
+    if (cs.kind != Kind::Bf16) EXPECT_TRUE(bytes_equal(got[r].sc, ref[r].sc)) << "scales";
+    EXPECT_TRUE(bytes_equal(got[r].prob, ref[r].prob)) << "prob";
+    EXPECT_TRUE(bytes_equal(got[r].y, ref[r].y)) << "combine";
+    EXPECT_TRUE(bytes_equal(got[r].dprob, ref[r].dprob)) << "combine prob";
+  }
+}
+
 TEST(Dispatch, PipelinedChunksAreBitIdentical) {
-  struct Case {
-    Kind kind;
-    bool probs;
-    int N;
-    std::vector<int64_t> T;
-    int routing;
-  };
-  const std::vector<Case> cases = {
+  const std::vector<PipeCase> cases = {
       {Kind::Bf16, true, 1, {9}, 0},           {Kind::Bf16, true, 2, {13, 1}, 0},
       {Kind::Fp8, true, 3, {0, 11, 1}, 1},     {Kind::Fp8, false, 4, {5, 0, 9, 2}, 2},
       {Kind::Mx, false, 4, {17, 1, 0, 6}, 0},  {Kind::Mx, true, 2, {1, 1}, 2},
       {Kind::Bf16, false, 3, {40, 23, 31}, 1},
   };
-  for (const Case& cs : cases) {
+  for (const PipeCase& cs : cases) {
     SCOPED_TRACE(::testing::Message() << "kind " << int(cs.kind) << " N " << cs.N << " routing "
                                       << cs.routing << " probs " << cs.probs);
     const std::vector<PipeOut> ref = run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1);
     for (int chunks : {0, 2, 3, 4, 7}) {
       SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
-      const std::vector<PipeOut> got = run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks);
-      for (int r = 0; r < cs.N; ++r) {
-        SCOPED_TRACE(::testing::Message() << "rank " << r);
-        EXPECT_TRUE(bytes_equal(got[r].xp, ref[r].xp));
-        if (cs.kind != Kind::Bf16) EXPECT_TRUE(bytes_equal(got[r].sc, ref[r].sc));
-        EXPECT_TRUE(bytes_equal(got[r].prob, ref[r].prob));
-        EXPECT_TRUE(bytes_equal(got[r].y, ref[r].y));
-        EXPECT_TRUE(bytes_equal(got[r].dprob, ref[r].dprob));
-      }
+      expect_pipes_equal(run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks), ref, cs);
     }
   }
 }
@@ -540,14 +547,7 @@ TEST(Dispatch, PipelinedChunksAreBitIdentical) {
 // probs, ranks with 0 / 1 tokens (peers sending nothing), empty experts, all pairs on one expert,
 // align 1 / 16 / 128, chunks 1 and 3 (run blocks cut inside (peer, expert) blocks).
 TEST(Dispatch, InPlaceIsBitIdentical) {
-  struct Case {
-    Kind kind;
-    bool probs;
-    int N;
-    std::vector<int64_t> T;
-    int routing;
-  };
-  const std::vector<Case> cases = {
+  const std::vector<PipeCase> cases = {
       {Kind::Bf16, true, 1, {9}, 0},
       {Kind::Bf16, false, 2, {13, 1}, 1},
       {Kind::Fp8, true, 3, {0, 11, 1}, 1},
@@ -559,7 +559,7 @@ TEST(Dispatch, InPlaceIsBitIdentical) {
       {Kind::Bf16, true, 4, {0, 0, 0, 0}, 0},
       {Kind::Bf16, false, 3, {40, 23, 31}, 3},
   };
-  for (const Case& cs : cases) {
+  for (const PipeCase& cs : cases) {
     for (int align : {1, 16, 128}) {
       SCOPED_TRACE(::testing::Message()
                    << "kind " << int(cs.kind) << " N " << cs.N << " routing " << cs.routing
@@ -568,16 +568,9 @@ TEST(Dispatch, InPlaceIsBitIdentical) {
           run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1, align, InPlace::Off);
       for (int chunks : {1, 3}) {
         SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
-        const std::vector<PipeOut> got =
-            run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks, align, InPlace::On);
-        for (int r = 0; r < cs.N; ++r) {
-          SCOPED_TRACE(::testing::Message() << "rank " << r);
-          EXPECT_TRUE(bytes_equal(got[r].xp, ref[r].xp)) << "xp";
-          if (cs.kind != Kind::Bf16) EXPECT_TRUE(bytes_equal(got[r].sc, ref[r].sc)) << "scales";
-          EXPECT_TRUE(bytes_equal(got[r].prob, ref[r].prob)) << "prob";
-          EXPECT_TRUE(bytes_equal(got[r].y, ref[r].y)) << "combine";
-          EXPECT_TRUE(bytes_equal(got[r].dprob, ref[r].dprob)) << "combine prob";
-        }
+        expect_pipes_equal(
+            run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, chunks, align, InPlace::On), ref,
+            cs);
       }
     }
   }

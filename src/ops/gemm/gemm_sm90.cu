@@ -410,22 +410,13 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
         p.workspace);
     p.summary = buf;
     if (log_enabled())
-      std::fprintf(
-          stderr,
-          "fp8flow gemm plan [%s] m=%lld n=%lld k=%lld lda=%lld ldb=%lld ldd=%lld "
-          "trans=%d%d types=%d/%d/%d scale=%d/%d acc=%d -> algo=%d tile=%u stages=%u "
-          "splitk=%d reduction=%u swizzle=%u custom=%u cluster=%u ws=%zu align=%d/%d/%d via %s\n",
-          op, (long long)k.m, (long long)k.n, (long long)k.k, (long long)k.lda, (long long)k.ldb,
-          (long long)k.ldd, k.transa, k.transb, k.a_type, k.b_type, k.d_type, k.a_scale, k.b_scale,
-          k.accumulate, algo_attr<int32_t>(p.algo, CUBLASLT_ALGO_CONFIG_ID),
-          algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_TILE_ID),
-          algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_STAGES_ID),
-          algo_attr<int32_t>(p.algo, CUBLASLT_ALGO_CONFIG_SPLITK_NUM),
-          algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
-          algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CTA_SWIZZLING),
-          algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_CUSTOM_OPTION),
-          static_cast<unsigned>(algo_attr<uint16_t>(p.algo, CUBLASLT_ALGO_CONFIG_CLUSTER_SHAPE_ID)),
-          p.workspace, k.a_align, k.b_align, k.d_align, p.how);
+      std::fprintf(stderr,
+                   "fp8flow gemm plan [%s] %s lda=%lld ldb=%lld ldd=%lld trans=%d%d types=%d/%d/%d "
+                   "scale=%d/%d acc=%d reduction=%u align=%d/%d/%d via %s\n",
+                   op, p.summary.c_str(), (long long)k.lda, (long long)k.ldb, (long long)k.ldd,
+                   k.transa, k.transb, k.a_type, k.b_type, k.d_type, k.a_scale, k.b_scale,
+                   k.accumulate, algo_attr<uint32_t>(p.algo, CUBLASLT_ALGO_CONFIG_REDUCTION_SCHEME),
+                   k.a_align, k.b_align, k.d_align, p.how);
   } catch (...) {
     destroy_plan(p);
     throw;
