@@ -219,6 +219,7 @@ setup(
     version="0.1.0",
     description="fp8flow: FP8-centric MoE training ops (PyTorch front-end)",
     packages=["fp8flow"],
+    package_data={"fp8flow": ["BUILT_FROM"]},  # written by python/run_gpu.sh (its --reuse-ext)
     ext_modules=[ext],
     cmdclass={"build_ext": BuildExtension.with_options(no_python_abi_suffix=False, use_ninja=False)},
     python_requires=">=3.9",
