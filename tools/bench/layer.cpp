@@ -675,13 +675,27 @@ int run_layer(const Options& opt) {
 
   // Ranks: --ep N (threads, one per GPU; InProcess on the CPU), or the mpirun size.
   L.ep = std::max(opt.ep, 1);
-  if (mpi && gpu && built_with_mpi() && built_with_nccl()) {
+  if (mpi) {
+    // mpirun mode: one rank per process and GPU, NCCL bootstrapped over MPI.
+    const char* missing = !gpu                 ? "no CUDA device found"
+                          : !built_with_nccl() ? "fp8flow was built without NCCL"
+                          : !built_with_mpi()
+                              ? "fp8flow was built without MPI (FP8FLOW_WITH_MPI=OFF)"
+                              : nullptr;
+    if (missing) {
+      std::fprintf(stderr,
+                   "fp8flow-bench layer: started under mpirun, but mpirun mode (one rank per GPU) "
+                   "is unavailable: %s; run `fp8flow-bench layer --ep N` without mpirun instead "
+                   "(%s)\n",
+                   missing, gpu ? "one thread per GPU" : "N simulated ranks on the CPU");
+      return 2;
+    }
+    if (opt.ep > 1)
+      std::fprintf(stderr,
+                   "fp8flow-bench layer: --ep %d ignored under mpirun (the ranks are the MPI "
+                   "processes)\n",
+                   opt.ep);
     L.ep = 0;  // set from MPI below
-  } else if (mpi && (gpu || opt.ep > 1)) {
-    std::fprintf(stderr,
-                 "fp8flow-bench layer: started under mpirun, but mpirun mode needs CUDA devices, "
-                 "NCCL and an MPI build (FP8FLOW_WITH_MPI); use `fp8flow-bench layer --ep N`\n");
-    return 2;
   } else if (gpu && L.ep > 1) {
     const int gpus = gpu_count();
     if (!built_with_nccl() || L.ep > gpus) {
