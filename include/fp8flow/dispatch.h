@@ -4,8 +4,9 @@
 // no separate permute pass.
 //
 // Model. N ranks (Communicator::size()), E_g global experts split contiguously: rank r owns
-// experts [r * E_l, (r + 1) * E_l), E_l = E_g / N. One routed row per (token, slot) pair (no
-// per-rank token dedup). Each rank routes its own T tokens over all E_g experts.
+// experts [r * E_l, (r + 1) * E_l), E_l = E_g / N. One routed row per (token, slot) pair (the
+// dedup variant at the end of this header sends one per (token, rank)). Each rank routes its own
+// T tokens over all E_g experts.
 //
 // Source side ("send order"). The pairs of a rank sorted by global expert, flat index t * k + j
 // ascending within an expert: exactly the plan make_permutation(topk_idx, E_g, align = 1) makes
@@ -237,5 +238,69 @@ void dispatch(Communicator& comm, const DispatchLayout& layout, const DispatchRo
 void combine(Communicator& comm, const DispatchLayout& layout, const DispatchRows& in,
              const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buffers,
              Stream stream = nullptr, const DispatchOptions& opts = {});
+
+// ---- Token dedup: one record per (token, destination rank) --------------------------------------
+//
+// The record path above sends a token's row once per routed pair: with top-k over E_g experts on N
+// ranks, a token whose k experts sit on n_t distinct ranks travels k times although n_t copies
+// would do (uniform routing: n_t = N (1 - (1 - 1/N)^k) on average, 3.6 instead of 8 at N 4, k 8;
+// 5.3 at N 8). Dedup dispatch (DeepEP's per-rank dedup) sends one record per (token, destination
+// rank) and expands it on the destination into every permuted row of that token's pairs there.
+// Outputs are bit-identical to dispatch() (same permuted layout, pad rows, probs); combine is
+// unchanged (it returns one row per pair; summing on the expert side would change the FP32
+// summation order of the single-GPU combine).
+//
+// The dedup record: [data D][scales S][k slots of (I32 destination permuted row or -1, F32 prob)]
+// zero-padded to a multiple of 16: at H 7168, k 8: BF16 14416 B, FP8 7472 B, MXFP4 3888 B per
+// record (the record path's per-pair size + 64 B), sent n_t instead of k times per token.
+// Slot j of a token's record to rank r describes its pair j when expert topk_idx[t][j] is on r.
+
+// The host plan of one rank: which tokens go to which rank, and where each pair lands there.
+// Every destination row is computable at the source because the layout's all-gathered counts
+// give every rank's segments.
+struct DedupPlan {
+  int ranks = 1, rank = 0, k = 1;
+  int64_t tokens = 0;                            // T of this rank
+  std::vector<int64_t> send_rows, send_offsets;  // [ranks]: records to rank j
+  std::vector<int64_t> recv_rows, recv_offsets;  // [ranks]: records from rank s
+  int64_t send_total = 0, recv_total = 0;
+  std::vector<int32_t> token;  // [send_total]: source token of each record, send order (rank
+                               // major, tokens ascending within a rank)
+  std::vector<int32_t> slots;  // [send_total][k][2]: (destination permuted row, or -1; pair
+                               // index t * k + j, or -1)
+};
+
+// Tokens of this rank with at least one pair on each rank: [ranks]. topk_idx [T][k] host, every
+// entry in [0, layout.experts).
+std::vector<int64_t> dedup_token_counts(const DispatchLayout& layout,
+                                        std::span<const int32_t> topk_idx, int k);
+
+// The plan of layout.rank from its routing topk_idx [T][k] (host; the routing whose per-expert
+// counts are layout.counts[rank]) and every rank's dedup_token_counts (all_tokens [ranks][ranks],
+// rank-major). Pure host function.
+DedupPlan make_dedup_plan(const DispatchLayout& layout, std::span<const int32_t> topk_idx, int k,
+                          std::span<const int64_t> all_tokens);
+
+// Collective: dedup_token_counts, their all_gather (one small collective, a host
+// synchronization), make_dedup_plan.
+DedupPlan exchange_dedup_plan(Communicator& comm, const DispatchLayout& layout,
+                              std::span<const int32_t> topk_idx, int k, Stream stream = nullptr);
+
+// The dedup record of a payload (BF16, F32, E4M3, E2M1x2 data, hidden H, top-k k): prob_offset is
+// -1 (the probs travel in the slots).
+DispatchWire dispatch_dedup_wire(DType data_dtype, int64_t hidden, int k);
+
+// Dedup dispatch: in.data [T][H] (+ in.scale as in DispatchRows; in.prob = topk_weight [T][k] or
+// empty) -> out: exactly what dispatch() writes (out rows M >= padded_rows, rows past padded_rows
+// as pad rows; out.prob [M] when in.prob is given). plan_dev: I32 [>= send_total (1 + 2k)] scratch
+// on the communicator's device for the plan's arrays (Cuda: one async host-to-device copy from
+// the plan's vectors, which may be destroyed after the call); map: I32 [>= M] scratch (received
+// record of each permuted row). buffers: send >= send_total records, recv >= recv_total records
+// of dispatch_dedup_wire's size, 16-byte aligned. Steps: pack (records), one all_to_all_v, a slot
+// scatter (map and probs of the permuted rows), unpack (data and scales by the map; pad rows).
+void dispatch_dedup(Communicator& comm, const DispatchLayout& layout, const DedupPlan& plan,
+                    const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
+                    const DispatchRows& out, const DispatchBuffers& buffers,
+                    Stream stream = nullptr);
 
 }  // namespace fp8flow

@@ -433,8 +433,9 @@ struct PipeOut {
 // first expert. in_place On: the buffers are exactly the in-place minimum (dispatch_in_place).
 std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<int64_t>& T,
                               int routing, int chunks, int align = 16,
-                              InPlace in_place = InPlace::Auto) {
-  const int64_t El = 3, E = El * N, k = 2;
+                              InPlace in_place = InPlace::Auto, bool dedup = false,
+                              int64_t k_pairs = 2) {
+  const int64_t El = 3, E = El * N, k = k_pairs;
   const int64_t H = kind == Kind::Mx ? 256 : (kind == Kind::Fp8 ? 144 : 200);
   const DType dd = kind == Kind::Bf16  ? DType::BF16
                    : kind == Kind::Fp8 ? DType::E4M3
@@ -485,8 +486,19 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
       buf = {ip_send.empty() ? nullptr : ip_send.data(), ip_send.size(),
              ip_recv.empty() ? nullptr : ip_recv.data(), ip_recv.size()};
     }
-    dispatch(comm, l, {x.v, sc.v, probs ? w.v : TensorView{}}, sp.src.v, static_cast<int>(kk),
-             p2r.v, {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}}, buf, nullptr, opts);
+    if (dedup) {  // one record per (token, rank); buffers exactly the dedup need
+      const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(kk));
+      const int64_t Bd = dispatch_dedup_wire(dd, H, static_cast<int>(kk)).row_bytes;
+      std::vector<uint8_t> ds(plan.send_total * Bd, 0xA5), dr(plan.recv_total * Bd, 0xA5);
+      HostTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * kk) + 1), map(DType::I32, 1, M);
+      dispatch_dedup(comm, l, plan, {x.v, sc.v, probs ? w.v : TensorView{}}, pdev.v, map.v,
+                     {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}},
+                     {ds.empty() ? nullptr : ds.data(), ds.size(), dr.empty() ? nullptr : dr.data(),
+                      dr.size()});
+    } else {
+      dispatch(comm, l, {x.v, sc.v, probs ? w.v : TensorView{}}, sp.src.v, static_cast<int>(kk),
+               p2r.v, {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}}, buf, nullptr, opts);
+    }
     // Combine: BF16 rows and a prob vector back.
     HostTensor yp = random_bytes(DType::BF16, M, 64, seed + 4);
     HostTensor dp = random_bytes(DType::F32, 1, M, seed + 5);
@@ -574,6 +586,99 @@ TEST(Dispatch, InPlaceIsBitIdentical) {
       }
     }
   }
+}
+
+// Dedup dispatch (one record per (token, rank), expanded on the destination) against the record
+// path, bit for bit, for every payload with and without probs, 1-4 ranks, ranks with 0 / 1
+// tokens, empty experts, every pair on one expert, align 1 / 16 / 128, k 1 / 2 / 3 (a token with
+// several experts on one rank: one record, several rows).
+TEST(Dispatch, DedupIsBitIdentical) {
+  const std::vector<PipeCase> cases = {
+      {Kind::Bf16, true, 1, {9}, 0},
+      {Kind::Bf16, false, 2, {13, 1}, 1},
+      {Kind::Fp8, true, 3, {0, 11, 1}, 1},
+      {Kind::Fp8, false, 4, {5, 0, 9, 2}, 2},
+      {Kind::Fp8, true, 4, {40, 23, 31, 7}, 3},
+      {Kind::Mx, false, 4, {17, 1, 0, 6}, 0},
+      {Kind::Mx, true, 2, {1, 1}, 2},
+      {Kind::Mx, true, 3, {30, 0, 12}, 3},
+      {Kind::Bf16, true, 4, {0, 0, 0, 0}, 0},
+      {Kind::Bf16, false, 3, {40, 23, 31}, 1},
+  };
+  for (const PipeCase& cs : cases) {
+    for (int align : {1, 16, 128}) {
+      for (int64_t k : {1, 2, 3}) {
+        SCOPED_TRACE(::testing::Message()
+                     << "kind " << int(cs.kind) << " N " << cs.N << " routing " << cs.routing
+                     << " probs " << cs.probs << " align " << align << " k " << k);
+        const std::vector<PipeOut> ref =
+            run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1, align, InPlace::Off, false, k);
+        expect_pipes_equal(
+            run_pipe(cs.kind, cs.probs, cs.N, cs.T, cs.routing, 1, align, InPlace::Off, true, k),
+            ref, cs);
+      }
+    }
+  }
+}
+
+// The plan: records per (token, rank), the slots' rows are the record path's permuted rows of the
+// pairs, and bad routings / counts are rejected with the argument named.
+TEST(Dispatch, DedupPlan) {
+  // 2 ranks, 2 experts each (E 4), k 3; rank 0's tokens: t0 -> {0, 1, 2}, t1 -> {3, 2, 0},
+  // t2 -> {1, 0, 3}; rank 1 routes 1 token -> {2, 3, 1}.
+  const std::vector<int32_t> idx0 = {0, 1, 2, 3, 2, 0, 1, 0, 3}, idx1 = {2, 3, 1};
+  std::vector<int64_t> counts(8, 0);
+  for (int32_t e : idx0) ++counts[e];
+  for (int32_t e : idx1) ++counts[4 + e];
+  const DispatchLayout l0 = make_dispatch_layout(counts, 2, 0, 4, 1);
+  const DispatchLayout l1 = make_dispatch_layout(counts, 2, 1, 4, 1);
+  EXPECT_EQ(dedup_token_counts(l0, idx0, 3), (std::vector<int64_t>{3, 3}));
+  EXPECT_EQ(dedup_token_counts(l1, idx1, 3), (std::vector<int64_t>{1, 1}));
+  const std::vector<int64_t> all = {3, 3, 1, 1};
+  const DedupPlan p = make_dedup_plan(l0, idx0, 3, all);
+  EXPECT_EQ(p.send_total, 6);  // 9 pairs, 6 (token, rank) records
+  EXPECT_EQ(p.recv_total, 4);  // 3 from itself, 1 from rank 1
+  EXPECT_EQ(p.token, (std::vector<int32_t>{0, 1, 2, 0, 1, 2}));
+  // On rank 0 (align 1): expert 0 gets rank 0's (t0 j0), (t1 j2), (t2 j1): rows 0, 1, 2; expert 1
+  // rank 0's (t0 j1), (t2 j0), then rank 1's (t0 j2): rows 3, 4, 5. Record 0 is token 0 to rank
+  // 0: slots (row 0, pair 0), (row 3, pair 1), none; record 2 is token 2: (4, 6), (2, 7), none.
+  EXPECT_EQ(std::vector<int32_t>(p.slots.begin(), p.slots.begin() + 6),
+            (std::vector<int32_t>{0, 0, 3, 1, -1, -1}));
+  EXPECT_EQ(std::vector<int32_t>(p.slots.begin() + 12, p.slots.begin() + 18),
+            (std::vector<int32_t>{4, 6, 2, 7, -1, -1}));
+  // Record 3 is token 0 to rank 1 (experts 2, 3 there; segment of expert 2 on rank 1 starts at
+  // 0): its slot j2 = (row 0, pair 2).
+  EXPECT_EQ(std::vector<int32_t>(p.slots.begin() + 18, p.slots.begin() + 24),
+            (std::vector<int32_t>{-1, -1, -1, -1, 0, 2}));
+  // Bad input: routing that is not the layout's, wrong all_tokens, out-of-range experts.
+  auto msg = [](auto&& f) {
+    try {
+      f();
+    } catch (const Error& e) {
+      return std::string(e.what());
+    }
+    return std::string("no error");
+  };
+  const std::vector<int32_t> other = {0, 1, 2, 3, 2, 0, 1, 0, 2};
+  EXPECT_NE(msg([&] {
+              make_dedup_plan(l0, other, 3, all);
+            }).find("make_dedup_plan: topk_idx: expected the routing of the layout's counts"),
+            std::string::npos);
+  EXPECT_NE(msg([&] {
+              make_dedup_plan(l0, idx0, 3, std::vector<int64_t>{3, 2, 1, 1});
+            }).find("make_dedup_plan: all_tokens: expected this rank's dedup_token_counts"),
+            std::string::npos);
+  const std::vector<int32_t> bad = {0, 1, 4};
+  EXPECT_NE(msg([&] {
+              dedup_token_counts(l0, bad, 3);
+            }).find("dedup_token_counts: topk_idx: expected experts in [0, 4), got 4 at [0][2]"),
+            std::string::npos);
+  EXPECT_NE(msg([&] {
+              dispatch_dedup_wire(DType::E4M3, 0, 8);
+            }).find("dispatch_dedup_wire: hidden: expected > 0"),
+            std::string::npos);
+  EXPECT_EQ(dispatch_dedup_wire(DType::E4M3, 7168, 8).row_bytes, 7168 + 224 + 64);
+  EXPECT_EQ(dispatch_dedup_wire(DType::BF16, 7168, 8).row_bytes, 14336 + 64);
 }
 
 TEST(Dispatch, InPlaceOption) {

@@ -130,7 +130,7 @@ struct PipeGpuOut {
 // Rank q's part (inputs seeded by q): dispatch of E4M3 / BF16 / E2M1x2 rows (+ prob for the first
 // two) and a BF16 combine back, with tensors on `dev`.
 PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
-                     InPlace in_place = InPlace::Auto) {
+                     InPlace in_place = InPlace::Auto, bool dedup = false) {
   const int q = comm.rank(), N = comm.size();
   const int64_t T = q == 1 ? 1 : 300 + 37 * q, k = 4, El = 5, E = El * N;
   const int64_t H = dd == DType::BF16 ? 520 : 640, tiles = (H + 127) / 128;
@@ -199,9 +199,20 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
       osc.buf.empty() ? DeviceTensor() : DeviceTensor(osc.v.dtype, osc.v.rows, osc.v.cols);
   DeviceTensor send(DType::E4M3, l.send_total + 1, B), recv(DType::E4M3, l.recv_total + 1, B);
   DeviceTensor csend(DType::E4M3, l.recv_total + 1, 512);
-  dispatch(comm, l, {dx.v, dsc.v, prob ? dw.v : TensorView{}}, dsmap.v, static_cast<int>(k), dp2r.v,
-           {dxp.v, dosc.v, prob ? dprob.v : TensorView{}},
-           {send.v.data, send.n, recv.v.data, recv.n}, stream, opts);
+  if (dedup) {  // one record per (token, rank), expanded on the destination
+    const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(k), stream);
+    const int64_t Bd = dispatch_dedup_wire(dd, H, static_cast<int>(k)).row_bytes;
+    DeviceTensor ds(DType::E4M3, plan.send_total + 1, Bd), dr(DType::E4M3, plan.recv_total + 1, Bd);
+    DeviceTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * k) + 1), map(DType::I32, 1, M);
+    dispatch_dedup(comm, l, plan, {dx.v, dsc.v, prob ? dw.v : TensorView{}}, pdev.v, map.v,
+                   {dxp.v, dosc.v, prob ? dprob.v : TensorView{}},
+                   {ds.v.data, ds.n, dr.v.data, dr.n}, stream);
+    EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);  // before the scratch tensors go
+  } else {
+    dispatch(comm, l, {dx.v, dsc.v, prob ? dw.v : TensorView{}}, dsmap.v, static_cast<int>(k),
+             dp2r.v, {dxp.v, dosc.v, prob ? dprob.v : TensorView{}},
+             {send.v.data, send.n, recv.v.data, recv.n}, stream, opts);
+  }
   combine(comm, l, {dyp.v, {}, {}}, dr2p.v, dy.v, {csend.v.data, csend.n, nullptr, 0}, stream,
           opts);
   EXPECT_EQ(cudaStreamSynchronize(st), cudaSuccess);
@@ -213,12 +224,26 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
   return o;
 }
 
-std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks, InPlace in_place = InPlace::Auto) {
+std::vector<PipeGpuOut> pipe_nccl(int N, DType dd, int chunks, InPlace in_place = InPlace::Auto,
+                                  bool dedup = false) {
   std::vector<PipeGpuOut> outs(N);
   on_nccl_ranks(N, [&](Communicator& comm, int q) {
-    outs[q] = pipe_rank(comm, Device::Cuda, dd, chunks, in_place);
+    outs[q] = pipe_rank(comm, Device::Cuda, dd, chunks, in_place, dedup);
   });
   return outs;
+}
+
+// The rank outputs of a GPU run equal the CPU's, bit for bit (scales and probs where the payload
+// has them).
+void expect_gpu_pipes_equal(const std::vector<PipeGpuOut>& got, const std::vector<PipeGpuOut>& want,
+                            DType dd) {
+  for (size_t q = 0; q < got.size(); ++q) {
+    SCOPED_TRACE(::testing::Message() << "rank " << q);
+    EXPECT_TRUE(bytes_equal(got[q].xp, want[q].xp)) << "xp";
+    if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, want[q].sc)) << "scales";
+    if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, want[q].prob)) << "prob";
+    EXPECT_TRUE(bytes_equal(got[q].y, want[q].y)) << "combine";
+  }
 }
 
 TEST(DispatchGpu, PipelinedChunksMatchCpu) {
@@ -234,14 +259,7 @@ TEST(DispatchGpu, PipelinedChunksMatchCpu) {
     for (int chunks : {1, 0, 3, 4, 7}) {
       SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
       const std::vector<PipeGpuOut> got = chunks == 1 ? one : pipe_nccl(N, dd, chunks);
-      const std::vector<PipeGpuOut>& want = chunks == 1 ? cpu : one;
-      for (int q = 0; q < N; ++q) {
-        SCOPED_TRACE(::testing::Message() << "rank " << q);
-        EXPECT_TRUE(bytes_equal(got[q].xp, want[q].xp)) << "xp";
-        if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, want[q].sc)) << "scales";
-        if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, want[q].prob)) << "prob";
-        EXPECT_TRUE(bytes_equal(got[q].y, want[q].y)) << "combine";
-      }
+      expect_gpu_pipes_equal(got, chunks == 1 ? cpu : one, dd);
     }
   }
 }
@@ -262,15 +280,25 @@ TEST(DispatchGpu, InPlaceMatchesCpu) {
     });
     for (int chunks : {1, 3, 0}) {
       SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
-      const std::vector<PipeGpuOut> got = pipe_nccl(N, dd, chunks, InPlace::On);
-      for (int q = 0; q < N; ++q) {
-        SCOPED_TRACE(::testing::Message() << "rank " << q);
-        EXPECT_TRUE(bytes_equal(got[q].xp, cpu[q].xp)) << "xp";
-        if (dd != DType::BF16) EXPECT_TRUE(bytes_equal(got[q].sc, cpu[q].sc)) << "scales";
-        if (dd != DType::E2M1x2) EXPECT_TRUE(bytes_equal(got[q].prob, cpu[q].prob)) << "prob";
-        EXPECT_TRUE(bytes_equal(got[q].y, cpu[q].y)) << "combine";
-      }
+      expect_gpu_pipes_equal(pipe_nccl(N, dd, chunks, InPlace::On), cpu, dd);
     }
+  }
+}
+
+// Dedup dispatch (one record per (token, rank): pack with slots, NCCL all-to-all, slot scatter,
+// unpack) through NCCL on min(GPUs, 4) ranks against the record path on InProcess ranks (CPU),
+// bit for bit: rows, pad rows and rows past padded_rows, scales, probs.
+TEST(DispatchGpu, DedupMatchesCpu) {
+  FP8FLOW_REQUIRE_GPU();
+  if (!built_with_nccl()) GTEST_SKIP() << "built without NCCL: dedup dispatch test skipped";
+  const int N = std::min(gpu_count(), 4);
+  for (DType dd : {DType::E4M3, DType::BF16, DType::E2M1x2}) {
+    SCOPED_TRACE(::testing::Message() << to_string(dd) << ", " << N << " ranks");
+    std::vector<PipeGpuOut> cpu(N);
+    run_in_process(N, [&](Communicator& comm) {
+      cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1, InPlace::Off);
+    });
+    expect_gpu_pipes_equal(pipe_nccl(N, dd, 1, InPlace::Off, true), cpu, dd);
   }
 }
 

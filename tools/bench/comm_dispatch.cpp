@@ -210,24 +210,44 @@ void dispatch_cases(CommBench& b) {
     r.verified = everyone(b, outputs() == want);
     return want;
   };
-  // "<payload> inplace" rows: the listed outputs poisoned, one DispatchOptions{1, InPlace::On} run
-  // verified against the record path's reference outputs `want`, then timed.
+  // Variant rows ("<payload> inplace", "<payload> dedup"): the listed outputs poisoned, one
+  // run_once() verified against the record path's reference outputs `want`, then timed (at the
+  // record path's bytes, so that rates compare).
   using Poisoned = std::pair<const CommBuffer*, size_t>;
-  auto in_place_row = [&](const CommRow& r, const auto& run, const auto& outputs, const auto& want,
-                          std::initializer_list<Poisoned> poisoned) {
+  auto variant_row = [&](const CommRow& r, const char* suffix, const auto& run_once,
+                         const auto& outputs, const auto& want,
+                         std::initializer_list<Poisoned> poisoned) {
     for (auto [buf_p, n] : poisoned) {
       if (!buf_p || n == 0) continue;
       const std::vector<uint8_t> poison(n, 0xA5);
       to_device(*buf_p, poison.data(), n);
     }
-    const DispatchOptions ip{1, InPlace::On};
-    CommRow ipr = r;
-    ipr.payload = r.payload + " inplace";
-    run(ip);
-    ipr.verified = everyone(b, outputs() == want);
-    ipr.timing = b.time([&] { run(ip); }, r.bytes_per_rank);
-    return ipr;
+    CommRow vr = r;
+    vr.payload = r.payload + " " + suffix;
+    run_once();
+    vr.verified = everyone(b, outputs() == want);
+    vr.timing = b.time(run_once, r.bytes_per_rank);
+    return vr;
   };
+  auto in_place_row = [&](const CommRow& r, const auto& run, const auto& outputs, const auto& want,
+                          std::initializer_list<Poisoned> poisoned) {
+    return variant_row(
+        r, "inplace",
+        [&] {
+          run(DispatchOptions{1, InPlace::On});
+        },
+        outputs, want, poisoned);
+  };
+  // Dedup dispatch: one record per (token, destination rank); the plan is made once (its
+  // exchange, a small all_gather + host sync, is not in the timed loop; the layer pays it once
+  // per step next to the counts exchange).
+  const DedupPlan dplan = exchange_dedup_plan(b.comm(), l, idx, static_cast<int>(k), st);
+  const int64_t Bd = dispatch_dedup_wire(DType::BF16, H, static_cast<int>(k)).row_bytes;
+  CommBuffer dsend = b.alloc(std::max<int64_t>(dplan.send_total, 1) * Bd),
+             drecv = b.alloc(std::max<int64_t>(dplan.recv_total, 1) * Bd),
+             dpdev = b.alloc(std::max<int64_t>(dplan.send_total, 1) * (1 + 2 * k) * 4),
+             dmap = b.alloc(M * 4);
+  const DispatchBuffers dbuf{dsend.data(), dsend.size(), drecv.data(), drecv.size()};
   double bf16_rows_per_s = 0;
   for (const Payload& p : pays) {
     const DispatchWire wire = dispatch_wire(p.in.data.dtype, H, true);
@@ -264,6 +284,31 @@ void dispatch_cases(CommBench& b) {
                  std::to_string(wn.scale_bytes + 4) +
                  " B/row (vs chunks 1 record path: " + (ipr.verified ? "identical)" : "DIFFERENT)");
       b.row(ipr);
+    }
+    {
+      const int64_t db = dispatch_dedup_wire(p.in.data.dtype, H, static_cast<int>(k)).row_bytes;
+      CommRow dr = variant_row(r, "dedup",
+                               [&] {
+                                 dispatch_dedup(
+                                     b.comm(), l, dplan, p.in,
+                                     view(dpdev, DType::I32, 1, dplan.send_total * (1 + 2 * k) + 1),
+                                     view(dmap, DType::I32, 1, M), p.out, dbuf, st);
+                               },
+                               outputs, want,
+                               {Poisoned{p.data, p.data_bytes}, Poisoned{p.scale, p.scale_bytes},
+                                Poisoned{&prob, Ms * 4}});
+      char s[200];
+      std::snprintf(s, sizeof s,
+                    "; dedup: %lld records of %lld B sent (%.2fx fewer bytes than %lld pairs of "
+                    "%lld B; vs record path: %s)",
+                    static_cast<long long>(dplan.send_total), static_cast<long long>(db),
+                    dplan.send_total > 0
+                        ? static_cast<double>(bytes) / static_cast<double>(dplan.send_total * db)
+                        : 0.0,
+                    static_cast<long long>(l.send_total), static_cast<long long>(wire.row_bytes),
+                    dr.verified ? "identical" : "DIFFERENT");
+      dr.note = rows_note(dr.timing, false) + s;
+      b.row(dr);
     }
     if (std::string(p.name) == "bf16" || chunks != 1) {
       CommRow c1 = r;

@@ -658,6 +658,92 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
            exchange, &ua);
 }
 
+void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan& plan,
+                    const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
+                    const DispatchRows& out, const DispatchBuffers& buf, Stream stream) {
+  const Check c("dispatch_dedup");
+  c.that(present(in.data), "in.data", "rows (dedup dispatch moves data rows)", "empty");
+  const DispatchWire w0 = wire_of(c, in, "in");
+  const DispatchWire wo = wire_of(c, out, "out");
+  c.that(wo.dtype == w0.dtype && wo.hidden == w0.hidden && wo.prob_offset == w0.prob_offset, "out",
+         cat("rows of the same payload as in (", to_string(w0.dtype), ", H ", w0.hidden,
+             w0.prob_offset >= 0 ? ", with prob)" : ", no prob)"),
+         cat(to_string(wo.dtype), ", H ", wo.hidden,
+             wo.prob_offset >= 0 ? ", with prob" : ", no prob"));
+  const Device dev = rows_device(in);
+  check_layout_comm(c, comm, l, dev);
+  c.that(plan.ranks == l.ranks && plan.rank == l.rank && plan.k >= 1 &&
+             static_cast<int64_t>(plan.token.size()) == plan.send_total &&
+             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k * 2 &&
+             static_cast<int64_t>(plan.send_rows.size()) == l.ranks &&
+             static_cast<int64_t>(plan.recv_rows.size()) == l.ranks,
+         "plan", cat("a plan of rank ", l.rank, " of ", l.ranks, " (make_dedup_plan)"),
+         cat("rank ", plan.rank, " of ", plan.ranks, ", ", plan.token.size(), " tokens for ",
+             plan.send_total, " records"));
+  const int k = plan.k;
+  const DispatchWire w = dispatch_dedup_wire(in.data.dtype, in.data.cols, k);
+  const int64_t B = w.row_bytes;
+  c.that(in.data.rows == plan.tokens, "in.data", cat(plan.tokens, " rows (the plan's tokens)"),
+         cat(in.data.rows));
+  if (present(in.prob))
+    c.that(in.prob.numel() == plan.tokens * k, "in.prob",
+           cat(plan.tokens * k, " elements (T x k, the top-k weights)"), cat(in.prob.numel()));
+  check_buffer(c, buf.send, buf.send_bytes, plan.send_total * B, "buffers.send");
+  check_buffer(c, buf.recv, buf.recv_bytes, plan.recv_total * B, "buffers.recv");
+  const int64_t M = out.data.rows;
+  c.that(M >= l.padded_rows, "out", cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(M));
+  check_map(c, plan_dev, "plan_dev", plan.send_total * (1 + 2 * int64_t{k}), dev);
+  check_map(c, map, "map", M, dev);
+  auto* pd = static_cast<int32_t*>(plan_dev.data);
+  auto* mp = static_cast<int32_t*>(map.data);
+
+  // Pack: record i <- token plan.token[i] (map with k = 1), slots from plan.slots.
+  WireArgs pa;
+  row_side(c, in, "in", w, in.data.rows, pa);
+  pa.prob_offset = -1;  // the probs travel in the slots
+  pa.map = pd;
+  pa.k = 1;
+  pa.slots = pd + plan.send_total;
+  pa.slot_k = k;
+  pa.wire = static_cast<uint8_t*>(buf.send);
+  pa.wire_rows = pa.map_rows = plan.send_total;
+  pa.row_bytes = B;
+  // Unpack: data and scales by the scattered map (pad rows where it is -1); probs by the scatter.
+  WireArgs ua;
+  row_side(c, out, "out", w, M, ua);
+  float* out_prob = ua.prob;
+  ua.prob = nullptr;
+  ua.prob_offset = -1;
+  ua.map = mp;
+  ua.map_rows = M;
+  ua.wire = static_cast<uint8_t*>(buf.recv);
+  ua.wire_rows = plan.recv_total;
+  ua.row_bytes = B;
+  ua.slot_k = k;
+
+  if (dev == Device::Cpu) {
+    std::copy(plan.token.begin(), plan.token.end(), pd);
+    std::copy(plan.slots.begin(), plan.slots.end(), pd + plan.send_total);
+  } else {
+    require_cuda(c, {{pd, "plan_dev"}, {mp, "map"}, {out_prob, "out.prob"}}, dev);
+    FP8FLOW_SM90(if (plan.send_total > 0) sm90::dispatch_dedup_upload(plan, pd, stream));
+  }
+  run_pack(c, pa, dev, stream);
+  std::vector<int64_t> sb(l.ranks), so(l.ranks), rb(l.ranks), ro(l.ranks);
+  for (int j = 0; j < l.ranks; ++j) {
+    sb[j] = plan.send_rows[j] * B;
+    so[j] = plan.send_offsets[j] * B;
+    rb[j] = plan.recv_rows[j] * B;
+    ro[j] = plan.recv_offsets[j] * B;
+  }
+  comm.all_to_all_v(buf.send, sb, so, buf.recv, rb, ro, stream);
+  if (dev == Device::Cpu)
+    ref::dispatch_dedup_scatter(ua, mp, M, out_prob);
+  else
+    FP8FLOW_SM90(sm90::dispatch_dedup_scatter(ua, mp, M, out_prob, stream));
+  run_unpack(c, ua, dev, stream);
+}
+
 void combine(Communicator& comm, const DispatchLayout& l, const DispatchRows& in,
              const TensorView& recv_to_perm, const TensorView& out, const DispatchBuffers& buf,
              Stream stream, const DispatchOptions& opts) {

@@ -78,6 +78,12 @@ struct WireArgs {
   // Pack: only records i in the chunk are written (others untouched); unpack: only rows r whose
   // record map[r] is in the chunk (pad rows: chunk 0).
   ChunkFilter filter;
+  // Dedup records (dispatch_dedup): after the scales, slot_k slots of 8 bytes, (I32 destination
+  // row, F32 prob). Pack: slot j of record i is slots[(i slot_k + j) 2 + {0, 1}] = (row, pair
+  // index into prob, -1: prob 0); the scatter reads them on the receiving side.
+  const int32_t* slots = nullptr;
+  int32_t slot_k = 0;
+  FP8FLOW_HD int64_t slot_offset() const { return rec_data() + scale_bytes; }
 };
 
 }  // namespace fp8flow::detail
@@ -85,6 +91,10 @@ struct WireArgs {
 namespace fp8flow::ref {
 void dispatch_pack(const detail::WireArgs& a);
 void dispatch_unpack(const detail::WireArgs& a);
+// Dedup slot scatter: map[0, map_len) = -1 and prob[0, map_len) = 0 (prob may be null), then for
+// every slot (row, p) of received records q in [0, a.wire_rows) with row in [0, map_len):
+// map[row] = q, prob[row] = p.
+void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob);
 void dispatch_maps(const DispatchLayout& l, int32_t* perm_to_recv, int64_t perm_len,
                    int32_t* recv_to_perm);
 }  // namespace fp8flow::ref
@@ -92,6 +102,10 @@ void dispatch_maps(const DispatchLayout& l, int32_t* perm_to_recv, int64_t perm_
 namespace fp8flow::sm90 {
 void dispatch_pack(const detail::WireArgs& a, Stream stream);
 void dispatch_unpack(const detail::WireArgs& a, Stream stream);
+void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob,
+                            Stream stream);
+// Host-to-device copy of the plan's token [send_total] and slot [send_total][k][2] arrays to dst.
+void dispatch_dedup_upload(const DedupPlan& plan, int32_t* dst, Stream stream);
 void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,
                    int64_t perm_len, int32_t* recv_to_perm, Stream stream);
 

@@ -53,6 +53,12 @@ void dispatch_pack(const WireArgs& a) {
     if (rec) std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
     uint8_t* drec = a.data_apart ? (a.rows_data ? a.data_wire + i * a.data_bytes : nullptr) : rec;
     if (a.data_apart && drec) std::memset(drec, 0, static_cast<size_t>(a.data_bytes));
+    for (int32_t j = 0; j < a.slot_k; ++j) {  // dedup slots: (row, prob), whatever the row
+      const int32_t* sl = a.slots + (i * a.slot_k + j) * 2;
+      const float p = a.prob && sl[1] >= 0 && sl[1] < a.prob_len ? a.prob[sl[1]] : 0.0f;
+      std::memcpy(rec + a.slot_offset() + 8 * j, &sl[0], 4);
+      std::memcpy(rec + a.slot_offset() + 8 * j + 4, &p, 4);
+    }
     const int32_t m = a.map[i];
     const int64_t limit = a.rows_data ? a.rows * a.k : a.prob_len;
     if (m < 0 || m >= limit) continue;  // a zero record, as the kernel writes
@@ -62,6 +68,22 @@ void dispatch_pack(const WireArgs& a) {
     if (rec) scales_to_record(a, row, rec + a.rec_data());
     if (a.prob_offset >= 0 && m < a.prob_len) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
   }
+}
+
+void dispatch_dedup_scatter(const WireArgs& a, int32_t* map, int64_t map_len, float* prob) {
+  for (int64_t r = 0; r < map_len; ++r) {
+    map[r] = -1;
+    if (prob) prob[r] = 0.0f;
+  }
+  for (int64_t q = 0; q < a.wire_rows; ++q)
+    for (int32_t j = 0; j < a.slot_k; ++j) {
+      const uint8_t* sl = a.wire + q * a.row_bytes + a.slot_offset() + 8 * j;
+      int32_t row = 0;
+      std::memcpy(&row, sl, 4);
+      if (row < 0 || row >= map_len) continue;
+      map[row] = static_cast<int32_t>(q);
+      if (prob) std::memcpy(&prob[row], sl + 4, 4);
+    }
 }
 
 void dispatch_unpack(const WireArgs& a) {

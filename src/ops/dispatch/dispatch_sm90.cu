@@ -119,6 +119,14 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
     } else if (w == prob_word) {
       const int32_t m = s_map[row];
       if (m >= 0 && m < a.prob_len) val = __float_as_uint(__ldg(a.prob + m));
+    } else if (w - scale_words < 2 * static_cast<int64_t>(a.slot_k)) {
+      // Dedup slots (prob_word is -1 then): (destination row, prob of the pair).
+      const int64_t sw = w - scale_words;
+      const int32_t v = __ldg(a.slots + ((r0 + s_idx[row]) * a.slot_k + sw / 2) * 2 + (sw & 1));
+      if ((sw & 1) == 0)
+        val = static_cast<uint32_t>(v);
+      else if (a.prob && v >= 0 && v < a.prob_len)
+        val = __float_as_uint(__ldg(a.prob + v));
     }
     reinterpret_cast<uint32_t*>(a.wire + (r0 + s_idx[row]) * a.row_bytes + rec_data)[w] = val;
   }
@@ -224,6 +232,22 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
   }
 }
 
+// Dedup slot scatter (after map = -1, prob = 0): one thread per (received record, slot).
+__global__ void dedup_scatter_kernel(const __grid_constant__ WireArgs a, int32_t* map,
+                                     int64_t map_len, float* prob) {
+  const int64_t n = a.wire_rows * a.slot_k;
+  for (int64_t i = blockIdx.x * static_cast<int64_t>(blockDim.x) + threadIdx.x; i < n;
+       i += static_cast<int64_t>(gridDim.x) * blockDim.x) {
+    const int64_t q = i / a.slot_k, j = i - q * a.slot_k;
+    const auto* sl =
+        reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + a.slot_offset() + 8 * j);
+    const auto row = static_cast<int32_t>(__ldg(sl));
+    if (row < 0 || row >= map_len) continue;
+    map[row] = static_cast<int32_t>(q);
+    if (prob) prob[row] = __uint_as_float(__ldg(sl + 1));
+  }
+}
+
 __global__ void maps_kernel(const int64_t* table, int32_t experts, int32_t ranks,
                             int64_t padded_rows, int32_t* perm_to_recv, int64_t perm_len,
                             int32_t* recv_to_perm) {
@@ -252,6 +276,32 @@ void dispatch_unpack(const WireArgs& a, Stream stream) {
   if (a.map_rows == 0) return;
   unpack_kernel<<<grid_for(a.map_rows), kThreads, 0, cu(stream)>>>(a);
   FP8FLOW_CUDA_CHECK_LAUNCH("dispatch_unpack");
+}
+
+void dispatch_dedup_scatter(const WireArgs& a, int32_t* map, int64_t map_len, float* prob,
+                            Stream stream) {
+  if (map_len == 0) return;
+  FP8FLOW_CUDA_CHECK("dispatch_dedup",
+                     cudaMemsetAsync(map, 0xFF, map_len * sizeof(int32_t), cu(stream)));
+  if (prob)
+    FP8FLOW_CUDA_CHECK("dispatch_dedup",
+                       cudaMemsetAsync(prob, 0, map_len * sizeof(float), cu(stream)));
+  const int64_t n = a.wire_rows * a.slot_k;
+  if (n == 0) return;
+  const int blocks = static_cast<int>(std::min<int64_t>((n + 255) / 256, 4096));
+  dedup_scatter_kernel<<<blocks, 256, 0, cu(stream)>>>(a, map, map_len, prob);
+  FP8FLOW_CUDA_CHECK_LAUNCH("dispatch_dedup");
+}
+
+void dispatch_dedup_upload(const DedupPlan& plan, int32_t* dst, Stream stream) {
+  // NOTES: pageable-memory async copies are staged before the call returns (as dispatch_maps'
+  // table), so the plan may die right after; ~70 B per record (k = 8).
+  FP8FLOW_CUDA_CHECK("dispatch_dedup",
+                     cudaMemcpyAsync(dst, plan.token.data(), plan.token.size() * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, cu(stream)));
+  FP8FLOW_CUDA_CHECK("dispatch_dedup", cudaMemcpyAsync(dst + plan.token.size(), plan.slots.data(),
+                                                       plan.slots.size() * sizeof(int32_t),
+                                                       cudaMemcpyHostToDevice, cu(stream)));
 }
 
 void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,
