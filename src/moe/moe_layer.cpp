@@ -183,6 +183,7 @@ struct MoEContext::State {
   // number of rows this rank sent (its valid pairs: the source plan's rows).
   Slot p2r, r2p, ep_table;
   DispatchLayout layout;
+  DedupPlan dedup;  // cfg.ep_dedup: the forward's plan, reused by the backward's dy dispatch
   int64_t n_send = 0;
   Stream stream = nullptr;  // of the last forward/backward: the accessors read on it
   std::vector<int64_t> m_splits;
@@ -309,6 +310,7 @@ struct MoELayer::Impl {
   // combine reuses send for the expert side's records), combine outputs in send order (rows BF16
   // [T k][H], dprob F32 [T k]), the dprob records, and x as MXFP4 (fp8-flow-mxfp4).
   Slot ep_send, ep_recv, ep_rows, ep_prob, ep_psend;
+  Slot ep_plan, ep_map;  // cfg.ep_dedup: the uploaded plan, the permuted rows' record map
   QSlot xq_mx;
   int weight_casts = 0;
   size_t weight_copy_bytes = 0;
@@ -508,8 +510,21 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
     const int64_t B =
         std::max(dispatch_wire(pd, H, true).row_bytes, dispatch_wire(bd, H, false).row_bytes);
     const int64_t Bc = dispatch_wire(DType::BF16, H, false).row_bytes;
-    m.ep_send = l.add(static_cast<size_t>(std::max(T * k * B, m.Rmax * Bc)));
-    m.ep_recv = l.add(static_cast<size_t>(m.Rmax * B));
+    int64_t send = std::max(T * k * B, m.Rmax * Bc), recv = m.Rmax * B;
+    if (cfg.ep_dedup) {
+      // Dedup records: at most T min(k, N) sent (one per token and rank), at most min(N T, Rmax)
+      // received (each source sends a token once; never more records than rows).
+      const int64_t Bd =
+          std::max(dispatch_dedup_wire(pd, H, static_cast<int>(k)).row_bytes,
+                   dispatch_dedup_wire(bd, H, static_cast<int>(k)).row_bytes);
+      const int64_t N = cfg.ep_size, sent = T * std::min<int64_t>(k, N);
+      send = std::max(send, sent * Bd);
+      recv = std::max(recv, std::min(N * T, m.Rmax) * Bd);
+      m.ep_plan = l.add(nbytes(DType::I32, 1, sent * (1 + 2 * k)));
+      m.ep_map = l.add(nbytes(DType::I32, 1, M));
+    }
+    m.ep_send = l.add(static_cast<size_t>(send));
+    m.ep_recv = l.add(static_cast<size_t>(recv));
     m.ep_rows = l.add(nbytes(DType::BF16, T * k, H));
     m.ep_prob = l.add(nbytes(DType::F32, 1, T * k));
     m.ep_psend = l.add(nbytes(DType::F32, 1, m.Rmax));
@@ -597,6 +612,7 @@ std::vector<int64_t> config_fingerprint(const MoEConfig& cfg, const MoEWeights& 
           cfg.max_tokens,
           cfg.ep_size,
           cfg.ep_max_recv_rows,
+          cfg.ep_dedup ? 1 : 0,
           static_cast<int64_t>(rc.kind),
           rc.top_k,
           rc.n_groups,
@@ -735,6 +751,23 @@ void MoELayer::refresh_weights(Stream stream) {
 }
 
 namespace {
+
+// An EP dispatch of token-order rows `in` to this rank's permuted rows `out`: the record path
+// (one record per pair, send map src_slot) or, with cfg.ep_dedup, one record per (token, rank)
+// by the plan the forward made.
+void ep_dispatch_rows(const MoELayer::Impl& m, const MoEContext::State& s, const DispatchRows& in,
+                      const TensorView& src_slot, const DispatchRows& out,
+                      const DispatchBuffers& buf, Stream stream) {
+  const Pool& P = m.pool;
+  if (!m.cfg.ep_dedup) {
+    dispatch(*m.comm, s.layout, in, src_slot, static_cast<int>(m.k),
+             s.pool.view(s.p2r, DType::I32, 1, m.Mmax), out, buf, stream);
+    return;
+  }
+  dispatch_dedup(*m.comm, s.layout, s.dedup, in,
+                 P.view(m.ep_plan, DType::I32, 1, static_cast<int64_t>(m.ep_plan.bytes / 4)),
+                 P.view(m.ep_map, DType::I32, 1, m.Mmax), out, buf, stream);
+}
 
 // Lays out a context's saved-state pool for layer m; returns its size.
 size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
@@ -920,6 +953,12 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                        S.view(s.p2r, DType::I32, 1, m.Mmax),
                        S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)),
                        stream);
+    if (m.cfg.ep_dedup) {  // the routing on the host, then the dedup plan (one small all_gather)
+      std::vector<int32_t> idx(static_cast<size_t>(T * k));
+      detail::moe_copy_to_host(dev, idx.data(), ro.topk_idx.data, idx.size() * sizeof(int32_t),
+                               stream);
+      s.dedup = exchange_dedup_plan(*m.comm, s.layout, idx, static_cast<int>(k), stream);
+    }
     s.m_splits = s.layout.m_splits;
     M = s.layout.padded_rows;
     s.n_send = off[Eg];
@@ -940,8 +979,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   const DispatchBuffers ep_buf{P.ptr(m.ep_send), m.ep_send.bytes, P.ptr(m.ep_recv),
                                m.ep_recv.bytes};
   auto ep_dispatch = [&](const DispatchRows& in, const DispatchRows& out) {
-    dispatch(*m.comm, s.layout, in, plan.src_slot, static_cast<int>(k),
-             S.view(s.p2r, DType::I32, 1, m.Mmax), out, ep_buf, stream);
+    ep_dispatch_rows(m, s, in, plan.src_slot, out, ep_buf, stream);
   };
 
   PermuteProbs probs{ro.topk_weight, S.view(s.prob, DType::F32, 1, M)};
@@ -1095,8 +1133,7 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   const TensorView r2p =
       ep ? S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)) : TensorView{};
   auto ep_dispatch = [&](const DispatchRows& in, const DispatchRows& out) {
-    dispatch(*m.comm, s.layout, in, plan.src_slot, static_cast<int>(k),
-             S.view(s.p2r, DType::I32, 1, m.Mmax), out, ep_buf, stream);
+    ep_dispatch_rows(m, s, in, plan.src_slot, out, ep_buf, stream);
   };
   const TensorView prob = S.view(s.prob, DType::F32, 1, M);
   // FC1 output h as saved: BF16 (Bf16, Fp8Blockwise); the FP8-flow recipes read its E4M3 copy.

@@ -376,6 +376,10 @@ TEST(EpLayerGpu, MatchesSingleGpu) {
       const Out ref = mx ? run_ep(g, r, 1, /*all_tokens_on_one=*/true)[0]
                          : run_layer(g, r, nullptr, 1, 0, T, 0, E, T);
       compare(g, run_ep(g, r, N), ref, /*bitwise=*/true, 0);
+      Global gd = g;  // dedup dispatch (MoEConfig::ep_dedup): the same bits
+      gd.p.dedup = true;
+      SCOPED_TRACE("ep_dedup");
+      compare(gd, run_ep(gd, r, N), ref, /*bitwise=*/true, 0);
     }
   }
 }

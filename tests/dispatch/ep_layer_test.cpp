@@ -88,6 +88,21 @@ void check_recipes(const EpProblem& p, std::initializer_list<int> ranks) {
       SCOPED_TRACE(::testing::Message() << "EP(" << N << ")");
       const std::vector<Out> ep = run_ep(g, r, N);
       compare(g, ep, mx ? ep1 : single, true, 0);
+      {
+        // Dedup dispatch (one record per (token, rank)): every output bit-identical.
+        SCOPED_TRACE("ep_dedup");
+        Global gd = g;
+        gd.p.dedup = true;
+        const std::vector<Out> epd = run_ep(gd, r, N);
+        for (int q = 0; q < N; ++q) {
+          SCOPED_TRACE(::testing::Message() << "rank " << q);
+          EXPECT_TRUE(bytes_equal(epd[q].y, ep[q].y)) << "y";
+          EXPECT_TRUE(bytes_equal(epd[q].dx, ep[q].dx)) << "dx";
+          EXPECT_TRUE(bytes_equal(epd[q].dw1, ep[q].dw1)) << "dw1";
+          EXPECT_TRUE(bytes_equal(epd[q].dw2, ep[q].dw2)) << "dw2";
+          EXPECT_TRUE(bytes_equal(epd[q].dgate, ep[q].dgate)) << "dgate";
+        }
+      }
       // Cast counts are the recipe's (2 conversions more for the MXFP4 transport, one less saved).
       EXPECT_EQ(ep[0].casts.forward, single.casts.forward);
       EXPECT_EQ(ep[0].casts.backward, single.casts.backward);

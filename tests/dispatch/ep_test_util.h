@@ -22,6 +22,7 @@ struct EpProblem {
   int64_t H = 256, F = 256, Eg = 8;
   RouterConfig router = RouterConfig::softmax_topk(2, true);
   bool bias = false;
+  bool dedup = false;  // MoEConfig::ep_dedup
   uint64_t seed = 1;
   int64_t tg() const {
     int64_t t = 0;
@@ -69,6 +70,7 @@ inline MoEConfig config(const EpProblem& p, Recipe r, int ep, int64_t max_tokens
   c.recipe = r;
   c.max_tokens = max_tokens;
   c.ep_size = ep;
+  c.ep_dedup = p.dedup && ep > 1;
   return c;
 }
 

@@ -241,8 +241,9 @@ double number(const Value& v) {
 struct LayerRun {
   bool gpu = false;
   int reps = 10, warmup = 3;
-  int ep = 1;        // ranks (1: the single-GPU layer, no communicator)
-  LayerShape shape;  // shape.E: experts per rank (local); the layer has E * ep global experts
+  int ep = 1;             // ranks (1: the single-GPU layer, no communicator)
+  bool ep_dedup = false;  // MoEConfig::ep_dedup (--ep-dedup)
+  LayerShape shape;       // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
   int hot = 1;
@@ -352,6 +353,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     // every rank, else bounded_recv_rows (agreed on collectively: the config must match).
     if (comm) {
       cfg.ep_size = L.ep;
+      cfg.ep_dedup = L.ep_dedup;
       size_t free_b = SIZE_MAX;
       if (gpu) free_b = device_memory().first;
       const size_t margin = gpu ? size_t{1} << 30 : 0;  // NCCL, cuBLASLt and the allocator
@@ -500,6 +502,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     if (comm) {
       rep->set(r, "saved_activation_bytes_rank0", static_cast<int64_t>(saved));
       rep->set(r, "ep_max_recv_rows", cfg.ep_max_recv_rows);
+      rep->set(r, "ep_dedup", static_cast<int64_t>(cfg.ep_dedup ? 1 : 0));
       rep->set(r, "max_recv_rows", recv_max);
       if (rows_sum > 0)
         rep->set(r, "rank_load",
@@ -607,9 +610,11 @@ void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors
         "# slowest rank's, then the median over steps (each step after a barrier); tokens/s and\n"
         "# TFLOP/s are per rank; saved / pool = the largest rank's; rload = max / mean padded "
         "rows\n"
-        "# received per rank (local experts); load is over all %lld experts.\n",
+        "# received per rank (local experts); load is over all %lld experts. Dispatch: %s.\n",
         L.ep, static_cast<long long>(T), static_cast<long long>(E),
-        static_cast<long long>(E * L.ep), static_cast<long long>(E * L.ep));
+        static_cast<long long>(E * L.ep), static_cast<long long>(E * L.ep),
+        L.ep_dedup ? "dedup, one record per (token, rank) (--ep-dedup)"
+                   : "one record per routed pair (--ep-dedup: one per (token, rank))");
   std::printf(
       "# %s: T %lld tokens, H %lld, F %lld, E %lld, top-%lld (%lld routed rows); %s; %s.\n"
       "# %s times: median of %d steps after %d warm-up steps (%s). step = forward + backward;\n"
@@ -675,6 +680,7 @@ int run_layer(const Options& opt) {
 
   // Ranks: --ep N (threads, one per GPU; InProcess on the CPU), or the mpirun size.
   L.ep = std::max(opt.ep, 1);
+  L.ep_dedup = opt.ep_dedup;
   if (mpi) {
     // mpirun mode: one rank per process and GPU, NCCL bootstrapped over MPI.
     const char* missing = !gpu                 ? "no CUDA device found"

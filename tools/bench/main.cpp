@@ -52,6 +52,8 @@ void usage(FILE* f) {
       "                     weak scaling); times are the slowest rank's. Under mpirun the\n"
       "                     ranks are mpirun's (mpirun -np N fp8flow-bench layer). Without a\n"
       "                     GPU: N simulated ranks on the CPU (tiny shape). --ep 1: one GPU\n"
+      "  --ep-dedup         layer with EP: dispatch one record per (token, rank), expanded on\n"
+      "                     the expert side (MoEConfig::ep_dedup; same results)\n"
       "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
       "                     under mpirun one process per GPU instead (mpirun -np N ...)\n"
       "  -h, --help         this help\n"
@@ -117,6 +119,8 @@ int main(int argc, char** argv) {
       opt.gpus = static_cast<int>(int_value("--gpus", 1));
     else if (a == "--ep")
       opt.ep = static_cast<int>(int_value("--ep", 1));
+    else if (a == "--ep-dedup")
+      opt.ep_dedup = true;
     else if (a == "--gemm-algos")
       opt.gemm_algos = static_cast<int>(int_value("--gemm-algos", 1));
     else if (a == "--only")
