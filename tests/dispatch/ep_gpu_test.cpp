@@ -246,6 +246,15 @@ void expect_gpu_pipes_equal(const std::vector<PipeGpuOut>& got, const std::vecto
   }
 }
 
+// The record path (chunks 1, not in place) on N InProcess ranks: the CPU reference.
+std::vector<PipeGpuOut> record_path_on_cpu(int N, DType dd) {
+  std::vector<PipeGpuOut> cpu(N);
+  run_in_process(N, [&](Communicator& comm) {
+    cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1, InPlace::Off);
+  });
+  return cpu;
+}
+
 TEST(DispatchGpu, PipelinedChunksMatchCpu) {
   FP8FLOW_REQUIRE_GPU();
   if (!built_with_nccl()) GTEST_SKIP() << "built without NCCL: pipelined dispatch test skipped";
@@ -274,10 +283,7 @@ TEST(DispatchGpu, InPlaceMatchesCpu) {
   const int N = std::min(gpu_count(), 4);
   for (DType dd : {DType::E4M3, DType::BF16, DType::E2M1x2}) {
     SCOPED_TRACE(::testing::Message() << to_string(dd) << ", " << N << " ranks");
-    std::vector<PipeGpuOut> cpu(N);
-    run_in_process(N, [&](Communicator& comm) {
-      cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1, InPlace::Off);
-    });
+    const std::vector<PipeGpuOut> cpu = record_path_on_cpu(N, dd);
     for (int chunks : {1, 3, 0}) {
       SCOPED_TRACE(::testing::Message() << "chunks " << chunks);
       expect_gpu_pipes_equal(pipe_nccl(N, dd, chunks, InPlace::On), cpu, dd);
@@ -294,10 +300,7 @@ TEST(DispatchGpu, DedupMatchesCpu) {
   const int N = std::min(gpu_count(), 4);
   for (DType dd : {DType::E4M3, DType::BF16, DType::E2M1x2}) {
     SCOPED_TRACE(::testing::Message() << to_string(dd) << ", " << N << " ranks");
-    std::vector<PipeGpuOut> cpu(N);
-    run_in_process(N, [&](Communicator& comm) {
-      cpu[comm.rank()] = pipe_rank(comm, Device::Cpu, dd, 1, InPlace::Off);
-    });
+    const std::vector<PipeGpuOut> cpu = record_path_on_cpu(N, dd);
     expect_gpu_pipes_equal(pipe_nccl(N, dd, 1, InPlace::Off, true), cpu, dd);
   }
 }

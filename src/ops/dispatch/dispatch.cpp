@@ -394,6 +394,15 @@ void dispatch_unpack(const TensorView& wire, const TensorView& map, const Dispat
 
 namespace {
 
+// The output rows carry the input's payload (data dtype, H, prob or not).
+void check_same_payload(const Check& c, const DispatchWire& w, const DispatchWire& wo) {
+  c.that(wo.dtype == w.dtype && wo.hidden == w.hidden && wo.prob_offset == w.prob_offset, "out",
+         cat("rows of the same payload as in (", to_string(w.dtype), ", H ", w.hidden,
+             w.prob_offset >= 0 ? ", with prob)" : ", no prob)"),
+         cat(to_string(wo.dtype), ", H ", wo.hidden,
+             wo.prob_offset >= 0 ? ", with prob" : ", no prob"));
+}
+
 void check_layout_comm(const Check& c, Communicator& comm, const DispatchLayout& l, Device dev) {
   c.that(l.ranks == comm.size() && l.rank == comm.rank(), "layout",
          cat("a layout of rank ", comm.rank(), " of ", comm.size()),
@@ -594,11 +603,7 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
   const Check c("dispatch");
   const DispatchWire w = wire_of(c, in, "in");
   const DispatchWire wo = wire_of(c, out, "out");
-  c.that(wo.dtype == w.dtype && wo.hidden == w.hidden && wo.prob_offset == w.prob_offset, "out",
-         cat("rows of the same payload as in (", to_string(w.dtype), ", H ", w.hidden,
-             w.prob_offset >= 0 ? ", with prob)" : ", no prob)"),
-         cat(to_string(wo.dtype), ", H ", wo.hidden,
-             wo.prob_offset >= 0 ? ", with prob" : ", no prob"));
+  check_same_payload(c, w, wo);
   const Device dev = rows_device(in);
   check_layout_comm(c, comm, l, dev);
   const int64_t B = w.row_bytes;
@@ -665,11 +670,7 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   c.that(present(in.data), "in.data", "rows (dedup dispatch moves data rows)", "empty");
   const DispatchWire w0 = wire_of(c, in, "in");
   const DispatchWire wo = wire_of(c, out, "out");
-  c.that(wo.dtype == w0.dtype && wo.hidden == w0.hidden && wo.prob_offset == w0.prob_offset, "out",
-         cat("rows of the same payload as in (", to_string(w0.dtype), ", H ", w0.hidden,
-             w0.prob_offset >= 0 ? ", with prob)" : ", no prob)"),
-         cat(to_string(wo.dtype), ", H ", wo.hidden,
-             wo.prob_offset >= 0 ? ", with prob" : ", no prob"));
+  check_same_payload(c, w0, wo);
   const Device dev = rows_device(in);
   check_layout_comm(c, comm, l, dev);
   c.that(plan.ranks == l.ranks && plan.rank == l.rank && plan.k >= 1 &&
