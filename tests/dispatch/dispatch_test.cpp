@@ -709,6 +709,67 @@ void expect_error(const std::function<void()>& f, const std::string& op, const s
   }
 }
 
+// dispatch_dedup's argument checks, each naming the argument: a plan of another layout, rows
+// that are not the plan's tokens, a wrong top-k weight count, short buffers and scratch, an
+// output of another payload.
+TEST(Dispatch, DedupBadInputs) {
+  run_in_process(1, [&](Communicator& comm) {
+    const int64_t T = 5, H = 144, E = 4, k = 2;
+    std::vector<int32_t> idx = {0, 1, 2, 3, 0, 2, 1, 3, 3, 0};
+    std::vector<int64_t> cnt(E, 0);
+    for (int32_t e : idx) ++cnt[e];
+    const DispatchLayout l = exchange_dispatch_counts(comm, cnt, E, 16);
+    const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(k));
+    const int64_t B = dispatch_dedup_wire(DType::E4M3, H, static_cast<int>(k)).row_bytes,
+                  M = l.padded_rows;
+    HostTensor x = random_bytes(DType::E4M3, T, H, 1), sc = random_bytes(DType::F32, 2, T, 2),
+               w = random_bytes(DType::F32, T, k, 3), xp(DType::E4M3, M, H), sp(DType::F32, 2, M),
+               pp(DType::F32, 1, M);
+    HostTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * k)), map(DType::I32, 1, M);
+    std::vector<uint8_t> snd(plan.send_total * B), rcv(plan.recv_total * B);
+    const DispatchBuffers buf{snd.data(), snd.size(), rcv.data(), rcv.size()};
+    const DispatchRows in{x.v, sc.v, w.v}, out{xp.v, sp.v, pp.v};
+    auto run = [&](const DedupPlan& p, const DispatchRows& i, const TensorView& pd,
+                   const TensorView& mp, const DispatchRows& o,
+                   const DispatchBuffers& b) { dispatch_dedup(comm, l, p, i, pd, mp, o, b); };
+    run(plan, in, pdev.v, map.v, out, buf);  // the valid call
+    DedupPlan other = plan;
+    other.rank = 1;
+    expect_error([&] { run(other, in, pdev.v, map.v, out, buf); }, "dispatch_dedup", "plan");
+    HostTensor x4 = random_bytes(DType::E4M3, T - 1, H, 1), w4 = random_bytes(DType::F32, T, 1, 3);
+    HostTensor sc4 = random_bytes(DType::F32, 2, T - 1, 2);
+    expect_error(
+        [&] {
+          run(plan, {x4.v, sc4.v, {}}, pdev.v, map.v, {xp.v, sp.v, {}}, buf);
+        },
+        "dispatch_dedup", "in.data: expected 5 rows");
+    expect_error(
+        [&] {
+          run(plan, {x.v, sc.v, w4.v}, pdev.v, map.v, out, buf);
+        },
+        "dispatch_dedup", "in.prob");
+    expect_error(
+        [&] {
+          run(plan, in, pdev.v, map.v, out, {snd.data(), snd.size() - 1, rcv.data(), rcv.size()});
+        },
+        "dispatch_dedup", "buffers.send_bytes");
+    HostTensor small(DType::I32, 1, 3);
+    expect_error([&] { run(plan, in, small.v, map.v, out, buf); }, "dispatch_dedup", "plan_dev");
+    expect_error([&] { run(plan, in, pdev.v, small.v, out, buf); }, "dispatch_dedup", "map");
+    HostTensor xb(DType::BF16, M, H);
+    expect_error(
+        [&] {
+          run(plan, in, pdev.v, map.v, {xb.v, {}, pp.v}, buf);
+        },
+        "dispatch_dedup", "out");
+    expect_error(
+        [&] {
+          run(plan, {{}, {}, w.v}, pdev.v, map.v, out, buf);
+        },
+        "dispatch_dedup", "in.data");
+  });
+}
+
 TEST(Dispatch, BadInputs) {
   std::vector<int64_t> cnt(2 * 4, 1);
   expect_error([&] { make_dispatch_layout(cnt, 2, 0, 5, 16); }, "make_dispatch_layout", "experts");
