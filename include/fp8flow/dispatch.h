@@ -271,9 +271,12 @@ struct DedupPlan {
 };
 
 // Tokens of this rank with at least one pair on each rank: [ranks]. topk_idx [T][k] host, every
-// entry in [0, layout.experts).
+// entry in [0, experts); experts % ranks == 0. (The second form needs no layout: a caller can
+// all_gather these counts together with the per-expert ones, as MoELayer does.)
 std::vector<int64_t> dedup_token_counts(const DispatchLayout& layout,
                                         std::span<const int32_t> topk_idx, int k);
+std::vector<int64_t> dedup_token_counts(std::span<const int32_t> topk_idx, int k, int ranks,
+                                        int64_t experts);
 
 // The plan of layout.rank from its routing topk_idx [T][k] (host; the routing whose per-expert
 // counts are layout.counts[rank]) and every rank's dedup_token_counts (all_tokens [ranks][ranks],

@@ -151,8 +151,9 @@ struct MoEConfig {
   int64_t ep_max_recv_rows = 0;
   // EP dispatches (x forward, dy backward) send one record per (token, destination rank) and
   // expand it there (dispatch_dedup) instead of one per routed pair; results are bit-identical.
-  // Costs per forward: a device-to-host copy of topk_idx and one more small all_gather (both
-  // next to the counts exchange); the plan is reused by the backward. Off until measured on GPUs.
+  // Costs per forward: a device-to-host copy of topk_idx before the step's one host sync, N more
+  // values in the counts all_gather, and the host plan (make_dedup_plan); the backward reuses the
+  // plan. Off until measured on GPUs.
   bool ep_dedup = false;
   // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
   // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.

@@ -514,9 +514,8 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
     if (cfg.ep_dedup) {
       // Dedup records: at most T min(k, N) sent (one per token and rank), at most min(N T, Rmax)
       // received (each source sends a token once; never more records than rows).
-      const int64_t Bd =
-          std::max(dispatch_dedup_wire(pd, H, static_cast<int>(k)).row_bytes,
-                   dispatch_dedup_wire(bd, H, static_cast<int>(k)).row_bytes);
+      const int64_t Bd = std::max(dispatch_dedup_wire(pd, H, static_cast<int>(k)).row_bytes,
+                                  dispatch_dedup_wire(bd, H, static_cast<int>(k)).row_bytes);
       const int64_t N = cfg.ep_size, sent = T * std::min<int64_t>(k, N);
       send = std::max(send, sent * Bd);
       recv = std::max(recv, std::min(N * T, m.Rmax) * Bd);
@@ -920,24 +919,41 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   std::vector<int64_t> off(static_cast<size_t>(Ep + 1));
   int64_t nf_x = 0;
   detail::moe_copy_to_host(dev, &nf_x, s.counter(kNfX), sizeof nf_x, stream, /*sync=*/false);
+  // cfg.ep_dedup: the routing comes along (its per-rank token counts join the counts exchange).
+  const bool dedup = ep && m.cfg.ep_dedup;
+  std::vector<int32_t> idx_host(dedup ? static_cast<size_t>(T * k) : 0);
+  if (dedup)
+    detail::moe_copy_to_host(dev, idx_host.data(), ro.topk_idx.data,
+                             idx_host.size() * sizeof(int32_t), stream, /*sync=*/false);
   detail::moe_copy_to_host(dev, off.data(), S.ptr(s.offsets), off.size() * sizeof(int64_t), stream);
   int64_t M = 0;
   if (ep) {
     // Counts exchange: per-expert counts of the source plan, with x's non-finite count appended
-    // so that every rank rejects a bad x together (none is left in a collective).
-    std::vector<int64_t> mine(static_cast<size_t>(Eg + 1));
+    // so that every rank rejects a bad x together (none is left in a collective), and with
+    // cfg.ep_dedup this rank's tokens per destination rank (dedup_token_counts).
+    const int N = m.comm->size();
+    const int64_t W = Eg + 1 + (dedup ? N : 0);  // values per rank
+    std::vector<int64_t> mine(static_cast<size_t>(W));
     for (int64_t e = 0; e < Eg; ++e) mine[e] = off[e + 1] - off[e];
     mine[Eg] = nf_x;
+    if (dedup) {  // -1 where the routing has an expert out of range: every rank then fails below
+      const bool valid = std::all_of(idx_host.begin(), idx_host.end(),
+                                     [&](int32_t e) { return e >= 0 && e < Eg; });
+      const std::vector<int64_t> tok =
+          valid ? dedup_token_counts(idx_host, static_cast<int>(k), N, Eg)
+                : std::vector<int64_t>(static_cast<size_t>(N), -1);
+      std::copy(tok.begin(), tok.end(), mine.begin() + Eg + 1);
+    }
     const std::vector<int64_t> all = m.comm->all_gather(mine, stream);
-    const int N = m.comm->size();
-    std::vector<int64_t> counts;
+    std::vector<int64_t> counts, all_tokens;
     counts.reserve(static_cast<size_t>(N * Eg));
     int64_t nf_any = 0, nf_rank = -1;
     for (int q = 0; q < N; ++q) {
-      counts.insert(counts.end(), all.begin() + q * (Eg + 1), all.begin() + q * (Eg + 1) + Eg);
-      if (all[q * (Eg + 1) + Eg] != 0 && nf_rank < 0) {
+      counts.insert(counts.end(), all.begin() + q * W, all.begin() + q * W + Eg);
+      all_tokens.insert(all_tokens.end(), all.begin() + q * W + Eg + 1, all.begin() + (q + 1) * W);
+      if (all[q * W + Eg] != 0 && nf_rank < 0) {
         nf_rank = q;
-        nf_any = all[q * (Eg + 1) + Eg];
+        nf_any = all[q * W + Eg];
       }
     }
     if (opt.reject_nonfinite_input && nf_any != 0)
@@ -953,11 +969,15 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                        S.view(s.p2r, DType::I32, 1, m.Mmax),
                        S.view(s.r2p, DType::I32, 1, std::max<int64_t>(1, s.layout.recv_total)),
                        stream);
-    if (m.cfg.ep_dedup) {  // the routing on the host, then the dedup plan (one small all_gather)
-      std::vector<int32_t> idx(static_cast<size_t>(T * k));
-      detail::moe_copy_to_host(dev, idx.data(), ro.topk_idx.data, idx.size() * sizeof(int32_t),
-                               stream);
-      s.dedup = exchange_dedup_plan(*m.comm, s.layout, idx, static_cast<int>(k), stream);
+    if (dedup) {
+      for (int q = 0; q < N; ++q)
+        if (all_tokens[static_cast<size_t>(q * N)] < 0)
+          c.fail(ErrorKind::InvalidArgument, "x",
+                 cat("a routing with experts in [0, ", Eg,
+                     ") on every rank (cfg.ep_dedup), got "
+                     "an expert out of range on rank ",
+                     q));
+      s.dedup = make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens);
     }
     s.m_splits = s.layout.m_splits;
     M = s.layout.padded_rows;

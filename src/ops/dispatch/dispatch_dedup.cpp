@@ -14,16 +14,15 @@ namespace {
 using detail::cat;
 using detail::Check;
 
-// topk_idx [T][k] against the layout: k >= 1, whole rows, entries in [0, experts). Returns T.
-int64_t check_routing(const Check& c, const DispatchLayout& l, std::span<const int32_t> idx,
-                      int k) {
+// topk_idx [T][k]: k >= 1, whole rows, entries in [0, experts). Returns T.
+int64_t check_routing(const Check& c, int64_t experts, std::span<const int32_t> idx, int k) {
   c.that(k >= 1, "k", "at least 1", cat(k));
   c.that(idx.size() % static_cast<size_t>(k) == 0, "topk_idx",
          cat("a whole number of rows of k = ", k, " entries"), cat(idx.size(), " entries"));
   c.that(static_cast<int64_t>(idx.size()) < INT32_MAX, "topk_idx", "fewer than 2^31 entries",
          cat(idx.size()));
   for (size_t i = 0; i < idx.size(); ++i)
-    c.that(idx[i] >= 0 && idx[i] < l.experts, "topk_idx", cat("experts in [0, ", l.experts, ")"),
+    c.that(idx[i] >= 0 && idx[i] < experts, "topk_idx", cat("experts in [0, ", experts, ")"),
            cat(idx[i], " at [", i / k, "][", i % k, "]"));
   return static_cast<int64_t>(idx.size()) / k;
 }
@@ -32,13 +31,20 @@ int64_t check_routing(const Check& c, const DispatchLayout& l, std::span<const i
 
 std::vector<int64_t> dedup_token_counts(const DispatchLayout& l, std::span<const int32_t> idx,
                                         int k) {
+  return dedup_token_counts(idx, k, l.ranks, l.experts);
+}
+
+std::vector<int64_t> dedup_token_counts(std::span<const int32_t> idx, int k, int ranks,
+                                        int64_t experts) {
   const Check c("dedup_token_counts");
-  const int64_t T = check_routing(c, l, idx, k);
-  std::vector<int64_t> n(static_cast<size_t>(l.ranks), 0);
-  std::vector<int64_t> last(static_cast<size_t>(l.ranks), -1);  // last token counted per rank
+  c.that(ranks >= 1 && experts >= 1 && experts % ranks == 0, "experts",
+         cat("a positive multiple of ranks (", ranks, ")"), cat(experts));
+  const int64_t T = check_routing(c, experts, idx, k), El = experts / ranks;
+  std::vector<int64_t> n(static_cast<size_t>(ranks), 0);
+  std::vector<int64_t> last(static_cast<size_t>(ranks), -1);  // last token counted per rank
   for (int64_t t = 0; t < T; ++t)
     for (int j = 0; j < k; ++j) {
-      const auto r = static_cast<size_t>(idx[t * k + j] / l.local_experts);
+      const auto r = static_cast<size_t>(idx[t * k + j] / El);
       if (last[r] != t) {
         last[r] = t;
         ++n[r];
@@ -50,7 +56,7 @@ std::vector<int64_t> dedup_token_counts(const DispatchLayout& l, std::span<const
 DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx, int k,
                           std::span<const int64_t> all_tokens) {
   const Check c("make_dedup_plan");
-  const int64_t T = check_routing(c, l, idx, k);
+  const int64_t T = check_routing(c, l.experts, idx, k);
   const int64_t N = l.ranks, El = l.local_experts, E = l.experts;
   c.that(static_cast<int64_t>(all_tokens.size()) == N * N, "all_tokens",
          cat(N * N, " entries (ranks x ranks)"), cat(all_tokens.size()));
