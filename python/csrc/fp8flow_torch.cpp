@@ -604,7 +604,7 @@ class MoELayerHolder : public torch::CustomClassHolder {
                  int64_t max_tokens, int64_t gemm_streams, at::Tensor gate,
                  c10::optional<at::Tensor> gate_bias, at::Tensor w1, at::Tensor w2,
                  c10::optional<c10::intrusive_ptr<CommunicatorHolder>> comm,
-                 int64_t ep_max_recv_rows) {
+                 int64_t ep_max_recv_rows, bool ep_dedup) {
     cfg_.hidden = hidden;
     cfg_.ffn = ffn;
     cfg_.experts = experts;
@@ -626,6 +626,7 @@ class MoELayerHolder : public torch::CustomClassHolder {
       comm_ = *comm;
       cfg_.ep_size = static_cast<int>(comm_->size());
       cfg_.ep_max_recv_rows = ep_max_recv_rows;  // 0: the C++ worst case
+      cfg_.ep_dedup = ep_dedup;                   // dispatch one record per (token, rank)
     }
     hold(gate, gate_bias, w1, w2);
     DeviceScope ds(w1_, "MoELayer");
@@ -682,6 +683,7 @@ class MoELayerHolder : public torch::CustomClassHolder {
   int64_t max_tokens() const { return cfg_.max_tokens; }
   int64_t ep_size() const { return cfg_.ep_size; }
   int64_t ep_max_recv_rows() const { return cfg_.ep_max_recv_rows; }
+  bool ep_dedup() const { return cfg_.ep_dedup; }
   std::string recipe() const { return to_string(cfg_.recipe); }
   // Layer pool + every context made so far (the device memory fp8flow owns for this layer).
   int64_t device_bytes() const { return pool_bytes() + contexts_made_ * context_pool_bytes(); }
@@ -879,9 +881,10 @@ TORCH_LIBRARY(fp8flow, m) {
       .def(torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
                        double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
                        c10::optional<at::Tensor>, at::Tensor, at::Tensor,
-                       c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t>())
+                       c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t, bool>())
       .def("ep_size", &MoELayerHolder::ep_size)
       .def("ep_max_recv_rows", &MoELayerHolder::ep_max_recv_rows)
+      .def("ep_dedup", &MoELayerHolder::ep_dedup)
       .def("refresh_weights", &MoELayerHolder::refresh_weights)
       .def("set_weights", &MoELayerHolder::set_weights)
       .def("pool_bytes", &MoELayerHolder::pool_bytes)

@@ -63,6 +63,8 @@ Expert parallelism (process_group=pg with pg.size() = N > 1; include/fp8flow/moe
   of T, a host sync); pass max_tokens (the per-rank T bound, equal on all ranks) to avoid it.
   ep_max_recv_rows bounds the rows one rank may receive (memory; None/0: the C++ worst case,
   N * max_tokens * min(top_k, E_l)); a forward that would exceed it raises on every rank.
+  ep_dedup=True dispatches one record per (token, destination rank) instead of one per routed
+  pair (MoEConfig::ep_dedup; bit-identical results, fewer bytes on the wire).
   expert_parallel=True builds the EP layer even on a 1-rank group (reproduces the EP transport,
   e.g. fp8-flow-mxfp4's MXFP4 dispatch, on one GPU); False keeps every expert on every rank.
   Needs CUDA parameters and a libfp8flow.a with NCCL (fp8flow.distributed.comm_available()).
@@ -162,7 +164,8 @@ class MoE(nn.Module):
         balancing updates it in place)
       recipe, align (expert segment alignment), max_tokens (None: from the input), gemm_streams
       (align / gemm_streams None: MoEConfig's defaults)
-      process_group, expert_parallel, ep_max_recv_rows: expert parallelism (module docstring)
+      process_group, expert_parallel, ep_max_recv_rows, ep_dedup: expert parallelism (module
+        docstring)
     """
 
     def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
@@ -171,7 +174,8 @@ class MoE(nn.Module):
                  gemm_streams=None,
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
-                 process_group=None, expert_parallel=None, ep_max_recv_rows=None):
+                 process_group=None, expert_parallel=None, ep_max_recv_rows=None,
+                 ep_dedup=False):
         super().__init__()
         self.hidden, self.ffn = int(hidden), int(ffn)
         self.experts, self.top_k = int(experts), int(top_k)
@@ -212,6 +216,7 @@ class MoE(nn.Module):
         elif expert_parallel:
             raise ValueError("fp8flow.MoE: expert_parallel=True needs a process_group")
         self.ep_max_recv_rows = int(ep_max_recv_rows or 0)
+        self.ep_dedup = bool(ep_dedup)
         if self.ep_max_recv_rows < 0:
             raise ValueError(f"fp8flow.MoE: ep_max_recv_rows: expected >= 0 or None, "
                              f"got {ep_max_recv_rows}")
@@ -299,7 +304,7 @@ class MoE(nn.Module):
             cap = max(cap, self._layer.max_tokens())
         seq = self.seq_len if self.seq_len is not None else (seq_hint or 0)
         seq = int(seq) if self.aux_loss_coeff else 0
-        key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None)
+        key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None, self.ep_dedup)
         snap = self._snapshot()
         if self._layer is None or key != self._layer_key:
             self._layer = None  # free the old pools first
@@ -308,7 +313,7 @@ class MoE(nn.Module):
                 self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
                 self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
                 self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2,
-                comm, self.ep_max_recv_rows)
+                comm, self.ep_max_recv_rows, self.ep_dedup)
             self._layer_key = key
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)

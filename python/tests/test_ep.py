@@ -142,11 +142,21 @@ def _ep_worker(rank, world, store, out):
                            expert_parallel=True)
         _load(ref1, p["gate"], p["w1"], p["w2"])
 
+        # The same EP layer with the token-dedup dispatch: every output bit-identical to ep's.
+        epd = fp8flow.MoE(H, F, E, K, device=dev, process_group=dist.group.WORLD, ep_dedup=True)
+        _load(epd, p["gate"], w1_local, w2_local)
+
         names = ("y", "dx", "dw1", "dw2")
         for recipe in fp8flow.RECIPES:
             mx = recipe == "fp8-flow-mxfp4"
-            ep.recipe = ref.recipe = ref1.recipe = recipe  # the EP layer is rebuilt, same comm
+            ep.recipe = ref.recipe = ref1.recipe = epd.recipe = recipe  # rebuilt, same comm
             got = _run(ep, x[t0:t0 + T], dy[t0:t0 + T])
+            dd = _run(epd, x[t0:t0 + T], dy[t0:t0 + T])
+            for n, a, b in zip(names + ("dgate",), dd, got):
+                if not _bitwise(a, b):
+                    failures.append(f"{recipe}: ep_dedup {n} differs from the record path")
+            if not epd._layer.ep_dedup():
+                failures.append(f"{recipe}: ep_dedup not set in the C++ layer")
             dist.all_reduce(got[4], group=dist.group.WORLD)  # dgate: sum over the ranks
             full = _run(ref, x, dy)
             # The reference's rows/slices of this rank.
