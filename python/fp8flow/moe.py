@@ -217,6 +217,9 @@ class MoE(nn.Module):
             raise ValueError("fp8flow.MoE: expert_parallel=True needs a process_group")
         self.ep_max_recv_rows = int(ep_max_recv_rows or 0)
         self.ep_dedup = bool(ep_dedup)
+        if self.ep_dedup and not self._ep:
+            raise ValueError("fp8flow.MoE: ep_dedup=True needs expert parallelism (a process_group "
+                             "of more than one rank, or expert_parallel=True)")
         if self.ep_max_recv_rows < 0:
             raise ValueError(f"fp8flow.MoE: ep_max_recv_rows: expected >= 0 or None, "
                              f"got {ep_max_recv_rows}")

@@ -238,6 +238,8 @@ def test_ep_arguments():
         pytest.skip("torch.distributed unavailable")
     with pytest.raises(ValueError, match="process_group"):
         fp8flow.MoE(256, 256, 4, 2, expert_parallel=True)
+    with pytest.raises(ValueError, match="ep_dedup=True needs expert parallelism"):
+        fp8flow.MoE(256, 256, 4, 2, ep_dedup=True)
     # A real single-process group (gloo) of size 1 is the plain layer: every expert, no comm.
     own = not dist.is_initialized()
     if own:
