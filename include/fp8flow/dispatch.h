@@ -293,14 +293,20 @@ DedupPlan exchange_dedup_plan(Communicator& comm, const DispatchLayout& layout,
 // -1 (the probs travel in the slots).
 DispatchWire dispatch_dedup_wire(DType data_dtype, int64_t hidden, int k);
 
+// The plan's arrays on the device: plan_dev I32 [>= send_total (1 + 2k)] on the communicator's
+// device (Cpu: a copy; Cuda: async host-to-device copies from the plan's vectors, staged before
+// the call returns, so the plan may be destroyed after it). Once per plan: every dispatch_dedup
+// with the same plan (a layer's x forward and dy backward) reads the same upload.
+void upload_dedup_plan(const DedupPlan& plan, const TensorView& plan_dev, Stream stream = nullptr);
+
 // Dedup dispatch: in.data [T][H] (+ in.scale as in DispatchRows; in.prob = topk_weight [T][k] or
 // empty) -> out: exactly what dispatch() writes (out rows M >= padded_rows, rows past padded_rows
-// as pad rows; out.prob [M] when in.prob is given). plan_dev: I32 [>= send_total (1 + 2k)] scratch
-// on the communicator's device for the plan's arrays (Cuda: one async host-to-device copy from
-// the plan's vectors, which may be destroyed after the call); map: I32 [>= M] scratch (received
-// record of each permuted row). buffers: send >= send_total records, recv >= recv_total records
-// of dispatch_dedup_wire's size, 16-byte aligned. Steps: pack (records), one all_to_all_v, a slot
-// scatter (map and probs of the permuted rows), unpack (data and scales by the map; pad rows).
+// as pad rows; out.prob [M] when in.prob is given). plan_dev: this plan's upload_dedup_plan (the
+// caller keeps them together; a stale upload routes rows wrongly); map: I32 [>= M] scratch
+// (received record of each permuted row). buffers: send >= send_total records, recv >=
+// recv_total records of dispatch_dedup_wire's size, 16-byte aligned. Steps: pack (records), one
+// all_to_all_v, a slot scatter (map and probs of the permuted rows), unpack (data and scales by
+// the map; pad rows).
 void dispatch_dedup(Communicator& comm, const DispatchLayout& layout, const DedupPlan& plan,
                     const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
                     const DispatchRows& out, const DispatchBuffers& buffers,

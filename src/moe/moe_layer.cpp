@@ -184,6 +184,7 @@ struct MoEContext::State {
   Slot p2r, r2p, ep_table;
   DispatchLayout layout;
   DedupPlan dedup;  // cfg.ep_dedup: the forward's plan, reused by the backward's dy dispatch
+  Slot ep_plan;     // ... and its upload (upload_dedup_plan), made once in the forward
   int64_t n_send = 0;
   Stream stream = nullptr;  // of the last forward/backward: the accessors read on it
   std::vector<int64_t> m_splits;
@@ -310,7 +311,7 @@ struct MoELayer::Impl {
   // combine reuses send for the expert side's records), combine outputs in send order (rows BF16
   // [T k][H], dprob F32 [T k]), the dprob records, and x as MXFP4 (fp8-flow-mxfp4).
   Slot ep_send, ep_recv, ep_rows, ep_prob, ep_psend;
-  Slot ep_plan, ep_map;  // cfg.ep_dedup: the uploaded plan, the permuted rows' record map
+  Slot ep_map;  // cfg.ep_dedup: the permuted rows' record map (scratch of each dispatch)
   QSlot xq_mx;
   int weight_casts = 0;
   size_t weight_copy_bytes = 0;
@@ -519,7 +520,6 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
       const int64_t N = cfg.ep_size, sent = T * std::min<int64_t>(k, N);
       send = std::max(send, sent * Bd);
       recv = std::max(recv, std::min(N * T, m.Rmax) * Bd);
-      m.ep_plan = l.add(nbytes(DType::I32, 1, sent * (1 + 2 * k)));
       m.ep_map = l.add(nbytes(DType::I32, 1, M));
     }
     m.ep_send = l.add(static_cast<size_t>(send));
@@ -765,7 +765,7 @@ void ep_dispatch_rows(const MoELayer::Impl& m, const MoEContext::State& s, const
     return;
   }
   dispatch_dedup(*m.comm, s.layout, s.dedup, in,
-                 P.view(m.ep_plan, DType::I32, 1, static_cast<int64_t>(m.ep_plan.bytes / 4)),
+                 s.pool.view(s.ep_plan, DType::I32, 1, static_cast<int64_t>(s.ep_plan.bytes / 4)),
                  P.view(m.ep_map, DType::I32, 1, m.Mmax), out, buf, stream);
 }
 
@@ -793,6 +793,9 @@ size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
     s->p2r = l.add(nbytes(DType::I32, 1, M));
     s->r2p = l.add(nbytes(DType::I32, 1, m.Rmax));
     s->ep_table = l.add(nbytes(DType::I64, 1, (E + 1) + E * (2 * m.cfg.ep_size + 1)));
+    if (m.cfg.ep_dedup)  // at most T min(k, N) records of 1 + 2k words
+      s->ep_plan =
+          l.add(nbytes(DType::I32, 1, T * std::min<int64_t>(k, m.cfg.ep_size) * (1 + 2 * k)));
   }
   s->invalid = l.add(nbytes(DType::I32, 1, 1));
   s->prob = l.add(nbytes(DType::F32, 1, M));
@@ -979,6 +982,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                      "an expert out of range on rank ",
                      q));
       s.dedup = make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens);
+      upload_dedup_plan(s.dedup, S.view(s.ep_plan, DType::I32, 1, s.ep_plan.bytes / 4), stream);
     }
     s.m_splits = s.layout.m_splits;
     M = s.layout.padded_rows;

@@ -491,6 +491,7 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
       const int64_t Bd = dispatch_dedup_wire(dd, H, static_cast<int>(kk)).row_bytes;
       std::vector<uint8_t> ds(plan.send_total * Bd, 0xA5), dr(plan.recv_total * Bd, 0xA5);
       HostTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * kk) + 1), map(DType::I32, 1, M);
+      upload_dedup_plan(plan, pdev.v);
       dispatch_dedup(comm, l, plan, {x.v, sc.v, probs ? w.v : TensorView{}}, pdev.v, map.v,
                      {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}},
                      {ds.empty() ? nullptr : ds.data(), ds.size(), dr.empty() ? nullptr : dr.data(),
@@ -732,6 +733,7 @@ TEST(Dispatch, DedupBadInputs) {
     auto run = [&](const DedupPlan& p, const DispatchRows& i, const TensorView& pd,
                    const TensorView& mp, const DispatchRows& o,
                    const DispatchBuffers& b) { dispatch_dedup(comm, l, p, i, pd, mp, o, b); };
+    upload_dedup_plan(plan, pdev.v);
     run(plan, in, pdev.v, map.v, out, buf);  // the valid call
     DedupPlan other = plan;
     other.rank = 1;
@@ -755,6 +757,10 @@ TEST(Dispatch, DedupBadInputs) {
         "dispatch_dedup", "buffers.send_bytes");
     HostTensor small(DType::I32, 1, 3);
     expect_error([&] { run(plan, in, small.v, map.v, out, buf); }, "dispatch_dedup", "plan_dev");
+    expect_error([&] { upload_dedup_plan(plan, small.v); }, "upload_dedup_plan", "plan_dev");
+    DedupPlan torn = plan;
+    torn.slots.pop_back();
+    expect_error([&] { upload_dedup_plan(torn, pdev.v); }, "upload_dedup_plan", "plan");
     expect_error([&] { run(plan, in, pdev.v, small.v, out, buf); }, "dispatch_dedup", "map");
     HostTensor xb(DType::BF16, M, H);
     expect_error(

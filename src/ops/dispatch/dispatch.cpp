@@ -663,6 +663,27 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
            exchange, &ua);
 }
 
+void upload_dedup_plan(const DedupPlan& plan, const TensorView& plan_dev, Stream stream) {
+  const Check c("upload_dedup_plan");
+  c.that(plan.k >= 1 && static_cast<int64_t>(plan.token.size()) == plan.send_total &&
+             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k * 2,
+         "plan", "a plan of make_dedup_plan",
+         cat(plan.token.size(), " tokens and ", plan.slots.size(), " slot entries for ",
+             plan.send_total, " records"));
+  const Device dev = plan_dev.device;
+  check_map(c, plan_dev, "plan_dev", plan.send_total * (1 + 2 * int64_t{plan.k}), dev);
+  auto* pd = static_cast<int32_t*>(plan_dev.data);
+  if (plan.send_total == 0) return;
+  if (dev == Device::Cpu) {
+    std::copy(plan.token.begin(), plan.token.end(), pd);
+    std::copy(plan.slots.begin(), plan.slots.end(), pd + plan.send_total);
+    return;
+  }
+  require_cuda(c, {{pd, "plan_dev"}}, dev);
+  FP8FLOW_SM90(sm90::dispatch_dedup_upload(plan, pd, stream));
+  (void)stream;
+}
+
 void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan& plan,
                     const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
                     const DispatchRows& out, const DispatchBuffers& buf, Stream stream) {
@@ -722,13 +743,8 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   ua.row_bytes = B;
   ua.slot_k = k;
 
-  if (dev == Device::Cpu) {
-    std::copy(plan.token.begin(), plan.token.end(), pd);
-    std::copy(plan.slots.begin(), plan.slots.end(), pd + plan.send_total);
-  } else {
+  if (dev == Device::Cuda)
     require_cuda(c, {{pd, "plan_dev"}, {mp, "map"}, {out_prob, "out.prob"}}, dev);
-    FP8FLOW_SM90(if (plan.send_total > 0) sm90::dispatch_dedup_upload(plan, pd, stream));
-  }
   run_pack(c, pa, dev, stream);
   std::vector<int64_t> sb(l.ranks), so(l.ranks), rb(l.ranks), ro(l.ranks);
   for (int j = 0; j < l.ranks; ++j) {
