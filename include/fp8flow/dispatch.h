@@ -266,9 +266,14 @@ struct DedupPlan {
   int64_t send_total = 0, recv_total = 0;
   std::vector<int32_t> token;  // [send_total]: source token of each record, send order (rank
                                // major, tokens ascending within a rank)
-  std::vector<int32_t> slots;  // [send_total][k][2]: (destination permuted row, or -1; pair
-                               // index t * k + j, or -1)
+  std::vector<int32_t> slots;  // [send_total][k]: destination permuted row of the record's pair
+                               // j (token t: pair t k + j), or -1 when that pair goes elsewhere
+  // I32 words of the device copy (upload_dedup_plan): tokens, then slots.
+  int64_t device_words() const { return send_total * (1 + int64_t{k}); }
 };
+
+// Upper bound on DedupPlan::device_words() for T tokens, top-k, N ranks: T min(k, N) records.
+int64_t dedup_plan_max_words(int64_t tokens, int k, int ranks);
 
 // Tokens of this rank with at least one pair on each rank: [ranks]. topk_idx [T][k] host, every
 // entry in [0, experts); experts % ranks == 0. (The second form needs no layout: a caller can
@@ -293,7 +298,7 @@ DedupPlan exchange_dedup_plan(Communicator& comm, const DispatchLayout& layout,
 // -1 (the probs travel in the slots).
 DispatchWire dispatch_dedup_wire(DType data_dtype, int64_t hidden, int k);
 
-// The plan's arrays on the device: plan_dev I32 [>= send_total (1 + 2k)] on the communicator's
+// The plan's arrays on the device: plan_dev I32 [>= plan.device_words()] on the communicator's
 // device (Cpu: a copy; Cuda: async host-to-device copies from the plan's vectors, staged before
 // the call returns, so the plan may be destroyed after it). Once per plan: every dispatch_dedup
 // with the same plan (a layer's x forward and dy backward) reads the same upload.

@@ -24,10 +24,14 @@ void check_all_to_all_v_args(int nranks, const void* send, std::span<const int64
   check.that(recv_offsets.size() == n, "recv_offsets", sz, cat(recv_offsets.size()));
   int64_t total_send = 0, total_recv = 0;
   for (size_t j = 0; j < n; ++j) {
-    check.that(send_bytes[j] >= 0, cat("send_bytes[", j, "]"), ">= 0", cat(send_bytes[j]));
-    check.that(recv_bytes[j] >= 0, cat("recv_bytes[", j, "]"), ">= 0", cat(recv_bytes[j]));
-    check.that(send_offsets[j] >= 0, cat("send_offsets[", j, "]"), ">= 0", cat(send_offsets[j]));
-    check.that(recv_offsets[j] >= 0, cat("recv_offsets[", j, "]"), ">= 0", cat(recv_offsets[j]));
+    if (!(send_bytes[j] >= 0))
+      check.that(false, cat("send_bytes[", j, "]"), ">= 0", cat(send_bytes[j]));
+    if (!(recv_bytes[j] >= 0))
+      check.that(false, cat("recv_bytes[", j, "]"), ">= 0", cat(recv_bytes[j]));
+    if (!(send_offsets[j] >= 0))
+      check.that(false, cat("send_offsets[", j, "]"), ">= 0", cat(send_offsets[j]));
+    if (!(recv_offsets[j] >= 0))
+      check.that(false, cat("recv_offsets[", j, "]"), ">= 0", cat(recv_offsets[j]));
     total_send += send_bytes[j];
     total_recv += recv_bytes[j];
   }
@@ -41,11 +45,12 @@ void validate_segments(int ranks, std::span<const CommSegment> sends,
   auto each = [&](std::span<const CommSegment> segs, const char* arg) {
     for (size_t i = 0; i < segs.size(); ++i) {
       const CommSegment& g = segs[i];
-      check.that(g.peer >= 0 && g.peer < ranks, cat(arg, "[", i, "].peer"),
-                 cat("a rank in [0, ", ranks, ")"), cat(g.peer));
-      check.that(g.bytes >= 0, cat(arg, "[", i, "].bytes"), ">= 0", cat(g.bytes));
-      check.that(g.data != nullptr || g.bytes == 0, cat(arg, "[", i, "].data"),
-                 "a non-null pointer", "nullptr");
+      if (!(g.peer >= 0 && g.peer < ranks))
+        check.that(false, cat(arg, "[", i, "].peer"), cat("a rank in [0, ", ranks, ")"),
+                   cat(g.peer));
+      if (!(g.bytes >= 0)) check.that(false, cat(arg, "[", i, "].bytes"), ">= 0", cat(g.bytes));
+      if (!(g.data != nullptr || g.bytes == 0))
+        check.that(false, cat(arg, "[", i, "].data"), "a non-null pointer", "nullptr");
     }
   };
   each(sends, "sends");
@@ -58,10 +63,11 @@ void validate_segments(int ranks, std::span<const CommSegment> sends,
   for (size_t k = 1; k < ranges.size(); ++k) {
     const size_t a = ranges[k - 1].second, b = ranges[k].second;
     const uintptr_t end_a = ranges[k - 1].first + static_cast<uintptr_t>(recvs[a].bytes);
-    check.that(end_a <= ranges[k].first, cat("recvs[", b, "].data"),
-               cat("receive ranges that do not overlap; recvs[", a, "] (", recvs[a].bytes,
-                   " bytes) ends ", end_a - ranges[k].first, " bytes past its start"),
-               "an overlap");
+    if (!(end_a <= ranges[k].first))
+      check.that(false, cat("recvs[", b, "].data"),
+                 cat("receive ranges that do not overlap; recvs[", a, "] (", recvs[a].bytes,
+                     " bytes) ends ", end_a - ranges[k].first, " bytes past its start"),
+                 "an overlap");
   }
 }
 

@@ -793,9 +793,9 @@ size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
     s->p2r = l.add(nbytes(DType::I32, 1, M));
     s->r2p = l.add(nbytes(DType::I32, 1, m.Rmax));
     s->ep_table = l.add(nbytes(DType::I64, 1, (E + 1) + E * (2 * m.cfg.ep_size + 1)));
-    if (m.cfg.ep_dedup)  // at most T min(k, N) records of 1 + 2k words
+    if (m.cfg.ep_dedup)  // at most T min(k, N) records of 1 + k words
       s->ep_plan =
-          l.add(nbytes(DType::I32, 1, T * std::min<int64_t>(k, m.cfg.ep_size) * (1 + 2 * k)));
+          l.add(nbytes(DType::I32, 1, dedup_plan_max_words(T, static_cast<int>(k), m.cfg.ep_size)));
   }
   s->invalid = l.add(nbytes(DType::I32, 1, 1));
   s->prob = l.add(nbytes(DType::F32, 1, M));

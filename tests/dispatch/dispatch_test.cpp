@@ -490,7 +490,7 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
       const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(kk));
       const int64_t Bd = dispatch_dedup_wire(dd, H, static_cast<int>(kk)).row_bytes;
       std::vector<uint8_t> ds(plan.send_total * Bd, 0xA5), dr(plan.recv_total * Bd, 0xA5);
-      HostTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * kk) + 1), map(DType::I32, 1, M);
+      HostTensor pdev(DType::I32, 1, plan.device_words() + 1), map(DType::I32, 1, M);
       upload_dedup_plan(plan, pdev.v);
       dispatch_dedup(comm, l, plan, {x.v, sc.v, probs ? w.v : TensorView{}}, pdev.v, map.v,
                      {o.xp.v, o.sc.v, probs ? o.prob.v : TensorView{}},
@@ -637,15 +637,15 @@ TEST(Dispatch, DedupPlan) {
   EXPECT_EQ(p.token, (std::vector<int32_t>{0, 1, 2, 0, 1, 2}));
   // On rank 0 (align 1): expert 0 gets rank 0's (t0 j0), (t1 j2), (t2 j1): rows 0, 1, 2; expert 1
   // rank 0's (t0 j1), (t2 j0), then rank 1's (t0 j2): rows 3, 4, 5. Record 0 is token 0 to rank
-  // 0: slots (row 0, pair 0), (row 3, pair 1), none; record 2 is token 2: (4, 6), (2, 7), none.
-  EXPECT_EQ(std::vector<int32_t>(p.slots.begin(), p.slots.begin() + 6),
-            (std::vector<int32_t>{0, 0, 3, 1, -1, -1}));
-  EXPECT_EQ(std::vector<int32_t>(p.slots.begin() + 12, p.slots.begin() + 18),
-            (std::vector<int32_t>{4, 6, 2, 7, -1, -1}));
-  // Record 3 is token 0 to rank 1 (experts 2, 3 there; segment of expert 2 on rank 1 starts at
-  // 0): its slot j2 = (row 0, pair 2).
-  EXPECT_EQ(std::vector<int32_t>(p.slots.begin() + 18, p.slots.begin() + 24),
-            (std::vector<int32_t>{-1, -1, -1, -1, 0, 2}));
+  // 0: slot rows (0, 3, none); record 2 is token 2: (4, 2, none); record 3 is token 0 to rank 1
+  // (experts 2, 3 there; expert 2's segment on rank 1 starts at 0): (none, none, 0).
+  EXPECT_EQ(p.slots.size(), 6u * 3u);
+  EXPECT_EQ(std::vector<int32_t>(p.slots.begin(), p.slots.begin() + 3),
+            (std::vector<int32_t>{0, 3, -1}));
+  EXPECT_EQ(std::vector<int32_t>(p.slots.begin() + 6, p.slots.begin() + 12),
+            (std::vector<int32_t>{4, 2, -1, -1, -1, 0}));
+  EXPECT_EQ(p.device_words(), 6 * (1 + 3));
+  EXPECT_EQ(dedup_plan_max_words(3, 3, 2), 3 * 2 * (1 + 3));
   // Bad input: routing that is not the layout's, wrong all_tokens, out-of-range experts.
   auto msg = [](auto&& f) {
     try {
@@ -726,7 +726,7 @@ TEST(Dispatch, DedupBadInputs) {
     HostTensor x = random_bytes(DType::E4M3, T, H, 1), sc = random_bytes(DType::F32, 2, T, 2),
                w = random_bytes(DType::F32, T, k, 3), xp(DType::E4M3, M, H), sp(DType::F32, 2, M),
                pp(DType::F32, 1, M);
-    HostTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * k)), map(DType::I32, 1, M);
+    HostTensor pdev(DType::I32, 1, plan.device_words()), map(DType::I32, 1, M);
     std::vector<uint8_t> snd(plan.send_total * B), rcv(plan.recv_total * B);
     const DispatchBuffers buf{snd.data(), snd.size(), rcv.data(), rcv.size()};
     const DispatchRows in{x.v, sc.v, w.v}, out{xp.v, sp.v, pp.v};

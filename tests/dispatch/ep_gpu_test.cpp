@@ -203,7 +203,7 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
     const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(k), stream);
     const int64_t Bd = dispatch_dedup_wire(dd, H, static_cast<int>(k)).row_bytes;
     DeviceTensor ds(DType::E4M3, plan.send_total + 1, Bd), dr(DType::E4M3, plan.recv_total + 1, Bd);
-    DeviceTensor pdev(DType::I32, 1, plan.send_total * (1 + 2 * k) + 1), map(DType::I32, 1, M);
+    DeviceTensor pdev(DType::I32, 1, plan.device_words() + 1), map(DType::I32, 1, M);
     upload_dedup_plan(plan, pdev.v, stream);
     dispatch_dedup(comm, l, plan, {dx.v, dsc.v, prob ? dw.v : TensorView{}}, pdev.v, map.v,
                    {dxp.v, dosc.v, prob ? dprob.v : TensorView{}},

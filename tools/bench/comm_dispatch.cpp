@@ -245,10 +245,9 @@ void dispatch_cases(CommBench& b) {
   const int64_t Bd = dispatch_dedup_wire(DType::BF16, H, static_cast<int>(k)).row_bytes;
   CommBuffer dsend = b.alloc(std::max<int64_t>(dplan.send_total, 1) * Bd),
              drecv = b.alloc(std::max<int64_t>(dplan.recv_total, 1) * Bd),
-             dpdev = b.alloc(std::max<int64_t>(dplan.send_total, 1) * (1 + 2 * k) * 4),
-             dmap = b.alloc(M * 4);
+             dpdev = b.alloc((dplan.device_words() + 1) * 4), dmap = b.alloc(M * 4);
   const DispatchBuffers dbuf{dsend.data(), dsend.size(), drecv.data(), drecv.size()};
-  const TensorView dplan_dev = view(dpdev, DType::I32, 1, dplan.send_total * (1 + 2 * k) + 1);
+  const TensorView dplan_dev = view(dpdev, DType::I32, 1, dplan.device_words() + 1);
   upload_dedup_plan(dplan, dplan_dev, st);  // once per plan (the layer: once per forward)
   double bf16_rows_per_s = 0;
   for (const Payload& p : pays) {

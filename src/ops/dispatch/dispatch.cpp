@@ -190,8 +190,9 @@ DispatchLayout make_dispatch_layout(std::span<const int64_t> all_counts, int ran
   c.that(static_cast<int64_t>(all_counts.size()) == int64_t{ranks} * experts, "all_counts",
          cat(int64_t{ranks} * experts, " entries (ranks x experts)"), cat(all_counts.size()));
   for (size_t i = 0; i < all_counts.size(); ++i)
-    c.that(all_counts[i] >= 0 && all_counts[i] < INT32_MAX, "all_counts", "entries in [0, 2^31)",
-           cat(all_counts[i], " at [", i / experts, "][", i % experts, "]"));
+    if (!(all_counts[i] >= 0 && all_counts[i] < INT32_MAX))
+      c.that(false, "all_counts", "entries in [0, 2^31)",
+             cat(all_counts[i], " at [", i / experts, "][", i % experts, "]"));
   DispatchLayout l;
   l.ranks = ranks;
   l.rank = rank;
@@ -666,12 +667,12 @@ void dispatch(Communicator& comm, const DispatchLayout& l, const DispatchRows& i
 void upload_dedup_plan(const DedupPlan& plan, const TensorView& plan_dev, Stream stream) {
   const Check c("upload_dedup_plan");
   c.that(plan.k >= 1 && static_cast<int64_t>(plan.token.size()) == plan.send_total &&
-             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k * 2,
+             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k,
          "plan", "a plan of make_dedup_plan",
          cat(plan.token.size(), " tokens and ", plan.slots.size(), " slot entries for ",
              plan.send_total, " records"));
   const Device dev = plan_dev.device;
-  check_map(c, plan_dev, "plan_dev", plan.send_total * (1 + 2 * int64_t{plan.k}), dev);
+  check_map(c, plan_dev, "plan_dev", plan.device_words(), dev);
   auto* pd = static_cast<int32_t*>(plan_dev.data);
   if (plan.send_total == 0) return;
   if (dev == Device::Cpu) {
@@ -696,7 +697,7 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   check_layout_comm(c, comm, l, dev);
   c.that(plan.ranks == l.ranks && plan.rank == l.rank && plan.k >= 1 &&
              static_cast<int64_t>(plan.token.size()) == plan.send_total &&
-             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k * 2 &&
+             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k &&
              static_cast<int64_t>(plan.send_rows.size()) == l.ranks &&
              static_cast<int64_t>(plan.recv_rows.size()) == l.ranks,
          "plan", cat("a plan of rank ", l.rank, " of ", l.ranks, " (make_dedup_plan)"),
@@ -714,7 +715,7 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   check_buffer(c, buf.recv, buf.recv_bytes, plan.recv_total * B, "buffers.recv");
   const int64_t M = out.data.rows;
   c.that(M >= l.padded_rows, "out", cat("at least ", l.padded_rows, " rows (padded_rows)"), cat(M));
-  check_map(c, plan_dev, "plan_dev", plan.send_total * (1 + 2 * int64_t{k}), dev);
+  check_map(c, plan_dev, "plan_dev", plan.device_words(), dev);
   check_map(c, map, "map", M, dev);
   auto* pd = static_cast<int32_t*>(plan_dev.data);
   auto* mp = static_cast<int32_t*>(map.data);

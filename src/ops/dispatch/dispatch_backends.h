@@ -79,8 +79,8 @@ struct WireArgs {
   // record map[r] is in the chunk (pad rows: chunk 0).
   ChunkFilter filter;
   // Dedup records (dispatch_dedup): after the scales, slot_k slots of 8 bytes, (I32 destination
-  // row, F32 prob). Pack: slot j of record i is slots[(i slot_k + j) 2 + {0, 1}] = (row, pair
-  // index into prob, -1: prob 0); the scatter reads them on the receiving side.
+  // row, F32 prob). Pack: slot j of record i is (slots[i slot_k + j], prob[map[i] slot_k + j]),
+  // prob 0 where the row is -1 (or without prob); the scatter reads them on the receiving side.
   const int32_t* slots = nullptr;
   int32_t slot_k = 0;
   FP8FLOW_HD int64_t slot_offset() const { return rec_data() + scale_bytes; }

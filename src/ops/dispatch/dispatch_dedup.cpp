@@ -22,8 +22,9 @@ int64_t check_routing(const Check& c, int64_t experts, std::span<const int32_t> 
   c.that(static_cast<int64_t>(idx.size()) < INT32_MAX, "topk_idx", "fewer than 2^31 entries",
          cat(idx.size()));
   for (size_t i = 0; i < idx.size(); ++i)
-    c.that(idx[i] >= 0 && idx[i] < experts, "topk_idx", cat("experts in [0, ", experts, ")"),
-           cat(idx[i], " at [", i / k, "][", i % k, "]"));
+    if (!(idx[i] >= 0 && idx[i] < experts))
+      c.that(false, "topk_idx", cat("experts in [0, ", experts, ")"),
+             cat(idx[i], " at [", i / k, "][", i % k, "]"));
   return static_cast<int64_t>(idx.size()) / k;
 }
 
@@ -40,11 +41,13 @@ std::vector<int64_t> dedup_token_counts(std::span<const int32_t> idx, int k, int
   c.that(ranks >= 1 && experts >= 1 && experts % ranks == 0, "experts",
          cat("a positive multiple of ranks (", ranks, ")"), cat(experts));
   const int64_t T = check_routing(c, experts, idx, k), El = experts / ranks;
+  std::vector<int32_t> rank_of(static_cast<size_t>(experts));  // no division per pair
+  for (int64_t e = 0; e < experts; ++e) rank_of[e] = static_cast<int32_t>(e / El);
   std::vector<int64_t> n(static_cast<size_t>(ranks), 0);
   std::vector<int64_t> last(static_cast<size_t>(ranks), -1);  // last token counted per rank
   for (int64_t t = 0; t < T; ++t)
     for (int j = 0; j < k; ++j) {
-      const auto r = static_cast<size_t>(idx[t * k + j] / El);
+      const auto r = static_cast<size_t>(rank_of[idx[t * k + j]]);
       if (last[r] != t) {
         last[r] = t;
         ++n[r];
@@ -60,22 +63,37 @@ DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx,
   const int64_t N = l.ranks, El = l.local_experts, E = l.experts;
   c.that(static_cast<int64_t>(all_tokens.size()) == N * N, "all_tokens",
          cat(N * N, " entries (ranks x ranks)"), cat(all_tokens.size()));
-  // The routing must be the one the layout's counts of this rank come from.
-  std::vector<int64_t> mine(static_cast<size_t>(E), 0);
-  for (int32_t e : idx) ++mine[static_cast<size_t>(e)];
+  // One pass: pairs per expert and tokens per destination rank (check_routing validated the
+  // entries). The routing must be the one the layout's counts of this rank come from.
+  std::vector<int32_t> rank_of(static_cast<size_t>(E));  // no division per pair
+  for (int64_t e = 0; e < E; ++e) rank_of[e] = static_cast<int32_t>(e / El);
+  std::vector<int64_t> mine(static_cast<size_t>(E), 0), own(static_cast<size_t>(N), 0);
+  std::vector<int64_t> last(static_cast<size_t>(N), -1);  // last token counted per rank
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = idx[t * k + j];
+      ++mine[static_cast<size_t>(e)];
+      const auto r = static_cast<size_t>(rank_of[e]);
+      if (last[r] != t) {
+        last[r] = t;
+        ++own[r];
+      }
+    }
   for (int64_t e = 0; e < E; ++e)
-    c.that(mine[e] == l.counts[static_cast<size_t>(l.rank * E + e)], "topk_idx",
-           cat("the routing of the layout's counts (", l.counts[l.rank * E + e],
-               " pairs on expert ", e, ")"),
-           cat(mine[e], " pairs on expert ", e));
-  const std::vector<int64_t> own = dedup_token_counts(l, idx, k);
+    if (mine[e] != l.counts[static_cast<size_t>(l.rank * E + e)])
+      c.that(false, "topk_idx",
+             cat("the routing of the layout's counts (", l.counts[l.rank * E + e],
+                 " pairs on expert ", e, ")"),
+             cat(mine[e], " pairs on expert ", e));
   for (int64_t j = 0; j < N; ++j) {
-    c.that(all_tokens[l.rank * N + j] == own[j], "all_tokens",
-           cat("this rank's dedup_token_counts at [", l.rank, "][", j, "] (", own[j], ")"),
-           cat(all_tokens[l.rank * N + j]));
+    if (all_tokens[l.rank * N + j] != own[j])
+      c.that(false, "all_tokens",
+             cat("this rank's dedup_token_counts at [", l.rank, "][", j, "] (", own[j], ")"),
+             cat(all_tokens[l.rank * N + j]));
     for (int64_t s = 0; s < N; ++s)
-      c.that(all_tokens[s * N + j] >= 0, "all_tokens", "entries >= 0",
-             cat(all_tokens[s * N + j], " at [", s, "][", j, "]"));
+      if (all_tokens[s * N + j] < 0)
+        c.that(false, "all_tokens", "entries >= 0",
+               cat(all_tokens[s * N + j], " at [", s, "][", j, "]"));
   }
 
   DedupPlan p;
@@ -115,20 +133,19 @@ DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx,
     }
   }
   p.token.assign(static_cast<size_t>(p.send_total), -1);
-  p.slots.assign(static_cast<size_t>(p.send_total * k * 2), -1);
-  std::vector<int64_t> fill(p.send_offsets);  // next record per destination rank
-  std::vector<int64_t> rec_of(static_cast<size_t>(N), -1);
+  p.slots.assign(static_cast<size_t>(p.send_total * k), -1);
+  std::vector<int64_t> fill(p.send_offsets);                // next record per destination rank
+  std::vector<int64_t> rec_of(static_cast<size_t>(N), -1);  // token t's record to rank r ...
+  std::fill(last.begin(), last.end(), -1);                  // ... valid when last[r] == t
   for (int64_t t = 0; t < T; ++t) {
-    std::fill(rec_of.begin(), rec_of.end(), -1);
     for (int j = 0; j < k; ++j) {
-      const int64_t e = idx[t * k + j], r = e / El;
-      if (rec_of[r] < 0) {
+      const int64_t e = idx[t * k + j], r = rank_of[e];
+      if (last[r] != t) {
+        last[r] = t;
         rec_of[r] = fill[r]++;
         p.token[rec_of[r]] = static_cast<int32_t>(t);
       }
-      int32_t* slot = &p.slots[static_cast<size_t>((rec_of[r] * k + j) * 2)];
-      slot[0] = static_cast<int32_t>(next[e]++);
-      slot[1] = static_cast<int32_t>(t * k + j);
+      p.slots[static_cast<size_t>(rec_of[r] * k + j)] = static_cast<int32_t>(next[e]++);
     }
   }
   return p;
@@ -143,6 +160,10 @@ DedupPlan exchange_dedup_plan(Communicator& comm, const DispatchLayout& l,
   const std::vector<int64_t> mine = dedup_token_counts(l, idx, k);
   const std::vector<int64_t> all = comm.all_gather(mine, stream);
   return make_dedup_plan(l, idx, k, all);
+}
+
+int64_t dedup_plan_max_words(int64_t tokens, int k, int ranks) {
+  return tokens * std::min<int64_t>(k, ranks) * (1 + int64_t{k});
 }
 
 DispatchWire dispatch_dedup_wire(DType data_dtype, int64_t hidden, int k) {

@@ -53,10 +53,11 @@ void dispatch_pack(const WireArgs& a) {
     if (rec) std::memset(rec, 0, static_cast<size_t>(a.row_bytes));
     uint8_t* drec = a.data_apart ? (a.rows_data ? a.data_wire + i * a.data_bytes : nullptr) : rec;
     if (a.data_apart && drec) std::memset(drec, 0, static_cast<size_t>(a.data_bytes));
-    for (int32_t j = 0; j < a.slot_k; ++j) {  // dedup slots: (row, prob), whatever the row
-      const int32_t* sl = a.slots + (i * a.slot_k + j) * 2;
-      const float p = a.prob && sl[1] >= 0 && sl[1] < a.prob_len ? a.prob[sl[1]] : 0.0f;
-      std::memcpy(rec + a.slot_offset() + 8 * j, &sl[0], 4);
+    for (int32_t j = 0; j < a.slot_k; ++j) {  // dedup slots: (row, prob of pair map[i] k + j)
+      const int32_t row = a.slots[i * a.slot_k + j];
+      const int64_t pair = int64_t{a.map[i]} * a.slot_k + j;
+      const float p = a.prob && row >= 0 && pair >= 0 && pair < a.prob_len ? a.prob[pair] : 0.0f;
+      std::memcpy(rec + a.slot_offset() + 8 * j, &row, 4);
       std::memcpy(rec + a.slot_offset() + 8 * j + 4, &p, 4);
     }
     const int32_t m = a.map[i];

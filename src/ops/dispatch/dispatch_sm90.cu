@@ -120,13 +120,14 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
       const int32_t m = s_map[row];
       if (m >= 0 && m < a.prob_len) val = __float_as_uint(__ldg(a.prob + m));
     } else if (w - scale_words < 2 * static_cast<int64_t>(a.slot_k)) {
-      // Dedup slots (prob_word is -1 then): (destination row, prob of the pair).
-      const int64_t sw = w - scale_words;
-      const int32_t v = __ldg(a.slots + ((r0 + s_idx[row]) * a.slot_k + sw / 2) * 2 + (sw & 1));
+      // Dedup slots (prob_word is -1 then): (destination row, prob of pair token k + j).
+      const int64_t sw = w - scale_words, j = sw / 2;
+      const int32_t dest = __ldg(a.slots + (r0 + s_idx[row]) * a.slot_k + j);
+      const int64_t pair = static_cast<int64_t>(s_map[row]) * a.slot_k + j;
       if ((sw & 1) == 0)
-        val = static_cast<uint32_t>(v);
-      else if (a.prob && v >= 0 && v < a.prob_len)
-        val = __float_as_uint(__ldg(a.prob + v));
+        val = static_cast<uint32_t>(dest);
+      else if (a.prob && dest >= 0 && s_map[row] >= 0 && pair < a.prob_len)
+        val = __float_as_uint(__ldg(a.prob + pair));
     }
     reinterpret_cast<uint32_t*>(a.wire + (r0 + s_idx[row]) * a.row_bytes + rec_data)[w] = val;
   }
