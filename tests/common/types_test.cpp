@@ -2,6 +2,10 @@
 // (op, argument, expected, got) every op relies on.
 #include <gtest/gtest.h>
 
+#include <cstdint>
+#include <sstream>
+#include <string>
+#include <string_view>
 #include <vector>
 
 #include "common/check.h"
@@ -92,6 +96,35 @@ TEST(Types, CheckMessagesNameOpArgumentExpectedAndGot) {
   const std::vector<int64_t> groups2{3, 4};
   expect_error([&] { c.groups(groups2, "col_groups", 8); }, ErrorKind::InvalidArgument,
                {"summing to 8", "sum 7"});
+}
+
+// cat() is exactly the ostringstream of its arguments, on its fast path (text and integers of
+// every width and sign, including the extremes) and its stream fallbacks (floats, bool, char,
+// uint8_t, manipulators, messages past the fast buffer).
+template <typename... A>
+std::string streamed(const A&... a) {
+  std::ostringstream os;
+  (os << ... << a);
+  return os.str();
+}
+
+TEST(Types, CatEqualsTheStream) {
+  using detail::cat;
+  const std::string str = "a string";
+  const std::string_view sv = "a view";
+  EXPECT_EQ(cat("x", str, sv, 'c'), streamed("x", str, sv, 'c'));
+  EXPECT_EQ(cat(int8_t{-5}, uint8_t{200}, int16_t{-32768}, uint16_t{65535}),
+            streamed(int8_t{-5}, uint8_t{200}, int16_t{-32768}, uint16_t{65535}));
+  EXPECT_EQ(
+      cat(INT32_MIN, INT32_MAX, UINT32_MAX, INT64_MIN, INT64_MAX, UINT64_MAX, size_t{0}),
+      streamed(INT32_MIN, INT32_MAX, UINT32_MAX, INT64_MIN, INT64_MAX, UINT64_MAX, size_t{0}));
+  EXPECT_EQ(cat("x", 1.5, " ", 1e-30f, true), streamed("x", 1.5, " ", 1e-30f, true));
+  EXPECT_EQ(cat("address 0x", std::hex, 255), "address 0xff");
+  EXPECT_EQ(cat("[", -1, ", ", 7168, "]"), "[-1, 7168]");
+  const std::string long_text(300, 'q');
+  EXPECT_EQ(cat(long_text, 12), long_text + "12");  // past the 256-byte buffer: the stream
+  EXPECT_EQ(cat(std::string(250, 'a'), INT64_MIN), std::string(250, 'a') + "-9223372036854775808");
+  EXPECT_EQ(cat(), "");
 }
 
 TEST(Types, ScaledTensorChecks) {
