@@ -975,7 +975,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                        stream);
     if (dedup) {
       for (int q = 0; q < N; ++q)
-        if (all_tokens[static_cast<size_t>(q * N)] < 0)
+        if (all_tokens[static_cast<size_t>(q) * static_cast<size_t>(N)] < 0)
           c.fail(ErrorKind::InvalidArgument, "x",
                  cat("a routing with experts in [0, ", Eg,
                      ") on every rank (cfg.ep_dedup), got "
