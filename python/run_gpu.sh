@@ -207,6 +207,8 @@ if ((ext_ok && do_train)); then
   TRAIN_OUT=$OUT/train
   common=(examples/train_moe_lm.py --out "$TRAIN_OUT" --steps "$steps" --fit-steps)
   if [ -n "$ckpt" ]; then  # fixed --steps over several calls; the CSVs stay next to the checkpoints
+    mkdir -p "$ckpt"
+    note "ckpt: $ckpt ($(df -h --output=avail "$ckpt" 2>/dev/null | tail -1 | tr -d ' ') free; ~12 B/param per recipe)"
     TRAIN_OUT=$ckpt/train
     common=(examples/train_moe_lm.py --out "$TRAIN_OUT" --steps "$steps" --ckpt "$ckpt")
     ((resume)) && common+=(--resume)
