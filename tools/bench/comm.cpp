@@ -468,18 +468,7 @@ int run_comm(const Options& opt) {
   const int gpus = gpu_count();
   const bool nccl = built_with_nccl() && cuda_available();
   if (under_mpirun()) {
-    const char* missing = !built_with_mpi() ? "fp8flow was built without MPI (FP8FLOW_WITH_MPI=OFF)"
-                          : !built_with_nccl() ? "fp8flow was built without NCCL"
-                          : !nccl              ? "no CUDA device found"
-                                               : nullptr;
-    if (missing) {
-      std::fprintf(stderr,
-                   "fp8flow-bench comm: started under mpirun, but mpirun mode (one rank per GPU) "
-                   "is unavailable: %s; run `fp8flow-bench comm --gpus N` without mpirun instead "
-                   "(%s)\n",
-                   missing, nccl ? "one thread per GPU" : "N simulated ranks on the CPU");
-      return 2;
-    }
+    if (!mpirun_mode_available("comm", "--gpus", nccl)) return 2;
 #if FP8FLOW_WITH_CUDA
     return run_mpi(opt, warmup, reps);
 #endif

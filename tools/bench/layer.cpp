@@ -683,19 +683,7 @@ int run_layer(const Options& opt) {
   L.ep_dedup = opt.ep_dedup;
   if (mpi) {
     // mpirun mode: one rank per process and GPU, NCCL bootstrapped over MPI.
-    const char* missing = !gpu                 ? "no CUDA device found"
-                          : !built_with_nccl() ? "fp8flow was built without NCCL"
-                          : !built_with_mpi()
-                              ? "fp8flow was built without MPI (FP8FLOW_WITH_MPI=OFF)"
-                              : nullptr;
-    if (missing) {
-      std::fprintf(stderr,
-                   "fp8flow-bench layer: started under mpirun, but mpirun mode (one rank per GPU) "
-                   "is unavailable: %s; run `fp8flow-bench layer --ep N` without mpirun instead "
-                   "(%s)\n",
-                   missing, gpu ? "one thread per GPU" : "N simulated ranks on the CPU");
-      return 2;
-    }
+    if (!mpirun_mode_available("layer", "--ep", gpu)) return 2;
     if (opt.ep > 1)
       std::fprintf(stderr,
                    "fp8flow-bench layer: --ep %d ignored under mpirun (the ranks are the MPI "

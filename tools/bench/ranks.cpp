@@ -39,6 +39,20 @@ bool under_mpirun() {
   return std::getenv("OMPI_COMM_WORLD_SIZE") || std::getenv("PMI_SIZE") || std::getenv("PMIX_RANK");
 }
 
+bool mpirun_mode_available(const char* sub, const char* alt_flag, bool gpus) {
+  const char* missing = !built_with_mpi() ? "fp8flow was built without MPI (FP8FLOW_WITH_MPI=OFF)"
+                        : !built_with_nccl() ? "fp8flow was built without NCCL"
+                        : !gpus              ? "no CUDA device found"
+                                             : nullptr;
+  if (!missing) return true;
+  std::fprintf(stderr,
+               "fp8flow-bench %s: started under mpirun, but mpirun mode (one rank per GPU) is "
+               "unavailable: %s; run `fp8flow-bench %s %s N` without mpirun instead (%s)\n",
+               sub, missing, sub, alt_flag,
+               gpus ? "one thread per GPU" : "N simulated ranks on the CPU");
+  return false;
+}
+
 int gpu_count() {
 #if FP8FLOW_WITH_CUDA
   int n = 0;

@@ -24,6 +24,10 @@ using RankFn = std::function<void(Communicator& comm, Stream stream)>;
 
 // Started by mpirun (Open MPI, MPICH/PMI or PMIx environment variables).
 bool under_mpirun();
+// Under mpirun: whether mpirun mode (one rank per GPU, NCCL bootstrapped over MPI) can run here
+// (`gpus`: a usable CUDA device). If not, says on stderr what is missing and to run
+// `fp8flow-bench <sub> <alt_flag> N` without mpirun instead, and returns false.
+bool mpirun_mode_available(const char* sub, const char* alt_flag, bool gpus);
 // Visible CUDA devices (0 without CUDA).
 int gpu_count();
 
