@@ -561,7 +561,10 @@ std::string utc_now() {
   return buf;
 }
 
+// $FP8FLOW_GIT_REV at run time wins (binaries carried to another machine, or built before the
+// last commit: the compiled-in revision is the one of the last CMake configure).
 std::string git_rev() {
+  if (const char* env = std::getenv("FP8FLOW_GIT_REV"); env && *env) return env;
   return FP8FLOW_GIT_REV;
 }
 
