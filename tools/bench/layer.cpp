@@ -157,6 +157,7 @@ void upload_repeat(const TensorView& dst, const void* src, size_t bytes) {
 
 struct PhaseTimes {
   std::vector<double> fwd, bwd, step, wcast;
+  std::vector<double> host;  // GPU: host wall clock of the forward + backward calls (enqueue time)
 };
 
 #if FP8FLOW_WITH_CUDA
@@ -195,11 +196,13 @@ void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const Tenso
 #if FP8FLOW_WITH_CUDA
     const auto cs = reinterpret_cast<cudaStream_t>(st);
     Events ev;
+    const auto h0 = std::chrono::steady_clock::now();
     LAYER_CUDA(cudaEventRecord(ev.e[0], cs));
     layer.forward(x, y, ctx, {}, st);
     LAYER_CUDA(cudaEventRecord(ev.e[1], cs));
     layer.backward(dy, g, ctx, st);
     LAYER_CUDA(cudaEventRecord(ev.e[2], cs));
+    const auto h1 = std::chrono::steady_clock::now();
     layer.refresh_weights(st);
     LAYER_CUDA(cudaEventRecord(ev.e[3], cs));
     LAYER_CUDA(cudaStreamSynchronize(cs));
@@ -208,6 +211,7 @@ void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const Tenso
       times->bwd.push_back(elapsed(ev.e[1], ev.e[2]));
       times->step.push_back(elapsed(ev.e[0], ev.e[2]));
       times->wcast.push_back(elapsed(ev.e[2], ev.e[3]));
+      times->host.push_back(std::chrono::duration<double, std::milli>(h1 - h0).count());
     }
     return;
 #else
@@ -448,12 +452,13 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
       any_nonfinite = any_nonfinite || v[6];
     }
     const bool ok = failed_rank < 0;
-    std::vector<double> fwd_t, bwd_t, step_t, wcast_t;
+    std::vector<double> fwd_t, bwd_t, step_t, wcast_t, host_t;
     if (ok) {
       fwd_t = slowest(comm, pt.fwd, reps, st);
       bwd_t = slowest(comm, pt.bwd, reps, st);
       step_t = slowest(comm, pt.step, reps, st);
       wcast_t = slowest(comm, pt.wcast, reps, st);
+      if (!pt.host.empty()) host_t = slowest(comm, pt.host, reps, st);
     }
     if (!error.empty() && comm)
       std::fprintf(stderr, "fp8flow-bench layer: rank %d: %s: %s\n", rank, rn.name, error.c_str());
@@ -474,6 +479,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     rep->set(r, "step_ms", stp);
     rep->set(r, "step_min_ms", *std::min_element(step_t.begin(), step_t.end()));
     rep->set(r, "weight_cast_ms", median_of(wcast_t));
+    if (!host_t.empty()) rep->set(r, "host_ms", median_of(host_t));
     if (stp > 0) {
       rep->set(r, "tokens_per_s", static_cast<double>(T) / (stp * 1e-3));
       rep->set(r, "tflops", 3.0 * L.fwd_flop / (stp * 1e-3) / 1e12);
@@ -539,6 +545,7 @@ void set_columns(Report& rep, bool gpu, bool ep) {
       {gpu ? "pool_gib" : "pool_mib", gpu ? "pool GiB" : "pool MiB", 8, false, 3},
       {"load", "load", 5, false, 2},
   };
+  if (gpu) cols.insert(cols.begin() + 5, {"host_ms", "host ms", 7, false, 3});
   if (ep) cols.push_back({"rank_load", "rload", 5, false, 2});
   cols.push_back({"vs_bf16", "x bf16", 6, false, 2});
   cols.push_back({"vs_blockwise", "x blockw", 8, false, 2});
@@ -619,6 +626,9 @@ void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors
       "# %s: T %lld tokens, H %lld, F %lld, E %lld, top-%lld (%lld routed rows); %s; %s.\n"
       "# %s times: median of %d steps after %d warm-up steps (%s). step = forward + backward;\n"
       "# wcast = refresh_weights (weight copies, once per optimizer step; not in step).\n"
+      "# host ms (GPU) = host wall clock of the forward + backward calls (enqueue, validation, "
+      "the\n"
+      "# one host sync): close to step ms means the step is host-bound.\n"
       "# tokens/s = T / step; %s = expert GEMM FLOPs of fwd + bwd (6 r H F + 12 r H F,\n"
       "# r = routed rows, router/gate GEMMs not counted) / step. casts = explicit\n"
       "# quantize/dequantize launches per step (fwd + bwd); conv = FP8->FP8 / MXFP4 conversions;\n"
