@@ -251,8 +251,9 @@ void combine(Communicator& comm, const DispatchLayout& layout, const DispatchRow
 // summation order of the single-GPU combine).
 //
 // The dedup record: [data D][scales S][k slots of (I32 destination permuted row or -1, F32 prob)]
-// zero-padded to a multiple of 16: at H 7168, k 8: BF16 14416 B, FP8 7472 B, MXFP4 3888 B per
-// record (the record path's per-pair size + 64 B), sent n_t instead of k times per token.
+// zero-padded to a multiple of 16: at H 7168, k 8: BF16 14400 B, FP8 7456 B, MXFP4 3872 B per
+// record (the record path's per-pair record with prob + 48 B), sent n_t instead of k times per
+// token.
 // Slot j of a token's record to rank r describes its pair j when expert topk_idx[t][j] is on r.
 
 // The host plan of one rank: which tokens go to which rank, and where each pair lands there.
