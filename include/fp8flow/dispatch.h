@@ -197,7 +197,9 @@ struct DispatchBuffers {
 // buffers.send >= send_total (D + S + 4) and buffers.recv >= recv_total (S + 4) bytes (never more
 // than the record path), combine none. Prob-only dispatch (no data) always uses the record path.
 // Every rank must use the same setting (a mismatch is an InProcess Comm error, an NCCL error or
-// timeout). Auto = kAutoInPlace (off until measured on GPUs: the record path stays the default).
+// timeout). Auto = kAutoInPlace: off. Measured on 4 H100s (bench/RESULTS.md) in place is 2-4x
+// slower than the record path: one NCCL message per (peer, local expert) block (4 x 64 per rank at
+// 256 experts) costs more than the unpack it saves.
 enum class InPlace : int { Auto = 0, On = 1, Off = 2 };
 
 struct DispatchOptions {
