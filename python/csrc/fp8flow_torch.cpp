@@ -626,7 +626,7 @@ class MoELayerHolder : public torch::CustomClassHolder {
       comm_ = *comm;
       cfg_.ep_size = static_cast<int>(comm_->size());
       cfg_.ep_max_recv_rows = ep_max_recv_rows;  // 0: the C++ worst case
-      cfg_.ep_dedup = ep_dedup;                   // dispatch one record per (token, rank)
+      cfg_.ep_dedup = ep_dedup;                  // dispatch one record per (token, rank)
     }
     hold(gate, gate_bias, w1, w2);
     DeviceScope ds(w1_, "MoELayer");
