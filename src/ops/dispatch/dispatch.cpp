@@ -125,18 +125,25 @@ void aligned16(const Check& c, const void* p, const char* arg) {
          cat("address ending 0x", std::hex, a % 256));
 }
 
-void run_pack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
-  if (a.wire_rows == 0) return;
-  if (dev == Device::Cpu) return ref::dispatch_pack(a);
+// A pack / unpack on Cuda: the backend exists, every pointer of `a` is device memory, and the
+// rows and the wire are 16-byte aligned (vector loads and stores). side: "in" or "out".
+void require_cuda_wire(const Check& c, const WireArgs& a, Device dev, const std::string& side) {
+  const std::string data = side + ".data", scale = side + ".scale", prob = side + ".prob";
   require_cuda(c,
-               {{a.rows_data, "in.data"},
-                {a.rows_scale, "in.scale"},
-                {a.prob, "in.prob"},
+               {{a.rows_data, data.c_str()},
+                {a.rows_scale, scale.c_str()},
+                {a.prob, prob.c_str()},
                 {a.wire, "wire"},
                 {a.map, "map"}},
                dev);
-  if (a.rows_data) aligned16(c, a.rows_data, "in.data");
+  if (a.rows_data) aligned16(c, a.rows_data, data.c_str());
   aligned16(c, a.wire, "wire");
+}
+
+void run_pack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
+  if (a.wire_rows == 0) return;
+  if (dev == Device::Cpu) return ref::dispatch_pack(a);
+  require_cuda_wire(c, a, dev, "in");
   FP8FLOW_SM90(sm90::dispatch_pack(a, stream));
   (void)stream;
 }
@@ -144,15 +151,7 @@ void run_pack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
 void run_unpack(const Check& c, const WireArgs& a, Device dev, Stream stream) {
   if (a.map_rows == 0) return;
   if (dev == Device::Cpu) return ref::dispatch_unpack(a);
-  require_cuda(c,
-               {{a.rows_data, "out.data"},
-                {a.rows_scale, "out.scale"},
-                {a.prob, "out.prob"},
-                {a.wire, "wire"},
-                {a.map, "map"}},
-               dev);
-  if (a.rows_data) aligned16(c, a.rows_data, "out.data");
-  aligned16(c, a.wire, "wire");
+  require_cuda_wire(c, a, dev, "out");
   FP8FLOW_SM90(sm90::dispatch_unpack(a, stream));
   (void)stream;
 }

@@ -28,6 +28,38 @@ int64_t check_routing(const Check& c, int64_t experts, std::span<const int32_t> 
   return static_cast<int64_t>(idx.size()) / k;
 }
 
+// The rank of every global expert (a lookup instead of a division per pair).
+std::vector<int32_t> rank_table(int64_t experts, int ranks) {
+  std::vector<int32_t> rank_of(static_cast<size_t>(experts));
+  for (int64_t e = 0; e < experts; ++e) rank_of[e] = static_cast<int32_t>(e / (experts / ranks));
+  return rank_of;
+}
+
+// One pass over a validated routing: tokens with a pair on each rank (per_rank [ranks]) and,
+// when per_expert is given, pairs per expert ([experts]).
+void count_routing(std::span<const int32_t> idx, int k, int ranks, int64_t experts,
+                   std::vector<int64_t>& per_rank, std::vector<int64_t>* per_expert) {
+  const int64_t T = static_cast<int64_t>(idx.size()) / k;
+  const std::vector<int32_t> rank_of = rank_table(experts, ranks);
+  per_rank.assign(static_cast<size_t>(ranks), 0);
+  if (per_expert) per_expert->assign(static_cast<size_t>(experts), 0);
+  int64_t* pr = per_rank.data();  // raw pointers: no reloads through the vectors in the loop
+  int64_t* pe = per_expert ? per_expert->data() : nullptr;
+  const int32_t* ro = rank_of.data();
+  std::vector<int64_t> last(static_cast<size_t>(ranks), -1);  // last token counted per rank
+  int64_t* lt = last.data();
+  for (int64_t t = 0; t < T; ++t)
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = idx[t * k + j];
+      if (pe) ++pe[e];
+      const int32_t r = ro[e];
+      if (lt[r] != t) {
+        lt[r] = t;
+        ++pr[r];
+      }
+    }
+}
+
 }  // namespace
 
 std::vector<int64_t> dedup_token_counts(const DispatchLayout& l, std::span<const int32_t> idx,
@@ -40,19 +72,9 @@ std::vector<int64_t> dedup_token_counts(std::span<const int32_t> idx, int k, int
   const Check c("dedup_token_counts");
   c.that(ranks >= 1 && experts >= 1 && experts % ranks == 0, "experts",
          cat("a positive multiple of ranks (", ranks, ")"), cat(experts));
-  const int64_t T = check_routing(c, experts, idx, k), El = experts / ranks;
-  std::vector<int32_t> rank_of(static_cast<size_t>(experts));  // no division per pair
-  for (int64_t e = 0; e < experts; ++e) rank_of[e] = static_cast<int32_t>(e / El);
-  std::vector<int64_t> n(static_cast<size_t>(ranks), 0);
-  std::vector<int64_t> last(static_cast<size_t>(ranks), -1);  // last token counted per rank
-  for (int64_t t = 0; t < T; ++t)
-    for (int j = 0; j < k; ++j) {
-      const auto r = static_cast<size_t>(rank_of[idx[t * k + j]]);
-      if (last[r] != t) {
-        last[r] = t;
-        ++n[r];
-      }
-    }
+  check_routing(c, experts, idx, k);
+  std::vector<int64_t> n;
+  count_routing(idx, k, ranks, experts, n, nullptr);
   return n;
 }
 
@@ -65,20 +87,8 @@ DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx,
          cat(N * N, " entries (ranks x ranks)"), cat(all_tokens.size()));
   // One pass: pairs per expert and tokens per destination rank (check_routing validated the
   // entries). The routing must be the one the layout's counts of this rank come from.
-  std::vector<int32_t> rank_of(static_cast<size_t>(E));  // no division per pair
-  for (int64_t e = 0; e < E; ++e) rank_of[e] = static_cast<int32_t>(e / El);
-  std::vector<int64_t> mine(static_cast<size_t>(E), 0), own(static_cast<size_t>(N), 0);
-  std::vector<int64_t> last(static_cast<size_t>(N), -1);  // last token counted per rank
-  for (int64_t t = 0; t < T; ++t)
-    for (int j = 0; j < k; ++j) {
-      const int32_t e = idx[t * k + j];
-      ++mine[static_cast<size_t>(e)];
-      const auto r = static_cast<size_t>(rank_of[e]);
-      if (last[r] != t) {
-        last[r] = t;
-        ++own[r];
-      }
-    }
+  std::vector<int64_t> mine, own;
+  count_routing(idx, k, static_cast<int>(N), E, own, &mine);
   for (int64_t e = 0; e < E; ++e)
     if (mine[e] != l.counts[static_cast<size_t>(l.rank * E + e)])
       c.that(false, "topk_idx",
@@ -136,7 +146,8 @@ DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx,
   p.slots.assign(static_cast<size_t>(p.send_total * k), -1);
   std::vector<int64_t> fill(p.send_offsets);                // next record per destination rank
   std::vector<int64_t> rec_of(static_cast<size_t>(N), -1);  // token t's record to rank r ...
-  std::fill(last.begin(), last.end(), -1);                  // ... valid when last[r] == t
+  std::vector<int64_t> last(static_cast<size_t>(N), -1);    // ... valid when last[r] == t
+  const std::vector<int32_t> rank_of = rank_table(E, static_cast<int>(N));
   for (int64_t t = 0; t < T; ++t) {
     for (int j = 0; j < k; ++j) {
       const int64_t e = idx[t * k + j], r = rank_of[e];
