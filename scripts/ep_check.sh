@@ -3,7 +3,8 @@
 # gpu_run.sh for a tight device budget), logs under $OUT, packed into $OUT/ep_check.tgz.
 #   1. tests      fp8flow_tests on the dispatch / EP / communicator suites (CPU and GPU)
 #   2. sanitizer  compute-sanitizer memcheck + racecheck on DispatchGpu.* (NCCL's own API probes
-#                 are not reported; hazards inside cuBLASLt's nvjet kernels are ignored)
+#                 are not reported; hazards inside cuBLASLt's nvjet kernels and NCCL's own
+#                 ncclDevKernel_* kernels (their flag-based shared-memory protocol) are ignored)
 #   3. bench      fp8flow-bench comm --gpus N; layer --ep N, with and without --ep-dedup
 # Usage: scripts/ep_check.sh [BIN_DIR]   BIN_DIR holds fp8flow_tests and fp8flow-bench (default:
 # build/tests and build/tools of a default-preset build). Exit status: 0 when every step passed.
@@ -33,8 +34,9 @@ step memcheck 240 compute-sanitizer --tool memcheck --report-api-errors no --err
   "$T" --gtest_filter='DispatchGpu.*'
 grep -E "ERROR SUMMARY" "$OUT/ep/memcheck.log"
 step racecheck 240 compute-sanitizer --tool racecheck "$T" --gtest_filter='DispatchGpu.*'
-if grep -E "Race reported between" "$OUT/ep/racecheck.log" | grep -qv nvjet_; then
-  echo "racecheck: hazards outside cuBLASLt"; status=1
+if grep -A1 -E "Race reported between" "$OUT/ep/racecheck.log" | grep -E "access at" |
+  grep -vqE "nvjet_|ncclDevKernel_"; then
+  echo "racecheck: hazards outside cuBLASLt and NCCL"; status=1
 fi
 grep -E "RACECHECK SUMMARY" "$OUT/ep/racecheck.log"
 if [ "$ngpu" -ge 2 ]; then

@@ -70,6 +70,43 @@ TEST(Mxfp4Tables, F32ToE2m1ThresholdsMatchFmt) {
   for (int i = 0; i < 2000000; ++i) check(0x3E000000u + static_cast<uint32_t>(rng()) % 0x3000000u);
 }
 
+// The BF16 lane-pair encoder of quantize_mxfp4: every finite BF16 in both lanes at every block
+// exponent it serves, against e2m1(mul_pow2(v, -x)), the reference's element step.
+TEST(Mxfp4Tables, Bf16PairEncoderMatchesFmtEverywhere) {
+  const mx::Bf16E2m1 bf = mx::make_bf16_e2m1(mx::make_e2m1_thresholds());
+  int64_t checked = 0;
+  for (int x = mx::kBf16MinX; x <= 125; ++x) {
+    uint32_t cst[7];
+    mx::bf16_e2m1_consts(bf.base, x, cst);
+    auto want = [&](uint32_t b) {
+      return static_cast<uint32_t>(
+          fmt::e2m1_from_f32(fmt::mul_pow2(fmt::f32_from_bits(b << 16), -x)));
+    };
+    for (uint32_t b = 0; b < 0x10000u; ++b) {
+      if ((b & 0x7FFFu) >= 0x7F80u) continue;  // NaN / Inf: the block is flagged, never encoded
+      uint32_t o = (b * 40503u + static_cast<uint32_t>(x) * 977u) & 0xFFFFu;  // the other lane
+      if ((o & 0x7FFFu) >= 0x7F80u) o &= 0x807Fu;
+      const uint32_t lo = mx::bf16x2_to_e2m1x2(b | (o << 16), cst) & 0xFFu;
+      const uint32_t hi = mx::bf16x2_to_e2m1x2(o | (b << 16), cst) & 0xFFu;
+      ASSERT_EQ(lo & 0xFu, want(b)) << "x " << x << " bf16 " << std::hex << b;
+      ASSERT_EQ(lo >> 4, want(o)) << "x " << x << " bf16 " << std::hex << o;
+      ASSERT_EQ(hi >> 4, want(b)) << "x " << x << " bf16 " << std::hex << b;
+      ++checked;
+    }
+  }
+  EXPECT_EQ(checked, int64_t{250} * (0x10000 - 2 * 0x80));
+  // The block key: largest magnitude over 16 lanes, NaN / Inf above 0x7F80.
+  std::mt19937 rng(5);
+  for (int it = 0; it < 100000; ++it) {
+    uint32_t w[8], m = 0;
+    for (uint32_t& v : w) {
+      v = static_cast<uint32_t>(rng());
+      m = std::max({m, v & 0x7FFFu, (v >> 16) & 0x7FFFu});
+    }
+    ASSERT_EQ(mx::max_bf16_magnitude(w), m);
+  }
+}
+
 TEST(Mxfp4Tables, E4m3ToE2m1MatchesFmtEverywhere) {
   const mx::E4m3ToE2m1 tab = mx::make_e4m3_to_e2m1();
   std::mt19937 rng(2);
@@ -210,6 +247,8 @@ TEST(Mxfp4Tables, Fp8ToMxfp4BlockLogicMatchesReference) {
 
 TEST(Mxfp4Tables, QuantizeBlockLogicMatchesReference) {
   const mx::E2m1Thresholds th = mx::make_e2m1_thresholds();
+  const mx::Bf16E2m1 bf = mx::make_bf16_e2m1(th);
+  int64_t bf16_fast = 0;
   uint64_t seed = 12;
   for (Fill f : {Fill::Normal, Fill::WideRange, Fill::Adversarial, Fill::Zeros})
     for (DType d : {DType::F32, DType::BF16}) {
@@ -228,15 +267,26 @@ TEST(Mxfp4Tables, QuantizeBlockLogicMatchesReference) {
           const bool finite = key < 0x7F800000u;
           const int xe = fmt::mx_shared_exponent(fmt::f32_from_bits(key));
           uint32_t out[4] = {0, 0, 0, 0};
-          if (finite)
+          if (finite && d == DType::BF16 && xe >= mx::kBf16MinX) {
+            ++bf16_fast;
+            uint32_t cst[7];
+            mx::bf16_e2m1_consts(bf.base, xe, cst);
+            for (int i = 0; i < 32; i += 2) {
+              const uint32_t w =
+                  (fmt::f32_bits(v[i]) >> 16) | (fmt::f32_bits(v[i + 1]) & 0xFFFF0000u);
+              out[i / 8] |= (mx::bf16x2_to_e2m1x2(w, cst) & 0xFFu) << (4 * (i % 8));
+            }
+          } else if (finite) {
             for (int i = 0; i < 32; ++i)
               out[i / 8] |= mx::quantize_e2m1(v[i], fmt::exp2i(-xe), th.th) << (4 * (i % 8));
+          }
           ASSERT_EQ(finite ? fmt::e8m0_from_exponent(xe) : fmt::kE8M0NaN,
                     want.scale.buf[static_cast<size_t>(r * (K / 32) + b)]);
           ASSERT_EQ(0, std::memcmp(out, want.data.buf.data() + (r * K + b * 32) / 2, 16))
               << "fill " << int(f) << " row " << r << " block " << b;
         }
     }
+  EXPECT_GT(bf16_fast, 1000);  // the BF16 lane-pair path is exercised
 }
 
 TEST(Mxfp4Tables, Mxfp4ToFp8BlockLogicMatchesReference) {

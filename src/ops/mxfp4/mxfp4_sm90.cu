@@ -50,6 +50,8 @@ void launch_quantize(const TensorView& in, const ScaledTensor& out, Stream strea
   p.div_units = mx::FastDiv::make(p.units_per_row);
   static const mx::E2m1Thresholds th = mx::make_e2m1_thresholds();
   p.th = th;
+  static const mx::Bf16E2m1 bf = mx::make_bf16_e2m1(th);
+  p.bf = bf;
   sm90_quantize_mxfp4<T, kUnits><<<grid_for(M * R, kPerCta), kToMxThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("quantize_mxfp4");
 }

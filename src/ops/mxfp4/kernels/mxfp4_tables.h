@@ -9,6 +9,7 @@
 // Each step below costs 1-6 integer ops per element.
 #pragma once
 
+#include <algorithm>
 #include <cstdint>
 
 #include "common/byte_perm.h"
@@ -59,6 +60,23 @@ FP8FLOW_HD uint32_t vaddmin_u16x2(uint32_t a, uint32_t b, uint32_t c) {
   const uint32_t lo = slo < (c & 0xFFFF) ? slo : (c & 0xFFFF);
   const uint32_t hi = shi < (c >> 16) ? shi : (c >> 16);
   return lo | (hi << 16);
+#endif
+}
+
+// Signed 16x2 lane-wise max(min(a + b, c), 0) (one DPX instruction, VIADDMNMX, on sm_90). Callers
+// keep every lane's a + b inside the int16 range (the host version computes it exactly).
+FP8FLOW_HD uint32_t vaddmin_relu_s16x2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  return __viaddmin_s16x2_relu(a, b, c);
+#else
+  uint32_t r = 0;
+  for (int s = 0; s < 32; s += 16) {
+    const int32_t sum = static_cast<int16_t>(a >> s) + static_cast<int16_t>(b >> s);
+    const int32_t m =
+        std::max(std::min(sum, static_cast<int32_t>(static_cast<int16_t>(c >> s))), 0);
+    r |= (static_cast<uint32_t>(m) & 0xFFFFu) << s;
+  }
+  return r;
 #endif
 }
 
@@ -144,6 +162,59 @@ FP8FLOW_HD uint32_t e2m1_magnitude_from_bits(uint32_t a, const uint32_t* th) {
 FP8FLOW_HD uint32_t quantize_e2m1(float v, float down, const uint32_t* th) {
   const uint32_t y = fmt::f32_bits(v * down);
   return e2m1_magnitude_from_bits(y & 0x7FFFFFFFu, th) | ((y >> 28) & 8u);
+}
+
+// ---------------------------------------------------------------------------------------------
+// BF16 -> E2M1 magnitude, two elements per 32-bit word (quantize_mxfp4 from BF16).
+//
+// A BF16 v is FP32 bits b << 16. In a block with exponent x, the FP32 path encodes y = v * 2^-x
+// by #{j : bits(|y|) >= th_j}. When y is a normal FP32, bits(|y|) = bits(|v|) - (x << 23), so
+// bits(|y|) >= th_j  <=>  b >= ceil(th_j / 2^16) + (x << 7) =: T_j(x), a compare of 16-bit lanes;
+// when y is below the normal range it is far below th_0 (0.25) and both sides are false. For
+// x >= kBf16MinX every T_j(x) is a normal BF16 pattern in [0x81, 0x7F21], so a - T_j(x) + 1 stays
+// in the int16 range for any finite magnitude a < 0x7F80, and
+//   [a >= T_j(x)] = max(min(a + (1 - T_j(x)), 1), 0)     (one VIADDMNMX for both lanes).
+// Blocks with x < kBf16MinX (amax < 2^-122) take quantize_e2m1.
+constexpr int kBf16MinX = -124;
+
+struct Bf16E2m1 {
+  uint32_t base[7];  // 1 - ceil(th_j / 2^16), modulo 2^32
+};
+
+inline Bf16E2m1 make_bf16_e2m1(const E2m1Thresholds& t) {
+  Bf16E2m1 b{};
+  for (int j = 0; j < 7; ++j) b.base[j] = 1u - ((t.th[j] + 0xFFFFu) >> 16);
+  return b;
+}
+
+// The seven lane-pair constants 1 - T_j(x), both 16-bit lanes, of a block with exponent x.
+FP8FLOW_HD void bf16_e2m1_consts(const uint32_t* base, int x, uint32_t* cst) {
+  for (int j = 0; j < 7; ++j) {
+    const uint32_t c = base[j] - (static_cast<uint32_t>(x) << 7);
+    cst[j] = prmt(c, c, 0x1010);
+  }
+}
+
+// Two BF16 elements (word w: element 2i in the low half, 2i + 1 in the high half) of a finite block
+// with exponent x >= kBf16MinX -> their E2M1 codes in the low byte (element 2i in the low nibble,
+// as E2M1x2), sign bits included (-0 -> 0x8). Higher bytes are garbage.
+FP8FLOW_HD uint32_t bf16x2_to_e2m1x2(uint32_t w, const uint32_t* cst) {
+  const uint32_t a = w & 0x7FFF7FFFu;
+  constexpr uint32_t kOne = 0x00010001u;
+  const uint32_t n = ((w >> 12) & 0x00080008u) + vaddmin_relu_s16x2(a, cst[0], kOne) +
+                     vaddmin_relu_s16x2(a, cst[1], kOne) + vaddmin_relu_s16x2(a, cst[2], kOne) +
+                     vaddmin_relu_s16x2(a, cst[3], kOne) + vaddmin_relu_s16x2(a, cst[4], kOne) +
+                     vaddmin_relu_s16x2(a, cst[5], kOne) + vaddmin_relu_s16x2(a, cst[6], kOne);
+  return n | (n >> 12);
+}
+
+// Largest BF16 magnitude (bits) of 8 words (16 elements); >= 0x7F80 means a NaN or Inf.
+FP8FLOW_HD uint32_t max_bf16_magnitude(const uint32_t* w) {
+  constexpr uint32_t kM = 0x7FFF7FFFu;
+  const uint32_t m =
+      vmax_u16x2(vmax3_u16x2(w[0] & kM, w[1] & kM, w[2] & kM),
+                 vmax3_u16x2(w[3] & kM, w[4] & kM, vmax3_u16x2(w[5] & kM, w[6] & kM, w[7] & kM)));
+  return (m & 0xFFFFu) > (m >> 16) ? (m & 0xFFFFu) : (m >> 16);
 }
 
 // ---------------------------------------------------------------------------------------------
