@@ -1,6 +1,9 @@
 // sm_90a backend of transpose_scaled: zero the optional underflow counter, then one launch of
 // sm90_transpose_scaled_e4m3_1x128 (kernels/transpose_1x128.cuh) per call; no host sync.
 // Bench: `fp8flow-bench ops`.
+#include <algorithm>
+
+#include "common/check.h"
 #include "common/cuda_check.h"
 #include "common/groups.h"
 #include "ops/transpose/kernels/transpose_1x128.cuh"
@@ -10,12 +13,20 @@ namespace fp8flow::sm90 {
 
 namespace {
 
+// Persistent CTAs: as many as fit on the device at once (at most one per tile pair).
 template <TransposeScalePolicy kPolicy, bool kCount>
-void launch(const dim3 grid, Stream stream, const uint8_t* x, const float* xs, uint8_t* y,
-            float* ys, unsigned long long* counter, int32_t m, int32_t k,
-            const detail::GroupTiles& groups) {
-  sm90_transpose_scaled_e4m3_1x128_kernel<kPolicy, kCount>
-      <<<grid, kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k, groups);
+void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
+            unsigned long long* counter, int32_t m, int32_t k, const detail::GroupTiles& groups) {
+  const char* op = "transpose_scaled";
+  const auto kernel = sm90_transpose_scaled_e4m3_1x128_kernel<kPolicy, kCount>;
+  int dev = 0, sms = 0, per_sm = 0;
+  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  FP8FLOW_CUDA_CHECK(
+      op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTransposeThreads, 0));
+  const int64_t grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
+  kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k,
+                                                                        groups);
 }
 
 }  // namespace
@@ -28,7 +39,13 @@ void transpose_scaled(const ScaledTensor& in, const ScaledTensor& out_t,
   if (counter) FP8FLOW_CUDA_CHECK(op, cudaMemsetAsync(counter, 0, sizeof(*counter), stream));
   if (M == 0 || K == 0) return;
   const detail::GroupTiles groups = detail::make_group_tiles(out_t.col_groups, M);
-  const dim3 grid(static_cast<unsigned>(groups.total_tiles), static_cast<unsigned>(K / 128));
+  const int64_t grid = int64_t{groups.total_tiles} * (K / 128);  // tile pairs
+  if (grid >= (int64_t{1} << 30))
+    detail::throw_error(ErrorKind::Unsupported,
+                        detail::cat("fp8flow::", op,
+                                    ": in: expected fewer than 2^30 128 x 128 tiles for the "
+                                    "CUDA backend, got ",
+                                    grid));
   const auto* x = static_cast<const uint8_t*>(in.data.data);
   const auto* xs = static_cast<const float*>(in.scale.data);
   auto* y = static_cast<uint8_t*>(out_t.data.data);

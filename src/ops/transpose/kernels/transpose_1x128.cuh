@@ -57,8 +57,8 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, uint32
 __device__ __forceinline__ void cp_async_commit() {
   asm volatile("cp.async.commit_group;\n" ::: "memory");
 }
-__device__ __forceinline__ void cp_async_wait_all() {
-  asm volatile("cp.async.wait_group 0;\n" ::: "memory");
+__device__ __forceinline__ void cp_async_wait_prior() {  // all but the newest group
+  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
 }
 
 // Stores the 16 tokens (4 words) of one channel of a partial tile or unaligned output: `n` valid
@@ -209,176 +209,203 @@ __global__ void __launch_bounds__(kTransposeThreads,
                                             const int32_t M, const int32_t K,
                                             const __grid_constant__ detail::GroupTiles groups) {
   constexpr bool kTight = kPolicy == TransposeScalePolicy::ColumnTight;
-  __shared__ alignas(16) uint32_t s_tile[128 * 32];
+  __shared__ alignas(16) uint32_t s_tiles[2][128 * 32];
   __shared__ int s_t[128];
   __shared__ uint32_t s_val[128];
   __shared__ int s_wmax[4];
   __shared__ unsigned s_wcnt[kTransposeThreads / 32];
 
-  const int tile = static_cast<int>(blockIdx.x);
-  const int kb = static_cast<int>(blockIdx.y);
-  const int k0 = kb * 128;
-  int32_t m0, w;
-  groups.tile_cols(tile, m0, w);
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-
-  // 1. The tile: 1024 chunks of 16 bytes, 4 per thread, swizzled; missing rows zero-filled.
-  const uint8_t* src = in + static_cast<int64_t>(m0) * K + k0;
-#pragma unroll
-  for (int i = 0; i < 4; ++i) {
-    const int q = tid + kTransposeThreads * i, r = q >> 3, c = q & 7;
-    const bool valid = r < w;
-    tdev::cp_async_16(s_tile + tw::tile_chunk_word(r, c),
-                      valid ? src + static_cast<int64_t>(r) * K + 16 * c : src, valid ? 16u : 0u);
-  }
-  tdev::cp_async_commit();
-
-  // 2. Row exponents (overlapping the copies) and the tile's max.
-  int t = tw::kExpMin;
+  const int tiles_x = groups.total_tiles;
+  const int total = tiles_x * (K / 128);  // (token tile, channel block) pairs, tile-major
   if (tid < 128) {
-    if (tid < w) t = tw::row_exponent(__ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid));
-    s_t[tid] = t;
     const uint32_t mag = static_cast<uint32_t>(tid);
     s_val[tid] = tw::e4m3_mag_is_value(mag) ? fmt::f32_bits(fmt::e4m3_to_f32(mag)) : 0u;
-    const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
-    if (lane == 0) s_wmax[warp] = wm;
   }
-  tdev::cp_async_wait_all();
-  __syncthreads();
-  const int tbase = max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3]));
 
-  // 3. This thread's 16 token rows x 4 channels, and the rows' exponents.
-  const int j = lane & 7, wd = (lane >> 3) + 4 * warp;
-  uint32_t x[16];  // filled in step 5; steps 4 and 5 read the words from shared memory
-  const int* trow = s_t + 16 * j;  // re-read from shared memory: keeps registers for x
-
-  // 4. Column exponents. ColumnTight: max over the column's nonzero, non-NaN codes of
-  // t_m + scale_exponent(|code|), then over the 8 lanes sharing the channels. TileMax: the max
-  // row exponent.
-  int tcol[4];
-  if constexpr (kTight) {
-    // FP16 pass (two codes per instruction): per column the max of |v| * 2^(t_m - tbase + 7), exact
-    // in FP16 while t_m - tbase >= -21 (<= 448 * 2^7 < 65504 above; multiples of 2^-24 below).
-    // Used unless a warp holds a NaN code or a nonzero code more than 21 binades below tbase.
-    uint32_t klo = 0u, khi = 0u;  // +0.0 in both halves
-    bool slow16 = false;
+  // 1. Tile `pair` into buffer b: 1024 chunks of 16 bytes, 4 per thread, swizzled; missing rows
+  // zero-filled; one cp.async group (empty past the end). Its row scale goes to `scale`.
+  auto prefetch = [&](int pair, int b, float& scale) {
+    if (pair < total) {
+      const int kb = pair / tiles_x;
+      int32_t m0, w;
+      groups.tile_cols(pair - kb * tiles_x, m0, w);
+      const uint8_t* src = in + static_cast<int64_t>(m0) * K + kb * 128;
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
-      const int d = trow[i] - tbase + 7;
-      const bool nan = (((xi & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
-      slow16 |= nan || (d < -14 && (xi & 0x7F7F7F7Fu) != 0u);
-      const uint32_t sc = (static_cast<uint32_t>(max(d, -14) + 15) << 10) * 0x00010001u;
-      klo = tdev::max_f16x2(klo, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi), sc) & 0x7FFF7FFFu);
-      khi = tdev::max_f16x2(khi,
-                            tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi >> 16), sc) & 0x7FFF7FFFu);
-    }
-    if (!__any_sync(0xFFFFFFFFu, slow16)) {
-#pragma unroll
-      for (int sh = 1; sh < 8; sh <<= 1) {
-        klo = tdev::max_f16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, sh));
-        khi = tdev::max_f16x2(khi, __shfl_xor_sync(0xFFFFFFFFu, khi, sh));
+      for (int i = 0; i < 4; ++i) {
+        const int q = tid + kTransposeThreads * i, r = q >> 3, c = q & 7;
+        const bool valid = r < w;
+        tdev::cp_async_16(s_tiles[b] + tw::tile_chunk_word(r, c),
+                          valid ? src + static_cast<int64_t>(r) * K + 16 * c : src,
+                          valid ? 16u : 0u);
       }
-      const float f[4] = {tdev::f16_to_f32(klo & 0xFFFFu), tdev::f16_to_f32(klo >> 16),
-                          tdev::f16_to_f32(khi & 0xFFFFu), tdev::f16_to_f32(khi >> 16)};
-#pragma unroll
-      for (int c = 0; c < 4; ++c)
-        tcol[c] =
-            f[c] > 0.0f ? max(tw::kExpMin, tbase - 7 + fmt::scale_exponent(f[c])) : tw::kExpMin;
-    } else {
-      // FP32 pass: the column max as FP32 bits, value * 2^(t_m - tbase) = s_val + (d << 23) (an
-      // int max orders positive floats; zero/NaN codes give d << 23 <= 0 and never win). Exact
-      // while d >= -100; a warp holding a nonzero code more than 100 binades below tbase redoes it
-      // exactly.
-      int kmax[4] = {0, 0, 0, 0};
-      bool deep = false;
+      if (tid < w) scale = __ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid);
+    }
+    tdev::cp_async_commit();
+  };
+
+  // Persistent CTAs: pairs blockIdx.x, + gridDim.x, ...; the next pair's copies fly while this one
+  // is computed (double-buffered tile).
+  uint32_t changed = 0;
+  float scale_next = 0.0f;
+  prefetch(static_cast<int>(blockIdx.x), 0, scale_next);
+  int it = 0;
+  for (int pair = static_cast<int>(blockIdx.x); pair < total;
+       pair += static_cast<int>(gridDim.x), ++it) {
+    const uint32_t* s_tile = s_tiles[it & 1];
+    const int kb = pair / tiles_x, tile = pair - kb * tiles_x;
+    const int k0 = kb * 128;
+    int32_t m0, w;
+    groups.tile_cols(tile, m0, w);
+    const float scale = scale_next;
+    scale_next = 0.0f;
+    prefetch(pair + static_cast<int>(gridDim.x), (it & 1) ^ 1, scale_next);
+
+    // 2. Row exponents (overlapping the copies) and the tile's max.
+    if (tid < 128) {
+      const int t = tid < w ? tw::row_exponent(scale) : tw::kExpMin;
+      s_t[tid] = t;
+      const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
+      if (lane == 0) s_wmax[warp] = wm;
+    }
+    tdev::cp_async_wait_prior();  // this tile's group (the next one may still fly)
+    __syncthreads();
+    const int tbase = max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3]));
+
+    // 3. This thread's 16 token rows x 4 channels, and the rows' exponents.
+    const int j = lane & 7, wd = (lane >> 3) + 4 * warp;
+    uint32_t x[16];  // filled in step 5; steps 4 and 5 read the words from shared memory
+    const int* trow = s_t + 16 * j;  // re-read from shared memory: keeps registers for x
+
+    // 4. Column exponents. ColumnTight: max over the column's nonzero, non-NaN codes of
+    // t_m + scale_exponent(|code|), then over the 8 lanes sharing the channels. TileMax: the max
+    // row exponent.
+    int tcol[4];
+    if constexpr (kTight) {
+      // FP16 pass (two codes per instruction): per column the max of |v| * 2^(t_m - tbase + 7),
+      // exact in FP16 while t_m - tbase >= -21 (<= 448 * 2^7 < 65504 above; multiples of 2^-24
+      // below). Used unless a warp holds a NaN code or a nonzero code more than 21 binades below
+      // tbase.
+      uint32_t klo = 0u, khi = 0u;  // +0.0 in both halves
+      bool slow16 = false;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
         const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
-        const int d = trow[i] - tbase;
-        deep |= d < -100 && (xi & 0x7F7F7F7Fu) != 0u;
-        const int dk = max(d, -100) * (1 << 23);
+        const int d = trow[i] - tbase + 7;
+        const bool nan = (((xi & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
+        slow16 |= nan || (d < -14 && (xi & 0x7F7F7F7Fu) != 0u);
+        const uint32_t sc = (static_cast<uint32_t>(max(d, -14) + 15) << 10) * 0x00010001u;
+        klo = tdev::max_f16x2(klo, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi), sc) & 0x7FFF7FFFu);
+        khi = tdev::max_f16x2(khi,
+                              tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi >> 16), sc) & 0x7FFF7FFFu);
+      }
+      if (!__any_sync(0xFFFFFFFFu, slow16)) {
+#pragma unroll
+        for (int sh = 1; sh < 8; sh <<= 1) {
+          klo = tdev::max_f16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, sh));
+          khi = tdev::max_f16x2(khi, __shfl_xor_sync(0xFFFFFFFFu, khi, sh));
+        }
+        const float f[4] = {tdev::f16_to_f32(klo & 0xFFFFu), tdev::f16_to_f32(klo >> 16),
+                            tdev::f16_to_f32(khi & 0xFFFFu), tdev::f16_to_f32(khi >> 16)};
 #pragma unroll
         for (int c = 0; c < 4; ++c)
-          kmax[c] = max(kmax[c], static_cast<int>(s_val[(xi >> (8 * c)) & 0x7Fu]) + dk);
-      }
-      if (!__any_sync(0xFFFFFFFFu, deep)) {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) {
-#pragma unroll
-          for (int sh = 1; sh < 8; sh <<= 1)
-            kmax[c] = max(kmax[c], __shfl_xor_sync(0xFFFFFFFFu, kmax[c], sh));
-          tcol[c] = kmax[c] > 0
-                        ? max(tw::kExpMin, tbase + fmt::scale_exponent(__int_as_float(kmax[c])))
-                        : tw::kExpMin;
-        }
+          tcol[c] =
+              f[c] > 0.0f ? max(tw::kExpMin, tbase - 7 + fmt::scale_exponent(f[c])) : tw::kExpMin;
       } else {
-#pragma unroll
-        for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+        // FP32 pass: the column max as FP32 bits, value * 2^(t_m - tbase) = s_val + (d << 23) (an
+        // int max orders positive floats; zero/NaN codes give d << 23 <= 0 and never win). Exact
+        // while d >= -100; a warp holding a nonzero code more than 100 binades below tbase redoes
+        // it exactly.
+        int kmax[4] = {0, 0, 0, 0};
+        bool deep = false;
 #pragma unroll
         for (int i = 0; i < 16; ++i) {
-          const int ti = trow[i];
           const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+          const int d = trow[i] - tbase;
+          deep |= d < -100 && (xi & 0x7F7F7F7Fu) != 0u;
+          const int dk = max(d, -100) * (1 << 23);
 #pragma unroll
-          for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+          for (int c = 0; c < 4; ++c)
+            kmax[c] = max(kmax[c], static_cast<int>(s_val[(xi >> (8 * c)) & 0x7Fu]) + dk);
         }
+        if (!__any_sync(0xFFFFFFFFu, deep)) {
 #pragma unroll
-        for (int c = 0; c < 4; ++c) {
+          for (int c = 0; c < 4; ++c) {
 #pragma unroll
-          for (int sh = 1; sh < 8; sh <<= 1)
-            tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+            for (int sh = 1; sh < 8; sh <<= 1)
+              kmax[c] = max(kmax[c], __shfl_xor_sync(0xFFFFFFFFu, kmax[c], sh));
+            tcol[c] = kmax[c] > 0
+                          ? max(tw::kExpMin, tbase + fmt::scale_exponent(__int_as_float(kmax[c])))
+                          : tw::kExpMin;
+          }
+        } else {
+#pragma unroll
+          for (int c = 0; c < 4; ++c) tcol[c] = tw::kExpMin;
+#pragma unroll
+          for (int i = 0; i < 16; ++i) {
+            const int ti = trow[i];
+            const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+#pragma unroll
+            for (int c = 0; c < 4; ++c) tcol[c] = max(tcol[c], ti + tdev::code_key(xi >> (8 * c)));
+          }
+#pragma unroll
+          for (int c = 0; c < 4; ++c) {
+#pragma unroll
+            for (int sh = 1; sh < 8; sh <<= 1)
+              tcol[c] = max(tcol[c], __shfl_xor_sync(0xFFFFFFFFu, tcol[c], sh));
+          }
         }
       }
-    }
-  } else {
-#pragma unroll
-    for (int c = 0; c < 4; ++c) tcol[c] = tbase;
-  }
-
-  // 5. Rescale every code by 2^(t_m - T_c): exact, or RNE to a subnormal/zero (hardware cvt).
-  // Fast path (FP16, two codes per instruction) for words whose four shifts lie in [-14, 15] and
-  // that hold no NaN; the FP32 path otherwise.
-  uint32_t changed = 0;
-  const tdev::F16Shifts sh = tdev::make_f16_shifts(tcol);
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
-    const int ti = trow[i];
-    uint32_t y;
-    if (tdev::f16_path_ok(xi, ti, sh)) {
-      y = tdev::rescale_word_f16<kCount>(xi, ti, sh, changed);
     } else {
-      y = tdev::rescale_word<kCount>(xi, ti, tcol, s_val, changed);
-    }
-    x[i] = y;
-  }
-
-  // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
-  if (j < 4) {
-    const int tj = j == 0 ? tcol[0] : j == 1 ? tcol[1] : j == 2 ? tcol[2] : tcol[3];
-    out_scale[static_cast<int64_t>(tile) * K + k0 + 4 * wd + j] = fmt::exp2i(tj);
-  }
-
-  // 7. Transpose 4x4 byte blocks and store: channel c's 16 tokens are z[c][0..3].
-  uint32_t z[4][4];
-  tw::thread_transpose(x, z);
-  uint8_t* dst = out + static_cast<int64_t>(k0 + 4 * wd) * M + m0 + 16 * j;
-  if (w == 128 && ((M | m0) & 15) == 0) {
 #pragma unroll
-    for (int c = 0; c < 4; ++c)
-      *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(c) * M) =
-          make_uint4(z[c][0], z[c][1], z[c][2], z[c][3]);
-  } else {
-    const int n = min(16, w - 16 * j);
-    const bool aligned4 = ((M | m0) & 3) == 0;
-    if (n > 0) {
+      for (int c = 0; c < 4; ++c) tcol[c] = tbase;
+    }
+
+    // 5. Rescale every code by 2^(t_m - T_c): exact, or RNE to a subnormal/zero (hardware cvt).
+    // Fast path (FP16, two codes per instruction) for words whose four shifts lie in [-14, 15] and
+    // that hold no NaN; the FP32 path otherwise.
+    const tdev::F16Shifts sh = tdev::make_f16_shifts(tcol);
+#pragma unroll
+    for (int i = 0; i < 16; ++i) {
+      const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+      const int ti = trow[i];
+      uint32_t y;
+      if (tdev::f16_path_ok(xi, ti, sh)) {
+        y = tdev::rescale_word_f16<kCount>(xi, ti, sh, changed);
+      } else {
+        y = tdev::rescale_word<kCount>(xi, ti, tcol, s_val, changed);
+      }
+      x[i] = y;
+    }
+
+    // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
+    if (j < 4) {
+      const int tj = j == 0 ? tcol[0] : j == 1 ? tcol[1] : j == 2 ? tcol[2] : tcol[3];
+      out_scale[static_cast<int64_t>(tile) * K + k0 + 4 * wd + j] = fmt::exp2i(tj);
+    }
+
+    // 7. Transpose 4x4 byte blocks and store: channel c's 16 tokens are z[c][0..3].
+    uint32_t z[4][4];
+    tw::thread_transpose(x, z);
+    uint8_t* dst = out + static_cast<int64_t>(k0 + 4 * wd) * M + m0 + 16 * j;
+    if (w == 128 && ((M | m0) & 15) == 0) {
 #pragma unroll
       for (int c = 0; c < 4; ++c)
-        tdev::store_tokens_slow(dst + static_cast<int64_t>(c) * M, z[c], n, aligned4);
+        *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(c) * M) =
+            make_uint4(z[c][0], z[c][1], z[c][2], z[c][3]);
+    } else {
+      const int n = min(16, w - 16 * j);
+      const bool aligned4 = ((M | m0) & 3) == 0;
+      if (n > 0) {
+#pragma unroll
+        for (int c = 0; c < 4; ++c)
+          tdev::store_tokens_slow(dst + static_cast<int64_t>(c) * M, z[c], n, aligned4);
+      }
     }
+    __syncthreads();  // s_tiles[it & 1], s_t and s_wmax are free again
   }
 
-  // 8. Underflow count: one integer atomic per block that has any.
+  // 8. Underflow count: one integer atomic per CTA that has any.
   if constexpr (kCount) {
     const unsigned wsum = __reduce_add_sync(0xFFFFFFFFu, changed);
     if (lane == 0) s_wcnt[warp] = wsum;
