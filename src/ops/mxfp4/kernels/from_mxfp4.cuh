@@ -8,9 +8,9 @@
 // element step is a __byte_perm table lookup (4 elements per PRMT, kernels/mxfp4_tables.h).
 //
 // Transposed: persistent CTAs of 128 threads over the (token tile, 128-channel block) pairs, the
-// next pair's copies (cp.async, double-buffered) in flight while one is converted. It stages the tile's 128
-// tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the 128 x 4 E8M0
-// bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
+// next pair's copies (cp.async, double-buffered) in flight while one is converted. It stages the
+// tile's 128 tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the
+// 128 x 4 E8M0 bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
 // into 16-bit column keys (exact log2 of |value|), the 8 lanes sharing a column reduce with
 // __shfl_xor, and it writes 8 output rows k of 16 tokens each (one STG.128 per row when the
 // address is 16-byte aligned, else bytes), one table byte per element.
