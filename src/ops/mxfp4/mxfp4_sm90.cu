@@ -2,8 +2,6 @@
 // parameter blocks and launches on the caller's stream. Arguments were validated by mxfp4.cpp.
 // No host synchronization; empty tensors launch nothing. Kernels: kernels/to_mxfp4.cuh and
 // kernels/from_mxfp4.cuh.
-#include <algorithm>
-
 #include "common/cuda_check.h"
 #include "common/groups.h"
 #include "ops/mxfp4/kernels/from_mxfp4.cuh"
@@ -130,23 +128,9 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
     for (int c = 0; c < 16; ++c) p.signed_code[r][c] = tab.signed_code[r][c];
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;
-  const char* op = "mxfp4_to_fp8_transposed";
-  const int64_t pairs = int64_t{p.groups.total_tiles} * (K / 128);
-  if (pairs >= (int64_t{1} << 30))
-    detail::throw_error(ErrorKind::Unsupported,
-                        detail::cat("fp8flow::", op,
-                                    ": in.data: expected fewer than 2^30 128 x 128 "
-                                    "tiles for the CUDA backend, got ",
-                                    pairs));
-  // Persistent CTAs: as many as fit on the device at once (at most one per tile pair).
-  int dev = 0, sms = 0, per_sm = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-  FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  FP8FLOW_CUDA_CHECK(op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-                             &per_sm, sm90_mxfp4_to_e4m3_1x128_transposed, kTrThreads, 0));
-  const int64_t grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
-  sm90_mxfp4_to_e4m3_1x128_transposed<<<static_cast<unsigned>(grid), kTrThreads, 0, stream>>>(p);
-  FP8FLOW_CUDA_CHECK_LAUNCH(op);
+  const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles), static_cast<uint32_t>(K / 128));
+  sm90_mxfp4_to_e4m3_1x128_transposed<<<grid, kTrThreads, 0, stream>>>(p);
+  FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
 }
 
 }  // namespace fp8flow::sm90

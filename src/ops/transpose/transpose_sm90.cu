@@ -13,18 +13,24 @@ namespace fp8flow::sm90 {
 
 namespace {
 
-// Persistent CTAs: as many as fit on the device at once (at most one per tile pair).
+// ColumnTight: persistent CTAs, as many as fit on the device at once (at most one per tile pair),
+// each prefetching its next pair while it computes one. TileMax: one CTA per pair (the kernel's
+// loop runs once): measured faster for it (H100, 32768 x 7168: 0.179 ms one-shot, 0.200 ms
+// persistent; ColumnTight 0.217 ms one-shot, 0.204 ms persistent).
 template <TransposeScalePolicy kPolicy, bool kCount>
 void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
             unsigned long long* counter, int32_t m, int32_t k, const detail::GroupTiles& groups) {
-  const char* op = "transpose_scaled";
   const auto kernel = sm90_transpose_scaled_e4m3_1x128_kernel<kPolicy, kCount>;
-  int dev = 0, sms = 0, per_sm = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-  FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  FP8FLOW_CUDA_CHECK(
-      op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTransposeThreads, 0));
-  const int64_t grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
+  int64_t grid = pairs;
+  if constexpr (kPolicy == TransposeScalePolicy::ColumnTight) {
+    const char* op = "transpose_scaled";
+    int dev = 0, sms = 0, per_sm = 0;
+    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+    FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+    FP8FLOW_CUDA_CHECK(
+        op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTransposeThreads, 0));
+    grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
+  }
   kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k,
                                                                         groups);
 }

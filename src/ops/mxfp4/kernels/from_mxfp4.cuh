@@ -7,10 +7,9 @@
 // 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
 // element step is a __byte_perm table lookup (4 elements per PRMT, kernels/mxfp4_tables.h).
 //
-// Transposed: persistent CTAs of 128 threads over the (token tile, 128-channel block) pairs, the
-// next pair's copies (cp.async, double-buffered) in flight while one is converted. It stages the
-// tile's 128 tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the
-// 128 x 4 E8M0 bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
+// Transposed: one CTA (128 threads) per (token tile, 128-channel block). It stages the tile's 128
+// tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the 128 x 4 E8M0
+// bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
 // into 16-bit column keys (exact log2 of |value|), the 8 lanes sharing a column reduce with
 // __shfl_xor, and it writes 8 output rows k of 16 tokens each (one STG.128 per row when the
 // address is 16-byte aligned, else bytes), one table byte per element.
@@ -99,7 +98,7 @@ struct MxToFp8TParams {
   uint32_t M, K;
   mx::E2m1Key key;
   uint8_t signed_code[mx::E2m1ToE4m3::kZeroRow + 1][16];
-  detail::GroupTiles groups;  // by value; tile_cols(tile)
+  detail::GroupTiles groups;  // by value; tile_cols(blockIdx.x)
 };
 
 // Shared-memory swizzle of the staged tile (row m = token, 16 words of 8 channels each). Thread
@@ -111,12 +110,53 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
   return prow * 16u + (word ^ (((m >> 4) & 3u) << 2));
 }
 
-// One (token tile, 128-channel block) pair from its staged codes and scale bytes in shared memory.
-__device__ __forceinline__ void convert_tile(const MxToFp8TParams& p, const uint32_t* s_data,
-                                             const uint8_t (*s_sb)[128], const uint8_t* s_code,
-                                             int32_t tile, uint32_t kb, int32_t m0, int32_t width,
-                                             bool cta_slow) {
+__global__ void __launch_bounds__(kTrThreads)
+    sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
+  constexpr int kRows = mx::E2m1ToE4m3::kZeroRow + 1;
+  __shared__ __align__(16) uint32_t s_data[128 * 16];
+  __shared__ __align__(16) uint8_t s_sb[4][128];
+  __shared__ __align__(16) uint8_t s_code[kRows * 16];
+
   const uint32_t tid = threadIdx.x;
+  int32_t m0, width;
+  p.groups.tile_cols(static_cast<int32_t>(blockIdx.x), m0, width);
+  const uint32_t w = static_cast<uint32_t>(width);
+  const uint32_t kb = blockIdx.y;  // channels kb*128 .. kb*128 + 127
+  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
+
+  for (uint32_t i = tid; i < kRows * 4; i += kTrThreads)
+    reinterpret_cast<uint32_t*>(s_code)[i] = reinterpret_cast<const uint32_t*>(p.signed_code)[i];
+
+  // Stage: 4 x 16 B per thread (rows tid/4 + 32j, quarter tid%4), zeros past the tile's width.
+  uint4 stage[4];
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 2) + 32 * j;
+    stage[j] = make_uint4(0, 0, 0, 0);
+    if (r < w)
+      stage[j] =
+          __ldcs(reinterpret_cast<const uint4*>(p.in + (m0 + r) * row_bytes + kb * 64) + (tid & 3));
+  }
+  uint32_t sb4 = 0;  // scale bytes of token tid (0 past the width: X = -127, no effect)
+  bool slow = false;
+  if (tid < w) {
+    const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + kb * 4;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t x = __ldcs(sp + b);
+      sb4 |= x << (8 * b);
+      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
+    }
+  }
+#pragma unroll
+  for (int j = 0; j < 4; ++j) {
+    const uint32_t r = (tid >> 2) + 32 * j;
+    *reinterpret_cast<uint4*>(&s_data[tr_word_offset(r, (tid & 3) * 4)]) = stage[j];
+  }
+#pragma unroll
+  for (int b = 0; b < 4; ++b) s_sb[b][tid] = static_cast<uint8_t>(sb4 >> (8 * b));
+  const bool cta_slow = __syncthreads_or(slow);
+
   const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
   const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
   const uint4 sbv = *reinterpret_cast<const uint4*>(&s_sb[blk][chunk * 16]);
@@ -135,7 +175,7 @@ __device__ __forceinline__ void convert_tile(const MxToFp8TParams& p, const uint
   // Output rows k = kb*128 + cg*8 + j, tokens m0 + chunk*16 .. +15 (16-byte stores when aligned).
   const int32_t valid = width - static_cast<int32_t>(chunk * 16);
   const bool vec = valid >= 16 && (p.M % 16 == 0) && (m0 % 16 == 0);
-  float* scale_row_out = p.out_scale + static_cast<size_t>(tile) * p.K + kb * 128 + cg * 8;
+  float* scale_row_out = p.out_scale + static_cast<size_t>(blockIdx.x) * p.K + kb * 128 + cg * 8;
   auto store_row = [&](int j, uint32_t o[4]) {
     if (valid <= 0) return;
     uint8_t* dst = p.out + static_cast<size_t>(kb * 128 + cg * 8 + j) * p.M + m0 + chunk * 16;
@@ -223,82 +263,6 @@ __device__ __forceinline__ void convert_tile(const MxToFp8TParams& p, const uint
       o[i / 4] |= c << (8 * (i % 4));
     }
     store_row(j, o);
-  }
-}
-
-__device__ __forceinline__ void tr_cp_async_16(void* smem, const void* gmem, uint32_t src_bytes) {
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-
-__global__ void __launch_bounds__(kTrThreads, 5)
-    sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
-  constexpr int kRows = mx::E2m1ToE4m3::kZeroRow + 1;
-  __shared__ __align__(16) uint32_t s_datas[2][128 * 16];
-  __shared__ __align__(16) uint8_t s_sb[4][128];
-  __shared__ __align__(16) uint8_t s_code[kRows * 16];
-
-  const uint32_t tid = threadIdx.x;
-  const int32_t tiles_x = p.groups.total_tiles;
-  const int32_t total = tiles_x * static_cast<int32_t>(p.K / 128);  // (tile, block) pairs
-  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
-
-  for (uint32_t i = tid; i < kRows * 4; i += kTrThreads)
-    reinterpret_cast<uint32_t*>(s_code)[i] = reinterpret_cast<const uint32_t*>(p.signed_code)[i];
-
-  // Stage pair `pair` into buffer b: 4 x 16 B cp.async per thread (rows tid/4 + 32j, quarter
-  // tid%4), zeros past the tile's width, one cp.async group (empty past the end); the scale bytes
-  // of token tid go to sb4 (0 past the width: X = -127, no effect), `slow` when X >= 126.
-  auto prefetch = [&](int32_t pair, int b, uint32_t& sb4, bool& slow) {
-    sb4 = 0;
-    slow = false;
-    if (pair < total) {
-      const int32_t kb = pair / tiles_x;
-      int32_t m0, width;
-      p.groups.tile_cols(pair - kb * tiles_x, m0, width);
-      const uint32_t w = static_cast<uint32_t>(width);
-#pragma unroll
-      for (int j = 0; j < 4; ++j) {
-        const uint32_t r = (tid >> 2) + 32 * j;
-        const uint8_t* src = p.in + (m0 + min(r, w - 1)) * row_bytes + kb * 64 + (tid & 3) * 16;
-        tr_cp_async_16(&s_datas[b][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
-      }
-      if (tid < w) {
-        const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + kb * 4;
-#pragma unroll
-        for (int q = 0; q < 4; ++q) {
-          const uint32_t x = __ldcs(sp + q);
-          sb4 |= x << (8 * q);
-          slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
-        }
-      }
-    }
-    asm volatile("cp.async.commit_group;\n" ::: "memory");
-  };
-
-  // Persistent CTAs: pairs blockIdx.x, + gridDim.x, ...; the next pair's copies fly while this one
-  // is converted (double-buffered tile).
-  uint32_t sb4_next;
-  bool slow_next;
-  prefetch(static_cast<int32_t>(blockIdx.x), 0, sb4_next, slow_next);
-  int it = 0;
-  for (int32_t pair = static_cast<int32_t>(blockIdx.x); pair < total;
-       pair += static_cast<int32_t>(gridDim.x), ++it) {
-    const uint32_t* s_data = s_datas[it & 1];
-    const uint32_t kb = static_cast<uint32_t>(pair / tiles_x);  // channels kb*128 .. kb*128 + 127
-    const int32_t tile = pair - static_cast<int32_t>(kb) * tiles_x;
-    int32_t m0, width;
-    p.groups.tile_cols(tile, m0, width);
-    const uint32_t sb4 = sb4_next;
-    const bool slow = slow_next;
-    prefetch(pair + static_cast<int32_t>(gridDim.x), (it & 1) ^ 1, sb4_next, slow_next);
-#pragma unroll
-    for (int b = 0; b < 4; ++b) s_sb[b][tid] = static_cast<uint8_t>(sb4 >> (8 * b));
-    asm volatile("cp.async.wait_group 1;\n" ::: "memory");  // this pair's copies
-    const bool cta_slow = __syncthreads_or(slow);
-    convert_tile(p, s_data, s_sb, s_code, tile, kb, m0, width, cta_slow);
-    __syncthreads();  // s_datas[it & 1] and s_sb are free again
   }
 }
 
