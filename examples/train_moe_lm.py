@@ -240,6 +240,7 @@ def train(args):
         summary["fp8flow"] = fp8flow.version()
         train_data, val_data = load_corpus(args.data)
         log(f"data {args.data}: {len(train_data)} train / {len(val_data)} validation bytes")
+        summary["train_bytes"] = len(train_data)
         model = MoELM(args, fp8flow).to(dev)  # the experts are created on `dev` directly
         n_params = sum(p.numel() for p in model.parameters())
         n_moe = sum(p.numel() for m in model.moe_layers() for p in m.parameters())
@@ -465,6 +466,13 @@ def report(out, window=100, threshold=0.0025):
     base = None
     if "bf16" in curves and w:
         base = float(np.mean(curves["bf16"][1][common - w:common]))
+    if cfg and any_s.get("train_bytes") and common:
+        # Windows are drawn at random, so "passes" counts bytes read over the text's size: above ~1
+        # the late train loss also measures memorisation of repeated text (the validation loss does
+        # not).
+        passes = common * cfg.get("batch", 0) * (cfg.get("seq", 0) + 1) / any_s["train_bytes"]
+        lines.append(f"Data read: {common} steps x {cfg.get('batch')} x {cfg.get('seq', 0) + 1} bytes = "
+                     f"{passes:.2f} passes over the {any_s['train_bytes'] / 1e6:.1f} MB of training text.\n")
     lines.append(f"Final loss = mean of steps [{common - w}, {common}) (the last {w} steps every run "
                  f"completed); relative difference vs bf16 = final / final(bf16) - 1; acceptance: "
                  f"|difference| < {threshold:.2%} and no NaN.\n")
