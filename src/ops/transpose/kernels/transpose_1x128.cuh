@@ -2,17 +2,17 @@
 // X [M][K] -> column-wise E4M3 X^T [K][M] with one scale per (128-token tile, channel), staying in
 // FP8: every code keeps sign and mantissa, its exponent moves by t_m - T_k (integer work only).
 //
-// Work: (128-token tile, 128-channel block) pairs, tile-major (tiles restart at each group of
-// out_t.col_groups). Block: 256 threads, one 128 x 128 tile at a time (16 KB of codes + 128 row
-// scales). ColumnTight launches persistent CTAs (as many as fit) that loop over the pairs with a
-// double-buffered tile: the next pair's cp.async copies and row scale fly while one is computed
-// (75% -> 79% of copy at 32768 x 7168 on an H100). TileMax launches one CTA per pair (its loop runs
-// once): persistent it measured slower (90% -> 80%).
-// Napkin math: one read and one write of the codes, plus 4 B per 128 codes of scales each way:
-// bytes = 2 * M * K * (1 + 4/128). At 32768 x 7168 that is 484 MB; at the H100's 2.4-3.0 TB/s
-// copy bandwidth 0.16-0.20 ms (the published Triton kernel: 0.52-0.59 ms).
-// Bench: `fp8flow-bench ops` (transpose_scaled rows), or the GPU tests in
-// tests/transpose/transpose_gpu_test.cpp for correctness.
+// Work: (128-token tile, 128-channel block) pairs (tiles restart at each group of
+// out_t.col_groups); ColumnTight takes them channel block fastest (0.7% faster there than token
+// tile fastest), TileMax token tile fastest. Block: 256 threads, one 128 x 128 tile at a time (16
+// KB of codes + 128 row scales). ColumnTight launches persistent CTAs (as many as fit) that loop
+// over the pairs with a double-buffered tile: the next pair's cp.async copies and row scale fly
+// while one is computed (75% -> 79% of copy at 32768 x 7168 on an H100). TileMax launches one CTA
+// per pair (its loop runs once): persistent it measured slower (90% -> 80%). Napkin math: one read
+// and one write of the codes, plus 4 B per 128 codes of scales each way: bytes = 2 * M * K * (1 +
+// 4/128). At 32768 x 7168 that is 484 MB; at the H100's 2.4-3.0 TB/s copy bandwidth 0.16-0.20 ms
+// (the published Triton kernel: 0.52-0.59 ms). Bench: `fp8flow-bench ops` (transpose_scaled rows),
+// or the GPU tests in tests/transpose/transpose_gpu_test.cpp for correctness.
 //
 // NOTES:
 // - Load: 4 x 16-byte cp.async per thread, all in flight before any use, into shared memory with
@@ -220,8 +220,19 @@ __global__ void __launch_bounds__(kTransposeThreads,
   __shared__ unsigned s_wcnt[kTransposeThreads / 32];
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
-  const int tiles_x = groups.total_tiles;
-  const int total = tiles_x * (K / 128);  // (token tile, channel block) pairs, tile-major
+  const int nkb = K / 128, ntiles = groups.total_tiles;
+  const int total = ntiles * nkb;  // (token tile, channel block) pairs
+  // Pair order: ColumnTight (persistent) channel block fastest, TileMax (one CTA per pair) token
+  // tile fastest, each the faster one measured.
+  auto split = [&](int pair, int& tile, int& kb) {
+    if constexpr (kTight) {
+      tile = pair / nkb;
+      kb = pair - tile * nkb;
+    } else {
+      kb = pair / ntiles;
+      tile = pair - kb * ntiles;
+    }
+  };
   if (tid < 128) {
     const uint32_t mag = static_cast<uint32_t>(tid);
     s_val[tid] = tw::e4m3_mag_is_value(mag) ? fmt::f32_bits(fmt::e4m3_to_f32(mag)) : 0u;
@@ -231,9 +242,10 @@ __global__ void __launch_bounds__(kTransposeThreads,
   // zero-filled; one cp.async group (empty past the end). Its row scale goes to `scale`.
   auto prefetch = [&](int pair, int b, float& scale) {
     if (pair < total) {
-      const int kb = pair / tiles_x;
+      int tl, kb;
+      split(pair, tl, kb);
       int32_t m0, w;
-      groups.tile_cols(pair - kb * tiles_x, m0, w);
+      groups.tile_cols(tl, m0, w);
       const uint8_t* src = in + static_cast<int64_t>(m0) * K + kb * 128;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -257,7 +269,8 @@ __global__ void __launch_bounds__(kTransposeThreads,
   for (int pair = static_cast<int>(blockIdx.x); pair < total;
        pair += static_cast<int>(gridDim.x), ++it) {
     const uint32_t* s_tile = s_tiles[it & 1];
-    const int kb = pair / tiles_x, tile = pair - kb * tiles_x;
+    int tile, kb;
+    split(pair, tile, kb);
     const int k0 = kb * 128;
     int32_t m0, w;
     groups.tile_cols(tile, m0, w);
