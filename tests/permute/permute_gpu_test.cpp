@@ -167,6 +167,50 @@ TEST(PermuteGpu, Bf16AndF32RowsMatchReference) {
   }
 }
 
+// permute's CUDA backend reads each token row once and scatters it through plan.dest_row, but
+// the op is defined by src_slot alone: a plan whose dest_row disagrees with src_slot (pairs sent to
+// another row, to a pad row, out of range, two pairs to one row) must still give the reference's
+// rows, bit for bit, with nothing written twice.
+TEST(PermuteGpu, RowsFollowSrcSlotWhenDestRowDisagrees) {
+  FP8FLOW_REQUIRE_GPU();
+  const int64_t T = 300, k = 4, E = 8, H = 1024;
+  const int align = 16;
+  const auto idx = route_skewed(T, k, E, 77);
+  HostPlan hp = make_host_plan(idx, T, k, E, align);
+  const int64_t R = permutation_max_rows(T, k, E, align);
+  auto* dest = reinterpret_cast<int32_t*>(hp.dest.buf.data());
+  const int32_t* src = hp.src_slot();
+  int32_t pad = -1;  // a pad row of the plan
+  for (int64_t r = 0; r < hp.m_pad(E) && pad < 0; ++r)
+    if (src[r] < 0) pad = static_cast<int32_t>(r);
+  ASSERT_GE(pad, 0);
+  std::swap(dest[0], dest[5]);         // two pairs exchanged
+  dest[9] = pad;                       // a pair pointed at a pad row
+  dest[13] = static_cast<int32_t>(R);  // out of range
+  dest[17] = -1;                       // dropped
+  dest[21] = dest[22];                 // two pairs to one row
+  for (DType d : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(to_string(d));
+    const HostTensor x = random_bytes(d, T, H, 78);
+    HostTensor y(d, R, H);
+    permute(x.v, y.v, hp.view());
+    DevicePlan dp(T, k, E, R);
+    for (auto [h, dv] : {std::pair{&hp.tpe, &dp.tpe},
+                         {&hp.off, &dp.off},
+                         {&hp.dest, &dp.dest},
+                         {&hp.src, &dp.src},
+                         {&hp.inv, &dp.inv}})
+      ASSERT_EQ(cudaMemcpy(dv->v.data, h->buf.data(), bytes_for(h->v.dtype, h->v.rows, h->v.cols),
+                           cudaMemcpyHostToDevice),
+                cudaSuccess);
+    const DeviceTensor dx(x);
+    DeviceTensor dy(d, R, H);
+    ASSERT_EQ(cudaMemset(dy.v.data, 0x5A, static_cast<size_t>(R * dy.v.row_bytes())), cudaSuccess);
+    permute(dx.v, dy.v, dp.view());
+    EXPECT_TRUE(same(dy, y));
+  }
+}
+
 TEST(PermuteGpu, UnpermuteMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
   struct C {

@@ -115,6 +115,10 @@ void run_permute_rows(const Check& c, const PermuteRowsArgs& a, Stream stream) {
     check_cuda(c, {{&a.in_scale, "in.scale"}, {&a.out_scale, "out.scale"}});
   if (a.probs) check_cuda(c, {{&a.topk_weight, "probs.topk_weight"}, {&a.prob, "probs.prob"}});
   if (a.scale_by_prob) check_cuda(c, {{&a.topk_weight, "topk_weight"}});
+  if (present(a.dest_row)) {
+    same_devices(c, a.in, "in", {{&a.dest_row, "plan.dest_row"}});
+    check_cuda(c, {{&a.dest_row, "plan.dest_row"}});
+  }
   c.aligned(a.in, "in.data", 16);
   c.aligned(a.out, "out.data", 16);
 #if FP8FLOW_WITH_CUDA
@@ -234,6 +238,7 @@ void permute(const ScaledTensor& in, const ScaledTensor& out, const PermutationP
   }
   a.src_slot = plan.src_slot;
   a.k = k;
+  a.dest_row = plan.dest_row;
   run_permute_rows(c, a, stream);
 }
 
@@ -261,6 +266,7 @@ void permute(const TensorView& in, const TensorView& out, const PermutationPlan&
   }
   a.src_slot = plan.src_slot;
   a.k = k;
+  a.dest_row = plan.dest_row;
   run_permute_rows(c, a, stream);
 }
 

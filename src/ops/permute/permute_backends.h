@@ -30,6 +30,9 @@ struct PermuteRowsArgs {
   bool scale_by_prob = false;  // BF16/F32 data: out row = in row * topk_weight[slot]
   TensorView src_slot;         // I32, >= R entries (the first R are read)
   int64_t k = 1;
+  // Optional I32 [T][k], the plan's inverse map (CUDA backend: with it, each token row is read once
+  // and written to its rows, instead of gathered once per pair; same results for any plan).
+  TensorView dest_row;
 };
 
 }  // namespace fp8flow::detail

@@ -49,6 +49,11 @@ struct RowsArgs {
   uint8_t* out_rscale;       // MX: [R][rscale_bytes]
   int32_t rscale_bytes;
   int32_t rscale_vec;  // 1, 2, 4, 8 or 16: widest access dividing the MX row and both pointers
+  // Scatter mode (permute_scatter_kernel ran or runs on the same stream): the plan's [T][k] map.
+  // Rows r whose pair s = src_slot[r] maps back (dest_row[s] == r) get their data from the scatter
+  // kernel; this kernel then writes only their scales and probability, and the data of pad rows
+  // and of rows the map does not confirm. Null: every row's data is gathered here.
+  const int32_t* dest_row;
 };
 
 __device__ __forceinline__ float canonical_nan(float x) {
@@ -120,21 +125,25 @@ __global__ void __launch_bounds__(kRowsThreads)
     permute_rows_kernel(const __grid_constant__ RowsArgs a) {
   __shared__ int32_t s_tok[kMaxRowsPerCta];  // source token; -1 pad row; -2 past the last row
   __shared__ float s_p[kMaxRowsPerCta];
+  __shared__ bool s_scattered[kMaxRowsPerCta];  // data written by permute_scatter_kernel
   const int G = 1 << a.log2_rows_per_cta;
   const int64_t r0 = static_cast<int64_t>(blockIdx.x) << a.log2_rows_per_cta;
   if (threadIdx.x < G) {
     const int64_t r = r0 + threadIdx.x;
     int tok = -2;
     float p = 0.0f;
+    bool scattered = false;
     if (r < a.rows_out) {
       const int32_t slot = a.src_slot[r];
       const bool valid = slot >= 0 && slot < a.num_pairs;
       tok = valid ? slot / a.k : -1;
       if (valid && a.topk_weight) p = a.topk_weight[slot];
       if (a.prob) a.prob[r] = p;
+      scattered = valid && a.dest_row && a.dest_row[slot] == r;
     }
     s_tok[threadIdx.x] = tok;
     s_p[threadIdx.x] = p;
+    s_scattered[threadIdx.x] = scattered;
   }
   __syncthreads();
 
@@ -163,7 +172,7 @@ __global__ void __launch_bounds__(kRowsThreads)
     uint4* dst = reinterpret_cast<uint4*>(a.out + r * a.row_bytes);
     if (tok < 0) {  // pad row (warp-uniform)
       for (int64_t v = lane; v < nvec; v += 32) __stcs(dst + v, make_uint4(0u, 0u, 0u, 0u));
-    } else {
+    } else if (!s_scattered[g]) {
       copy_row<kMul>(src, dst, nvec, s_p[g], lane);
     }
     if constexpr (kScale == kRowScale) {
@@ -181,6 +190,42 @@ __global__ void __launch_bounds__(kRowsThreads)
         copy_row_scale<2, uint16_t>(s, d, n, pad, lane);
       else
         copy_row_scale<1, uint8_t>(s, d, n, pad, lane);
+    }
+  }
+}
+
+// Scatter half of permute (no scaling): a warp per token reads the token's row once and writes it
+// to each of its rows d = dest_row[t][j] that the plan confirms (src_slot[d] == t k + j, so no row
+// is written twice, whatever the plan holds); permute_rows_kernel with a.dest_row set writes the
+// rest. Reading X once instead of k times (X [4096][7168] BF16 is 59 MB, more than the L2) is the
+// point: the gather form re-read it from DRAM per pair. Each lane keeps kRowsUnroll 16-byte loads
+// in flight, then stores each to every confirmed row (k <= 32: one lane per pair).
+__global__ void __launch_bounds__(kRowsThreads)
+    permute_scatter_kernel(const __grid_constant__ RowsArgs a) {
+  const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
+  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp;
+  if (t >= a.tokens) return;
+  int32_t d = -1;
+  if (lane < a.k) {
+    const int32_t pair = static_cast<int32_t>(t * a.k + lane);
+    const int32_t r = a.dest_row[pair];
+    if (r >= 0 && r < a.rows_out && a.src_slot[r] == pair) d = r;
+  }
+  const uint32_t confirmed = __ballot_sync(0xFFFFFFFFu, d >= 0);  // warp-uniform
+  if (confirmed == 0u) return;
+  const int64_t nvec = a.row_bytes >> 4;
+  const uint4* src = reinterpret_cast<const uint4*>(a.in + t * a.row_bytes);
+  for (int64_t base = 0; base < nvec; base += 32 * kRowsUnroll) {
+    uint4 buf[kRowsUnroll];
+#pragma unroll
+    for (int u = 0; u < kRowsUnroll; ++u)
+      buf[u] = __ldcs(src + min(base + u * 32 + lane, nvec - 1));
+    for (uint32_t m = confirmed; m != 0u; m &= m - 1) {
+      const int32_t r = __shfl_sync(0xFFFFFFFFu, d, __ffs(m) - 1);
+      uint4* dst = reinterpret_cast<uint4*>(a.out + static_cast<int64_t>(r) * a.row_bytes);
+#pragma unroll
+      for (int u = 0; u < kRowsUnroll; ++u)
+        if (base + u * 32 + lane < nvec) __stcs(dst + base + u * 32 + lane, buf[u]);
     }
   }
 }
