@@ -102,11 +102,13 @@ struct Launch {
       ts.emplace_back([&, t] {
         tid = t;
         tIdx = dim3(t % block.x, (t / block.x) % block.y, t / (block.x * block.y));
-        for (unsigned b = 0; b < grid.x; ++b) {
-          bIdx = dim3(b, 0, 0);
-          k(args...);
-          br.arrive_and_wait();
-        }
+        for (unsigned z = 0; z < grid.z; ++z)
+          for (unsigned y = 0; y < grid.y; ++y)
+            for (unsigned x = 0; x < grid.x; ++x) {
+              bIdx = dim3(x, y, z);
+              k(args...);
+              br.arrive_and_wait();
+            }
       });
     for (auto& th : ts) th.join();
   }
