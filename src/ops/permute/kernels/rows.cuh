@@ -1,7 +1,10 @@
-// Permute + pad in one pass (also unpermute-bwd, and the weighted unpermute's dy): output row r of
-// [R][H] is input row src_slot[r] / k, or zeros on pad rows, moved with 16-byte loads/stores;
-// the row's FP8 1x128 scales (F32 [tiles][rows]) or MX E8M0 scales (bytes [rows][H/32]) and its
-// routing probability move in the same CTA.
+// Permute + pad (also unpermute-bwd, and the weighted unpermute's dy): output row r of [R][H] is
+// input row src_slot[r] / k, or zeros on pad rows, moved with 16-byte loads/stores; the row's FP8
+// 1x128 scales (F32 [tiles][rows]) or MX E8M0 scales (bytes [rows][H/32]) and its routing
+// probability move in the same CTA. permute() with the plan's dest_row runs two kernels: the data
+// of every row the plan confirms is scattered from its token row, read once
+// (permute_scatter_kernel, below), and permute_rows_kernel writes the rest (session 4, H100,
+// T 4096, k 8, H 7168: FP8 0.139 -> 0.113 ms, BF16 0.296 -> 0.210 ms).
 //
 // Grid: one CTA (8 warps) per G = 8 * rows_per_warp consecutive output rows; warp w copies rows
 // w, w + 8, ... of its CTA, each lane 8 x 16 B loads in flight (128 B/lane, 32 KB/CTA). Rows are
