@@ -291,6 +291,11 @@ std::vector<int64_t> dedup_token_counts(std::span<const int32_t> topk_idx, int k
 // rank-major). Pure host function.
 DedupPlan make_dedup_plan(const DispatchLayout& layout, std::span<const int32_t> topk_idx, int k,
                           std::span<const int64_t> all_tokens);
+// The same into `plan`, reusing its vectors' storage (a caller that makes one plan per step, as
+// MoELayer does, then skips their allocation and zero fill). `plan` is overwritten; on an error it
+// is left in an unspecified state.
+void make_dedup_plan(const DispatchLayout& layout, std::span<const int32_t> topk_idx, int k,
+                     std::span<const int64_t> all_tokens, DedupPlan& plan);
 
 // Collective: dedup_token_counts, their all_gather (one small collective, a host
 // synchronization), make_dedup_plan.

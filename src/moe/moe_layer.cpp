@@ -981,7 +981,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                      ") on every rank (cfg.ep_dedup), got "
                      "an expert out of range on rank ",
                      q));
-      s.dedup = make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens);
+      make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens, s.dedup);
       upload_dedup_plan(s.dedup, S.view(s.ep_plan, DType::I32, 1, s.ep_plan.bytes / 4), stream);
     }
     s.m_splits = s.layout.m_splits;
