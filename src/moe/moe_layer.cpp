@@ -985,9 +985,10 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                      "an expert out of range on rank ",
                      q));
       const TensorView plan_dev = S.view(s.ep_plan, DType::I32, 1, s.ep_plan.bytes / 4);
-      if (dev == Device::Cuda && N <= kDedupBuildMaxRanks) {
+      if (N <= kDedupBuildMaxRanks) {
         // The plan's words built on the device from the routing and the source plan already
-        // there (build_dedup_plan); the host only sizes it. The host plan took 0.1-0.4 ms here,
+        // there (build_dedup_plan; on the CPU its reference backend, so the EP layer's CPU tests
+        // cover this wiring); the host only sizes it. The host plan took 0.1-0.4 ms here,
         // between the step's sync and the dispatch.
         s.dedup = make_dedup_plan_sizes(s.layout, T, static_cast<int>(k), all_tokens);
         build_dedup_plan(s.dedup, s.layout, ro.topk_idx, plan.dest_row, off,
