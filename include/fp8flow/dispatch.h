@@ -297,6 +297,26 @@ DedupPlan make_dedup_plan(const DispatchLayout& layout, std::span<const int32_t>
 void make_dedup_plan(const DispatchLayout& layout, std::span<const int32_t> topk_idx, int k,
                      std::span<const int64_t> all_tokens, DedupPlan& plan);
 
+// The plan of make_dedup_plan without its token and slot arrays: sizes and offsets from
+// all_tokens alone (no pass over the routing), for build_dedup_plan. tokens: T of this rank.
+DedupPlan make_dedup_plan_sizes(const DispatchLayout& layout, int64_t tokens, int k,
+                                std::span<const int64_t> all_tokens);
+
+// The device words of a plan (upload_dedup_plan's layout, plan.device_words() I32 in plan_dev)
+// built on the device from the device routing, the same words upload_dedup_plan(make_dedup_plan
+// (...)) writes: topk_idx [T][k] I32 and the source plan of make_permutation(topk_idx, E_g,
+// align 1) (its dest_row [T][k] on the device, and its offsets [E_g + 1] on the host, which a
+// caller has after the counts exchange). plan: make_dedup_plan_sizes' (or make_dedup_plan's).
+// work: I32, at least dedup_build_work_words(E_g, ranks). CPU tensors: the reference backend.
+// At most kDedupBuildMaxRanks ranks. No host synchronization (one small copy and one single-CTA
+// kernel on CUDA).
+constexpr int kDedupBuildMaxRanks = 32;
+void build_dedup_plan(const DedupPlan& plan, const DispatchLayout& layout,
+                      const TensorView& topk_idx, const TensorView& dest_row,
+                      std::span<const int64_t> src_offsets, const TensorView& work,
+                      const TensorView& plan_dev, Stream stream = nullptr);
+int64_t dedup_build_work_words(int64_t experts, int ranks);
+
 // Collective: dedup_token_counts, their all_gather (one small collective, a host
 // synchronization), make_dedup_plan.
 DedupPlan exchange_dedup_plan(Communicator& comm, const DispatchLayout& layout,

@@ -184,7 +184,8 @@ struct MoEContext::State {
   Slot p2r, r2p, ep_table;
   DispatchLayout layout;
   DedupPlan dedup;  // cfg.ep_dedup: the forward's plan, reused by the backward's dy dispatch
-  Slot ep_plan;     // ... and its upload (upload_dedup_plan), made once in the forward
+  Slot ep_plan;     // ... and its device words (build_dedup_plan), made once in the forward
+  Slot ep_build;    // build_dedup_plan's table
   int64_t n_send = 0;
   Stream stream = nullptr;  // of the last forward/backward: the accessors read on it
   std::vector<int64_t> m_splits;
@@ -793,9 +794,11 @@ size_t layout_context(MoEContext::State* s, const MoELayer::Impl& m) {
     s->p2r = l.add(nbytes(DType::I32, 1, M));
     s->r2p = l.add(nbytes(DType::I32, 1, m.Rmax));
     s->ep_table = l.add(nbytes(DType::I64, 1, (E + 1) + E * (2 * m.cfg.ep_size + 1)));
-    if (m.cfg.ep_dedup)  // at most T min(k, N) records of 1 + k words
+    if (m.cfg.ep_dedup) {  // at most T min(k, N) records of 1 + k words
       s->ep_plan =
           l.add(nbytes(DType::I32, 1, dedup_plan_max_words(T, static_cast<int>(k), m.cfg.ep_size)));
+      s->ep_build = l.add(nbytes(DType::I32, 1, dedup_build_work_words(Eg, m.cfg.ep_size)));
+    }
   }
   s->invalid = l.add(nbytes(DType::I32, 1, 1));
   s->prob = l.add(nbytes(DType::F32, 1, M));
@@ -981,8 +984,19 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
                      ") on every rank (cfg.ep_dedup), got "
                      "an expert out of range on rank ",
                      q));
-      make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens, s.dedup);
-      upload_dedup_plan(s.dedup, S.view(s.ep_plan, DType::I32, 1, s.ep_plan.bytes / 4), stream);
+      const TensorView plan_dev = S.view(s.ep_plan, DType::I32, 1, s.ep_plan.bytes / 4);
+      if (N <= kDedupBuildMaxRanks) {
+        // The plan's words built on the device from the routing and the source plan already
+        // there (build_dedup_plan; on the CPU its reference backend, so the EP layer's CPU tests
+        // cover this wiring); the host only sizes it. The host plan took 0.1-0.4 ms here,
+        // between the step's sync and the dispatch.
+        s.dedup = make_dedup_plan_sizes(s.layout, T, static_cast<int>(k), all_tokens);
+        build_dedup_plan(s.dedup, s.layout, ro.topk_idx, plan.dest_row, off,
+                         S.view(s.ep_build, DType::I32, 1, s.ep_build.bytes / 4), plan_dev, stream);
+      } else {
+        make_dedup_plan(s.layout, idx_host, static_cast<int>(k), all_tokens, s.dedup);
+        upload_dedup_plan(s.dedup, plan_dev, stream);
+      }
     }
     s.m_splits = s.layout.m_splits;
     M = s.layout.padded_rows;

@@ -14,6 +14,7 @@
 #include "../permute/permute_test_util.h"
 #include "common/test_data.h"
 #include "common/test_util.h"
+#include "dispatch/ep_test_util.h"
 #include "fp8flow/dispatch.h"
 #include "fp8flow/permute.h"
 
@@ -708,6 +709,83 @@ void expect_error(const std::function<void()>& f, const std::string& op, const s
     EXPECT_NE(m.find("fp8flow::" + op + ":"), std::string::npos) << m;
     EXPECT_NE(m.find(arg), std::string::npos) << m;
   }
+}
+
+// build_dedup_plan (the device-side plan; here its CPU backend) writes the words
+// upload_dedup_plan(make_dedup_plan(...)) writes, for random routings of 1-5 ranks, top-1..4,
+// align 1/16/128, skewed (all of a rank's tokens on one expert) and with tokens of no pair on a
+// rank; and make_dedup_plan_sizes gives make_dedup_plan's sizes. Also its argument checks.
+TEST(Dispatch, DedupBuildMatchesHostPlan) {
+  std::mt19937 rng(17);
+  int cases = 0;
+  for (int N : {1, 2, 3, 5})
+    for (int k : {1, 2, 4})
+      for (int align : {1, 16, 128})
+        for (bool skew : {false, true}) {
+          const int64_t El = 3, E = El * N;
+          if (k > E) continue;
+          const eptest::DedupRoutings d = eptest::dedup_routings(
+              N, k, El, rng,
+              [&](int s) { return s == 1 ? int64_t{0} : 1 + static_cast<int64_t>(rng() % 40); },
+              skew);
+          const auto& T = d.T;
+          const auto& idx = d.idx;
+          const auto& counts = d.counts;
+          const auto& all = d.all_tokens;
+          for (int s = 0; s < N; ++s) {
+            SCOPED_TRACE(::testing::Message() << "N " << N << " k " << k << " align " << align
+                                              << " skew " << skew << " rank " << s);
+            const DispatchLayout l = make_dispatch_layout(counts, N, s, E, align);
+            const DedupPlan want = make_dedup_plan(l, idx[s], k, all);
+            const DedupPlan sizes = make_dedup_plan_sizes(l, T[s], k, all);
+            EXPECT_TRUE(sizes.token.empty() && sizes.slots.empty());
+            EXPECT_EQ(sizes.send_rows, want.send_rows);
+            EXPECT_EQ(sizes.send_offsets, want.send_offsets);
+            EXPECT_EQ(sizes.recv_rows, want.recv_rows);
+            EXPECT_EQ(sizes.recv_offsets, want.recv_offsets);
+            EXPECT_EQ(sizes.send_total, want.send_total);
+            EXPECT_EQ(sizes.recv_total, want.recv_total);
+            // The source plan: make_permutation(topk_idx, E_g, align 1).
+            const HostPlan src = make_host_plan(idx[s], T[s], k, E, 1);
+            std::vector<int64_t> off(static_cast<size_t>(E + 1));
+            for (int64_t e = 0; e <= E; ++e) off[e] = src.offset(e);
+            const HostTensor ids = host_i32(idx[s], T[s], k);
+            HostTensor ref_words(DType::I32, 1, std::max<int64_t>(1, want.device_words()), 0x5A),
+                got(DType::I32, 1, std::max<int64_t>(1, want.device_words()), 0xA5),
+                work(DType::I32, 1, dedup_build_work_words(E, N));
+            upload_dedup_plan(want, ref_words.v);
+            build_dedup_plan(sizes, l, ids.v, src.dest.v, off, work.v, got.v);
+            EXPECT_EQ(0, std::memcmp(got.buf.data(), ref_words.buf.data(),
+                                     static_cast<size_t>(want.device_words()) * 4));
+            ++cases;
+          }
+        }
+  EXPECT_GT(cases, 100);
+  // Argument checks.
+  const std::vector<int32_t> idx = {0, 1, 1, 0};
+  const std::vector<int64_t> cnt = {2, 2};
+  const DispatchLayout l = make_dispatch_layout(cnt, 1, 0, 2, 1);
+  const DedupPlan p = make_dedup_plan_sizes(l, 2, 2, std::vector<int64_t>{2});
+  const HostPlan src = make_host_plan(idx, 2, 2, 2, 1);
+  const HostTensor ids = host_i32(idx, 2, 2);
+  HostTensor work(DType::I32, 1, dedup_build_work_words(2, 1)), pd(DType::I32, 1, p.device_words());
+  const std::vector<int64_t> off = {0, 2, 4};
+  build_dedup_plan(p, l, ids.v, src.dest.v, off, work.v, pd.v);  // the valid call
+  HostTensor short_pd(DType::I32, 1, p.device_words() - 1), short_w(DType::I32, 1, 1);
+  expect_error([&] { build_dedup_plan(p, l, ids.v, src.dest.v, off, work.v, short_pd.v); },
+               "build_dedup_plan", "plan_dev");
+  expect_error([&] { build_dedup_plan(p, l, ids.v, src.dest.v, off, short_w.v, pd.v); },
+               "build_dedup_plan", "work");
+  expect_error(
+      [&] {
+        build_dedup_plan(p, l, ids.v, src.dest.v, std::vector<int64_t>{0, 2}, work.v, pd.v);
+      },
+      "build_dedup_plan", "src_offsets");
+  const HostTensor ids3 = host_i32({0, 1, 1}, 3, 1);
+  expect_error([&] { build_dedup_plan(p, l, ids3.v, src.dest.v, off, work.v, pd.v); },
+               "build_dedup_plan", "topk_idx");
+  expect_error([&] { make_dedup_plan_sizes(l, 2, 2, std::vector<int64_t>{-1}); },
+               "make_dedup_plan_sizes", "all_tokens");
 }
 
 // dispatch_dedup's argument checks, each naming the argument: a plan of another layout, rows

@@ -28,6 +28,8 @@
 #include "fp8flow/comm.h"
 #include "fp8flow/dispatch.h"
 #include "fp8flow/moe.h"
+#include "fp8flow/permute.h"
+#include "permute/permute_test_util.h"
 
 namespace fp8flow::test {
 namespace {
@@ -304,6 +306,56 @@ TEST(DispatchGpu, DedupMatchesCpu) {
     const std::vector<PipeGpuOut> cpu = record_path_on_cpu(N, dd);
     expect_gpu_pipes_equal(pipe_nccl(N, dd, 1, InPlace::Off, true), cpu, dd);
   }
+}
+
+// build_dedup_plan on the GPU (one GPU, no communicator: the plan of each simulated rank) writes
+// the words upload_dedup_plan(make_dedup_plan(...)) writes; source plans by the GPU's own
+// make_permutation. T up to 5000 (more tokens than the kernel's threads), 1-8 ranks, top-1..8.
+TEST(DispatchGpu, DedupBuildMatchesHostPlan) {
+  FP8FLOW_REQUIRE_GPU();
+  std::mt19937 rng(31);
+  for (int N : {1, 3, 8})
+    for (int k : {1, 8})
+      for (int64_t T0 : {int64_t{1}, int64_t{300}, int64_t{5000}}) {
+        SCOPED_TRACE(::testing::Message() << "N " << N << " k " << k << " T " << T0);
+        const int64_t El = 4, E = El * N;
+        if (k > E) continue;
+        const DedupRoutings d = dedup_routings(N, k, El, rng, [&](int s) {
+          return s == 0 ? T0 : 1 + static_cast<int64_t>(rng() % 200);
+        });
+        const auto& T = d.T;
+        const auto& idx = d.idx;
+        const auto& counts = d.counts;
+        const auto& all = d.all_tokens;
+        for (int s = 0; s < N; ++s) {
+          const DispatchLayout l = make_dispatch_layout(counts, N, s, E, 16);
+          const DedupPlan want = make_dedup_plan(l, idx[s], k, all);
+          const DedupPlan sizes = make_dedup_plan_sizes(l, T[s], k, all);
+          // The source plan on the GPU (align 1), and its offsets on the host.
+          const DeviceTensor ids(host_i32(idx[s], T[s], k));
+          DeviceTensor tpe(DType::I32, 1, E), off(DType::I64, 1, E + 1), dest(DType::I32, T[s], k),
+              src(DType::I32, 1, T[s] * k), inv(DType::I32, 1, 1);
+          void* ws = nullptr;
+          const size_t wsn = permutation_workspace_bytes(T[s], k, E);
+          ASSERT_EQ(cudaMalloc(&ws, std::max<size_t>(wsn, 16)), cudaSuccess);
+          make_permutation(ids.v, E, {tpe.v, off.v, dest.v, src.v, inv.v}, ws, wsn,
+                           PermutationOptions{1});
+          const HostTensor off_h = off.to_host();
+          std::vector<int64_t> off_v(reinterpret_cast<const int64_t*>(off_h.buf.data()),
+                                     reinterpret_cast<const int64_t*>(off_h.buf.data()) + E + 1);
+          const int64_t W = std::max<int64_t>(1, want.device_words());
+          HostTensor ref_words(DType::I32, 1, W, 0x5A);
+          upload_dedup_plan(want, ref_words.v);
+          DeviceTensor work(DType::I32, 1, dedup_build_work_words(E, N)), got(DType::I32, 1, W);
+          build_dedup_plan(sizes, l, ids.v, dest.v, off_v, work.v, got.v);
+          ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+          const HostTensor got_h = got.to_host();
+          EXPECT_EQ(0, std::memcmp(got_h.buf.data(), ref_words.buf.data(),
+                                   static_cast<size_t>(want.device_words()) * 4))
+              << "rank " << s;
+          cudaFree(ws);
+        }
+      }
 }
 
 // ---------------------------------------------------------------------------------------------

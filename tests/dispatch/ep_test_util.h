@@ -8,10 +8,12 @@
 #include <algorithm>
 #include <cmath>
 #include <cstdint>
+#include <random>
 #include <vector>
 
 #include "common/test_data.h"
 #include "common/test_util.h"
+#include "fp8flow/dispatch.h"
 #include "fp8flow/formats.h"
 #include "fp8flow/moe.h"
 
@@ -35,6 +37,40 @@ struct EpProblem {
     return t;
   }
 };
+
+// N ranks' routings for the dedup plan tests: rank s routes T[s] tokens (tokens_of(s)) to k of
+// E = El N experts, distinct per token (random, or experts 0..k-1 when skew), with the per-expert
+// counts [N][E] and every rank's dedup_token_counts [N][N].
+struct DedupRoutings {
+  std::vector<int64_t> T, counts, all_tokens;
+  std::vector<std::vector<int32_t>> idx;
+};
+template <typename TokensOf>
+DedupRoutings dedup_routings(int N, int k, int64_t El, std::mt19937& rng, TokensOf tokens_of,
+                             bool skew = false) {
+  const int64_t E = El * N;
+  DedupRoutings d;
+  d.T.resize(N);
+  d.idx.resize(N);
+  d.counts.assign(static_cast<size_t>(N * E), 0);
+  for (int s = 0; s < N; ++s) {
+    d.T[s] = tokens_of(s);
+    for (int64_t t = 0; t < d.T[s]; ++t) {
+      std::vector<int32_t> e(static_cast<size_t>(E));
+      for (int64_t i = 0; i < E; ++i) e[i] = static_cast<int32_t>(i);
+      if (!skew) std::shuffle(e.begin(), e.end(), rng);
+      for (int j = 0; j < k; ++j) {
+        d.idx[s].push_back(e[j]);
+        ++d.counts[s * E + e[j]];
+      }
+    }
+  }
+  for (int s = 0; s < N; ++s) {
+    const std::vector<int64_t> c = dedup_token_counts(d.idx[s], k, N, E);
+    d.all_tokens.insert(d.all_tokens.end(), c.begin(), c.end());
+  }
+  return d;
+}
 
 // The global problem: all ranks' tokens (concatenated) and all experts' weights.
 struct Global {

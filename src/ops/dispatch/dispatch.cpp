@@ -684,6 +684,72 @@ void upload_dedup_plan(const DedupPlan& plan, const TensorView& plan_dev, Stream
   (void)stream;
 }
 
+int64_t dedup_build_work_words(int64_t experts, int ranks) {
+  return experts + 2 * int64_t{ranks};
+}
+
+void build_dedup_plan(const DedupPlan& plan, const DispatchLayout& l, const TensorView& topk_idx,
+                      const TensorView& dest_row, std::span<const int64_t> src_offsets,
+                      const TensorView& work, const TensorView& plan_dev, Stream stream) {
+  const Check c("build_dedup_plan");
+  const int64_t N = l.ranks, E = l.experts;
+  c.that(plan.ranks == l.ranks && plan.rank == l.rank && plan.k >= 1 &&
+             static_cast<int64_t>(plan.send_offsets.size()) == N &&
+             static_cast<int64_t>(plan.send_rows.size()) == N,
+         "plan", cat("a plan of rank ", l.rank, " of ", l.ranks, " (make_dedup_plan_sizes)"),
+         cat("rank ", plan.rank, " of ", plan.ranks));
+  c.that(N <= detail::kMaxBuildRanks, "layout",
+         cat("at most ", detail::kMaxBuildRanks, " ranks (one destination mask word)"), cat(N));
+  const int64_t T = plan.tokens, k = plan.k;
+  c.view(topk_idx, "topk_idx", {DType::I32});
+  c.contiguous(topk_idx, "topk_idx");
+  c.shape(topk_idx, "topk_idx", T, k);
+  const Device dev = topk_idx.device;
+  c.view(dest_row, "dest_row", {DType::I32});
+  c.contiguous(dest_row, "dest_row");
+  c.shape(dest_row, "dest_row", T, k);
+  c.that(dest_row.device == dev, "dest_row.device", to_string(dev), to_string(dest_row.device));
+  c.that(static_cast<int64_t>(src_offsets.size()) == E + 1, "src_offsets",
+         cat(E + 1, " entries (the source plan's offsets)"), cat(src_offsets.size()));
+  check_map(c, work, "work", dedup_build_work_words(E, static_cast<int>(N)), dev);
+  check_map(c, plan_dev, "plan_dev", plan.device_words(), dev);
+  // The table: base[e] = first row of e's pairs there - the source plan's offset of e, then the
+  // send offsets and ends. Rows and offsets fit I32 (checked).
+  const std::vector<int64_t> first = detail::dedup_first_rows(l);
+  std::vector<int32_t> table(static_cast<size_t>(dedup_build_work_words(E, static_cast<int>(N))));
+  for (int64_t e = 0; e < E; ++e) {
+    const int64_t b = first[e] - src_offsets[e];
+    c.that(b > INT32_MIN && b < INT32_MAX && first[e] < INT32_MAX, "layout",
+           "permuted rows below 2^31", cat(first[e]));
+    table[e] = static_cast<int32_t>(b);
+  }
+  for (int64_t r = 0; r < N; ++r) {
+    table[E + r] = static_cast<int32_t>(plan.send_offsets[r]);
+    table[E + N + r] = static_cast<int32_t>(plan.send_offsets[r] + plan.send_rows[r]);
+  }
+  detail::DedupBuildArgs a;
+  a.idx = static_cast<const int32_t*>(topk_idx.data);
+  a.dest_row = static_cast<const int32_t*>(dest_row.data);
+  a.tokens = static_cast<int32_t>(T);
+  a.k = static_cast<int32_t>(k);
+  a.ranks = static_cast<int32_t>(N);
+  a.local_experts = static_cast<int32_t>(l.local_experts);
+  a.experts = static_cast<int32_t>(E);
+  a.send_total = static_cast<int32_t>(plan.send_total);
+  a.plan = static_cast<int32_t*>(plan_dev.data);
+  auto* td = static_cast<int32_t*>(work.data);
+  a.table = td;
+  if (dev == Device::Cpu) {
+    std::copy(table.begin(), table.end(), td);
+    ref::dispatch_dedup_build(a);
+    return;
+  }
+  require_cuda(
+      c, {{a.idx, "topk_idx"}, {a.dest_row, "dest_row"}, {td, "work"}, {a.plan, "plan_dev"}}, dev);
+  FP8FLOW_SM90(sm90::dispatch_dedup_build(a, table, td, stream));
+  (void)stream;
+}
+
 void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan& plan,
                     const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
                     const DispatchRows& out, const DispatchBuffers& buf, Stream stream) {
@@ -694,9 +760,13 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   check_same_payload(c, w0, wo);
   const Device dev = rows_device(in);
   check_layout_comm(c, comm, l, dev);
+  // token / slots: the host arrays of make_dedup_plan, or none (make_dedup_plan_sizes: plan_dev
+  // filled by build_dedup_plan); only plan_dev and the sizes are read here.
+  const bool host_arrays = static_cast<int64_t>(plan.token.size()) == plan.send_total &&
+                           static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k;
+  const bool sizes_only = plan.token.empty() && plan.slots.empty();
   c.that(plan.ranks == l.ranks && plan.rank == l.rank && plan.k >= 1 &&
-             static_cast<int64_t>(plan.token.size()) == plan.send_total &&
-             static_cast<int64_t>(plan.slots.size()) == plan.send_total * plan.k &&
+             (host_arrays || sizes_only) &&
              static_cast<int64_t>(plan.send_rows.size()) == l.ranks &&
              static_cast<int64_t>(plan.recv_rows.size()) == l.ranks,
          "plan", cat("a plan of rank ", l.rank, " of ", l.ranks, " (make_dedup_plan)"),

@@ -5,6 +5,7 @@
 #include <cstdint>
 
 #include <memory>
+#include <vector>
 
 #include "fp8flow/dispatch.h"
 #include "fp8flow/formats.h"  // FP8FLOW_HD
@@ -47,6 +48,26 @@ FP8FLOW_HD bool in_chunk(const ChunkFilter& f, int64_t q) {
   // i in [n c / C, n (c + 1) / C)  <=>  c = floor(((i + 1) C - 1) / n)
   return ((i + 1) * f.chunks - 1) / n == f.chunk;
 }
+
+// build_dedup_plan: the token and slot words of a dedup plan from the routing, the way
+// make_dedup_plan makes them on the host. table: base[E] (first row of this rank's pairs of
+// expert e on e's rank minus the source plan's offset of e: slot = base[e] + dest_row), then
+// send_offsets[N] and send_end[N] (records [send_offsets[r], send_end[r]) go to rank r).
+// plan: token[send_total], then slots[send_total][k]. Entries outside [0, E) are skipped, and
+// records past send_end[r] are not written (the host sizes come from all_tokens).
+constexpr int kMaxBuildRanks = kDedupBuildMaxRanks;  // ranks per destination mask (one word)
+// First permuted row of this rank's pairs for every global expert e, on e's rank [E] (the padded
+// segment start of e's local expert there plus the pairs of lower source ranks; dispatch.h:
+// segments are source-rank major; pairs of one (source, expert) follow in flat t k + j order).
+std::vector<int64_t> dedup_first_rows(const DispatchLayout& layout);
+struct DedupBuildArgs {
+  const int32_t* idx = nullptr;       // [T][k]
+  const int32_t* dest_row = nullptr;  // [T][k]: the source plan (make_permutation, align 1)
+  const int32_t* table = nullptr;     // base[E], send_offsets[N], send_end[N]
+  int32_t tokens = 0, k = 1, ranks = 1, local_experts = 1, experts = 1;
+  int32_t send_total = 0;
+  int32_t* plan = nullptr;
+};
 
 // One pack or unpack: rows <-> records. "rows" are the token-order or permuted tensors; the map
 // is applied on the gathering side (pack: record i <- row map[i] / k; unpack: row r <- record
@@ -97,6 +118,7 @@ void dispatch_unpack(const detail::WireArgs& a);
 void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob);
 void dispatch_maps(const DispatchLayout& l, int32_t* perm_to_recv, int64_t perm_len,
                    int32_t* recv_to_perm);
+void dispatch_dedup_build(const detail::DedupBuildArgs& a);
 }  // namespace fp8flow::ref
 
 namespace fp8flow::sm90 {
@@ -106,6 +128,9 @@ void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map
                             Stream stream);
 // Host-to-device copy of the plan's token [send_total] and slot [send_total][k][2] arrays to dst.
 void dispatch_dedup_upload(const DedupPlan& plan, int32_t* dst, Stream stream);
+// build_dedup_plan: copies the host table (E + 2N words) to table_dev, then one single-CTA kernel.
+void dispatch_dedup_build(const detail::DedupBuildArgs& a, const std::vector<int32_t>& table,
+                          int32_t* table_dev, Stream stream);
 void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,
                    int64_t perm_len, int32_t* recv_to_perm, Stream stream);
 

@@ -6,6 +6,7 @@
 
 #include "common/check.h"
 #include "fp8flow/dispatch.h"
+#include "ops/dispatch/dispatch_backends.h"
 
 namespace fp8flow {
 
@@ -81,24 +82,27 @@ DedupPlan make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx,
   return p;
 }
 
-void make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx, int k,
-                     std::span<const int64_t> all_tokens, DedupPlan& p) {
-  const Check c("make_dedup_plan");
-  const int64_t T = check_routing_shape(c, idx, k);
-  const int64_t N = l.ranks, El = l.local_experts, E = l.experts;
+namespace {
+
+// The plan's sizes and offsets from all_tokens (checked), and `next`: the first permuted row of
+// this rank's pairs for every global expert e, on e's rank (the padded segment start of e's local
+// expert there plus the pairs of lower source ranks; dispatch.h: segments are source-rank major;
+// pairs of one (source, expert) follow in flat t k + j order).
+void plan_sizes(const Check& c, const DispatchLayout& l, int64_t T, int k,
+                std::span<const int64_t> all_tokens, DedupPlan& p, std::vector<int64_t>& next) {
+  const int64_t N = l.ranks;
+  c.that(k >= 1, "k", "at least 1", cat(k));
+  c.that(T >= 0 && T * k < INT32_MAX, "tokens", "T >= 0 with T k < 2^31", cat(T));
   c.that(static_cast<int64_t>(all_tokens.size()) == N * N, "all_tokens",
          cat(N * N, " entries (ranks x ranks)"), cat(all_tokens.size()));
   for (int64_t i = 0; i < N * N; ++i)
     if (all_tokens[i] < 0)
       c.that(false, "all_tokens", "entries >= 0",
              cat(all_tokens[i], " at [", i / N, "][", i % N, "]"));
-
   p.ranks = l.ranks;
   p.rank = l.rank;
   p.k = k;
   p.tokens = T;
-  // Sized from this rank's row of all_tokens; the pass below checks the routing against it and
-  // against the layout's counts, and fails (after the pass, routing error first) on a mismatch.
   p.send_rows.assign(all_tokens.begin() + l.rank * N, all_tokens.begin() + (l.rank + 1) * N);
   p.send_offsets.assign(N, 0);
   p.recv_rows.assign(N, 0);
@@ -114,10 +118,13 @@ void make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx, int 
   c.that(p.send_total <= T * std::min<int64_t>(k, N), "all_tokens",
          cat("at most ", T * std::min<int64_t>(k, N), " records of this rank (T min(k, ranks))"),
          cat(p.send_total));
+  next = detail::dedup_first_rows(l);
+}
 
-  // First permuted row of this rank's pairs for every global expert e, on e's rank: the padded
-  // segment start of e's local expert there plus the pairs of lower source ranks (dispatch.h:
-  // segments are source-rank major). Pairs of one (source, expert) follow in flat t k + j order.
+}  // namespace
+
+std::vector<int64_t> detail::dedup_first_rows(const DispatchLayout& l) {
+  const int64_t N = l.ranks, El = l.local_experts, E = l.experts;
   auto cnt = [&](int64_t s, int64_t e) { return l.counts[static_cast<size_t>(s * E + e)]; };
   auto pad = [&](int64_t n) { return (n + l.align - 1) / l.align * l.align; };
   std::vector<int64_t> next(static_cast<size_t>(E), 0);
@@ -133,6 +140,27 @@ void make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx, int 
       seg += pad(total);
     }
   }
+  return next;
+}
+
+DedupPlan make_dedup_plan_sizes(const DispatchLayout& l, int64_t tokens, int k,
+                                std::span<const int64_t> all_tokens) {
+  const Check c("make_dedup_plan_sizes");
+  DedupPlan p;
+  std::vector<int64_t> next;
+  plan_sizes(c, l, tokens, k, all_tokens, p, next);
+  return p;
+}
+
+void make_dedup_plan(const DispatchLayout& l, std::span<const int32_t> idx, int k,
+                     std::span<const int64_t> all_tokens, DedupPlan& p) {
+  const Check c("make_dedup_plan");
+  const int64_t T = check_routing_shape(c, idx, k);
+  const int64_t N = l.ranks, E = l.experts;
+  // Sized from this rank's row of all_tokens; the pass below checks the routing against it and
+  // against the layout's counts, and fails (after the pass, routing error first) on a mismatch.
+  std::vector<int64_t> next;
+  plan_sizes(c, l, T, k, all_tokens, p, next);
 
   // One pass over the routing (NOTES: on the layer's critical path; a separate validation pass,
   // counting pass and -1 fill of the slots took 2/3 of the time): records in token order per

@@ -1,5 +1,6 @@
 // CPU reference backend of the dispatch ops: plain byte loops defining what the CUDA kernels must
 // produce bit for bit (bytes move unchanged; pad rows as permute writes them).
+#include <algorithm>
 #include <cstring>
 
 #include "fp8flow/formats.h"
@@ -68,6 +69,34 @@ void dispatch_pack(const WireArgs& a) {
       std::memcpy(drec, a.rows_data + row * a.data_bytes, static_cast<size_t>(a.data_bytes));
     if (rec) scales_to_record(a, row, rec + a.rec_data());
     if (a.prob_offset >= 0 && m < a.prob_len) std::memcpy(rec + a.prob_offset, &a.prob[m], 4);
+  }
+}
+
+void dispatch_dedup_build(const detail::DedupBuildArgs& a) {
+  const int N = a.ranks, k = a.k;
+  const int32_t *base = a.table, *soff = a.table + a.experts, *send = soff + N;
+  std::vector<int64_t> next(soff, soff + N), rec(static_cast<size_t>(N), -1);
+  int32_t* token = a.plan;
+  int32_t* slots = a.plan + a.send_total;
+  for (int64_t t = 0; t < a.tokens; ++t) {
+    uint32_t mask = 0;
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = a.idx[t * k + j];
+      if (e >= 0 && e < a.experts) mask |= 1u << (e / a.local_experts);
+    }
+    for (int r = 0; r < N; ++r) {
+      if (!(mask >> r & 1u)) continue;
+      rec[r] = next[r]++;
+      if (rec[r] >= send[r]) continue;
+      token[rec[r]] = static_cast<int32_t>(t);
+      std::fill_n(slots + rec[r] * k, k, -1);
+    }
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = a.idx[t * k + j];
+      if (e < 0 || e >= a.experts) continue;
+      const int r = e / a.local_experts;
+      if (rec[r] < send[r]) slots[rec[r] * k + j] = base[e] + a.dest_row[t * k + j];
+    }
   }
 }
 

@@ -249,6 +249,62 @@ __global__ void dedup_scatter_kernel(const __grid_constant__ WireArgs a, int32_t
   }
 }
 
+// build_dedup_plan in one CTA: thread th owns a contiguous range of tokens. (1) tokens per
+// destination rank in its range (a column of s_cnt), (2) per rank, an exclusive scan of the
+// columns from send_offsets[r] (thread r), (3) each thread walks its tokens again, opening one
+// record per (token, destination rank) at its column's running index and writing the pairs'
+// rows. Records per rank come out in token order, as make_dedup_plan's; integer work only, no
+// atomics. NOTES: one CTA is enough at the sizes a layer sees (T 4096 x k 8: 16 tokens a thread);
+// the host version took 0.1-0.4 ms between the step's host sync and the dispatch.
+constexpr int kBuildThreads = 256;
+__global__ void __launch_bounds__(kBuildThreads)
+    dedup_build_kernel(const __grid_constant__ detail::DedupBuildArgs a) {
+  __shared__ int32_t s_cnt[detail::kMaxBuildRanks][kBuildThreads];
+  const int th = static_cast<int>(threadIdx.x), N = a.ranks, k = a.k;
+  const int per = (a.tokens + kBuildThreads - 1) / kBuildThreads;
+  const int t0 = min(th * per, a.tokens), t1 = min(t0 + per, a.tokens);
+  const int32_t *base = a.table, *soff = a.table + a.experts, *send = soff + N;
+  auto mask_of = [&](int t) {
+    uint32_t m = 0;
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = a.idx[t * k + j];
+      if (e >= 0 && e < a.experts) m |= 1u << (e / a.local_experts);
+    }
+    return m;
+  };
+  for (int r = 0; r < N; ++r) s_cnt[r][th] = 0;
+  for (int t = t0; t < t1; ++t)
+    for (uint32_t m = mask_of(t); m != 0u; m &= m - 1) ++s_cnt[__ffs(m) - 1][th];
+  __syncthreads();
+  if (th < N) {
+    int32_t run = soff[th];
+    for (int i = 0; i < kBuildThreads; ++i) {
+      const int32_t v = s_cnt[th][i];
+      s_cnt[th][i] = run;
+      run += v;
+    }
+  }
+  __syncthreads();
+  int32_t* token = a.plan;
+  int32_t* slots = a.plan + a.send_total;
+  for (int t = t0; t < t1; ++t) {
+    for (uint32_t m = mask_of(t); m != 0u; m &= m - 1) {
+      const int r = __ffs(m) - 1;
+      const int32_t q = s_cnt[r][th]++;
+      if (q >= send[r]) continue;
+      token[q] = t;
+      for (int j = 0; j < k; ++j) slots[static_cast<int64_t>(q) * k + j] = -1;
+    }
+    for (int j = 0; j < k; ++j) {
+      const int32_t e = a.idx[t * k + j];
+      if (e < 0 || e >= a.experts) continue;
+      const int r = e / a.local_experts;
+      const int32_t q = s_cnt[r][th] - 1;  // this token's record to rank r
+      if (q < send[r]) slots[static_cast<int64_t>(q) * k + j] = base[e] + a.dest_row[t * k + j];
+    }
+  }
+}
+
 __global__ void maps_kernel(const int64_t* table, int32_t experts, int32_t ranks,
                             int64_t padded_rows, int32_t* perm_to_recv, int64_t perm_len,
                             int32_t* recv_to_perm) {
@@ -303,6 +359,18 @@ void dispatch_dedup_upload(const DedupPlan& plan, int32_t* dst, Stream stream) {
   FP8FLOW_CUDA_CHECK("dispatch_dedup", cudaMemcpyAsync(dst + plan.token.size(), plan.slots.data(),
                                                        plan.slots.size() * sizeof(int32_t),
                                                        cudaMemcpyHostToDevice, cu(stream)));
+}
+
+void dispatch_dedup_build(const detail::DedupBuildArgs& a, const std::vector<int32_t>& table,
+                          int32_t* table_dev, Stream stream) {
+  // NOTES: a pageable-memory async copy is staged before the call returns (as dispatch_maps'
+  // table); E + 2N words.
+  FP8FLOW_CUDA_CHECK("build_dedup_plan",
+                     cudaMemcpyAsync(table_dev, table.data(), table.size() * sizeof(int32_t),
+                                     cudaMemcpyHostToDevice, cu(stream)));
+  if (a.tokens == 0 || a.send_total == 0) return;
+  dedup_build_kernel<<<1, kBuildThreads, 0, cu(stream)>>>(a);
+  FP8FLOW_CUDA_CHECK_LAUNCH("build_dedup_plan");
 }
 
 void dispatch_maps(const DispatchLayout& l, int64_t* table_dev, int32_t* perm_to_recv,

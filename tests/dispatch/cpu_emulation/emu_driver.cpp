@@ -6,6 +6,7 @@
 #include <gtest/gtest.h>
 
 #include <cstring>
+#include <numeric>
 #include <random>
 #include <vector>
 
@@ -262,6 +263,69 @@ TEST(DispatchEmu, DedupMatchesReference) {
       if (prob) EXPECT_TRUE(bytes_equal(o_ref.prob, o_emu.prob)) << "prob";
     }
   }
+}
+
+// build_dedup_plan's kernel against its reference: random routings of 1-5 ranks, top-1..8,
+// tokens with pairs on one or every rank, an entry out of range (skipped by both), and a table
+// whose send ends cut rank 0's records short (both stop writing there).
+TEST(DispatchEmu, DedupBuildMatchesReference) {
+  std::mt19937 rng(23);
+  for (int N : {1, 2, 4, 5})
+    for (int k : {1, 3, 8})
+      for (int64_t T : {int64_t{1}, int64_t{37}, int64_t{700}}) {
+        SCOPED_TRACE(::testing::Message() << "N " << N << " k " << k << " T " << T);
+        const int El = 2;
+        const int E = El * N;
+        if (k > E) continue;
+        std::vector<int32_t> idx;
+        for (int64_t t = 0; t < T; ++t) {
+          std::vector<int32_t> e(static_cast<size_t>(E));
+          std::iota(e.begin(), e.end(), 0);
+          std::shuffle(e.begin(), e.end(), rng);
+          for (int j = 0; j < k; ++j) idx.push_back(e[j]);
+        }
+        if (T > 30) idx[7] = E + 3;  // out of range: skipped
+        // A source-plan stand-in (any distinct rows do: both sides add them to base[e]).
+        std::vector<int32_t> dest(idx.size());
+        for (size_t i = 0; i < dest.size(); ++i) dest[i] = static_cast<int32_t>(3 * i + 1);
+        std::vector<int32_t> table(static_cast<size_t>(E + 2 * N));
+        for (int e = 0; e < E; ++e) table[e] = 100 * e - 5;
+        std::vector<int64_t> per(N, 0);
+        for (int64_t t = 0; t < T; ++t) {
+          uint32_t m = 0;
+          for (int j = 0; j < k; ++j) {
+            const int32_t e = idx[t * k + j];
+            if (e >= 0 && e < E) m |= 1u << (e / El);
+          }
+          for (int r = 0; r < N; ++r) per[r] += m >> r & 1u;
+        }
+        int64_t off = 0;
+        for (int r = 0; r < N; ++r) {
+          table[E + r] = static_cast<int32_t>(off);
+          off += per[r];
+          table[E + N + r] = static_cast<int32_t>(off - (r == 0 && per[r] > 2 ? 2 : 0));
+        }
+        const int64_t total = off;
+        std::vector<int32_t> p_ref(total * (1 + k) + 1, 7), p_emu(total * (1 + k) + 1, 7),
+            t_dev(table.size(), 0);
+        detail::DedupBuildArgs a;
+        a.idx = idx.data();
+        a.dest_row = dest.data();
+        a.tokens = static_cast<int32_t>(T);
+        a.k = k;
+        a.ranks = N;
+        a.local_experts = El;
+        a.experts = E;
+        a.send_total = static_cast<int32_t>(total);
+        a.table = table.data();
+        a.plan = p_ref.data();
+        ref::dispatch_dedup_build(a);
+        a.table = t_dev.data();
+        a.plan = p_emu.data();
+        sm90::dispatch_dedup_build(a, table, t_dev.data(), nullptr);
+        EXPECT_EQ(t_dev, table);
+        EXPECT_EQ(p_emu, p_ref);
+      }
 }
 
 }  // namespace

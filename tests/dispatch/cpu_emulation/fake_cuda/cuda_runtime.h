@@ -38,6 +38,10 @@ inline unsigned __ballot_sync(unsigned, int pred) {
 inline int __popc(unsigned v) {
   return std::popcount(v);
 }
+inline int __ffs(unsigned v) {
+  return v ? std::countr_zero(v) + 1 : 0;
+}
+using std::min;
 template <typename T>
 inline T __ldg(const T* p) {
   return *p;
