@@ -185,9 +185,6 @@ TEST(Mxfp4Tables, KeysOrderValuesExactly) {
       (void)prev;
     }
   EXPECT_EQ(mx::key_to_amax(mx::E2m1Key::kNoKey), 0.f);
-  // The kernel's branch-free column scale, for every key up to 1023.
-  for (uint32_t key = 0; key < 1024; ++key)
-    ASSERT_EQ(mx::key_scale_exponent(key), fmt::scale_exponent(mx::key_to_amax(key))) << key;
   EXPECT_EQ(k.lo & 0xFF, 0u);  // c = 0 has no key
 }
 
@@ -361,7 +358,7 @@ TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
       }
       for (int j = 0; j < 8; ++j) {
         const int k = g * 8 + j;
-        const int t = mx::key_scale_exponent(mx::column_key(acc, j));
+        const int t = fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j)));
         ASSERT_EQ(fmt::exp2i(t), want.scale.ptr<float>()[k]) << "rep " << rep << " column " << k;
         for (int m = 0; m < w; ++m) {
           const uint32_t idx = mx::signed_code_index(a16[m], t * 16, (word[m] >> (4 * j)) & 0xF);

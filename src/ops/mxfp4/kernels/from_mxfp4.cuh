@@ -203,7 +203,8 @@ __global__ void __launch_bounds__(kTrThreads)
         acc[a] = mx::vmax_u16x2(acc[a], __shfl_xor_sync(0xFFFFFFFFu, acc[a], off));
     int t_col[8];
 #pragma unroll
-    for (int j = 0; j < 8; ++j) t_col[j] = mx::key_scale_exponent(mx::column_key(acc, j));
+    for (int j = 0; j < 8; ++j)
+      t_col[j] = fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j)));
     // Scales: lane (cg, chunk) writes column cg*8 + chunk.
     int t_mine = t_col[0];
 #pragma unroll

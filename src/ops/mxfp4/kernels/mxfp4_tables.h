@@ -369,20 +369,6 @@ FP8FLOW_HD float key_to_amax(uint32_t key) {
   return fmt::mul_pow2((l - 2 * g) ? 1.5f : 1.0f, g);
 }
 
-// fmt::scale_exponent(key_to_amax(key)) without branches (the transposed kernel's column scales;
-// its eight calls per thread were a third of the kernel's instructions). A key stands for
-// (1 or 1.5) * 2^g, g = floor((key - kKeyOffset) / 2): scale_exponent of that is g - 8 (no
-// significand above 1.75), clamped to the E8M0 range, with g capped at 128 (where the value
-// overflows to Inf, whose exponent field reads as 128); keys whose value is subnormal or zero
-// clamp to kMinScaleExp like the no-key 0. Equal for every key in [0, 1024) (mxfp4_tables_test).
-FP8FLOW_HD int key_scale_exponent(uint32_t key) {
-  const int g = (static_cast<int>(key) - static_cast<int>(E2m1Key::kKeyOffset)) >> 1;  // floor
-  const int e = (g < 128 ? g : 128) - fmt::kE4M3MaxExp;
-  const int c =
-      e < fmt::kMinScaleExp ? fmt::kMinScaleExp : (e > fmt::kMaxScaleExp ? fmt::kMaxScaleExp : e);
-  return key == E2m1Key::kNoKey ? fmt::kMinScaleExp : c;
-}
-
 // ---------------------------------------------------------------------------------------------
 // Block steps shared by the kernels and by the CPU tests that emulate them (the kernels add only
 // indexing, shuffles and memory traffic).
