@@ -124,24 +124,10 @@ void check_transposed(const HostScaled& y, std::vector<int64_t> groups, const st
 
 TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   FP8FLOW_REQUIRE_GPU();
-  struct Case {
-    int64_t M, K;
-    std::vector<int64_t> groups;
-  };
-  const std::vector<Case> cases = {
-      {510, 256, {0, 128, 5, 300, 0, 77}},  // unaligned group offsets: byte stores
-      {512, 384, {128, 256, 64, 64}},       // 16-aligned: vector stores, partial tiles
-      {512, 256, {}},                       // one group, full tiles
-      {1, 128, {}},                         // one token
-      {200, 128, {200}},                    // all in one group, partial last tile
-      {131, 256, {0, 0, 131, 0}},           // empty groups around
-      {64, 128, {1, 1, 1, 61}},             // tiny groups
-      {1024, 1024, {}},
-      {333, 7168, {100, 0, 233}},
-  };
+  const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/false);
   uint64_t seed = 40;
   for (size_t ci = 0; ci < cases.size(); ++ci) {
-    const Case& c = cases[ci];
+    const TransposedCase& c = cases[ci];
     for (Fill f : kFills)
       check_transposed(mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K), c.groups,
                        label("from values", c.M, c.K, int(ci * 10) + int(f)));

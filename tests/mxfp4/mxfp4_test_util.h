@@ -53,6 +53,31 @@ inline HostScaled mx_from_values(const std::vector<float>& x, int64_t M, int64_t
   return h;
 }
 
+// Shapes and column groups of the transposed-conversion tests (mxfp4_to_fp8_transposed): the GPU
+// test runs them all, the CPU emulation only those marked `emu` (one CPU thread per CUDA thread).
+struct TransposedCase {
+  int64_t M, K;
+  std::vector<int64_t> groups;
+  bool emu;
+};
+inline std::vector<TransposedCase> transposed_cases(bool emu_only) {
+  const std::vector<TransposedCase> all = {
+      {510, 256, {0, 128, 5, 300, 0, 77}, true},  // unaligned group offsets: byte stores
+      {512, 384, {128, 256, 64, 64}, true},       // 16-aligned: vector stores, partial tiles
+      {512, 256, {}, false},                      // one group, full tiles
+      {1, 128, {}, true},                         // one token
+      {200, 128, {200}, true},                    // all in one group, partial last tile
+      {131, 256, {0, 0, 131, 0}, true},           // empty groups around
+      {64, 128, {1, 1, 1, 61}, true},             // tiny groups
+      {1024, 1024, {}, false},
+      {333, 7168, {100, 0, 233}, false},
+  };
+  std::vector<TransposedCase> out;
+  for (const TransposedCase& c : all)
+    if (c.emu || !emu_only) out.push_back(c);
+  return out;
+}
+
 // Raw random MXFP4: uniform nibbles; scale bytes uniform in [lo, hi], with a fraction of zero
 // blocks (scale kept) and of NaN blocks (0xFF).
 inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,

@@ -60,20 +60,9 @@ TEST(Emu, Fp8ToMxfp4AndBack) {
 }
 
 TEST(Emu, Mxfp4ToFp8Transposed) {
-  struct Case {
-    int64_t M, K;
-    std::vector<int64_t> groups;
-  };
-  const std::vector<Case> cases = {
-      {510, 256, {0, 128, 5, 300, 0, 77}},  // unaligned group offsets: byte stores
-      {512, 384, {128, 256, 64, 64}},       // 16-aligned: vector stores, partial tiles
-      {1, 128, {}},                         // one token
-      {200, 128, {200}},                    // one group, partial last tile
-      {131, 256, {0, 0, 131, 0}},           // empty groups around
-      {64, 128, {1, 1, 1, 61}},             // tiny groups
-  };
+  const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/true);
   uint64_t seed = 200;
-  for (const Case& c : cases) {
+  for (const TransposedCase& c : cases) {
     std::vector<std::pair<std::string, HostScaled>> ins;
     for (Fill f : kFillsEmu)
       ins.emplace_back("values fill " + std::to_string(int(f)),
