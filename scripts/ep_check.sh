@@ -5,7 +5,7 @@
 #   2. sanitizer  compute-sanitizer memcheck + racecheck on DispatchGpu.* (NCCL's own API probes
 #                 are not reported; hazards inside cuBLASLt's nvjet kernels and NCCL's own
 #                 ncclDevKernel_* kernels (their flag-based shared-memory protocol) are ignored)
-#   3. bench      fp8flow-bench comm --gpus N; layer --ep N, with and without --ep-dedup
+#   3. bench      fp8flow-bench comm --gpus N; layer --ep N, dedup (default) and --ep-record
 # Usage: scripts/ep_check.sh [BIN_DIR]   BIN_DIR holds fp8flow_tests and fp8flow-bench (default:
 # build/tests and build/tools of a default-preset build). Exit status: 0 when every step passed.
 set -uo pipefail
@@ -43,8 +43,8 @@ if [ "$ngpu" -ge 2 ]; then
   step comm 120 "$B" comm --gpus "$ngpu" --json "$OUT/ep/comm.json"
   grep -E "^dispatch|^combine|^nccl-a2a" "$OUT/ep/comm.log" | head -30
   step layer_ep 180 "$B" layer --ep "$ngpu" --json "$OUT/ep/layer_ep.json"
-  step layer_ep_dedup 180 "$B" layer --ep "$ngpu" --ep-dedup --json "$OUT/ep/layer_ep_dedup.json"
-  for f in layer_ep layer_ep_dedup; do
+  step layer_ep_record 180 "$B" layer --ep "$ngpu" --ep-record --json "$OUT/ep/layer_ep_record.json"
+  for f in layer_ep layer_ep_record; do
     echo "-- $f"
     sed -n '/^recipe/,/^#/p' "$OUT/ep/$f.log" | head -6
   done

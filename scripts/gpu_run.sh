@@ -7,9 +7,9 @@
 #   5. racecheck  compute-sanitizer --tool racecheck on the *Gpu* tests     -> $OUT/racecheck.log
 #   6. formats    scripts/check_formats_torch.py vs torch / ml_dtypes        -> $OUT/check_formats.log
 #   7. bench      fp8flow-bench ops --json $OUT/bench_ops.json              -> $OUT/bench_ops.txt
-#                 with >= 2 GPUs also fp8flow-bench comm --gpus N and layer --ep N, with and
-#                 without --ep-dedup (thread per GPU)
-#                 -> $OUT/bench_comm.txt, $OUT/bench_layer_ep.txt, $OUT/bench_layer_ep_dedup.txt
+#                 with >= 2 GPUs also fp8flow-bench comm --gpus N and layer --ep N, dedup
+#                 (default) and --ep-record (thread per GPU)
+#                 -> $OUT/bench_comm.txt, $OUT/bench_layer_ep.txt, $OUT/bench_layer_ep_record.txt
 # (The device tool returns at most 8 files from $OUT: tar the folder at the end of the call.)
 # A failing step is recorded and the next one still runs (steps that need the build are skipped
 # when it failed), so one run yields everything; a summary of every step (status, time, log tail)
@@ -194,8 +194,8 @@ if ((do_bench)) && need_build bench; then
       --json "$OUT/bench_comm.json" || true
     run_step layer_ep "$OUT/bench_layer_ep.txt" build/tools/fp8flow-bench layer --ep "$ngpu" \
       --json "$OUT/bench_layer_ep.json" || true
-    run_step layer_ep_dedup "$OUT/bench_layer_ep_dedup.txt" build/tools/fp8flow-bench layer \
-      --ep "$ngpu" --ep-dedup --json "$OUT/bench_layer_ep_dedup.json" || true
+    run_step layer_ep_record "$OUT/bench_layer_ep_record.txt" build/tools/fp8flow-bench layer \
+      --ep "$ngpu" --ep-record --json "$OUT/bench_layer_ep_record.json" || true
   fi
 fi
 

@@ -152,9 +152,12 @@ struct MoEConfig {
   // EP dispatches (x forward, dy backward) send one record per (token, destination rank) and
   // expand it there (dispatch_dedup) instead of one per routed pair; results are bit-identical.
   // Costs per forward: a device-to-host copy of topk_idx before the step's one host sync, N more
-  // values in the counts all_gather, and the host plan (make_dedup_plan); the backward reuses the
-  // plan. Off until measured on GPUs.
-  bool ep_dedup = false;
+  // values in the counts all_gather, the plan's sizes on the host (make_dedup_plan_sizes) and its
+  // words on the device (build_dedup_plan; the host make_dedup_plan above kDedupBuildMaxRanks
+  // ranks); the backward reuses the plan. On by default (measured: at EP2 every recipe's step 0.3-6% faster, at EP4 even with the
+  // host-built plan; bench/RESULTS.md); false: one record per routed pair. Ignored without a
+  // communicator.
+  bool ep_dedup = true;
   // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
   // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.
   bool debug_no_scratch_reuse = false;

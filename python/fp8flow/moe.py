@@ -63,8 +63,9 @@ Expert parallelism (process_group=pg with pg.size() = N > 1; include/fp8flow/moe
   of T, a host sync); pass max_tokens (the per-rank T bound, equal on all ranks) to avoid it.
   ep_max_recv_rows bounds the rows one rank may receive (memory; None/0: the C++ worst case,
   N * max_tokens * min(top_k, E_l)); a forward that would exceed it raises on every rank.
-  ep_dedup=True dispatches one record per (token, destination rank) instead of one per routed
-  pair (MoEConfig::ep_dedup; bit-identical results, fewer bytes on the wire).
+  ep_dedup (None: on with expert parallelism, MoEConfig's default) dispatches one record per
+  (token, destination rank) instead of one per routed pair (MoEConfig::ep_dedup; bit-identical
+  results, fewer bytes on the wire); False: one record per routed pair.
   expert_parallel=True builds the EP layer even on a 1-rank group (reproduces the EP transport,
   e.g. fp8-flow-mxfp4's MXFP4 dispatch, on one GPU); False keeps every expert on every rank.
   Needs CUDA parameters and a libfp8flow.a with NCCL (fp8flow.distributed.comm_available()).
@@ -175,7 +176,7 @@ class MoE(nn.Module):
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
                  process_group=None, expert_parallel=None, ep_max_recv_rows=None,
-                 ep_dedup=False):
+                 ep_dedup=None):
         super().__init__()
         self.hidden, self.ffn = int(hidden), int(ffn)
         self.experts, self.top_k = int(experts), int(top_k)
@@ -216,7 +217,7 @@ class MoE(nn.Module):
         elif expert_parallel:
             raise ValueError("fp8flow.MoE: expert_parallel=True needs a process_group")
         self.ep_max_recv_rows = int(ep_max_recv_rows or 0)
-        self.ep_dedup = bool(ep_dedup)
+        self.ep_dedup = self._ep if ep_dedup is None else bool(ep_dedup)
         if self.ep_dedup and not self._ep:
             raise ValueError("fp8flow.MoE: ep_dedup=True needs expert parallelism (a process_group "
                              "of more than one rank, or expert_parallel=True)")

@@ -128,7 +128,8 @@ def _ep_worker(rank, world, store, out):
         # 1-rank groups (every rank creates every group, in the same order): the mxfp4 reference.
         singles = [dist.new_group([r]) for r in range(world)]
 
-        ep = fp8flow.MoE(H, F, E, K, device=dev, process_group=dist.group.WORLD)
+        # The record path (one record per routed pair); the default is the token-dedup dispatch.
+        ep = fp8flow.MoE(H, F, E, K, device=dev, process_group=dist.group.WORLD, ep_dedup=False)
         if (tuple(ep.w1.shape), tuple(ep.w2.shape), tuple(ep.gate_weight.shape)) != (
                 (El * 2 * F, H), (El * H, F), (E, H)):
             failures.append(f"EP shapes {ep.w1.shape} {ep.w2.shape} {ep.gate_weight.shape}")
@@ -142,8 +143,9 @@ def _ep_worker(rank, world, store, out):
                            expert_parallel=True)
         _load(ref1, p["gate"], p["w1"], p["w2"])
 
-        # The same EP layer with the token-dedup dispatch: every output bit-identical to ep's.
-        epd = fp8flow.MoE(H, F, E, K, device=dev, process_group=dist.group.WORLD, ep_dedup=True)
+        # The same EP layer with the token-dedup dispatch (the default): every output
+        # bit-identical to ep's.
+        epd = fp8flow.MoE(H, F, E, K, device=dev, process_group=dist.group.WORLD)
         _load(epd, p["gate"], w1_local, w2_local)
 
         names = ("y", "dx", "dw1", "dw2")
@@ -155,8 +157,9 @@ def _ep_worker(rank, world, store, out):
             for n, a, b in zip(names + ("dgate",), dd, got):
                 if not _bitwise(a, b):
                     failures.append(f"{recipe}: ep_dedup {n} differs from the record path")
-            if not epd._layer.ep_dedup():
-                failures.append(f"{recipe}: ep_dedup not set in the C++ layer")
+            if not epd._layer.ep_dedup() or ep._layer.ep_dedup():
+                failures.append(f"{recipe}: ep_dedup: expected on by default and off on request, "
+                                f"got {epd._layer.ep_dedup()} / {ep._layer.ep_dedup()}")
             dist.all_reduce(got[4], group=dist.group.WORLD)  # dgate: sum over the ranks
             full = _run(ref, x, dy)
             # The reference's rows/slices of this rank.
@@ -240,6 +243,7 @@ def test_ep_arguments():
         fp8flow.MoE(256, 256, 4, 2, expert_parallel=True)
     with pytest.raises(ValueError, match="ep_dedup=True needs expert parallelism"):
         fp8flow.MoE(256, 256, 4, 2, ep_dedup=True)
+    assert fp8flow.MoE(256, 256, 4, 2).ep_dedup is False  # the default is on with EP only
     # A real single-process group (gloo) of size 1 is the plain layer: every expert, no comm.
     own = not dist.is_initialized()
     if own:

@@ -640,7 +640,6 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Communicator* comm
            cat(comm->backend(), " on ", to_string(comm->device())));
   } else {
     c.that(cfg.ep_size == 1, "cfg.ep_size", "1 without a communicator", cat(cfg.ep_size));
-    c.that(!cfg.ep_dedup, "cfg.ep_dedup", "false without a communicator (no dispatch)", "true");
   }
   check_config(c, cfg);
   check_weights(c, cfg, w);

@@ -205,13 +205,6 @@ TEST(EpLayer, BadConstruction) {
   // ep_size without a communicator.
   expect_error([&] { MoELayer l(config(p, Recipe::Fp8Flow, 2, 64), half); },
                ErrorKind::InvalidArgument, "cfg.ep_size");
-  // ep_dedup without a communicator.
-  {
-    MoEConfig c = config(p, Recipe::Fp8Flow, 1, 64);
-    c.ep_dedup = true;
-    const MoEWeights all{g.gate.v, {}, g.w1.v, g.w2.v};
-    expect_error([&] { MoELayer l(c, all); }, ErrorKind::InvalidArgument, "cfg.ep_dedup");
-  }
   // ep_size not the communicator's size.
   expect_error(
       [&] {

@@ -26,7 +26,7 @@ struct Options {
   std::string routing;             // --routing balanced|skewed (layer)
   int gpus = 0;                    // --gpus N (comm: ranks, one thread per GPU; 0 = all visible)
   int ep = 0;                      // --ep N (layer: expert-parallel ranks; 0/1 = one GPU)
-  bool ep_dedup = false;           // --ep-dedup (layer: MoEConfig::ep_dedup)
+  bool ep_dedup = true;            // layer: MoEConfig::ep_dedup (--ep-record: false)
   int gemm_algos = 0;              // --gemm-algos N (ops: FP8 GEMMs also with cuBLASLt algo 1..N-1)
   std::vector<std::string> extra;  // arguments left for the subcommand (after --)
 };

@@ -246,7 +246,7 @@ struct LayerRun {
   bool gpu = false;
   int reps = 10, warmup = 3;
   int ep = 1;             // ranks (1: the single-GPU layer, no communicator)
-  bool ep_dedup = false;  // MoEConfig::ep_dedup (--ep-dedup)
+  bool ep_dedup = true;   // MoEConfig::ep_dedup (--ep-record: false)
   LayerShape shape;       // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
@@ -620,8 +620,8 @@ void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors
         "# received per rank (local experts); load is over all %lld experts. Dispatch: %s.\n",
         L.ep, static_cast<long long>(T), static_cast<long long>(E),
         static_cast<long long>(E * L.ep), static_cast<long long>(E * L.ep),
-        L.ep_dedup ? "dedup, one record per (token, rank) (--ep-dedup)"
-                   : "one record per routed pair (--ep-dedup: one per (token, rank))");
+        L.ep_dedup ? "dedup, one record per (token, rank) (--ep-record: one per routed pair)"
+                   : "one record per routed pair (--ep-record)");
   std::printf(
       "# %s: T %lld tokens, H %lld, F %lld, E %lld, top-%lld (%lld routed rows); %s; %s.\n"
       "# %s times: median of %d steps after %d warm-up steps (%s). step = forward + backward;\n"

@@ -52,8 +52,9 @@ void usage(FILE* f) {
       "                     weak scaling); times are the slowest rank's. Under mpirun the\n"
       "                     ranks are mpirun's (mpirun -np N fp8flow-bench layer). Without a\n"
       "                     GPU: N simulated ranks on the CPU (tiny shape). --ep 1: one GPU\n"
-      "  --ep-dedup         layer with EP: dispatch one record per (token, rank), expanded on\n"
-      "                     the expert side (MoEConfig::ep_dedup; same results)\n"
+      "  --ep-record        layer with EP: dispatch one record per routed pair instead of\n"
+      "                     one per (token, rank) expanded on the expert side (the default,\n"
+      "                     MoEConfig::ep_dedup, --ep-dedup; same results)\n"
       "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
       "                     under mpirun one process per GPU instead (mpirun -np N ...)\n"
       "  -h, --help         this help\n"
@@ -121,6 +122,8 @@ int main(int argc, char** argv) {
       opt.ep = static_cast<int>(int_value("--ep", 1));
     else if (a == "--ep-dedup")
       opt.ep_dedup = true;
+    else if (a == "--ep-record")
+      opt.ep_dedup = false;
     else if (a == "--gemm-algos")
       opt.gemm_algos = static_cast<int>(int_value("--gemm-algos", 1));
     else if (a == "--only")
