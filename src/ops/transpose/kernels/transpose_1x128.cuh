@@ -271,8 +271,8 @@ __global__ void __launch_bounds__(kTransposeThreads,
   for (int pair = static_cast<int>(blockIdx.x); pair < total;
        pair += static_cast<int>(gridDim.x), ++it) {
     const uint32_t* s_tile = s_tiles[it & 1];
-    int tile_unused, kb;
-    split(pair, tile_unused, kb);
+    int tile, kb;
+    split(pair, tile, kb);
     const int k0 = kb * 128;
     const int32_t m0 = m0_next, w = w_next;
     const float scale = scale_next;
