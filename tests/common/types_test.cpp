@@ -53,6 +53,18 @@ TEST(Types, GroupTilesNeverSpanGroups) {
   one.tile_cols(2, c0, w);
   EXPECT_EQ(c0, 256);
   EXPECT_EQ(w, 44);
+  // The persistent kernels' walking lookup equals tile_cols along every nondecreasing visit
+  // order with strides 1..7 from every start (empty groups skipped; first call a binary search).
+  for (int stride = 1; stride <= 7; ++stride)
+    for (int32_t start = 0; start < g.total_tiles; ++start) {
+      int cursor = -1;
+      for (int32_t t = start; t < g.total_tiles; t += stride) {
+        int32_t wc0, ww;
+        g.tile_cols_walk(t, cursor, wc0, ww);
+        EXPECT_EQ(wc0, want_c0[t]) << "stride " << stride << " start " << start << " tile " << t;
+        EXPECT_EQ(ww, want_w[t]) << "stride " << stride << " start " << start << " tile " << t;
+      }
+    }
 }
 
 // Runs f, expects fp8flow::Error of `kind` whose message contains every fragment.

@@ -239,13 +239,13 @@ __global__ void __launch_bounds__(kTransposeThreads,
   }
 
   // 1. Tile `pair` into buffer b: 1024 chunks of 16 bytes, 4 per thread, swizzled; missing rows
-  // zero-filled; one cp.async group (empty past the end). Its row scale goes to `scale`.
-  auto prefetch = [&](int pair, int b, float& scale) {
+  // zero-filled; one cp.async group (empty past the end). Its row scale goes to `scale`, its
+  // token range to (m0, w); g: the group cursor (pairs come in nondecreasing tile order).
+  auto prefetch = [&](int pair, int b, float& scale, int& g, int32_t& m0, int32_t& w) {
     if (pair < total) {
       int tl, kb;
       split(pair, tl, kb);
-      int32_t m0, w;
-      groups.tile_cols(tl, m0, w);
+      groups.tile_cols_walk(tl, g, m0, w);
       const uint8_t* src = in + static_cast<int64_t>(m0) * K + kb * 128;
 #pragma unroll
       for (int i = 0; i < 4; ++i) {
@@ -264,7 +264,9 @@ __global__ void __launch_bounds__(kTransposeThreads,
   // is computed (double-buffered tile).
   uint32_t changed = 0;
   float scale_next = 0.0f;
-  prefetch(static_cast<int>(blockIdx.x), 0, scale_next);
+  int g_next = -1;
+  int32_t m0_next = 0, w_next = 0;
+  prefetch(static_cast<int>(blockIdx.x), 0, scale_next, g_next, m0_next, w_next);
   int it = 0;
   for (int pair = static_cast<int>(blockIdx.x); pair < total;
        pair += static_cast<int>(gridDim.x), ++it) {
@@ -272,11 +274,10 @@ __global__ void __launch_bounds__(kTransposeThreads,
     int tile, kb;
     split(pair, tile, kb);
     const int k0 = kb * 128;
-    int32_t m0, w;
-    groups.tile_cols(tile, m0, w);
+    const int32_t m0 = m0_next, w = w_next;
     const float scale = scale_next;
     scale_next = 0.0f;
-    prefetch(pair + static_cast<int>(gridDim.x), (it & 1) ^ 1, scale_next);
+    prefetch(pair + static_cast<int>(gridDim.x), (it & 1) ^ 1, scale_next, g_next, m0_next, w_next);
 
     // 2. Row exponents (overlapping the copies) and the tile's max.
     if (tid < 128) {
