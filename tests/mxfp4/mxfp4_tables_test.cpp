@@ -4,6 +4,7 @@
 // (all scale exponents, NaN/zero blocks, subnormal scales). The GPU tests then only have the
 // plumbing left.
 #include <algorithm>
+#include <cmath>
 #include <cstring>
 #include <random>
 
@@ -145,28 +146,70 @@ TEST(Mxfp4Tables, E2m1ToE4m3MatchesFmtEverywhere) {
         const uint8_t c = static_cast<uint8_t>((nib4 >> (4 * i)) & 0xF);
         const uint8_t want = fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(c), d));
         ASSERT_EQ((got >> (8 * i)) & 0xFF, want) << "D " << d << " code " << int(c);
-        const int srow = d < mx::E2m1ToE4m3::kSignedMin ? mx::E2m1ToE4m3::kZeroRow
-                                                        : d - mx::E2m1ToE4m3::kSignedMin;
-        ASSERT_EQ(tab.signed_code[srow][c], want);
       }
     }
   }
 }
 
-// The transposed kernel's one-clamp index: every D gives fmt's code for nonzero codes with
-// D <= kShiftMax (the only ones that occur) and for zero codes with any D.
-TEST(Mxfp4Tables, SignedCodeIndexCoversEveryShift) {
-  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
-  for (int t : {-127, -3, 0, 60, 127})
-    for (int d = -300; d <= 300; ++d)
-      for (uint32_t nib = 0; nib < 16; ++nib) {
-        if ((nib & 7) != 0 && d > mx::E2m1ToE4m3::kShiftMax) continue;
-        const uint32_t idx = mx::signed_code_index(mx::signed_code_a16(d + t), t * 16, nib);
-        ASSERT_LT(idx, sizeof(tab.signed_code));
-        const uint8_t want =
-            fmt::e4m3_from_f32(fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(nib)), d));
-        ASSERT_EQ((&tab.signed_code[0][0])[idx], want) << "D " << d << " code " << nib;
+// The transposed kernel's FP16 element step: every code, in either lane of a column pair and
+// either pair of a word, at every block exponent X of the fast path and every column exponent T
+// under which the element can occur (a column scale made from a maximum that includes it: nonzero
+// elements need e2m1(c) 2^(X - T) <= 448; zeros occur under any T), against fmt: the code of
+// e4m3(e2m1(c) 2^X 2^-T). The neighbours are random occurring elements.
+TEST(Mxfp4Tables, F16PairStepMatchesFmtEverywhere) {
+  std::mt19937 rng(9);
+  auto want_code = [](uint32_t c, int x, int t) {
+    const float v = fmt::e2m1_to_f32(static_cast<uint8_t>(c)) * fmt::exp2i(x);
+    return static_cast<uint32_t>(fmt::e4m3_from_f32(fmt::mul_pow2(v, -t)));
+  };
+  auto occurs = [](uint32_t c, int x, int t) {
+    return (c & 7) == 0 ||
+           std::fabs(fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)), x - t)) <= 448.0f;
+  };
+  int64_t checked = 0;
+  for (int x = fmt::kMinScaleExp; x <= mx::E2m1ToE4m3::kMaxExactX; ++x)
+    for (int t = fmt::kMinScaleExp; t <= fmt::kMaxScaleExp; ++t)
+      for (uint32_t c = 0; c < 16; ++c) {
+        if (!occurs(c, x, t)) continue;
+        const int lane = static_cast<int>(rng() % 2), p = static_cast<int>(rng() % 4);
+        // The other lane: a random column exponent and an occurring code under it.
+        const int t2 = fmt::kMinScaleExp + static_cast<int>(rng() % 255);
+        uint32_t c2 = static_cast<uint32_t>(rng() % 16);
+        while (!occurs(c2, x, t2)) c2 = static_cast<uint32_t>(rng() % 16);
+        // The token's word: random codes, c and c2 in columns 2p + lane and 2p + 1 - lane.
+        uint32_t w = static_cast<uint32_t>(rng());
+        const int ja = 2 * p + lane, jb = 2 * p + 1 - lane;
+        w = (w & ~(0xFu << (4 * ja))) | (c << (4 * ja));
+        w = (w & ~(0xFu << (4 * jb))) | (c2 << (4 * jb));
+        uint32_t h[2];
+        mx::e2m1x8_to_f16hi(w, h);
+        const int t_lo = lane == 0 ? t : t2, t_hi = lane == 0 ? t2 : t;
+        const uint32_t got = mx::f16hi_pair_to_e4m3x2(h[p / 2], p, mx::f16_token_exp(x),
+                                                       mx::f16_column_exps(t_lo, t_hi));
+        ASSERT_EQ(got >> 16, 0u);
+        ASSERT_EQ((got >> (8 * lane)) & 0xFFu, want_code(c, x, t))
+            << "code " << c << " X " << x << " T " << t << " lane " << lane << " pair " << p;
+        ASSERT_EQ((got >> (8 * (1 - lane))) & 0xFFu, want_code(c2, x, t2))
+            << "code " << c2 << " X " << x << " T " << t2;
+        ++checked;
       }
+  EXPECT_GT(checked, 500000);
+}
+
+// The host models of the two FP16 instructions the step uses, on cases with known answers:
+// subnormal products and their ties, overflow, signed zeros, and the E4M3 conversion's rounding,
+// subnormals and saturation.
+TEST(Mxfp4Tables, F16InstructionModels) {
+  auto h2 = [](uint32_t lo, uint32_t hi) { return lo | (hi << 16); };
+  EXPECT_EQ(mx::hmul2_rn(h2(0x3C00, 0x4000), h2(0x3C00, 0x4200)), h2(0x3C00, 0x4600));  // 1*1, 2*3
+  EXPECT_EQ(mx::hmul2_rn(h2(0x0400, 0x0400), h2(0x1400, 0x1000)), h2(0x0001, 0x0000));  // 2^-24; 2^-25 ties to 0
+  EXPECT_EQ(mx::hmul2_rn(h2(0x0600, 0xB800), h2(0x1400, 0x0000)), h2(0x0002, 0x8000));  // 1.5*2^-24 -> 2^-23; -0.5*0
+  EXPECT_EQ(mx::hmul2_rn(h2(0x7800, 0x3C00), h2(0x7800, 0x7C00)), h2(0x7C00, 0x7C00));  // overflow; Inf
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x3C00, 0xC600)), 0xCC38u);  // 1 -> 0x38, -6 -> 0xCC
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x1800, 0x1C00)), 0x0201u);  // 2^-9 -> 0x01, 2^-8 -> 0x02
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x1A00, 0x9400)), 0x8002u);  // 1.5*2^-9 ties to 0x02; -2^-10 to -0
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x5FD0, 0xFC00)), 0xFE7Eu);  // 500 -> 448; -Inf -> -448
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x7E00, 0x8000)), 0x807Fu);  // NaN -> 0x7F; -0 -> 0x80
 }
 
 TEST(Mxfp4Tables, KeysOrderValuesExactly) {
@@ -185,6 +228,9 @@ TEST(Mxfp4Tables, KeysOrderValuesExactly) {
       (void)prev;
     }
   EXPECT_EQ(mx::key_to_amax(mx::E2m1Key::kNoKey), 0.f);
+  // The kernel's branch-free column scale, for every key up to 1023.
+  for (uint32_t key = 0; key < 1024; ++key)
+    ASSERT_EQ(mx::key_scale_exponent(key), fmt::scale_exponent(mx::key_to_amax(key))) << key;
   EXPECT_EQ(k.lo & 0xFF, 0u);  // c = 0 has no key
 }
 
@@ -322,7 +368,6 @@ TEST(Mxfp4Tables, Mxfp4ToFp8BlockLogicMatchesReference) {
 }
 
 TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
-  const mx::E2m1ToE4m3 tab = mx::make_e2m1_to_e4m3();
   const mx::E2m1Key keys = mx::make_e2m1_key();
   std::mt19937 rng(5);
   for (int rep = 0; rep < 300; ++rep) {
@@ -344,7 +389,7 @@ TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
     for (int g = 0; g < 16; ++g) {  // 8-column groups, as one kernel thread sees them
       uint32_t acc[4] = {0, 0, 0, 0};
       std::vector<uint32_t> word(w);
-      std::vector<int> a16(w);
+      std::vector<uint32_t> xb(w);
       std::vector<bool> nan(w);
       for (int m = 0; m < w; ++m) {
         const uint8_t sb = y.scale.buf[m * 4 + g / 4];
@@ -352,17 +397,25 @@ TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
         std::memcpy(&word[m], y.data.buf.data() + m * 64 + g * 4, 4);
         if (nan[m]) word[m] = 0;
         const int x = fmt::e8m0_exponent(sb);
-        a16[m] = mx::signed_code_a16(x);
+        xb[m] = mx::f16_token_exp(x);
         const uint32_t base2 = mx::e2m1_key_base(x) * 0x00010001u;
         mx::key_accumulate(word[m], base2, keys.lo, keys.hi, acc);
       }
+      int t[8];
       for (int j = 0; j < 8; ++j) {
-        const int k = g * 8 + j;
-        const int t = fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j)));
-        ASSERT_EQ(fmt::exp2i(t), want.scale.ptr<float>()[k]) << "rep " << rep << " column " << k;
+        t[j] = mx::key_scale_exponent(mx::column_key(acc, j));
+        ASSERT_EQ(t[j], fmt::scale_exponent(mx::key_to_amax(mx::column_key(acc, j))));
+        ASSERT_EQ(fmt::exp2i(t[j]), want.scale.ptr<float>()[g * 8 + j])
+            << "rep " << rep << " column " << g * 8 + j;
+      }
+      for (int j = 0; j < 8; ++j) {
+        const int k = g * 8 + j, p = j / 2;
+        const uint32_t nt = mx::f16_column_exps(t[2 * p], t[2 * p + 1]);
         for (int m = 0; m < w; ++m) {
-          const uint32_t idx = mx::signed_code_index(a16[m], t * 16, (word[m] >> (4 * j)) & 0xF);
-          const uint8_t code = nan[m] ? 0x7F : (&tab.signed_code[0][0])[idx];
+          uint32_t h[2];
+          mx::e2m1x8_to_f16hi(word[m], h);
+          const uint32_t pair = mx::f16hi_pair_to_e4m3x2(h[p / 2], p, xb[m], nt);
+          const uint8_t code = nan[m] ? 0x7F : static_cast<uint8_t>(pair >> (8 * (j & 1)));
           ASSERT_EQ(code, want.data.buf[k * w + m])
               << "rep " << rep << " column " << k << " token " << m;
         }

@@ -123,9 +123,6 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   p.M = static_cast<uint32_t>(M);
   p.K = static_cast<uint32_t>(K);
   p.key = mx::make_e2m1_key();
-  const mx::E2m1ToE4m3& tab = e2m1_to_e4m3_table();
-  for (int r = 0; r <= mx::E2m1ToE4m3::kZeroRow; ++r)
-    for (int c = 0; c < 16; ++c) p.signed_code[r][c] = tab.signed_code[r][c];
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;
   const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles), static_cast<uint32_t>(K / 128));

@@ -10,6 +10,7 @@
 #pragma once
 
 #include <algorithm>
+#include <cmath>
 #include <cstdint>
 
 #include "common/byte_perm.h"
@@ -75,6 +76,57 @@ FP8FLOW_HD uint32_t vaddmin_relu_s16x2(uint32_t a, uint32_t b, uint32_t c) {
     const int32_t m =
         std::max(std::min(sum, static_cast<int32_t>(static_cast<int16_t>(c >> s))), 0);
     r |= (static_cast<uint32_t>(m) & 0xFFFFu) << s;
+  }
+  return r;
+#endif
+}
+
+// FP16x2 lane-wise product, round to nearest even, subnormals kept (mul.rn.f16x2). The host
+// version decodes both lanes, multiplies exactly (an FP16 x FP16 product fits an FP32) and rounds
+// to FP16 with fmt's encoder (overflow to Inf, NaN canonical).
+FP8FLOW_HD uint32_t hmul2_rn(uint32_t a, uint32_t b) {
+#if defined(__CUDA_ARCH__)
+  uint32_t r;
+  asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
+  return r;
+#else
+  auto dec = [](uint32_t h) {
+    const uint32_t m = h & 0x7FFFu;
+    float v = m >= 0x7C00u ? (m == 0x7C00u ? INFINITY : NAN)
+                           : fmt::decode_minifloat<5, 10, 15>(m);
+    return (h & 0x8000u) ? -v : v;
+  };
+  uint32_t r = 0;
+  for (int s = 0; s < 32; s += 16) {
+    const float p = dec((a >> s) & 0xFFFFu) * dec((b >> s) & 0xFFFFu);
+    const uint32_t u = fmt::f32_bits(p), abs = u & 0x7FFFFFFFu;
+    uint32_t h = abs > 0x7F800000u   ? 0x7E00u
+                 : abs == 0x7F800000u ? 0x7C00u
+                                      : fmt::encode_magnitude_rne<5, 10, 15>(abs);
+    if (h > 0x7C00u && abs <= 0x7F800000u) h = 0x7C00u;  // overflow rounds to Inf
+    r |= (h | ((u >> 16) & 0x8000u)) << s;
+  }
+  return r;
+#endif
+}
+
+// FP16x2 -> two E4M3 codes (byte 0 from the low lane), round to nearest even, finite values
+// saturated to +-448, NaN to 0x7F (cvt.rn.satfinite.e4m3x2.f16x2).
+FP8FLOW_HD uint32_t f16x2_to_e4m3x2(uint32_t a) {
+#if defined(__CUDA_ARCH__)
+  uint16_t r;
+  asm("cvt.rn.satfinite.e4m3x2.f16x2 %0, %1;" : "=h"(r) : "r"(a));
+  return r;
+#else
+  uint32_t r = 0;
+  for (int s = 0; s < 2; ++s) {
+    const uint32_t h = (a >> (16 * s)) & 0xFFFFu, m = h & 0x7FFFu;
+    const uint32_t sign = (h >> 8) & 0x80u;
+    const uint32_t c = m > 0x7C00u    ? 0x7Fu
+                       : m == 0x7C00u ? (sign | 0x7Eu)
+                                      : fmt::e4m3_from_f32(sign ? -fmt::decode_minifloat<5, 10, 15>(m)
+                                                                : fmt::decode_minifloat<5, 10, 15>(m));
+    r |= c << (8 * s);
   }
   return r;
 #endif
@@ -295,25 +347,16 @@ struct E2m1ToE4m3 {
   static constexpr int kMaxExactX = 125;
   // code[D - kShiftMin][i]: bytes 4i..4i+3 = H(c, D) for magnitudes c = 4i..4i+3 (positive).
   uint32_t code[kShifts][2];
-  // With sign, for all 16 codes (transposed kernel): rows 0..kZeroRow-1 are D = kSignedMin..
-  // kShiftMax; row kZeroRow holds H(c, kShiftMin), the signed zeros every D < kSignedMin gives.
-  // It also serves any D > kShiftMax, which only zero codes can have. So one unsigned min clamps
-  // an index from both sides (signed_code_index).
-  static constexpr int kSignedMin = kShiftMin + 1;
-  static constexpr int kZeroRow = kShiftMax - kSignedMin + 1;
-  uint8_t signed_code[kZeroRow + 1][16];
 };
 
 inline E2m1ToE4m3 make_e2m1_to_e4m3() {
   E2m1ToE4m3 t{};
   for (int d = E2m1ToE4m3::kShiftMin; d <= E2m1ToE4m3::kShiftMax; ++d) {
     const int row = d - E2m1ToE4m3::kShiftMin;
-    const int srow = d < E2m1ToE4m3::kSignedMin ? E2m1ToE4m3::kZeroRow : d - E2m1ToE4m3::kSignedMin;
-    for (uint32_t c = 0; c < 16; ++c) {
+    for (uint32_t c = 0; c < 8; ++c) {
       const float v = fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)), d);
       const uint8_t h = fmt::e4m3_from_f32(v);
-      t.signed_code[srow][c] = h;
-      if (c < 8) t.code[row][c / 4] |= static_cast<uint32_t>(h) << (8 * (c % 4));
+      t.code[row][c / 4] |= static_cast<uint32_t>(h) << (8 * (c % 4));
     }
   }
   return t;
@@ -326,6 +369,50 @@ FP8FLOW_HD uint32_t e2m1x4_to_e4m3x4(uint32_t nib4, uint32_t lo, uint32_t hi) {
   // each selector's bit 0 is the element's sign, and bytes at odd indices of the second table
   // are 0x80.
   return prmt(lo, hi, nib4) | prmt(0x80008000u, 0x80008000u, nib4 >> 3);
+}
+
+// The same conversion through the FP16 unit, for elements that each have their own D (the
+// transposed kernel: D = X_token - T_column). e2m1(c) 2^-6 is a normal FP16 whose low byte is zero
+// (high bytes: kF16Hi*). Times the FP16 2^(D + 6) the product e2m1(c) 2^D is exact for D in
+// [-20, 9] (smallest 2^-21, FP16 subnormals reach 2^-24; largest 6 * 2^9), and the hardware's
+// E4M3 conversion rounds it exactly as fmt does. D < -20 gives the multiplier +0 (the exponent
+// field clamps at 0): e2m1(c) 2^D < 2^-10 rounds to a signed zero either way. D > 9 clamps to
+// 2^15: only zero elements have it under a column scale made from the column's maximum (a nonzero
+// element e2m1(c) 2^X >= 2^(X-1) forces T >= X - 9), and 0 times a finite value is 0.
+constexpr uint32_t kF16HiLo = 0x26242000u;  // c = 0..3: 0, 2^-7, 2^-6, 1.5 * 2^-6
+constexpr uint32_t kF16HiHi = 0x2E2C2A28u;  // c = 4..7: 2^-5, 1.5 * 2^-5, 2^-4, 1.5 * 2^-4
+constexpr uint32_t kF16ExpBias = 21;        // FP16 exponent field of 2^(D + 6) = D + 21
+constexpr uint32_t kF16ExpMax = 30;         // the largest finite FP16 exponent field
+
+// A token's 8 E2M1 codes (nibble j = column j) as the FP16 high bytes of e2m1(c) 2^-6 with the
+// sign: h[0] byte j = column j, h[1] byte j = column 4 + j (one table lookup per 4 codes).
+FP8FLOW_HD void e2m1x8_to_f16hi(uint32_t w, uint32_t h[2]) {
+  const uint32_t m = w & 0x77777777u, ws = w << 4;  // ws: even nibbles' signs at bit 7 of a byte
+  h[0] = prmt(kF16HiLo, kF16HiHi, m) | (prmt(w, ws, 0x1504u) & 0x80808080u);
+  h[1] = prmt(kF16HiLo, kF16HiHi, m >> 16) | (prmt(w, ws, 0x3726u) & 0x80808080u);
+}
+
+// Selector of e2m1x8_to_f16hi's word for the column pair (2p, 2p + 1): FP16 high bytes of the
+// pair in bits 8-15 and 24-31, zero low bytes.
+FP8FLOW_HD uint32_t f16hi_pair_selector(int p) {
+  return (p & 1) ? 0x3424u : 0x1404u;
+}
+
+// The operands of f16hi_pair_to_e4m3x2: X + kF16ExpBias in both 16-bit lanes for a token's block
+// exponent X <= 125, and -T of two columns (lane 0: the first), T in the E8M0 range.
+FP8FLOW_HD uint32_t f16_token_exp(int x) {
+  return (static_cast<uint32_t>(x + static_cast<int>(kF16ExpBias)) & 0xFFFFu) * 0x00010001u;
+}
+FP8FLOW_HD uint32_t f16_column_exps(int t0, int t1) {
+  return (static_cast<uint32_t>(-t0) & 0xFFFFu) | (static_cast<uint32_t>(-t1) << 16);
+}
+
+// The E4M3 codes of a token's elements in columns 2p and 2p + 1 (byte 0 and byte 1): hp is
+// h[p / 2] of e2m1x8_to_f16hi, xb = f16_token_exp(X), nt = f16_column_exps(T_2p, T_2p+1).
+FP8FLOW_HD uint32_t f16hi_pair_to_e4m3x2(uint32_t hp, int p, uint32_t xb, uint32_t nt) {
+  const uint32_t v = prmt(hp, 0u, f16hi_pair_selector(p));  // e2m1(c) 2^-6, FP16x2
+  const uint32_t e = vaddmin_relu_s16x2(xb, nt, kF16ExpMax * 0x00010001u) << 10;  // 2^(D + 6)
+  return f16x2_to_e4m3x2(hmul2_rn(v, e));
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -367,6 +454,20 @@ FP8FLOW_HD float key_to_amax(uint32_t key) {
   const int l = static_cast<int>(key) - static_cast<int>(E2m1Key::kKeyOffset);
   const int g = l >= 0 ? l / 2 : -((-l + 1) / 2);  // floor(l / 2)
   return fmt::mul_pow2((l - 2 * g) ? 1.5f : 1.0f, g);
+}
+
+// fmt::scale_exponent(key_to_amax(key)) without branches (the transposed kernel's column scales).
+// A key stands for (1 or 1.5) * 2^g, g = floor((key - kKeyOffset) / 2): scale_exponent of that is
+// g - 8 (no significand above 1.75), clamped to the E8M0 range, with g capped at 128 (where the
+// value overflows to Inf, whose exponent field reads as 128); keys whose value is subnormal or
+// zero clamp to kMinScaleExp like the no-key 0. Equal for every key in [0, 1024)
+// (mxfp4_tables_test).
+FP8FLOW_HD int key_scale_exponent(uint32_t key) {
+  const int g = (static_cast<int>(key) - static_cast<int>(E2m1Key::kKeyOffset)) >> 1;  // floor
+  const int e = (g < 128 ? g : 128) - fmt::kE4M3MaxExp;
+  const int c =
+      e < fmt::kMinScaleExp ? fmt::kMinScaleExp : (e > fmt::kMaxScaleExp ? fmt::kMaxScaleExp : e);
+  return key == E2m1Key::kNoKey ? fmt::kMinScaleExp : c;
 }
 
 // ---------------------------------------------------------------------------------------------
@@ -495,22 +596,6 @@ FP8FLOW_HD void key_accumulate(uint32_t w, uint32_t base2, uint32_t klo, uint32_
 FP8FLOW_HD uint32_t column_key(const uint32_t acc[4], int j) {
   const uint32_t a = acc[(j & 1) * 2 + (j >> 2)];
   return (j & 2) ? a >> 16 : a & 0xFFFFu;
-}
-
-// Index into E2m1ToE4m3::signed_code (flattened) of the element with code nib of a token whose
-// block exponent X gives a16 = signed_code_a16(X), in a column with exponent T (b16 = T * 16).
-FP8FLOW_HD int signed_code_a16(int x) {
-  return (x - E2m1ToE4m3::kSignedMin) * 16;
-}
-FP8FLOW_HD uint32_t signed_code_index(int a16, int b16, uint32_t nib) {
-  constexpr uint32_t kTop = E2m1ToE4m3::kZeroRow * 16;
-#if defined(__CUDA_ARCH__)
-  const uint32_t d = __viaddmin_u32(static_cast<uint32_t>(a16), static_cast<uint32_t>(-b16), kTop);
-#else
-  const uint32_t diff = static_cast<uint32_t>(a16) - static_cast<uint32_t>(b16);
-  const uint32_t d = diff < kTop ? diff : kTop;  // D < kSignedMin wraps to a huge value
-#endif
-  return d | nib;
 }
 
 }  // namespace fp8flow::sm90::mx
