@@ -217,6 +217,14 @@ if ((ext_ok && do_train)); then
   fi
   mkdir -p "$TRAIN_OUT"
   rm -rf "$TRAIN_OUT/sync"
+  if [ -n "$ckpt" ]; then
+    # Checkpoint I/O is outside each run's loop budget: loading one (--resume) and saving one take
+    # ~0.5 min together at the example's 840 M parameters (12 B/param; a resume call of session 5
+    # ran past the device tool's 10 minutes without this reserve). Per run, one after the other.
+    io=0.5
+    [ "$NGPU" -ge "${#R[@]}" ] || io=$(calc "0.5 * ${#R[@]}")
+    budget=$(calc "$budget - $io")
+  fi
   if [ "$NGPU" -ge "${#R[@]}" ]; then
     note "train: ${#R[@]} recipes in parallel, one GPU each, loop budget ${budget} min"
     pids=()
