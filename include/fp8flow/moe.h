@@ -154,9 +154,9 @@ struct MoEConfig {
   // Costs per forward: a device-to-host copy of topk_idx before the step's one host sync, N more
   // values in the counts all_gather, the plan's sizes on the host (make_dedup_plan_sizes) and its
   // words on the device (build_dedup_plan; the host make_dedup_plan above kDedupBuildMaxRanks
-  // ranks); the backward reuses the plan. On by default (measured: at EP2 every recipe's step 0.3-6% faster, at EP4 even with the
-  // host-built plan; bench/RESULTS.md); false: one record per routed pair. Ignored without a
-  // communicator.
+  // ranks); the backward reuses the plan. On by default (measured: at EP2 every recipe's step
+  // 0.3-6% faster, at EP4 even with the host-built plan; bench/RESULTS.md); false: one record per
+  // routed pair. Ignored without a communicator.
   bool ep_dedup = true;
   // Debug: no reuse of scratch memory between forward, backward phase 1 (FC2) and phase 2 (FC1),
   // so that every MoEDebugViews view held in scratch stays valid until the layer's next call.

@@ -185,7 +185,7 @@ TEST(Mxfp4Tables, F16PairStepMatchesFmtEverywhere) {
         mx::e2m1x8_to_f16hi(w, h);
         const int t_lo = lane == 0 ? t : t2, t_hi = lane == 0 ? t2 : t;
         const uint32_t got = mx::f16hi_pair_to_e4m3x2(h[p / 2], p, mx::f16_token_exp(x),
-                                                       mx::f16_column_exps(t_lo, t_hi));
+                                                      mx::f16_column_exps(t_lo, t_hi));
         ASSERT_EQ(got >> 16, 0u);
         ASSERT_EQ((got >> (8 * lane)) & 0xFFu, want_code(c, x, t))
             << "code " << c << " X " << x << " T " << t << " lane " << lane << " pair " << p;
@@ -202,12 +202,16 @@ TEST(Mxfp4Tables, F16PairStepMatchesFmtEverywhere) {
 TEST(Mxfp4Tables, F16InstructionModels) {
   auto h2 = [](uint32_t lo, uint32_t hi) { return lo | (hi << 16); };
   EXPECT_EQ(mx::hmul2_rn(h2(0x3C00, 0x4000), h2(0x3C00, 0x4200)), h2(0x3C00, 0x4600));  // 1*1, 2*3
-  EXPECT_EQ(mx::hmul2_rn(h2(0x0400, 0x0400), h2(0x1400, 0x1000)), h2(0x0001, 0x0000));  // 2^-24; 2^-25 ties to 0
-  EXPECT_EQ(mx::hmul2_rn(h2(0x0600, 0xB800), h2(0x1400, 0x0000)), h2(0x0002, 0x8000));  // 1.5*2^-24 -> 2^-23; -0.5*0
-  EXPECT_EQ(mx::hmul2_rn(h2(0x7800, 0x3C00), h2(0x7800, 0x7C00)), h2(0x7C00, 0x7C00));  // overflow; Inf
+  EXPECT_EQ(mx::hmul2_rn(h2(0x0400, 0x0400), h2(0x1400, 0x1000)),
+            h2(0x0001, 0x0000));  // 2^-24; 2^-25 ties to 0
+  EXPECT_EQ(mx::hmul2_rn(h2(0x0600, 0xB800), h2(0x1400, 0x0000)),
+            h2(0x0002, 0x8000));  // 1.5*2^-24 -> 2^-23; -0.5*0
+  EXPECT_EQ(mx::hmul2_rn(h2(0x7800, 0x3C00), h2(0x7800, 0x7C00)),
+            h2(0x7C00, 0x7C00));                                // overflow; Inf
   EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x3C00, 0xC600)), 0xCC38u);  // 1 -> 0x38, -6 -> 0xCC
   EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x1800, 0x1C00)), 0x0201u);  // 2^-9 -> 0x01, 2^-8 -> 0x02
-  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x1A00, 0x9400)), 0x8002u);  // 1.5*2^-9 ties to 0x02; -2^-10 to -0
+  EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x1A00, 0x9400)),
+            0x8002u);  // 1.5*2^-9 ties to 0x02; -2^-10 to -0
   EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x5FD0, 0xFC00)), 0xFE7Eu);  // 500 -> 448; -Inf -> -448
   EXPECT_EQ(mx::f16x2_to_e4m3x2(h2(0x7E00, 0x8000)), 0x807Fu);  // NaN -> 0x7F; -0 -> 0x80
 }

@@ -245,9 +245,9 @@ double number(const Value& v) {
 struct LayerRun {
   bool gpu = false;
   int reps = 10, warmup = 3;
-  int ep = 1;             // ranks (1: the single-GPU layer, no communicator)
-  bool ep_dedup = true;   // MoEConfig::ep_dedup (--ep-record: false)
-  LayerShape shape;       // shape.E: experts per rank (local); the layer has E * ep global experts
+  int ep = 1;            // ranks (1: the single-GPU layer, no communicator)
+  bool ep_dedup = true;  // MoEConfig::ep_dedup (--ep-record: false)
+  LayerShape shape;      // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
   int hot = 1;

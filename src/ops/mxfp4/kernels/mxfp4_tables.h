@@ -92,15 +92,14 @@ FP8FLOW_HD uint32_t hmul2_rn(uint32_t a, uint32_t b) {
 #else
   auto dec = [](uint32_t h) {
     const uint32_t m = h & 0x7FFFu;
-    float v = m >= 0x7C00u ? (m == 0x7C00u ? INFINITY : NAN)
-                           : fmt::decode_minifloat<5, 10, 15>(m);
+    float v = m >= 0x7C00u ? (m == 0x7C00u ? INFINITY : NAN) : fmt::decode_minifloat<5, 10, 15>(m);
     return (h & 0x8000u) ? -v : v;
   };
   uint32_t r = 0;
   for (int s = 0; s < 32; s += 16) {
     const float p = dec((a >> s) & 0xFFFFu) * dec((b >> s) & 0xFFFFu);
     const uint32_t u = fmt::f32_bits(p), abs = u & 0x7FFFFFFFu;
-    uint32_t h = abs > 0x7F800000u   ? 0x7E00u
+    uint32_t h = abs > 0x7F800000u    ? 0x7E00u
                  : abs == 0x7F800000u ? 0x7C00u
                                       : fmt::encode_magnitude_rne<5, 10, 15>(abs);
     if (h > 0x7C00u && abs <= 0x7F800000u) h = 0x7C00u;  // overflow rounds to Inf
@@ -122,10 +121,11 @@ FP8FLOW_HD uint32_t f16x2_to_e4m3x2(uint32_t a) {
   for (int s = 0; s < 2; ++s) {
     const uint32_t h = (a >> (16 * s)) & 0xFFFFu, m = h & 0x7FFFu;
     const uint32_t sign = (h >> 8) & 0x80u;
-    const uint32_t c = m > 0x7C00u    ? 0x7Fu
-                       : m == 0x7C00u ? (sign | 0x7Eu)
-                                      : fmt::e4m3_from_f32(sign ? -fmt::decode_minifloat<5, 10, 15>(m)
-                                                                : fmt::decode_minifloat<5, 10, 15>(m));
+    const uint32_t c = m > 0x7C00u ? 0x7Fu
+                       : m == 0x7C00u
+                           ? (sign | 0x7Eu)
+                           : fmt::e4m3_from_f32(sign ? -fmt::decode_minifloat<5, 10, 15>(m)
+                                                     : fmt::decode_minifloat<5, 10, 15>(m));
     r |= c << (8 * s);
   }
   return r;
