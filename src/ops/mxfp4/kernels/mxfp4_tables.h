@@ -81,6 +81,14 @@ FP8FLOW_HD uint32_t vaddmin_relu_s16x2(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
+// The FP32 value of FP16 bits h (exact; the host models below).
+inline float f16_bits_to_f32(uint32_t h) {
+  const uint32_t m = h & 0x7FFFu;
+  const float v =
+      m >= 0x7C00u ? (m == 0x7C00u ? INFINITY : NAN) : fmt::decode_minifloat<5, 10, 15>(m);
+  return (h & 0x8000u) ? -v : v;
+}
+
 // FP16x2 lane-wise product, round to nearest even, subnormals kept (mul.rn.f16x2). The host
 // version decodes both lanes, multiplies exactly (an FP16 x FP16 product fits an FP32) and rounds
 // to FP16 with fmt's encoder (overflow to Inf, NaN canonical).
@@ -90,14 +98,9 @@ FP8FLOW_HD uint32_t hmul2_rn(uint32_t a, uint32_t b) {
   asm("mul.rn.f16x2 %0, %1, %2;" : "=r"(r) : "r"(a), "r"(b));
   return r;
 #else
-  auto dec = [](uint32_t h) {
-    const uint32_t m = h & 0x7FFFu;
-    float v = m >= 0x7C00u ? (m == 0x7C00u ? INFINITY : NAN) : fmt::decode_minifloat<5, 10, 15>(m);
-    return (h & 0x8000u) ? -v : v;
-  };
   uint32_t r = 0;
   for (int s = 0; s < 32; s += 16) {
-    const float p = dec((a >> s) & 0xFFFFu) * dec((b >> s) & 0xFFFFu);
+    const float p = f16_bits_to_f32((a >> s) & 0xFFFFu) * f16_bits_to_f32((b >> s) & 0xFFFFu);
     const uint32_t u = fmt::f32_bits(p), abs = u & 0x7FFFFFFFu;
     uint32_t h = abs > 0x7F800000u    ? 0x7E00u
                  : abs == 0x7F800000u ? 0x7C00u
@@ -121,11 +124,9 @@ FP8FLOW_HD uint32_t f16x2_to_e4m3x2(uint32_t a) {
   for (int s = 0; s < 2; ++s) {
     const uint32_t h = (a >> (16 * s)) & 0xFFFFu, m = h & 0x7FFFu;
     const uint32_t sign = (h >> 8) & 0x80u;
-    const uint32_t c = m > 0x7C00u ? 0x7Fu
-                       : m == 0x7C00u
-                           ? (sign | 0x7Eu)
-                           : fmt::e4m3_from_f32(sign ? -fmt::decode_minifloat<5, 10, 15>(m)
-                                                     : fmt::decode_minifloat<5, 10, 15>(m));
+    const uint32_t c = m > 0x7C00u    ? 0x7Fu
+                       : m == 0x7C00u ? (sign | 0x7Eu)
+                                      : fmt::e4m3_from_f32(f16_bits_to_f32(h));
     r |= c << (8 * s);
   }
   return r;
