@@ -521,7 +521,8 @@ TEST(SwigluRef, BranchFreeSiluEqualsHd) {
     ASSERT_EQ(fmt::f32_bits(swiglu_detail::sigmoid(x)), fmt::f32_bits(hd::sigmoid(x))) << x;
   };
   for (uint64_t i = 0; i < (uint64_t{1} << 32); i += 65521) check(fmt::f32_from_bits(uint32_t(i)));
-  for (float edge : {88.72283f, -103.97208f, -87.33655f, 103.97208f, -88.72283f, 87.33655f, 0.f}) {
+  for (float edge : {88.72283f, -103.97208f, -87.33655f, 103.97208f, -88.72283f, 87.33655f, 0.f,
+                     86.0f, -86.0f, 88.376f, -88.376f, 89.0f, -89.0f}) {
     const uint32_t e = fmt::f32_bits(edge);
     for (uint32_t d = 0; d < (1u << 17); ++d) {
       check(fmt::f32_from_bits(e + d));
