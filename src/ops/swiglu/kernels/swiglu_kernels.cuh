@@ -125,22 +125,40 @@ __device__ __forceinline__ bool all_finite8(const float (&y)[8]) {
   return ok;
 }
 
+// max that returns NaN when either operand is NaN (max.NaN.f32, one FMNMX).
+__device__ __forceinline__ float max_nan(float a, float b) {
+  float r;
+  asm("max.NaN.f32 %0, %1, %2;" : "=f"(r) : "f"(a), "f"(b));
+  return r;
+}
+
 // Quantizes this thread's 8 values of one tile (the half-warp holds the whole tile) and returns
 // the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes).
+
 template <OutKind K, NanCode N>
 __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out) {
-  // amax over finite results (== sd::amax_term / sd::amax_max, sharing the finiteness test with the
-  // fast-path check below).
-  float amax = 0.0f;
-  bool finite = true;
+  // amax over finite results (== sd::amax_term / sd::amax_max). Common case, one instruction per
+  // element: a NaN-propagating max of |y| over the tile; when it is finite on every lane of the
+  // warp (so every result of both half-warps' tiles is finite) it is the amax. Otherwise (a warp-
+  // uniform branch: the shuffles need all 32 lanes) the per-element finiteness test.
+  float m = 0.0f;
 #pragma unroll
-  for (int k = 0; k < 8; ++k) {
-    const float a = fabsf(y[k]);
-    const bool f = a < __int_as_float(0x7F800000);
-    finite &= f;
-    amax = f ? sd::amax_max(amax, a) : amax;
+  for (int k = 0; k < 8; ++k) m = max_nan(m, fabsf(y[k]));
+#pragma unroll
+  for (int d = kHalf / 2; d >= 1; d /= 2) m = max_nan(m, __shfl_xor_sync(0xFFFFFFFFu, m, d));
+  float amax = m;
+  bool finite = true;
+  if (!__all_sync(0xFFFFFFFFu, m < __int_as_float(0x7F800000))) {
+    amax = 0.0f;
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const float a = fabsf(y[k]);
+      const bool f = a < __int_as_float(0x7F800000);
+      finite &= f;
+      amax = f ? sd::amax_max(amax, a) : amax;
+    }
+    amax = half_warp_max(amax);
   }
-  amax = half_warp_max(amax);
   const int e = sd::scale_exponent<K>(amax);
   scale_out = fmt::exp2i(e);
   const float inv = fmt::exp2i(-e);
