@@ -39,6 +39,11 @@ struct GroupedGemmOptions {
   bool accumulate = false;
   // Internal CUDA streams the experts are spread over (1..8). 1 runs everything on `stream`.
   int streams = 4;
+  // The internal streams a call uses are [first_stream, first_stream + streams) of the 8 per
+  // device (first_stream + streams <= 8; ignored when streams == 1). Two calls that may run at the
+  // same time (issued on different caller streams) must use disjoint ranges and separate
+  // workspaces; calls on one caller stream may share both.
+  int first_stream = 0;
   // Which cuBLASLt algorithm each expert's GEMM runs: an index into cuBLASLt's heuristic list for
   // the expert's problem (cublasLtMatmulAlgoGetHeuristic, up to 16 results, split-K / reductions
   // excluded as above; results the heuristic marks unusable are skipped before indexing). 0 (the

@@ -20,6 +20,20 @@ void moe_copy_to_host(Device dev, void* dst, const void* src, size_t bytes, Stre
 void moe_copy_from_host(Device dev, void* dst, const void* src, size_t bytes, Stream stream);
 void moe_memset0(Device dev, void* p, size_t bytes, Stream stream);
 
+// A second stream of the layer (Cuda): side work forked from the caller's stream and joined back
+// into it with events (legal inside CUDA graph capture). All no-ops on the Cpu (empty handles).
+struct SideStream {
+  Stream stream = nullptr;
+  void* fork = nullptr;  // cudaEvent_t
+  void* join = nullptr;  // cudaEvent_t
+};
+SideStream moe_side_create(Device dev);
+void moe_side_destroy(SideStream& s);
+// s.stream waits for the work issued to `from` so far.
+void moe_side_fork(const SideStream& s, Stream from);
+// `into` waits for the work issued to s.stream so far.
+void moe_side_join(const SideStream& s, Stream into);
+
 }  // namespace fp8flow::detail
 
 // Gate GEMMs. All FP32 with hd::fma in a fixed sequential order (from +0), so both backends give

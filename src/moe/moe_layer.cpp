@@ -351,12 +351,33 @@ struct MoELayer::Impl {
   std::vector<ScaledTensor> w1q_e, w2q_e, w1t_e, w2t_e;
   std::vector<TensorView> w1_e, w2_e;
 
+  // cfg.overlap_wgrad: the side stream the wgrads run on (created with the pool), its GEMM
+  // workspace, and how many internal GEMM streams it may use (0: no overlap).
+  detail::SideStream side;
+  Slot gemm_ws_side;
+  int side_lanes = 0;
+
+  Impl() = default;
+  Impl(const Impl&) = delete;
+  Impl& operator=(const Impl&) = delete;
+  ~Impl() { detail::moe_side_destroy(side); }
+
   GroupedGemmOptions gemm_opt() const {
     GroupedGemmOptions o;
     o.streams = cfg.gemm_streams;
     return o;
   }
+  // The wgrads' options with overlap: internal streams after those of gemm_opt().
+  GroupedGemmOptions gemm_opt_side() const {
+    GroupedGemmOptions o;
+    o.streams = std::max(1, side_lanes);
+    if (o.streams > 1) o.first_stream = cfg.gemm_streams;
+    return o;
+  }
   Workspace ws_gemm() const { return Workspace{pool.ptr(gemm_ws), gemm_ws.bytes}; }
+  Workspace ws_gemm_side() const {
+    return Workspace{pool.ptr(gemm_ws_side), gemm_ws_side.bytes};
+  }
 };
 
 namespace {
@@ -544,7 +565,20 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
       for (auto [n, kk] : {std::pair{2 * F, H}, std::pair{H, F}})
         need = std::max(need, grouped_gemm_workspace_bytes(kind, n, kk, one, o));
     m.gemm_ws = l.add(need + static_cast<size_t>(E) * 256);
+    m.side_lanes = cfg.overlap_wgrad
+                       ? std::min(cfg.gemm_streams, detail::kMaxLanes - cfg.gemm_streams)
+                       : 0;
+    if (m.side_lanes > 0) {
+      size_t side = 0;
+      for (auto kind : {GroupedGemmKind::Fp8Wgrad, GroupedGemmKind::Bf16Wgrad})
+        for (auto [n, kk] : {std::pair{2 * F, H}, std::pair{H, F}})
+          side = std::max(side, grouped_gemm_workspace_bytes(kind, n, kk, one, m.gemm_opt_side()));
+      m.gemm_ws_side = l.add(side);
+    }
+  } else {
+    m.side_lanes = 0;
   }
+  const bool ov = m.side_lanes > 0;
   // Forward temporaries and backward temporaries are never live together: the backward ones
   // start again at the same offset (unless cfg.debug_no_scratch_reuse), so the pool holds the
   // larger of the two sets, not their sum.
@@ -563,14 +597,23 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   // Backward, phase 1 (FC2: combine-grad cast, permute, FC2 dgrad + wgrad) and phase 2 (SwiGLU
   // backward, FC1 dgrad + wgrad, unpermute, router/gate backward) share memory too; only the FC2
   // dgrad output `da` crosses from one to the other.
+  // With overlap the FC2 wgrad still reads its operands (dyp_t and a_t; bf16: dyp_bf16) while
+  // phase 2 runs, so they sit next to `da`, outside the shared region.
   m.da = l.add(nbytes(DType::BF16, M, F));
+  if (ov) {
+    m.dyp_bf16 = add_if(l, bf, nbytes(DType::BF16, M, H));
+    m.dyp_t = add_colwise(l, H, M, E, fp8);
+    m.a_t = add_colwise(l, F, M, E, flow);
+  }
   const size_t phase1_base = l.total;
   m.dyq = add_rowwise(l, T, H, fp8);
   m.dy_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
-  m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
+  if (!ov || blk) m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
   m.dyp_q = add_rowwise(l, M, H, fp8);
-  m.dyp_t = add_colwise(l, H, M, E, fp8);
-  m.a_t = add_colwise(l, F, M, E, flow);
+  if (!ov) {
+    m.dyp_t = add_colwise(l, H, M, E, fp8);
+    m.a_t = add_colwise(l, F, M, E, flow);
+  }
   const size_t phase1_end = l.total;
   if (reuse) l.total = phase1_base;
   m.dh_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, 2 * F));
@@ -647,6 +690,7 @@ MoELayer::MoELayer(const MoEConfig& cfg, const MoEWeights& w, Communicator* comm
   m.w = w;
   m.comm = comm;
   m.pool.allocate(w.w1.device, layout_layer(m, cfg, w.w1.dtype, w.w1.device), stream);
+  if (m.side_lanes > 0) m.side = detail::moe_side_create(m.dev);
   if (cfg.router.aux_enabled()) {
     const float one = 1.0f;
     detail::moe_copy_from_host(m.dev, m.pool.ptr(m.d_aux), &one, sizeof one, stream);
@@ -1181,6 +1225,13 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   const TensorView dprob = P.view(m.dprob, DType::F32, 1, M);
   const Workspace ws = m.ws_gemm();
   const GroupedGemmOptions go = m.gemm_opt();
+  // cfg.overlap_wgrad: the wgrads (and what only they read) go to the side stream `wst`, forked
+  // right after their inputs are issued; one join at the end. Without it, wst == stream.
+  const bool ov = m.side.stream != nullptr;
+  const Stream wst = ov ? m.side.stream : stream;
+  const Workspace wws = ov ? m.ws_gemm_side() : ws;
+  const GroupedGemmOptions wgo = ov ? m.gemm_opt_side() : go;
+  auto fork = [&] { detail::moe_side_fork(m.side, stream); };
   std::vector<TensorView> dw1_e, dw2_e;
   for (int64_t e = 0; e < E; ++e) {
     dw1_e.push_back(
@@ -1200,11 +1251,13 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         ep_dispatch({dy, {}, {}}, {dyp, {}, {}});
       else
         permute(dy, dyp, plan, {}, stream);
+      fork();
+      grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad_bf16(dyp, m.w2_e, da, splits, ws, go, stream);
-      grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dh, dprob, {}, stream);
+      fork();
+      grouped_gemm_wgrad_bf16(dh, xp, dw1_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad_bf16(dh, m.w1_e, dxp, splits, ws, go, stream);
-      grouped_gemm_wgrad_bf16(dh, xp, dw1_e, splits, ws, go, stream);
       break;
     }
     case Recipe::Fp8Blockwise: {
@@ -1228,13 +1281,15 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       }
       cast_q(nc, dyp, dypq, stream);   // cast 9: FC2 grad row-wise
       cast_qt(nc, dyp, dypt, stream);  // cast 10: FC2 grad column-wise
+      fork();
+      grouped_gemm_wgrad(dypt, at, dw2_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
-      grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dh, dprob, {}, stream);
-      cast_q(nc, dh, dhq, stream);   // cast 11: FC1 grad row-wise
-      cast_qt(nc, dh, dht, stream);  // cast 12: FC1 grad column-wise
+      fork();
+      cast_qt(nc, dh, dht, wst);  // cast 12: FC1 grad column-wise (read by the wgrad only)
+      grouped_gemm_wgrad(dht, xpt, dw1_e, splits, wws, wgo, wst);
+      cast_q(nc, dh, dhq, stream);  // cast 11: FC1 grad row-wise
       grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
-      grouped_gemm_wgrad(dht, xpt, dw1_e, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;
       s.debug.fc2_wgrad_x = at;
       s.debug.fc2_dgrad_dy = dypq;
@@ -1253,21 +1308,22 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const ScaledTensor dht = P.colwise(m.dh_t, 2 * F, M, splits);
       const ScaledTensor xpt = P.colwise(m.xp_t, H, M, splits);
       const ScaledTensor at = P.colwise(m.a_t, F, M, splits);
-      auto ts = [&](const ScaledTensor& in, const ScaledTensor& out, int slot) {
+      auto ts = [&](const ScaledTensor& in, const ScaledTensor& out, int slot, Stream st) {
         TransposeOptions o;
         o.underflow_count = s.counter(kUnderflow0 + slot);
-        transpose_scaled(in, out, o, stream);
+        transpose_scaled(in, out, o, st);
         ++s.casts.conversions;
       };
       // A saved wgrad operand [M][cols] -> its column-wise FP8 copy: directly from MXFP4
-      // (fp8-flow-mxfp4) or by the scaling-aware transpose of the saved FP8 (fp8-flow).
+      // (fp8-flow-mxfp4) or by the scaling-aware transpose of the saved FP8 (fp8-flow). On wst:
+      // only the wgrad reads it.
       auto saved_to_colwise = [&](const auto& saved_mx, const auto& saved_q, int64_t cols,
                                   const ScaledTensor& out, int slot) {
         if (mx) {
-          mxfp4_to_fp8_transposed(S.mx(saved_mx, M, cols), out, stream);
+          mxfp4_to_fp8_transposed(S.mx(saved_mx, M, cols), out, wst);
           ++s.casts.conversions;
         } else {
-          ts(S.rowwise(saved_q, M, cols), out, slot);
+          ts(S.rowwise(saved_q, M, cols), out, slot, wst);
         }
       };
       cast_q(nc, dy, dyq, stream);  // cast 2: the only backward cast
@@ -1275,16 +1331,19 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         ep_dispatch({dyq.data, dyq.scale, {}}, {dypq.data, dypq.scale, {}});
       else
         permute(dyq, dypq, plan, {}, stream);
-      grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
-      ts(dypq, dypt, 0);
+      // dypq lives in phase 1's memory, which phase 2 reuses: its transpose stays on `stream`.
+      ts(dypq, dypt, 0, stream);
+      fork();
       saved_to_colwise(s.a_mx, s.a_q, F, at, 1);
-      grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
+      grouped_gemm_wgrad(dypt, at, dw2_e, splits, wws, wgo, wst);
+      grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
       // Fused SwiGLU-bwd + quantize, on h as saved in E4M3 (the forward used the exact BF16 h).
       swiglu_backward(da, S.rowwise(s.h_q, M, 2 * F), prob, dhq, dprob, {}, stream);
-      grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
-      ts(dhq, dht, 2);
+      fork();
+      ts(dhq, dht, 2, wst);
       saved_to_colwise(s.xp_mx, s.xp_q, H, xpt, 3);
-      grouped_gemm_wgrad(dht, xpt, dw1_e, splits, ws, go, stream);
+      grouped_gemm_wgrad(dht, xpt, dw1_e, splits, wws, wgo, wst);
+      grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;
       s.debug.fc2_wgrad_x = at;
       s.debug.fc2_dgrad_dy = dypq;
@@ -1325,6 +1384,7 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   else
     FP8FLOW_SM90(sm90::moe_gate_backward(dl, m.w.gate, s.x, dx_exp, g.dx, g.dgate, stream));
 
+  detail::moe_side_join(m.side, stream);  // the wgrads (no-op without overlap)
   count_nonfinite(dev, g.dx, s.counter(kNfDx), stream);
   if (opt.count_nonfinite_weight_grads) {  // off by default: moe.h, "Non-finite values"
     count_nonfinite(dev, g.dw1, s.counter(kNfDw1), stream);

@@ -77,6 +77,59 @@ void moe_copy_from_host(Device dev, void* dst, const void* src, size_t bytes, St
 #endif
 }
 
+SideStream moe_side_create(Device dev) {
+  SideStream s;
+  if (dev == Device::Cpu) return s;
+#if FP8FLOW_WITH_CUDA
+  cudaStream_t st = nullptr;
+  cudaEvent_t f = nullptr, j = nullptr;
+  FP8FLOW_CUDA_CHECK("MoELayer", cudaStreamCreateWithFlags(&st, cudaStreamNonBlocking));
+  s.stream = reinterpret_cast<Stream>(st);
+  try {
+    FP8FLOW_CUDA_CHECK("MoELayer", cudaEventCreateWithFlags(&f, cudaEventDisableTiming));
+    s.fork = f;
+    FP8FLOW_CUDA_CHECK("MoELayer", cudaEventCreateWithFlags(&j, cudaEventDisableTiming));
+    s.join = j;
+  } catch (...) {
+    moe_side_destroy(s);
+    throw;
+  }
+#endif
+  return s;
+}
+
+void moe_side_destroy(SideStream& s) {
+#if FP8FLOW_WITH_CUDA
+  if (s.fork) cudaEventDestroy(static_cast<cudaEvent_t>(s.fork));
+  if (s.join) cudaEventDestroy(static_cast<cudaEvent_t>(s.join));
+  if (s.stream) cudaStreamDestroy(reinterpret_cast<cudaStream_t>(s.stream));
+#endif
+  s = SideStream{};
+}
+
+void moe_side_fork(const SideStream& s, Stream from) {
+  if (!s.stream) return;
+#if FP8FLOW_WITH_CUDA
+  const auto ev = static_cast<cudaEvent_t>(s.fork);
+  FP8FLOW_CUDA_CHECK("MoELayer", cudaEventRecord(ev, reinterpret_cast<cudaStream_t>(from)));
+  FP8FLOW_CUDA_CHECK("MoELayer",
+                     cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(s.stream), ev, 0));
+#else
+  (void)from;
+#endif
+}
+
+void moe_side_join(const SideStream& s, Stream into) {
+  if (!s.stream) return;
+#if FP8FLOW_WITH_CUDA
+  const auto ev = static_cast<cudaEvent_t>(s.join);
+  FP8FLOW_CUDA_CHECK("MoELayer", cudaEventRecord(ev, reinterpret_cast<cudaStream_t>(s.stream)));
+  FP8FLOW_CUDA_CHECK("MoELayer", cudaStreamWaitEvent(reinterpret_cast<cudaStream_t>(into), ev, 0));
+#else
+  (void)into;
+#endif
+}
+
 void moe_memset0(Device dev, void* p, size_t bytes, Stream stream) {
   if (dev == Device::Cpu) {
     std::memset(p, 0, bytes);

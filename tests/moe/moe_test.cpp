@@ -1066,6 +1066,56 @@ TEST(MoELayerGpu, MatchesCpu) {
     }
 }
 
+// MoEConfig::overlap_wgrad runs the wgrads on a second stream: the same bits as one stream, for
+// every recipe, over two steps on one context (a race on the memory the wgrads read, which phase 2
+// of backward or the next forward reuses, would show), at a size where the wgrads overlap the
+// data-gradient chain, with skewed routing and the GEMM stream counts at the edges (1: one
+// internal stream each; 8: no room, so no overlap).
+TEST(MoELayerGpu, OverlapWgradSameBits) {
+  FP8FLOW_REQUIRE_GPU();
+  Problem p;
+  p.T = 512;
+  p.H = 1024;
+  p.F = 512;
+  p.E = 8;
+  p.router = RouterConfig::softmax_topk(3, true);
+  Data d = make_data(p);
+  // Half the tokens lean towards expert 5's gate row: a skewed split.
+  const float lean = 2.0f * std::sqrt(static_cast<float>(p.H));
+  for (int64_t t = 0; t < p.T; t += 2)
+    for (int64_t h = 0; h < p.H; ++h) {
+      uint16_t& v = d.x.ptr<uint16_t>()[t * p.H + h];
+      v = fmt::bf16_from_f32(fmt::bf16_to_f32(v) + lean * d.gate.ptr<float>()[5 * p.H + h]);
+    }
+  DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(d.dy);
+  for (Recipe r : kRecipes)
+    for (int streams : {4, 1, 8}) {
+      SCOPED_TRACE(std::string(to_string(r)) + " gemm_streams " + std::to_string(streams));
+      std::vector<HostTensor> got[2];
+      for (int ov = 0; ov < 2; ++ov) {
+        MoEConfig cfg = make_config(p, r);
+        cfg.gemm_streams = streams;
+        cfg.overlap_wgrad = ov == 1;
+        MoELayer layer(cfg, MoEWeights{gate.v, {}, w1.v, w2.v});
+        MoEContext ctx = layer.make_context();
+        LayerOutputs<DeviceTensor> out(p);
+        for (int step = 0; step < 2; ++step) {
+          layer.forward(x.v, out.y.v, ctx);
+          layer.backward(dy.v, out.grads(), ctx);
+          for (const DeviceTensor* t : {&out.y, &out.dx, &out.dw1, &out.dw2, &out.dg})
+            got[ov].push_back(t->to_host());
+        }
+        if (ov == 1 && streams == 4) {
+          const std::vector<int64_t> ms = ctx.m_splits();
+          EXPECT_GT(*std::max_element(ms.begin(), ms.end()), 3 * p.T * 3 / (2 * p.E));  // skewed
+        }
+      }
+      ASSERT_EQ(got[0].size(), got[1].size());
+      for (size_t i = 0; i < got[0].size(); ++i)
+        EXPECT_TRUE(bytes_equal(got[0][i], got[1][i])) << "step " << i / 5 << " tensor " << i % 5;
+    }
+}
+
 TEST(MoELayerGpu, NonFiniteWeightGradsOptional) {
   FP8FLOW_REQUIRE_GPU();
   check_nonfinite_weight_grad_option(Device::Cuda);

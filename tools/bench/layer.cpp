@@ -247,6 +247,7 @@ struct LayerRun {
   int reps = 10, warmup = 3;
   int ep = 1;            // ranks (1: the single-GPU layer, no communicator)
   bool ep_dedup = true;  // MoEConfig::ep_dedup (--ep-record: false)
+  bool overlap_wgrad = true;  // MoEConfig::overlap_wgrad (--no-overlap-wgrad: false)
   LayerShape shape;      // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
@@ -352,6 +353,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     cfg.router = L.shape.router;
     cfg.recipe = rn.recipe;
     cfg.max_tokens = T;
+    cfg.overlap_wgrad = L.overlap_wgrad;
     std::string error;
     // Pools: the single-GPU layer as before; with EP the worst-case receive bound if it fits on
     // every rank, else bounded_recv_rows (agreed on collectively: the config must match).
@@ -503,6 +505,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     rep->set(r, "pool_bytes", pool_max);
     rep->set(r, "pool_gib", static_cast<double>(pool_max) / kGiB);
     rep->set(r, "pool_mib", static_cast<double>(pool_max) / kMiB);
+    rep->set(r, "overlap_wgrad", static_cast<int64_t>(cfg.overlap_wgrad && gpu ? 1 : 0));
     if (static_cast<size_t>(pool_max) != plan.step_bytes(1))
       rep->set(r, "note", std::string("pool bytes differ from memory_plan"));
     if (comm) {
@@ -637,13 +640,17 @@ void print_report(Report& rep, const LayerRun& L, const Options& opt, int errors
       "# allocated once (MoEMemoryPlan; includes the FP8 W / W^T copies, which bf16 with BF16\n"
       "# masters does not need; excludes caller tensors and cuBLASLt's own memory) -- not a\n"
       "# measured peak. load = max / mean padded rows per expert.\n"
-      "# x bf16 / x blockw = their step time / this recipe's (>1: faster).\n",
+      "# x bf16 / x blockw = their step time / this recipe's (>1: faster). Backward: %s.\n",
       L.shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
       static_cast<long long>(F), static_cast<long long>(E * L.ep), static_cast<long long>(k),
       static_cast<long long>(T * k), L.shape.router_note.c_str(), L.routing_note.c_str(),
       L.gpu ? "GPU" : "CPU reference", L.reps, L.warmup,
       L.gpu ? "CUDA events; forward includes its one host sync" : "host wall clock",
-      L.gpu ? "TFLOP/s" : "GFLOP/s");
+      L.gpu ? "TFLOP/s" : "GFLOP/s",
+      !L.gpu ? "one stream (CPU)"
+      : L.overlap_wgrad
+          ? "wgrads on a second stream, overlapping the dgrad chain (--no-overlap-wgrad: one)"
+          : "one stream (--no-overlap-wgrad)");
   if (!L.gpu) std::printf("no GPU found: CPU reference times, not GPU performance.\n");
   if (!opt.json_path.empty()) {
     rep.write_json(opt.json_path);
@@ -691,6 +698,7 @@ int run_layer(const Options& opt) {
   // Ranks: --ep N (threads, one per GPU; InProcess on the CPU), or the mpirun size.
   L.ep = std::max(opt.ep, 1);
   L.ep_dedup = opt.ep_dedup;
+  L.overlap_wgrad = opt.overlap_wgrad;
   if (mpi) {
     // mpirun mode: one rank per process and GPU, NCCL bootstrapped over MPI.
     if (!mpirun_mode_available("layer", "--ep", gpu)) return 2;

@@ -67,6 +67,10 @@ int lanes_of(const GroupedGemmOptions& o) {
 void check_options(const Check& c, const GroupedGemmOptions& o) {
   c.that(o.streams >= 1 && o.streams <= detail::kMaxLanes, "options.streams",
          cat("1..", detail::kMaxLanes), cat(o.streams));
+  c.that(o.first_stream >= 0 && o.first_stream + o.streams <= detail::kMaxLanes,
+         "options.first_stream", cat("0..", detail::kMaxLanes, " - options.streams (",
+                                     detail::kMaxLanes - o.streams, ")"),
+         cat(o.first_stream));
   // The upper bound depends on the problem: the CUDA backend checks it when it builds the plan.
   c.that(o.algo >= 0, "options.algo", ">= 0 (an index into cuBLASLt's heuristic results)",
          cat(o.algo));

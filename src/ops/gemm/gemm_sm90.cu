@@ -448,17 +448,23 @@ void run_jobs(const char* op, DeviceContext& ctx, std::vector<LtJob>& jobs, cons
   std::stable_sort(order.begin(), order.end(),
                    [&](size_t x, size_t y) { return jobs[x].flops > jobs[y].flops; });
   std::vector<double> load(static_cast<size_t>(lanes), 0.0);
+  // Internal streams [first, first + lanes): disjoint ranges let calls on different caller
+  // streams run concurrently (the fork event is re-recorded per call; a wait binds to the record
+  // before it, so sharing it is safe on the host-serialized path).
+  const int first = std::clamp(opt.first_stream, 0, kMaxLanes - lanes);
+  cudaStream_t* lane_streams = ctx.lanes + first;
+  cudaEvent_t* lane_joins = ctx.join + first;
   if (lanes > 1) {
     FP8FLOW_CUDA_CHECK(op, cudaEventRecord(ctx.fork, stream));
     for (int l = 0; l < lanes; ++l)
-      FP8FLOW_CUDA_CHECK(op, cudaStreamWaitEvent(ctx.lanes[l], ctx.fork, 0));
+      FP8FLOW_CUDA_CHECK(op, cudaStreamWaitEvent(lane_streams[l], ctx.fork, 0));
   }
   static const float kOne = 1.0f, kZero = 0.0f;
   for (size_t idx : order) {
     const LtJob& j = jobs[idx];
     const int lane = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
     load[static_cast<size_t>(lane)] += j.flops;
-    cudaStream_t s = lanes > 1 ? ctx.lanes[lane] : stream;
+    cudaStream_t s = lanes > 1 ? lane_streams[lane] : stream;
     void* lane_ws =
         static_cast<uint8_t*>(ws.data) + static_cast<size_t>(lane) * kLaneWorkspaceBytes;
     if (j.key.a_scale != kNoScale) set_scale_pointers(op, *j.plan, j);
@@ -468,8 +474,8 @@ void run_jobs(const char* op, DeviceContext& ctx, std::vector<LtJob>& jobs, cons
   }
   if (lanes > 1) {
     for (int l = 0; l < lanes; ++l) {
-      FP8FLOW_CUDA_CHECK(op, cudaEventRecord(ctx.join[l], ctx.lanes[l]));
-      FP8FLOW_CUDA_CHECK(op, cudaStreamWaitEvent(stream, ctx.join[l], 0));
+      FP8FLOW_CUDA_CHECK(op, cudaEventRecord(lane_joins[l], lane_streams[l]));
+      FP8FLOW_CUDA_CHECK(op, cudaStreamWaitEvent(stream, lane_joins[l], 0));
     }
   }
 }
