@@ -144,15 +144,13 @@ struct MoEConfig {
   int align = 16;          // expert segment alignment: power of two in [16, 128]
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
   int gemm_streams = 4;    // GroupedGemmOptions::streams
-  // Cuda: backward runs the two weight-gradient GEMMs (and the column-wise copies that feed only
-  // them) on a second stream of the layer, concurrently with the data-gradient chain (FC2 dgrad,
-  // SwiGLU backward, FC1 dgrad, combine, router and gate backward), and joins it into the caller's
-  // stream before backward returns. Same kernels on the same inputs: results are bit-identical to
-  // false. Costs pool memory: FC2's wgrad operands (dY column-wise and the column-wise copy of the
-  // FC2 input; bf16: dY permuted) no longer share memory with the FC1 phase of backward, plus one
-  // more GEMM workspace. The wgrads use internal GEMM streams [gemm_streams, gemm_streams + n),
-  // n = min(gemm_streams, 8 - gemm_streams); with gemm_streams == 8 there is no room and backward
-  // runs on one stream. Ignored on the Cpu.
+  // Cuda: backward runs the FC1 weight-gradient GEMM (and the column-wise copies only it reads)
+  // on a second stream of the layer, concurrently with the rest of backward (FC1 dgrad, combine
+  // with EP, unpermute, router and gate backward), and joins it into the caller's stream before
+  // backward returns. Same kernels on the same inputs: results are bit-identical to false. Costs
+  // one more GEMM workspace (8 MiB per internal stream). That wgrad uses internal GEMM streams
+  // [gemm_streams, gemm_streams + n), n = min(gemm_streams, 8 - gemm_streams); with
+  // gemm_streams == 8 there is no room and backward runs on one stream. Ignored on the Cpu.
   bool overlap_wgrad = true;
   // Expert parallelism: ranks of the communicator given to the constructor (1: no EP), and the
   // most rows one rank may receive in a forward (0: the worst case, ep_size * max_tokens *

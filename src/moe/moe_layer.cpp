@@ -578,7 +578,6 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   } else {
     m.side_lanes = 0;
   }
-  const bool ov = m.side_lanes > 0;
   // Forward temporaries and backward temporaries are never live together: the backward ones
   // start again at the same offset (unless cfg.debug_no_scratch_reuse), so the pool holds the
   // larger of the two sets, not their sum.
@@ -597,23 +596,14 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   // Backward, phase 1 (FC2: combine-grad cast, permute, FC2 dgrad + wgrad) and phase 2 (SwiGLU
   // backward, FC1 dgrad + wgrad, unpermute, router/gate backward) share memory too; only the FC2
   // dgrad output `da` crosses from one to the other.
-  // With overlap the FC2 wgrad still reads its operands (dyp_t and a_t; bf16: dyp_bf16) while
-  // phase 2 runs, so they sit next to `da`, outside the shared region.
   m.da = l.add(nbytes(DType::BF16, M, F));
-  if (ov) {
-    m.dyp_bf16 = add_if(l, bf, nbytes(DType::BF16, M, H));
-    m.dyp_t = add_colwise(l, H, M, E, fp8);
-    m.a_t = add_colwise(l, F, M, E, flow);
-  }
   const size_t phase1_base = l.total;
   m.dyq = add_rowwise(l, T, H, fp8);
   m.dy_deq = add_if(l, blk, nbytes(DType::BF16, T, H));
-  if (!ov || blk) m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
+  m.dyp_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, H));
   m.dyp_q = add_rowwise(l, M, H, fp8);
-  if (!ov) {
-    m.dyp_t = add_colwise(l, H, M, E, fp8);
-    m.a_t = add_colwise(l, F, M, E, flow);
-  }
+  m.dyp_t = add_colwise(l, H, M, E, fp8);
+  m.a_t = add_colwise(l, F, M, E, flow);
   const size_t phase1_end = l.total;
   if (reuse) l.total = phase1_base;
   m.dh_bf16 = add_if(l, bf || blk, nbytes(DType::BF16, M, 2 * F));
@@ -1225,8 +1215,11 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
   const TensorView dprob = P.view(m.dprob, DType::F32, 1, M);
   const Workspace ws = m.ws_gemm();
   const GroupedGemmOptions go = m.gemm_opt();
-  // cfg.overlap_wgrad: the wgrads (and what only they read) go to the side stream `wst`, forked
-  // right after their inputs are issued; one join at the end. Without it, wst == stream.
+  // cfg.overlap_wgrad: the FC1 wgrad (and the column-wise copies only it reads) goes to the side
+  // stream `wst`, forked once dh is issued, joined at the end; it overlaps the FC1 dgrad, the
+  // combine (EP), unpermute and the router/gate backward. Without it, wst == stream. (The FC2
+  // wgrad stays on `stream`: its operands live in phase-1 memory, which phase 2 reuses, and
+  // overlapping it with the FC1 dgrad measured no gain: bench/RESULTS.md.)
   const bool ov = m.side.stream != nullptr;
   const Stream wst = ov ? m.side.stream : stream;
   const Workspace wws = ov ? m.ws_gemm_side() : ws;
@@ -1251,9 +1244,8 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         ep_dispatch({dy, {}, {}}, {dyp, {}, {}});
       else
         permute(dy, dyp, plan, {}, stream);
-      fork();
-      grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad_bf16(dyp, m.w2_e, da, splits, ws, go, stream);
+      grouped_gemm_wgrad_bf16(dyp, a, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dh, dprob, {}, stream);
       fork();
       grouped_gemm_wgrad_bf16(dh, xp, dw1_e, splits, wws, wgo, wst);
@@ -1281,9 +1273,8 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       }
       cast_q(nc, dyp, dypq, stream);   // cast 9: FC2 grad row-wise
       cast_qt(nc, dyp, dypt, stream);  // cast 10: FC2 grad column-wise
-      fork();
-      grouped_gemm_wgrad(dypt, at, dw2_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
+      grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
       swiglu_backward(da, h, prob, dh, dprob, {}, stream);
       fork();
       cast_qt(nc, dh, dht, wst);  // cast 12: FC1 grad column-wise (read by the wgrad only)
@@ -1315,15 +1306,14 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         ++s.casts.conversions;
       };
       // A saved wgrad operand [M][cols] -> its column-wise FP8 copy: directly from MXFP4
-      // (fp8-flow-mxfp4) or by the scaling-aware transpose of the saved FP8 (fp8-flow). On wst:
-      // only the wgrad reads it.
+      // (fp8-flow-mxfp4) or by the scaling-aware transpose of the saved FP8 (fp8-flow).
       auto saved_to_colwise = [&](const auto& saved_mx, const auto& saved_q, int64_t cols,
-                                  const ScaledTensor& out, int slot) {
+                                  const ScaledTensor& out, int slot, Stream st) {
         if (mx) {
-          mxfp4_to_fp8_transposed(S.mx(saved_mx, M, cols), out, wst);
+          mxfp4_to_fp8_transposed(S.mx(saved_mx, M, cols), out, st);
           ++s.casts.conversions;
         } else {
-          ts(S.rowwise(saved_q, M, cols), out, slot, wst);
+          ts(S.rowwise(saved_q, M, cols), out, slot, st);
         }
       };
       cast_q(nc, dy, dyq, stream);  // cast 2: the only backward cast
@@ -1331,17 +1321,15 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
         ep_dispatch({dyq.data, dyq.scale, {}}, {dypq.data, dypq.scale, {}});
       else
         permute(dyq, dypq, plan, {}, stream);
-      // dypq lives in phase 1's memory, which phase 2 reuses: its transpose stays on `stream`.
-      ts(dypq, dypt, 0, stream);
-      fork();
-      saved_to_colwise(s.a_mx, s.a_q, F, at, 1);
-      grouped_gemm_wgrad(dypt, at, dw2_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad(dypq, m.w2t_e, da, splits, ws, go, stream);
+      ts(dypq, dypt, 0, stream);
+      saved_to_colwise(s.a_mx, s.a_q, F, at, 1, stream);
+      grouped_gemm_wgrad(dypt, at, dw2_e, splits, ws, go, stream);
       // Fused SwiGLU-bwd + quantize, on h as saved in E4M3 (the forward used the exact BF16 h).
       swiglu_backward(da, S.rowwise(s.h_q, M, 2 * F), prob, dhq, dprob, {}, stream);
       fork();
       ts(dhq, dht, 2, wst);
-      saved_to_colwise(s.xp_mx, s.xp_q, H, xpt, 3);
+      saved_to_colwise(s.xp_mx, s.xp_q, H, xpt, 3, wst);
       grouped_gemm_wgrad(dht, xpt, dw1_e, splits, wws, wgo, wst);
       grouped_gemm_dgrad(dhq, m.w1t_e, dxp, splits, ws, go, stream);
       s.debug.fc1_wgrad_x = xpt;

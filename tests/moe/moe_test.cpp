@@ -1066,11 +1066,11 @@ TEST(MoELayerGpu, MatchesCpu) {
     }
 }
 
-// MoEConfig::overlap_wgrad runs the wgrads on a second stream: the same bits as one stream, for
-// every recipe, over two steps on one context (a race on the memory the wgrads read, which phase 2
-// of backward or the next forward reuses, would show), at a size where the wgrads overlap the
-// data-gradient chain, with skewed routing and the GEMM stream counts at the edges (1: one
-// internal stream each; 8: no room, so no overlap).
+// MoEConfig::overlap_wgrad runs the FC1 wgrad on a second stream: the same bits as one stream, for
+// every recipe, over two steps on one context (a race with the next forward, which reuses the
+// memory the wgrad reads, would show), at a size where the wgrad overlaps the rest of backward,
+// with skewed routing and the GEMM stream counts at the edges (1: one internal stream each; 8: no
+// room, so no overlap).
 TEST(MoELayerGpu, OverlapWgradSameBits) {
   FP8FLOW_REQUIRE_GPU();
   Problem p;
