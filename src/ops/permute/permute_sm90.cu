@@ -103,8 +103,7 @@ void permute_rows(const detail::PermuteRowsArgs& p, Stream stream) {
   const auto grid = static_cast<unsigned>((R + (int64_t{1} << log2g) - 1) >> log2g);
   const dim3 block(kernels::kRowsThreads);
   // Unscaled rows with the plan's inverse map: each token row read once and scattered to its rows
-  // (permute_scatter_kernel, MX row scales too); the row kernel then writes FP8 column scales,
-  // probabilities and pad rows.
+  // (permute_scatter_kernel); the row kernel then writes scales, probabilities and pad rows.
   if (!p.scale_by_prob && p.dest_row.data != nullptr && p.k <= 32 && p.in.rows > 0) {
     a.dest_row = p.dest_row.ptr<const int32_t>();
     const auto sgrid =

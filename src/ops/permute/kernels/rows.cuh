@@ -92,21 +92,6 @@ __device__ __forceinline__ void copy_row_scale(const uint8_t* src, uint8_t* dst,
   }
 }
 
-// The same for any access width w in {1, 2, 4, 8, 16} (RowsArgs::rscale_vec; warp-uniform).
-__device__ __forceinline__ void copy_row_scale_w(const uint8_t* src, uint8_t* dst, int n, bool pad,
-                                                 int lane, int w) {
-  if (w == 16)
-    copy_row_scale<16, uint4>(src, dst, n, pad, lane);
-  else if (w == 8)
-    copy_row_scale<8, uint2>(src, dst, n, pad, lane);
-  else if (w == 4)
-    copy_row_scale<4, uint32_t>(src, dst, n, pad, lane);
-  else if (w == 2)
-    copy_row_scale<2, uint16_t>(src, dst, n, pad, lane);
-  else
-    copy_row_scale<1, uint8_t>(src, dst, n, pad, lane);
-}
-
 // One row of nvec 16-byte vectors, kRowsUnroll loads in flight per lane. NOTES: the loads must
 // be unconditional for ptxas to keep them in flight (guarded loads were issued one at a time):
 // full batches need no guard, and the tail batch clamps its addresses to the last vector and only
@@ -193,20 +178,29 @@ __global__ void __launch_bounds__(kRowsThreads)
     } else if (!s_scattered[g]) {
       copy_row<kMul>(src, dst, nvec, s_p[g], lane);
     }
-    if constexpr (kScale == kRowScale) {  // scattered rows got theirs from the scatter kernel
-      if (!s_scattered[g])
-        copy_row_scale_w(a.in_rscale + static_cast<int64_t>(tok < 0 ? 0 : tok) * a.rscale_bytes,
-                         a.out_rscale + r * a.rscale_bytes, a.rscale_bytes, tok < 0, lane,
-                         a.rscale_vec);
+    if constexpr (kScale == kRowScale) {
+      const uint8_t* s = a.in_rscale + static_cast<int64_t>(tok < 0 ? 0 : tok) * a.rscale_bytes;
+      uint8_t* d = a.out_rscale + r * a.rscale_bytes;
+      const bool pad = tok < 0;
+      const int n = a.rscale_bytes, w = a.rscale_vec;
+      if (w == 16)
+        copy_row_scale<16, uint4>(s, d, n, pad, lane);
+      else if (w == 8)
+        copy_row_scale<8, uint2>(s, d, n, pad, lane);
+      else if (w == 4)
+        copy_row_scale<4, uint32_t>(s, d, n, pad, lane);
+      else if (w == 2)
+        copy_row_scale<2, uint16_t>(s, d, n, pad, lane);
+      else
+        copy_row_scale<1, uint8_t>(s, d, n, pad, lane);
     }
   }
 }
 
 // Scatter half of permute (no scaling): a warp per token reads the token's row once and writes it
 // to each of its rows d = dest_row[t][j] that the plan confirms (src_slot[d] == t k + j, so no row
-// is written twice, whatever the plan holds), and with MX row scales (a.out_rscale) the row's
-// scale bytes too; permute_rows_kernel with a.dest_row set writes the rest (the MXFP4 permute,
-// H100, T 4096, k 8, H 7168: scales here instead of a second pass over every row, session 6). Reading X once instead of k times (X [4096][7168] BF16 is 59 MB, more than the L2) is the
+// is written twice, whatever the plan holds); permute_rows_kernel with a.dest_row set writes the
+// rest. Reading X once instead of k times (X [4096][7168] BF16 is 59 MB, more than the L2) is the
 // point: the gather form re-read it from DRAM per pair. Each lane keeps kRowsUnroll 16-byte loads
 // in flight, then stores each to every confirmed row (k <= 32: one lane per pair).
 __global__ void __launch_bounds__(kRowsThreads)
@@ -236,13 +230,6 @@ __global__ void __launch_bounds__(kRowsThreads)
       for (int u = 0; u < kRowsUnroll; ++u)
         if (base + u * 32 + lane < nvec) __stcs(dst + base + u * 32 + lane, buf[u]);
     }
-  }
-  if (a.out_rscale == nullptr) return;
-  const uint8_t* ssrc = a.in_rscale + t * a.rscale_bytes;
-  for (uint32_t m = confirmed; m != 0u; m &= m - 1) {
-    const int32_t r = __shfl_sync(0xFFFFFFFFu, d, __ffs(m) - 1);
-    copy_row_scale_w(ssrc, a.out_rscale + static_cast<int64_t>(r) * a.rscale_bytes,
-                     a.rscale_bytes, false, lane, a.rscale_vec);
   }
 }
 
