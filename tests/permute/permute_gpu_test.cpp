@@ -189,12 +189,7 @@ TEST(PermuteGpu, RowsFollowSrcSlotWhenDestRowDisagrees) {
   dest[13] = static_cast<int32_t>(R);  // out of range
   dest[17] = -1;                       // dropped
   dest[21] = dest[22];                 // two pairs to one row
-  for (DType d : {DType::BF16, DType::F32}) {
-    SCOPED_TRACE(to_string(d));
-    const HostTensor x = random_bytes(d, T, H, 78);
-    HostTensor y(d, R, H);
-    permute(x.v, y.v, hp.view());
-    DevicePlan dp(T, k, E, R);
+  auto upload = [&](DevicePlan& dp) {  // the corrupted host plan, as is
     for (auto [h, dv] : {std::pair{&hp.tpe, &dp.tpe},
                          {&hp.off, &dp.off},
                          {&hp.dest, &dp.dest},
@@ -203,11 +198,37 @@ TEST(PermuteGpu, RowsFollowSrcSlotWhenDestRowDisagrees) {
       ASSERT_EQ(cudaMemcpy(dv->v.data, h->buf.data(), bytes_for(h->v.dtype, h->v.rows, h->v.cols),
                            cudaMemcpyHostToDevice),
                 cudaSuccess);
+  };
+  for (DType d : {DType::BF16, DType::F32}) {
+    SCOPED_TRACE(to_string(d));
+    const HostTensor x = random_bytes(d, T, H, 78);
+    HostTensor y(d, R, H);
+    permute(x.v, y.v, hp.view());
+    DevicePlan dp(T, k, E, R);
+    upload(dp);
     const DeviceTensor dx(x);
     DeviceTensor dy(d, R, H);
     ASSERT_EQ(cudaMemset(dy.v.data, 0x5A, static_cast<size_t>(R * dy.v.row_bytes())), cudaSuccess);
     permute(dx.v, dy.v, dp.view());
     EXPECT_TRUE(same(dy, y));
+  }
+  {  // MXFP4 rows with their E8M0 scales (the scatter kernel writes both for confirmed rows)
+    SCOPED_TRACE("MXFP4");
+    const HostTensor x = random_bytes(DType::E2M1x2, T, H, 79);
+    const HostTensor xs = random_bytes(DType::E8M0, T, H / 32, 80);
+    HostTensor y(DType::E2M1x2, R, H), ys(DType::E8M0, R, H / 32);
+    permute(ScaledTensor{x.v, xs.v, ScaleLayout::Mx1x32},
+            ScaledTensor{y.v, ys.v, ScaleLayout::Mx1x32}, hp.view());
+    DevicePlan dp(T, k, E, R);
+    upload(dp);
+    const DeviceTensor dx(x), dxs(xs);
+    DeviceTensor dy(DType::E2M1x2, R, H), dys(DType::E8M0, R, H / 32);
+    ASSERT_EQ(cudaMemset(dy.v.data, 0x5A, static_cast<size_t>(R * dy.v.row_bytes())), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dys.v.data, 0x5A, static_cast<size_t>(R * dys.v.row_bytes())), cudaSuccess);
+    permute(ScaledTensor{dx.v, dxs.v, ScaleLayout::Mx1x32},
+            ScaledTensor{dy.v, dys.v, ScaleLayout::Mx1x32}, dp.view());
+    EXPECT_TRUE(same(dy, y));
+    EXPECT_TRUE(same(dys, ys));
   }
 }
 
