@@ -21,7 +21,8 @@
 // Streams and graphs: work is ordered on `stream`; inside a call, experts are spread over
 // `options.streams` internal streams forked from and joined back into `stream` with events, which
 // is legal inside CUDA graph capture. Make one call of each shape before capturing (the first call
-// creates the internal streams and cuBLASLt plans). Calls are thread-safe (serialized on the host).
+// creates the internal streams and cuBLASLt plans). Calls are thread-safe (serialized on the host;
+// see GroupedGemmOptions::threaded_enqueue for the library's own enqueue threads).
 #pragma once
 
 #include <cstddef>
@@ -44,6 +45,13 @@ struct GroupedGemmOptions {
   // same time (issued on different caller streams) must use disjoint ranges and separate
   // workspaces; calls on one caller stream may share both.
   int first_stream = 0;
+  // With streams > 1 and at least 2 non-empty experts per stream, the per-expert cuBLASLt calls
+  // are issued by one host thread per internal stream instead of the caller alone (cuBLASLt costs
+  // ~11-17 us of host time per call, which bounds steps with many small experts). Same kernels in
+  // the same streams: results are bit-identical either way. Not inside CUDA graph capture (the
+  // caller issues everything there). The environment variable FP8FLOW_GEMM_THREADS=0 turns it off
+  // for every call.
+  bool threaded_enqueue = true;
   // Which cuBLASLt algorithm each expert's GEMM runs: an index into cuBLASLt's heuristic list for
   // the expert's problem (cublasLtMatmulAlgoGetHeuristic, up to 16 results, split-K / reductions
   // excluded as above; results the heuristic marks unusable are skipped before indexing). 0 (the

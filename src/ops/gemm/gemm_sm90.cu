@@ -22,7 +22,9 @@
 //   expert (~0.45 ms per 32-expert call) against ~50 us of GPU time per expert at DeepSeek shapes,
 //   so the launches run ahead of the GPU; a CUDA graph of the call replays at the same throughput.
 //   The lanes let experts overlap their tail waves: +35% for FC2-shaped experts (short K), -2%
-//   for FC1 fprop, so streams is an option (default 4).
+//   for FC1 fprop, so streams is an option (default 4). With many small experts (the `small`
+//   layer config: 64 experts of ~450 rows) the step is host-bound on these calls, so each lane's
+//   calls are issued by its own host thread (LaneThreads; GroupedGemmOptions::threaded_enqueue).
 // - VEC128_32F scale tensors have no leading-dimension attribute: cuBLASLt reads [ceil(K/128)][n]
 //   with stride n = the expert's row count. An expert's slice of the [ceil(K/128)][M] activation
 //   scales therefore has the wrong stride and is repacked into the workspace (one small kernel for
@@ -45,12 +47,16 @@
 
 #include <algorithm>
 #include <compare>
+#include <condition_variable>
 #include <cstdio>
 #include <cstdlib>
+#include <exception>
+#include <functional>
 #include <map>
 #include <mutex>
 #include <numeric>
 #include <string>
+#include <thread>
 #include <vector>
 
 #include "common/cuda_check.h"
@@ -166,6 +172,79 @@ struct LtJob {
   LtPlan* plan = nullptr;
 };
 
+// Host threads that enqueue lanes 1..kMaxLanes-1 of a call while the caller enqueues lane 0
+// (cuBLASLt's host cost, ~11-17 us per expert on an H100 host, bounds steps with many small
+// experts). Fork-join: run() hands every thread the same task and returns once all are done.
+// Created on first use and never destroyed (detached threads parked on a condition variable).
+class LaneThreads {
+ public:
+  explicit LaneThreads(int device) : device_(device) {
+    for (int l = 1; l < kMaxLanes; ++l) std::thread([this, l] { loop(l); }).detach();
+  }
+  // task(l) for l in [0, lanes): l == 0 on the calling thread. Rethrows the first exception.
+  void run(int lanes, const std::function<void(int)>& task) {
+    {
+      std::lock_guard<std::mutex> lk(m_);
+      task_ = &task;
+      lanes_ = lanes;
+      pending_ = lanes - 1;
+      err_ = nullptr;
+      ++gen_;
+    }
+    work_.notify_all();
+    std::exception_ptr mine;
+    try {
+      task(0);
+    } catch (...) {
+      mine = std::current_exception();
+    }
+    std::unique_lock<std::mutex> lk(m_);
+    done_.wait(lk, [this] { return pending_ == 0; });
+    task_ = nullptr;
+    if (mine) std::rethrow_exception(mine);
+    if (err_) std::rethrow_exception(err_);
+  }
+
+ private:
+  void loop(int lane) {
+    cudaSetDevice(device_);
+    uint64_t seen = 0;
+    std::unique_lock<std::mutex> lk(m_);
+    for (;;) {
+      work_.wait(lk, [&] { return gen_ != seen; });
+      seen = gen_;
+      if (lane >= lanes_) continue;
+      const std::function<void(int)>* task = task_;
+      lk.unlock();
+      std::exception_ptr e;
+      try {
+        (*task)(lane);
+      } catch (...) {
+        e = std::current_exception();
+      }
+      lk.lock();
+      if (e && !err_) err_ = e;
+      if (--pending_ == 0) done_.notify_one();
+    }
+  }
+  int device_;
+  std::mutex m_;
+  std::condition_variable work_, done_;
+  uint64_t gen_ = 0;
+  int lanes_ = 0, pending_ = 0;
+  const std::function<void(int)>* task_ = nullptr;
+  std::exception_ptr err_;
+};
+
+// Threaded enqueue (above) is on unless FP8FLOW_GEMM_THREADS=0.
+bool threads_enabled() {
+  static const bool on = [] {
+    const char* v = std::getenv("FP8FLOW_GEMM_THREADS");
+    return !(v && *v == '0');
+  }();
+  return on;
+}
+
 // Per-device state, created on first use and kept for the process lifetime (never destroyed, so
 // no CUDA calls run during static destruction).
 struct DeviceContext {
@@ -176,6 +255,10 @@ struct DeviceContext {
   cudaEvent_t join[kMaxLanes] = {};
   std::map<LtKey, LtPlan> plans;
   std::string last;  // summaries of the latest call's plans (grouped_gemm_last_algos)
+  // Threaded enqueue: a handle and plan copies per lane >= 1 (lane 0 uses lt and plans).
+  LaneThreads* threads = nullptr;  // leaked on purpose
+  cublasLtHandle_t lane_lt[kMaxLanes] = {};
+  std::map<LtKey, LtPlan> lane_plans[kMaxLanes];
 };
 
 constexpr int kMaxDevices = 64;
@@ -211,6 +294,10 @@ DeviceContext& device_context(const char* op) {
   if (c.plans.size() >= kMaxPlans) {  // bound the cache; only reached with very varied shapes
     for (auto& kv : c.plans) destroy_plan(kv.second);
     c.plans.clear();
+    for (auto& lp : c.lane_plans) {
+      for (auto& kv : lp) destroy_plan(kv.second);
+      lp.clear();
+    }
   }
   return c;
 }
@@ -359,11 +446,10 @@ void select_algo_index(const char* op, cublasLtHandle_t lt, const LtKey& k, LtPl
           " ldb=", k.ldb, " ldd=", k.ldd, "; ", lt_status_name(st), "), got ", k.algo));
 }
 
-// Descriptor, layouts and the heuristic's first algorithm (or options.algo's) for one problem.
-LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
+// The descriptor and layouts of one problem (into p; the caller destroys p on a throw).
+void make_desc(const char* op, const LtJob& j, LtPlan& p) {
   const LtKey& k = j.key;
-  LtPlan p;
-  try {
+  {
     FP8FLOW_LT_CHECK(op, cublasLtMatmulDescCreate(&p.desc, CUBLAS_COMPUTE_32F, CUDA_R_32F));
     const cublasOperation_t ta = static_cast<cublasOperation_t>(k.transa);
     const cublasOperation_t tb = static_cast<cublasOperation_t>(k.transb);
@@ -389,7 +475,15 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
                                                     bn ? k.k : k.n, bn ? k.n : k.k, k.ldb));
     FP8FLOW_LT_CHECK(op, cublasLtMatrixLayoutCreate(&p.d, static_cast<cudaDataType_t>(k.d_type),
                                                     k.m, k.n, k.ldd));
+  }
+}
 
+// Descriptor, layouts and the heuristic's first algorithm (or options.algo's) for one problem.
+LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
+  const LtKey& k = j.key;
+  LtPlan p;
+  try {
+    make_desc(op, j, p);
     if (k.algo == 0)
       select_algo(op, lt, k, p);
     else
@@ -421,6 +515,23 @@ LtPlan make_plan(const char* op, cublasLtHandle_t lt, const LtJob& j) {
     destroy_plan(p);
     throw;
   }
+  return p;
+}
+
+// A copy of `main` for one enqueue thread: its own descriptor (the per-job scale pointers are
+// descriptor attributes) with main's algorithm, so every lane runs exactly main's plan.
+LtPlan lane_plan(const char* op, const LtPlan& main, const LtJob& j) {
+  LtPlan p;
+  try {
+    make_desc(op, j, p);
+  } catch (...) {
+    destroy_plan(p);
+    throw;
+  }
+  p.algo = main.algo;
+  p.workspace = main.workspace;
+  p.how = main.how;
+  p.summary = main.summary;
   return p;
 }
 
@@ -460,17 +571,52 @@ void run_jobs(const char* op, DeviceContext& ctx, std::vector<LtJob>& jobs, cons
       FP8FLOW_CUDA_CHECK(op, cudaStreamWaitEvent(lane_streams[l], ctx.fork, 0));
   }
   static const float kOne = 1.0f, kZero = 0.0f;
+  // The lane of each job (longest first onto the least-loaded lane), in issue order per lane.
+  std::vector<std::vector<size_t>> per_lane(static_cast<size_t>(lanes));
+  std::vector<int> lane_of(jobs.size(), 0);
   for (size_t idx : order) {
-    const LtJob& j = jobs[idx];
     const int lane = static_cast<int>(std::min_element(load.begin(), load.end()) - load.begin());
-    load[static_cast<size_t>(lane)] += j.flops;
+    load[static_cast<size_t>(lane)] += jobs[idx].flops;
+    per_lane[static_cast<size_t>(lane)].push_back(idx);
+    lane_of[idx] = lane;
+  }
+  // Several lanes with several jobs each, not inside graph capture: one host thread per lane.
+  cudaStreamCaptureStatus cap = cudaStreamCaptureStatusNone;
+  FP8FLOW_CUDA_CHECK(op, cudaStreamIsCapturing(stream, &cap));
+  const bool threaded = opt.threaded_enqueue && lanes > 1 &&
+                        jobs.size() >= 2 * static_cast<size_t>(lanes) &&
+                        cap == cudaStreamCaptureStatusNone && threads_enabled();
+  if (threaded) {  // lane plans and handles, made here, on this thread
+    int dev = 0;
+    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+    if (!ctx.threads) ctx.threads = new LaneThreads(dev);
+    for (int l = 1; l < lanes; ++l) {
+      if (!ctx.lane_lt[l]) FP8FLOW_LT_CHECK(op, cublasLtCreate(&ctx.lane_lt[l]));
+      for (size_t idx : per_lane[static_cast<size_t>(l)]) {
+        auto it = ctx.lane_plans[l].find(jobs[idx].key);
+        if (it == ctx.lane_plans[l].end())
+          ctx.lane_plans[l].emplace(jobs[idx].key, lane_plan(op, *jobs[idx].plan, jobs[idx]));
+      }
+    }
+  }
+  auto enqueue = [&](size_t idx, int lane) {
+    const LtJob& j = jobs[idx];
     cudaStream_t s = lanes > 1 ? lane_streams[lane] : stream;
     void* lane_ws =
         static_cast<uint8_t*>(ws.data) + static_cast<size_t>(lane) * kLaneWorkspaceBytes;
-    if (j.key.a_scale != kNoScale) set_scale_pointers(op, *j.plan, j);
-    FP8FLOW_LT_CHECK(op, cublasLtMatmul(ctx.lt, j.plan->desc, &kOne, j.a, j.plan->a, j.b, j.plan->b,
-                                        j.key.accumulate ? &kOne : &kZero, j.d, j.plan->d, j.d,
-                                        j.plan->d, &j.plan->algo, lane_ws, kLaneWorkspaceBytes, s));
+    const bool own = threaded && lane > 0;
+    const LtPlan& p = own ? ctx.lane_plans[lane].find(j.key)->second : *j.plan;
+    if (j.key.a_scale != kNoScale) set_scale_pointers(op, p, j);
+    FP8FLOW_LT_CHECK(op, cublasLtMatmul(own ? ctx.lane_lt[lane] : ctx.lt, p.desc, &kOne, j.a, p.a,
+                                        j.b, p.b, j.key.accumulate ? &kOne : &kZero, j.d, p.d, j.d,
+                                        p.d, &p.algo, lane_ws, kLaneWorkspaceBytes, s));
+  };
+  if (threaded) {
+    ctx.threads->run(lanes, [&](int lane) {
+      for (size_t idx : per_lane[static_cast<size_t>(lane)]) enqueue(idx, lane);
+    });
+  } else {  // one thread: issue order longest first, across the lanes
+    for (size_t idx : order) enqueue(idx, lane_of[idx]);
   }
   if (lanes > 1) {
     for (int l = 0; l < lanes; ++l) {
