@@ -19,8 +19,12 @@ TINY = ["--device", "cpu", "--layers", "1", "--hidden", "256", "--heads", "2", "
 
 
 def run(*args):
+    # The example must import the fp8flow this test imported (pip-installed, or built in place in
+    # python/): putting python/ first whatever the install shadowed an installed extension with
+    # the source tree, which has no _C (ImportError on the GPU machine, session 6).
+    where = os.path.dirname(os.path.dirname(os.path.abspath(fp8flow.__file__)))
     env = dict(os.environ, PYTHONPATH=os.pathsep.join(
-        [os.path.join(ROOT, "python")] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
+        [where] + os.environ.get("PYTHONPATH", "").split(os.pathsep)))
     p = subprocess.run([sys.executable, SCRIPT, *args], capture_output=True, text=True, env=env,
                        timeout=600)
     assert p.returncode == 0, p.stdout[-2000:] + p.stderr[-2000:]
