@@ -28,13 +28,9 @@ constexpr int kLanes = 32;  // dprob partial sums (one per lane of the backward 
 // (SwigluGpu.BranchFreeSiluEqualsHdExhaustive). kBranchFree = false uses hd:: directly.
 constexpr bool kBranchFree = true;
 
-FP8FLOW_HD float exp(float x) {
-  if constexpr (!kBranchFree) return hd::exp(x);
-  // Same reduction and polynomial as hd::exp, on x clamped so that n stays a small integer (the
-  // clamp changes nothing in hd::exp's range [-103.97208, 88.72283]; outside it, selects below).
-  const float xc = x >= -104.0f ? (x <= 89.0f ? x : 89.0f) : -104.0f;  // NaN -> -104
-  const float n = rintf(hd::mul(xc, 1.44269504f));
-  float r = hd::fma(n, -0.693145752f, xc);
+// hd::exp's reduction and polynomial: q with e^x = q * 2^n, n = rint(x log2 e), for the clamped x.
+FP8FLOW_HD float exp_poly(float x, float n) {
+  float r = hd::fma(n, -0.693145752f, x);
   r = hd::fma(n, -1.42860677e-6f, r);
   float q = 1.98412698e-4f;
   q = hd::fma(q, r, 1.38888889e-3f);
@@ -43,7 +39,16 @@ FP8FLOW_HD float exp(float x) {
   q = hd::fma(q, r, 1.66666667e-1f);
   q = hd::fma(q, r, 0.5f);
   q = hd::fma(q, r, 1.0f);
-  q = hd::fma(q, r, 1.0f);
+  return hd::fma(q, r, 1.0f);
+}
+
+FP8FLOW_HD float exp(float x) {
+  if constexpr (!kBranchFree) return hd::exp(x);
+  // Same reduction and polynomial as hd::exp, on x clamped so that n stays a small integer (the
+  // clamp changes nothing in hd::exp's range [-103.97208, 88.72283]; outside it, selects below).
+  const float xc = x >= -104.0f ? (x <= 89.0f ? x : 89.0f) : -104.0f;  // NaN -> -104
+  const float n = rintf(hd::mul(xc, 1.44269504f));
+  const float q = exp_poly(xc, n);
   // q * 2^n as fmt::mul_pow2 does it: q (positive, normal) = q1 * 2^(field - 127), q1 in [1, 2);
   // result = q1 * 2^k, k = field - 127 + n, with 2^k built from bits (Inf for k = 128, 0 below
   // 2^-149): one rounding, exact when the result is normal.
@@ -69,16 +74,7 @@ FP8FLOW_HD float exp(float x) {
 FP8FLOW_HD float exp_for_sigmoid(float y) {
   const float yc = y >= -86.0f ? (y <= 89.0f ? y : 89.0f) : -86.0f;  // NaN -> -86
   const float n = rintf(hd::mul(yc, 1.44269504f));
-  float r = hd::fma(n, -0.693145752f, yc);
-  r = hd::fma(n, -1.42860677e-6f, r);
-  float q = 1.98412698e-4f;
-  q = hd::fma(q, r, 1.38888889e-3f);
-  q = hd::fma(q, r, 8.33333333e-3f);
-  q = hd::fma(q, r, 4.16666667e-2f);
-  q = hd::fma(q, r, 1.66666667e-1f);
-  q = hd::fma(q, r, 0.5f);
-  q = hd::fma(q, r, 1.0f);
-  q = hd::fma(q, r, 1.0f);
+  const float q = exp_poly(yc, n);
   float res = fmt::f32_from_bits(fmt::f32_bits(q) +
                                  (static_cast<uint32_t>(static_cast<int>(n)) << 23));
   res = y > 88.72283f ? fmt::f32_from_bits(0x7F800000u) : res;
