@@ -833,18 +833,32 @@ TEST(GemmGpu, Fp8WgradMatchesReferenceAndAccumulates) {
   }
 }
 
+// Random operands of an FP8 fprop (x, w) and wgrad (dy_t, x_t) over p, on the host and device.
+struct FpropWgradInputs {
+  HostQ x;
+  std::vector<HostQ> w;
+  DevQ xd;
+  std::vector<DevQ> wd;
+  DevQ dyd, xtd;
+  FpropWgradInputs(const Problem& p, uint64_t seed)
+      : x(quant_rows(make_values(p.M(), p.K, Fill::Normal, seed), p.M(), p.K)),
+        w(make_weights(p, seed + 10)),
+        xd(to_dev(x)),
+        wd(to_dev(w)),
+        dyd(to_dev(quant_cols(make_values(p.M(), p.N, Fill::Normal, seed + 1), p.M(), p.N,
+                              p.splits))),
+        xtd(to_dev(quant_cols(make_values(p.M(), p.K, Fill::Normal, seed + 2), p.M(), p.K,
+                              p.splits))) {}
+};
+
 // Two grouped calls in flight at once, issued on two caller streams with disjoint internal stream
 // ranges and separate workspaces (what MoEConfig::overlap_wgrad does): each gives the bits it
 // gives alone. Repeated so that the two overlap on the device.
 TEST(GemmGpu, ConcurrentCallsOnDisjointStreamRanges) {
   FP8FLOW_REQUIRE_GPU();
   const Problem p{1024, 2048, {512, 0, 1024, 256, 128, 512, 0, 640}};
-  const HostQ x = quant_rows(make_values(p.M(), p.K, Fill::Normal, 31), p.M(), p.K);
-  const std::vector<HostQ> w = make_weights(p, 80);
-  const HostQ dy_t = quant_cols(make_values(p.M(), p.N, Fill::Normal, 32), p.M(), p.N, p.splits);
-  const HostQ x_t = quant_cols(make_values(p.M(), p.K, Fill::Normal, 33), p.M(), p.K, p.splits);
-  const DevQ xd = to_dev(x), dyd = to_dev(dy_t), xtd = to_dev(x_t);
-  const std::vector<DevQ> wd = to_dev(w);
+  const FpropWgradInputs in(p, 31);
+  const auto& [x, w, xd, wd, dyd, xtd] = in;
   const GroupedGemmOptions oa{.streams = 4}, ob{.streams = 4, .first_stream = 4};
   DevWorkspace wsa(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits, oa));
   DevWorkspace wsb(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Wgrad, p.N, p.K, p.splits, ob));
@@ -882,12 +896,8 @@ TEST(GemmGpu, ThreadedEnqueueSameBits) {
   std::vector<int64_t> splits(40);
   for (size_t e = 0; e < splits.size(); ++e) splits[e] = (e % 7 == 3) ? 0 : 16 * ((e * 5) % 9 + 1);
   const Problem p{256, 384, splits};
-  const HostQ x = quant_rows(make_values(p.M(), p.K, Fill::Normal, 51), p.M(), p.K);
-  const std::vector<HostQ> w = make_weights(p, 90);
-  const HostQ dy_t = quant_cols(make_values(p.M(), p.N, Fill::Normal, 52), p.M(), p.N, p.splits);
-  const HostQ x_t = quant_cols(make_values(p.M(), p.K, Fill::Normal, 53), p.M(), p.K, p.splits);
-  const DevQ xd = to_dev(x), dyd = to_dev(dy_t), xtd = to_dev(x_t);
-  const std::vector<DevQ> wd = to_dev(w);
+  const FpropWgradInputs in(p, 51);
+  const auto& [x, w, xd, wd, dyd, xtd] = in;
   HostTensor want(DType::BF16, p.M(), p.N);
   grouped_gemm_fprop(x.view(), views(w), want.v, p.splits, {});
   for (int streams : {4, 8}) {
