@@ -62,6 +62,20 @@ std::vector<int64_t> scale_groups(std::span<const int64_t> groups, int64_t rows,
   return out;
 }
 
+std::vector<int64_t> uneven_groups(int64_t rows, int64_t n, int64_t align, uint64_t seed) {
+  // Sizes rows/n +- 12.5%, rounded to `align`; the last takes the remainder.
+  std::vector<int64_t> g(static_cast<size_t>(n));
+  int64_t used = 0;
+  for (int64_t i = 0; i + 1 < n; ++i) {
+    const int64_t base = rows / n, span = std::max<int64_t>(1, base / 4);
+    const int64_t v = base - span / 2 + static_cast<int64_t>(splitmix64(seed + i) % span);
+    g[static_cast<size_t>(i)] = std::max<int64_t>(0, v / align * align);
+    used += g[static_cast<size_t>(i)];
+  }
+  g.back() = std::max<int64_t>(0, rows - used);
+  return g;
+}
+
 std::vector<int64_t> equal_groups(int64_t rows, int64_t n) {
   std::vector<int64_t> g(static_cast<size_t>(n), rows / n);
   g.back() += rows - (rows / n) * n;

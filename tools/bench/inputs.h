@@ -21,5 +21,8 @@ std::vector<int64_t> scale_groups(std::span<const int64_t> groups, int64_t rows,
 
 // `n` equal splits of `rows` (the last takes the remainder).
 std::vector<int64_t> equal_groups(int64_t rows, int64_t n);
+// n group sizes summing to `rows`: each rows/n +- 12.5%, a multiple of `align` (but the last),
+// deterministic in `seed` (the shape of a layer's padded expert segments).
+std::vector<int64_t> uneven_groups(int64_t rows, int64_t n, int64_t align, uint64_t seed);
 
 }  // namespace fp8flow::bench

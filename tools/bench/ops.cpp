@@ -106,16 +106,20 @@ void append(NamedViews& a, const NamedViews& b) {
   a.insert(a.end(), b.begin(), b.end());
 }
 
-OpDef op_transpose(TransposeScalePolicy policy) {
+// `timed_count`: the timed calls also count underflows (what MoELayer does, for
+// MoEContext::transpose_underflow); otherwise only the verification call does.
+OpDef op_transpose(TransposeScalePolicy policy, bool timed_count = false) {
   OpDef o;
   o.name = policy == TransposeScalePolicy::ColumnTight ? "transpose_scaled col_tight"
                                                        : "transpose_scaled tile_max";
+  if (timed_count) o.name += "+count";
   o.src = Src::Fp8;
   // Reads E4M3 [M][K] + its scales [K/128][M]; writes E4M3 [K][M] + scales [tiles(M)][K].
   o.bytes = [](const Shape& s) {
     return fp8_row_bytes(s.M, s.K) + fp8_col_bytes(s.M, s.K, s.groups);
   };
-  o.prepare = [policy](Arena& a, const Inputs& in, const Shape& s, bool count) {
+  o.prepare = [policy, timed_count](Arena& a, const Inputs& in, const Shape& s, bool count) {
+    count = count || timed_count;
     const ScaledTensor out = fp8_col(a, s);
     TransposeOptions opt;
     opt.policy = policy;
@@ -373,7 +377,11 @@ struct CaseSpec {
   double published_naive_ms = 0;  // the naive path's
   std::string shape_label() const {
     std::string s = std::to_string(M) + "x" + std::to_string(K);
-    if (!groups.empty()) s += " g" + std::to_string(groups.size());
+    if (!groups.empty()) {
+      s += " g" + std::to_string(groups.size());
+      if (std::adjacent_find(groups.begin(), groups.end(), std::not_equal_to<>()) != groups.end())
+        s += "u";  // uneven sizes
+    }
     return s;
   }
   std::string label() const { return op->name + " " + shape_label(); }
@@ -382,6 +390,7 @@ struct CaseSpec {
 struct OpTable {
   OpDef col_tight = op_transpose(TransposeScalePolicy::ColumnTight);
   OpDef tile_max = op_transpose(TransposeScalePolicy::TileMax);
+  OpDef col_tight_count = op_transpose(TransposeScalePolicy::ColumnTight, true);
   OpDef naive_transpose = op_naive_transpose();
   OpDef quantize = op_quantize();
   OpDef quantize_transposed = op_quantize_transposed();
@@ -420,7 +429,7 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
     c.M = max_rows > 0 ? std::min(M, max_rows) : M;
     c.K = K;
     c.groups = scale_groups(g, M, c.M);
-    if (max_rows <= 0 && (&op == &t.col_tight || &op == &t.tile_max)) {
+    if (max_rows <= 0 && (&op == &t.col_tight || &op == &t.tile_max || &op == &t.col_tight_count)) {
       c.published_ms = published_transpose_ms(M, K);
       c.published_naive_ms = published_naive_transpose_ms(M, K);
     }
@@ -440,6 +449,13 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
   for (const auto& s : tshapes) {
     add(t.col_tight, &t.naive_transpose, s.M, s.K, s.g);
     add(t.tile_max, &t.naive_transpose, s.M, s.K, s.g);
+  }
+  // The layer's form (fp8-flow's four wgrad operands at dsv3-shard): ColumnTight with the
+  // underflow count, over 32 uneven expert segments padded to 16 rows (partial tiles).
+  const Groups layer_groups = uneven_groups(32768, 32, 16, 7);
+  for (const int64_t k : {int64_t{7168}, int64_t{2048}}) {
+    add(t.col_tight, nullptr, 32768, k, layer_groups);
+    add(t.col_tight_count, nullptr, 32768, k, layer_groups);
   }
   const int64_t M = 32768, K = 7168;
   add(t.quantize, nullptr, M, K, {});

@@ -41,6 +41,7 @@
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <type_traits>
 
 #include "common/groups.h"
 #include "fp8flow/transpose.h"
@@ -159,10 +160,12 @@ __device__ __forceinline__ uint32_t rescale_word_f16(uint32_t x, int t, const F1
   const uint32_t p_hi = mul_f16x2(f16x2_from_e4m3x2(x >> 16), s_hi);
   const uint32_t y = e4m3x2_from_f16x2(p_lo) | (e4m3x2_from_f16x2(p_hi) << 16);
   if constexpr (kCount) {
-    // A value changed iff the re-decoded code differs from the exact product.
+    // A value changed iff the re-decoded code differs from the exact product; that is rare
+    // (an underflow), so the per-element count runs only for a word that has one.
     const uint32_t d_lo = f16x2_from_e4m3x2(y) ^ p_lo, d_hi = f16x2_from_e4m3x2(y >> 16) ^ p_hi;
-    changed += ((d_lo & 0xFFFFu) != 0u) + ((d_lo >> 16) != 0u) + ((d_hi & 0xFFFFu) != 0u) +
-               ((d_hi >> 16) != 0u);
+    if ((d_lo | d_hi) != 0u)
+      changed += ((d_lo & 0xFFFFu) != 0u) + ((d_lo >> 16) != 0u) + ((d_hi & 0xFFFFu) != 0u) +
+                 ((d_hi >> 16) != 0u);
   }
   return y;
 }
@@ -382,19 +385,29 @@ __global__ void __launch_bounds__(kTransposeThreads,
     // 5. Rescale every code by 2^(t_m - T_c): exact, or RNE to a subnormal/zero (hardware cvt).
     // Fast path (FP16, two codes per instruction) for words whose four shifts lie in [-14, 15] and
     // that hold no NaN; the FP32 path otherwise.
+    // Partial tiles (w < 128): the zero-filled rows past w, never stored, take the exponent
+    // sh.tmax instead of kExpMin, which keeps their (zero) words on the fast path; with kExpMin
+    // every word of those rows failed f16_path_ok and the warps ran both paths.
     const tdev::F16Shifts sh = tdev::make_f16_shifts(tcol);
+    auto rescale_rows = [&](auto partial) {
 #pragma unroll
-    for (int i = 0; i < 16; ++i) {
-      const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
-      const int ti = trow[i];
-      uint32_t y;
-      if (tdev::f16_path_ok(xi, ti, sh)) {
-        y = tdev::rescale_word_f16<kCount>(xi, ti, sh, changed);
-      } else {
-        y = tdev::rescale_word<kCount>(xi, ti, tcol, s_val, changed);
+      for (int i = 0; i < 16; ++i) {
+        const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+        int ti = trow[i];
+        if constexpr (decltype(partial)::value) ti = 16 * j + i < w ? ti : sh.tmax;
+        uint32_t y;
+        if (tdev::f16_path_ok(xi, ti, sh)) {
+          y = tdev::rescale_word_f16<kCount>(xi, ti, sh, changed);
+        } else {
+          y = tdev::rescale_word<kCount>(xi, ti, tcol, s_val, changed);
+        }
+        x[i] = y;
       }
-      x[i] = y;
-    }
+    };
+    if (w == 128)
+      rescale_rows(std::false_type{});
+    else
+      rescale_rows(std::true_type{});
 
     // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
     if (j < 4) {
