@@ -55,6 +55,8 @@ void usage(FILE* f) {
       "  --ep-record        layer with EP: dispatch one record per routed pair instead of\n"
       "                     one per (token, rank) expanded on the expert side (the default,\n"
       "                     MoEConfig::ep_dedup, --ep-dedup; same results)\n"
+      "  --align N          layer: expert segment alignment in rows (MoEConfig::align, a\n"
+      "                     power of two in [16, 128]; default 16)\n"
       "  --no-overlap-wgrad layer: backward on one stream (MoEConfig::overlap_wgrad off; by\n"
       "                     default the wgrads run on a second stream; same results)\n"
       "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
@@ -128,6 +130,8 @@ int main(int argc, char** argv) {
       opt.ep_dedup = false;
     else if (a == "--no-overlap-wgrad")
       opt.overlap_wgrad = false;
+    else if (a == "--align")
+      opt.align = static_cast<int>(int_value("--align", 16));
     else if (a == "--gemm-algos")
       opt.gemm_algos = static_cast<int>(int_value("--gemm-algos", 1));
     else if (a == "--only")

@@ -373,6 +373,7 @@ struct CaseSpec {
   const OpDef* naive = nullptr;  // its own row; the op row gets naive_ms / op_ms
   int64_t M = 0, K = 0;
   Groups groups;                  // m_splits (empty = one group)
+  std::string group_tag;          // appended to the shape label (e.g. the groups' alignment)
   double published_ms = 0;        // the op's published time at this shape, if any
   double published_naive_ms = 0;  // the naive path's
   std::string shape_label() const {
@@ -381,6 +382,7 @@ struct CaseSpec {
       s += " g" + std::to_string(groups.size());
       if (std::adjacent_find(groups.begin(), groups.end(), std::not_equal_to<>()) != groups.end())
         s += "u";  // uneven sizes
+      s += group_tag;
     }
     return s;
   }
@@ -422,8 +424,10 @@ double published_naive_transpose_ms(int64_t M, int64_t K) {
 // The case list. `max_rows` > 0 caps M (quick and CPU runs; expert splits scaled along).
 std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
   std::vector<CaseSpec> cases;
-  auto add = [&](const OpDef& op, const OpDef* naive, int64_t M, int64_t K, Groups g) {
+  auto add = [&](const OpDef& op, const OpDef* naive, int64_t M, int64_t K, Groups g,
+                 std::string tag = {}) {
     CaseSpec c;
+    c.group_tag = std::move(tag);
     c.op = &op;
     c.naive = naive;
     c.M = max_rows > 0 ? std::min(M, max_rows) : M;
@@ -451,11 +455,15 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
     add(t.tile_max, &t.naive_transpose, s.M, s.K, s.g);
   }
   // The layer's form (fp8-flow's four wgrad operands at dsv3-shard): ColumnTight with the
-  // underflow count, over 32 uneven expert segments padded to 16 rows (partial tiles).
-  const Groups layer_groups = uneven_groups(32768, 32, 16, 7);
-  for (const int64_t k : {int64_t{7168}, int64_t{2048}}) {
-    add(t.col_tight, nullptr, 32768, k, layer_groups);
-    add(t.col_tight_count, nullptr, 32768, k, layer_groups);
+  // underflow count, over 32 uneven expert segments padded to `a` rows (a16: the layer's default
+  // MoEConfig::align; partial tiles and group starts not on 128-token boundaries).
+  for (const int64_t a : {int64_t{16}, int64_t{32}, int64_t{128}}) {
+    const Groups layer_groups = uneven_groups(32768, 32, a, 7);
+    const std::string tag = "/a" + std::to_string(a);
+    for (const int64_t k : {int64_t{7168}, int64_t{2048}}) {
+      if (a == 16) add(t.col_tight, nullptr, 32768, k, layer_groups, tag);
+      add(t.col_tight_count, nullptr, 32768, k, layer_groups, tag);
+    }
   }
   const int64_t M = 32768, K = 7168;
   add(t.quantize, nullptr, M, K, {});
