@@ -77,6 +77,8 @@ TEST(TransposeGpu, MatchesReferenceGrouped) {
       {4096, 1024, {300, 0, 1700, 33, 2063}},
       {777, 128, {777}},
       {130, 128, {2, 0, 0, 128}},
+      // a layer's segments: multiples of 16, starts at 16 mod 32, partial tiles of 16k rows
+      {2048, 512, {144, 400, 1008, 496}},
   };
   for (const auto& cs : cases)
     for (Fill fill : kFills)

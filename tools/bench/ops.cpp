@@ -454,6 +454,7 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
     add(t.col_tight, &t.naive_transpose, s.M, s.K, s.g);
     add(t.tile_max, &t.naive_transpose, s.M, s.K, s.g);
   }
+  add(t.col_tight_count, nullptr, 32768, 7168, {});
   // The layer's form (fp8-flow's four wgrad operands at dsv3-shard): ColumnTight with the
   // underflow count, over 32 uneven expert segments padded to `a` rows (a16: the layer's default
   // MoEConfig::align; partial tiles and group starts not on 128-token boundaries).
@@ -461,7 +462,7 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
     const Groups layer_groups = uneven_groups(32768, 32, a, 7);
     const std::string tag = "/a" + std::to_string(a);
     for (const int64_t k : {int64_t{7168}, int64_t{2048}}) {
-      if (a == 16) add(t.col_tight, nullptr, 32768, k, layer_groups, tag);
+      add(t.col_tight, nullptr, 32768, k, layer_groups, tag);
       add(t.col_tight_count, nullptr, 32768, k, layer_groups, tag);
     }
   }

@@ -33,7 +33,11 @@
 //   emulation but not the H100: the plain version replaced it.)
 // - Partial tiles (group tails) zero-fill the missing rows (cp.async src-size 0) and store only
 //   valid tokens; outputs not 16-byte aligned (M or the group offset not a multiple of 16) use
-//   4-byte or byte stores. Full aligned tiles take 16-byte stores.
+//   4-byte or byte stores, and so does the one lane holding a tile end that is not a multiple of
+//   16 tokens. Every other lane takes 16-byte stores.
+// - Group starts not on a 32-byte boundary (m0 % 32 == 16, e.g. MoEConfig::align 16) leave the
+//   first and last 32-byte sector of every 128-token row of a tile half written by each of two
+//   CTAs: measured 1.5x slower than 32-aligned starts (H100, bench/RESULTS.md).
 // - Underflow count: per-CTA integer sum, one atomicAdd per CTA with a nonzero count
 //   (deterministic: integer addition).
 #pragma once
@@ -419,13 +423,16 @@ __global__ void __launch_bounds__(kTransposeThreads,
     uint32_t z[4][4];
     tw::thread_transpose(x, z);
     uint8_t* dst = out + static_cast<int64_t>(k0 + 4 * wd) * M + m0 + 16 * j;
-    if (w == 128 && ((M | m0) & 15) == 0) {
+    // 16-byte stores for every lane whose 16 tokens are all valid (also in partial tiles: with
+    // 4-byte stores there, a partial tile's 32-byte sectors were written piecemeal, which measured
+    // slow); the lane holding a tile end that is not a multiple of 16 takes the slow stores.
+    const int n = min(16, w - 16 * j);
+    if (n == 16 && ((M | m0) & 15) == 0) {
 #pragma unroll
       for (int c = 0; c < 4; ++c)
         *reinterpret_cast<uint4*>(dst + static_cast<int64_t>(c) * M) =
             make_uint4(z[c][0], z[c][1], z[c][2], z[c][3]);
     } else {
-      const int n = min(16, w - 16 * j);
       const bool aligned4 = ((M | m0) & 3) == 0;
       if (n > 0) {
 #pragma unroll
