@@ -141,7 +141,15 @@ struct MoEConfig {
   // task loss + aux_loss) to d_logits, dgate and dx.
   RouterConfig router;
   Recipe recipe = Recipe::Fp8Flow;
-  int align = 16;          // expert segment alignment: power of two in [16, 128]
+  // Expert segment alignment in rows: a power of two in [16, 128], or 0 (the default): 32 for the
+  // FP8 recipes, 16 for Bf16 (config() reports the value in use). 16 is the least the GEMMs take;
+  // the FP8 recipes' column-wise copies ([cols][M_pad], written by the scaling-aware transposes
+  // and mxfp4_to_fp8_transposed, read by the wgrads) start each expert at its row offset, and an
+  // offset of 16 mod 32 bytes leaves 32-byte sectors half written by two CTAs: on an H100 the
+  // transpose ran 1.46x slower and the dsv3-shard fp8-flow step 2% slower at 16 than at 32, for
+  // 0.6% more padded rows (bench/RESULTS.md).
+  int align = 0;
+  int resolved_align() const { return align != 0 ? align : (recipe == Recipe::Bf16 ? 16 : 32); }
   int64_t max_tokens = 0;  // T of any call <= max_tokens (sizes the pools)
   int gemm_streams = 4;    // GroupedGemmOptions::streams
   // Cuda: backward runs the FC1 weight-gradient GEMM (and the column-wise copies only it reads)
@@ -152,6 +160,11 @@ struct MoEConfig {
   // [gemm_streams, gemm_streams + n), n = min(gemm_streams, 8 - gemm_streams); with
   // gemm_streams == 8 there is no room and backward runs on one stream. Ignored on the Cpu.
   bool overlap_wgrad = true;
+  // Fp8Flow: the four scaling-aware transposes of backward also count the elements they round
+  // (underflow to subnormal or zero), read by MoEContext::transpose_underflow(). A diagnostic:
+  // it costs about 16% of the transposes' time on an H100 (bench/RESULTS.md), so it is off
+  // unless asked for (transpose_underflow() then reports zeros).
+  bool count_underflow = false;
   // Expert parallelism: ranks of the communicator given to the constructor (1: no EP), and the
   // most rows one rank may receive in a forward (0: the worst case, ep_size * max_tokens *
   // min(top_k, experts / ep_size); pools scale with it).
@@ -255,8 +268,9 @@ class MoEContext {
   size_t pool_bytes() const;
   MoECastCount casts() const;
   // Elements changed by the scaling-aware transposes of the last backward (underflow to
-  // subnormal/zero, see transpose.h), per transposed operand; Fp8Flow only (0 otherwise; the
-  // MXFP4 expansions are not counted). Synchronizes the host.
+  // subnormal/zero, see transpose.h), per transposed operand; Fp8Flow with
+  // MoEConfig::count_underflow only (0 otherwise; the MXFP4 expansions are not counted).
+  // Synchronizes the host.
   MoETransposeUnderflow transpose_underflow() const;
   // The accessors that synchronize read on the stream of the context's last forward/backward.
   // The router's auxiliary load-balancing loss of the last forward (0 when off). Synchronizes.

@@ -401,8 +401,8 @@ void check_config(const Check& c, const MoEConfig& cfg) {
     c.that(cfg.router.seq_len >= 1 && cfg.router.seq_len <= cfg.max_tokens, "cfg.router.seq_len",
            "in [1, max_tokens] when the aux loss is on", cat(cfg.router.seq_len));
   const int a = cfg.align;
-  c.that(a >= 16 && a <= 128 && (a & (a - 1)) == 0, "cfg.align", "a power of two in [16, 128]",
-         cat(a));
+  c.that(a == 0 || (a >= 16 && a <= 128 && (a & (a - 1)) == 0), "cfg.align",
+         "0 (automatic) or a power of two in [16, 128]", cat(a));
   c.that(cfg.max_tokens >= 1 && cfg.max_tokens < (int64_t{1} << 24), "cfg.max_tokens",
          "in [1, 2^24)", cat(cfg.max_tokens));
   c.that(cfg.gemm_streams >= 1 && cfg.gemm_streams <= 8, "cfg.gemm_streams", "in [1, 8]",
@@ -487,6 +487,7 @@ namespace {
 // slots of m and returns the pool size. Shared by the constructor and MoELayer::memory_plan.
 size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Device dev) {
   m.cfg = cfg;
+  m.cfg.align = cfg.resolved_align();  // 0: the recipe's default (MoEConfig::align)
   m.dev = dev;
   m.H = cfg.hidden;
   m.F = cfg.ffn;
@@ -495,11 +496,11 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
   m.ep = cfg.ep_size > 1 || m.comm != nullptr;
   m.k = cfg.router.top_k;
   m.Tmax = cfg.max_tokens;
-  m.Mmax = permutation_max_rows(m.Tmax, m.k, m.E, cfg.align);
+  m.Mmax = permutation_max_rows(m.Tmax, m.k, m.E, m.cfg.align);
   if (m.ep) {
     m.Rmax = cfg.ep_max_recv_rows > 0 ? cfg.ep_max_recv_rows
                                       : dispatch_max_recv_rows(cfg.ep_size, m.Tmax, m.k, m.E);
-    m.Mmax = m.Rmax + m.E * (cfg.align - 1);
+    m.Mmax = m.Rmax + m.E * (m.cfg.align - 1);
   }
   const int64_t H = m.H, F = m.F, E = m.E, T = m.Tmax, M = m.Mmax, k = m.k, Eg = m.Eg;
   const Recipe r = cfg.recipe;
@@ -1301,7 +1302,7 @@ void MoELayer::backward(const TensorView& dy, const MoEGrads& g, MoEContext& ctx
       const ScaledTensor at = P.colwise(m.a_t, F, M, splits);
       auto ts = [&](const ScaledTensor& in, const ScaledTensor& out, int slot, Stream st) {
         TransposeOptions o;
-        o.underflow_count = s.counter(kUnderflow0 + slot);
+        if (m.cfg.count_underflow) o.underflow_count = s.counter(kUnderflow0 + slot);
         transpose_scaled(in, out, o, st);
         ++s.casts.conversions;
       };

@@ -434,7 +434,8 @@ TEST(MoELayer, RecipesVsFp64ReferenceSkewedAndOneToken) {
   p.seed = 11;
   check_vs_ref(p);
   const LayerRun skew = run_cpu(make_data(p), Recipe::Fp8Flow);
-  EXPECT_EQ(skew.m_splits, (std::vector<int64_t>{48, 48, 0, 0}));
+  // 48 rows per used expert, padded to MoEConfig::align's FP8 default of 32.
+  EXPECT_EQ(skew.m_splits, (std::vector<int64_t>{64, 64, 0, 0}));
   Problem one;
   one.T = 1;
   one.seed = 12;
@@ -706,9 +707,11 @@ TEST(MoELayer, DeepSeekV3ShardSavedActivationRatios) {
     c.recipe = kRecipes[i];
     plan[i] = MoELayer::memory_plan(c, DType::BF16, Device::Cuda);
   }
-  const double M = double(plan[0].max_padded_rows);
+  // Bytes per padded row; the FP8 recipes pad to 32 rows by default, bf16 to 16, so the bounds on
+  // padded rows differ (T k + E (align - 1)) and the ratios include that.
   const double per_row[] = {26624, 0, 13728, 9120};
   for (int i = 0; i < 4; ++i) {
+    const double M = double(plan[i].max_padded_rows);
     const double saved = double(plan[i].saved_activation_bytes_max);
     std::printf(
         "[ moe ] DeepSeek-V3 shard %-15s saved activations %.1f B/row, %.3fx bf16; context pool "
@@ -780,6 +783,7 @@ TEST(MoELayer, Fp8FlowWgradSeesFpropValues) {
     MoEWeights w{d.gate.v, {}, d.w1.v, d.w2.v};
     MoEConfig cfg = make_config(p, r);
     cfg.debug_no_scratch_reuse = true;  // read every operand after backward
+    cfg.count_underflow = true;
     MoELayer layer(cfg, w);
     MoEContext ctx = layer.make_context();
     HostTensor y(DType::BF16, p.T, p.H), dx(DType::BF16, p.T, p.H),
@@ -1114,6 +1118,57 @@ TEST(MoELayerGpu, OverlapWgradSameBits) {
       for (size_t i = 0; i < got[0].size(); ++i)
         EXPECT_TRUE(bytes_equal(got[0][i], got[1][i])) << "step " << i / 5 << " tensor " << i % 5;
     }
+}
+
+// MoEConfig::count_underflow only adds the count: the same bits with it on and off (the transpose's
+// two kernel instances), zeros when off, and when on the CPU backend's counts. Inputs with rows
+// 2^-12 below the rest make underflows happen. Also the default alignment in use (config()).
+TEST(MoELayerGpu, CountUnderflowSameBits) {
+  FP8FLOW_REQUIRE_GPU();
+  Problem p;
+  p.T = 256;
+  Data d = make_data(p);
+  for (int64_t t = 0; t < p.T; t += 3)
+    for (int64_t h = 0; h < p.H; ++h) {
+      uint16_t& v = d.x.ptr<uint16_t>()[t * p.H + h];
+      v = fmt::bf16_from_f32(fmt::bf16_to_f32(v) * 0x1p-12f);
+    }
+  DeviceTensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(d.dy);
+  std::vector<HostTensor> got[2];
+  MoETransposeUnderflow uf[2];
+  for (int on = 0; on < 2; ++on) {
+    MoEConfig cfg = make_config(p, Recipe::Fp8Flow);
+    cfg.count_underflow = on == 1;
+    MoELayer layer(cfg, MoEWeights{gate.v, {}, w1.v, w2.v});
+    EXPECT_EQ(layer.config().align, 32);
+    MoEContext ctx = layer.make_context();
+    LayerOutputs<DeviceTensor> out(p);
+    layer.forward(x.v, out.y.v, ctx);
+    layer.backward(dy.v, out.grads(), ctx);
+    for (const DeviceTensor* t : {&out.y, &out.dx, &out.dw1, &out.dw2, &out.dg})
+      got[on].push_back(t->to_host());
+    uf[on] = ctx.transpose_underflow();
+  }
+  for (size_t i = 0; i < got[0].size(); ++i)
+    EXPECT_TRUE(bytes_equal(got[0][i], got[1][i])) << "tensor " << i;
+  EXPECT_EQ(uf[0].total(), 0);
+  EXPECT_GT(uf[1].total(), 0);
+  MoEConfig cfg = make_config(p, Recipe::Fp8Flow);
+  cfg.count_underflow = true;
+  MoELayer cpu(cfg, MoEWeights{d.gate.v, {}, d.w1.v, d.w2.v});
+  MoEContext cctx = cpu.make_context();
+  LayerOutputs<HostTensor> cout_(p);
+  cpu.forward(d.x.v, cout_.y.v, cctx);
+  cpu.backward(d.dy.v, cout_.grads(), cctx);
+  const MoETransposeUnderflow want = cctx.transpose_underflow();
+  EXPECT_EQ(uf[1].fc1_x, want.fc1_x);
+  EXPECT_EQ(uf[1].fc2_x, want.fc2_x);
+  EXPECT_EQ(uf[1].fc1_grad, want.fc1_grad);
+  EXPECT_EQ(uf[1].fc2_grad, want.fc2_grad);
+  EXPECT_EQ(MoELayer(make_config(p, Recipe::Bf16), MoEWeights{gate.v, {}, w1.v, w2.v})
+                .config()
+                .align,
+            16);
 }
 
 TEST(MoELayerGpu, NonFiniteWeightGradsOptional) {

@@ -508,7 +508,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     rep->set(r, "pool_gib", static_cast<double>(pool_max) / kGiB);
     rep->set(r, "pool_mib", static_cast<double>(pool_max) / kMiB);
     rep->set(r, "overlap_wgrad", static_cast<int64_t>(cfg.overlap_wgrad && gpu ? 1 : 0));
-    rep->set(r, "align", static_cast<int64_t>(cfg.align));
+    rep->set(r, "align", static_cast<int64_t>(cfg.resolved_align()));
     if (static_cast<size_t>(pool_max) != plan.step_bytes(1))
       rep->set(r, "note", std::string("pool bytes differ from memory_plan"));
     if (comm) {
