@@ -1160,11 +1160,15 @@ TEST(MoELayerGpu, CountUnderflowSameBits) {
   LayerOutputs<HostTensor> cout_(p);
   cpu.forward(d.x.v, cout_.y.v, cctx);
   cpu.backward(d.dy.v, cout_.grads(), cctx);
+  // x and dy reach their transposes as the same FP8 bits on both backends: equal counts. The FC2
+  // input and the FC1 gradient come out of GEMMs (summation order differs between the backends),
+  // so their counts only agree closely (the transpose's count itself is checked bit for bit in
+  // TransposeGpu).
   const MoETransposeUnderflow want = cctx.transpose_underflow();
   EXPECT_EQ(uf[1].fc1_x, want.fc1_x);
-  EXPECT_EQ(uf[1].fc2_x, want.fc2_x);
-  EXPECT_EQ(uf[1].fc1_grad, want.fc1_grad);
   EXPECT_EQ(uf[1].fc2_grad, want.fc2_grad);
+  EXPECT_NEAR(double(uf[1].fc2_x), double(want.fc2_x), 1e-2 * double(want.fc2_x) + 1);
+  EXPECT_NEAR(double(uf[1].fc1_grad), double(want.fc1_grad), 1e-2 * double(want.fc1_grad) + 1);
   EXPECT_EQ(MoELayer(make_config(p, Recipe::Bf16), MoEWeights{gate.v, {}, w1.v, w2.v})
                 .config()
                 .align,
