@@ -29,6 +29,7 @@ struct Options {
   bool ep_dedup = true;            // layer: MoEConfig::ep_dedup (--ep-record: false)
   bool overlap_wgrad = true;       // layer: MoEConfig::overlap_wgrad (--no-overlap-wgrad: false)
   int align = 0;  // layer: MoEConfig::align (--align N; 0: the config's default)
+  int gemm_streams = 0;  // layer: MoEConfig::gemm_streams (--gemm-streams N; 0: its default)
   int gemm_algos = 0;              // --gemm-algos N (ops: FP8 GEMMs also with cuBLASLt algo 1..N-1)
   std::vector<std::string> extra;  // arguments left for the subcommand (after --)
 };

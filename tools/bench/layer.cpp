@@ -249,6 +249,7 @@ struct LayerRun {
   bool ep_dedup = true;  // MoEConfig::ep_dedup (--ep-record: false)
   bool overlap_wgrad = true;  // MoEConfig::overlap_wgrad (--no-overlap-wgrad: false)
   int align = 0;              // MoEConfig::align (--align; 0: its default)
+  int gemm_streams = 0;       // MoEConfig::gemm_streams (--gemm-streams; 0: its default)
   LayerShape shape;      // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
@@ -356,6 +357,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     cfg.max_tokens = T;
     cfg.overlap_wgrad = L.overlap_wgrad;
     if (L.align > 0) cfg.align = L.align;
+    if (L.gemm_streams > 0) cfg.gemm_streams = L.gemm_streams;
     std::string error;
     // Pools: the single-GPU layer as before; with EP the worst-case receive bound if it fits on
     // every rank, else bounded_recv_rows (agreed on collectively: the config must match).
@@ -509,6 +511,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
     rep->set(r, "pool_mib", static_cast<double>(pool_max) / kMiB);
     rep->set(r, "overlap_wgrad", static_cast<int64_t>(cfg.overlap_wgrad && gpu ? 1 : 0));
     rep->set(r, "align", static_cast<int64_t>(cfg.resolved_align()));
+    rep->set(r, "gemm_streams", static_cast<int64_t>(cfg.gemm_streams));
     if (static_cast<size_t>(pool_max) != plan.step_bytes(1))
       rep->set(r, "note", std::string("pool bytes differ from memory_plan"));
     if (comm) {
@@ -703,6 +706,7 @@ int run_layer(const Options& opt) {
   L.ep_dedup = opt.ep_dedup;
   L.overlap_wgrad = opt.overlap_wgrad;
   L.align = opt.align;
+  L.gemm_streams = opt.gemm_streams;
   if (mpi) {
     // mpirun mode: one rank per process and GPU, NCCL bootstrapped over MPI.
     if (!mpirun_mode_available("layer", "--ep", gpu)) return 2;

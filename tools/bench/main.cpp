@@ -58,6 +58,8 @@ void usage(FILE* f) {
       "  --align N          layer: expert segment alignment in rows (MoEConfig::align, a\n"
       "                     power of two in [16, 128]; default: 32 for the FP8 recipes, 16\n"
       "                     for bf16)\n"
+      "  --gemm-streams N   layer: internal streams of the per-expert GEMMs\n"
+      "                     (MoEConfig::gemm_streams, 1..8; default 4)\n"
       "  --no-overlap-wgrad layer: backward on one stream (MoEConfig::overlap_wgrad off; by\n"
       "                     default the wgrads run on a second stream; same results)\n"
       "  --gpus N           comm: N ranks, one thread per GPU (default: all visible GPUs);\n"
@@ -133,6 +135,8 @@ int main(int argc, char** argv) {
       opt.overlap_wgrad = false;
     else if (a == "--align")
       opt.align = static_cast<int>(int_value("--align", 16));
+    else if (a == "--gemm-streams")
+      opt.gemm_streams = static_cast<int>(int_value("--gemm-streams", 1));
     else if (a == "--gemm-algos")
       opt.gemm_algos = static_cast<int>(int_value("--gemm-algos", 1));
     else if (a == "--only")
