@@ -59,8 +59,7 @@ TEST(TransposeGpu, MatchesReferenceSingleGroup) {
   FP8FLOW_REQUIRE_GPU();
   const TransposeCase cases[] = {
       {128, 128, {}}, {300, 256, {}}, {1000, 1280, {}}, {1, 128, {}}, {4096, 7168, {}},
-      // enough 128 x 128 tiles (3584) for ColumnTight's persistent CTAs on an H100/H200 (>= 8
-      // per resident CTA); the smaller cases run one CTA per tile
+      // 3584 tiles: ColumnTight's persistent CTAs take 9 each on an H100/H200
       {8192, 7168, {}},
   };
   for (const auto& cs : cases)
@@ -82,7 +81,7 @@ TEST(TransposeGpu, MatchesReferenceGrouped) {
       {130, 128, {2, 0, 0, 128}},
       // a layer's segments: multiples of 16, starts at 16 mod 32, partial tiles of 16k rows
       {2048, 512, {144, 400, 1008, 496}},
-      // the same kind of segments with enough tiles for the persistent CTAs (75 x 48 pairs)
+      // the same kind of segments, many tiles per persistent CTA (73 x 48 pairs)
       {9000, 6144, {1100, 0, 2016, 944, 3000, 1940}},
   };
   for (const auto& cs : cases)

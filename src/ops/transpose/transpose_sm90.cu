@@ -16,10 +16,9 @@ namespace {
 // ColumnTight: persistent CTAs, as many as fit on the device at once (at most one per tile pair),
 // each prefetching its next pair while it computes one. TileMax: one CTA per pair (the kernel's
 // loop runs once): measured faster for it (H100, 32768 x 7168: 0.179 ms one-shot, 0.200 ms
-// persistent; ColumnTight 0.217 ms one-shot, 0.204 ms persistent). Small ColumnTight calls (fewer
-// than kPersistentMinWaves pairs per resident CTA: each CTA's first tile copy is not overlapped,
-// and 5-8 pairs per CTA leave uneven tails) also run one CTA per pair.
-constexpr int64_t kPersistentMinWaves = 8;
+// persistent; ColumnTight 0.217 ms one-shot, 0.204 ms persistent). Small ColumnTight calls stay
+// persistent too: one CTA per pair measured slower there (28672 x 1280: 0.0392 -> 0.0420 ms,
+// 24576 x 2048: 0.0499 -> 0.0542 ms).
 template <TransposeScalePolicy kPolicy, bool kCount>
 void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
             unsigned long long* counter, int32_t m, int32_t k, const detail::GroupTiles& groups) {
@@ -32,8 +31,7 @@ void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uin
     FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
     FP8FLOW_CUDA_CHECK(
         op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTransposeThreads, 0));
-    const int64_t resident = int64_t{sms} * std::max(per_sm, 1);
-    if (pairs >= kPersistentMinWaves * resident) grid = resident;
+    grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
   }
   kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k,
                                                                         groups);
