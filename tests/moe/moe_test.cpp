@@ -864,6 +864,30 @@ TEST(MoELayer, DeterministicAcrossSteps) {
   }
 }
 
+// MoEConfig::align 0 resolves per recipe (32 rows for the FP8 recipes, 16 for bf16) and config()
+// reports the value in use; an explicit value is kept; the padded segments follow it.
+TEST(MoELayer, DefaultAlignmentPerRecipe) {
+  Problem p;
+  p.T = 24;
+  const Data d = make_data(p);
+  const MoEWeights w{d.gate.v, {}, d.w1.v, d.w2.v};
+  for (Recipe r : kRecipes) {
+    SCOPED_TRACE(to_string(r));
+    const int want = r == Recipe::Bf16 ? 16 : 32;
+    MoEConfig c = make_config(p, r);
+    EXPECT_EQ(c.align, 0);
+    EXPECT_EQ(c.resolved_align(), want);
+    MoELayer layer(c, w);
+    EXPECT_EQ(layer.config().align, want);
+    MoEContext ctx = layer.make_context();
+    HostTensor y(DType::BF16, p.T, p.H);
+    layer.forward(d.x.v, y.v, ctx);
+    for (int64_t m : ctx.m_splits()) EXPECT_EQ(m % want, 0) << m;
+    c.align = 64;
+    EXPECT_EQ(MoELayer(c, w).config().align, 64);
+  }
+}
+
 // ---------------------------------------------------------------------------------------------
 // Bad input.
 
