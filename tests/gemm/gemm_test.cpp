@@ -1197,7 +1197,9 @@ TEST(GemmGpu, OwnFpropMatchesReference) {
     // Deterministic.
     sm90::own::own_grouped_fprop(xd.view(), wv, y2.v, p.splits, nullptr);
     EXPECT_TRUE(bytes_equal(got, y2.to_host()));
-    // Against cuBLASLt on the same device operands.
+    // Against cuBLASLt on the same device operands (its per-expert scale slices must start
+    // 16-byte aligned).
+    if ((NT * KT) % 4 != 0) continue;
     DevWorkspace ws(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits));
     grouped_gemm_fprop(xd.view(), wv, y2.v, p.splits, ws.ws);
     const HostTensor lt = y2.to_host();
