@@ -6,6 +6,7 @@
 // (BF16 rounding is ~2^-9), < 1e-3 for F32 outputs. NaN positions must match exactly.
 #include <algorithm>
 #include <cmath>
+#include <cstring>
 #include <numeric>
 #include <string>
 #include <vector>
@@ -13,6 +14,9 @@
 #include "common/ref_access.h"
 #include "common/test_util.h"
 #include "fp8flow/gemm.h"
+#if FP8FLOW_WITH_CUDA
+#include "ops/gemm/own_fprop.h"
+#endif
 
 namespace fp8flow::test {
 namespace {
@@ -763,7 +767,7 @@ TEST(GemmGpu, Fp8DgradMatchesReference) {
     for (DType gd : {DType::E4M3, DType::E5M2}) {
       SCOPED_TRACE(name(p) + (gd == DType::E5M2 ? " dy E5M2" : " dy E4M3"));
       const HostQ dy = quant_rows(make_values(p.M(), p.N, Fill::Normal, 22), p.M(), p.N, gd);
-      const std::vector<HostQ> w = make_weights(p, 70);
+      std::vector<HostQ> w = make_weights(p, 70);  // ptr() is non-const
       std::vector<HostQ> wt;
       for (const HostQ& q : w) wt.push_back(transposed_weights(q));
       HostTensor want(DType::BF16, p.M(), p.K);
@@ -1142,6 +1146,66 @@ TEST(GemmGpu, AlgoIndexSelectsOtherHeuristicResults) {
     EXPECT_NE(msg.find("fp8flow::grouped_gemm_fprop: options.algo: expected < "), std::string::npos)
         << msg;
     EXPECT_NE(msg.find("got 16"), std::string::npos) << msg;
+  }
+}
+
+// The experimental one-launch kernel (branch owngemm, src/ops/gemm/own_fprop_sm90.cu) against the
+// CPU reference and cuBLASLt: segments that are not multiples of 128 rows (partial tiles whose
+// extra rows belong to the next expert), empty experts, several K blocks, N tiles.
+TEST(GemmGpu, OwnFpropMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  const std::vector<Problem> problems = {
+      // (multiples of 16 rows: the API's contract, which the CPU reference checks)
+      {256, 256, {0, 144, 64, 208}},
+      {384, 640, {128, 304, 0, 16, 496}},
+      {1024, 1024, {512, 0, 704, 304}},
+      {128, 128, {16}},
+  };
+  for (const Problem& p : problems) {
+    SCOPED_TRACE(name(p));
+    const int64_t E = static_cast<int64_t>(p.E()), NT = p.N / 128, KT = p.K / 128;
+    const HostQ x = quant_rows(make_values(p.M(), p.K, Fill::Normal, 31), p.M(), p.K);
+    std::vector<HostQ> w = make_weights(p, 70);  // ptr() is non-const
+    // One contiguous [E N][K] weight tensor with contiguous [E N/128][K/128] scales.
+    HostQ all = make_q(DType::E4M3, ScaleLayout::Block128x128, E * p.N, p.K);
+    for (int64_t e = 0; e < E; ++e) {
+      std::memcpy(all.data.ptr<uint8_t>() + e * p.N * p.K, w[e].data.ptr<uint8_t>(),
+                  static_cast<size_t>(p.N * p.K));
+      std::memcpy(all.scale.ptr<float>() + e * NT * KT, w[e].scale.ptr<float>(),
+                  static_cast<size_t>(NT * KT) * sizeof(float));
+    }
+    const DevQ xd = to_dev(x), alld = to_dev(all);
+    std::vector<ScaledTensor> wv;
+    for (int64_t e = 0; e < E; ++e)
+      wv.push_back(ScaledTensor{
+          TensorView{static_cast<uint8_t*>(alld.data.p) + e * p.N * p.K, DType::E4M3, p.N, p.K,
+                     -1, Device::Cuda},
+          TensorView{static_cast<float*>(alld.scale.p) + e * NT * KT, DType::F32, NT, KT, -1,
+                     Device::Cuda},
+          ScaleLayout::Block128x128,
+          {}});
+    HostTensor want(DType::BF16, p.M(), p.N);
+    grouped_gemm_fprop(x.view(), views(w), want.v, p.splits, {});
+    DeviceTensor y(DType::BF16, p.M(), p.N), y2(DType::BF16, p.M(), p.N);
+    ASSERT_TRUE(sm90::own::own_fprop_supported(xd.view(), wv, y.v));
+    sm90::own::own_grouped_fprop(xd.view(), wv, y.v, p.splits, nullptr);
+    ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+    const HostTensor got = y.to_host();
+    EXPECT_TRUE(rows_close(
+        got.v, [&](int64_t r, int64_t c) { return ref::load_f32(want.v, r, c); }, 0, p.M(),
+        kTolBf16));
+    // Deterministic.
+    sm90::own::own_grouped_fprop(xd.view(), wv, y2.v, p.splits, nullptr);
+    EXPECT_TRUE(bytes_equal(got, y2.to_host()));
+    // Against cuBLASLt on the same device operands (its per-expert scale slices must start
+    // 16-byte aligned).
+    if ((NT * KT) % 4 != 0) continue;
+    DevWorkspace ws(grouped_gemm_workspace_bytes(GroupedGemmKind::Fp8Fprop, p.N, p.K, p.splits));
+    grouped_gemm_fprop(xd.view(), wv, y2.v, p.splits, ws.ws);
+    const HostTensor lt = y2.to_host();
+    EXPECT_TRUE(rows_close(
+        got.v, [&](int64_t r, int64_t c) { return ref::load_f32(lt.v, r, c); }, 0, p.M(),
+        kTolBf16));
   }
 }
 

@@ -481,10 +481,22 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
   uint64_t seed = 40;
   MoeCall r;
   r.work = 2 * d(M) * d(N) * d(K);
+  // The experts' FP8 weights as slices of one [E rows][cols] tensor with contiguous scales (the
+  // layer's layout, which the one-launch kernel of branch owngemm requires).
   auto weights8 = [&](int64_t rows, int64_t cols) {
+    const int64_t rb = (rows + 127) / 128, cb = (cols + 127) / 128;
+    const int64_t ss = (rb * cb + 3) / 4 * 4;  // scale floats per expert, 16-byte aligned slices
+    const TensorView data = a.tensor(DType::E4M3, E * rows, cols);
+    const TensorView scale = a.tensor(DType::F32, E, ss);
     std::vector<ScaledTensor> w;
     for (int64_t e = 0; e < E; ++e) {
-      w.push_back(a.scaled(DType::E4M3, B, rows, cols));
+      w.push_back(ScaledTensor{
+          TensorView{static_cast<uint8_t*>(data.data) + e * rows * cols, DType::E4M3, rows, cols,
+                     -1, data.device},
+          TensorView{static_cast<float*>(scale.data) + e * ss, DType::F32, rb, cb, -1,
+                     scale.device},
+          B,
+          {}});
       fill_scaled(w.back(), Fill::Fp8, Fill::Pow2, ++seed);
     }
     return w;

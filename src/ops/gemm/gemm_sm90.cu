@@ -61,6 +61,7 @@
 
 #include "common/cuda_check.h"
 #include "ops/gemm/gemm_backends.h"
+#include "ops/gemm/own_fprop.h"
 
 namespace fp8flow::sm90 {
 namespace {
@@ -666,6 +667,15 @@ void grouped_gemm_rowwise(const char* op, const ScaledTensor& a, std::span<const
   const int lanes = std::clamp(opt.streams, 1, kMaxLanes);
   const detail::Fp8RowwiseWorkspace lay = detail::fp8_rowwise_workspace(Nout, Kc, m_splits, lanes);
   if (M == 0 || Nout == 0) return;
+  // Experimental (branch owngemm): FP8FLOW_OWN_GEMM=1 runs our one-launch kernel where it applies.
+  static const bool own_gemm = [] {
+    const char* v = std::getenv("FP8FLOW_OWN_GEMM");
+    return v && v[0] == '1';
+  }();
+  if (own_gemm && !opt.accumulate && own::own_fprop_supported(a, b, out)) {
+    own::own_grouped_fprop(a, b, out, m_splits, stream_);
+    return;
+  }
   std::lock_guard<std::mutex> lock(gemm_mutex());
   DeviceContext& ctx = device_context(op);
   int dev = 0;

@@ -1,0 +1,23 @@
+// Experimental FP8 block-scaled grouped GEMM of our own (sm_90a; branch owngemm): the fprop /
+// dgrad form of grouped_gemm_fprop (X 1x128 . W_e 128x128, BF16 out) in one launch for all experts.
+// Not used by the layer; tests/gemm/own_fprop_test.cpp checks it against the CPU reference and
+// cuBLASLt, fp8flow-bench ops times it (rows "own fprop").
+#pragma once
+
+#include <cstdint>
+#include <span>
+
+#include "fp8flow/types.h"
+
+namespace fp8flow::sm90::own {
+
+// Whether the operands fit the kernel: E4M3, N and K multiples of 128, the E weight views (and
+// their scales) one contiguous tensor, y BF16 with ld % 8 == 0, E <= 256, dense X.
+bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
+                         const TensorView& y);
+// y = x . w_e^T per expert segment (m_splits), on `stream`. Throws fp8flow::Error (Unsupported)
+// outside own_fprop_supported.
+void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, const TensorView& y,
+                       std::span<const int64_t> m_splits, Stream stream);
+
+}  // namespace fp8flow::sm90::own

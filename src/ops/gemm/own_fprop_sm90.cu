@@ -1,0 +1,336 @@
+// sm90_own_fprop: an experimental FP8 block-scaled grouped GEMM of our own for fprop / dgrad
+// (branch owngemm; not wired into the layer): Y [M][N] = X [M][K] . W_e^T per expert segment, X
+// row-wise 1x128 scaled ([K/128][M] F32), W_e 128x128 block scaled, BF16 out.
+//
+// One CTA per 128 x 128 output tile (expert, n tile, m tile; m tiles fastest within an n tile, so
+// a weight tile is reused from L2 by the expert's m tiles), 3 warpgroups: warpgroup 0 issues TMA
+// loads of the 128 x 128 A and B tiles (128-byte swizzle) into a kStages-deep ring guarded by
+// mbarriers; warpgroups 1 and 2 each multiply 64 rows: per 128-wide K block, four wgmma m64n128k32
+// into a temporary accumulator, then acc += tmp * scale_a[row] * scale_b (the DeepSeek-V3 recipe's
+// FP32 promotion per K block). Epilogue: BF16 through shared memory, 16-byte coalesced stores of
+// the rows inside the expert's segment.
+//
+// Requirements (checked on the host): E4M3 operands, N % 128 == 0, K % 128 == 0, the E weight views
+// one contiguous [E N][K] tensor with contiguous scales, y BF16 with ld % 8 == 0, E <= 256.
+#include <cuda.h>
+#include <cuda_bf16.h>
+#include <cuda_runtime.h>
+
+#include <cstdint>
+#include <memory>
+#include <vector>
+
+#include "common/check.h"
+#include "common/cuda_check.h"
+#include "ops/gemm/own_fprop.h"
+
+namespace fp8flow::sm90::own {
+
+namespace {
+
+constexpr int kBM = 128, kBN = 128, kBK = 128;
+constexpr int kStages = 5;
+constexpr int kThreads = 384;
+constexpr int kTileBytes = kBM * kBK;                 // one A or B tile, E4M3
+constexpr int kStageBytes = 2 * kTileBytes;           // A + B
+constexpr int kEpiBytes = kBM * kBN * 2;              // BF16 output tile
+constexpr int kMaxExperts = 256;
+constexpr size_t kSmemBytes = 1024 + size_t{kStages} * kStageBytes + kEpiBytes + 2 * kStages * 8;
+
+struct Params {
+  int E, N, K, M;
+  int n_tiles;                      // N / 128
+  int tile_start[kMaxExperts + 1];  // CTA index where expert e starts (m_tiles_e * n_tiles each)
+  int row_start[kMaxExperts + 1];   // first row of expert e; row_start[E] = M
+  const float* scale_a;             // [K/128][M]
+  const float* scale_b;             // [E][N/128][K/128]
+  __nv_bfloat16* y;
+  int64_t ldy;
+};
+
+__device__ __forceinline__ uint32_t smem_u32(const void* p) {
+  return static_cast<uint32_t>(__cvta_generic_to_shared(p));
+}
+__device__ __forceinline__ void mbar_init(uint64_t* bar, int count) {
+  asm volatile("mbarrier.init.shared::cta.b64 [%0], %1;" ::"r"(smem_u32(bar)), "r"(count));
+}
+__device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
+  asm volatile("mbarrier.arrive.expect_tx.shared::cta.b64 _, [%0], %1;" ::"r"(smem_u32(bar)),
+               "r"(bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
+__device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
+  asm volatile(
+      "{\n"
+      ".reg .pred done;\n"
+      "WAIT_%=:\n"
+      "mbarrier.try_wait.parity.shared::cta.b64 done, [%0], %1;\n"
+      "@!done bra WAIT_%=;\n"
+      "}\n" ::"r"(smem_u32(bar)),
+      "r"(parity)
+      : "memory");
+}
+__device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, int x, int y,
+                                            uint64_t* bar) {
+  asm volatile(
+      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes [%0], [%1, {%2, "
+      "%3}], [%4];" ::"r"(smem_u32(dst)),
+      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
+      : "memory");
+}
+
+// wgmma shared-memory descriptor: K-major tile of 128-byte rows, 128-byte swizzle (layout type 1),
+// 8-row core-matrix groups 1024 bytes apart (stride byte offset), leading byte offset unused (1).
+__device__ __forceinline__ uint64_t sw128_desc(const void* p) {
+  const uint64_t a = smem_u32(p);
+  return ((a & 0x3FFFFu) >> 4) | (uint64_t{1} << 16) | (uint64_t{1024 >> 4} << 32) |
+         (uint64_t{1} << 62);
+}
+
+__device__ __forceinline__ void wgmma_fence() {
+  asm volatile("wgmma.fence.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_commit() {
+  asm volatile("wgmma.commit_group.sync.aligned;" ::: "memory");
+}
+__device__ __forceinline__ void wgmma_wait0() {
+  asm volatile("wgmma.wait_group.sync.aligned 0;" ::: "memory");
+}
+// Pins the accumulator registers at this point of the program: the compiler must not move their
+// reads or writes across the wgmma issue / wait (it does not know the asm runs asynchronously).
+__device__ __forceinline__ void fence_regs(float (&r)[64]) {
+#pragma unroll
+  for (int i = 0; i < 64; ++i) asm volatile("" : "+f"(r[i])::"memory");
+}
+
+// D[64x128] (+)= A[64x32] . B[128x32]^T, both E4M3 from shared memory (K-major, 128B swizzle),
+// F32 accumulators in the m64n128 fragment layout; scale_d 0 overwrites D.
+__device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t desc_a,
+                                                      uint64_t desc_b, int scale_d) {
+  asm volatile(
+      "{\n"
+      ".reg .pred p;\n"
+      "setp.ne.b32 p, %66, 0;\n"
+      "wgmma.mma_async.sync.aligned.m64n128k32.f32.e4m3.e4m3 "
+      "{%0,%1,%2,%3,%4,%5,%6,%7,%8,%9,%10,%11,%12,%13,%14,%15,%16,%17,%18,%19,%20,%21,%22,%23,%24,%25,%26,%27,%28,%29,%30,%31,%32,%33,%34,%35,%36,%37,%38,%39,%40,%41,%42,%43,%44,%45,%46,%47,%48,%49,%50,%51,%52,%53,%54,%55,%56,%57,%58,%59,%60,%61,%62,%63}, %64, %65, p, 1, 1;\n"
+      "}\n"
+      : "+f"(d[0]), "+f"(d[1]), "+f"(d[2]), "+f"(d[3]), "+f"(d[4]), "+f"(d[5]), "+f"(d[6]), "+f"(d[7]), "+f"(d[8]), "+f"(d[9]), "+f"(d[10]), "+f"(d[11]), "+f"(d[12]), "+f"(d[13]), "+f"(d[14]), "+f"(d[15]), "+f"(d[16]), "+f"(d[17]), "+f"(d[18]), "+f"(d[19]), "+f"(d[20]), "+f"(d[21]), "+f"(d[22]), "+f"(d[23]), "+f"(d[24]), "+f"(d[25]), "+f"(d[26]), "+f"(d[27]), "+f"(d[28]), "+f"(d[29]), "+f"(d[30]), "+f"(d[31]), "+f"(d[32]), "+f"(d[33]), "+f"(d[34]), "+f"(d[35]), "+f"(d[36]), "+f"(d[37]), "+f"(d[38]), "+f"(d[39]), "+f"(d[40]), "+f"(d[41]), "+f"(d[42]), "+f"(d[43]), "+f"(d[44]), "+f"(d[45]), "+f"(d[46]), "+f"(d[47]), "+f"(d[48]), "+f"(d[49]), "+f"(d[50]), "+f"(d[51]), "+f"(d[52]), "+f"(d[53]), "+f"(d[54]), "+f"(d[55]), "+f"(d[56]), "+f"(d[57]), "+f"(d[58]), "+f"(d[59]), "+f"(d[60]), "+f"(d[61]), "+f"(d[62]), "+f"(d[63])
+      : "l"(desc_a), "l"(desc_b), "r"(scale_d));
+}
+
+__global__ void __launch_bounds__(kThreads, 1)
+    sm90_own_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
+                          const __grid_constant__ CUtensorMap map_b,
+                          const __grid_constant__ Params p) {
+  extern __shared__ uint8_t smem_raw[];
+  uint8_t* smem = reinterpret_cast<uint8_t*>(
+      (reinterpret_cast<uintptr_t>(smem_raw) + 1023) & ~static_cast<uintptr_t>(1023));
+  uint8_t* epi = smem + kStages * kStageBytes;
+  uint64_t* full = reinterpret_cast<uint64_t*>(epi + kEpiBytes);
+  uint64_t* empty = full + kStages;
+
+  // Tile -> (expert, n tile, m tile).
+  const int bid = static_cast<int>(blockIdx.x);
+  int lo = 0, hi = p.E;  // largest e with tile_start[e] <= bid
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (p.tile_start[mid] <= bid) lo = mid; else hi = mid;
+  }
+  const int e = lo;
+  const int rows_e = p.row_start[e + 1] - p.row_start[e];
+  const int m_tiles = (rows_e + kBM - 1) / kBM;
+  const int local = bid - p.tile_start[e];
+  const int n_tile = local / m_tiles, m_tile = local - n_tile * m_tiles;
+  const int m0 = p.row_start[e] + m_tile * kBM, n0 = n_tile * kBN;
+  const int valid_rows = min(kBM, p.row_start[e + 1] - m0);
+  const int nk = p.K / kBK;
+
+  const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
+  if (tid == 0) {
+    for (int s = 0; s < kStages; ++s) {
+      mbar_init(&full[s], 1);
+      mbar_init(&empty[s], 2);
+    }
+    asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
+  }
+  __syncthreads();
+
+  if (wg == 0) {
+    // Producer: one thread issues every TMA load.
+    if (tid == 0) {
+      for (int kb = 0; kb < nk; ++kb) {
+        const int s = kb % kStages;
+        if (kb >= kStages) mbar_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
+        uint8_t* a = smem + s * kStageBytes;
+        mbar_expect_tx(&full[s], kStageBytes);
+        tma_load_2d(a, &map_a, kb * kBK, m0, &full[s]);
+        tma_load_2d(a + kTileBytes, &map_b, kb * kBK, e * p.N + n0, &full[s]);
+      }
+    }
+    return;
+  }
+
+  // Consumers: warpgroup c = wg - 1 owns rows 64c .. 64c + 63 of the tile.
+  const int c = wg - 1, t = tid - 128 * wg, warp = t / 32, lane = t % 32;
+  const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8
+  float acc[64], tmp[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  const float* sb_base = p.scale_b + (static_cast<int64_t>(e) * p.n_tiles + n_tile) * nk;
+  const int ga0 = min(m0 + r0, p.M - 1), ga1 = min(m0 + r0 + 8, p.M - 1);
+  for (int kb = 0; kb < nk; ++kb) {
+    const int s = kb % kStages;
+    const float sa0 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga0);
+    const float sa1 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga1);
+    const float sb = __ldg(sb_base + kb);
+    mbar_wait(&full[s], (kb / kStages) & 1);
+    const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
+    const uint8_t* b = smem + s * kStageBytes + kTileBytes;
+    const uint64_t da = sw128_desc(a), db = sw128_desc(b);
+    fence_regs(tmp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk)
+      wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(tmp);
+    if (t == 0) mbar_arrive(&empty[s]);
+    const float s0 = sa0 * sb, s1 = sa1 * sb;
+#pragma unroll
+    for (int j = 0; j < 16; ++j) {
+      acc[4 * j + 0] = fmaf(tmp[4 * j + 0], s0, acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1, acc[4 * j + 3]);
+    }
+  }
+
+  // Epilogue: BF16 fragments -> this warpgroup's 64 x 128 slab of shared memory (256-byte rows)
+  // -> 16-byte coalesced stores of the rows inside the expert's segment.
+  auto* slab = reinterpret_cast<__nv_bfloat162*>(epi + c * 64 * kBN * 2);
+  const int lr = 16 * warp + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col2 = (8 * j + 2 * (lane % 4)) / 2;  // in bf16 pairs
+    slab[lr * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 0], acc[4 * j + 1]);
+    slab[(lr + 8) * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+  const uint4* src = reinterpret_cast<const uint4*>(epi + c * 64 * kBN * 2);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int idx = t + 128 * i, row = idx / 16, chunk = idx % 16;  // 16 chunks of 16 B per row
+    const int tr = 64 * c + row;
+    if (tr < valid_rows)
+      *reinterpret_cast<uint4*>(p.y + static_cast<int64_t>(m0 + tr) * p.ldy + n0 + 8 * chunk) =
+          src[idx];
+  }
+}
+
+using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
+                                 const cuuint64_t*, const cuuint64_t*, const cuuint32_t*,
+                                 const cuuint32_t*, CUtensorMapInterleave, CUtensorMapSwizzle,
+                                 CUtensorMapL2promotion, CUtensorMapFloatOOBfill);
+
+EncodeTiled encode_fn() {
+  static EncodeTiled fn = [] {
+    void* f = nullptr;
+    cudaDriverEntryPointQueryResult q{};
+    if (cudaGetDriverEntryPointByVersion("cuTensorMapEncodeTiled", &f, 12000, cudaEnableDefault,
+                                         &q) != cudaSuccess ||
+        q != cudaDriverEntryPointSuccess)
+      f = nullptr;
+    return reinterpret_cast<EncodeTiled>(f);
+  }();
+  return fn;
+}
+
+// A [rows][cols] E4M3 tensor (row pitch `pitch` bytes) as 128 x 128 boxes with 128-byte swizzle.
+CUtensorMap make_map(const void* data, int64_t rows, int64_t cols, int64_t pitch) {
+  const char* op = "own_grouped_fprop";
+  EncodeTiled enc = encode_fn();
+  if (!enc)
+    detail::throw_error(ErrorKind::Cuda,
+                        detail::cat("fp8flow::", op, ": cuTensorMapEncodeTiled not available"));
+  CUtensorMap m;
+  const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
+  const cuuint64_t strides[1] = {static_cast<cuuint64_t>(pitch)};
+  const cuuint32_t box[2] = {kBK, kBM}, elem[2] = {1, 1};
+  const CUresult r = enc(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(data), dims,
+                         strides, box, elem, CU_TENSOR_MAP_INTERLEAVE_NONE,
+                         CU_TENSOR_MAP_SWIZZLE_128B, CU_TENSOR_MAP_L2_PROMOTION_L2_256B,
+                         CU_TENSOR_MAP_FLOAT_OOB_FILL_NONE);
+  if (r != CUDA_SUCCESS)
+    detail::throw_error(ErrorKind::Cuda,
+                        detail::cat("fp8flow::", op, ": cuTensorMapEncodeTiled failed (", int(r),
+                                    ")"));
+  return m;
+}
+
+}  // namespace
+
+bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
+                         const TensorView& y) {
+  if (w.empty() || w.size() > kMaxExperts) return false;
+  const int64_t N = w[0].data.rows, K = w[0].data.cols;
+  if (x.data.dtype != DType::E4M3 || w[0].data.dtype != DType::E4M3) return false;
+  if (N % 128 || K % 128 || y.dtype != DType::BF16 || y.stride() % 8) return false;
+  if (x.data.stride() != K || w[0].data.stride() != K) return false;
+  const auto* d0 = static_cast<const uint8_t*>(w[0].data.data);
+  const auto* s0 = static_cast<const float*>(w[0].scale.data);
+  for (size_t e = 0; e < w.size(); ++e) {
+    if (w[e].data.data != d0 + static_cast<int64_t>(e) * N * K) return false;
+    if (w[e].scale.data != s0 + static_cast<int64_t>(e) * (N / 128) * (K / 128)) return false;
+  }
+  return true;
+}
+
+void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, const TensorView& y,
+                       std::span<const int64_t> m_splits, Stream stream) {
+  const char* op = "own_grouped_fprop";
+  if (!own_fprop_supported(x, w, y))
+    detail::throw_error(ErrorKind::Unsupported,
+                        detail::cat("fp8flow::", op, ": operands outside the kernel's contract"));
+  const int64_t N = w[0].data.rows, K = w[0].data.cols, M = x.data.rows;
+  const int E = static_cast<int>(w.size());
+  auto* pp = new Params{};  // large: keep it off the stack frame
+  std::unique_ptr<Params> hold(pp);
+  Params& p = *pp;
+  p.E = E;
+  p.N = static_cast<int>(N);
+  p.K = static_cast<int>(K);
+  p.M = static_cast<int>(M);
+  p.n_tiles = static_cast<int>(N / kBN);
+  int tiles = 0, row = 0;
+  for (int e = 0; e < E; ++e) {
+    p.tile_start[e] = tiles;
+    p.row_start[e] = row;
+    tiles += static_cast<int>((m_splits[e] + kBM - 1) / kBM) * p.n_tiles;
+    row += static_cast<int>(m_splits[e]);
+  }
+  p.tile_start[E] = tiles;
+  p.row_start[E] = row;
+  p.scale_a = static_cast<const float*>(x.scale.data);
+  p.scale_b = static_cast<const float*>(w[0].scale.data);
+  p.y = static_cast<__nv_bfloat16*>(y.data);
+  p.ldy = y.stride();
+  if (tiles == 0 || M == 0) return;
+  const CUtensorMap ma = make_map(x.data.data, M, K, K);
+  const CUtensorMap mb = make_map(w[0].data.data, int64_t{E} * N, K, K);
+  static bool attr = [] {
+    return cudaFuncSetAttribute(sm90_own_fprop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                                static_cast<int>(kSmemBytes)) == cudaSuccess;
+  }();
+  if (!attr)
+    detail::throw_error(ErrorKind::Cuda,
+                        detail::cat("fp8flow::", op, ": cannot set ", kSmemBytes,
+                                    " bytes of dynamic shared memory"));
+  sm90_own_fprop_kernel<<<tiles, kThreads, kSmemBytes, stream>>>(ma, mb, p);
+  FP8FLOW_CUDA_CHECK_LAUNCH(op);
+}
+
+}  // namespace fp8flow::sm90::own
