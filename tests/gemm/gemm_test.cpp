@@ -1149,7 +1149,7 @@ TEST(GemmGpu, AlgoIndexSelectsOtherHeuristicResults) {
   }
 }
 
-// The experimental one-launch kernel (branch owngemm, src/ops/gemm/own_fprop_sm90.cu) against the
+// The experimental one-launch kernel (src/ops/gemm/own_fprop_sm90.cu, FP8FLOW_OWN_GEMM=1) against the
 // CPU reference and cuBLASLt: segments that are not multiples of 128 rows (partial tiles whose
 // extra rows belong to the next expert), empty experts, several K blocks, N tiles.
 TEST(GemmGpu, OwnFpropMatchesReference) {

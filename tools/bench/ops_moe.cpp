@@ -482,7 +482,7 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
   MoeCall r;
   r.work = 2 * d(M) * d(N) * d(K);
   // The experts' FP8 weights as slices of one [E rows][cols] tensor with contiguous scales (the
-  // layer's layout, which the one-launch kernel of branch owngemm requires).
+  // layer's layout, which the experimental one-launch kernel requires: FP8FLOW_OWN_GEMM=1).
   auto weights8 = [&](int64_t rows, int64_t cols) {
     const int64_t rb = (rows + 127) / 128, cb = (cols + 127) / 128;
     const int64_t ss = (rb * cb + 3) / 4 * 4;  // scale floats per expert, 16-byte aligned slices

@@ -667,7 +667,7 @@ void grouped_gemm_rowwise(const char* op, const ScaledTensor& a, std::span<const
   const int lanes = std::clamp(opt.streams, 1, kMaxLanes);
   const detail::Fp8RowwiseWorkspace lay = detail::fp8_rowwise_workspace(Nout, Kc, m_splits, lanes);
   if (M == 0 || Nout == 0) return;
-  // Experimental (branch owngemm): FP8FLOW_OWN_GEMM=1 runs our one-launch kernel where it applies.
+  // Experimental: FP8FLOW_OWN_GEMM=1 runs our one-launch kernel where it applies (own_fprop.h).
   static const bool own_gemm = [] {
     const char* v = std::getenv("FP8FLOW_OWN_GEMM");
     return v && v[0] == '1';

@@ -1,7 +1,9 @@
-// Experimental FP8 block-scaled grouped GEMM of our own (sm_90a; branch owngemm): the fprop /
-// dgrad form of grouped_gemm_fprop (X 1x128 . W_e 128x128, BF16 out) in one launch for all experts.
-// Not used by the layer; tests/gemm/own_fprop_test.cpp checks it against the CPU reference and
-// cuBLASLt, fp8flow-bench ops times it (rows "own fprop").
+// Experimental FP8 block-scaled grouped GEMM of our own (sm_90a): the fprop / dgrad form of
+// grouped_gemm_fprop (X 1x128 . W_e 128x128, BF16 out) in one launch for all experts. Off by
+// default; the environment variable FP8FLOW_OWN_GEMM=1 makes grouped_gemm_fprop/dgrad use it where
+// it applies (so the layer and fp8flow-bench can A/B it). GemmGpu.OwnFpropMatchesReference
+// (tests/gemm/gemm_test.cpp) checks it against the CPU reference and cuBLASLt. A persistent
+// variant not yet run on a GPU: docs/wip/owngemm2-persistent.patch.
 #pragma once
 
 #include <cstdint>

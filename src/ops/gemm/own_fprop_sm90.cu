@@ -1,5 +1,6 @@
 // sm90_own_fprop: an experimental FP8 block-scaled grouped GEMM of our own for fprop / dgrad
-// (branch owngemm; not wired into the layer): Y [M][N] = X [M][K] . W_e^T per expert segment, X
+// (opt-in: FP8FLOW_OWN_GEMM=1 routes grouped_gemm_fprop/dgrad here; off by default because it is
+// still slower than cuBLASLt, bench/RESULTS.md): Y [M][N] = X [M][K] . W_e^T per expert segment, X
 // row-wise 1x128 scaled ([K/128][M] F32), W_e 128x128 block scaled, BF16 out.
 //
 // One CTA per 128 x 128 output tile (expert, n tile, m tile; m tiles fastest within an n tile, so
