@@ -164,7 +164,11 @@ class MoE(nn.Module):
       expert_bias: keep a selection-bias buffer (not trained by autograd; e.g. aux-loss-free
         balancing updates it in place)
       recipe, align (expert segment alignment), max_tokens (None: from the input), gemm_streams
-      (align / gemm_streams None: MoEConfig's defaults)
+      (align / gemm_streams None: MoEConfig's defaults: align 32 rows for the FP8 recipes, 16 for
+      bf16)
+      count_underflow: fp8-flow's scaling-aware transposes also count the elements they round to
+        subnormal or zero (the last context's transpose_underflow(); MoEConfig::count_underflow,
+        a diagnostic costing ~16% of the transposes' time, off by default)
       process_group, expert_parallel, ep_max_recv_rows, ep_dedup: expert parallelism (module
         docstring)
     """
@@ -172,7 +176,7 @@ class MoE(nn.Module):
     def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
                  topk_groups=1, renormalize=True, scaling=1.0, aux_loss_coeff=0.0, seq_len=None,
                  expert_bias=False, recipe="fp8-flow", align=None, max_tokens=None,
-                 gemm_streams=None,
+                 gemm_streams=None, count_underflow=False,
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
                  process_group=None, expert_parallel=None, ep_max_recv_rows=None,
@@ -185,6 +189,7 @@ class MoE(nn.Module):
         self.aux_loss_coeff = float(aux_loss_coeff)
         self.seq_len = seq_len
         self.align, self.max_tokens, self.gemm_streams = align, max_tokens, gemm_streams
+        self.count_underflow = bool(count_underflow)
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
         if refresh not in ("auto", "always", "manual"):
@@ -308,7 +313,8 @@ class MoE(nn.Module):
             cap = max(cap, self._layer.max_tokens())
         seq = self.seq_len if self.seq_len is not None else (seq_hint or 0)
         seq = int(seq) if self.aux_loss_coeff else 0
-        key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None, self.ep_dedup)
+        key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None, self.ep_dedup,
+               self.count_underflow)
         snap = self._snapshot()
         if self._layer is None or key != self._layer_key:
             self._layer = None  # free the old pools first
@@ -317,7 +323,7 @@ class MoE(nn.Module):
                 self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
                 self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
                 self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2,
-                comm, self.ep_max_recv_rows, self.ep_dedup)
+                comm, self.ep_max_recv_rows, self.ep_dedup, self.count_underflow)
             self._layer_key = key
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)

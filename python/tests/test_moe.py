@@ -103,6 +103,21 @@ def test_cpu_recipes_vs_torch_reference(recipe, router):
     assert casts[:2] == expected[recipe]
 
 
+def test_cpu_count_underflow_is_opt_in():
+    # Every third token 2^-12 smaller: its values underflow at the column scales of the transposes.
+    x, dy = inputs(64, 256, "cpu", 5)
+    x[::3] *= 2.0 ** -12
+    got = {}
+    for on in (False, True):
+        m = make(256, 256, 4, 2, "fp8-flow", seed=6, count_underflow=on, **SOFTMAX)
+        out, ctx = run_layer(m, x, dy)
+        got[on] = (out, ctx.transpose_underflow())
+    assert got[False][1] == [0, 0, 0, 0]
+    assert sum(got[True][1]) > 0, got[True][1]
+    for k in ("y", "dx", "dw1", "dw2", "dgate"):  # counting changes no result
+        assert torch.equal(got[False][0][k], got[True][0][k]), k
+
+
 def test_cpu_own_routing_agrees_with_reference():
     m = make(256, 256, 8, 2, "bf16", seed=3, **SOFTMAX)
     x, _ = inputs(128, 256, "cpu", 4)
