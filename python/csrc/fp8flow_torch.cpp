@@ -879,11 +879,11 @@ TORCH_LIBRARY(fp8flow, m) {
       .def("size", &CommunicatorHolder::size)
       .def("backend", &CommunicatorHolder::backend);
   m.class_<MoELayerHolder>("MoELayer")
-      .def(torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
-                       double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
-                       c10::optional<at::Tensor>, at::Tensor, at::Tensor,
-                       c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t, bool,
-                       bool>())
+      .def(
+          torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
+                      double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
+                      c10::optional<at::Tensor>, at::Tensor, at::Tensor,
+                      c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t, bool, bool>())
       .def("ep_size", &MoELayerHolder::ep_size)
       .def("ep_max_recv_rows", &MoELayerHolder::ep_max_recv_rows)
       .def("ep_dedup", &MoELayerHolder::ep_dedup)

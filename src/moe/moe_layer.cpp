@@ -375,9 +375,7 @@ struct MoELayer::Impl {
     return o;
   }
   Workspace ws_gemm() const { return Workspace{pool.ptr(gemm_ws), gemm_ws.bytes}; }
-  Workspace ws_gemm_side() const {
-    return Workspace{pool.ptr(gemm_ws_side), gemm_ws_side.bytes};
-  }
+  Workspace ws_gemm_side() const { return Workspace{pool.ptr(gemm_ws_side), gemm_ws_side.bytes}; }
 };
 
 namespace {
@@ -566,9 +564,8 @@ size_t layout_layer(MoELayer::Impl& m, const MoEConfig& cfg, DType master, Devic
       for (auto [n, kk] : {std::pair{2 * F, H}, std::pair{H, F}})
         need = std::max(need, grouped_gemm_workspace_bytes(kind, n, kk, one, o));
     m.gemm_ws = l.add(need + static_cast<size_t>(E) * 256);
-    m.side_lanes = cfg.overlap_wgrad
-                       ? std::min(cfg.gemm_streams, detail::kMaxLanes - cfg.gemm_streams)
-                       : 0;
+    m.side_lanes =
+        cfg.overlap_wgrad ? std::min(cfg.gemm_streams, detail::kMaxLanes - cfg.gemm_streams) : 0;
     if (m.side_lanes > 0) {
       size_t side = 0;
       for (auto kind : {GroupedGemmKind::Fp8Wgrad, GroupedGemmKind::Bf16Wgrad})

@@ -849,10 +849,10 @@ struct FpropWgradInputs {
         w(make_weights(p, seed + 10)),
         xd(to_dev(x)),
         wd(to_dev(w)),
-        dyd(to_dev(quant_cols(make_values(p.M(), p.N, Fill::Normal, seed + 1), p.M(), p.N,
-                              p.splits))),
-        xtd(to_dev(quant_cols(make_values(p.M(), p.K, Fill::Normal, seed + 2), p.M(), p.K,
-                              p.splits))) {}
+        dyd(to_dev(
+            quant_cols(make_values(p.M(), p.N, Fill::Normal, seed + 1), p.M(), p.N, p.splits))),
+        xtd(to_dev(
+            quant_cols(make_values(p.M(), p.K, Fill::Normal, seed + 2), p.M(), p.K, p.splits))) {}
 };
 
 // Two grouped calls in flight at once, issued on two caller streams with disjoint internal stream
@@ -1149,8 +1149,8 @@ TEST(GemmGpu, AlgoIndexSelectsOtherHeuristicResults) {
   }
 }
 
-// The experimental one-launch kernel (src/ops/gemm/own_fprop_sm90.cu, FP8FLOW_OWN_GEMM=1) against the
-// CPU reference and cuBLASLt: segments that are not multiples of 128 rows (partial tiles whose
+// The experimental one-launch kernel (src/ops/gemm/own_fprop_sm90.cu, FP8FLOW_OWN_GEMM=1) against
+// the CPU reference and cuBLASLt: segments that are not multiples of 128 rows (partial tiles whose
 // extra rows belong to the next expert), empty experts, several K blocks, N tiles.
 TEST(GemmGpu, OwnFpropMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
@@ -1177,13 +1177,12 @@ TEST(GemmGpu, OwnFpropMatchesReference) {
     const DevQ xd = to_dev(x), alld = to_dev(all);
     std::vector<ScaledTensor> wv;
     for (int64_t e = 0; e < E; ++e)
-      wv.push_back(ScaledTensor{
-          TensorView{static_cast<uint8_t*>(alld.data.p) + e * p.N * p.K, DType::E4M3, p.N, p.K,
-                     -1, Device::Cuda},
-          TensorView{static_cast<float*>(alld.scale.p) + e * NT * KT, DType::F32, NT, KT, -1,
-                     Device::Cuda},
-          ScaleLayout::Block128x128,
-          {}});
+      wv.push_back(ScaledTensor{TensorView{static_cast<uint8_t*>(alld.data.p) + e * p.N * p.K,
+                                           DType::E4M3, p.N, p.K, -1, Device::Cuda},
+                                TensorView{static_cast<float*>(alld.scale.p) + e * NT * KT,
+                                           DType::F32, NT, KT, -1, Device::Cuda},
+                                ScaleLayout::Block128x128,
+                                {}});
     HostTensor want(DType::BF16, p.M(), p.N);
     grouped_gemm_fprop(x.view(), views(w), want.v, p.splits, {});
     DeviceTensor y(DType::BF16, p.M(), p.N), y2(DType::BF16, p.M(), p.N);

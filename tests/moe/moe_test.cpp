@@ -1193,10 +1193,9 @@ TEST(MoELayerGpu, CountUnderflowSameBits) {
   EXPECT_EQ(uf[1].fc2_grad, want.fc2_grad);
   EXPECT_NEAR(double(uf[1].fc2_x), double(want.fc2_x), 1e-2 * double(want.fc2_x) + 1);
   EXPECT_NEAR(double(uf[1].fc1_grad), double(want.fc1_grad), 1e-2 * double(want.fc1_grad) + 1);
-  EXPECT_EQ(MoELayer(make_config(p, Recipe::Bf16), MoEWeights{gate.v, {}, w1.v, w2.v})
-                .config()
-                .align,
-            16);
+  EXPECT_EQ(
+      MoELayer(make_config(p, Recipe::Bf16), MoEWeights{gate.v, {}, w1.v, w2.v}).config().align,
+      16);
 }
 
 TEST(MoELayerGpu, NonFiniteWeightGradsOptional) {

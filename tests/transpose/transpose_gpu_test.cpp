@@ -58,7 +58,11 @@ const TransposeScalePolicy kPolicies[] = {TransposeScalePolicy::TileMax,
 TEST(TransposeGpu, MatchesReferenceSingleGroup) {
   FP8FLOW_REQUIRE_GPU();
   const TransposeCase cases[] = {
-      {128, 128, {}}, {300, 256, {}}, {1000, 1280, {}}, {1, 128, {}}, {4096, 7168, {}},
+      {128, 128, {}},
+      {300, 256, {}},
+      {1000, 1280, {}},
+      {1, 128, {}},
+      {4096, 7168, {}},
       // 3584 tiles: ColumnTight's persistent CTAs take 9 each on an H100/H200
       {8192, 7168, {}},
   };

@@ -245,12 +245,12 @@ double number(const Value& v) {
 struct LayerRun {
   bool gpu = false;
   int reps = 10, warmup = 3;
-  int ep = 1;            // ranks (1: the single-GPU layer, no communicator)
-  bool ep_dedup = true;  // MoEConfig::ep_dedup (--ep-record: false)
+  int ep = 1;                 // ranks (1: the single-GPU layer, no communicator)
+  bool ep_dedup = true;       // MoEConfig::ep_dedup (--ep-record: false)
   bool overlap_wgrad = true;  // MoEConfig::overlap_wgrad (--no-overlap-wgrad: false)
   int align = 0;              // MoEConfig::align (--align; 0: its default)
   int gemm_streams = 0;       // MoEConfig::gemm_streams (--gemm-streams; 0: its default)
-  LayerShape shape;      // shape.E: experts per rank (local); the layer has E * ep global experts
+  LayerShape shape;  // shape.E: experts per rank (local); the layer has E * ep global experts
   std::vector<RecipeName> recipes;
   std::string routing, routing_note;
   int hot = 1;

@@ -490,13 +490,12 @@ MoeCall prepare_gemm(Arena& a, GroupedGemmKind kind, const GemmDims& g) {
     const TensorView scale = a.tensor(DType::F32, E, ss);
     std::vector<ScaledTensor> w;
     for (int64_t e = 0; e < E; ++e) {
-      w.push_back(ScaledTensor{
-          TensorView{static_cast<uint8_t*>(data.data) + e * rows * cols, DType::E4M3, rows, cols,
-                     -1, data.device},
-          TensorView{static_cast<float*>(scale.data) + e * ss, DType::F32, rb, cb, -1,
-                     scale.device},
-          B,
-          {}});
+      w.push_back(ScaledTensor{TensorView{static_cast<uint8_t*>(data.data) + e * rows * cols,
+                                          DType::E4M3, rows, cols, -1, data.device},
+                               TensorView{static_cast<float*>(scale.data) + e * ss, DType::F32, rb,
+                                          cb, -1, scale.device},
+                               B,
+                               {}});
       fill_scaled(w.back(), Fill::Fp8, Fill::Pow2, ++seed);
     }
     return w;
