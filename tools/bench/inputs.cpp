@@ -65,9 +65,9 @@ std::vector<int64_t> scale_groups(std::span<const int64_t> groups, int64_t rows,
 std::vector<int64_t> uneven_groups(int64_t rows, int64_t n, int64_t align, uint64_t seed) {
   // Sizes rows/n +- 12.5%, rounded to `align`; the last takes the remainder.
   std::vector<int64_t> g(static_cast<size_t>(n));
+  const int64_t base = rows / n, span = std::max<int64_t>(1, base / 4);
   int64_t used = 0;
   for (int64_t i = 0; i + 1 < n; ++i) {
-    const int64_t base = rows / n, span = std::max<int64_t>(1, base / 4);
     const int64_t v = base - span / 2 + static_cast<int64_t>(splitmix64(seed + i) % span);
     g[static_cast<size_t>(i)] = std::max<int64_t>(0, v / align * align);
     used += g[static_cast<size_t>(i)];

@@ -106,8 +106,8 @@ void append(NamedViews& a, const NamedViews& b) {
   a.insert(a.end(), b.begin(), b.end());
 }
 
-// `timed_count`: the timed calls also count underflows (what MoELayer does, for
-// MoEContext::transpose_underflow); otherwise only the verification call does.
+// `timed_count`: the timed calls also count underflows (what MoELayer does with
+// MoEConfig::count_underflow); otherwise only the verification call does.
 OpDef op_transpose(TransposeScalePolicy policy, bool timed_count = false) {
   OpDef o;
   o.name = policy == TransposeScalePolicy::ColumnTight ? "transpose_scaled col_tight"

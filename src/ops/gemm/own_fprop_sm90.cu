@@ -19,7 +19,6 @@
 
 #include <cstdint>
 #include <memory>
-#include <vector>
 
 #include "common/check.h"
 #include "common/cuda_check.h"
@@ -312,8 +311,7 @@ void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, c
                         detail::cat("fp8flow::", op, ": operands outside the kernel's contract"));
   const int64_t N = w[0].data.rows, K = w[0].data.cols, M = x.data.rows;
   const int E = static_cast<int>(w.size());
-  auto* pp = new Params{};  // large: keep it off the stack frame
-  std::unique_ptr<Params> hold(pp);
+  const auto pp = std::make_unique<Params>();  // large: keep it off the stack frame
   Params& p = *pp;
   p.E = E;
   p.N = static_cast<int>(N);
