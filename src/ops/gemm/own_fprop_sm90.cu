@@ -294,10 +294,13 @@ bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
   if (x.data.dtype != DType::E4M3 || w[0].data.dtype != DType::E4M3) return false;
   if (N % 128 || K % 128 || y.dtype != DType::BF16 || y.stride() % 8) return false;
   if (x.data.stride() != K || w[0].data.stride() != K) return false;
+  // The kernel indexes the scales as dense [K/128][M] and [E][N/128][K/128].
+  if (x.scale.stride() != x.data.rows) return false;
   const auto* d0 = static_cast<const uint8_t*>(w[0].data.data);
   const auto* s0 = static_cast<const float*>(w[0].scale.data);
   for (size_t e = 0; e < w.size(); ++e) {
     if (w[e].data.data != d0 + static_cast<int64_t>(e) * N * K) return false;
+    if (w[e].data.stride() != K || w[e].scale.stride() != K / 128) return false;
     if (w[e].scale.data != s0 + static_cast<int64_t>(e) * (N / 128) * (K / 128)) return false;
   }
   return true;
