@@ -3,7 +3,8 @@
 // default; the environment variable FP8FLOW_OWN_GEMM=1 makes grouped_gemm_fprop/dgrad use it where
 // it applies (so the layer and fp8flow-bench can A/B it). GemmGpu.OwnFpropMatchesReference
 // (tests/gemm/gemm_test.cpp) checks it against the CPU reference and cuBLASLt. A persistent
-// variant not yet run on a GPU: docs/wip/owngemm2-persistent.patch.
+// variant of an earlier version (ran slower on an H100 where experts are balanced):
+// docs/wip/owngemm2-persistent.patch.
 #pragma once
 
 #include <cstdint>
@@ -13,8 +14,9 @@
 
 namespace fp8flow::sm90::own {
 
-// Whether the operands fit the kernel: E4M3, N and K multiples of 128, the E weight views (and
-// their scales) one contiguous tensor, y BF16 with ld % 8 == 0, E <= 256, dense X and dense scales.
+// Whether the operands fit the kernel: E4M3, N a multiple of 256, K a multiple of 128, the E weight
+// views (and their scales) one contiguous tensor, y BF16 with ld % 8 == 0, E <= 256, dense X and
+// dense scales.
 bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
                          const TensorView& y);
 // y = x . w_e^T per expert segment (m_splits), on `stream`. Throws fp8flow::Error (Unsupported)
