@@ -14,9 +14,8 @@
 
 namespace fp8flow::sm90::own {
 
-// Whether the operands fit the kernel: E4M3, N a multiple of 256, K a multiple of 128, the E weight
-// views (and their scales) one contiguous tensor, y BF16 with ld % 8 == 0, E <= 256, dense X and
-// dense scales.
+// Whether the operands fit the kernel: E4M3, N and K multiples of 128, the E weight views (and
+// their scales) one contiguous tensor, y BF16 with ld % 8 == 0, E <= 256, dense X and dense scales.
 bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
                          const TensorView& y);
 // y = x . w_e^T per expert segment (m_splits), on `stream`. Throws fp8flow::Error (Unsupported)

@@ -3,19 +3,17 @@
 // still slower than cuBLASLt, bench/RESULTS.md): Y [M][N] = X [M][K] . W_e^T per expert segment, X
 // row-wise 1x128 scaled ([K/128][M] F32), W_e 128x128 block scaled, BF16 out.
 //
-// One CTA per 128 x 128 output tile, in clusters of two CTAs that take n tiles 2j and 2j + 1 of
-// the same 128 rows: each CTA loads half of the shared A tile and multicasts it to both (24 KB of
-// L2 reads per 128-deep K step and CTA instead of 32). Tiles are rastered per expert in groups of
-// 8 m tiles (n pairs outer, m tiles inner within a group), so the clusters in flight share a few
-// A row blocks and weight blocks that stay in L2 (a dense 32768-row problem otherwise rereads A
-// from DRAM once per n tile). 3 warpgroups: warpgroup 0 issues TMA loads (128-byte swizzle) into a
-// kStages-deep ring guarded by mbarriers (a stage is refilled once the consumers of both cluster
-// CTAs released it); warpgroups 1 and 2 each multiply 64 rows: per 128-wide K block, four wgmma
+// One CTA per 128 x 128 output tile. Tiles are rastered per expert in groups of 8 m tiles (n tiles
+// outer, m tiles inner within a group), so the CTAs in flight share a few A row blocks and weight
+// blocks that stay in L2 (a dense 32768-row problem otherwise rereads A from DRAM once per n tile).
+// 3 warpgroups: warpgroup 0 issues TMA loads (128-byte swizzle) into a kStages-deep ring guarded by
+// mbarriers; warpgroups 1 and 2 each multiply 64 rows: per 128-wide K block, four wgmma
 // m64n128k32 into a temporary accumulator, then acc += tmp * scale_a[row] * scale_b (the
 // DeepSeek-V3 recipe's FP32 promotion per K block). Epilogue: BF16 through shared memory, 16-byte
-// coalesced stores of the rows inside the expert's segment.
+// coalesced stores of the rows inside the expert's segment. (2-CTA clusters sharing the A tile by
+// TMA multicast, commit d3af681, gained nothing on an H200 and lost 5% where K is short.)
 //
-// Requirements (checked on the host): E4M3 operands, N % 256 == 0, K % 128 == 0, the E weight views
+// Requirements (checked on the host): E4M3 operands, N % 128 == 0, K % 128 == 0, the E weight views
 // one contiguous [E N][K] tensor with contiguous scales, y BF16 with ld % 8 == 0, E <= 256.
 #include <cuda.h>
 #include <cuda_bf16.h>
@@ -34,7 +32,6 @@ namespace {
 
 constexpr int kBM = 128, kBN = 128, kBK = 128;
 constexpr int kStages = 6;
-constexpr int kCluster = 2;  // CTAs of one cluster: n tiles 2j, 2j + 1 of the same rows
 constexpr int kRasterM = 8;  // m tiles per raster group (A and B of a group stay in L2)
 constexpr int kThreads = 384;
 constexpr int kTileBytes = kBM * kBK;        // one A or B tile, E4M3
@@ -66,6 +63,9 @@ __device__ __forceinline__ void mbar_expect_tx(uint64_t* bar, uint32_t bytes) {
                "r"(bytes)
                : "memory");
 }
+__device__ __forceinline__ void mbar_arrive(uint64_t* bar) {
+  asm volatile("mbarrier.arrive.shared::cta.b64 _, [%0];" ::"r"(smem_u32(bar)) : "memory");
+}
 __device__ __forceinline__ void mbar_wait(uint64_t* bar, uint32_t parity) {
   asm volatile(
       "{\n"
@@ -84,37 +84,6 @@ __device__ __forceinline__ void tma_load_2d(void* dst, const CUtensorMap* map, i
       "%3}], [%4];" ::"r"(smem_u32(dst)),
       "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar))
       : "memory");
-}
-
-// The same box into this CTA's and the cluster peers' shared memory (same offsets), signalling
-// each destination CTA's mbarrier at `bar`'s offset.
-__device__ __forceinline__ void tma_load_2d_multicast(void* dst, const CUtensorMap* map, int x,
-                                                      int y, uint64_t* bar, uint16_t cta_mask) {
-  asm volatile(
-      "cp.async.bulk.tensor.2d.shared::cluster.global.mbarrier::complete_tx::bytes.multicast::"
-      "cluster [%0], [%1, {%2, %3}], [%4], %5;" ::"r"(smem_u32(dst)),
-      "l"(reinterpret_cast<uint64_t>(map)), "r"(x), "r"(y), "r"(smem_u32(bar)), "h"(cta_mask)
-      : "memory");
-}
-// Arrive on the mbarrier at `bar`'s offset in cluster CTA `rank` (this CTA included). Release at
-// CTA scope, as for a local arrive: this orders the caller's completed wgmma reads of the stage
-// before the peer's next TMA write into it. (.release.cluster here made the kernel 1.6x slower on
-// an H200: 545 vs 850-900 TFLOP/s.)
-__device__ __forceinline__ void mbar_arrive_cluster(uint64_t* bar, uint32_t rank) {
-  uint32_t remote;
-  asm volatile("mapa.shared::cluster.u32 %0, %1, %2;"
-               : "=r"(remote)
-               : "r"(smem_u32(bar)), "r"(rank));
-  asm volatile("mbarrier.arrive.shared::cluster.b64 _, [%0];" ::"r"(remote) : "memory");
-}
-__device__ __forceinline__ uint32_t cluster_rank() {
-  uint32_t r;
-  asm volatile("mov.u32 %0, %%cluster_ctarank;" : "=r"(r));
-  return r;
-}
-__device__ __forceinline__ void cluster_sync() {
-  asm volatile("barrier.cluster.arrive.release.aligned;\nbarrier.cluster.wait.acquire.aligned;" ::
-                   : "memory");
 }
 
 // wgmma shared-memory descriptor: K-major tile of 128-byte rows, 128-byte swizzle (layout type 1),
@@ -178,8 +147,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(epi + kEpiBytes);
   uint64_t* empty = full + kStages;
 
-  // Cluster -> (expert, m tile, n tile pair); this CTA takes n tile 2j + rank of the pair.
-  const uint32_t rank = cluster_rank();
+  // Tile -> (expert, n tile, m tile).
   const int bid = static_cast<int>(blockIdx.x);
   int lo = 0, hi = p.E;  // largest e with tile_start[e] <= bid
   while (hi - lo > 1) {
@@ -191,15 +159,14 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   const int e = lo;
   const int rows_e = p.row_start[e + 1] - p.row_start[e];
-  const int m_tiles = (rows_e + kBM - 1) / kBM, n_pairs = p.n_tiles / kCluster;
-  // Raster: groups of kRasterM m tiles; within a group, n pairs outer and m tiles inner, so the
-  // clusters in flight share a few A row blocks and B column blocks (all L2-resident).
-  const int local = (bid - p.tile_start[e]) / kCluster;
-  const int group = local / (kRasterM * n_pairs);
+  const int m_tiles = (rows_e + kBM - 1) / kBM;
+  // Raster: groups of kRasterM m tiles; within a group, n tiles outer and m tiles inner, so the
+  // CTAs in flight share a few A row blocks and weight blocks (all L2-resident).
+  const int local = bid - p.tile_start[e];
+  const int group = local / (kRasterM * p.n_tiles);
   const int gm = min(kRasterM, m_tiles - group * kRasterM);
-  const int in_group = local - group * kRasterM * n_pairs;
-  const int n_pair = in_group / gm, m_tile = group * kRasterM + in_group % gm;
-  const int n_tile = kCluster * n_pair + static_cast<int>(rank);
+  const int in_group = local - group * kRasterM * p.n_tiles;
+  const int n_tile = in_group / gm, m_tile = group * kRasterM + in_group % gm;
   const int m0 = p.row_start[e] + m_tile * kBM, n0 = n_tile * kBN;
   const int valid_rows = min(kBM, p.row_start[e + 1] - m0);
   const int nk = p.K / kBK;
@@ -208,90 +175,83 @@ __global__ void __launch_bounds__(kThreads, 1)
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
       mbar_init(&full[s], 1);
-      mbar_init(&empty[s], 2 * kCluster);  // both consumer warpgroups of every cluster CTA
+      mbar_init(&empty[s], 2);
     }
     asm volatile("fence.mbarrier_init.release.cluster;" ::: "memory");
   }
-  // The peer's multicast loads and arrivals target this CTA's barriers: initialised first.
-  cluster_sync();
+  __syncthreads();
 
   if (wg == 0) {
-    // Producer: one thread issues every TMA load. Stage s of both CTAs is refilled once all four
-    // consumer warpgroups released it: the A half this CTA loads lands in the peer too.
+    // Producer: one thread issues every TMA load.
     if (tid == 0) {
       for (int kb = 0; kb < nk; ++kb) {
         const int s = kb % kStages;
         if (kb >= kStages) mbar_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
         uint8_t* a = smem + s * kStageBytes;
         mbar_expect_tx(&full[s], kStageBytes);
-        const int half = kBM / kCluster;
-        tma_load_2d_multicast(a + rank * half * kBK, &map_a, kb * kBK, m0 + rank * half, &full[s],
-                              static_cast<uint16_t>((1u << kCluster) - 1));
+        tma_load_2d(a, &map_a, kb * kBK, m0, &full[s]);
         tma_load_2d(a + kTileBytes, &map_b, kb * kBK, e * p.N + n0, &full[s]);
       }
     }
-    __syncwarp();  // the warp reconverges before the cluster barrier (.aligned) below
-  } else {
-    // Consumers: warpgroup c = wg - 1 owns rows 64c .. 64c + 63 of the tile.
-    const int c = wg - 1, t = tid - 128 * wg, warp = t / 32, lane = t % 32;
-    const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8
-    float acc[64], tmp[64];
-#pragma unroll
-    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-    const float* sb_base = p.scale_b + (static_cast<int64_t>(e) * p.n_tiles + n_tile) * nk;
-    const int ga0 = min(m0 + r0, p.M - 1), ga1 = min(m0 + r0 + 8, p.M - 1);
-    for (int kb = 0; kb < nk; ++kb) {
-      const int s = kb % kStages;
-      const float sa0 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga0);
-      const float sa1 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga1);
-      const float sb = __ldg(sb_base + kb);
-      mbar_wait(&full[s], (kb / kStages) & 1);
-      const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
-      const uint8_t* b = smem + s * kStageBytes + kTileBytes;
-      const uint64_t da = sw128_desc(a), db = sw128_desc(b);
-      fence_regs(tmp);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk)
-        wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait0();
-      fence_regs(tmp);
-      if (t < kCluster) mbar_arrive_cluster(&empty[s], static_cast<uint32_t>(t));
-      const float s0 = sa0 * sb, s1 = sa1 * sb;
-#pragma unroll
-      for (int j = 0; j < 16; ++j) {
-        acc[4 * j + 0] = fmaf(tmp[4 * j + 0], s0, acc[4 * j + 0]);
-        acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0, acc[4 * j + 1]);
-        acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1, acc[4 * j + 2]);
-        acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1, acc[4 * j + 3]);
-      }
-    }
+    return;
+  }
 
-    // Epilogue: BF16 fragments -> this warpgroup's 64 x 128 slab of shared memory (256-byte rows)
-    // -> 16-byte coalesced stores of the rows inside the expert's segment.
-    auto* slab = reinterpret_cast<__nv_bfloat162*>(epi + c * 64 * kBN * 2);
-    const int lr = 16 * warp + lane / 4;
+  // Consumers: warpgroup c = wg - 1 owns rows 64c .. 64c + 63 of the tile.
+  const int c = wg - 1, t = tid - 128 * wg, warp = t / 32, lane = t % 32;
+  const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8
+  float acc[64], tmp[64];
+#pragma unroll
+  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+  const float* sb_base = p.scale_b + (static_cast<int64_t>(e) * p.n_tiles + n_tile) * nk;
+  const int ga0 = min(m0 + r0, p.M - 1), ga1 = min(m0 + r0 + 8, p.M - 1);
+  for (int kb = 0; kb < nk; ++kb) {
+    const int s = kb % kStages;
+    const float sa0 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga0);
+    const float sa1 = __ldg(p.scale_a + static_cast<int64_t>(kb) * p.M + ga1);
+    const float sb = __ldg(sb_base + kb);
+    mbar_wait(&full[s], (kb / kStages) & 1);
+    const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
+    const uint8_t* b = smem + s * kStageBytes + kTileBytes;
+    const uint64_t da = sw128_desc(a), db = sw128_desc(b);
+    fence_regs(tmp);
+    wgmma_fence();
+#pragma unroll
+    for (int kk = 0; kk < kBK / 32; ++kk)
+      wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
+    wgmma_commit();
+    wgmma_wait0();
+    fence_regs(tmp);
+    if (t == 0) mbar_arrive(&empty[s]);
+    const float s0 = sa0 * sb, s1 = sa1 * sb;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      const int col2 = (8 * j + 2 * (lane % 4)) / 2;  // in bf16 pairs
-      slab[lr * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 0], acc[4 * j + 1]);
-      slab[(lr + 8) * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
-    }
-    asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
-    const uint4* src = reinterpret_cast<const uint4*>(epi + c * 64 * kBN * 2);
-#pragma unroll
-    for (int i = 0; i < 8; ++i) {
-      const int idx = t + 128 * i, row = idx / 16, chunk = idx % 16;  // 16 chunks of 16 B per row
-      const int tr = 64 * c + row;
-      if (tr < valid_rows)
-        *reinterpret_cast<uint4*>(p.y + static_cast<int64_t>(m0 + tr) * p.ldy + n0 + 8 * chunk) =
-            src[idx];
+      acc[4 * j + 0] = fmaf(tmp[4 * j + 0], s0, acc[4 * j + 0]);
+      acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0, acc[4 * j + 1]);
+      acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1, acc[4 * j + 2]);
+      acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1, acc[4 * j + 3]);
     }
   }
-  // The peer may still arrive on this CTA's empty barriers: neither CTA leaves before both are
-  // done.
-  cluster_sync();
+
+  // Epilogue: BF16 fragments -> this warpgroup's 64 x 128 slab of shared memory (256-byte rows)
+  // -> 16-byte coalesced stores of the rows inside the expert's segment.
+  auto* slab = reinterpret_cast<__nv_bfloat162*>(epi + c * 64 * kBN * 2);
+  const int lr = 16 * warp + lane / 4;
+#pragma unroll
+  for (int j = 0; j < 16; ++j) {
+    const int col2 = (8 * j + 2 * (lane % 4)) / 2;  // in bf16 pairs
+    slab[lr * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 0], acc[4 * j + 1]);
+    slab[(lr + 8) * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
+  }
+  asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+  const uint4* src = reinterpret_cast<const uint4*>(epi + c * 64 * kBN * 2);
+#pragma unroll
+  for (int i = 0; i < 8; ++i) {
+    const int idx = t + 128 * i, row = idx / 16, chunk = idx % 16;  // 16 chunks of 16 B per row
+    const int tr = 64 * c + row;
+    if (tr < valid_rows)
+      *reinterpret_cast<uint4*>(p.y + static_cast<int64_t>(m0 + tr) * p.ldy + n0 + 8 * chunk) =
+          src[idx];
+  }
 }
 
 using EncodeTiled = CUresult (*)(CUtensorMap*, CUtensorMapDataType, cuuint32_t, void*,
@@ -312,9 +272,8 @@ EncodeTiled encode_fn() {
   return fn;
 }
 
-// A [rows][cols] E4M3 tensor (row pitch `pitch` bytes) as 128-byte x box_rows boxes with 128-byte
-// swizzle.
-CUtensorMap make_map(const void* data, int64_t rows, int64_t cols, int64_t pitch, int box_rows) {
+// A [rows][cols] E4M3 tensor (row pitch `pitch` bytes) as 128 x 128 boxes with 128-byte swizzle.
+CUtensorMap make_map(const void* data, int64_t rows, int64_t cols, int64_t pitch) {
   const char* op = "own_grouped_fprop";
   EncodeTiled enc = encode_fn();
   if (!enc)
@@ -323,7 +282,7 @@ CUtensorMap make_map(const void* data, int64_t rows, int64_t cols, int64_t pitch
   CUtensorMap m;
   const cuuint64_t dims[2] = {static_cast<cuuint64_t>(cols), static_cast<cuuint64_t>(rows)};
   const cuuint64_t strides[1] = {static_cast<cuuint64_t>(pitch)};
-  const cuuint32_t box[2] = {kBK, static_cast<cuuint32_t>(box_rows)}, elem[2] = {1, 1};
+  const cuuint32_t box[2] = {kBK, kBM}, elem[2] = {1, 1};
   const CUresult r =
       enc(&m, CU_TENSOR_MAP_DATA_TYPE_UINT8, 2, const_cast<void*>(data), dims, strides, box, elem,
           CU_TENSOR_MAP_INTERLEAVE_NONE, CU_TENSOR_MAP_SWIZZLE_128B,
@@ -342,8 +301,7 @@ bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
   if (w.empty() || w.size() > kMaxExperts) return false;
   const int64_t N = w[0].data.rows, K = w[0].data.cols;
   if (x.data.dtype != DType::E4M3 || w[0].data.dtype != DType::E4M3) return false;
-  // N in whole tile pairs: the two CTAs of a cluster take n tiles 2j and 2j + 1.
-  if (N % (128 * kCluster) || K % 128 || y.dtype != DType::BF16 || y.stride() % 8) return false;
+  if (N % 128 || K % 128 || y.dtype != DType::BF16 || y.stride() % 8) return false;
   if (x.data.stride() != K || w[0].data.stride() != K) return false;
   // The kernel indexes the scales as dense [K/128][M] and [E][N/128][K/128].
   if (x.scale.stride() != x.data.rows) return false;
@@ -386,8 +344,8 @@ void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, c
   p.y = static_cast<__nv_bfloat16*>(y.data);
   p.ldy = y.stride();
   if (tiles == 0 || M == 0) return;
-  const CUtensorMap ma = make_map(x.data.data, M, K, K, kBM / kCluster);
-  const CUtensorMap mb = make_map(w[0].data.data, int64_t{E} * N, K, K, kBN);
+  const CUtensorMap ma = make_map(x.data.data, M, K, K);
+  const CUtensorMap mb = make_map(w[0].data.data, int64_t{E} * N, K, K);
   static bool attr = [] {
     return cudaFuncSetAttribute(sm90_own_fprop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
                                 static_cast<int>(kSmemBytes)) == cudaSuccess;
@@ -395,19 +353,7 @@ void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, c
   if (!attr)
     detail::throw_error(ErrorKind::Cuda, detail::cat("fp8flow::", op, ": cannot set ", kSmemBytes,
                                                      " bytes of dynamic shared memory"));
-  cudaLaunchConfig_t cfg{};
-  cfg.gridDim = dim3(static_cast<unsigned>(tiles));
-  cfg.blockDim = dim3(kThreads);
-  cfg.dynamicSmemBytes = kSmemBytes;
-  cfg.stream = stream;
-  cudaLaunchAttribute attr_cluster{};
-  attr_cluster.id = cudaLaunchAttributeClusterDimension;
-  attr_cluster.val.clusterDim.x = kCluster;
-  attr_cluster.val.clusterDim.y = 1;
-  attr_cluster.val.clusterDim.z = 1;
-  cfg.attrs = &attr_cluster;
-  cfg.numAttrs = 1;
-  FP8FLOW_CUDA_CHECK(op, cudaLaunchKernelEx(&cfg, sm90_own_fprop_kernel, ma, mb, p));
+  sm90_own_fprop_kernel<<<tiles, kThreads, kSmemBytes, stream>>>(ma, mb, p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 
