@@ -102,14 +102,22 @@ void permute_rows(const detail::PermuteRowsArgs& p, Stream stream) {
   }
   const auto grid = static_cast<unsigned>((R + (int64_t{1} << log2g) - 1) >> log2g);
   const dim3 block(kernels::kRowsThreads);
-  // Unscaled rows with the plan's inverse map: each token row read once and scattered to its rows
-  // (permute_scatter_kernel); the row kernel then writes scales, probabilities and pad rows.
+  // Unscaled rows with the plan's inverse map: each token row read once and scattered to its rows,
+  // and in the same launch the row CTAs write scales, probabilities and pad rows
+  // (permute_fused_kernel).
   if (!p.scale_by_prob && p.dest_row.data != nullptr && p.k <= 32 && p.in.rows > 0) {
     a.dest_row = p.dest_row.ptr<const int32_t>();
-    const auto sgrid =
-        static_cast<unsigned>((p.in.rows + kernels::kRowsWarps - 1) / kernels::kRowsWarps);
-    kernels::permute_scatter_kernel<<<sgrid, block, 0, cu(stream)>>>(a);
+    const int64_t sctas = (p.in.rows + kernels::kRowsWarps - 1) / kernels::kRowsWarps;
+    const auto fgrid = static_cast<unsigned>(sctas + grid);
+    using kernels::permute_fused_kernel;
+    if (p.col_scale)
+      permute_fused_kernel<kernels::kColScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
+    else if (p.row_scale)
+      permute_fused_kernel<kernels::kRowScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
+    else
+      permute_fused_kernel<kernels::kNoScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
     FP8FLOW_CUDA_CHECK_LAUNCH("permute");
+    return;
   }
   using kernels::permute_rows_kernel;
   if (p.col_scale) {

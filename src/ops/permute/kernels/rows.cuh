@@ -1,10 +1,11 @@
 // Permute + pad (also unpermute-bwd, and the weighted unpermute's dy): output row r of [R][H] is
 // input row src_slot[r] / k, or zeros on pad rows, moved with 16-byte loads/stores; the row's FP8
 // 1x128 scales (F32 [tiles][rows]) or MX E8M0 scales (bytes [rows][H/32]) and its routing
-// probability move in the same CTA. permute() with the plan's dest_row runs two kernels: the data
-// of every row the plan confirms is scattered from its token row, read once
-// (permute_scatter_kernel, below), and permute_rows_kernel writes the rest (session 4, H100,
-// T 4096, k 8, H 7168: FP8 0.139 -> 0.113 ms, BF16 0.296 -> 0.210 ms).
+// probability move in the same CTA. permute() with the plan's dest_row runs both halves in one
+// launch (permute_fused_kernel, below): the data of every row the plan confirms is scattered from
+// its token row, read once (permute_scatter_body), and the row CTAs (permute_rows_body) write the
+// rest (session 4, H100, T 4096, k 8, H 7168, as two kernels: FP8 0.139 -> 0.113 ms, BF16 0.296 ->
+// 0.210 ms).
 //
 // Grid: one CTA (8 warps) per G = 8 * rows_per_warp consecutive output rows; warp w copies rows
 // w, w + 8, ... of its CTA, each lane 8 x 16 B loads in flight (128 B/lane, 32 KB/CTA). Rows are
@@ -52,7 +53,7 @@ struct RowsArgs {
   uint8_t* out_rscale;       // MX: [R][rscale_bytes]
   int32_t rscale_bytes;
   int32_t rscale_vec;  // 1, 2, 4, 8 or 16: widest access dividing the MX row and both pointers
-  // Scatter mode (permute_scatter_kernel ran or runs on the same stream): the plan's [T][k] map.
+  // Scatter mode (permute_scatter_body runs in the same launch): the plan's [T][k] map.
   // Rows r whose pair s = src_slot[r] maps back (dest_row[s] == r) get their data from the scatter
   // kernel; this kernel then writes only their scales and probability, and the data of pad rows
   // and of rows the map does not confirm. Null: every row's data is gathered here.
@@ -123,14 +124,14 @@ __device__ __forceinline__ void copy_row(const uint4* __restrict__ src, uint4* _
   }
 }
 
+// Row half of permute, for the CTA `block` of G = 2^log2_rows_per_cta output rows.
 template <int kScale, int kMul>
-__global__ void __launch_bounds__(kRowsThreads)
-    permute_rows_kernel(const __grid_constant__ RowsArgs a) {
+__device__ __forceinline__ void permute_rows_body(const RowsArgs& a, int64_t block) {
   __shared__ int32_t s_tok[kMaxRowsPerCta];  // source token; -1 pad row; -2 past the last row
   __shared__ float s_p[kMaxRowsPerCta];
-  __shared__ bool s_scattered[kMaxRowsPerCta];  // data written by permute_scatter_kernel
+  __shared__ bool s_scattered[kMaxRowsPerCta];  // data written by permute_scatter_body
   const int G = 1 << a.log2_rows_per_cta;
-  const int64_t r0 = static_cast<int64_t>(blockIdx.x) << a.log2_rows_per_cta;
+  const int64_t r0 = block << a.log2_rows_per_cta;
   if (threadIdx.x < G) {
     const int64_t r = r0 + threadIdx.x;
     int tok = -2;
@@ -199,14 +200,13 @@ __global__ void __launch_bounds__(kRowsThreads)
 
 // Scatter half of permute (no scaling): a warp per token reads the token's row once and writes it
 // to each of its rows d = dest_row[t][j] that the plan confirms (src_slot[d] == t k + j, so no row
-// is written twice, whatever the plan holds); permute_rows_kernel with a.dest_row set writes the
+// is written twice, whatever the plan holds); permute_rows_body with a.dest_row set writes the
 // rest. Reading X once instead of k times (X [4096][7168] BF16 is 59 MB, more than the L2) is the
 // point: the gather form re-read it from DRAM per pair. Each lane keeps kRowsUnroll 16-byte loads
 // in flight, then stores each to every confirmed row (k <= 32: one lane per pair).
-__global__ void __launch_bounds__(kRowsThreads)
-    permute_scatter_kernel(const __grid_constant__ RowsArgs a) {
+__device__ __forceinline__ void permute_scatter_body(const RowsArgs& a, int64_t block) {
   const int warp = threadIdx.x >> 5, lane = threadIdx.x & 31;
-  const int64_t t = static_cast<int64_t>(blockIdx.x) * kRowsWarps + warp;
+  const int64_t t = block * kRowsWarps + warp;
   if (t >= a.tokens) return;
   int32_t d = -1;
   if (lane < a.k) {
@@ -231,6 +231,26 @@ __global__ void __launch_bounds__(kRowsThreads)
         if (base + u * 32 + lane < nvec) __stcs(dst + base + u * 32 + lane, buf[u]);
     }
   }
+}
+
+template <int kScale, int kMul>
+__global__ void __launch_bounds__(kRowsThreads)
+    permute_rows_kernel(const __grid_constant__ RowsArgs a) {
+  permute_rows_body<kScale, kMul>(a, blockIdx.x);
+}
+
+// Both halves in one launch: CTAs [0, scatter_ctas) scatter token rows, the rest write the row
+// half (scales, probabilities, pad rows and rows the scatter does not confirm). They write disjoint
+// bytes, so the row CTAs start as soon as the first scatter CTAs retire instead of after the whole
+// scatter grid and a second launch.
+template <int kScale>
+__global__ void __launch_bounds__(kRowsThreads)
+    permute_fused_kernel(const __grid_constant__ RowsArgs a, int64_t scatter_ctas) {
+  const int64_t b = blockIdx.x;
+  if (b < scatter_ctas)
+    permute_scatter_body(a, b);
+  else
+    permute_rows_body<kScale, kNoMul>(a, b - scatter_ctas);
 }
 
 // permute_probs_backward: dweight[i] = dprob[dest_row[i]] (0 where dest_row is outside [0, R)).
