@@ -102,22 +102,25 @@ void permute_rows(const detail::PermuteRowsArgs& p, Stream stream) {
   }
   const auto grid = static_cast<unsigned>((R + (int64_t{1} << log2g) - 1) >> log2g);
   const dim3 block(kernels::kRowsThreads);
-  // Unscaled rows with the plan's inverse map: each token row read once and scattered to its rows,
-  // and in the same launch the row CTAs write scales, probabilities and pad rows
-  // (permute_fused_kernel).
+  // Unscaled rows with the plan's inverse map: each token row read once and scattered to its rows;
+  // the row CTAs write scales, probabilities and pad rows. FP8 and BF16: one launch
+  // (permute_fused_kernel); MXFP4 rows ran faster as two kernels (kernels/rows.cuh).
   if (!p.scale_by_prob && p.dest_row.data != nullptr && p.k <= 32 && p.in.rows > 0) {
     a.dest_row = p.dest_row.ptr<const int32_t>();
     const int64_t sctas = (p.in.rows + kernels::kRowsWarps - 1) / kernels::kRowsWarps;
-    const auto fgrid = static_cast<unsigned>(sctas + grid);
     using kernels::permute_fused_kernel;
-    if (p.col_scale)
-      permute_fused_kernel<kernels::kColScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
-    else if (p.row_scale)
-      permute_fused_kernel<kernels::kRowScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
-    else
-      permute_fused_kernel<kernels::kNoScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
-    FP8FLOW_CUDA_CHECK_LAUNCH("permute");
-    return;
+    if (p.row_scale) {
+      kernels::permute_scatter_kernel<<<static_cast<unsigned>(sctas), block, 0, cu(stream)>>>(a);
+      FP8FLOW_CUDA_CHECK_LAUNCH("permute");
+    } else {
+      const auto fgrid = static_cast<unsigned>(sctas + grid);
+      if (p.col_scale)
+        permute_fused_kernel<kernels::kColScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
+      else
+        permute_fused_kernel<kernels::kNoScale><<<fgrid, block, 0, cu(stream)>>>(a, sctas);
+      FP8FLOW_CUDA_CHECK_LAUNCH("permute");
+      return;
+    }
   }
   using kernels::permute_rows_kernel;
   if (p.col_scale) {
