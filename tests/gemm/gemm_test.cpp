@@ -1198,6 +1198,10 @@ TEST(GemmGpu, OwnFpropMatchesReference) {
     // Deterministic.
     sm90::own::own_grouped_fprop(xd.view(), wv, y2.v, p.splits, nullptr);
     EXPECT_TRUE(bytes_equal(got, y2.to_host()));
+    // Persistent: 3 CTAs loop over every tile (the stage ring runs across tiles), same bits.
+    ASSERT_EQ(cudaMemset(y2.v.data, 0xFF, y2.v.bytes()), cudaSuccess);
+    sm90::own::own_grouped_fprop(xd.view(), wv, y2.v, p.splits, nullptr, 3);
+    EXPECT_TRUE(bytes_equal(got, y2.to_host()));
     // Against cuBLASLt on the same device operands (its per-expert scale slices must start
     // 16-byte aligned).
     if ((NT * KT) % 4 != 0) continue;

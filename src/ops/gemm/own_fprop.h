@@ -19,8 +19,9 @@ namespace fp8flow::sm90::own {
 bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
                          const TensorView& y);
 // y = x . w_e^T per expert segment (m_splits), on `stream`. Throws fp8flow::Error (Unsupported)
-// outside own_fprop_supported.
+// outside own_fprop_supported. ctas > 0: at most that many CTAs, each looping over tiles
+// (persistent); 0: one CTA per 128 x 128 tile, or one per SM if FP8FLOW_OWN_GEMM_PERSISTENT=1.
 void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, const TensorView& y,
-                       std::span<const int64_t> m_splits, Stream stream);
+                       std::span<const int64_t> m_splits, Stream stream, int ctas = 0);
 
 }  // namespace fp8flow::sm90::own

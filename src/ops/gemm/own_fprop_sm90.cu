@@ -19,7 +19,9 @@
 #include <cuda_bf16.h>
 #include <cuda_runtime.h>
 
+#include <algorithm>
 #include <cstdint>
+#include <cstdlib>
 #include <memory>
 
 #include "common/check.h"
@@ -137,6 +139,38 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// Tile t -> (expert, rows, n tile). Raster: per expert, groups of kRasterM m tiles; within a group,
+// n tiles outer and m tiles inner, so the tiles in flight share a few A row blocks and weight
+// blocks (all L2-resident).
+struct TileCoord {
+  int e, m0, n0, n_tile, valid_rows;
+};
+__device__ __forceinline__ TileCoord tile_coord(const Params& p, int t) {
+  int lo = 0, hi = p.E;  // largest e with tile_start[e] <= t
+  while (hi - lo > 1) {
+    const int mid = (lo + hi) / 2;
+    if (p.tile_start[mid] <= t)
+      lo = mid;
+    else
+      hi = mid;
+  }
+  const int e = lo;
+  const int rows_e = p.row_start[e + 1] - p.row_start[e];
+  const int m_tiles = (rows_e + kBM - 1) / kBM;
+  const int local = t - p.tile_start[e];
+  const int group = local / (kRasterM * p.n_tiles);
+  const int gm = min(kRasterM, m_tiles - group * kRasterM);
+  const int in_group = local - group * kRasterM * p.n_tiles;
+  const int n_tile = in_group / gm, m_tile = group * kRasterM + in_group % gm;
+  TileCoord c;
+  c.e = e;
+  c.m0 = p.row_start[e] + m_tile * kBM;
+  c.n_tile = n_tile;
+  c.n0 = n_tile * kBN;
+  c.valid_rows = min(kBM, p.row_start[e + 1] - c.m0);
+  return c;
+}
+
 __global__ void __launch_bounds__(kThreads, 1)
     sm90_own_fprop_kernel(const __grid_constant__ CUtensorMap map_a,
                           const __grid_constant__ CUtensorMap map_b,
@@ -148,30 +182,7 @@ __global__ void __launch_bounds__(kThreads, 1)
   uint64_t* full = reinterpret_cast<uint64_t*>(epi + kEpiBytes);
   uint64_t* empty = full + kStages;
 
-  // Tile -> (expert, n tile, m tile).
-  const int bid = static_cast<int>(blockIdx.x);
-  int lo = 0, hi = p.E;  // largest e with tile_start[e] <= bid
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (p.tile_start[mid] <= bid)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  const int e = lo;
-  const int rows_e = p.row_start[e + 1] - p.row_start[e];
-  const int m_tiles = (rows_e + kBM - 1) / kBM;
-  // Raster: groups of kRasterM m tiles; within a group, n tiles outer and m tiles inner, so the
-  // CTAs in flight share a few A row blocks and weight blocks (all L2-resident).
-  const int local = bid - p.tile_start[e];
-  const int group = local / (kRasterM * p.n_tiles);
-  const int gm = min(kRasterM, m_tiles - group * kRasterM);
-  const int in_group = local - group * kRasterM * p.n_tiles;
-  const int n_tile = in_group / gm, m_tile = group * kRasterM + in_group % gm;
-  const int m0 = p.row_start[e] + m_tile * kBM, n0 = n_tile * kBN;
-  const int valid_rows = min(kBM, p.row_start[e + 1] - m0);
-  const int nk = p.K / kBK;
-
+  const int total = p.tile_start[p.E], nk = p.K / kBK;
   const int tid = static_cast<int>(threadIdx.x), wg = tid / 128;
   if (tid == 0) {
     for (int s = 0; s < kStages; ++s) {
@@ -182,94 +193,108 @@ __global__ void __launch_bounds__(kThreads, 1)
   }
   __syncthreads();
 
+  // CTA b takes tiles b, b + gridDim.x, ... (one tile per CTA when the grid covers them all);
+  // `it` counts K blocks over all of them, so the ring runs on into the next tile: the producer
+  // loads it while the consumers write the previous tile's epilogue.
   if (wg == 0) {
     // Producer: one thread issues every TMA load.
     if (tid == 0) {
-      for (int kb = 0; kb < nk; ++kb) {
-        const int s = kb % kStages;
-        if (kb >= kStages) mbar_wait(&empty[s], ((kb / kStages) & 1) ^ 1);
-        uint8_t* a = smem + s * kStageBytes;
-        mbar_expect_tx(&full[s], kStageBytes);
-        tma_load_2d(a, &map_a, kb * kBK, m0, &full[s]);
-        tma_load_2d(a + kTileBytes, &map_b, kb * kBK, e * p.N + n0, &full[s]);
+      int it = 0;
+      for (int tile = static_cast<int>(blockIdx.x); tile < total;
+           tile += static_cast<int>(gridDim.x)) {
+        const TileCoord tc = tile_coord(p, tile);
+        for (int kb = 0; kb < nk; ++kb, ++it) {
+          const int s = it % kStages;
+          if (it >= kStages) mbar_wait(&empty[s], ((it / kStages) & 1) ^ 1);
+          uint8_t* a = smem + s * kStageBytes;
+          mbar_expect_tx(&full[s], kStageBytes);
+          tma_load_2d(a, &map_a, kb * kBK, tc.m0, &full[s]);
+          tma_load_2d(a + kTileBytes, &map_b, kb * kBK, tc.e * p.N + tc.n0, &full[s]);
+        }
       }
     }
     return;
   }
 
-  // Consumers: warpgroup c = wg - 1 owns rows 64c .. 64c + 63 of the tile.
+  // Consumers: warpgroup c = wg - 1 owns rows 64c .. 64c + 63 of each tile.
   const int c = wg - 1, t = tid - 128 * wg, warp = t / 32, lane = t % 32;
   const int r0 = 64 * c + 16 * warp + lane / 4;  // this thread's rows r0 and r0 + 8
-  float acc[64], tmp[64];
+  auto* slab = reinterpret_cast<__nv_bfloat162*>(epi + c * 64 * kBN * 2);
+  const uint4* slab16 = reinterpret_cast<const uint4*>(epi + c * 64 * kBN * 2);
+  int it = 0;
+  for (int tile = static_cast<int>(blockIdx.x); tile < total; tile += static_cast<int>(gridDim.x)) {
+    const TileCoord tc = tile_coord(p, tile);
+    float acc[64], tmp[64];
 #pragma unroll
-  for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
-  const float* sb_base = p.scale_b + (static_cast<int64_t>(e) * p.n_tiles + n_tile) * nk;
-  const int ga0 = min(m0 + r0, p.M - 1), ga1 = min(m0 + r0 + 8, p.M - 1);
-  // The scales are loaded kScalePrefetch K blocks ahead: loaded just before their use, their L2
-  // latency stalled the promotion (Nsight Compute: 36% of the consumer warps' stall cycles; H100,
-  // FC1 fprop at the DeepSeek-V3 shard shape 830-870 -> 950-980 TFLOP/s).
-  float pa0[kScalePrefetch], pa1[kScalePrefetch], pb[kScalePrefetch];
-  auto load_scales = [&](int kb, float& a0, float& a1, float& b) {
-    const int k = min(kb, nk - 1);
-    a0 = __ldg(p.scale_a + static_cast<int64_t>(k) * p.M + ga0);
-    a1 = __ldg(p.scale_a + static_cast<int64_t>(k) * p.M + ga1);
-    b = __ldg(sb_base + k);
-  };
+    for (int i = 0; i < 64; ++i) acc[i] = 0.0f;
+    const float* sb_base = p.scale_b + (static_cast<int64_t>(tc.e) * p.n_tiles + tc.n_tile) * nk;
+    const int ga0 = min(tc.m0 + r0, p.M - 1), ga1 = min(tc.m0 + r0 + 8, p.M - 1);
+    // The scales are loaded kScalePrefetch K blocks ahead: loaded just before their use, their L2
+    // latency stalled the promotion (Nsight Compute: 36% of the consumer warps' stall cycles;
+    // H100, FC1 fprop at the DeepSeek-V3 shard shape 830-870 -> 950-980 TFLOP/s).
+    float pa0[kScalePrefetch], pa1[kScalePrefetch], pb[kScalePrefetch];
+    auto load_scales = [&](int kb, float& a0, float& a1, float& b) {
+      const int k = min(kb, nk - 1);
+      a0 = __ldg(p.scale_a + static_cast<int64_t>(k) * p.M + ga0);
+      a1 = __ldg(p.scale_a + static_cast<int64_t>(k) * p.M + ga1);
+      b = __ldg(sb_base + k);
+    };
 #pragma unroll
-  for (int i = 0; i < kScalePrefetch; ++i) load_scales(i, pa0[i], pa1[i], pb[i]);
-  for (int kb = 0; kb < nk; ++kb) {
-    const int s = kb % kStages;
-    const float sa0 = pa0[0], sa1 = pa1[0], sb = pb[0];
+    for (int i = 0; i < kScalePrefetch; ++i) load_scales(i, pa0[i], pa1[i], pb[i]);
+    for (int kb = 0; kb < nk; ++kb, ++it) {
+      const int s = it % kStages;
+      const float sa0 = pa0[0], sa1 = pa1[0], sb = pb[0];
 #pragma unroll
-    for (int i = 0; i + 1 < kScalePrefetch; ++i) {
-      pa0[i] = pa0[i + 1];
-      pa1[i] = pa1[i + 1];
-      pb[i] = pb[i + 1];
+      for (int i = 0; i + 1 < kScalePrefetch; ++i) {
+        pa0[i] = pa0[i + 1];
+        pa1[i] = pa1[i + 1];
+        pb[i] = pb[i + 1];
+      }
+      load_scales(kb + kScalePrefetch, pa0[kScalePrefetch - 1], pa1[kScalePrefetch - 1],
+                  pb[kScalePrefetch - 1]);
+      mbar_wait(&full[s], (it / kStages) & 1);
+      const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
+      const uint8_t* b = smem + s * kStageBytes + kTileBytes;
+      const uint64_t da = sw128_desc(a), db = sw128_desc(b);
+      fence_regs(tmp);
+      wgmma_fence();
+#pragma unroll
+      for (int kk = 0; kk < kBK / 32; ++kk)
+        wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
+      wgmma_commit();
+      wgmma_wait0();
+      fence_regs(tmp);
+      if (t == 0) mbar_arrive(&empty[s]);
+      const float s0 = sa0 * sb, s1 = sa1 * sb;
+#pragma unroll
+      for (int j = 0; j < 16; ++j) {
+        acc[4 * j + 0] = fmaf(tmp[4 * j + 0], s0, acc[4 * j + 0]);
+        acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0, acc[4 * j + 1]);
+        acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1, acc[4 * j + 2]);
+        acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1, acc[4 * j + 3]);
+      }
     }
-    load_scales(kb + kScalePrefetch, pa0[kScalePrefetch - 1], pa1[kScalePrefetch - 1],
-                pb[kScalePrefetch - 1]);
-    mbar_wait(&full[s], (kb / kStages) & 1);
-    const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
-    const uint8_t* b = smem + s * kStageBytes + kTileBytes;
-    const uint64_t da = sw128_desc(a), db = sw128_desc(b);
-    fence_regs(tmp);
-    wgmma_fence();
-#pragma unroll
-    for (int kk = 0; kk < kBK / 32; ++kk)
-      wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
-    wgmma_commit();
-    wgmma_wait0();
-    fence_regs(tmp);
-    if (t == 0) mbar_arrive(&empty[s]);
-    const float s0 = sa0 * sb, s1 = sa1 * sb;
+
+    // Epilogue: BF16 fragments -> this warpgroup's 64 x 128 slab of shared memory (256-byte rows)
+    // -> 16-byte coalesced stores of the rows inside the expert's segment. The first barrier keeps
+    // the slab until every thread of the warpgroup has stored the previous tile from it.
+    asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
+    const int lr = 16 * warp + lane / 4;
 #pragma unroll
     for (int j = 0; j < 16; ++j) {
-      acc[4 * j + 0] = fmaf(tmp[4 * j + 0], s0, acc[4 * j + 0]);
-      acc[4 * j + 1] = fmaf(tmp[4 * j + 1], s0, acc[4 * j + 1]);
-      acc[4 * j + 2] = fmaf(tmp[4 * j + 2], s1, acc[4 * j + 2]);
-      acc[4 * j + 3] = fmaf(tmp[4 * j + 3], s1, acc[4 * j + 3]);
+      const int col2 = 4 * j + lane % 4;  // in bf16 pairs
+      slab[lr * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 0], acc[4 * j + 1]);
+      slab[(lr + 8) * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
     }
-  }
-
-  // Epilogue: BF16 fragments -> this warpgroup's 64 x 128 slab of shared memory (256-byte rows)
-  // -> 16-byte coalesced stores of the rows inside the expert's segment.
-  auto* slab = reinterpret_cast<__nv_bfloat162*>(epi + c * 64 * kBN * 2);
-  const int lr = 16 * warp + lane / 4;
+    asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
 #pragma unroll
-  for (int j = 0; j < 16; ++j) {
-    const int col2 = (8 * j + 2 * (lane % 4)) / 2;  // in bf16 pairs
-    slab[lr * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 0], acc[4 * j + 1]);
-    slab[(lr + 8) * (kBN / 2) + col2] = __floats2bfloat162_rn(acc[4 * j + 2], acc[4 * j + 3]);
-  }
-  asm volatile("bar.sync %0, 128;" ::"r"(1 + c) : "memory");
-  const uint4* src = reinterpret_cast<const uint4*>(epi + c * 64 * kBN * 2);
-#pragma unroll
-  for (int i = 0; i < 8; ++i) {
-    const int idx = t + 128 * i, row = idx / 16, chunk = idx % 16;  // 16 chunks of 16 B per row
-    const int tr = 64 * c + row;
-    if (tr < valid_rows)
-      *reinterpret_cast<uint4*>(p.y + static_cast<int64_t>(m0 + tr) * p.ldy + n0 + 8 * chunk) =
-          src[idx];
+    for (int i = 0; i < 8; ++i) {
+      const int idx = t + 128 * i, row = idx / 16, chunk = idx % 16;  // 16 chunks of 16 B per row
+      const int tr = 64 * c + row;
+      if (tr < tc.valid_rows)
+        *reinterpret_cast<uint4*>(p.y + static_cast<int64_t>(tc.m0 + tr) * p.ldy + tc.n0 +
+                                  8 * chunk) = slab16[idx];
+    }
   }
 }
 
@@ -335,7 +360,7 @@ bool own_fprop_supported(const ScaledTensor& x, std::span<const ScaledTensor> w,
 }
 
 void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, const TensorView& y,
-                       std::span<const int64_t> m_splits, Stream stream) {
+                       std::span<const int64_t> m_splits, Stream stream, int ctas) {
   const char* op = "own_grouped_fprop";
   if (!own_fprop_supported(x, w, y))
     detail::throw_error(ErrorKind::Unsupported,
@@ -372,7 +397,18 @@ void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, c
   if (!attr)
     detail::throw_error(ErrorKind::Cuda, detail::cat("fp8flow::", op, ": cannot set ", kSmemBytes,
                                                      " bytes of dynamic shared memory"));
-  sm90_own_fprop_kernel<<<tiles, kThreads, kSmemBytes, stream>>>(ma, mb, p);
+  // ctas 0: one CTA per tile, or one per SM with FP8FLOW_OWN_GEMM_PERSISTENT=1 (A/B).
+  static const bool persistent = [] {
+    const char* v = std::getenv("FP8FLOW_OWN_GEMM_PERSISTENT");
+    return v != nullptr && v[0] == '1';
+  }();
+  if (ctas <= 0 && persistent) {
+    int dev = 0;
+    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+    FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, dev));
+  }
+  const int grid = ctas > 0 ? std::min(tiles, ctas) : tiles;
+  sm90_own_fprop_kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mb, p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 
