@@ -3,15 +3,17 @@
 // still slower than cuBLASLt, bench/RESULTS.md): Y [M][N] = X [M][K] . W_e^T per expert segment, X
 // row-wise 1x128 scaled ([K/128][M] F32), W_e 128x128 block scaled, BF16 out.
 //
-// One CTA per 128 x 128 output tile. Tiles are rastered per expert in groups of 8 m tiles (n tiles
-// outer, m tiles inner within a group), so the CTAs in flight share a few A row blocks and weight
-// blocks that stay in L2 (a dense 32768-row problem otherwise rereads A from DRAM once per n tile).
+// One CTA per 128 x 128 output tile, or (ctas > 0, FP8FLOW_OWN_GEMM_PERSISTENT=1) fewer CTAs that
+// loop over the tiles. Tiles are rastered per expert in groups of 8 m tiles (n tiles outer, m tiles
+// inner within a group), so the CTAs in flight share a few A row blocks and weight blocks that stay
+// in L2 (a dense 32768-row problem otherwise rereads A from DRAM once per n tile).
 // 3 warpgroups: warpgroup 0 issues TMA loads (128-byte swizzle) into a kStages-deep ring guarded by
 // mbarriers; warpgroups 1 and 2 each multiply 64 rows: per 128-wide K block, four wgmma
 // m64n128k32 into a temporary accumulator, then acc += tmp * scale_a[row] * scale_b (the
-// DeepSeek-V3 recipe's FP32 promotion per K block). Epilogue: BF16 through shared memory, 16-byte
-// coalesced stores of the rows inside the expert's segment. (2-CTA clusters sharing the A tile by
-// TMA multicast, commit d3af681, gained nothing on an H200 and lost 5% where K is short.)
+// DeepSeek-V3 recipe's FP32 promotion per K block; the scales loaded two K blocks ahead).
+// Epilogue: BF16 through shared memory, 16-byte coalesced stores of the rows inside the expert's
+// segment. (2-CTA clusters sharing the A tile by TMA multicast, commit d3af681, gained nothing on
+// an H200 and lost 5% where K is short.)
 //
 // Requirements (checked on the host): E4M3 operands, N % 128 == 0, K % 128 == 0, the E weight views
 // one contiguous [E N][K] tensor with contiguous scales, y BF16 with ld % 8 == 0, E <= 256.
