@@ -4,7 +4,7 @@
 // probability move in the same CTA. permute() with the plan's dest_row scatters the data of every
 // row the plan confirms from its token row, read once (permute_scatter_body), and the row CTAs
 // (permute_rows_body) write the rest (session 4, H100, T 4096, k 8, H 7168: FP8 0.139 -> 0.113 ms,
-// BF16 0.296 -> 0.210 ms); FP8 and BF16 run both halves in one launch (permute_fused_kernel).
+// BF16 0.296 -> 0.210 ms); both halves run in one launch (permute_fused_kernel).
 //
 // Grid: one CTA (8 warps) per G = 8 * rows_per_warp consecutive output rows; warp w copies rows
 // w, w + 8, ... of its CTA, each lane 8 x 16 B loads in flight (128 B/lane, 32 KB/CTA). Rows are
@@ -52,8 +52,7 @@ struct RowsArgs {
   uint8_t* out_rscale;       // MX: [R][rscale_bytes]
   int32_t rscale_bytes;
   int32_t rscale_vec;  // 1, 2, 4, 8 or 16: widest access dividing the MX row and both pointers
-  // Scatter mode (permute_scatter_body runs in the same launch or before, same stream): the plan's
-  // [T][k] map.
+  // Scatter mode (permute_scatter_body runs in the same launch): the plan's [T][k] map.
   // Rows r whose pair s = src_slot[r] maps back (dest_row[s] == r) get their data from the scatter
   // kernel; this kernel then writes only their scales and probability, and the data of pad rows
   // and of rows the map does not confirm. Null: every row's data is gathered here.
@@ -238,17 +237,13 @@ __global__ void __launch_bounds__(kRowsThreads)
     permute_rows_kernel(const __grid_constant__ RowsArgs a) {
   permute_rows_body<kScale, kMul>(a, blockIdx.x);
 }
-__global__ void __launch_bounds__(kRowsThreads)
-    permute_scatter_kernel(const __grid_constant__ RowsArgs a) {
-  permute_scatter_body(a, blockIdx.x);
-}
 
 // Both halves in one launch: CTAs [0, scatter_ctas) scatter token rows, the rest write the row
 // half (scales, probabilities, pad rows and rows the scatter does not confirm). They write disjoint
 // bytes, so the row CTAs start as soon as the first scatter CTAs retire instead of after the whole
 // scatter grid and a second launch. H100, T 4096, k 8, H 7168, two launches -> one: FP8 0.113 ->
-// 0.108 ms (80.0-80.7% -> 84.1-84.4% of copy), BF16 0.210 -> 0.201 ms; MXFP4 rows got slower
-// (0.0615 -> 0.0635 ms), so permute() keeps two launches for row scales.
+// 0.108 ms (80.0-80.7% -> 84.1-84.4% of copy), BF16 0.210 -> 0.201 ms; MXFP4 rows only gained
+// once the row CTAs took 4 rows per warp (permute_sm90.cu).
 template <int kScale>
 __global__ void __launch_bounds__(kRowsThreads)
     permute_fused_kernel(const __grid_constant__ RowsArgs a, int64_t scatter_ctas) {
