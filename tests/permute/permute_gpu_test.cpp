@@ -212,7 +212,7 @@ TEST(PermuteGpu, RowsFollowSrcSlotWhenDestRowDisagrees) {
     permute(dx.v, dy.v, dp.view());
     EXPECT_TRUE(same(dy, y));
   }
-  {  // MXFP4 rows with their E8M0 scales (the scatter kernel writes both for confirmed rows)
+  {  // MXFP4 rows with their E8M0 scales (scatter half: data of confirmed rows; row half: scales)
     SCOPED_TRACE("MXFP4");
     const HostTensor x = random_bytes(DType::E2M1x2, T, H, 79);
     const HostTensor xs = random_bytes(DType::E8M0, T, H / 32, 80);
