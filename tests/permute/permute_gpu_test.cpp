@@ -224,7 +224,8 @@ TEST(PermuteGpu, RowsFollowSrcSlotWhenDestRowDisagrees) {
     const DeviceTensor dx(x), dxs(xs);
     DeviceTensor dy(DType::E2M1x2, R, H), dys(DType::E8M0, R, H / 32);
     ASSERT_EQ(cudaMemset(dy.v.data, 0x5A, static_cast<size_t>(R * dy.v.row_bytes())), cudaSuccess);
-    ASSERT_EQ(cudaMemset(dys.v.data, 0x5A, static_cast<size_t>(R * dys.v.row_bytes())), cudaSuccess);
+    ASSERT_EQ(cudaMemset(dys.v.data, 0x5A, static_cast<size_t>(R * dys.v.row_bytes())),
+              cudaSuccess);
     permute(ScaledTensor{dx.v, dxs.v, ScaleLayout::Mx1x32},
             ScaledTensor{dy.v, dys.v, ScaleLayout::Mx1x32}, dp.view());
     EXPECT_TRUE(same(dy, y));
