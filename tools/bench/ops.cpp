@@ -456,8 +456,9 @@ std::vector<CaseSpec> build_cases(const OpTable& t, int64_t max_rows) {
   }
   add(t.col_tight_count, nullptr, 32768, 7168, {});
   // The layer's form (fp8-flow's four wgrad operands at dsv3-shard): ColumnTight with the
-  // underflow count, over 32 uneven expert segments padded to `a` rows (a16: the layer's default
-  // MoEConfig::align; partial tiles and group starts not on 128-token boundaries).
+  // underflow count, over 32 uneven expert segments padded to `a` rows (a32: MoEConfig::align's
+  // default for the FP8 recipes, a16 its former one; partial tiles and group starts not on
+  // 128-token boundaries).
   for (const int64_t a : {int64_t{16}, int64_t{32}, int64_t{128}}) {
     const Groups layer_groups = uneven_groups(32768, 32, a, 7);
     const std::string tag = "/a" + std::to_string(a);
