@@ -16,6 +16,7 @@
 #include "fp8flow/gemm.h"
 #if FP8FLOW_WITH_CUDA
 #include "ops/gemm/own_fprop.h"
+#include "ops/gemm/own_wgrad.h"
 #endif
 
 namespace fp8flow::test {
@@ -1211,6 +1212,55 @@ TEST(GemmGpu, OwnFpropMatchesReference) {
     EXPECT_TRUE(rows_close(
         got.v, [&](int64_t r, int64_t c) { return ref::load_f32(lt.v, r, c); }, 0, p.M(),
         kTolBf16));
+  }
+}
+
+// The own grouped wgrad (own_wgrad.h) against the CPU reference: experts whose token counts are
+// not multiples of 128 (the partial last K block must read zeros, not the next expert's tokens),
+// empty experts (zeros, or untouched when accumulating), more K blocks than pipeline stages, more
+// tiles than CTAs (persistent loop, the stage ring running across tiles and experts); overwrite
+// and accumulate; same bits run to run and at any CTA count.
+TEST(GemmGpu, OwnWgradMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  const std::vector<Problem> problems = {
+      {256, 256, {0, 144, 64, 208}},
+      {384, 640, {128, 304, 0, 16, 496}},
+      {128, 128, {16}},
+      {256, 384, {1200, 16, 0, 1104, 0}},  // 10 and 9 K blocks (> 5 stages)
+  };
+  for (const Problem& p : problems) {
+    SCOPED_TRACE(name(p));
+    const HostQ dy_t = quant_cols(make_values(p.M(), p.N, Fill::Normal, 41), p.M(), p.N, p.splits);
+    const HostQ x_t = quant_cols(make_values(p.M(), p.K, Fill::Normal, 42), p.M(), p.K, p.splits);
+    const DevQ dyd = to_dev(dy_t), xd = to_dev(x_t);
+    for (const bool acc : {false, true}) {
+      SCOPED_TRACE(acc ? "accumulate" : "overwrite");
+      std::vector<HostTensor> want;
+      std::vector<DeviceTensor> got, again;
+      for (size_t e = 0; e < p.E(); ++e) {
+        want.push_back(
+            host_from_values(make_values(p.N, p.K, Fill::Normal, 300 + e), DType::F32, p.N, p.K));
+        got.emplace_back(acc ? DeviceTensor(want.back()) : DeviceTensor(DType::F32, p.N, p.K));
+        again.emplace_back(acc ? DeviceTensor(want.back()) : DeviceTensor(DType::F32, p.N, p.K));
+      }
+      grouped_gemm_wgrad(dy_t.view(), x_t.view(), views(want), p.splits, {}, {.accumulate = acc});
+      ASSERT_TRUE(sm90::own::own_wgrad_supported(dyd.view(), xd.view(), views(got), p.splits));
+      sm90::own::own_grouped_wgrad(dyd.view(), xd.view(), views(got), p.splits, acc, nullptr);
+      sm90::own::own_grouped_wgrad(dyd.view(), xd.view(), views(again), p.splits, acc, nullptr, 3);
+      ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
+      for (size_t e = 0; e < p.E(); ++e) {
+        SCOPED_TRACE(e);
+        const HostTensor g = got[e].to_host();
+        EXPECT_TRUE(rows_close(
+            g.v, [&](int64_t r, int64_t c) { return ref::load_f32(want[e].v, r, c); }, 0, p.N,
+            kTolF32));
+        if (p.splits[e] == 0) EXPECT_TRUE(bytes_equal(g, want[e]));  // zeros / untouched
+        if (acc && p.splits[e] > 0)                                  // added to, not left as it was
+          EXPECT_FALSE(bytes_equal(g, host_from_values(make_values(p.N, p.K, Fill::Normal, 300 + e),
+                                                       DType::F32, p.N, p.K)));
+        EXPECT_TRUE(bytes_equal(g, again[e].to_host()));  // 3 CTAs over all tiles: same bits
+      }
+    }
   }
 }
 

@@ -62,6 +62,7 @@
 #include "common/cuda_check.h"
 #include "ops/gemm/gemm_backends.h"
 #include "ops/gemm/own_fprop.h"
+#include "ops/gemm/own_wgrad.h"
 
 namespace fp8flow::sm90 {
 namespace {
@@ -762,6 +763,16 @@ void grouped_gemm_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy_t.data.rows, K = x_t.data.rows;
   if (N == 0 || K == 0) return;
+  // Our one-launch kernel (own_wgrad.h) where it applies, with FP8FLOW_OWN_WGRAD=1 (opt-in until
+  // measured on a GPU); options.algo > 0 asks for a cuBLASLt algorithm, so it keeps cuBLASLt.
+  static const bool own_wgrad = [] {
+    const char* v = std::getenv("FP8FLOW_OWN_WGRAD");
+    return v && v[0] == '1';
+  }();
+  if (own_wgrad && opt.algo == 0 && own::own_wgrad_supported(dy_t, x_t, dw, m_splits)) {
+    own::own_grouped_wgrad(dy_t, x_t, dw, m_splits, opt.accumulate, stream_);
+    return;
+  }
   std::lock_guard<std::mutex> lock(gemm_mutex());
   DeviceContext& ctx = device_context(op);
   int dev = 0;
