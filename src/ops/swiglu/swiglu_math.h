@@ -28,27 +28,13 @@ constexpr int kLanes = 32;  // dprob partial sums (one per lane of the backward 
 // (SwigluGpu.BranchFreeSiluEqualsHdExhaustive). kBranchFree = false uses hd:: directly.
 constexpr bool kBranchFree = true;
 
-// hd::exp's reduction and polynomial: q with e^x = q * 2^n, n = rint(x log2 e), for the clamped x.
-FP8FLOW_HD float exp_poly(float x, float n) {
-  float r = hd::fma(n, -0.693145752f, x);
-  r = hd::fma(n, -1.42860677e-6f, r);
-  float q = 1.98412698e-4f;
-  q = hd::fma(q, r, 1.38888889e-3f);
-  q = hd::fma(q, r, 8.33333333e-3f);
-  q = hd::fma(q, r, 4.16666667e-2f);
-  q = hd::fma(q, r, 1.66666667e-1f);
-  q = hd::fma(q, r, 0.5f);
-  q = hd::fma(q, r, 1.0f);
-  return hd::fma(q, r, 1.0f);
-}
-
 FP8FLOW_HD float exp(float x) {
   if constexpr (!kBranchFree) return hd::exp(x);
   // Same reduction and polynomial as hd::exp, on x clamped so that n stays a small integer (the
   // clamp changes nothing in hd::exp's range [-103.97208, 88.72283]; outside it, selects below).
   const float xc = x >= -104.0f ? (x <= 89.0f ? x : 89.0f) : -104.0f;  // NaN -> -104
   const float n = rintf(hd::mul(xc, 1.44269504f));
-  const float q = exp_poly(xc, n);
+  const float q = hd::exp_poly(xc, n);
   // q * 2^n as fmt::mul_pow2 does it: q (positive, normal) = q1 * 2^(field - 127), q1 in [1, 2);
   // result = q1 * 2^k, k = field - 127 + n, with 2^k built from bits (Inf for k = 128, 0 below
   // 2^-149): one rounding, exact when the result is normal.
@@ -63,27 +49,9 @@ FP8FLOW_HD float exp(float x) {
   return x != x ? x : res;
 }
 
-// e^y for sigmoid's y = -x, cheaper than exp: hd::exp's reduction and polynomial on y clamped to
-// [-86, 89]. In [-86, 88.72283] the result is normal (q in [0.7, 1.42] times 2^n, n in
-// [-124, 128], and n = 128 only with q < 1 there), so the scaling is an integer add to the
-// exponent field, exact as fmt::mul_pow2 is: hd::exp's bits. Below -86 hd::exp gives a value under
-// e^-86 < 2^-124 (or 0) and so does this (e^-86): 1 + either rounds to 1, the same sigmoid. Above
-// 88.72283 hd::exp is +Inf (a select here); NaN passes through. So sigmoid below returns
-// hd::sigmoid's bits for every input (SwigluRef.BranchFreeSiluEqualsHd, and exhaustively on the
-// GPU), about 8 instructions fewer per element than through exp.
-FP8FLOW_HD float exp_for_sigmoid(float y) {
-  const float yc = y >= -86.0f ? (y <= 89.0f ? y : 89.0f) : -86.0f;  // NaN -> -86
-  const float n = rintf(hd::mul(yc, 1.44269504f));
-  const float q = exp_poly(yc, n);
-  float res = fmt::f32_from_bits(fmt::f32_bits(q) +
-                                 (static_cast<uint32_t>(static_cast<int>(n)) << 23));
-  res = y > 88.72283f ? fmt::f32_from_bits(0x7F800000u) : res;
-  return y != y ? y : res;
-}
-
 FP8FLOW_HD float sigmoid(float x) {
   if constexpr (!kBranchFree) return hd::sigmoid(x);
-  return hd::div(1.0f, hd::add(1.0f, exp_for_sigmoid(-x)));
+  return hd::sigmoid_branch_free(x);
 }
 
 FP8FLOW_HD float silu(float x) {

@@ -111,13 +111,14 @@ __device__ __forceinline__ void unpack(const float4& a, const float4& b, float (
   x[4] = b.x, x[5] = b.y, x[6] = b.z, x[7] = b.w;
 }
 
-// Scores of the lane's experts from its logits (pads +0): sigmoid, or softmax over the row.
+// Scores of the lane's experts from its logits (pads +0): sigmoid (hd::sigmoid's bits without its
+// branches), or softmax over the row.
 template <int G>
 __device__ __forceinline__ void row_scores(bool softmax, const float (&x)[kSlots], int nv,
                                            float (&s)[kSlots]) {
   if (!softmax) {
 #pragma unroll
-    for (int j = 0; j < kSlots; ++j) s[j] = j < nv ? hd::sigmoid(x[j]) : 0.0f;
+    for (int j = 0; j < kSlots; ++j) s[j] = j < nv ? hd::sigmoid_branch_free(x[j]) : 0.0f;
     return;
   }
   float m[kSlots];
