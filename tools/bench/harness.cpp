@@ -318,14 +318,20 @@ Timing time_cpu(const std::function<void(int)>& run, int warmup, int reps) {
   return summarize(ms);
 }
 
-CopyBandwidth measure_copy_bandwidth(size_t bytes, int warmup, int reps) {
+CopyBandwidth measure_copy_bandwidth(size_t bytes, int warmup, int reps, int sets) {
   CopyBandwidth bw;
   bw.bytes = bytes;
 #if FP8FLOW_WITH_CUDA
-  Buffer src(Device::Cuda, bytes, 0x11), dst(Device::Cuda, bytes, 0x22);
+  sets = std::max(sets, 1);
+  std::vector<Buffer> src, dst;
+  for (int i = 0; i < sets; ++i) {
+    src.emplace_back(Device::Cuda, bytes, 0x11);
+    dst.emplace_back(Device::Cuda, bytes, 0x22);
+  }
   const Timing t = time_gpu(
-      [&](int) {
-        BENCH_CUDA(cudaMemcpyAsync(dst.data(), src.data(), bytes, cudaMemcpyDeviceToDevice,
+      [&](int i) {
+        const size_t j = static_cast<size_t>(i % sets);
+        BENCH_CUDA(cudaMemcpyAsync(dst[j].data(), src[j].data(), bytes, cudaMemcpyDeviceToDevice,
                                    cuda_stream()));
       },
       warmup, reps);
@@ -334,6 +340,7 @@ CopyBandwidth measure_copy_bandwidth(size_t bytes, int warmup, int reps) {
 #else
   (void)warmup;
   (void)reps;
+  (void)sets;
 #endif
   return bw;
 }

@@ -124,7 +124,9 @@ struct CopyBandwidth {
   double median_ms = 0;
   size_t bytes = 0;
 };
-CopyBandwidth measure_copy_bandwidth(size_t bytes, int warmup, int reps);
+// cudaMemcpyAsync device to device of `bytes`, rotating over `sets` source/destination pairs (so
+// that, as for the ops' own timings, the L2 cannot hold a pair between its uses).
+CopyBandwidth measure_copy_bandwidth(size_t bytes, int warmup, int reps, int sets = 1);
 
 // How many input/output buffer sets to rotate over so that one pass over them touches at least
 // 4x the L2 (the cache then cannot hold a set between its uses): ceil(4 * l2 / set_bytes), at
