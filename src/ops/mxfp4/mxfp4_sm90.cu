@@ -125,7 +125,8 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   p.key = mx::make_e2m1_key();
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;
-  const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles), static_cast<uint32_t>(K / 128));
+  const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
+                  static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
   sm90_mxfp4_to_e4m3_1x128_transposed<<<grid, kTrThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
 }

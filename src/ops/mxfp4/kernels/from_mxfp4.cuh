@@ -7,9 +7,10 @@
 // 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
 // element step is a __byte_perm table lookup (4 elements per PRMT, kernels/mxfp4_tables.h).
 //
-// Transposed: one CTA (128 threads) per (token tile, 128-channel block). It stages the tile's 128
-// tokens x 64 B of packed codes (8 KB, swizzled: conflict-free both ways) and the 128 x 4 E8M0
-// bytes in shared memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
+// Transposed: one CTA (128 threads) per token tile and two 128-channel blocks (items; the second's
+// loads fly while the first is computed). Per item it stages the tile's 128 tokens x 64 B of packed
+// codes (8 KB, cp.async, swizzled: conflict-free both ways) and the 128 x 4 E8M0 bytes in shared
+// memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
 // into 16-bit column keys (exact log2 of |value|), the 8 lanes sharing a column reduce with
 // __shfl_xor (column scales from the keys in closed form), and it writes 8 output rows k of 16
 // tokens each (one STG.128 per row when the address is 16-byte aligned, else bytes). Elements go
@@ -93,6 +94,8 @@ __global__ void __launch_bounds__(kFromMxThreads)
 // Transposed.
 
 constexpr int kTrThreads = 128;
+constexpr int kTrItems = 2;  // channel blocks per CTA (see the kernel)
+static_assert(kTrItems >= 1 && kTrItems <= 4, "the waits below are written for up to 4 items");
 
 struct MxToFp8TParams {
   const uint8_t* in;        // E2M1x2 [M][K]: row m at in + m * K/2
@@ -113,51 +116,26 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
   return prow * 16u + (word ^ (((m >> 4) & 3u) << 2));
 }
 
-// Registers: unbounded the FP16 path takes 125 (4 CTAs per SM); capped at 5 CTAs per SM (96, a few
-// spill bytes, L1-resident) ncu measured 180 us vs 186 us at 32768x7168 on an H100 (session 5).
-constexpr int kTrMinBlocks = 5;
-__global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
-    sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
-  __shared__ __align__(16) uint32_t s_data[128 * 16];
-  __shared__ __align__(16) uint8_t s_sb[4][128];
+// cp.async of 16 bytes, zero-filled when src_bytes is 0 (rows past a tile's width).
+__device__ __forceinline__ void mx_cp_async_16(void* smem, const void* gmem, uint32_t src_bytes) {
+  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
+  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(src_bytes)
+               : "memory");
+}
+__device__ __forceinline__ void mx_cp_async_commit() {
+  asm volatile("cp.async.commit_group;\n" ::: "memory");
+}
+template <int N>  // until at most N of this thread's newest groups are pending
+__device__ __forceinline__ void mx_cp_async_wait() {
+  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
+}
 
+// One (token tile, 128-channel block) item from its staged codes and scale bytes: column keys,
+// scales, elements, stores. `tile` indexes the scale rows ([tiles][K]).
+__device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32_t* s_data,
+                                           const uint8_t (*s_sb)[128], bool cta_slow, int32_t m0,
+                                           int32_t width, uint32_t kb, uint32_t tile) {
   const uint32_t tid = threadIdx.x;
-  int32_t m0, width;
-  p.groups.tile_cols(static_cast<int32_t>(blockIdx.x), m0, width);
-  const uint32_t w = static_cast<uint32_t>(width);
-  const uint32_t kb = blockIdx.y;  // channels kb*128 .. kb*128 + 127
-  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
-
-  // Stage: 4 x 16 B per thread (rows tid/4 + 32j, quarter tid%4), zeros past the tile's width.
-  uint4 stage[4];
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 2) + 32 * j;
-    stage[j] = make_uint4(0, 0, 0, 0);
-    if (r < w)
-      stage[j] =
-          __ldcs(reinterpret_cast<const uint4*>(p.in + (m0 + r) * row_bytes + kb * 64) + (tid & 3));
-  }
-  uint32_t sb4 = 0;  // scale bytes of token tid (0 past the width: X = -127, no effect)
-  bool slow = false;
-  if (tid < w) {
-    const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + kb * 4;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t x = __ldcs(sp + b);
-      sb4 |= x << (8 * b);
-      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
-    }
-  }
-#pragma unroll
-  for (int j = 0; j < 4; ++j) {
-    const uint32_t r = (tid >> 2) + 32 * j;
-    *reinterpret_cast<uint4*>(&s_data[tr_word_offset(r, (tid & 3) * 4)]) = stage[j];
-  }
-#pragma unroll
-  for (int b = 0; b < 4; ++b) s_sb[b][tid] = static_cast<uint8_t>(sb4 >> (8 * b));
-  const bool cta_slow = __syncthreads_or(slow);
-
   const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
   const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
   const uint4 sbv = *reinterpret_cast<const uint4*>(&s_sb[blk][chunk * 16]);
@@ -176,7 +154,7 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
   // Output rows k = kb*128 + cg*8 + j, tokens m0 + chunk*16 .. +15 (16-byte stores when aligned).
   const int32_t valid = width - static_cast<int32_t>(chunk * 16);
   const bool vec = valid >= 16 && (p.M % 16 == 0) && (m0 % 16 == 0);
-  float* scale_row_out = p.out_scale + static_cast<size_t>(blockIdx.x) * p.K + kb * 128 + cg * 8;
+  float* scale_row_out = p.out_scale + static_cast<size_t>(tile) * p.K + kb * 128 + cg * 8;
   auto store_row = [&](int j, uint32_t o[4]) {
     if (valid <= 0) return;
     uint8_t* dst = p.out + static_cast<size_t>(kb * 128 + cg * 8 + j) * p.M + m0 + chunk * 16;
@@ -273,6 +251,80 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
       o[i / 4] |= c << (8 * (i % 4));
     }
     store_row(j, o);
+  }
+}
+
+// Registers: unbounded the FP16 path takes 125 (4 CTAs per SM); capped at 5 CTAs per SM (96, a few
+// spill bytes, L1-resident) ncu measured 180 us vs 186 us at 32768x7168 on an H100 (session 5).
+// Items: a CTA takes kTrItems channel blocks of one token tile, all their codes requested up front
+// (cp.async straight into the swizzled shared tiles), so item i + 1's loads fly while item i is
+// computed. Session 9 (H100, 32768 x 7168): ncu had the one-item CTAs stalled on their loads (long
+// scoreboard the top stall, ALU pipe 75%); 2 items 0.1874 -> 0.1743 ms (64.7 -> 70.0% of copy),
+// 4 items 0.2023 ms.
+constexpr int kTrMinBlocks = 5;
+__global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
+    sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
+  __shared__ __align__(16) uint32_t s_data[kTrItems][128 * 16];
+  __shared__ __align__(16) uint8_t s_sb[kTrItems][4][128];
+
+  const uint32_t tid = threadIdx.x;
+  int32_t m0, width;
+  p.groups.tile_cols(static_cast<int32_t>(blockIdx.x), m0, width);
+  const uint32_t w = static_cast<uint32_t>(width);
+  const uint32_t kb0 = blockIdx.y * kTrItems, nkb = p.K / 128;
+  const uint32_t items = nkb - kb0 < kTrItems ? nkb - kb0 : kTrItems;
+  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
+
+  // Stage every item: 4 x 16 B per thread (rows tid/4 + 32j, quarter tid%4), zeros past the
+  // tile's width; one commit group per item (empty past `items`, so the waits count alike).
+#pragma unroll
+  for (int it = 0; it < kTrItems; ++it) {
+    if (static_cast<uint32_t>(it) < items) {
+#pragma unroll
+      for (int j = 0; j < 4; ++j) {
+        const uint32_t r = (tid >> 2) + 32 * j;
+        const uint8_t* src =
+            p.in + (m0 + (r < w ? r : 0)) * row_bytes + (kb0 + it) * 64 + (tid & 3) * 16;
+        mx_cp_async_16(&s_data[it][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
+      }
+    }
+    mx_cp_async_commit();
+  }
+  // Scale bytes of token tid for every item (0 past the width: X = -127, no effect).
+  uint32_t sb4[kTrItems];
+  bool slow[kTrItems];
+#pragma unroll
+  for (int it = 0; it < kTrItems; ++it) {
+    sb4[it] = 0;
+    slow[it] = false;
+    if (tid < w && static_cast<uint32_t>(it) < items) {
+      const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + (kb0 + it) * 4;
+#pragma unroll
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t x = __ldcs(sp + b);
+        sb4[it] |= x << (8 * b);
+        slow[it] |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
+      }
+    }
+  }
+#pragma unroll 1
+  for (int it = 0; it < static_cast<int>(items); ++it) {
+    // Wait for item it's group: at most kTrItems - 1 - it newer groups may still be pending.
+    if (it == 0) mx_cp_async_wait<kTrItems - 1>();
+    if (it == 1) mx_cp_async_wait<(kTrItems > 2 ? kTrItems - 2 : 0)>();
+    if (it == 2) mx_cp_async_wait<(kTrItems > 3 ? kTrItems - 3 : 0)>();
+    if (it == 3) mx_cp_async_wait<0>();
+    uint32_t sb = sb4[0];
+    bool sl = slow[0];
+#pragma unroll
+    for (int i = 1; i < kTrItems; ++i) {
+      sb = it == i ? sb4[i] : sb;
+      sl = it == i ? slow[i] : sl;
+    }
+#pragma unroll
+    for (int b = 0; b < 4; ++b) s_sb[it][b][tid] = static_cast<uint8_t>(sb >> (8 * b));
+    const bool cta_slow = __syncthreads_or(sl);
+    mx_tr_item(p, s_data[it], s_sb[it], cta_slow, m0, width, kb0 + it, blockIdx.x);
   }
 }
 
