@@ -68,6 +68,7 @@
 #include <type_traits>
 #include <utility>
 
+#include "common/cp_async.cuh"
 #include "common/cuda_check.h"
 #include "common/hd_math.h"
 #include "moe/moe_backends.h"
@@ -76,33 +77,6 @@ namespace fp8flow::sm90 {
 namespace {
 
 // ---------------------------------------------------------------------------------------------
-// cp.async helpers: 16-byte global -> shared copies; pred == false zero-fills the destination
-// (src-size 0, nothing is read; src must still be a valid address). Host build of the device code
-// (CPU emulation, tests/moe/cpu_emulation): a synchronous copy.
-__device__ __forceinline__ void cp_async16(void* smem, const void* gmem, bool pred) {
-#if defined(__CUDA_ARCH__)
-  const uint32_t s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  const int n = pred ? 16 : 0;
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(n)
-               : "memory");
-#else
-  if (pred)
-    std::memcpy(smem, gmem, 16);
-  else
-    std::memset(smem, 0, 16);
-#endif
-}
-__device__ __forceinline__ void cp_async_commit() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-#endif
-}
-template <int N>
-__device__ __forceinline__ void cp_async_wait() {
-#if defined(__CUDA_ARCH__)
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
-#endif
-}
 
 // f(integral_constant<int, 0>) ... f(integral_constant<int, N - 1>), in order.
 template <int N, typename F>
@@ -161,7 +135,7 @@ __global__ void __launch_bounds__(kLgThreads, 4)
       const int r = q >> 2, ch = q & 3;
       const bool ok = t0 + r < T;
       const uint16_t* src = ok ? x + static_cast<int64_t>(t0 + r) * H + k0 + ch * 8 : x;
-      cp_async16(&xs[st][r][ch * 8], src, ok);
+      cp_async_16(&xs[st][r][ch * 8], src, ok ? 16u : 0u);
     }
 #pragma unroll
     for (int it = 0; it < kLgBE * 8 / kLgThreads; ++it) {  // 32 rows x 8 chunks of 4 F32
@@ -169,7 +143,7 @@ __global__ void __launch_bounds__(kLgThreads, 4)
       const int r = q >> 3, ch = q & 7;
       const bool ok = e0 + r < E;
       const float* src = ok ? wg + static_cast<int64_t>(e0 + r) * H + k0 + ch * 4 : wg;
-      cp_async16(&ws[st][r][ch * 4], src, ok);
+      cp_async_16(&ws[st][r][ch * 4], src, ok ? 16u : 0u);
     }
   };
 
@@ -276,7 +250,7 @@ __global__ void __launch_bounds__(kDxThreads, 2)
     if (e0 > 0) __syncthreads();                     // everyone is done with the last chunk
     for (int q = tid; q < ce * (kDxBH / 4); q += kDxThreads) {
       const int r = q >> 5, ch = q & 31;
-      cp_async16(&ws[r][ch * 4], wg + static_cast<int64_t>(e0 + r) * H + h0 + ch * 4, true);
+      cp_async_16(&ws[r][ch * 4], wg + static_cast<int64_t>(e0 + r) * H + h0 + ch * 4, 16u);
     }
     cp_async_commit();
     {
@@ -373,7 +347,7 @@ __global__ void __launch_bounds__(kDwThreads, 4)
       const int r = q >> 3, ch = q & 7;
       const bool ok = r0 + r < T && e0 + ch * 4 < E;
       const float* src = ok ? dl + static_cast<int64_t>(r0 + r) * E + e0 + ch * 4 : dl;
-      cp_async16(&ds[st][r][ch * 4], src, ok);
+      cp_async_16(&ds[st][r][ch * 4], src, ok ? 16u : 0u);
     }
 #pragma unroll
     for (int it = 0; it < kDwBK * Cfg::kXChunks / kDwThreads; ++it) {
@@ -381,7 +355,7 @@ __global__ void __launch_bounds__(kDwThreads, 4)
       const int r = q / Cfg::kXChunks, ch = q % Cfg::kXChunks;
       const bool ok = r0 + r < T;
       const uint16_t* src = ok ? x + static_cast<int64_t>(r0 + r) * H + h0 + ch * 8 : x;
-      cp_async16(&xs[st][r][ch * 8], src, ok);
+      cp_async_16(&xs[st][r][ch * 8], src, ok ? 16u : 0u);
     }
   };
 

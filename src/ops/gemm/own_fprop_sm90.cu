@@ -68,15 +68,7 @@ struct TileCoord {
   int e, m0, n0, n_tile, valid_rows;
 };
 __device__ __forceinline__ TileCoord tile_coord(const Params& p, int t) {
-  int lo = 0, hi = p.E;  // largest e with tile_start[e] <= t
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (p.tile_start[mid] <= t)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  const int e = lo;
+  const int e = segment_of(p.tile_start, p.E, t);
   const int rows_e = p.row_start[e + 1] - p.row_start[e];
   const int m_tiles = (rows_e + kBM - 1) / kBM;
   const int local = t - p.tile_start[e];

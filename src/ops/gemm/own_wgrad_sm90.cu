@@ -93,14 +93,7 @@ struct TileCoord {
   int a, n0, k0;
 };
 __device__ __forceinline__ TileCoord tile_coord(const Params& p, int t) {
-  int lo = 0, hi = p.active;  // largest a with tile_start[a] <= t
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (p.tile_start[mid] <= t)
-      lo = mid;
-    else
-      hi = mid;
-  }
+  const int lo = segment_of(p.tile_start, p.active, t);
   const int local = t - p.tile_start[lo];
   const int group = local / (kRasterN * p.k_tiles);
   const int gn = min(kRasterN, p.n_tiles - group * kRasterN);
@@ -229,9 +222,9 @@ __global__ void __launch_bounds__(kThreads, 1)
 #pragma unroll
       for (int ch = 0; ch < 4; ++ch) {
         if (p.accumulate)
-          tma_reduce_add_2d(&maps.d[tc.a], epi + ch * kEpiChunk, tc.k0 + 32 * ch, tc.n0 + 64 * c);
+          tma_store_2d<true>(&maps.d[tc.a], epi + ch * kEpiChunk, tc.k0 + 32 * ch, tc.n0 + 64 * c);
         else
-          tma_store_2d(&maps.d[tc.a], epi + ch * kEpiChunk, tc.k0 + 32 * ch, tc.n0 + 64 * c);
+          tma_store_2d<false>(&maps.d[tc.a], epi + ch * kEpiChunk, tc.k0 + 32 * ch, tc.n0 + 64 * c);
       }
       bulk_commit();
     }

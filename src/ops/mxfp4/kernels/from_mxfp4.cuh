@@ -26,6 +26,7 @@
 
 #include <cuda_runtime.h>
 
+#include "common/cp_async.cuh"
 #include "common/groups.h"
 #include "ops/mxfp4/kernels/mxfp4_tables.h"
 #include "ops/mxfp4/kernels/to_mxfp4.cuh"
@@ -114,20 +115,6 @@ struct MxToFp8TParams {
 __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
   const uint32_t prow = m ^ ((m >> 6) & 1u);
   return prow * 16u + (word ^ (((m >> 4) & 3u) << 2));
-}
-
-// cp.async of 16 bytes, zero-filled when src_bytes is 0 (rows past a tile's width).
-__device__ __forceinline__ void mx_cp_async_16(void* smem, const void* gmem, uint32_t src_bytes) {
-  const auto a = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(a), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void mx_cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-template <int N>  // until at most N of this thread's newest groups are pending
-__device__ __forceinline__ void mx_cp_async_wait() {
-  asm volatile("cp.async.wait_group %0;\n" ::"n"(N) : "memory");
 }
 
 // One (token tile, 128-channel block) item from its staged codes and scale bytes: column keys,
@@ -285,10 +272,10 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
         const uint32_t r = (tid >> 2) + 32 * j;
         const uint8_t* src =
             p.in + (m0 + (r < w ? r : 0)) * row_bytes + (kb0 + it) * 64 + (tid & 3) * 16;
-        mx_cp_async_16(&s_data[it][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
+        cp_async_16(&s_data[it][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
       }
     }
-    mx_cp_async_commit();
+    cp_async_commit();
   }
   // Scale bytes of token tid for every item (0 past the width: X = -127, no effect).
   uint32_t sb4[kTrItems];
@@ -310,10 +297,10 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
 #pragma unroll 1
   for (int it = 0; it < static_cast<int>(items); ++it) {
     // Wait for item it's group: at most kTrItems - 1 - it newer groups may still be pending.
-    if (it == 0) mx_cp_async_wait<kTrItems - 1>();
-    if (it == 1) mx_cp_async_wait<(kTrItems > 2 ? kTrItems - 2 : 0)>();
-    if (it == 2) mx_cp_async_wait<(kTrItems > 3 ? kTrItems - 3 : 0)>();
-    if (it == 3) mx_cp_async_wait<0>();
+    if (it == 0) cp_async_wait<kTrItems - 1>();
+    if (it == 1) cp_async_wait<(kTrItems > 2 ? kTrItems - 2 : 0)>();
+    if (it == 2) cp_async_wait<(kTrItems > 3 ? kTrItems - 3 : 0)>();
+    if (it == 3) cp_async_wait<0>();
     uint32_t sb = sb4[0];
     bool sl = slow[0];
 #pragma unroll

@@ -47,6 +47,7 @@
 #include <cstdint>
 #include <type_traits>
 
+#include "common/cp_async.cuh"
 #include "common/groups.h"
 #include "fp8flow/transpose.h"
 #include "ops/transpose/kernels/transpose_word.h"
@@ -57,18 +58,6 @@ constexpr int kTransposeThreads = 256;
 // CTAs per SM the register budget allows: 4 for TileMax (<= 64 registers), 3 for ColumnTight.
 
 namespace tdev {
-
-__device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, uint32_t src_bytes) {
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.cg.shared.global [%0], [%1], 16, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-}
-__device__ __forceinline__ void cp_async_commit() {
-  asm volatile("cp.async.commit_group;\n" ::: "memory");
-}
-__device__ __forceinline__ void cp_async_wait_prior() {  // all but the newest group
-  asm volatile("cp.async.wait_group 1;\n" ::: "memory");
-}
 
 // Stores the 16 tokens (4 words) of one channel of a partial tile or unaligned output: `n` valid
 // tokens (0..16), 4-byte stores where the address allows.
@@ -258,13 +247,12 @@ __global__ void __launch_bounds__(kTransposeThreads,
       for (int i = 0; i < 4; ++i) {
         const int q = tid + kTransposeThreads * i, r = q >> 3, c = q & 7;
         const bool valid = r < w;
-        tdev::cp_async_16(s_tiles[b] + tw::tile_chunk_word(r, c),
-                          valid ? src + static_cast<int64_t>(r) * K + 16 * c : src,
-                          valid ? 16u : 0u);
+        cp_async_16(s_tiles[b] + tw::tile_chunk_word(r, c),
+                    valid ? src + static_cast<int64_t>(r) * K + 16 * c : src, valid ? 16u : 0u);
       }
       if (tid < w) scale = __ldg(in_scale + static_cast<int64_t>(kb) * M + m0 + tid);
     }
-    tdev::cp_async_commit();
+    cp_async_commit();
   };
 
   // Persistent CTAs: pairs blockIdx.x, + gridDim.x, ...; the next pair's copies fly while this one
@@ -293,7 +281,7 @@ __global__ void __launch_bounds__(kTransposeThreads,
       const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
       if (lane == 0) s_wmax[warp] = wm;
     }
-    tdev::cp_async_wait_prior();  // this tile's group (the next one may still fly)
+    cp_async_wait<1>();  // this tile's group (the next one may still fly)
     __syncthreads();
     const int tbase = max(max(s_wmax[0], s_wmax[1]), max(s_wmax[2], s_wmax[3]));
 
