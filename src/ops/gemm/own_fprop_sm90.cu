@@ -49,6 +49,7 @@ constexpr int kEpiBytes = kBM * kBN * 2;     // BF16 output tile
 constexpr int kMaxExperts = 256;
 constexpr size_t kSmemBytes = 1024 + size_t{kStages} * kStageBytes + kEpiBytes + 2 * kStages * 8;
 static_assert(kSmemBytes <= 232448, "shared memory over the sm_90 limit");
+static_assert(kBK == 128, "mma_k128_e4m3 multiplies one 128-deep K block");
 
 struct Params {
   int E, N, K, M;
@@ -169,15 +170,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       mbar_wait(&full[s], (it / kStages) & 1);
       const uint8_t* a = smem + s * kStageBytes + c * 64 * kBK;
       const uint8_t* b = smem + s * kStageBytes + kTileBytes;
-      const uint64_t da = sw128_desc(a), db = sw128_desc(b);
-      fence_regs(tmp);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk)
-        wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait0();
-      fence_regs(tmp);
+      mma_k128_e4m3(tmp, sw128_desc(a), sw128_desc(b));
       if (t == 0) mbar_arrive(&empty[s]);
       const float s0 = sa0 * sb, s1 = sa1 * sb;
 #pragma unroll

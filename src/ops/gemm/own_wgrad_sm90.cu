@@ -70,6 +70,7 @@ constexpr int kEpiChunk = 64 * 32 * 4;  // a warpgroup's 64 rows x 32 columns: o
 constexpr int kMaxActive = 64;          // tensor maps travel as kernel parameters
 constexpr size_t kSmemBytes = 1024 + size_t{kStages} * kStageBytes + kEpiBytes + 2 * kStages * 8;
 static_assert(kSmemBytes <= 232448, "shared memory over the sm_90 limit");
+static_assert(kBK == 128, "mma_k128_e4m3 multiplies one 128-deep K block");
 static_assert(kStageBytes % 1024 == 0, "128-byte swizzled tiles need 1 KB aligned stages");
 
 // Per non-empty ("active") expert a: two tensor maps, its tiles, K blocks and scale rows.
@@ -168,15 +169,7 @@ __global__ void __launch_bounds__(kThreads, 1)
       const int s = it % kStages;
       mbar_wait(&full[s], (it / kStages) & 1);
       const uint8_t* st = smem + s * kStageBytes;
-      const uint64_t da = sw128_desc(st + c * 64 * kBK), db = sw128_desc(st + kTileBytes);
-      fence_regs(tmp);
-      wgmma_fence();
-#pragma unroll
-      for (int kk = 0; kk < kBK / 32; ++kk)
-        wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
-      wgmma_commit();
-      wgmma_wait0();
-      fence_regs(tmp);
+      mma_k128_e4m3(tmp, sw128_desc(st + c * 64 * kBK), sw128_desc(st + kTileBytes));
       // acc += tmp * scale_a[row] * scale_b[col] with this block's scales, read from the stage
       // before the warp releases it. (Two temporaries, so that block kb + 1's wgmmas run during
       // block kb's promotion, made ptxas serialize the wgmmas (C7514) and ran 3-9% slower.)

@@ -168,4 +168,17 @@ __device__ __forceinline__ void wgmma_m64n128k32_e4m3(float (&d)[64], uint64_t d
       : "l"(desc_a), "l"(desc_b), "r"(scale_d));
 }
 
+// One 128-deep K block of a warpgroup's 64 x 128 tile: tmp = A[64 x 128] . B[128 x 128]^T by four
+// wgmma m64n128k32 (E4M3, 128-byte-swizzled K-major tiles at descriptors da, db), waited for.
+__device__ __forceinline__ void mma_k128_e4m3(float (&tmp)[64], uint64_t da, uint64_t db) {
+  fence_regs(tmp);
+  wgmma_fence();
+#pragma unroll
+  for (int kk = 0; kk < 4; ++kk)
+    wgmma_m64n128k32_e4m3(tmp, da + 2 * kk, db + 2 * kk, kk > 0 ? 1 : 0);
+  wgmma_commit();
+  wgmma_wait0();
+  fence_regs(tmp);
+}
+
 }  // namespace fp8flow::sm90::own::dev
