@@ -1215,6 +1215,52 @@ TEST(GemmGpu, OwnFpropMatchesReference) {
   }
 }
 
+// own_wgrad_supported's contract, on views alone (no GPU needed: nothing is dereferenced), and
+// own_grouped_wgrad refusing what it does not support before touching the device.
+TEST(GemmCheck, OwnWgradSupportedContract) {
+  const int64_t N = 256, K = 384, M = 96;
+  auto* base = reinterpret_cast<uint8_t*>(uintptr_t{1} << 20);
+  auto view = [&](int64_t off, DType d, int64_t r, int64_t c, int64_t ld = -1) {
+    return TensorView{base + off, d, r, c, ld, Device::Cuda};
+  };
+  const std::vector<int64_t> splits = {32, 0, 64};
+  auto op = [&](DType d, int64_t rows) {
+    return ScaledTensor{view(0, d, rows, M), view(1 << 16, DType::F32, 2, rows),
+                        ScaleLayout::Rowwise1x128, splits};
+  };
+  ScaledTensor dy = op(DType::E4M3, N), x = op(DType::E4M3, K);
+  std::vector<TensorView> dw;
+  for (int e = 0; e < 3; ++e) dw.push_back(view((2 + e) << 20, DType::F32, N, K));
+  EXPECT_TRUE(sm90::own::own_wgrad_supported(dy, x, dw, splits));
+
+  EXPECT_FALSE(sm90::own::own_wgrad_supported(op(DType::E5M2, N), x, dw, splits));  // E4M3 only
+  EXPECT_FALSE(sm90::own::own_wgrad_supported(op(DType::E4M3, N - 16), x, dw, splits));  // N % 128
+  std::vector<TensorView> bad = dw;
+  bad[1] = view(3 << 20, DType::BF16, N, K);  // F32 dW only
+  EXPECT_FALSE(sm90::own::own_wgrad_supported(dy, x, bad, splits));
+  bad = dw;
+  bad[2] = view(4 << 20, DType::F32, N, K, K + 4);  // one ld for all experts
+  EXPECT_FALSE(sm90::own::own_wgrad_supported(dy, x, bad, splits));
+  bad = dw;
+  bad[0] = view((2 << 20) + 8, DType::F32, N, K);  // TMA stores: 16-byte aligned dW
+  EXPECT_FALSE(sm90::own::own_wgrad_supported(dy, x, bad, splits));
+  // At most 64 non-empty experts: their tensor maps travel as kernel parameters.
+  for (const int n : {64, 65}) {
+    const std::vector<int64_t> ns(static_cast<size_t>(n), 16);
+    ScaledTensor dyn = dy, xn = x;
+    dyn.data.cols = xn.data.cols = 16 * n;
+    const std::vector<TensorView> dwn(static_cast<size_t>(n), dw[0]);
+    EXPECT_EQ(sm90::own::own_wgrad_supported(dyn, xn, dwn, ns), n == 64) << n;
+  }
+  try {
+    sm90::own::own_grouped_wgrad(op(DType::E5M2, N), x, dw, splits, false, nullptr);
+    ADD_FAILURE() << "no error for E5M2";
+  } catch (const Error& e) {
+    EXPECT_EQ(e.kind(), ErrorKind::Unsupported) << e.what();
+    EXPECT_NE(std::string(e.what()).find("own_grouped_wgrad"), std::string::npos) << e.what();
+  }
+}
+
 // The own grouped wgrad (own_wgrad.h) against the CPU reference: experts whose token counts are
 // not multiples of 128 (the partial last K block must read zeros, not the next expert's tokens),
 // empty experts (zeros, or untouched when accumulating), more K blocks than pipeline stages, more
