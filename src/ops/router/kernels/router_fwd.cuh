@@ -21,7 +21,11 @@
 // written without branches (hd::sigmoid_branch_free, the same bits); 4 CTAs per SM instead of 3
 // (one wave at this size, 44 bytes of spills) changed nothing. Issue-bound and latency-bound, far
 // from the bandwidth floor: the exact FP32 sigmoid (polynomial exp, IEEE divide) and the k argmax
-// rounds cost ~1000 warp instructions per token, ~35 us at full issue.
+// rounds cost ~1000 warp instructions per token, ~35 us at full issue. Nsight Compute: 1437 per
+// token, issue 60% busy. Each argmax round is ~60 instructions (the lane's max, its position by
+// 7 compare/selects, REDUX, ballot, two shuffles, the pick of s and the clear by 8 selects); an
+// untried lever: sort each lane's 8 (key, slot) pairs once (19 compare-exchanges with payload) so
+// a round is the REDUX/ballot/shuffles plus popping one lane's head.
 #pragma once
 
 #include "ops/router/kernels/router_row.cuh"
