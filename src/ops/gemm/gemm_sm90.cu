@@ -763,8 +763,9 @@ void grouped_gemm_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy_t.data.rows, K = x_t.data.rows;
   if (N == 0 || K == 0) return;
-  // Our one-launch kernel (own_wgrad.h) where it applies, with FP8FLOW_OWN_WGRAD=1 (opt-in until
-  // measured on a GPU); options.algo > 0 asks for a cuBLASLt algorithm, so it keeps cuBLASLt.
+  // Our one-launch kernel (own_wgrad.h) where it applies, with FP8FLOW_OWN_WGRAD=1 (opt-in: slower
+  // than cuBLASLt on an H100); options.algo > 0 asks for a cuBLASLt algorithm, so it keeps
+  // cuBLASLt.
   static const bool own_wgrad = [] {
     const char* v = std::getenv("FP8FLOW_OWN_WGRAD");
     return v && v[0] == '1';

@@ -257,23 +257,13 @@ void own_grouped_fprop(const ScaledTensor& x, std::span<const ScaledTensor> w, c
   if (tiles == 0 || M == 0) return;
   const CUtensorMap ma = make_map(op, x.data.data, M, K, K);
   const CUtensorMap mb = make_map(op, w[0].data.data, int64_t{E} * N, K, K);
-  static bool attr = [] {
-    return cudaFuncSetAttribute(sm90_own_fprop_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(kSmemBytes)) == cudaSuccess;
-  }();
-  if (!attr)
-    detail::throw_error(ErrorKind::Cuda, detail::cat("fp8flow::", op, ": cannot set ", kSmemBytes,
-                                                     " bytes of dynamic shared memory"));
+  allow_dynamic_smem(op, reinterpret_cast<const void*>(sm90_own_fprop_kernel), kSmemBytes);
   // ctas 0: one CTA per tile, or one per SM with FP8FLOW_OWN_GEMM_PERSISTENT=1 (A/B).
   static const bool persistent = [] {
     const char* v = std::getenv("FP8FLOW_OWN_GEMM_PERSISTENT");
     return v != nullptr && v[0] == '1';
   }();
-  if (ctas <= 0 && persistent) {
-    int dev = 0;
-    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-    FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, dev));
-  }
+  if (ctas <= 0 && persistent) ctas = sm_count(op);
   const int grid = ctas > 0 ? std::min(tiles, ctas) : tiles;
   sm90_own_fprop_kernel<<<grid, kThreads, kSmemBytes, stream>>>(ma, mb, p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);

@@ -1,14 +1,18 @@
-// Host side of fp8flow's own sm_90a GEMM kernels: TMA tensor maps over 1-byte (FP8) tensors,
-// through the driver's cuTensorMapEncodeTiled (fetched once via cudaGetDriverEntryPointByVersion,
-// so the library does not link libcuda).
+// Host side of fp8flow's own sm_90a GEMM kernels: TMA tensor maps (through the driver's
+// cuTensorMapEncodeTiled, fetched once via cudaGetDriverEntryPointByVersion, so the library does
+// not link libcuda), and the launch facts they share (dynamic shared memory limit, SM count).
 #pragma once
 
 #include <cuda.h>
 #include <cuda_runtime.h>
 
 #include <cstdint>
+#include <mutex>
+#include <set>
+#include <utility>
 
 #include "common/check.h"
+#include "common/cuda_check.h"
 
 namespace fp8flow::sm90::own {
 
@@ -58,6 +62,30 @@ inline CUtensorMap make_map_2d(const char* op, CUtensorMapDataType type, const v
 inline CUtensorMap make_map(const char* op, const void* data, int64_t rows, int64_t cols,
                             int64_t pitch) {
   return make_map_2d(op, CU_TENSOR_MAP_DATA_TYPE_UINT8, data, rows, cols, pitch, 128, 128);
+}
+
+// Raises `kernel`'s dynamic shared memory limit to `bytes` on the current device (once per
+// device: the attribute belongs to the device's context); throws fp8flow::Error (Cuda) if refused.
+inline void allow_dynamic_smem(const char* op, const void* kernel, size_t bytes) {
+  int dev = 0;
+  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  static std::mutex mu;
+  static std::set<std::pair<const void*, int>> done;
+  const std::lock_guard<std::mutex> lock(mu);
+  if (done.count({kernel, dev})) return;
+  if (cudaFuncSetAttribute(kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
+                           static_cast<int>(bytes)) != cudaSuccess)
+    detail::throw_error(ErrorKind::Cuda, detail::cat("fp8flow::", op, ": cannot set ", bytes,
+                                                     " bytes of dynamic shared memory"));
+  done.insert({kernel, dev});
+}
+
+// Multiprocessors of the current device (one persistent CTA each).
+inline int sm_count(const char* op) {
+  int dev = 0, sms = 0;
+  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
+  return sms;
 }
 
 }  // namespace fp8flow::sm90::own

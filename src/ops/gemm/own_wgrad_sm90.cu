@@ -299,18 +299,8 @@ void own_grouped_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
   p.active = a;
   p.tile_start[a] = tiles;
   if (tiles == 0) return;
-  static bool attr = [] {
-    return cudaFuncSetAttribute(sm90_own_wgrad_kernel, cudaFuncAttributeMaxDynamicSharedMemorySize,
-                                static_cast<int>(kSmemBytes)) == cudaSuccess;
-  }();
-  if (!attr)
-    detail::throw_error(ErrorKind::Cuda, detail::cat("fp8flow::", op, ": cannot set ", kSmemBytes,
-                                                     " bytes of dynamic shared memory"));
-  if (ctas <= 0) {
-    int dev = 0;
-    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-    FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&ctas, cudaDevAttrMultiProcessorCount, dev));
-  }
+  allow_dynamic_smem(op, reinterpret_cast<const void*>(sm90_own_wgrad_kernel), kSmemBytes);
+  if (ctas <= 0) ctas = sm_count(op);
   const int grid = std::min(tiles, ctas);
   sm90_own_wgrad_kernel<<<grid, kThreads, kSmemBytes, stream>>>(*mp, p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
