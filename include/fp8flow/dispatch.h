@@ -30,11 +30,17 @@
 // Wire format (DispatchWire): every routed row travels as one fixed-size record:
 //   [data: D bytes][scales: S bytes][prob: 4 bytes, optional][zero pad to a multiple of 16]
 //   BF16  D = 2H, S = 0                       F32   D = 4H, S = 0
-//   FP8   D = H (E4M3), S = 4 * ceil(H/128) (the row's F32 1x128 scales, one per tile)
+//   FP8   D = H (E4M3), S = ceil(H/128) rounded up to 4 (the row's 1x128 scales, one E8M0 code
+//         per tile: the F32 scales are powers of two, which E8M0 holds exactly; see below)
 //   MXFP4 D = H/2 (E2M1x2), S = H/32 (E8M0)
 // A record without scales or prob is the plain row (so a received BF16 buffer IS a [rows][H]
 // tensor), and a prob-only record (no data) is 4 bytes (a received buffer IS an F32 [rows] vector).
-// At H = 7168: BF16 + prob 14352 B, FP8 + prob 7408 B (1.94x fewer), MXFP4 + prob 3824 B (3.75x).
+// At H = 7168: BF16 + prob 14352 B, FP8 + prob 7232 B (1.98x fewer), MXFP4 + prob 3824 B (3.75x).
+// FP8 scales on the wire: the F32 scales of DispatchRows (F32 [tiles][rows]) must be powers of two
+// in [2^-127, 2^127], what every fp8flow quantizer writes; each arrives with its exact F32 bits
+// (2^-127 as the F32 subnormal). Any other value (not a power of two, zero, negative, Inf, NaN)
+// arrives as NaN, never as a different finite scale. An F32 scale on the wire would make the FP8
+// record 2.4% larger (7408 B) for no information.
 //
 // Determinism: every output is a pure function of the inputs; bytes move unchanged (NaN payloads
 // included); the CUDA backend matches the CPU reference bit for bit. No host synchronization
@@ -253,8 +259,8 @@ void combine(Communicator& comm, const DispatchLayout& layout, const DispatchRow
 // summation order of the single-GPU combine).
 //
 // The dedup record: [data D][scales S][k slots of (I32 destination permuted row or -1, F32 prob)]
-// zero-padded to a multiple of 16: at H 7168, k 8: BF16 14400 B, FP8 7456 B, MXFP4 3872 B per
-// record (the record path's per-pair record with prob + 48 B), sent n_t instead of k times per
+// zero-padded to a multiple of 16: at H 7168, k 8: BF16 14400 B, FP8 7296 B, MXFP4 3872 B per
+// record (the record path's per-pair record with prob + 48-64 B), sent n_t instead of k times per
 // token.
 // Slot j of a token's record to rank r describes its pair j when expert topk_idx[t][j] is on r.
 

@@ -6,7 +6,10 @@
 // Bad inputs name the op and the argument.
 #include <gtest/gtest.h>
 
+#include <cmath>
 #include <cstring>
+#include <iterator>
+#include <limits>
 #include <numeric>
 #include <random>
 #include <vector>
@@ -131,17 +134,53 @@ TEST(DispatchLayout, AdversarialCounts) {
   EXPECT_EQ(l3.send_total, 0);
 }
 
+// FP8 scales travel as E8M0 codes: every power of two of the scale range arrives with its exact
+// F32 bits (2^-127 is an F32 subnormal); anything else arrives as NaN, never as another scale.
+TEST(DispatchWireScale, PowersOfTwoExactOthersNaN) {
+  const float pow2[] = {0x1p-127f, 0x1p-126f, 0x1p-9f, 1.0f, 2.0f, 0x1p100f, 0x1p127f};
+  const float odd[] = {1.5f,      0.0f, -1.0f, -0.0f,        std::numeric_limits<float>::infinity(),
+                       0x1p-130f, NAN,  3.0f,  0x1.000002p0f};
+  std::vector<float> all(std::begin(pow2), std::end(pow2));
+  all.insert(all.end(), std::begin(odd), std::end(odd));
+  const int64_t T = static_cast<int64_t>(all.size()), H = 160;  // 2 tiles: the last one partial
+  HostTensor x = random_bytes(DType::E4M3, T, H, 1), sc(DType::F32, 2, T);
+  for (int64_t t = 0; t < T; ++t) {
+    sc.ptr<float>()[t] = all[t];
+    sc.ptr<float>()[T + t] = all[T - 1 - t];
+  }
+  const DispatchWire w = dispatch_wire(DType::E4M3, H, false);
+  EXPECT_EQ(w.scale_bytes, 4);
+  HostTensor map(DType::I32, 1, T), wire(DType::E4M3, T, w.row_bytes);
+  for (int64_t t = 0; t < T; ++t) map.ptr<int32_t>()[t] = static_cast<int32_t>(t);
+  dispatch_pack({x.v, sc.v, {}}, map.v, 1, wire.v);
+  HostTensor ox(DType::E4M3, T, H), os(DType::F32, 2, T);
+  dispatch_unpack(wire.v, map.v, {ox.v, os.v, {}});
+  EXPECT_TRUE(bytes_equal(ox, x));
+  for (int64_t i = 0; i < 2 * T; ++i) {
+    const float in = sc.ptr<float>()[i], out = os.ptr<float>()[i];
+    const int64_t t = i % T, v = i < T ? t : T - 1 - t;
+    SCOPED_TRACE(::testing::Message() << "scale " << in);
+    EXPECT_EQ(wire.ptr<uint8_t>()[t * w.row_bytes + H + i / T],
+              v < static_cast<int64_t>(std::size(pow2)) ? fmt::e8m0_from_f32(in) : 0xFF);
+    if (v < static_cast<int64_t>(std::size(pow2)))
+      EXPECT_EQ(fmt::f32_bits(out), fmt::f32_bits(in));
+    else
+      EXPECT_TRUE(std::isnan(out));
+  }
+}
+
 TEST(DispatchLayout, WireFormat) {
   const DispatchWire bf = dispatch_wire(DType::BF16, 7168, true);
   const DispatchWire f8 = dispatch_wire(DType::E4M3, 7168, true);
   const DispatchWire mx = dispatch_wire(DType::E2M1x2, 7168, true);
   EXPECT_EQ(bf.row_bytes, 14352);
-  EXPECT_EQ(f8.row_bytes, 7408);
-  EXPECT_EQ(f8.scale_bytes, 224);
-  EXPECT_EQ(f8.prob_offset, 7168 + 224);
+  EXPECT_EQ(f8.row_bytes, 7232);  // 7168 + 56 E8M0 scale codes + 4 -> 16s
+  EXPECT_EQ(f8.scale_bytes, 56);
+  EXPECT_EQ(f8.prob_offset, 7168 + 56);
   EXPECT_EQ(mx.row_bytes, 3824);
   EXPECT_EQ(dispatch_wire(DType::BF16, 7168, false).row_bytes, 14336);
-  EXPECT_EQ(dispatch_wire(DType::E4M3, 144, false).row_bytes, 160);  // 144 + 8 -> 16s
+  EXPECT_EQ(dispatch_wire(DType::E4M3, 144, false).row_bytes, 160);  // 144 + 2 (-> 4) -> 16s
+  EXPECT_EQ(dispatch_wire(DType::E4M3, 144, false).scale_bytes, 4);
   const DispatchWire p = dispatch_wire(DType::F32, 0, true);
   EXPECT_EQ(p.row_bytes, 4);
   EXPECT_EQ(p.prob_offset, 0);
@@ -239,7 +278,7 @@ void round_trip(const RoundTripCase& cs) {
   }
   HostTensor gx = random_bytes(dd, Tg, H, cs.seed + 1);
   const int64_t tiles = (H + 127) / 128;
-  HostTensor gsc = cs.kind == Kind::Fp8  ? random_bytes(DType::F32, tiles, Tg, cs.seed + 2)
+  HostTensor gsc = cs.kind == Kind::Fp8  ? random_pow2_scales(tiles, Tg, cs.seed + 2)
                    : cs.kind == Kind::Mx ? random_bytes(DType::E8M0, Tg, H / 32, cs.seed + 2)
                                          : HostTensor();
   std::vector<float> wv = make_values(Tg, k, Fill::Normal, cs.seed + 3);
@@ -461,7 +500,7 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
     for (int32_t e : idx) ++mine[e];
     const DispatchLayout l = exchange_dispatch_counts(comm, mine, E, align);
     HostTensor x = random_bytes(dd, T[s], H, seed + 1);
-    HostTensor sc = kind == Kind::Fp8  ? random_bytes(DType::F32, tiles, T[s], seed + 2)
+    HostTensor sc = kind == Kind::Fp8  ? random_pow2_scales(tiles, T[s], seed + 2)
                     : kind == Kind::Mx ? random_bytes(DType::E8M0, T[s], H / 32, seed + 2)
                                        : HostTensor();
     HostTensor w = random_bytes(DType::F32, T[s], kk, seed + 3);
@@ -674,7 +713,7 @@ TEST(Dispatch, DedupPlan) {
               dispatch_dedup_wire(DType::E4M3, 0, 8);
             }).find("dispatch_dedup_wire: hidden: expected > 0"),
             std::string::npos);
-  EXPECT_EQ(dispatch_dedup_wire(DType::E4M3, 7168, 8).row_bytes, 7168 + 224 + 64);
+  EXPECT_EQ(dispatch_dedup_wire(DType::E4M3, 7168, 8).row_bytes, 7296);  // 7168 + 56 + 64 -> 16s
   EXPECT_EQ(dispatch_dedup_wire(DType::BF16, 7168, 8).row_bytes, 14336 + 64);
 }
 
@@ -801,7 +840,7 @@ TEST(Dispatch, DedupBadInputs) {
     const DedupPlan plan = exchange_dedup_plan(comm, l, idx, static_cast<int>(k));
     const int64_t B = dispatch_dedup_wire(DType::E4M3, H, static_cast<int>(k)).row_bytes,
                   M = l.padded_rows;
-    HostTensor x = random_bytes(DType::E4M3, T, H, 1), sc = random_bytes(DType::F32, 2, T, 2),
+    HostTensor x = random_bytes(DType::E4M3, T, H, 1), sc = random_pow2_scales(2, T, 2),
                w = random_bytes(DType::F32, T, k, 3), xp(DType::E4M3, M, H), sp(DType::F32, 2, M),
                pp(DType::F32, 1, M);
     HostTensor pdev(DType::I32, 1, plan.device_words()), map(DType::I32, 1, M);
@@ -817,7 +856,7 @@ TEST(Dispatch, DedupBadInputs) {
     other.rank = 1;
     expect_error([&] { run(other, in, pdev.v, map.v, out, buf); }, "dispatch_dedup", "plan");
     HostTensor x4 = random_bytes(DType::E4M3, T - 1, H, 1), w4 = random_bytes(DType::F32, T, 1, 3);
-    HostTensor sc4 = random_bytes(DType::F32, 2, T - 1, 2);
+    HostTensor sc4 = random_pow2_scales(2, T - 1, 2);
     expect_error(
         [&] {
           run(plan, {x4.v, sc4.v, {}}, pdev.v, map.v, {xp.v, sp.v, {}}, buf);

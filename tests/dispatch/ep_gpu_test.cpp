@@ -73,10 +73,10 @@ TEST(DispatchGpu, KernelsMatchCpu) {
   for (DType dd : {DType::E4M3, DType::E2M1x2, DType::BF16, DType::F32}) {
     for (bool prob : {true, false}) {
       SCOPED_TRACE(::testing::Message() << to_string(dd) << (prob ? " + prob" : ""));
-      const int64_t T = 77, k = 3, H = dd == DType::E2M1x2 ? 640 : 400, n = 150;
+      const int64_t T = 77, k = 3, H = dd == DType::E2M1x2 ? 640 : 656, n = 150;  // 6 tiles
       const DispatchWire w = dispatch_wire(dd, H, prob);
       HostTensor x = random_bytes(dd, T, H, 1);
-      HostTensor sc = dd == DType::E4M3     ? random_bytes(DType::F32, (H + 127) / 128, T, 2)
+      HostTensor sc = dd == DType::E4M3     ? random_pow2_scales((H + 127) / 128, T, 2, 0.1)
                       : dd == DType::E2M1x2 ? random_bytes(DType::E8M0, T, H / 32, 2)
                                             : HostTensor();
       HostTensor pr = random_bytes(DType::F32, T, k, 3);
@@ -163,7 +163,7 @@ PipeGpuOut pipe_rank(Communicator& comm, Device dev, DType dd, int chunks,
   make_dispatch_maps(l, {}, p2r.v, r2p.v);
   const int64_t M = l.padded_rows + 3;
   HostTensor x = random_bytes(dd, T, H, 10 * q + 1);
-  HostTensor sc = dd == DType::E4M3     ? random_bytes(DType::F32, tiles, T, 10 * q + 2)
+  HostTensor sc = dd == DType::E4M3     ? random_pow2_scales(tiles, T, 10 * q + 2, 0.1)
                   : dd == DType::E2M1x2 ? random_bytes(DType::E8M0, T, H / 32, 10 * q + 2)
                                         : HostTensor();
   HostTensor w = random_bytes(DType::F32, T, k, 10 * q + 3);

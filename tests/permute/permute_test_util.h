@@ -78,15 +78,6 @@ inline HostTensor host_i32(const std::vector<int32_t>& v, int64_t rows, int64_t 
   return h;
 }
 
-// F32 powers of two 2^U(-127, 127) (FP8 scales), a few 2^-127 (all-zero tiles).
-inline HostTensor random_pow2_scales(int64_t rows, int64_t cols, uint64_t seed) {
-  HostTensor h(DType::F32, rows, cols);
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> d(-127, 127);
-  for (int64_t i = 0; i < rows * cols; ++i) h.ptr<float>()[i] = fmt::exp2i(d(rng));
-  return h;
-}
-
 inline HostTensor random_weights(int64_t T, int64_t k, uint64_t seed) {
   HostTensor h(DType::F32, T, k);
   std::mt19937_64 rng(seed);

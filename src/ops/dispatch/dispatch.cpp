@@ -63,6 +63,7 @@ void row_side(const Check& c, const DispatchRows& rows, const char* arg, const D
       c.contiguous(rows.scale, an + ".scale");
       c.same_device(rows.data, an + ".data", rows.scale, an + ".scale");
       a.scale = WireScale::Col;
+      a.tiles = tiles;
     } else if (w.dtype == DType::E2M1x2) {
       c.view(rows.scale, an + ".scale", {DType::E8M0});
       c.shape(rows.scale, an + ".scale", R, w.hidden / 32);
@@ -309,7 +310,7 @@ DispatchWire dispatch_wire(DType data_dtype, int64_t hidden, bool with_prob) {
       c.that(hidden > 0 && hidden % 16 == 0, "hidden", "a positive multiple of 16 (E4M3)",
              cat(hidden));
       w.data_bytes = hidden;
-      w.scale_bytes = 4 * ((hidden + 127) / 128);
+      w.scale_bytes = ((hidden + 127) / 128 + 3) / 4 * 4;  // E8M0 codes (dispatch_backends.h)
       break;
     case DType::E2M1x2:
       c.that(hidden > 0 && hidden % 128 == 0, "hidden", "a positive multiple of 128 (E2M1x2)",

@@ -14,6 +14,29 @@ namespace fp8flow::detail {
 
 enum class WireScale : int { None = 0, Col = 1, Row = 2 };
 
+// FP8 rows' 1x128 scales travel as E8M0 codes (one byte per tile instead of an F32): every scale
+// fp8flow writes is a power of two in [2^-127, 2^127], which E8M0 holds exactly (code = the F32
+// exponent field; 2^-127, an F32 subnormal, is code 0). Any other F32 (not a power of two, zero,
+// negative, Inf, NaN) becomes the NaN code and arrives as NaN: loud, never a silently different
+// scale. The decode gives back the exact F32 bits of every power of two.
+FP8FLOW_HD uint8_t wire_scale_code(uint32_t bits) {
+  if (bits == 0x00400000u) return 0;  // 2^-127
+  const uint32_t field = bits >> 23;  // sign 0 required
+  return (bits & 0x7FFFFFu) == 0 && field >= 1 && field <= 254 ? static_cast<uint8_t>(field)
+                                                               : fmt::kE8M0NaN;
+}
+FP8FLOW_HD uint32_t wire_scale_bits(uint8_t code) {
+  if (code == fmt::kE8M0NaN) return 0x7FC00000u;
+  return code == 0 ? 0x00400000u : static_cast<uint32_t>(code) << 23;
+}
+// Four tiles' codes in one record word (tile 4 w + i in byte i), and back.
+FP8FLOW_HD uint32_t wire_scale_word(const uint32_t (&bits)[4], int n) {
+  uint32_t w = 0;
+  for (int i = 0; i < 4; ++i)
+    if (i < n) w |= static_cast<uint32_t>(wire_scale_code(bits[i])) << (8 * i);
+  return w;
+}
+
 // Chunk filter of the pipelined dispatch / combine (DispatchOptions::chunks): records are grouped
 // in `segments` peer segments (seg: prefix offsets, seg[segments] = the total), and chunk c of a
 // segment of n records is its rows [n c / C, n (c + 1) / C) (floor). With chunks <= 1 every record
@@ -78,7 +101,8 @@ struct WireArgs {
   int64_t data_bytes = 0;        // D
   WireScale scale = WireScale::None;
   void* rows_scale = nullptr;  // Col: F32 [tiles][rows]; Row: bytes [rows][scale_bytes]
-  int64_t scale_bytes = 0;     // S (Col: 4 * tiles)
+  int64_t scale_bytes = 0;     // S (Col: tiles E8M0 codes, padded to 4 bytes)
+  int64_t tiles = 0;           // Col: 128-column tiles of a row
   float* prob = nullptr;       // pack: flat, indexed by map entry; unpack: [out rows]
   int64_t prob_len = 0;        // pack: entries of prob
   int64_t prob_offset = -1;    // in the record; -1: none

@@ -16,9 +16,12 @@ using detail::WireScale;
 // Copies one row's scales between the row tensor (row `row`) and a record (at `rec`).
 void scales_to_record(const WireArgs& a, int64_t row, uint8_t* rec) {
   if (a.scale == WireScale::Col) {
-    const int64_t tiles = a.scale_bytes / 4;
     const float* s = static_cast<const float*>(a.rows_scale);
-    for (int64_t b = 0; b < tiles; ++b) std::memcpy(rec + 4 * b, &s[b * a.rows + row], 4);
+    for (int64_t b = 0; b < a.tiles; ++b) {
+      uint32_t bits = 0;
+      std::memcpy(&bits, &s[b * a.rows + row], 4);
+      rec[b] = detail::wire_scale_code(bits);
+    }
   } else if (a.scale == WireScale::Row) {
     std::memcpy(rec, static_cast<const uint8_t*>(a.rows_scale) + row * a.scale_bytes,
                 static_cast<size_t>(a.scale_bytes));
@@ -27,11 +30,11 @@ void scales_to_record(const WireArgs& a, int64_t row, uint8_t* rec) {
 
 void record_to_scales(const WireArgs& a, const uint8_t* rec, int64_t row) {
   if (a.scale == WireScale::Col) {
-    const int64_t tiles = a.scale_bytes / 4;
     float* s = static_cast<float*>(a.rows_scale);
-    for (int64_t b = 0; b < tiles; ++b) {
+    for (int64_t b = 0; b < a.tiles; ++b) {
       if (rec) {
-        std::memcpy(&s[b * a.rows + row], rec + 4 * b, 4);
+        const uint32_t bits = detail::wire_scale_bits(rec[b]);
+        std::memcpy(&s[b * a.rows + row], &bits, 4);
       } else {
         s[b * a.rows + row] = fmt::exp2i(fmt::kMinScaleExp);  // 2^-127, as permute's pad rows
       }

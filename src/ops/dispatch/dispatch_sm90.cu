@@ -109,9 +109,14 @@ __global__ void __launch_bounds__(kThreads) pack_kernel(const __grid_constant__ 
     uint32_t val = 0;
     if (w < scale_words) {
       if (src >= 0) {
-        if (a.scale == WireScale::Col)
-          val = __ldg(static_cast<const uint32_t*>(a.rows_scale) + w * a.rows + src);
-        else
+        if (a.scale == WireScale::Col) {  // tiles 4 w .. 4 w + 3 as E8M0 codes
+          const uint32_t* sc = static_cast<const uint32_t*>(a.rows_scale) + 4 * w * a.rows + src;
+          const int nt = static_cast<int>(a.tiles - 4 * w < 4 ? a.tiles - 4 * w : 4);
+          uint32_t b[4];
+#pragma unroll
+          for (int i = 0; i < 4; ++i) b[i] = i < nt ? __ldg(sc + i * a.rows) : 0u;
+          val = detail::wire_scale_word(b, nt);
+        } else
           val = __ldg(reinterpret_cast<const uint32_t*>(static_cast<const uint8_t*>(a.rows_scale) +
                                                         src * a.scale_bytes) +
                       w);
@@ -208,10 +213,16 @@ __global__ void __launch_bounds__(kThreads) unpack_kernel(const __grid_constant_
       const int row = static_cast<int>(c % n);
       const int64_t w = c / n;
       const int32_t q = s_rec[row];
-      const uint32_t val =
+      const uint32_t codes =
           q >= 0 ? __ldg(reinterpret_cast<const uint32_t*>(a.wire + q * a.row_bytes + rec_data) + w)
-                 : pad;
-      reinterpret_cast<uint32_t*>(out)[w * a.rows + r0 + s_out[row]] = val;
+                 : 0u;
+      const int nt = static_cast<int>(a.tiles - 4 * w < 4 ? a.tiles - 4 * w : 4);
+      uint32_t* o = reinterpret_cast<uint32_t*>(out) + 4 * w * a.rows + r0 + s_out[row];
+#pragma unroll
+      for (int i = 0; i < 4; ++i)
+        if (i < nt)
+          o[i * a.rows] =
+              q >= 0 ? detail::wire_scale_bits(static_cast<uint8_t>(codes >> (8 * i))) : pad;
     }
   } else if (a.scale == WireScale::Row) {
     uint8_t* out = static_cast<uint8_t*>(a.rows_scale);

@@ -29,7 +29,7 @@ struct Payload {
   int64_t H;
 };
 
-const Payload kPayloads[] = {{DType::BF16, 200}, {DType::E4M3, 400}, {DType::E2M1x2, 256}};
+const Payload kPayloads[] = {{DType::BF16, 200}, {DType::E4M3, 656}, {DType::E2M1x2, 256}};
 
 // The rows of one payload: data [R][H], scales (E4M3: F32 [tiles][R]; E2M1x2: E8M0 [R][H/32]),
 // prob F32 [n_prob].
@@ -41,7 +41,7 @@ Rows make_rows(const Payload& p, int64_t R, int64_t n_prob, uint64_t seed) {
   Rows r;
   r.data = random_bytes(p.dtype, R, p.H, seed);
   const int64_t tiles = (p.H + 127) / 128;
-  if (p.dtype == DType::E4M3) r.scale = random_bytes(DType::F32, tiles, R, seed + 1);
+  if (p.dtype == DType::E4M3) r.scale = random_pow2_scales(tiles, R, seed + 1, 0.1);
   if (p.dtype == DType::E2M1x2) r.scale = random_bytes(DType::E8M0, R, p.H / 32, seed + 1);
   r.prob = random_bytes(DType::F32, 1, std::max<int64_t>(n_prob, 1), seed + 2);
   return r;
@@ -58,6 +58,7 @@ WireArgs row_args(Rows& r, const Payload& p, const DispatchWire& w, int64_t R, b
                                        : WireScale::None;
   a.rows_scale = a.scale == WireScale::None ? nullptr : r.scale.buf.data();
   a.scale_bytes = w.scale_bytes;
+  if (a.scale == WireScale::Col) a.tiles = (p.H + 127) / 128;
   if (prob) {
     a.prob = r.prob.ptr<float>();
     a.prob_len = r.prob.v.numel();
@@ -167,7 +168,7 @@ TEST(DispatchEmu, MapsMatchReference) {
 TEST(DispatchEmu, DedupMatchesReference) {
   emu::make_warps(256);
   const int N = 3, k = 3;
-  const int64_t E = 6, H = 400;
+  const int64_t E = 6, H = 656;  // E4M3: 6 scale tiles, a partial record word
   const std::vector<int64_t> T = {21, 1, 34};
   std::vector<std::vector<int32_t>> idx(N);
   std::vector<int64_t> counts(N * E, 0);
