@@ -9,7 +9,9 @@
 //   common: [--quick] [--reps N] [--warmup N] [--only TEXT] [--json FILE]
 //
 // Timing: per repetition, a barrier, then `inner` back-to-back operations between two CUDA events
-// (inner chosen so that a batch moves ~256 MiB: it amortizes the ranks' start skew at small sizes);
+// (inner chosen so that a batch moves ~1 GiB, at least 4 operations: it amortizes the ranks' start
+// skew and the host's enqueue of the first operation after the barrier, which at inner = 1 were
+// +-5% run to run on a 0.6 ms dispatch; nccl-tests likewise times back-to-back iterations);
 // time per operation = batch / inner; per repetition the slowest rank counts; median (and min)
 // over repetitions. algbw = bytes sent per rank / time, busbw = algbw (n-1)/n (nccl-tests'
 // alltoall definitions). Each all-to-all size is verified once (every segment's first, middle and
@@ -131,9 +133,9 @@ bool CommBench::all_ok(bool ok) {
 
 CommTiming CommBench::time(const std::function<void()>& op, int64_t bytes_per_rank, int inner) {
   if (inner <= 0) {
-    const int64_t target = 256 * kMiB;
+    const int64_t target = 1024 * kMiB;
     inner = static_cast<int>(
-        std::clamp<int64_t>(bytes_per_rank > 0 ? target / bytes_per_rank : 50, 1, 50));
+        std::clamp<int64_t>(bytes_per_rank > 0 ? target / bytes_per_rank : 50, 4, 50));
   }
   for (int i = 0; i < warmup_; ++i) op();
   sync();

@@ -99,7 +99,7 @@ class CommBench {
   // Collective. Times `op` (which enqueues one operation on stream(), or runs it on the CPU):
   // `warmup` untimed calls, then `reps` batches, each after a barrier, of `inner` back-to-back
   // calls between two CUDA events (host clock on the CPU). inner <= 0 picks it from
-  // bytes_per_rank so that a batch moves about 256 MiB (1..50 operations).
+  // bytes_per_rank so that a batch moves about 1 GiB (4..50 operations).
   CommTiming time(const std::function<void()>& op, int64_t bytes_per_rank, int inner = 0);
 
   // Collective. NCCL's own all-to-all (equal splits, grouped send/recv through comm()) of
