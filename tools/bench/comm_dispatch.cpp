@@ -322,6 +322,17 @@ void dispatch_cases(CommBench& b) {
     r.note = rows_note(r.timing, true) + "; chunks " + std::to_string(chunks) +
              " (vs chunks 1: " + (r.verified ? "identical)" : "DIFFERENT)");
     b.row(r);
+    for (int c : {2, 4}) {  // the pipelined record path next to the default (one run)
+      if (chunks != 1 || !b.gpu()) break;
+      const std::string name = "c" + std::to_string(c);
+      CommRow pr = variant_row(r, name.c_str(), [&] { run(DispatchOptions{c}); }, outputs, want,
+                               {Poisoned{p.data, p.data_bytes}, Poisoned{p.scale, p.scale_bytes},
+                                Poisoned{&prob, Ms * 4}});
+      pr.note = rows_note(pr.timing, false) + "; chunks " + std::to_string(c) +
+                ": pack c+1 / unpack c-1 beside a2a c (vs chunks 1: " +
+                (pr.verified ? "identical)" : "DIFFERENT)");
+      b.row(pr);
+    }
     {
       CommRow ipr = in_place_row(r, run, outputs, want,
                                  {Poisoned{p.data, p.data_bytes}, Poisoned{p.scale, p.scale_bytes},
