@@ -214,7 +214,9 @@ struct DispatchOptions {
   static constexpr bool kAutoInPlace = false;
   // Measured on 4 H100s (NVSwitch, 32768 routed rows x H 7168 per rank, bench/RESULTS.md): 4 runs
   // gained nothing over 1 (BF16 1.94 vs 1.90 ms, MXFP4 0.63 vs 0.56 ms): NCCL's all-to-all already
-  // saturates the copy engines/SMs it shares with pack and unpack. So automatic = 1 for now.
+  // saturates the copy engines/SMs it shares with pack and unpack. Re-measured on 4 H200s with
+  // batched timing (session 10): 2 / 4 runs 6-10% SLOWER than 1 (BF16 1.78 / 1.77 vs 1.67 ms, FP8
+  // 0.94 / 0.95 vs 0.86 ms). So automatic = 1.
   static constexpr int kAutoChunks = 1;
   static constexpr int64_t kAutoChunkMinBytes = int64_t{8} << 20;
 };
