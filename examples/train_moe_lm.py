@@ -102,7 +102,7 @@ class Attention(nn.Module):
 
 
 class Block(nn.Module):
-    def __init__(self, args, fp8flow):
+    def __init__(self, args, fp8flow, index=0):
         super().__init__()
         H = args.hidden
         init_std, out_std = 0.02, 0.02 / math.sqrt(2 * args.layers)
@@ -114,6 +114,7 @@ class Block(nn.Module):
             aux_loss_coeff=args.aux_loss_coeff, seq_len=args.seq, recipe=args.recipe,
             max_tokens=args.batch * args.seq, init_std=init_std, output_init_std=out_std,
             gemm_streams=args.gemm_streams,
+            mxfp4_stochastic=args.mxfp4_stochastic, mxfp4_seed=1000 * args.seed + index,
             track_aux_loss=False, device=args.device, reject_nonfinite=False,  # NaN -> the loss
             refresh="manual" if args.refresh == "explicit" else "auto")
 
@@ -129,7 +130,7 @@ class MoELM(nn.Module):
         self.pos = nn.Parameter(torch.zeros(args.seq, args.hidden))
         nn.init.normal_(self.embed.weight, 0.0, 0.02)
         nn.init.normal_(self.pos, 0.0, 0.02)
-        self.blocks = nn.ModuleList(Block(args, fp8flow) for _ in range(args.layers))
+        self.blocks = nn.ModuleList(Block(args, fp8flow, i) for i in range(args.layers))
         self.ln_f = nn.LayerNorm(args.hidden)
 
     def forward(self, tokens):
@@ -601,6 +602,9 @@ def main():
     ap.add_argument("--router", choices=["softmax", "sigmoid"], default="softmax")
     ap.add_argument("--aux-loss-coeff", type=float, default=1e-2)
     ap.add_argument("--gemm-streams", type=int, default=0, help="MoEConfig::gemm_streams (0: its default)")
+    ap.add_argument("--mxfp4-stochastic", action="store_true",
+                    help="fp8-flow-mxfp4: round the saved activations stochastically "
+                         "(MoEConfig::mxfp4_stochastic)")
     ap.add_argument("--aux-every", type=int, default=10, help="read the aux loss every N steps")
     ap.add_argument("--refresh", choices=["explicit", "auto"], default="explicit",
                     help="FP8 weight copies: refresh_weights() after each optimizer step, or "

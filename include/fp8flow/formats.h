@@ -172,6 +172,47 @@ FP8FLOW_HD uint8_t e2m1_from_f32(float x) {
   return sign | static_cast<uint8_t>(c);
 }
 
+// E2M1 with stochastic rounding: |x| between neighbouring E2M1 magnitudes lo < hi becomes hi
+// with probability (|x| - lo) / (hi - lo), decided by u, 24 uniform random bits (hi iff
+// u < frac * 2^24, exact in FP32: frac has at most 24 significant bits). Values on the grid never
+// move; over u the expectation is x (to 2^-24 of the step) for |x| <= 6. Saturates at 6 (a
+// clipped value is biased); NaN -> +0 and Inf saturates, as e2m1_from_f32.
+FP8FLOW_HD uint8_t e2m1_from_f32_sr(float x, uint32_t u) {
+  const uint32_t b = f32_bits(x);
+  const uint8_t sign = static_cast<uint8_t>((b >> 28) & 0x8u);
+  const uint32_t a = b & 0x7FFFFFFFu;
+  if (a > 0x7F800000u) return 0;
+  const float m = f32_from_bits(a);
+  if (m >= kE2M1Max) return sign | 0x7;
+  // Magnitude index i of lo and the fraction toward the next: steps of 0.5 below 2, 1 below 4, 2.
+  float lo_pos, frac;
+  uint32_t i;
+  if (m < 2.0f) {
+    lo_pos = static_cast<float>(static_cast<int>(m * 2.0f));  // m * 2 exact
+    i = static_cast<uint32_t>(lo_pos);
+    frac = m * 2.0f - lo_pos;
+  } else if (m < 4.0f) {
+    lo_pos = static_cast<float>(static_cast<int>(m - 2.0f));
+    i = 4u + static_cast<uint32_t>(lo_pos);
+    frac = (m - 2.0f) - lo_pos;
+  } else {
+    i = 6u;
+    frac = (m - 4.0f) * 0.5f;
+  }
+  const bool up = static_cast<float>(u & 0xFFFFFFu) < frac * 16777216.0f;
+  return sign | static_cast<uint8_t>(i + (up ? 1u : 0u));
+}
+
+// 24 uniform random bits for element `index` under `seed` (a SplitMix64-style mix: a fixed
+// function of both, the same on host and device, so stochastic rounding is reproducible).
+FP8FLOW_HD uint32_t sr_bits(uint64_t seed, uint64_t index) {
+  uint64_t z = seed + (index + 1) * 0x9E3779B97F4A7C15ull;
+  z = (z ^ (z >> 30)) * 0xBF58476D1CE4E5B9ull;
+  z = (z ^ (z >> 27)) * 0x94D049BB133111EBull;
+  z ^= z >> 31;
+  return static_cast<uint32_t>(z >> 40);
+}
+
 FP8FLOW_HD float e2m1_to_f32(uint8_t code) {
   const float v = decode_minifloat<2, 1, 1>(code & 0x7u);
   return (code & 0x8u) ? -v : v;

@@ -165,6 +165,16 @@ struct MoEConfig {
   // it costs about 16% of the transposes' time on an H100 (bench/RESULTS.md), so it is off
   // unless asked for (transpose_underflow() then reports zeros).
   bool count_underflow = false;
+  // Fp8FlowMxfp4: the saved activations that only the weight gradients read (the FC2 input a, and
+  // the FC1 input without EP; with EP the saved FC1 input is the dispatched MXFP4 payload, which
+  // the forward also uses, and stays RNE) are rounded to E2M1 stochastically (Mxfp4Rounding)
+  // instead of RNE: unbiased weight gradients from the 4-bit copies. Forward number n (counted per
+  // layer from 0) rounds tensor j (0: FC1 input, 1: FC2 input) with a seed derived from
+  // (mxfp4_seed, 2 n + j): reproducible run to run; give every layer its own mxfp4_seed. Forward
+  // outputs and dx are unchanged by this option (bit for bit); only dW1 and dW2 differ. Ignored
+  // by the other recipes.
+  bool mxfp4_stochastic = false;
+  uint64_t mxfp4_seed = 0;
   // Expert parallelism: ranks of the communicator given to the constructor (1: no EP), and the
   // most rows one rank may receive in a forward (0: the worst case, ep_size * max_tokens *
   // min(top_k, experts / ep_size); pools scale with it).

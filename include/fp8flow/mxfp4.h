@@ -24,6 +24,21 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream
 // FP8 row-wise (E4M3, Rowwise1x128 [M][K]) -> MXFP4 [M][K] directly. K % 128 == 0.
 void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream = nullptr);
 
+// Element rounding of fp8_to_mxfp4. Default: RNE (the rule above). Stochastic: each element
+// v / 2^X rounds to one of its two neighbouring E2M1 values, up with probability (distance from
+// the lower one) / (gap), by fmt::e2m1_from_f32_sr with the random bits fmt::sr_bits(seed,
+// r * K + k) of element (r, k): a pure function of (input, seed), the same bits on both backends,
+// unbiased per element except where v / 2^X is clipped to 6 (the block's largest magnitudes in
+// (6, 8) * 2^X, as under RNE). The shared exponents are RNE's. For tensors that only feed
+// weight-gradient GEMMs, where rounding bias accumulates over tokens (MoEConfig::mxfp4_stochastic:
+// the layer's saved activations).
+struct Mxfp4Rounding {
+  bool stochastic = false;
+  uint64_t seed = 0;
+};
+void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, const Mxfp4Rounding& rounding,
+                  Stream stream = nullptr);
+
 // MXFP4 [M][K] -> FP8 row-wise (E4M3, Rowwise1x128 [M][K], scale [K/128][M]) directly.
 // K % 128 == 0.
 void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream = nullptr);

@@ -604,7 +604,8 @@ class MoELayerHolder : public torch::CustomClassHolder {
                  int64_t max_tokens, int64_t gemm_streams, at::Tensor gate,
                  c10::optional<at::Tensor> gate_bias, at::Tensor w1, at::Tensor w2,
                  c10::optional<c10::intrusive_ptr<CommunicatorHolder>> comm,
-                 int64_t ep_max_recv_rows, bool ep_dedup, bool count_underflow) {
+                 int64_t ep_max_recv_rows, bool ep_dedup, bool count_underflow,
+                 bool mxfp4_stochastic, int64_t mxfp4_seed) {
     cfg_.hidden = hidden;
     cfg_.ffn = ffn;
     cfg_.experts = experts;
@@ -620,7 +621,9 @@ class MoELayerHolder : public torch::CustomClassHolder {
     if (align > 0) cfg_.align = static_cast<int>(align);  // 0: MoEConfig's default
     cfg_.max_tokens = max_tokens;
     if (gemm_streams > 0) cfg_.gemm_streams = static_cast<int>(gemm_streams);
-    cfg_.count_underflow = count_underflow;  // MoEContext::transpose_underflow (a diagnostic)
+    cfg_.count_underflow = count_underflow;    // MoEContext::transpose_underflow (a diagnostic)
+    cfg_.mxfp4_stochastic = mxfp4_stochastic;  // fp8-flow-mxfp4: saved forms rounded stochastically
+    cfg_.mxfp4_seed = static_cast<uint64_t>(mxfp4_seed);
     // Expert parallelism: ep_size = the communicator's ranks; w1/w2 are this rank's experts. The
     // communicator is held here (declared before layer_, so it outlives the layer).
     if (comm.has_value() && *comm) {
@@ -879,11 +882,11 @@ TORCH_LIBRARY(fp8flow, m) {
       .def("size", &CommunicatorHolder::size)
       .def("backend", &CommunicatorHolder::backend);
   m.class_<MoELayerHolder>("MoELayer")
-      .def(
-          torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
-                      double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
-                      c10::optional<at::Tensor>, at::Tensor, at::Tensor,
-                      c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t, bool, bool>())
+      .def(torch::init<int64_t, int64_t, int64_t, int64_t, std::string, int64_t, int64_t, bool,
+                       double, double, int64_t, std::string, int64_t, int64_t, int64_t, at::Tensor,
+                       c10::optional<at::Tensor>, at::Tensor, at::Tensor,
+                       c10::optional<c10::intrusive_ptr<CommunicatorHolder>>, int64_t, bool, bool,
+                       bool, int64_t>())
       .def("ep_size", &MoELayerHolder::ep_size)
       .def("ep_max_recv_rows", &MoELayerHolder::ep_max_recv_rows)
       .def("ep_dedup", &MoELayerHolder::ep_dedup)

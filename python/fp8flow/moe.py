@@ -169,6 +169,10 @@ class MoE(nn.Module):
       count_underflow: fp8-flow's scaling-aware transposes also count the elements they round to
         subnormal or zero (the last context's transpose_underflow(); MoEConfig::count_underflow,
         a diagnostic costing ~16% of the transposes' time, off by default)
+      mxfp4_stochastic, mxfp4_seed: fp8-flow-mxfp4 rounds the activations saved for the weight
+        gradients to E2M1 stochastically (unbiased dW1/dW2; forward and dx unchanged), with
+        random bits from (mxfp4_seed, forward count): give each layer its own seed
+        (MoEConfig::mxfp4_stochastic)
       process_group, expert_parallel, ep_max_recv_rows, ep_dedup: expert parallelism (module
         docstring)
     """
@@ -176,7 +180,7 @@ class MoE(nn.Module):
     def __init__(self, hidden, ffn, experts, top_k, *, router="softmax", n_groups=1,
                  topk_groups=1, renormalize=True, scaling=1.0, aux_loss_coeff=0.0, seq_len=None,
                  expert_bias=False, recipe="fp8-flow", align=None, max_tokens=None,
-                 gemm_streams=None, count_underflow=False,
+                 gemm_streams=None, count_underflow=False, mxfp4_stochastic=False, mxfp4_seed=0,
                  params_dtype=torch.float32, device=None, init_std=0.02, output_init_std=None,
                  refresh="auto", reject_nonfinite=True, track_aux_loss=True,
                  process_group=None, expert_parallel=None, ep_max_recv_rows=None,
@@ -190,6 +194,10 @@ class MoE(nn.Module):
         self.seq_len = seq_len
         self.align, self.max_tokens, self.gemm_streams = align, max_tokens, gemm_streams
         self.count_underflow = bool(count_underflow)
+        self.mxfp4_stochastic, self.mxfp4_seed = bool(mxfp4_stochastic), int(mxfp4_seed)
+        if not 0 <= self.mxfp4_seed < 2**63:
+            raise ValueError(f"fp8flow.MoE: mxfp4_seed: expected an integer in [0, 2^63), "
+                             f"got {mxfp4_seed}")
         self.init_std = init_std
         self.output_init_std = init_std if output_init_std is None else output_init_std
         if refresh not in ("auto", "always", "manual"):
@@ -314,7 +322,7 @@ class MoE(nn.Module):
         seq = self.seq_len if self.seq_len is not None else (seq_hint or 0)
         seq = int(seq) if self.aux_loss_coeff else 0
         key = (self.recipe, w1.device, w1.dtype, cap, seq, bias is not None, self.ep_dedup,
-               self.count_underflow)
+               self.count_underflow, self.mxfp4_stochastic, self.mxfp4_seed)
         snap = self._snapshot()
         if self._layer is None or key != self._layer_key:
             self._layer = None  # free the old pools first
@@ -323,7 +331,8 @@ class MoE(nn.Module):
                 self.hidden, self.ffn, self.experts, self.top_k, self.router, self.n_groups,
                 self.topk_groups, self.renormalize, self.scaling, self.aux_loss_coeff, seq,
                 self.recipe, self.align or 0, cap, self.gemm_streams or 0, gate, bias, w1, w2,
-                comm, self.ep_max_recv_rows, self.ep_dedup, self.count_underflow)
+                comm, self.ep_max_recv_rows, self.ep_dedup, self.count_underflow,
+                self.mxfp4_stochastic, self.mxfp4_seed)
             self._layer_key = key
         elif [s[:3] if s else None for s in snap] != [s[:3] if s else None for s in self._seen]:
             call(self._layer.set_weights, gate, bias, w1, w2)

@@ -11,6 +11,7 @@
 #include "common/check.h"
 #include "fp8flow/comm.h"
 #include "fp8flow/dispatch.h"
+#include "fp8flow/formats.h"
 #include "fp8flow/gemm.h"
 #include "fp8flow/mxfp4.h"
 #include "fp8flow/permute.h"
@@ -314,6 +315,7 @@ struct MoELayer::Impl {
   Slot ep_send, ep_recv, ep_rows, ep_prob, ep_psend;
   Slot ep_map;  // cfg.ep_dedup: the permuted rows' record map (scratch of each dispatch)
   QSlot xq_mx;
+  uint64_t forwards = 0;  // forward calls so far (cfg.mxfp4_stochastic's seed sequence)
   int weight_casts = 0;
   size_t weight_copy_bytes = 0;
 
@@ -916,6 +918,7 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
   s.dw_counted = true;
   s.casts = {};
   s.debug = {};
+  const uint64_t forward_number = m.forwards++;
   detail::moe_memset0(dev, S.ptr(s.counters), s.counters.bytes, stream);
   count_nonfinite(dev, x, s.counter(kNfX), stream);
 
@@ -1129,11 +1132,19 @@ void MoELayer::forward(const TensorView& x, const TensorView& y, MoEContext& ctx
       swiglu(h, probs.prob, aq, hq, {}, stream);  // fused SwiGLU + quantize of a, and of h (saved)
       grouped_gemm_fprop(aq, m.w2q_e, yp, splits, ws, go, stream);
       if (mx) {
+        // Saved forms: RNE, or stochastic with this forward's seeds (MoEConfig::mxfp4_stochastic).
+        auto rounding = [&](uint64_t j) {
+          Mxfp4Rounding r;
+          r.stochastic = m.cfg.mxfp4_stochastic;
+          r.seed = fmt::sr_bits(m.cfg.mxfp4_seed, 2 * forward_number + j) |
+                   (uint64_t{fmt::sr_bits(~m.cfg.mxfp4_seed, 2 * forward_number + j)} << 32);
+          return r;
+        };
         if (!ep) {
-          fp8_to_mxfp4(xpq, S.mx(s.xp_mx, M, H), stream);
+          fp8_to_mxfp4(xpq, S.mx(s.xp_mx, M, H), rounding(0), stream);
           ++s.casts.conversions;
         }
-        fp8_to_mxfp4(aq, S.mx(s.a_mx, M, F), stream);
+        fp8_to_mxfp4(aq, S.mx(s.a_mx, M, F), rounding(1), stream);
         ++s.casts.conversions;
       }
       s.debug.fc1_fprop_x = xpq;

@@ -243,6 +243,55 @@ TEST(Formats, PackedE2M1NibbleOrder) {
   EXPECT_EQ(e2m1x2_second(b), 0xB);
 }
 
+// Stochastic E2M1 rounding: grid values never move; between neighbours lo < hi the code is hi
+// exactly for the u below frac * 2^24, so the mean over all u is the input; saturation, NaN, sign.
+TEST(Formats, E2M1StochasticRounding) {
+  const float grid[] = {0.0f, 0.5f, 1.0f, 1.5f, 2.0f, 3.0f, 4.0f, 6.0f};
+  for (int c = 0; c < 8; ++c)
+    for (uint32_t u : {0u, 1u, 0x800000u, 0xFFFFFFu}) {
+      EXPECT_EQ(fmt::e2m1_from_f32_sr(grid[c], u), c) << grid[c];
+      EXPECT_EQ(fmt::e2m1_from_f32_sr(-grid[c], u), c == 0 ? 0x8 : (0x8 | c)) << -grid[c];
+    }
+  std::mt19937 rng(5);
+  std::uniform_real_distribution<float> d(0.0f, 6.0f);
+  for (int n = 0; n < 2000; ++n) {
+    const float x = n < 8 ? 0.25f + 0.5f * static_cast<float>(n) * 0.25f : d(rng);
+    int lo = 0;
+    while (lo < 7 && grid[lo + 1] <= x) ++lo;
+    if (grid[lo] == x) continue;
+    const float frac = (x - grid[lo]) / (grid[lo + 1] - grid[lo]);
+    const auto cut = static_cast<uint32_t>(std::ceil(static_cast<double>(frac) * 16777216.0));
+    SCOPED_TRACE(::testing::Message() << "x " << x << " cut " << cut);
+    EXPECT_EQ(fmt::e2m1_from_f32_sr(x, 0), lo + 1);
+    EXPECT_EQ(fmt::e2m1_from_f32_sr(x, cut - 1), lo + 1);
+    EXPECT_EQ(fmt::e2m1_from_f32_sr(x, cut), lo);
+    EXPECT_EQ(fmt::e2m1_from_f32_sr(x, 0xFFFFFFu), lo);
+    EXPECT_EQ(fmt::e2m1_from_f32_sr(-x, 0), 0x8 | (lo + 1));
+    // Mean over every u: (cut * hi + (2^24 - cut) * lo) / 2^24 == x to 2^-24 of the gap.
+    const double mean = (cut * static_cast<double>(grid[lo + 1]) +
+                         (16777216.0 - cut) * static_cast<double>(grid[lo])) /
+                        16777216.0;
+    EXPECT_NEAR(mean, x, (grid[lo + 1] - grid[lo]) * 6e-8);
+  }
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(6.5f, 0), 0x7);
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(-1e30f, 0), 0xF);
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(INFINITY, 0), 0x7);
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(NAN, 0), 0x0);
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(1e-30f, 0), 0x1);  // any positive fraction can round up
+  EXPECT_EQ(fmt::e2m1_from_f32_sr(1e-30f, 1), 0x0);
+  // The random bits: deterministic, 24 bits, spread over seeds and indices.
+  EXPECT_EQ(fmt::sr_bits(7, 11), fmt::sr_bits(7, 11));
+  EXPECT_NE(fmt::sr_bits(7, 11), fmt::sr_bits(8, 11));
+  EXPECT_NE(fmt::sr_bits(7, 11), fmt::sr_bits(7, 12));
+  double sum = 0;
+  for (uint64_t i = 0; i < 100000; ++i) {
+    const uint32_t b = fmt::sr_bits(42, i);
+    ASSERT_LT(b, 1u << 24);
+    sum += b;
+  }
+  EXPECT_NEAR(sum / 100000 / 16777216.0, 0.5, 0.005);
+}
+
 TEST(Formats, PowersOfTwo) {
   for (int e = -149; e <= 127; ++e) {
     EXPECT_EQ(exp2i(e), float(std::ldexp(1.0, e))) << e;

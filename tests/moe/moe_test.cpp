@@ -8,6 +8,7 @@
 #include <cmath>
 #include <cstdio>
 #include <numeric>
+#include <type_traits>
 #include <vector>
 
 #include "common/test_data.h"
@@ -245,14 +246,16 @@ Ref make_ref(const Data& d) {
 }
 
 // ||a - b|| / ||b|| over all elements.
-double rel_err(const HostTensor& a, const std::vector<double>& b) {
-  const std::vector<double> av = to_double(a);
+double rel_err(const std::vector<double>& av, const std::vector<double>& b) {
   double num = 0, den = 0;
   for (size_t i = 0; i < b.size(); ++i) {
     num += (av[i] - b[i]) * (av[i] - b[i]);
     den += b[i] * b[i];
   }
   return std::sqrt(num / std::max(den, 1e-300));
+}
+double rel_err(const HostTensor& a, const std::vector<double>& b) {
+  return rel_err(to_double(a), b);
 }
 double rel_err(const HostTensor& a, const HostTensor& b) {
   return rel_err(a, to_double(b));
@@ -440,6 +443,99 @@ TEST(MoELayer, RecipesVsFp64ReferenceSkewedAndOneToken) {
   one.T = 1;
   one.seed = 12;
   check_vs_ref(one);
+}
+
+// MoEConfig::mxfp4_stochastic: two steps on one context with RNE, stochastic rounding (seeds 5
+// and 6) and RNE again. y, dx and dgate are the same bits in every run (only the saved forms the
+// weight gradients read change); dW1 / dW2 differ from RNE's, from the other seed's and between
+// the two steps (a new seed per forward), stay within fp8-flow-mxfp4's bound of the FP64
+// reference, and the same seed gives the same bits. `Tensor`: HostTensor (Cpu) or DeviceTensor.
+template <typename Tensor>
+std::vector<HostTensor> run_mxfp4_steps(const Data& d, bool sr, uint64_t seed) {
+  const Problem& p = d.p;
+  const Tensor x(d.x), w1(d.w1), w2(d.w2), gate(d.gate), dy(d.dy);
+  MoEConfig cfg = make_config(p, Recipe::Fp8FlowMxfp4);
+  cfg.mxfp4_stochastic = sr;
+  cfg.mxfp4_seed = seed;
+  MoELayer layer(cfg, MoEWeights{gate.v, {}, w1.v, w2.v});
+  MoEContext ctx = layer.make_context();
+  std::vector<HostTensor> got;
+  for (int step = 0; step < 2; ++step) {
+    LayerOutputs<Tensor> out(p);
+    layer.forward(x.v, out.y.v, ctx);
+    layer.backward(dy.v, out.grads(), ctx);
+    for (const Tensor* t : {&out.y, &out.dx, &out.dw1, &out.dw2, &out.dg}) {
+      if constexpr (std::is_same_v<Tensor, HostTensor>)
+        got.push_back(*t);
+      else
+        got.push_back(t->to_host());
+    }
+  }
+  return got;
+}
+
+template <typename Tensor>
+void check_mxfp4_stochastic(const Problem& p) {
+  const Data d = make_data(p);
+  Ref ref = make_ref(d);
+  ref.forward();
+  ref.backward();
+  const auto rne = run_mxfp4_steps<Tensor>(d, false, 0);
+  const auto sr5 = run_mxfp4_steps<Tensor>(d, true, 5);
+  const auto sr5b = run_mxfp4_steps<Tensor>(d, true, 5);
+  const auto sr6 = run_mxfp4_steps<Tensor>(d, true, 6);
+  const Bounds b = bounds_for(Recipe::Fp8FlowMxfp4);
+  for (int step = 0; step < 2; ++step) {
+    SCOPED_TRACE(::testing::Message() << "step " << step);
+    const size_t o = static_cast<size_t>(5 * step);
+    for (size_t i : {size_t{0}, size_t{1}, size_t{4}}) {  // y, dx, dgate
+      EXPECT_TRUE(bytes_equal(sr5[o + i], rne[o + i])) << "tensor " << i;
+      EXPECT_TRUE(bytes_equal(sr6[o + i], rne[o + i])) << "tensor " << i;
+    }
+    for (size_t i : {size_t{2}, size_t{3}}) {  // dW1, dW2
+      EXPECT_FALSE(bytes_equal(sr5[o + i], rne[o + i])) << "tensor " << i;
+      EXPECT_FALSE(bytes_equal(sr5[o + i], sr6[o + i])) << "tensor " << i;
+      EXPECT_TRUE(bytes_equal(sr5[o + i], sr5b[o + i])) << "tensor " << i;
+    }
+    const double e1 = rel_err(sr5[o + 2], ref.dw1), e2 = rel_err(sr5[o + 3], ref.dw2);
+    const double r1 = rel_err(rne[o + 2], ref.dw1), r2 = rel_err(rne[o + 3], ref.dw2);
+    std::printf(
+        "[ moe ] fp8-flow-mxfp4 stochastic: rel err dW1 %.2e (RNE %.2e)  dW2 %.2e (RNE %.2e)\n", e1,
+        r1, e2, r2);
+    EXPECT_LT(e1, b.dw1);
+    EXPECT_LT(e2, b.dw2);
+  }
+  for (size_t i : {size_t{2}, size_t{3}})  // a new seed per forward
+    EXPECT_FALSE(bytes_equal(sr5[i], sr5[5 + i])) << "tensor " << i;
+}
+
+TEST(MoELayer, Mxfp4StochasticOnlyMovesWeightGrads) {
+  check_mxfp4_stochastic<HostTensor>(Problem{});
+}
+
+// Unbiased: the mean of the first step's dW over 24 seeds moves toward the weight gradient of
+// exact FP8 saved activations (fp8-flow's), while RNE's 4-bit copies keep their error.
+TEST(MoELayer, Mxfp4StochasticWeightGradsAverageToFp8Flow) {
+  const Data d = make_data(Problem{});
+  const LayerRun flow = run_cpu(d, Recipe::Fp8Flow);
+  const auto rne = run_mxfp4_steps<HostTensor>(d, false, 0);
+  const int kSeeds = 24;
+  std::vector<double> m1(static_cast<size_t>(flow.dw1.v.numel())),
+      m2(static_cast<size_t>(flow.dw2.v.numel()));
+  for (int s = 0; s < kSeeds; ++s) {
+    auto sr = run_mxfp4_steps<HostTensor>(d, true, 100 + static_cast<uint64_t>(s));
+    for (size_t i = 0; i < m1.size(); ++i) m1[i] += sr[2].ptr<float>()[i] / double{kSeeds};
+    for (size_t i = 0; i < m2.size(); ++i) m2[i] += sr[3].ptr<float>()[i] / double{kSeeds};
+  }
+  const std::vector<double> f1 = to_double(flow.dw1), f2 = to_double(flow.dw2);
+  const double mean1 = rel_err(m1, f1), mean2 = rel_err(m2, f2);
+  const double rne1 = rel_err(to_double(rne[2]), f1), rne2 = rel_err(to_double(rne[3]), f2);
+  std::printf(
+      "[ moe ] dW vs fp8-flow's: mean of %d stochastic runs dW1 %.2e dW2 %.2e, RNE dW1 "
+      "%.2e dW2 %.2e\n",
+      kSeeds, mean1, mean2, rne1, rne2);
+  EXPECT_LT(mean1, 0.5 * rne1);
+  EXPECT_LT(mean2, 0.5 * rne2);
 }
 
 // F32 master weights: with BF16-representable values every recipe gives the same bits as with BF16
@@ -1092,6 +1188,13 @@ TEST(MoELayerGpu, MatchesCpu) {
     for (Recipe r : kRecipes) {
       gpu_vs_cpu(pr, r);
     }
+}
+
+TEST(MoELayerGpu, Mxfp4StochasticOnlyMovesWeightGrads) {
+  FP8FLOW_REQUIRE_GPU();
+  Problem p;
+  p.T = 80;
+  check_mxfp4_stochastic<DeviceTensor>(p);
 }
 
 // MoEConfig::overlap_wgrad runs the FC1 wgrad on a second stream: the same bits as one stream, for

@@ -48,13 +48,13 @@ TEST(Mxfp4Gpu, QuantizeMxfp4) {
 
 // ---------------------------------------------------------------------------------------------
 
-void check_fp8_to_mxfp4(const HostScaled& x, const std::string& what,
-                        cudaStream_t stream = nullptr) {
+void check_fp8_to_mxfp4(const HostScaled& x, const std::string& what, cudaStream_t stream = nullptr,
+                        const Mxfp4Rounding& rounding = {}) {
   HostScaled want = alloc_mx(x.data.v.rows, x.data.v.cols);
-  fp8_to_mxfp4(x.st(), want.st());
+  fp8_to_mxfp4(x.st(), want.st(), rounding);
   const DeviceScaled dx(x);
   DeviceScaled got(want, /*copy=*/false);
-  fp8_to_mxfp4(dx.st(), got.st(), stream);
+  fp8_to_mxfp4(dx.st(), got.st(), rounding, stream);
   EXPECT_TRUE(scaled_equal(got.to_host(), want)) << what;
 }
 
@@ -74,6 +74,26 @@ TEST(Mxfp4Gpu, Fp8ToMxfp4) {
     const float odd[] = {3.0f, 0.7f, 1e-44f, 0.0f, -2.0f, INFINITY, NAN, fmt::exp2i(-141)};
     for (int64_t i = 0; i < x.scale.v.numel(); i += 3) x.scale.ptr<float>()[i] = odd[(i / 3) % 8];
     check_fp8_to_mxfp4(x, label("odd scales", s.M, s.K));
+  }
+}
+
+// Stochastic rounding: the kernel's per-element path == the reference's, bit for bit, on every
+// fill, raw codes over the whole scale range, and odd scales.
+TEST(Mxfp4Gpu, Fp8ToMxfp4Stochastic) {
+  FP8FLOW_REQUIRE_GPU();
+  const Shape shapes[] = {{1, 128}, {77, 640}, {130, 7168}, {257, 2048}};
+  uint64_t seed = 60;
+  for (const Shape& s : shapes) {
+    for (Fill f : kFills)
+      check_fp8_to_mxfp4(fp8_from_values(make_values(s.M, s.K, f, seed++), s.M, s.K),
+                         label("SR from values", s.M, s.K, int(f)), nullptr,
+                         Mxfp4Rounding{true, 0x123456789ull + seed});
+    check_fp8_to_mxfp4(fp8_random(s.M, s.K, seed++, -127, 127, true), label("SR raw", s.M, s.K),
+                       nullptr, Mxfp4Rounding{true, seed});
+    HostScaled x = fp8_random(s.M, s.K, seed++, -20, 20, true);
+    const float odd[] = {3.0f, 0.7f, 1e-44f, 0.0f, -2.0f, INFINITY, NAN, fmt::exp2i(-141)};
+    for (int64_t i = 0; i < x.scale.v.numel(); i += 3) x.scale.ptr<float>()[i] = odd[(i / 3) % 8];
+    check_fp8_to_mxfp4(x, label("SR odd scales", s.M, s.K), nullptr, Mxfp4Rounding{true, seed});
   }
 }
 

@@ -249,6 +249,73 @@ TEST(Mxfp4Ref, RoundTripFromMxfp4IsExact) {
   EXPECT_TRUE(scaled_equal(back, y));
 }
 
+// Stochastic rounding (Mxfp4Rounding): the shared exponents and NaN blocks are RNE's; every
+// element lands on one of the two E2M1 neighbours of its exact value (RNE's code or the one across
+// the value); same seed, same bits; another seed, other bits; averaged over many seeds the decoded
+// values approach the FP8 values (RNE's error does not shrink), including the small elements that
+// RNE flushes to zero.
+TEST(Mxfp4Ref, StochasticRoundingIsUnbiased) {
+  const int64_t M = 16, K = 512;
+  HostScaled x = fp8_from_values(make_values(M, K, Fill::Normal, 403), M, K);
+  x.data.ptr<uint8_t>()[5 * K + 7] = 0x7F;  // a NaN code: its block gets the NaN scale
+  HostScaled rne = alloc_mx(M, K);
+  fp8_to_mxfp4(x.st(), rne.st());
+  const HostTensor fx = dequant_f32(x), frne = dequant_f32(rne);
+  const int kSeeds = 256;
+  std::vector<double> mean(static_cast<size_t>(M * K), 0.0);
+  HostScaled first = alloc_mx(M, K);
+  for (int sd = 0; sd < kSeeds; ++sd) {
+    HostScaled sr = alloc_mx(M, K);
+    fp8_to_mxfp4(x.st(), sr.st(), Mxfp4Rounding{true, 1000u + static_cast<uint64_t>(sd)});
+    ASSERT_TRUE(bytes_equal(sr.scale, rne.scale)) << "seed " << sd;
+    if (sd == 0) {
+      first = alloc_mx(M, K);
+      fp8_to_mxfp4(x.st(), first.st(), Mxfp4Rounding{true, 1000u});
+      EXPECT_TRUE(scaled_equal(first, sr)) << "same seed, same bits";
+    }
+    if (sd == 1) EXPECT_FALSE(bytes_equal(first.data, sr.data)) << "another seed, other bits";
+    const HostTensor f = dequant_f32(sr);
+    for (int64_t i = 0; i < M * K; ++i) {
+      const float v = fx.v.ptr<float>()[i], q = f.v.ptr<float>()[i], r = frne.v.ptr<float>()[i];
+      if (std::isnan(v) || std::isnan(r)) continue;
+      // One of the two neighbours: within one E2M1 step of the value, on RNE's side or across.
+      const uint8_t sb = sr.scale.ptr<uint8_t>()[(i / K) * (K / 32) + (i % K) / 32];
+      const double step = std::ldexp(2.0, fmt::e8m0_exponent(sb));  // the widest gap, 2 * 2^X
+      ASSERT_LE(std::fabs(q - v), step) << i;
+      mean[static_cast<size_t>(i)] += q / static_cast<double>(kSeeds);
+    }
+  }
+  double err_sr = 0, err_rne = 0, scale = 0;
+  int64_t flushed = 0, flushed_kept = 0;
+  double flushed_abs = 0, flushed_err = 0;  // |v| and mean(SR) - v over RNE's flushed elements
+  for (int64_t i = 0; i < M * K; ++i) {
+    const double v = fx.v.ptr<float>()[i], r = frne.v.ptr<float>()[i];
+    if (std::isnan(v) || std::isnan(r)) continue;
+    err_sr += mean[static_cast<size_t>(i)] - v;  // signed: bias
+    err_rne += std::fabs(r - v);
+    scale += std::fabs(v);
+    if (r == 0.0 && v != 0.0) {
+      ++flushed;
+      flushed_kept += mean[static_cast<size_t>(i)] != 0.0;
+      flushed_abs += std::fabs(v);
+      flushed_err += (mean[static_cast<size_t>(i)] - v) * (v < 0 ? -1.0 : 1.0);
+    }
+  }
+  // Mean of 256 draws: per element the SR error shrinks ~16x; summed signed over 8192 elements
+  // the bias is far below RNE's mean absolute error.
+  EXPECT_LT(std::fabs(err_sr) / scale, 0.002);
+  EXPECT_GT(err_rne / scale, 0.02);
+  // Elements RNE flushes to zero (RNE loses all of them): nearly all come up in some draw, and
+  // on average their magnitude is kept (a few with tiny probabilities may stay at zero).
+  EXPECT_GT(flushed, 100);
+  EXPECT_GT(flushed_kept, flushed * 95 / 100);
+  EXPECT_LT(std::fabs(flushed_err) / flushed_abs, 0.1);
+  // Off: exactly RNE.
+  HostScaled off = alloc_mx(M, K);
+  fp8_to_mxfp4(x.st(), off.st(), Mxfp4Rounding{false, 99});
+  EXPECT_TRUE(scaled_equal(off, rne));
+}
+
 // The error FP8 -> MXFP4 adds, relative RMS against the FP8 values, printed for the log.
 TEST(Mxfp4Ref, Fp8ToMxfp4ErrorIsReported) {
   const int64_t M = 256, K = 7168;

@@ -58,13 +58,18 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream
 }
 
 void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {
+  fp8_to_mxfp4(in, out, Mxfp4Rounding{}, stream);
+}
+
+void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, const Mxfp4Rounding& rounding,
+                  Stream stream) {
   const Check c("fp8_to_mxfp4");
   check_fp8_rowwise(c, in, "in");
   c.cols_multiple(in.data, "in.data", 128);
   check_mx(c, out, "out");
   c.shape(out.data, "out.data", in.data.rows, in.data.cols);
   c.same_device(in.data, "in.data", out.data, "out.data");
-  if (in.data.device == Device::Cpu) return ref::fp8_to_mxfp4(in, out);
+  if (in.data.device == Device::Cpu) return ref::fp8_to_mxfp4(in, out, rounding);
   check_cuda_pointers(c, {{&in.data, "in.data"},
                           {&in.scale, "in.scale"},
                           {&out.data, "out.data"},
@@ -72,7 +77,7 @@ void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream
   check_pointer_aligned(c, in.data, "in.data", 16);
   check_pointer_aligned(c, in.scale, "in.scale", 4);
   check_pointer_aligned(c, out.data, "out.data", 16);
-  FP8FLOW_SM90(sm90::fp8_to_mxfp4(in, out, stream));
+  FP8FLOW_SM90(sm90::fp8_to_mxfp4(in, out, rounding, stream));
 }
 
 void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {

@@ -20,7 +20,11 @@ constexpr int kMxBlock = 32;
 // The MX rule on one block of 32 FP32 values: a NaN or Inf anywhere gives the NaN scale 0xFF and
 // zero codes; otherwise X = floor(log2(amax)) - 2 (fmt::mx_shared_exponent) and each element is
 // RNE(v / 2^X) to E2M1, saturating at 6.
-void encode_mx_block(const float* v, uint8_t* codes, uint8_t& scale) {
+// sr: stochastic rounding of element i with fmt::sr_bits(seed, index0 + i) (nullptr: RNE).
+struct SrIndex {
+  uint64_t seed, index0;
+};
+void encode_mx_block(const float* v, uint8_t* codes, uint8_t& scale, const SrIndex* sr = nullptr) {
   bool nonfinite = false;
   float amax = 0.f;
   for (int i = 0; i < kMxBlock; ++i) {
@@ -36,7 +40,11 @@ void encode_mx_block(const float* v, uint8_t* codes, uint8_t& scale) {
   }
   const int x = fmt::mx_shared_exponent(amax);
   scale = fmt::e8m0_from_exponent(x);
-  for (int i = 0; i < kMxBlock; ++i) codes[i] = fmt::e2m1_from_f32(fmt::mul_pow2(v[i], -x));
+  for (int i = 0; i < kMxBlock; ++i) {
+    const float y = fmt::mul_pow2(v[i], -x);
+    codes[i] = sr ? fmt::e2m1_from_f32_sr(y, fmt::sr_bits(sr->seed, sr->index0 + i))
+                  : fmt::e2m1_from_f32(y);
+  }
 }
 
 void store_mx_block(const ScaledTensor& out, int64_t r, int64_t b, const uint8_t* codes,
@@ -73,7 +81,7 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out) {
     }
 }
 
-void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out) {
+void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, const Mxfp4Rounding& rounding) {
   float v[kMxBlock];
   uint8_t codes[kMxBlock], scale;
   for (int64_t r = 0; r < in.data.rows; ++r)
@@ -81,7 +89,8 @@ void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out) {
       const float s = scale_at(in.scale, b * kMxBlock / 128, r);
       for (int i = 0; i < kMxBlock; ++i)
         v[i] = fmt::e4m3_to_f32(byte_at(in.data, r, b * kMxBlock + i)) * s;
-      encode_mx_block(v, codes, scale);
+      const SrIndex sr{rounding.seed, static_cast<uint64_t>(r * in.data.cols + b * kMxBlock)};
+      encode_mx_block(v, codes, scale, rounding.stochastic ? &sr : nullptr);
       store_mx_block(out, r, b, codes, scale);
     }
 }

@@ -66,7 +66,8 @@ void quantize_mxfp4(const TensorView& in, const ScaledTensor& out, Stream stream
     launch_quantize<uint16_t, 4>(in, out, stream);
 }
 
-void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream) {
+void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, const Mxfp4Rounding& rounding,
+                  Stream stream) {
   const int64_t M = in.data.rows, R = in.data.cols / 32;
   if (M == 0 || R == 0) return;
   constexpr int kUnits = 2;
@@ -81,7 +82,12 @@ void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, Stream stream
   p.blocks_per_row = static_cast<uint32_t>(R);
   p.div_blocks = mx::FastDiv::make(p.blocks_per_row);
   p.tab = e4m3_to_e2m1_table();
-  sm90_e4m3_1x128_to_mxfp4<kUnits><<<grid_for(M * R, kPerCta), kToMxThreads, 0, stream>>>(p);
+  p.seed = rounding.seed;
+  if (rounding.stochastic)
+    sm90_e4m3_1x128_to_mxfp4<kUnits, true>
+        <<<grid_for(M * R, kPerCta), kToMxThreads, 0, stream>>>(p);
+  else
+    sm90_e4m3_1x128_to_mxfp4<kUnits><<<grid_for(M * R, kPerCta), kToMxThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("fp8_to_mxfp4");
 }
 

@@ -43,12 +43,13 @@ TEST(Emu, Fp8ToMxfp4AndBack) {
       ins.emplace_back("values fill " + std::to_string(int(f)),
                        fp8_from_values(make_values(M, K, f, seed++), M, K));
     ins.emplace_back("raw e4m3, NaN codes", fp8_random(M, K, seed++, -140, 125, true));
-    for (auto& [name, in] : ins) {
-      HostScaled want = alloc_mx(M, K), got = alloc_mx(M, K);
-      ref::fp8_to_mxfp4(in.st(), want.st());
-      sm90::fp8_to_mxfp4(in.st(), got.st(), nullptr);
-      same(want, got, "fp8_to_mxfp4 " + name);
-    }
+    for (auto& [name, in] : ins)
+      for (const Mxfp4Rounding& rounding : {Mxfp4Rounding{}, Mxfp4Rounding{true, seed * 77}}) {
+        HostScaled want = alloc_mx(M, K), got = alloc_mx(M, K);
+        ref::fp8_to_mxfp4(in.st(), want.st(), rounding);
+        sm90::fp8_to_mxfp4(in.st(), got.st(), rounding, nullptr);
+        same(want, got, "fp8_to_mxfp4 " + name + (rounding.stochastic ? " stochastic" : ""));
+      }
     for (const HostScaled& in : {mx_random(M, K, seed++, 0, 254, 0.05, 0.05),
                                  mx_random(M, K, seed++, 60, 252, 0.1, 0.03)}) {
       HostScaled want = alloc_fp8(M, K), got = alloc_fp8(M, K);

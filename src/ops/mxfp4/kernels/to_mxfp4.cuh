@@ -44,6 +44,7 @@ struct Fp8ToMxParams {
   uint32_t blocks_per_row;  // K/32
   mx::FastDiv div_blocks;
   mx::E4m3ToE2m1 tab;
+  uint64_t seed;  // stochastic rounding (kSr): element (r, k) takes fmt::sr_bits(seed, r K + k)
 };
 
 template <typename T>
@@ -78,7 +79,10 @@ struct UnitCursor {
   }
 };
 
-template <int kUnits>
+// kSr: stochastic element rounding (Mxfp4Rounding): the shared exponent as under RNE, then per
+// element the reference's own FP32 steps (decode * scale, mul_pow2, fmt::e2m1_from_f32_sr); about
+// 40 instructions per element instead of the table's few: opt-in, for the layer's saved forms.
+template <int kUnits, bool kSr = false>
 __global__ void __launch_bounds__(kToMxThreads)
     sm90_e4m3_1x128_to_mxfp4(const __grid_constant__ Fp8ToMxParams p) {
   constexpr int kRows = mx::E4m3ToE2m1::kShifts;
@@ -114,7 +118,17 @@ __global__ void __launch_bounds__(kToMxThreads)
     int x = 0;
     const bool finite = mx::fp8_block_exponent(key, s[j], exact, x);
     uint32_t out[4] = {0, 0, 0, 0};
-    if (finite) {
+    if (kSr && finite) {
+      const uint64_t index0 = (static_cast<uint64_t>(row[j]) * p.blocks_per_row + col[j]) * 32;
+#pragma unroll 4
+      for (int i = 0; i < 32; ++i) {
+        const uint32_t word = i < 16 ? w0[i / 4] : w1[(i - 16) / 4];
+        const float v = fmt::e4m3_to_f32(static_cast<uint8_t>(word >> (8 * (i % 4)))) * s[j];
+        const uint32_t code =
+            fmt::e2m1_from_f32_sr(fmt::mul_pow2(v, -x), fmt::sr_bits(p.seed, index0 + i));
+        out[i / 8] |= code << (4 * (i % 8));
+      }
+    } else if (finite) {
       const uint32_t* th = s_theta[mx::fp8_theta_row(t, x)];
       mx::fp8_half_encode(w0, s[j], exact, x, th, out);
       mx::fp8_half_encode(w1, s[j], exact, x, th, out + 2);
