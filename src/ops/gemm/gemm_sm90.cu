@@ -266,9 +266,26 @@ struct DeviceContext {
 constexpr int kMaxDevices = 64;
 constexpr size_t kMaxPlans = 4096;
 
-std::mutex& gemm_mutex() {
-  static std::mutex m;
-  return m;
+// The calling thread's current device, checked against the per-device tables.
+int current_device(const char* op) {
+  int dev = 0;
+  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  if (dev < 0 || dev >= kMaxDevices)
+    detail::throw_error(ErrorKind::Unsupported, cat("fp8flow::", op, ": device ", dev, ": at most ",
+                                                    kMaxDevices, " devices"));
+  return dev;
+}
+
+// One lock per device, held for a whole call: a call only touches its device's context (handle,
+// plan caches, lanes, lane threads), so calls on different devices - a process with a thread per
+// GPU, such as the expert-parallel layer's ranks in thread mode - never wait on each other. (One
+// process-wide lock, as before session 10, serialized every rank's GEMM enqueue behind every
+// other's: a rank whose enqueue blocked while holding it, e.g. on a full launch queue behind an
+// all-to-all still waiting for a peer, held up that peer's enqueue and so the peer's part of the
+// all-to-all.)
+std::mutex& gemm_mutex(const char* op) {
+  static std::mutex m[kMaxDevices];
+  return m[current_device(op)];
 }
 
 DeviceContext* contexts() {
@@ -276,14 +293,9 @@ DeviceContext* contexts() {
   return ctx;
 }
 
+// The current device's context; the caller holds gemm_mutex(op).
 DeviceContext& device_context(const char* op) {
-  DeviceContext* ctx = contexts();
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-  if (dev < 0 || dev >= kMaxDevices)
-    detail::throw_error(ErrorKind::Unsupported, cat("fp8flow::", op, ": device ", dev, ": at most ",
-                                                    kMaxDevices, " devices"));
-  DeviceContext& c = ctx[dev];
+  DeviceContext& c = contexts()[current_device(op)];
   if (!c.ready) {
     FP8FLOW_LT_CHECK(op, cublasLtCreate(&c.lt));
     for (int i = 0; i < kMaxLanes; ++i) {
@@ -677,7 +689,7 @@ void grouped_gemm_rowwise(const char* op, const ScaledTensor& a, std::span<const
     own::own_grouped_fprop(a, b, out, m_splits, stream_);
     return;
   }
-  std::lock_guard<std::mutex> lock(gemm_mutex());
+  std::lock_guard<std::mutex> lock(gemm_mutex(op));
   DeviceContext& ctx = device_context(op);
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
@@ -774,7 +786,7 @@ void grouped_gemm_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
     own::own_grouped_wgrad(dy_t, x_t, dw, m_splits, opt.accumulate, stream_);
     return;
   }
-  std::lock_guard<std::mutex> lock(gemm_mutex());
+  std::lock_guard<std::mutex> lock(gemm_mutex(op));
   DeviceContext& ctx = device_context(op);
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
@@ -856,7 +868,7 @@ void grouped_gemm_fprop_bf16(const TensorView& x, std::span<const TensorView> w,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t K = x.cols, N = y.cols;
   if (x.rows == 0 || N == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex());
+  std::lock_guard<std::mutex> lock(gemm_mutex(op));
   DeviceContext& ctx = device_context(op);
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
@@ -881,7 +893,7 @@ void grouped_gemm_dgrad_bf16(const TensorView& dy, std::span<const TensorView> w
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy.cols, K = dx.cols;
   if (dy.rows == 0 || K == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex());
+  std::lock_guard<std::mutex> lock(gemm_mutex(op));
   DeviceContext& ctx = device_context(op);
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
@@ -906,7 +918,7 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy.cols, K = x.cols;
   if (N == 0 || K == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex());
+  std::lock_guard<std::mutex> lock(gemm_mutex(op));
   DeviceContext& ctx = device_context(op);
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
@@ -932,9 +944,9 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
 }
 
 std::string last_algos() {
-  std::lock_guard<std::mutex> lock(gemm_mutex());
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return {};
+  std::lock_guard<std::mutex> lock(gemm_mutex("grouped_gemm_last_algos"));
   return contexts()[dev].last;
 }
 
