@@ -20,6 +20,9 @@
 #include <cuda_runtime.h>
 #endif
 
+#if defined(FP8FLOW_GIT_REV_HEADER)
+#include "git_rev.h"  // FP8FLOW_GIT_REV at build time (tools/CMakeLists.txt)
+#endif
 #ifndef FP8FLOW_GIT_REV
 #define FP8FLOW_GIT_REV "unknown"
 #endif
@@ -568,8 +571,8 @@ std::string utc_now() {
   return buf;
 }
 
-// $FP8FLOW_GIT_REV at run time wins (binaries carried to another machine, or built before the
-// last commit: the compiled-in revision is the one of the last CMake configure).
+// $FP8FLOW_GIT_REV at run time wins (e.g. binaries built from an uncommitted tree, "-dirty");
+// else the revision of the build (tools/CMakeLists.txt).
 std::string git_rev() {
   if (const char* env = std::getenv("FP8FLOW_GIT_REV"); env && *env) return env;
   return FP8FLOW_GIT_REV;
