@@ -190,22 +190,29 @@ float elapsed(cudaEvent_t a, cudaEvent_t b) {
 #endif
 
 // Runs one step; `times` (may be null: warm-up) gets the phase times in ms.
+// rank, n: the stall monitor's report (ranks.h), n = the step's number in the recipe.
 void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const TensorView& y,
-              const TensorView& dy, const MoEGrads& g, bool gpu, Stream st, PhaseTimes* times) {
+              const TensorView& dy, const MoEGrads& g, bool gpu, Stream st, PhaseTimes* times,
+              int rank = 0, int64_t n = -1) {
   if (gpu) {
 #if FP8FLOW_WITH_CUDA
     const auto cs = reinterpret_cast<cudaStream_t>(st);
     Events ev;
     const auto h0 = std::chrono::steady_clock::now();
     LAYER_CUDA(cudaEventRecord(ev.e[0], cs));
+    rank_progress(rank, "step: MoELayer::forward", n);
     layer.forward(x, y, ctx, {}, st);
     LAYER_CUDA(cudaEventRecord(ev.e[1], cs));
+    rank_progress(rank, "step: MoELayer::backward", n);
     layer.backward(dy, g, ctx, st);
     LAYER_CUDA(cudaEventRecord(ev.e[2], cs));
     const auto h1 = std::chrono::steady_clock::now();
+    rank_progress(rank, "step: refresh_weights", n);
     layer.refresh_weights(st);
     LAYER_CUDA(cudaEventRecord(ev.e[3], cs));
+    rank_progress(rank, "step: cudaStreamSynchronize (the GPU finishing the step)", n);
     LAYER_CUDA(cudaStreamSynchronize(cs));
+    rank_progress(rank, "step: done", n);
     if (times) {
       times->fwd.push_back(elapsed(ev.e[0], ev.e[1]));
       times->bwd.push_back(elapsed(ev.e[1], ev.e[2]));
@@ -306,6 +313,7 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
                  "fp8flow-bench layer: generating inputs (%s, T %lld H %lld F %lld E %lld)\n",
                  L.shape.name.c_str(), static_cast<long long>(T), static_cast<long long>(H),
                  static_cast<long long>(F), static_cast<long long>(Eg));
+  rank_progress(rank, "generating inputs");
   Arena arena(where);
   const TensorView w1 = arena.tensor(DType::BF16, E * 2 * F, H);
   const TensorView w2 = arena.tensor(DType::BF16, E * H, F);
@@ -406,16 +414,20 @@ int layer_rank(const LayerRun& L, Communicator* comm, Stream st, Report* rep) {
             throw std::runtime_error("pools need " + std::to_string(plan.step_bytes(1) >> 20) +
                                      " MiB, " + std::to_string(free_b >> 20) + " MiB free");
         }
+        rank_progress(rank, "MoELayer construction and make_context");
         MoELayer layer = comm ? MoELayer(cfg, weights, comm, gpu ? st : nullptr)
                               : MoELayer(cfg, weights, gpu ? st : nullptr);
         MoEContext ctx = layer.make_context();
+        int64_t step_no = 0;
         auto step = [&](PhaseTimes* t) {
+          rank_progress(rank, "step: barrier before it", step_no);
           if (comm) comm->barrier(st);  // the ranks start each step together
-          run_step(layer, ctx, x, y, dy, grads, gpu, st, t);
+          run_step(layer, ctx, x, y, dy, grads, gpu, st, t, rank, step_no++);
         };
         for (int i = 0; i < warmup; ++i) step(nullptr);
         const int wc0 = layer.weight_casts();
         for (int i = 0; i < reps; ++i) step(&pt);
+        rank_progress(rank, "recipe done, statistics");
         wcasts = (layer.weight_casts() - wc0) / reps;
         cc = ctx.casts();
         saved = ctx.saved_activation_bytes();

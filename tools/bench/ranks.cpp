@@ -1,9 +1,12 @@
 // fp8flow-bench rank setup (see ranks.h).
 #include "ranks.h"
 
+#include <atomic>
+#include <chrono>
 #include <cstdio>
 #include <cstdlib>
 #include <exception>
+#include <mutex>
 #include <stdexcept>
 #include <string>
 #include <thread>
@@ -63,9 +66,76 @@ int gpu_count() {
 #endif
 }
 
+namespace {
+
+constexpr int kMaxProgressRanks = 64;
+struct Progress {
+  std::mutex mu;
+  const char* what[kMaxProgressRanks] = {};
+  int64_t n[kMaxProgressRanks] = {};
+  std::chrono::steady_clock::time_point at[kMaxProgressRanks];
+  std::chrono::steady_clock::time_point latest = std::chrono::steady_clock::now();
+  bool armed = false;  // a subcommand that reports nothing is never called stalled
+};
+Progress& progress() {
+  static Progress p;
+  return p;
+}
+
+double stall_limit_s() {
+  const char* v = std::getenv("FP8FLOW_BENCH_STALL_S");
+  if (!v || !*v) return 300.0;
+  char* end = nullptr;
+  const double s = std::strtod(v, &end);
+  return end != v && s >= 0 ? s : 300.0;
+}
+
+// Watches progress() until `done`; on a stall prints every rank's last report and exits (3).
+void monitor(int ranks, const char* tool, const std::atomic<bool>& done) {
+  const double limit = stall_limit_s();
+  if (limit <= 0) return;
+  using clk = std::chrono::steady_clock;
+  while (!done.load()) {
+    std::this_thread::sleep_for(std::chrono::milliseconds(200));
+    Progress& p = progress();
+    std::lock_guard<std::mutex> lk(p.mu);
+    const clk::time_point now = clk::now();
+    if (!p.armed || std::chrono::duration<double>(now - p.latest).count() < limit) continue;
+    std::fprintf(stderr, "%s: no rank made progress for %.0f s (FP8FLOW_BENCH_STALL_S): stalled\n",
+                 tool, limit);
+    for (int r = 0; r < ranks && r < kMaxProgressRanks; ++r)
+      std::fprintf(stderr, "%s: rank %d: last: %s%s%s (%.1f s ago)\n", tool, r,
+                   p.what[r] ? p.what[r] : "(nothing reported)", p.n[r] >= 0 ? " " : "",
+                   p.n[r] >= 0 ? std::to_string(p.n[r]).c_str() : "",
+                   p.what[r] ? std::chrono::duration<double>(now - p.at[r]).count() : -1.0);
+    std::fflush(stderr);
+    std::_Exit(3);
+  }
+}
+
+}  // namespace
+
+void rank_progress(int rank, const char* what, int64_t n) {
+  if (rank < 0 || rank >= kMaxProgressRanks) return;
+  Progress& p = progress();
+  std::lock_guard<std::mutex> lk(p.mu);
+  p.what[rank] = what;
+  p.n[rank] = n;
+  p.at[rank] = p.latest = std::chrono::steady_clock::now();
+  p.armed = true;
+}
+
 int run_ranks_threads(int ranks, const RankFn& fn, const char* tool) {
 #if FP8FLOW_WITH_CUDA
   cuda_ok(cudaSetDevice(0), tool, "cudaSetDevice");
+  {
+    Progress& p = progress();
+    std::lock_guard<std::mutex> lk(p.mu);
+    p.latest = std::chrono::steady_clock::now();
+    p.armed = false;
+  }
+  std::atomic<bool> done{false};
+  std::thread watcher([&] { monitor(ranks, tool, done); });
   const NcclUniqueIdBytes id = nccl_unique_id();
   std::vector<std::exception_ptr> errors(ranks);
   std::vector<std::thread> threads;
@@ -83,6 +153,8 @@ int run_ranks_threads(int ranks, const RankFn& fn, const char* tool) {
       if (s) cudaStreamDestroy(s);
     });
   for (auto& t : threads) t.join();
+  done = true;
+  watcher.join();
   int failed = 0;
   for (int r = 0; r < ranks; ++r)
     if (errors[r]) {

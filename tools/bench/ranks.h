@@ -31,6 +31,14 @@ bool mpirun_mode_available(const char* sub, const char* alt_flag, bool gpus);
 // Visible CUDA devices (0 without CUDA).
 int gpu_count();
 
+// Stall monitor of run_ranks_threads: each rank reports what it is doing (`what`: a string
+// literal, `n`: a counter such as the step, -1 for none). When no rank has reported anything new
+// for $FP8FLOW_BENCH_STALL_S seconds (default 300; 0 turns it off), the monitor prints every
+// rank's last report and how long ago it came, then ends the process with exit status 3: a hang
+// (a deadlock the communicator's watchdog cannot see, e.g. on the host) becomes a diagnosis. The
+// other modes ignore the reports, and so does a run in which no rank has reported yet.
+void rank_progress(int rank, const char* what, int64_t n = -1);
+
 int run_ranks_threads(int ranks, const RankFn& fn, const char* tool);
 // `rank` (may be null) gets this process's rank (-1 if the communicator could not be made).
 int run_ranks_mpi(const RankFn& fn, const char* tool, int* rank = nullptr);
