@@ -279,10 +279,12 @@ int current_device(const char* op) {
 // One lock per device, held for a whole call: a call only touches its device's context (handle,
 // plan caches, lanes, lane threads), so calls on different devices - a process with a thread per
 // GPU, such as the expert-parallel layer's ranks in thread mode - never wait on each other. (One
-// process-wide lock, as before session 10, serialized every rank's GEMM enqueue behind every
-// other's: a rank whose enqueue blocked while holding it, e.g. on a full launch queue behind an
-// all-to-all still waiting for a peer, held up that peer's enqueue and so the peer's part of the
-// all-to-all.)
+// process-wide lock, as before session 10, coupled the ranks: a launch can block the host until
+// its own GPU drains - under CUDA's default lazy module loading, the first launch of a kernel
+// loads its module under the context lock and waits for the device's queued work - and if that
+// work is an all-to-all waiting for a peer while this thread holds the lock the peer needs before
+// it can issue its part, neither moves, and the communicator's watchdog, which needs the same
+// context lock, cannot report it.)
 std::mutex& gemm_mutex(const char* op) {
   static std::mutex m[kMaxDevices];
   return m[current_device(op)];
