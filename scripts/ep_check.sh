@@ -13,6 +13,8 @@ cd "$(dirname "$0")/.."
 OUT=${OUT:-$PWD/out}
 mkdir -p "$OUT/ep"
 export NCCL_NVLS_ENABLE=0 TORCH_SYMM_MEM_DISABLE_MULTICAST=1 NVSHMEM_DISABLE_NVLS=1
+# fp8flow-bench layer --ep: a run with no progress for 90 s prints every rank's phase and exits 3.
+export FP8FLOW_BENCH_STALL_S=${FP8FLOW_BENCH_STALL_S:-90}
 export PATH="/usr/local/cuda/bin:$PATH"
 T=${1:-build/tests}/fp8flow_tests
 B=${1:-build/tools}/fp8flow-bench
