@@ -118,6 +118,26 @@ def test_cpu_count_underflow_is_opt_in():
         assert torch.equal(got[False][0][k], got[True][0][k]), k
 
 
+def test_cpu_mxfp4_stochastic_only_moves_weight_grads():
+    # MoEConfig::mxfp4_stochastic through the module: y, dx, dgate the same bits as RNE; dW1 and
+    # dW2 differ, depend on the seed, are reproducible, and stay within the recipe's bound.
+    x, dy = inputs(64, 256, "cpu", 7)
+    got = {}
+    for key, sr, seed in (("rne", False, 0), ("a", True, 11), ("a2", True, 11), ("b", True, 12)):
+        m = make(256, 256, 4, 2, "fp8-flow-mxfp4", seed=8, mxfp4_stochastic=sr, mxfp4_seed=seed,
+                 **SOFTMAX)
+        got[key] = run_layer(m, x, dy)[0]
+    for k in ("y", "dx", "dgate"):
+        assert torch.equal(got["a"][k], got["rne"][k]), k
+    for k in ("dw1", "dw2"):
+        assert not torch.equal(got["a"][k], got["rne"][k]), k
+        assert not torch.equal(got["a"][k], got["b"][k]), k
+        assert torch.equal(got["a"][k], got["a2"][k]), k
+        assert rel(got["a"][k], got["rne"][k]) < 0.5, k
+    with pytest.raises(ValueError, match="mxfp4_seed"):
+        make(256, 256, 4, 2, "fp8-flow-mxfp4", seed=8, mxfp4_seed=-1, **SOFTMAX)
+
+
 def test_cpu_own_routing_agrees_with_reference():
     m = make(256, 256, 8, 2, "bf16", seed=3, **SOFTMAX)
     x, _ = inputs(128, 256, "cpu", 4)
