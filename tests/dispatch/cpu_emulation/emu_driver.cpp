@@ -162,24 +162,24 @@ TEST(DispatchEmu, MapsMatchReference) {
   }
 }
 
-// Dedup: the plans of 3 ranks (k 3 of 6 experts, 2 per rank); each rank packs its records with
-// slot words (emulated vs reference), the records rank 1 receives are assembled from the packed
-// wires (what the all-to-all does), then the slot scatter and the unpack by its map.
-TEST(DispatchEmu, DedupMatchesReference) {
+// Dedup: the plans of N ranks; each rank packs its records with slot words (emulated vs
+// reference), the records rank 1 receives are assembled from the packed wires (what the
+// all-to-all does), then the slot scatter and the unpack by its map. Cases: 3 ranks, k 3 of 6
+// experts (2 per rank); and 2 ranks, k 36 of 72 (records of 36 slots).
+void dedup_case(int N, int k, int64_t E, const std::vector<int64_t>& T) {
   emu::make_warps(256);
-  const int N = 3, k = 3;
-  const int64_t E = 6, H = 656;  // E4M3: 6 scale tiles, a partial record word
-  const std::vector<int64_t> T = {21, 1, 34};
+  const int64_t H = 656;  // E4M3: 6 scale tiles, a partial record word
   std::vector<std::vector<int32_t>> idx(N);
   std::vector<int64_t> counts(N * E, 0);
   std::mt19937 rng(5);
   for (int s = 0; s < N; ++s)
     for (int64_t t = 0; t < T[s]; ++t) {
-      std::vector<int32_t> e = {0, 1, 2, 3, 4, 5};
+      std::vector<int32_t> e(static_cast<size_t>(E));
+      for (int64_t i = 0; i < E; ++i) e[i] = static_cast<int32_t>(i);
       std::shuffle(e.begin(), e.end(), rng);
       for (int j = 0; j < k; ++j) {
-        // Rank 2's tokens t % 4 == 0 all go to rank 1's experts 2, 3 and rank 0's 0.
-        idx[s].push_back(s == 2 && t % 4 == 0 ? std::vector<int32_t>{2, 3, 0}[j] : e[j]);
+        // 3 ranks: rank 2's tokens t % 4 == 0 all go to rank 1's experts 2, 3 and rank 0's 0.
+        idx[s].push_back(N == 3 && s == 2 && t % 4 == 0 ? std::vector<int32_t>{2, 3, 0}[j] : e[j]);
         ++counts[s * E + idx[s].back()];
       }
     }
@@ -264,6 +264,11 @@ TEST(DispatchEmu, DedupMatchesReference) {
       if (prob) EXPECT_TRUE(bytes_equal(o_ref.prob, o_emu.prob)) << "prob";
     }
   }
+}
+
+TEST(DispatchEmu, DedupMatchesReference) {
+  dedup_case(3, 3, 6, {21, 1, 34});
+  dedup_case(2, 36, 72, {9, 5});
 }
 
 // build_dedup_plan's kernel against its reference: random routings of 1-5 ranks, top-1..8,
