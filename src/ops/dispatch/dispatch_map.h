@@ -13,6 +13,7 @@
 
 #include <cstdint>
 
+#include "common/search.h"
 #include "fp8flow/formats.h"  // FP8FLOW_HD
 
 namespace fp8flow::detail {
@@ -31,19 +32,6 @@ struct DispatchTable {
 
 constexpr int64_t dispatch_table_size(int64_t experts, int64_t ranks) {
   return (experts + 1) + experts * (ranks + 1) + experts * ranks;
-}
-
-// Index of the last element <= v in the ascending array a[0, n) (a[0] <= v assumed).
-FP8FLOW_HD int32_t last_le(const int64_t* a, int32_t n, int64_t v) {
-  int32_t lo = 0, hi = n;  // invariant: a[lo] <= v, answer in [lo, hi)
-  while (hi - lo > 1) {
-    const int32_t mid = (lo + hi) / 2;
-    if (a[mid] <= v)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
 }
 
 // Received row landing in permuted row r in [0, off[E]), or -1 for a pad row.

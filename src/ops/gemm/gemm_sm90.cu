@@ -285,9 +285,9 @@ int current_device(const char* op) {
 // work is an all-to-all waiting for a peer while this thread holds the lock the peer needs before
 // it can issue its part, neither moves, and the communicator's watchdog, which needs the same
 // context lock, cannot report it.)
-std::mutex& gemm_mutex(const char* op) {
+std::mutex& gemm_mutex(int dev) {
   static std::mutex m[kMaxDevices];
-  return m[current_device(op)];
+  return m[dev];
 }
 
 DeviceContext* contexts() {
@@ -295,9 +295,9 @@ DeviceContext* contexts() {
   return ctx;
 }
 
-// The current device's context; the caller holds gemm_mutex(op).
-DeviceContext& device_context(const char* op) {
-  DeviceContext& c = contexts()[current_device(op)];
+// Device dev's context (created on first use); the caller holds gemm_mutex(dev).
+DeviceContext& device_context(const char* op, int dev) {
+  DeviceContext& c = contexts()[dev];
   if (!c.ready) {
     FP8FLOW_LT_CHECK(op, cublasLtCreate(&c.lt));
     for (int i = 0; i < kMaxLanes; ++i) {
@@ -317,6 +317,16 @@ DeviceContext& device_context(const char* op) {
   }
   return c;
 }
+
+// One call's hold on its current device: the device, its lock (held for the whole call) and its
+// context.
+struct DeviceCall {
+  int dev;
+  std::lock_guard<std::mutex> lock;
+  DeviceContext& ctx;
+  explicit DeviceCall(const char* op)
+      : dev(current_device(op)), lock(gemm_mutex(dev)), ctx(device_context(op, dev)) {}
+};
 
 bool log_enabled() {
   static const bool on = [] {
@@ -691,10 +701,9 @@ void grouped_gemm_rowwise(const char* op, const ScaledTensor& a, std::span<const
     own::own_grouped_fprop(a, b, out, m_splits, stream_);
     return;
   }
-  std::lock_guard<std::mutex> lock(gemm_mutex(op));
-  DeviceContext& ctx = device_context(op);
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  const DeviceCall call(op);
+  DeviceContext& ctx = call.ctx;
+  const int dev = call.dev;
   auto* wsb = static_cast<uint8_t*>(ws.data);
   auto* packed = reinterpret_cast<float*>(wsb + lay.scales_offset);
 
@@ -788,10 +797,9 @@ void grouped_gemm_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
     own::own_grouped_wgrad(dy_t, x_t, dw, m_splits, opt.accumulate, stream_);
     return;
   }
-  std::lock_guard<std::mutex> lock(gemm_mutex(op));
-  DeviceContext& ctx = device_context(op);
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  const DeviceCall call(op);
+  DeviceContext& ctx = call.ctx;
+  const int dev = call.dev;
   std::vector<LtJob> jobs;
   int64_t m0 = 0, t0 = 0;
   for (size_t e = 0; e < m_splits.size(); ++e) {
@@ -870,10 +878,9 @@ void grouped_gemm_fprop_bf16(const TensorView& x, std::span<const TensorView> w,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t K = x.cols, N = y.cols;
   if (x.rows == 0 || N == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex(op));
-  DeviceContext& ctx = device_context(op);
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  const DeviceCall call(op);
+  DeviceContext& ctx = call.ctx;
+  const int dev = call.dev;
   std::vector<LtJob> jobs;
   int64_t m0 = 0;
   for (size_t e = 0; e < m_splits.size(); ++e) {
@@ -895,10 +902,9 @@ void grouped_gemm_dgrad_bf16(const TensorView& dy, std::span<const TensorView> w
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy.cols, K = dx.cols;
   if (dy.rows == 0 || K == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex(op));
-  DeviceContext& ctx = device_context(op);
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  const DeviceCall call(op);
+  DeviceContext& ctx = call.ctx;
+  const int dev = call.dev;
   std::vector<LtJob> jobs;
   int64_t m0 = 0;
   for (size_t e = 0; e < m_splits.size(); ++e) {
@@ -920,10 +926,9 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
   const cudaStream_t stream = reinterpret_cast<cudaStream_t>(stream_);
   const int64_t N = dy.cols, K = x.cols;
   if (N == 0 || K == 0) return;
-  std::lock_guard<std::mutex> lock(gemm_mutex(op));
-  DeviceContext& ctx = device_context(op);
-  int dev = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
+  const DeviceCall call(op);
+  DeviceContext& ctx = call.ctx;
+  const int dev = call.dev;
   std::vector<LtJob> jobs;
   int64_t m0 = 0;
   for (size_t e = 0; e < m_splits.size(); ++e) {
@@ -948,7 +953,7 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
 std::string last_algos() {
   int dev = 0;
   if (cudaGetDevice(&dev) != cudaSuccess || dev < 0 || dev >= kMaxDevices) return {};
-  std::lock_guard<std::mutex> lock(gemm_mutex("grouped_gemm_last_algos"));
+  std::lock_guard<std::mutex> lock(gemm_mutex(dev));
   return contexts()[dev].last;
 }
 

@@ -69,7 +69,7 @@ struct TileCoord {
   int e, m0, n0, n_tile, valid_rows;
 };
 __device__ __forceinline__ TileCoord tile_coord(const Params& p, int t) {
-  const int e = segment_of(p.tile_start, p.E, t);
+  const int e = detail::last_le(p.tile_start, p.E, t);  // the expert of tile t
   const int rows_e = p.row_start[e + 1] - p.row_start[e];
   const int m_tiles = (rows_e + kBM - 1) / kBM;
   const int local = t - p.tile_start[e];

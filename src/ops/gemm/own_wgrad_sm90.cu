@@ -94,7 +94,7 @@ struct TileCoord {
   int a, n0, k0;
 };
 __device__ __forceinline__ TileCoord tile_coord(const Params& p, int t) {
-  const int lo = segment_of(p.tile_start, p.active, t);
+  const int lo = detail::last_le(p.tile_start, p.active, t);
   const int local = t - p.tile_start[lo];
   const int group = local / (kRasterN * p.k_tiles);
   const int gn = min(kRasterN, p.n_tiles - group * kRasterN);

@@ -8,6 +8,8 @@
 
 #include <cstdint>
 
+#include "common/search.h"  // detail::last_le: a flat tile index's expert
+
 namespace fp8flow::sm90::own::dev {
 
 __device__ __forceinline__ uint32_t smem_u32(const void* p) {
@@ -88,20 +90,6 @@ __device__ __forceinline__ void bulk_wait0() {
 __device__ __forceinline__ void fence_proxy_async_shared() {
   asm volatile("fence.proxy.async.shared::cta;" ::: "memory");
 }
-// Largest i in [0, n) with starts[i] <= t (starts ascending, starts[0] <= t): which expert (or
-// other segment) a flat tile index falls in.
-__device__ __forceinline__ int segment_of(const int* starts, int n, int t) {
-  int lo = 0, hi = n;
-  while (hi - lo > 1) {
-    const int mid = (lo + hi) / 2;
-    if (starts[mid] <= t)
-      lo = mid;
-    else
-      hi = mid;
-  }
-  return lo;
-}
-
 // Named barrier `id` (1..15) over `threads` threads (a multiple of 32).
 __device__ __forceinline__ void named_sync(int id, int threads) {
   asm volatile("bar.sync %0, %1;" ::"r"(id), "r"(threads) : "memory");
