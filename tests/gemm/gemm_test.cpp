@@ -790,6 +790,17 @@ TEST(GemmGpu, Fp8DgradMatchesReference) {
   }
 }
 
+// Expert output `got` (rows x cols on the device) matches the reference `want` within tol, and an
+// empty expert's (split 0) bits are want's (zeros, or left untouched). Returns the host copy.
+HostTensor expect_expert_close(const DeviceTensor& got, const HostTensor& want, int64_t rows,
+                               int64_t split, double tol) {
+  const HostTensor g = got.to_host();
+  EXPECT_TRUE(rows_close(
+      g.v, [&](int64_t r, int64_t c) { return ref::load_f32(want.v, r, c); }, 0, rows, tol));
+  if (split == 0) EXPECT_TRUE(bytes_equal(g, want));
+  return g;
+}
+
 TEST(GemmGpu, Fp8WgradMatchesReferenceAndAccumulates) {
   FP8FLOW_REQUIRE_GPU();
   for (const Problem& p : kGpuProblems) {
@@ -808,11 +819,7 @@ TEST(GemmGpu, Fp8WgradMatchesReferenceAndAccumulates) {
       grouped_gemm_wgrad(dyd.view(), xd.view(), views(got), p.splits, ws.ws);
       for (size_t e = 0; e < p.E(); ++e) {
         SCOPED_TRACE(e);
-        const HostTensor g = got[e].to_host();
-        EXPECT_TRUE(rows_close(
-            g.v, [&](int64_t r, int64_t c) { return ref::load_f32(want[e].v, r, c); }, 0, p.N,
-            kTolBf16));
-        if (p.splits[e] == 0) EXPECT_TRUE(bytes_equal(g, want[e]));
+        expect_expert_close(got[e], want[e], p.N, p.splits[e], kTolBf16);
       }
     }
     // F32 out, accumulate into existing values (the main-grad update).
@@ -828,11 +835,7 @@ TEST(GemmGpu, Fp8WgradMatchesReferenceAndAccumulates) {
       grouped_gemm_wgrad(dyd.view(), xd.view(), views(got), p.splits, ws.ws, {.accumulate = true});
       for (size_t e = 0; e < p.E(); ++e) {
         SCOPED_TRACE(e);
-        const HostTensor g = got[e].to_host();
-        EXPECT_TRUE(rows_close(
-            g.v, [&](int64_t r, int64_t c) { return ref::load_f32(want[e].v, r, c); }, 0, p.N,
-            kTolF32));
-        if (p.splits[e] == 0) EXPECT_TRUE(bytes_equal(g, want[e]));  // untouched
+        expect_expert_close(got[e], want[e], p.N, p.splits[e], kTolF32);  // empty: untouched
       }
     }
   }
@@ -1296,12 +1299,9 @@ TEST(GemmGpu, OwnWgradMatchesReference) {
       ASSERT_EQ(cudaDeviceSynchronize(), cudaSuccess);
       for (size_t e = 0; e < p.E(); ++e) {
         SCOPED_TRACE(e);
-        const HostTensor g = got[e].to_host();
-        EXPECT_TRUE(rows_close(
-            g.v, [&](int64_t r, int64_t c) { return ref::load_f32(want[e].v, r, c); }, 0, p.N,
-            kTolF32));
-        if (p.splits[e] == 0) EXPECT_TRUE(bytes_equal(g, want[e]));  // zeros / untouched
-        if (acc && p.splits[e] > 0)                                  // added to, not left as it was
+        // Empty experts: zeros / untouched.
+        const HostTensor g = expect_expert_close(got[e], want[e], p.N, p.splits[e], kTolF32);
+        if (acc && p.splits[e] > 0)  // added to, not left as it was
           EXPECT_FALSE(bytes_equal(g, host_from_values(make_values(p.N, p.K, Fill::Normal, 300 + e),
                                                        DType::F32, p.N, p.K)));
         EXPECT_TRUE(bytes_equal(g, again[e].to_host()));  // 3 CTAs over all tiles: same bits
