@@ -801,7 +801,8 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   pa.wire = static_cast<uint8_t*>(buf.send);
   pa.wire_rows = pa.map_rows = plan.send_total;
   pa.row_bytes = B;
-  // Unpack: data and scales by the scattered map (pad rows where it is -1); probs by the scatter.
+  // Expansion: each received record's data to its slots' rows, map and probs; then the unpack
+  // writes the pad rows' data and every row's scales by that map (pad rows where it is -1).
   WireArgs ua;
   row_side(c, out, "out", w, M, ua);
   float* out_prob = ua.prob;
@@ -813,6 +814,7 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   ua.wire_rows = plan.recv_total;
   ua.row_bytes = B;
   ua.slot_k = k;
+  ua.data_done = true;  // the expansion below writes the received rows' data
 
   if (dev == Device::Cuda)
     require_cuda(c, {{pd, "plan_dev"}, {mp, "map"}, {out_prob, "out.prob"}}, dev);
@@ -826,9 +828,9 @@ void dispatch_dedup(Communicator& comm, const DispatchLayout& l, const DedupPlan
   }
   comm.all_to_all_v(buf.send, sb, so, buf.recv, rb, ro, stream);
   if (dev == Device::Cpu)
-    ref::dispatch_dedup_scatter(ua, mp, M, out_prob);
+    ref::dispatch_dedup_expand(ua, mp, M, out_prob);
   else
-    FP8FLOW_SM90(sm90::dispatch_dedup_scatter(ua, mp, M, out_prob, stream));
+    FP8FLOW_SM90(sm90::dispatch_dedup_expand(ua, mp, M, out_prob, stream));
   run_unpack(c, ua, dev, stream);
 }
 

@@ -129,6 +129,9 @@ struct WireArgs {
   const int32_t* slots = nullptr;
   int32_t slot_k = 0;
   FP8FLOW_HD int64_t slot_offset() const { return rec_data() + scale_bytes; }
+  // Unpack: the received rows' data is already in place (dispatch_dedup_expand wrote it); only the
+  // pad rows' zero data is written (records keep their data at offset 0, unlike data_apart).
+  bool data_done = false;
 };
 
 }  // namespace fp8flow::detail
@@ -136,10 +139,12 @@ struct WireArgs {
 namespace fp8flow::ref {
 void dispatch_pack(const detail::WireArgs& a);
 void dispatch_unpack(const detail::WireArgs& a);
-// Dedup slot scatter: map[0, map_len) = -1 and prob[0, map_len) = 0 (prob may be null), then for
+// Dedup expansion: map[0, map_len) = -1 and prob[0, map_len) = 0 (prob may be null), then for
 // every slot (row, p) of received records q in [0, a.wire_rows) with row in [0, map_len):
-// map[row] = q, prob[row] = p.
-void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob);
+// map[row] = q, prob[row] = p, and row `row` of a.rows_data gets record q's data (a.data_bytes).
+// A valid plan gives every real row exactly one slot; the pad rows stay for the unpack
+// (WireArgs::data_done), which also writes every row's scales.
+void dispatch_dedup_expand(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob);
 void dispatch_maps(const DispatchLayout& l, int32_t* perm_to_recv, int64_t perm_len,
                    int32_t* recv_to_perm);
 void dispatch_dedup_build(const detail::DedupBuildArgs& a);
@@ -148,8 +153,8 @@ void dispatch_dedup_build(const detail::DedupBuildArgs& a);
 namespace fp8flow::sm90 {
 void dispatch_pack(const detail::WireArgs& a, Stream stream);
 void dispatch_unpack(const detail::WireArgs& a, Stream stream);
-void dispatch_dedup_scatter(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob,
-                            Stream stream);
+void dispatch_dedup_expand(const detail::WireArgs& a, int32_t* map, int64_t map_len, float* prob,
+                           Stream stream);
 // Host-to-device copy of the plan's token [send_total] and slot [send_total][k][2] arrays to dst.
 void dispatch_dedup_upload(const DedupPlan& plan, int32_t* dst, Stream stream);
 // build_dedup_plan: copies the host table (E + 2N words) to table_dev, then one single-CTA kernel.

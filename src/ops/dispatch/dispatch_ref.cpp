@@ -103,7 +103,7 @@ void dispatch_dedup_build(const detail::DedupBuildArgs& a) {
   }
 }
 
-void dispatch_dedup_scatter(const WireArgs& a, int32_t* map, int64_t map_len, float* prob) {
+void dispatch_dedup_expand(const WireArgs& a, int32_t* map, int64_t map_len, float* prob) {
   for (int64_t r = 0; r < map_len; ++r) {
     map[r] = -1;
     if (prob) prob[r] = 0.0f;
@@ -116,6 +116,9 @@ void dispatch_dedup_scatter(const WireArgs& a, int32_t* map, int64_t map_len, fl
       if (row < 0 || row >= map_len) continue;
       map[row] = static_cast<int32_t>(q);
       if (prob) std::memcpy(&prob[row], sl + 4, 4);
+      if (a.rows_data)
+        std::memcpy(a.rows_data + row * a.data_bytes, a.wire + q * a.row_bytes,
+                    static_cast<size_t>(a.data_bytes));
     }
 }
 
@@ -129,7 +132,7 @@ void dispatch_unpack(const WireArgs& a) {
       uint8_t* d = a.rows_data + r * a.data_bytes;
       if (!valid)
         std::memset(d, 0, static_cast<size_t>(a.data_bytes));
-      else if (!a.data_apart)  // data_apart: the row's data arrived in place
+      else if (!a.data_apart && !a.data_done)  // the row's data arrived in place / was expanded
         std::memcpy(d, rec, static_cast<size_t>(a.data_bytes));
     }
     record_to_scales(a, rec ? rec + a.rec_data() : nullptr, r);

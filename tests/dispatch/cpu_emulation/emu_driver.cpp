@@ -242,14 +242,15 @@ void dedup_case(int N, int k, int64_t E, const std::vector<int64_t>& T) {
         a.wire_rows = plans[me].recv_total;
         a.slot_k = k;
         a.map_rows = M;
+        a.data_done = true;  // as dispatch_dedup: the expansion writes the received rows' data
         float* out_prob = prob ? o->prob.ptr<float>() : nullptr;
         if (o == &o_ref) {
           a.map = m_ref.data();
-          ref::dispatch_dedup_scatter(a, m_ref.data(), M, out_prob);
+          ref::dispatch_dedup_expand(a, m_ref.data(), M, out_prob);
           ref::dispatch_unpack(a);
         } else {
           a.map = m_emu.data();
-          sm90::dispatch_dedup_scatter(a, m_emu.data(), M, out_prob, nullptr);
+          sm90::dispatch_dedup_expand(a, m_emu.data(), M, out_prob, nullptr);
           sm90::dispatch_unpack(a, nullptr);
         }
       }

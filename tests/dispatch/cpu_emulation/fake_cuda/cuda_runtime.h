@@ -1,6 +1,7 @@
 // Fake CUDA runtime for the dispatch kernels' C++ on the CPU: the quantize emulation's runtime
 // (one CPU thread per CUDA thread, blocks one at a time) plus what dispatch_sm90.cu uses on top:
-// warp ballots (a barrier per warp, so a ballot inside `if (tid < 32)` works), __popc, __ldg,
+// warp ballots and __shfl_sync (a barrier per warp, so a ballot inside `if (tid < 32)` works),
+// __popc, __ffs, __ldg,
 // gridDim, and synchronous stand-ins for the stream, event, memset and memcpy calls.
 #pragma once
 #include "../../../quantize/cpu_emulation/fake_cuda/cuda_runtime.h"
@@ -33,6 +34,15 @@ inline unsigned __ballot_sync(unsigned, int pred) {
     if (emu::ballot_slots[32 * w + l]) r |= 1u << l;
   emu::warp_bars[w].arrive_and_wait();
   (void)lane;
+  return r;
+}
+// Lane `src`'s v, for every lane of the calling warp (all 32 must call it, as with a full mask).
+inline int32_t __shfl_sync(unsigned, int32_t v, int src) {
+  const int w = emu::tid / 32;
+  emu::ballot_slots[emu::tid] = v;
+  emu::warp_bars[w].arrive_and_wait();
+  const int32_t r = emu::ballot_slots[32 * w + src];
+  emu::warp_bars[w].arrive_and_wait();
   return r;
 }
 inline int __popc(unsigned v) {
