@@ -164,8 +164,9 @@ TEST(DispatchEmu, MapsMatchReference) {
 
 // Dedup: the plans of N ranks; each rank packs its records with slot words (emulated vs
 // reference), the records rank 1 receives are assembled from the packed wires (what the
-// all-to-all does), then the slot scatter and the unpack by its map. Cases: 3 ranks, k 3 of 6
-// experts (2 per rank); and 2 ranks, k 36 of 72 (records of 36 slots).
+// all-to-all does), then the expansion and the unpack by its map. Cases: 3 ranks, k 3 of 6
+// experts (2 per rank); and 2 ranks, k 36 of 72 (36 slots per record: the expansion's second
+// round of 32 slots).
 void dedup_case(int N, int k, int64_t E, const std::vector<int64_t>& T) {
   emu::make_warps(256);
   const int64_t H = 656;  // E4M3: 6 scale tiles, a partial record word
