@@ -346,8 +346,8 @@ void upload_dedup_plan(const DedupPlan& plan, const TensorView& plan_dev, Stream
 // caller keeps them together; a stale upload routes rows wrongly); map: I32 [>= M] scratch
 // (received record of each permuted row). buffers: send >= send_total records, recv >=
 // recv_total records of dispatch_dedup_wire's size, 16-byte aligned. Steps: pack (records), one
-// all_to_all_v, a slot scatter (map and probs of the permuted rows), unpack (data and scales by
-// the map; pad rows).
+// all_to_all_v, an expansion (each received record read once and written to every row it fills,
+// with the map and probs of those rows), unpack (scales by the map; pad rows).
 void dispatch_dedup(Communicator& comm, const DispatchLayout& layout, const DedupPlan& plan,
                     const DispatchRows& in, const TensorView& plan_dev, const TensorView& map,
                     const DispatchRows& out, const DispatchBuffers& buffers,

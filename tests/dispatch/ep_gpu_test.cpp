@@ -294,7 +294,7 @@ TEST(DispatchGpu, InPlaceMatchesCpu) {
   }
 }
 
-// Dedup dispatch (one record per (token, rank): pack with slots, NCCL all-to-all, slot scatter,
+// Dedup dispatch (one record per (token, rank): pack with slots, NCCL all-to-all, expansion,
 // unpack) through NCCL on min(GPUs, 4) ranks against the record path on InProcess ranks (CPU),
 // bit for bit: rows, pad rows and rows past padded_rows, scales, probs.
 TEST(DispatchGpu, DedupMatchesCpu) {

@@ -1,8 +1,9 @@
 // Emulated sm90 dispatch kernels (CPU threads, fake_cuda/) vs fp8flow::ref, bit for bit: the
 // record path's pack and unpack (every payload, with and without prob, invalid map entries, pad
-// rows, chunk filters), the row maps, and the dedup path (pack with slot words, slot scatter,
-// unpack by the scattered map) on plans of several ranks. Run with
-// tests/dispatch/cpu_emulation/run.sh; see there for what it does and does not check.
+// rows, chunk filters), the row maps, and the dedup path (pack with slot words, the expansion
+// of each record into its rows, unpack of scales and pad rows by the expanded map) on plans of
+// several ranks. Run with tests/dispatch/cpu_emulation/run.sh; see there for what it does and does
+// not check.
 #include <gtest/gtest.h>
 
 #include <cstring>
