@@ -53,3 +53,27 @@ def test_pause_and_resume_equals_one_run(tmp_path, recipe):
     with pytest.raises(AssertionError, match="no checkpoint"):
         run(*TINY, "--recipe", recipe, "--out", str(tmp_path / "x"), "--ckpt", str(tmp_path / "none"),
             "--resume")
+
+
+def write_run(out, recipe, loss, val, steps=200):
+    with open(os.path.join(out, f"loss_{recipe}.csv"), "w") as f:
+        f.write("step,loss\n" + "".join(f"{i},{loss:.6f}\n" for i in range(steps)))
+    with open(os.path.join(out, f"summary_{recipe}.json"), "w") as f:
+        f.write(f'{{"recipe": "{recipe}", "status": "ok", "steps_done": {steps}, "nan_step": null, '
+                f'"val_loss": {val}}}')
+
+
+def test_report_reads_both_acceptance_criteria(tmp_path):
+    # Only the report (no training): a run 0.5% below bf16 fails |d| < 0.25% and passes the one-sided
+    # reading; 0.1% above passes both; 0.3% above fails both. Validation differences are printed.
+    out = str(tmp_path)
+    write_run(out, "bf16", 1.0, 2.0)
+    write_run(out, "fp8-flow", 0.995, 1.99)
+    write_run(out, "fp8-flow-mxfp4", 1.001, 2.006)
+    text = run("--report", out)
+    assert "- acceptance fp8-flow: FAIL (one-sided: PASS)" in text
+    assert "- acceptance fp8-flow-mxfp4: PASS (one-sided: PASS)" in text
+    row = next(line for line in text.splitlines() if line.startswith("| fp8-flow |"))
+    assert "-0.500%" in row and "| NO | yes |" in row and "-0.500%" in row.split("1.9900")[1]
+    write_run(out, "fp8-flow-mxfp4", 1.003, 2.0)
+    assert "- acceptance fp8-flow-mxfp4: FAIL (one-sided: FAIL)" in run("--report", out)
