@@ -329,7 +329,7 @@ void round_trip(const RoundTripCase& cs) {
     const int64_t T = cs.T[s];
     tok0[s] = t0;
     HostTensor it(DType::I32, T, k);
-    std::memcpy(it.buf.data(), idx[s].data(), idx[s].size() * 4);
+    if (!idx[s].empty()) std::memcpy(it.buf.data(), idx[s].data(), idx[s].size() * 4);
     sp.emplace_back(T, k, E, 1);
     make_permutation(it.v, E, sp.back().p, nullptr, 0, {1});
     x[s] = slice_rows(gx, t0, T);
@@ -493,7 +493,7 @@ std::vector<PipeOut> run_pipe(Kind kind, bool probs, int N, const std::vector<in
     if (routing == 3) idx = route_constant(T[s], 1, static_cast<int32_t>((N - 1) * El));
     const int64_t kk = routing == 3 ? 1 : k;
     HostTensor it(DType::I32, T[s], kk);
-    std::memcpy(it.buf.data(), idx.data(), idx.size() * 4);
+    if (!idx.empty()) std::memcpy(it.buf.data(), idx.data(), idx.size() * 4);
     Plan sp(T[s], kk, E, 1);
     make_permutation(it.v, E, sp.p, nullptr, 0, {1});
     std::vector<int64_t> mine(E, 0);

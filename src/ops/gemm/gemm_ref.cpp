@@ -80,7 +80,8 @@ void grouped_gemm_rowwise(const ScaledTensor& a, std::span<const ScaledTensor> b
             static_cast<double>(fp8_decode(a.data.dtype, byte_at(a.data, m, k))) *
             static_cast<double>(scale_at(a.scale, k / 128, m));
       for (int64_t n = 0; n < Nout; ++n)
-        store_sum(out, m, n, dot(row.data(), &w[static_cast<size_t>(n * Kc)], Kc), accumulate);
+        store_sum(out, m, n, dot(row.data(), w.data() + static_cast<size_t>(n * Kc), Kc),
+                  accumulate);
     }
     m0 += me;
   }
@@ -98,9 +99,10 @@ void grouped_gemm_wgrad(const ScaledTensor& dy_t, const ScaledTensor& x_t,
     const std::vector<double> x = dequant_rowwise_cols(x_t, g, m0, me);   // [K][me]
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k)
-        store_sum(dw[e], n, k,
-                  dot(&d[static_cast<size_t>(n * me)], &x[static_cast<size_t>(k * me)], me),
-                  accumulate);
+        store_sum(
+            dw[e], n, k,
+            dot(d.data() + static_cast<size_t>(n * me), x.data() + static_cast<size_t>(k * me), me),
+            accumulate);
     m0 += me;
   }
 }
@@ -117,9 +119,10 @@ void grouped_gemm_fprop_bf16(const TensorView& x, std::span<const TensorView> w,
     const std::vector<double> xe = bf16_rows(x, m0, me);   // [me][K]
     for (int64_t m = 0; m < me; ++m)
       for (int64_t n = 0; n < N; ++n)
-        store_sum(y, m0 + m, n,
-                  dot(&xe[static_cast<size_t>(m * K)], &we[static_cast<size_t>(n * K)], K),
-                  accumulate);
+        store_sum(
+            y, m0 + m, n,
+            dot(xe.data() + static_cast<size_t>(m * K), we.data() + static_cast<size_t>(n * K), K),
+            accumulate);
     m0 += me;
   }
 }
@@ -139,9 +142,10 @@ void grouped_gemm_dgrad_bf16(const TensorView& dy, std::span<const TensorView> w
     const std::vector<double> de = bf16_rows(dy, m0, me);  // [me][N]
     for (int64_t m = 0; m < me; ++m)
       for (int64_t k = 0; k < K; ++k)
-        store_sum(dx, m0 + m, k,
-                  dot(&de[static_cast<size_t>(m * N)], &wt[static_cast<size_t>(k * N)], N),
-                  accumulate);
+        store_sum(
+            dx, m0 + m, k,
+            dot(de.data() + static_cast<size_t>(m * N), wt.data() + static_cast<size_t>(k * N), N),
+            accumulate);
     m0 += me;
   }
 }
@@ -164,7 +168,8 @@ void grouped_gemm_wgrad_bf16(const TensorView& dy, const TensorView& x,
     for (int64_t n = 0; n < N; ++n)
       for (int64_t k = 0; k < K; ++k)
         store_sum(dw[e], n, k,
-                  dot(&d[static_cast<size_t>(n * me)], &xv[static_cast<size_t>(k * me)], me),
+                  dot(d.data() + static_cast<size_t>(n * me),
+                      xv.data() + static_cast<size_t>(k * me), me),
                   accumulate);
     m0 += me;
   }
