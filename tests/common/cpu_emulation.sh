@@ -5,7 +5,9 @@
 # into ::emu::launch(kernel, grid, block)(args), compiles it as plain C++ against the suite's
 # fake CUDA runtime (fake_cuda/) with emu_driver.cpp, links libfp8flow.a of the CPU-only build
 # (cmake --preset cpu && cmake --build build-cpu -j2) and runs the test binary with TEST_ARGS.
-# Work files go to ${TMPDIR:-/tmp}/fp8flow_NAME_emu.
+# Work files go to ${TMPDIR:-/tmp}/fp8flow_NAME_emu. FP8FLOW_EMU_FLAGS (environment) adds g++ flags
+# to the compile and link steps, e.g. "-fsanitize=address,undefined -fno-sanitize-recover=all"
+# (CI runs the emulations that way: out-of-bounds indexing in a kernel then fails the check).
 emu_run() {
   local name="$1" cu="$2" regex="$3" min_launches="$4"
   shift 4
@@ -45,9 +47,12 @@ open(sys.argv[2], 'w').write(dst)
 PY
   local flags=(-O2 -std=c++20 -I "$here/fake_cuda" -I "$root/include" -I "$root/src"
                -I "$root/tests" -DFP8FLOW_WITH_CUDA=0 "${extra[@]}")
+  local user=()
+  read -r -a user <<<"${FP8FLOW_EMU_FLAGS:-}"
+  flags+=("${user[@]}")
   g++ "${flags[@]}" -c -x c++ "$out/${base}_emu.cpp" -o "$out/kernels.o"
   g++ "${flags[@]}" -c "$here/emu_driver.cpp" -o "$out/driver.o"
   g++ "$out/kernels.o" "$out/driver.o" -o "$out/emu_test" "$root/build-cpu/libfp8flow.a" -lgtest \
-      -lgtest_main -lpthread
+      -lgtest_main -lpthread "${user[@]}"
   "$out/emu_test" "$@"
 }

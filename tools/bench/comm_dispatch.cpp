@@ -40,6 +40,7 @@ namespace fp8flow::bench {
 namespace {
 
 void to_device(const CommBuffer& dst, const void* src, size_t bytes) {
+  if (bytes == 0) return;  // src may be an empty vector's null data()
 #if FP8FLOW_WITH_CUDA
   if (dst.device() == Device::Cuda) {
     if (cudaMemcpy(dst.data(), src, bytes, cudaMemcpyHostToDevice) != cudaSuccess)
@@ -51,6 +52,7 @@ void to_device(const CommBuffer& dst, const void* src, size_t bytes) {
 }
 
 void to_host(void* dst, const CommBuffer& src, size_t bytes) {
+  if (bytes == 0) return;  // dst may be an empty vector's null data()
 #if FP8FLOW_WITH_CUDA
   if (src.device() == Device::Cuda) {
     if (cudaMemcpy(dst, src.data(), bytes, cudaMemcpyDeviceToHost) != cudaSuccess)
