@@ -389,7 +389,7 @@ void print_report(const Report& rep, const Options& opt, const std::string& mode
       "# %s, %d ranks. ms: median per operation (per repetition the slowest rank; a batch of\n"
       "# `inner` back-to-back operations after a barrier, CUDA events; host clock on the CPU).\n"
       "# MiB/rank = bytes each rank sends per operation (itself included); algbw = that / ms;\n"
-      "# busbw = algbw (n-1)/n (nccl-tests alltoall). vs nccl % = algbw / nccl-a2a algbw at the\n"
+      "# busbw = algbw (n-1)/n (nccl-tests alltoall). vs nccl %% = algbw / nccl-a2a algbw at the\n"
       "# same bytes, measured in this run. ok = received bytes verified on every rank.\n",
       mode.c_str(), ranks);
   if (!opt.json_path.empty()) {
@@ -465,8 +465,8 @@ int run_comm(const Options& opt) {
     for (const auto& c : comm_cases()) std::printf("%s\n", c.name);
     return 0;
   }
-  const int reps = std::min(opt.reps_given ? opt.reps : 20, 500);
-  const int warmup = opt.warmup_given ? opt.warmup : 5;
+  [[maybe_unused]] const int reps = std::min(opt.reps_given ? opt.reps : 20, 500);
+  [[maybe_unused]] const int warmup = opt.warmup_given ? opt.warmup : 5;
   const int gpus = gpu_count();
   const bool nccl = built_with_nccl() && cuda_available();
   if (under_mpirun()) {

@@ -192,8 +192,8 @@ float elapsed(cudaEvent_t a, cudaEvent_t b) {
 // Runs one step; `times` (may be null: warm-up) gets the phase times in ms.
 // rank, n: the stall monitor's report (ranks.h), n = the step's number in the recipe.
 void run_step(MoELayer& layer, MoEContext& ctx, const TensorView& x, const TensorView& y,
-              const TensorView& dy, const MoEGrads& g, bool gpu, Stream st, PhaseTimes* times,
-              int rank = 0, int64_t n = -1) {
+              const TensorView& dy, const MoEGrads& g, bool gpu, [[maybe_unused]] Stream st,
+              PhaseTimes* times, [[maybe_unused]] int rank = 0, [[maybe_unused]] int64_t n = -1) {
   if (gpu) {
 #if FP8FLOW_WITH_CUDA
     const auto cs = reinterpret_cast<cudaStream_t>(st);

@@ -91,7 +91,7 @@ double stall_limit_s() {
 }
 
 // Watches progress() until `done`; on a stall prints every rank's last report and exits (3).
-void monitor(int ranks, const char* tool, const std::atomic<bool>& done) {
+[[maybe_unused]] void monitor(int ranks, const char* tool, const std::atomic<bool>& done) {
   const double limit = stall_limit_s();
   if (limit <= 0) return;
   using clk = std::chrono::steady_clock;
