@@ -66,9 +66,10 @@ inline CUtensorMap make_map(const char* op, const void* data, int64_t rows, int6
 
 // Raises `kernel`'s dynamic shared memory limit to `bytes` on the current device (once per
 // device: the attribute belongs to the device's context); throws fp8flow::Error (Cuda) if refused.
-// The CUDA call runs outside the process-wide lock: it may load the kernel's module and wait for
-// the device to drain (lazy loading), which must not hold up other devices' threads (see
-// gemm_mutex in gemm_sm90.cu). Two threads of one device may both set it: harmless.
+// The CUDA call runs outside this function's lock `mu` (shared by all devices): it may load the
+// kernel's module and wait for the device to drain (lazy loading), which must not hold up other
+// devices' threads (the locking rule of gemm_mutex in gemm_sm90.cu). Two threads of one device may
+// both set it: harmless.
 inline void allow_dynamic_smem(const char* op, const void* kernel, size_t bytes) {
   int dev = 0;
   FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
