@@ -143,6 +143,19 @@ class MoELM(nn.Module):
         return [b.moe for b in self.blocks]
 
 
+def perturb_(model, eps, seed):
+    """w *= 1 + eps * n, n ~ N(0, 1) per element from a generator of its own (the model's seed, data
+    order and everything else unchanged): two runs of one recipe that differ only by a nudge of the
+    initial weights far below the precision of training, whose loss difference measures how far
+    the training trajectory itself amplifies a tiny difference (the noise floor a comparison of
+    recipes cannot resolve below)."""
+    g = torch.Generator().manual_seed(int(seed))
+    with torch.no_grad():
+        for p in model.parameters():
+            n = torch.randn(p.shape, generator=g, dtype=torch.float32)
+            p.mul_((1 + eps * n).to(p.device, p.dtype))
+
+
 # ---- data --------------------------------------------------------------------------------------
 
 def load_corpus(path):
@@ -172,11 +185,11 @@ def lr_at(step, total, args):
 
 def fit_steps(args, rate, t_loop0, done, log):
     """Step count for the time budget, agreed between the runs sharing --sync-dir."""
-    rates = {args.recipe: rate}
+    rates = {args.name: rate}
     failed = set()
     if args.sync_dir:
         os.makedirs(args.sync_dir, exist_ok=True)
-        with open(os.path.join(args.sync_dir, f"{args.recipe}.rate"), "w") as f:
+        with open(os.path.join(args.sync_dir, f"{args.name}.rate"), "w") as f:
             f.write(f"{rate}\n")
         want = [r for r in args.sync_recipes.split(",") if r]
         deadline = time.time() + args.sync_timeout
@@ -211,17 +224,17 @@ def fit_steps(args, rate, t_loop0, done, log):
 
 def train(args):
     os.makedirs(args.out, exist_ok=True)
-    logf = open(os.path.join(args.out, f"train_{args.recipe}.log"), "a")
+    logf = open(os.path.join(args.out, f"train_{args.name}.log"), "a")
 
     def log(msg):
-        line = f"[{args.recipe} {time.strftime('%H:%M:%S')}] {msg}"
+        line = f"[{args.name} {time.strftime('%H:%M:%S')}] {msg}"
         print(line, flush=True)
         logf.write(line + "\n")
         logf.flush()
 
-    summary = {"recipe": args.recipe, "status": "started", "steps_requested": args.steps,
+    summary = {"recipe": args.recipe, "name": args.name, "status": "started", "steps_requested": args.steps,
                "config": {k: v for k, v in vars(args).items() if k not in ("report",)}}
-    summary_path = os.path.join(args.out, f"summary_{args.recipe}.json")
+    summary_path = os.path.join(args.out, f"summary_{args.name}.json")
 
     def write_summary():
         with open(summary_path + ".tmp", "w") as f:
@@ -246,6 +259,10 @@ def train(args):
         log(f"data {args.data}: {len(train_data)} train / {len(val_data)} validation bytes")
         summary["train_bytes"] = len(train_data)
         model = MoELM(args, fp8flow).to(dev)  # the experts are created on `dev` directly
+        if args.init_perturb:  # a control run: the same model, its initial weights nudged
+            perturb_(model, args.init_perturb, args.perturb_seed)
+            log(f"initial weights scaled by 1 + {args.init_perturb:g} N(0, 1) (perturb seed "
+                f"{args.perturb_seed})")
         n_params = sum(p.numel() for p in model.parameters())
         n_moe = sum(p.numel() for m in model.moe_layers() for p in m.parameters())
         summary["params"] = n_params
@@ -260,11 +277,11 @@ def train(args):
         opt = torch.optim.AdamW([{"params": decay, "weight_decay": 0.1},
                                  {"params": no_decay, "weight_decay": 0.0}], **opt_kw)
 
-        csv_path = os.path.join(args.out, f"loss_{args.recipe}.csv")
+        csv_path = os.path.join(args.out, f"loss_{args.name}.csv")
         tokens_per_step = args.batch * args.seq
         total = args.steps
         step = 0
-        ckpt_path = os.path.join(args.ckpt, f"ckpt_{args.recipe}.pt") if args.ckpt else ""
+        ckpt_path = os.path.join(args.ckpt, f"ckpt_{args.name}.pt") if args.ckpt else ""
         if args.resume:
             if not ckpt_path or not os.path.exists(ckpt_path):
                 raise FileNotFoundError(f"--resume: no checkpoint {ckpt_path or '(no --ckpt given)'}")
@@ -384,7 +401,7 @@ def train(args):
         if args.sync_dir and args.fit_steps:  # concurrent runs waiting for our projection
             try:
                 os.makedirs(args.sync_dir, exist_ok=True)
-                p = os.path.join(args.sync_dir, f"{args.recipe}.rate")
+                p = os.path.join(args.sync_dir, f"{args.name}.rate")
                 if not os.path.exists(p):
                     with open(p, "w") as f:
                         f.write("failed\n")
@@ -431,7 +448,7 @@ def report(out, window=100, threshold=0.0025):
     for p in sorted(glob.glob(os.path.join(out, "summary_*.json"))):
         try:
             s = json.load(open(p))
-            summaries[s["recipe"]] = s
+            summaries[s.get("name", s["recipe"])] = s
         except (OSError, ValueError, KeyError):
             continue
     curves = {}
@@ -440,7 +457,9 @@ def report(out, window=100, threshold=0.0025):
         st, lo = read_csv(p)
         if len(st):
             curves[r] = (st, lo)
-    order = [r for r in RECIPES + ["torch"] if r in curves or r in summaries]
+    known = RECIPES + ["torch"]
+    order = [r for r in known if r in curves or r in summaries]
+    order += sorted(r for r in set(curves) | set(summaries) if r not in known)
     if not order:
         print(f"report: nothing in {out}")
         return 1
@@ -486,7 +505,7 @@ def report(out, window=100, threshold=0.0025):
                  "val vs bf16 | tokens/s | step ms | torch peak GiB | fp8flow pools GiB | sum GiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base_val = summaries.get("bf16", {}).get("val_loss")
-    verdicts, one_sided = {}, {}
+    verdicts, one_sided, diffs, vdiffs = {}, {}, {}, {}
     for r in order:
         s = summaries.get(r, {})
         st = s.get("status", "no summary")
@@ -494,6 +513,7 @@ def report(out, window=100, threshold=0.0025):
         fl = float(np.mean(curves[r][1][common - w:common])) if (r in curves and w) else float("nan")
         if base is not None and math.isfinite(fl):
             d = fl / base - 1
+            diffs[r] = d
             dtxt = f"{d:+.3%}"
             clean = s.get("nan_step") is None and math.isfinite(fl)
             ok, ok1 = abs(d) < threshold and clean, d < threshold and clean
@@ -506,6 +526,8 @@ def report(out, window=100, threshold=0.0025):
         vl = s.get("val_loss")
         vtxt = (f"{vl / base_val - 1:+.3%}" if isinstance(vl, (int, float)) and isinstance(base_val, (int, float))
                 and math.isfinite(vl) and math.isfinite(base_val) and base_val > 0 else "n/a")
+        if vtxt != "n/a":
+            vdiffs[r] = vl / base_val - 1
         tp, peak, pools = s.get("tokens_per_s"), s.get("torch_peak_gib"), s.get("fp8flow_pools_gib")
         total = (peak or 0) + (pools or 0) if peak is not None else None
 
@@ -526,6 +548,21 @@ def report(out, window=100, threshold=0.0025):
         if r in verdicts:
             lines.append(f"- acceptance {r}: {'PASS' if verdicts[r] else 'FAIL'} "
                          f"(one-sided: {'PASS' if one_sided[r] else 'FAIL'})")
+    # Controls: bf16 runs under other names (--name, e.g. --init-perturb): how far two runs of the
+    # same recipe drift apart; a recipe's difference inside that spread is not a property of it.
+    controls = [r for r in order if r not in RECIPES + ["torch"] and summaries.get(r, {}).get("recipe") == "bf16"
+                and r in diffs]
+    if controls:
+        floor = max(abs(diffs[r]) for r in controls)
+        vfloor = max((abs(vdiffs[r]) for r in controls if r in vdiffs), default=float("nan"))
+        lines.append(f"- noise floor: {len(controls)} bf16 control run(s) ({', '.join(controls)}) end at "
+                     f"{', '.join(f'{diffs[r]:+.3%}' for r in controls)} of bf16 (largest |difference| "
+                     f"{floor:.3%}; validation {vfloor:.3%})")
+        for r in ("fp8-flow", "fp8-flow-mxfp4"):
+            if r in diffs:
+                inside = abs(diffs[r]) <= floor
+                lines.append(f"- {r}: |difference| {abs(diffs[r]):.3%} is "
+                             f"{'inside' if inside else 'outside'} the bf16 controls' spread")
     if common < 1000:
         lines.append(f"- note: only {common} common steps (the issue asks for a few thousand)")
     text = "\n".join(lines) + "\n"
@@ -549,6 +586,8 @@ def report(out, window=100, threshold=0.0025):
         fig, (a1, a2) = plt.subplots(2, 1, figsize=(10, 9), gridspec_kw={"height_ratios": [3, 2]})
         sw = 50
         colors = {"bf16": "C0", "fp8-blockwise": "C1", "fp8-flow": "C2", "fp8-flow-mxfp4": "C3", "torch": "C7"}
+        for i, r in enumerate(r for r in order if r not in colors):
+            colors[r] = f"C{4 + i % 3}" if i < 3 else f"C{8 + i % 2}"
         for r in order:
             if r not in curves:
                 continue
@@ -590,6 +629,11 @@ def report(out, window=100, threshold=0.0025):
 def main():
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--recipe", choices=RECIPES + ["torch"], default="fp8-flow")
+    ap.add_argument("--name", default="", help="names the run's files (default: the recipe); "
+                    "e.g. a control run of a recipe beside its main run in one --out")
+    ap.add_argument("--init-perturb", type=float, default=0.0, metavar="EPS",
+                    help="scale every initial weight by 1 + EPS N(0, 1) (a noise-floor control)")
+    ap.add_argument("--perturb-seed", type=int, default=1)
     ap.add_argument("--steps", type=int, default=3000)
     ap.add_argument("--minutes", type=float, default=6.0, help="budget of the training loop")
     ap.add_argument("--fit-steps", action="store_true", help="reduce --steps to fit the budget")
@@ -630,6 +674,7 @@ def main():
     ap.add_argument("--out", default=os.path.join(os.environ.get("OUT", "out"), "train"))
     ap.add_argument("--report", metavar="DIR", help="only write the comparison report of DIR")
     args = ap.parse_args()
+    args.name = args.name or args.recipe
     if args.report:
         return report(args.report)
     if args.calib_steps >= args.warmup and args.fit_steps:

@@ -55,12 +55,31 @@ def test_pause_and_resume_equals_one_run(tmp_path, recipe):
             "--resume")
 
 
-def write_run(out, recipe, loss, val, steps=200):
-    with open(os.path.join(out, f"loss_{recipe}.csv"), "w") as f:
+def test_named_control_run_differs_only_by_its_nudge(tmp_path):
+    # --name keeps a control run's files apart from its recipe's main run in one --out; the
+    # --init-perturb run starts from nudged weights (first loss differs, slightly), and a rerun of
+    # the same arguments is the same run (the CPU backend is deterministic).
+    out = str(tmp_path)
+    run(*TINY, "--recipe", "bf16", "--out", out)
+    log = run(*TINY, "--recipe", "bf16", "--name", "bf16-nudged", "--init-perturb", "1e-3",
+              "--out", out)
+    assert "initial weights scaled by 1 + 0.001" in log
+    assert os.path.exists(os.path.join(out, "summary_bf16-nudged.json"))
+    main, nudged = losses(out, "bf16"), losses(out, "bf16-nudged")
+    assert [s for s, _ in main] == [s for s, _ in nudged] == list(range(10))
+    l0, n0 = float(main[0][1]), float(nudged[0][1])
+    assert l0 != n0 and abs(n0 / l0 - 1) < 1e-2
+    run(*TINY, "--recipe", "bf16", "--name", "bf16-again", "--out", out)
+    assert losses(out, "bf16-again") == main
+
+
+def write_run(out, recipe, loss, val, steps=200, name=None):
+    with open(os.path.join(out, f"loss_{name or recipe}.csv"), "w") as f:
         f.write("step,loss\n" + "".join(f"{i},{loss:.6f}\n" for i in range(steps)))
-    with open(os.path.join(out, f"summary_{recipe}.json"), "w") as f:
-        f.write(f'{{"recipe": "{recipe}", "status": "ok", "steps_done": {steps}, "nan_step": null, '
-                f'"val_loss": {val}}}')
+    name = name or recipe
+    with open(os.path.join(out, f"summary_{name}.json"), "w") as f:
+        f.write(f'{{"recipe": "{recipe}", "name": "{name}", "status": "ok", "steps_done": {steps}, '
+                f'"nan_step": null, "val_loss": {val}}}')
 
 
 def test_report_reads_both_acceptance_criteria(tmp_path):
@@ -77,3 +96,20 @@ def test_report_reads_both_acceptance_criteria(tmp_path):
     assert "-0.500%" in row and "| NO | yes |" in row and "-0.500%" in row.split("1.9900")[1]
     write_run(out, "fp8-flow-mxfp4", 1.003, 2.0)
     assert "- acceptance fp8-flow-mxfp4: FAIL (one-sided: FAIL)" in run("--report", out)
+
+
+def test_report_noise_floor_of_bf16_controls(tmp_path):
+    # bf16 control runs under other names set the spread two runs of one recipe reach; the report
+    # says whether each FP8 recipe's difference lies inside it.
+    out = str(tmp_path)
+    write_run(out, "bf16", 1.0, 2.0)
+    write_run(out, "bf16", 0.996, 1.99, name="bf16-nudge1")
+    write_run(out, "bf16", 1.002, 2.004, name="bf16-nudge2")
+    write_run(out, "fp8-flow", 0.995, 1.99)
+    write_run(out, "fp8-flow-mxfp4", 0.997, 2.0)
+    text = run("--report", out)
+    assert "| bf16-nudge1 |" in text and "| bf16-nudge2 |" in text
+    assert ("- noise floor: 2 bf16 control run(s) (bf16-nudge1, bf16-nudge2) end at -0.400%, +0.200% "
+            "of bf16 (largest |difference| 0.400%; validation 0.500%)") in text
+    assert "- fp8-flow: |difference| 0.500% is outside the bf16 controls' spread" in text
+    assert "- fp8-flow-mxfp4: |difference| 0.300% is inside the bf16 controls' spread" in text
