@@ -113,3 +113,7 @@ def test_report_noise_floor_of_bf16_controls(tmp_path):
             "of bf16 (largest |difference| 0.400%; validation 0.500%)") in text
     assert "- fp8-flow: |difference| 0.500% is outside the bf16 controls' spread" in text
     assert "- fp8-flow-mxfp4: |difference| 0.300% is inside the bf16 controls' spread" in text
+    # bf16's mean over its three runs: 0.99933 (std 0.306%), validation 1.998.
+    assert "- bf16 as the mean of its 3 runs: final loss 0.9993 (run-to-run std 0.306%), validation 1.9980" in text
+    assert "- acceptance fp8-flow vs the bf16 mean: -0.434%, validation -0.400%: FAIL" in text
+    assert "- acceptance fp8-flow-mxfp4 vs the bf16 mean: -0.233%, validation +0.100%: PASS" in text
