@@ -107,4 +107,55 @@ FP8FLOW_HD float sigmoid_branch_free(float x) {
   return div(1.0f, add(1.0f, exp_for_sigmoid(-x)));
 }
 
+// NOTES: sigmoid_fast is hd::sigmoid for x >= kSigmoidFastMinX (and any x > that, +Inf included),
+// cheaper again than sigmoid_branch_free; the SwiGLU backward kernel uses it and takes
+// sigmoid_branch_free for a chunk where some lane of the warp has an input below the bound (or
+// -Inf). NaN x gives a finite value (not NaN): callers must not depend on it (the SwiGLU backward
+// multiplies by x, so every result is NaN either way). Three changes against sigmoid_branch_free:
+// - e^y only for y = -x <= 86.5: no upper clamp and no Inf or NaN selects.
+// - rint(m) (|m| <= 125 here) as (m + 1.5 * 2^23) - 1.5 * 2^23: the sum lies in [2^23, 2^24),
+//   where the spacing is 1, so its rounding is rint's (ties to even: 1.5 * 2^23 is even); its bits
+//   are those of 1.5 * 2^23 plus n, and shifting them left by 23 leaves n << 23 (the bits of
+//   1.5 * 2^23 shift out), the exponent-field add. No FRND and F2I (conversion pipe) per element.
+//   rint gives -0 where this gives +0: r = fma(n, -ln2_hi, x) then differs only in the sign of a
+//   zero, which the polynomial's q * r + c absorbs: the same q.
+// - 1 / d for d = 1 + e^y in [1, 2^125.0] (e^86.5 < 2^124.8): hd::rcp_in_range, see there.
+// Checked against hd::sigmoid on a dense sample on the CPU (SwigluRef.SigmoidFastEqualsHd, with
+// the host's IEEE division) and exhaustively on the GPU (SwigluGpu.SigmoidFastEqualsHdExhaustive,
+// which also checks hd::rcp_in_range against rcp.rn.f32 for every d in [1, 2^126)).
+constexpr float kSigmoidFastMinX = -86.5f;
+
+// e^y for y <= 86.5 (see sigmoid_fast): exp_for_sigmoid's bits there.
+FP8FLOW_HD float exp_for_sigmoid_fast(float y) {
+  constexpr float kRint = 12582912.0f;  // 1.5 * 2^23
+  const float yc = fmaxf(y, -86.0f);    // NaN -> -86
+  const float t = add(mul(yc, 1.44269504f), kRint);
+  const float q = exp_poly(yc, sub(t, kRint));
+  return fmt::f32_from_bits(fmt::f32_bits(q) + (fmt::f32_bits(t) << 23));
+}
+
+// 1 / d rounded to nearest even, for d in [1, 2^126) (other d: wrong results). On the device:
+// MUFU.RCP, then one Newton step with two fma, which is how ptxas (CUDA 13, sm_90a) expands the
+// IEEE-exact rcp.rn.f32 for every d whose exponent field is in [1, 252] (we read its SASS:
+// MUFU.RCP r; FFMA e = d * r - 1; FADD.FTZ e = -e; FFMA r = r * e + r; outside that range a
+// subroutine). Here e is never subnormal (d * r is within 2^-22 of 1 and a multiple of 2^-47, or
+// exactly 1), so the FTZ negation is a plain one, folded into the last fma; what remains is the
+// same operations on the same values, i.e. rcp.rn's result, without its range test and branch.
+// SwigluGpu.SigmoidFastEqualsHdExhaustive compares it with rcp.rn.f32 for all such d.
+FP8FLOW_HD float rcp_in_range(float d) {
+#if defined(__CUDA_ARCH__)
+  float r;
+  asm("rcp.approx.ftz.f32 %0, %1;" : "=f"(r) : "f"(d));
+  const float e = fma(d, r, -1.0f);
+  return fma(-e, r, r);
+#else
+  return 1.0f / d;
+#endif
+}
+
+// hd::sigmoid's bits for x >= kSigmoidFastMinX, not NaN (see the NOTES above).
+FP8FLOW_HD float sigmoid_fast(float x) {
+  return rcp_in_range(add(1.0f, exp_for_sigmoid_fast(-x)));
+}
+
 }  // namespace fp8flow::hd

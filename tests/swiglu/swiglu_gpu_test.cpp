@@ -146,6 +146,13 @@ TEST(SwigluGpu, BranchFreeSiluEqualsHdExhaustive) {
   EXPECT_EQ(sm90::swiglu_silu_mismatches(&example), 0) << "e.g. x = 0x" << std::hex << example;
 }
 
+TEST(SwigluGpu, SigmoidFastEqualsHdExhaustive) {
+  FP8FLOW_REQUIRE_GPU();
+  uint32_t example = 0;
+  EXPECT_EQ(sm90::swiglu_sigmoid_fast_mismatches(&example), 0)
+      << "e.g. bits 0x" << std::hex << example;
+}
+
 // Runs check(case, out kind, weighted) over kShapes x kFills x `kinds` x {weighted, unweighted},
 // seeds from `seed` on; with `specials`, adversarial cases also get test::add_bf16_specials.
 template <typename Check>
@@ -204,6 +211,32 @@ TEST(SwigluGpu, PaddingVariantsMatchReference) {
     for (const SwigluCase* c : {&with_dy, &no_pad}) {
       expect_forward_saved_equal(*c, k, true);
       expect_backward_equal(*c, k, true, nullptr, /*saved_in=*/true);
+    }
+  }
+}
+
+// Gate inputs around the backward's fast-sigmoid bound (-86.5; sigmoid subnormal below -87.34,
+// 0 below -88.73): rows where some warp takes the exact path for a chunk and rows where none does,
+// next to rows of ordinary values, NaN and -Inf. Every kind, weighted and not, BF16 and saved h.
+TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
+  FP8FLOW_REQUIRE_GPU();
+  SwigluCase c = test::make_case(48, 640, Fill::Normal, 11, false);
+  std::mt19937_64 rng(12);
+  std::uniform_real_distribution<float> u(-95.f, -80.f);
+  auto* h = c.in.ptr<uint16_t>();
+  const int64_t n = 2 * c.F;
+  for (int64_t m = 0; m < c.M; ++m) {
+    if (m % 3 == 0) continue;  // ordinary rows; m % 3 == 2: 2 values a row, some chunks without
+    for (int64_t j = 0; j < c.F; j += (m % 3 == 1 ? 1 : 331))
+      h[m * n + j] = fmt::bf16_from_f32(u(rng));
+    if (m % 8 == 5) h[m * n + 7] = 0x7FC0;    // NaN gate
+    if (m % 8 == 6) h[m * n + 300] = 0xFF80;  // -Inf gate
+  }
+  for (DType k : kKinds) {
+    for (bool w : {true, false}) {
+      SCOPED_TRACE(testing::Message() << "out " << to_string(k) << " weighted " << w);
+      expect_backward_equal(c, k, w);
+      if (k != DType::BF16) expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
     }
   }
 }

@@ -542,6 +542,38 @@ TEST(SwigluRef, BranchFreeSiluEqualsHd) {
     check(x);
 }
 
+// hd::sigmoid_fast (the backward kernel's sigmoid) against hd::sigmoid over its domain
+// x >= kSigmoidFastMinX: a dense sample of all bit patterns, the neighbourhoods of the clamp and
+// the bound, and inputs whose rint argument x * log2(e) lies near a tie (k + 1/2: the magic-number
+// rint must round them as rintf does). On the host its reciprocal is the IEEE division, so this
+// checks the reduction, the rint and the exponent add; the device reciprocal is checked
+// exhaustively on the GPU (SwigluGpu.SigmoidFastEqualsHdExhaustive).
+TEST(SwigluRef, SigmoidFastEqualsHd) {
+  int64_t checked = 0;
+  auto check = [&](float x) {
+    if (!(x >= hd::kSigmoidFastMinX)) return;  // outside the domain (and NaN)
+    ++checked;
+    ASSERT_EQ(fmt::f32_bits(hd::sigmoid_fast(x)), fmt::f32_bits(hd::sigmoid(x))) << x;
+  };
+  for (uint64_t i = 0; i < (uint64_t{1} << 32); i += 4099) check(fmt::f32_from_bits(uint32_t(i)));
+  for (float edge : {-86.5f, -86.0f, 86.0f, 0.f, -0.f, 88.72283f, 87.33655f}) {
+    const uint32_t e = fmt::f32_bits(edge);
+    for (uint32_t d = 0; d < (1u << 16); ++d) {
+      check(fmt::f32_from_bits(e + d));
+      check(fmt::f32_from_bits(e - d));
+    }
+  }
+  for (int k = -126; k <= 126; ++k) {  // y = -x with y * log2(e) near k + 1/2
+    const uint32_t y = fmt::f32_bits(static_cast<float>((k + 0.5) / 1.4426950408889634));
+    for (uint32_t d = 0; d < 4096; ++d) {
+      check(-fmt::f32_from_bits(y + d));
+      check(-fmt::f32_from_bits(y - d));
+    }
+  }
+  for (float x : {INFINITY, FLT_MAX, 1e-45f, -1e-45f, FLT_MIN, -FLT_MIN}) check(x);
+  EXPECT_GT(checked, 1000000);
+}
+
 TEST(SwigluRef, FastDivIsExact) {
   std::mt19937_64 rng(7);
   std::vector<uint32_t> divisors = {1,       2,    3,     5,     7,     15,

@@ -48,3 +48,11 @@ namespace fp8flow::sm90 {
 // on the device. `example` receives one such x (or 0).
 int64_t swiglu_silu_mismatches(uint32_t* example);
 }  // namespace fp8flow::sm90
+
+namespace fp8flow::sm90 {
+// Test hook (synchronizes): counts the FP32 bit patterns where the backward kernel's fast sigmoid
+// differs from hd::sigmoid on the device: every x >= hd::kSigmoidFastMinX (hd::sigmoid_fast), and
+// every d in [1, 2^126) (hd::rcp_in_range against rcp.rn.f32 and against div.rn.f32 1 / d).
+// `example` receives one such pattern (or 0).
+int64_t swiglu_sigmoid_fast_mismatches(uint32_t* example);
+}  // namespace fp8flow::sm90

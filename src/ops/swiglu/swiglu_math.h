@@ -68,9 +68,9 @@ struct Grad {
   float da, db, dp;  // dp: this element's term of dprob, (dy * silu) * b
 };
 
-// Backward of one element.
-FP8FLOW_HD Grad backward(float dy, float a, float b, float p) {
-  const float s = sigmoid(a);
+// Backward of one element whose s = sigmoid(a) is given (the backward kernel computes it through
+// hd::sigmoid_fast where that applies).
+FP8FLOW_HD Grad backward_with_sigmoid(float dy, float a, float b, float p, float s) {
   const float silu = hd::mul(a, s);
   const float dsilu = hd::mul(s, hd::add(1.0f, hd::mul(a, hd::sub(1.0f, s))));
   const float dya = hd::mul(dy, p);
@@ -79,6 +79,11 @@ FP8FLOW_HD Grad backward(float dy, float a, float b, float p) {
   g.db = hd::mul(dya, silu);
   g.dp = hd::mul(hd::mul(dy, silu), b);
   return g;
+}
+
+// Backward of one element.
+FP8FLOW_HD Grad backward(float dy, float a, float b, float p) {
+  return backward_with_sigmoid(dy, a, b, p, sigmoid(a));
 }
 
 // |y| when finite, else 0: the amax contribution of one result (a float compare, one instruction

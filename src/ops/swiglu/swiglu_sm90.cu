@@ -1,6 +1,8 @@
 // sm_90a backend of the SwiGLU ops: builds kernel parameters from validated views and launches the
 // fused kernels of kernels/swiglu_kernels.cuh on the caller's stream (no host sync).
 // Napkin math and design: see the kernel file. Bench: `fp8flow-bench ops` (swiglu fwd / bwd rows).
+#include <cstdlib>
+
 #include "common/cuda_check.h"
 #include "ops/swiglu/kernels/swiglu_kernels.cuh"
 #include "ops/swiglu/swiglu_backends.h"
@@ -66,10 +68,21 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   p.F = static_cast<uint32_t>(F);
   constexpr int64_t kRowsPerBlock = k::kThreads / 32;
   const dim3 grid(static_cast<unsigned>((M + kRowsPerBlock - 1) / kRowsPerBlock));
-  if (weighted)
-    k::sm90_swiglu_bwd_1x128<K, true, kFp8In><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
+  // FP8FLOW_SWIGLU_BWD_OLD=1: the previous kernels (sigmoid through the IEEE divide), for A/B
+  // timing in one binary; same results.
+  static const bool old = [] {
+    const char* v = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
+    return v && v[0] == '1';
+  }();
+  cudaStream_t s = to_cuda(stream);
+  if (weighted && old)
+    k::sm90_swiglu_bwd_1x128<K, true, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
+  else if (weighted)
+    k::sm90_swiglu_bwd_1x128<K, true, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
+  else if (old)
+    k::sm90_swiglu_bwd_1x128<K, false, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
   else
-    k::sm90_swiglu_bwd_1x128<K, false, kFp8In><<<grid, k::kThreads, 0, to_cuda(stream)>>>(p);
+    k::sm90_swiglu_bwd_1x128<K, false, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 
@@ -122,6 +135,36 @@ __global__ void silu_check(unsigned long long* count, unsigned int* example) {
   if (bad) atomicAdd(count, bad);
 }
 
+// Exhaustive check of the backward's fast sigmoid (test hook): i < 2^32 tests x = i (in the
+// domain of hd::sigmoid_fast) against hd::sigmoid; i >= 2^32 tests d = 1.0f + (i - 2^32) ulps, up
+// to 2^126, against rcp.rn.f32 and div.rn.f32.
+__global__ void sigmoid_fast_check(unsigned long long* count, unsigned int* example) {
+  unsigned long long bad = 0;
+  constexpr uint32_t kOne = 0x3F800000u, kEnd = 0x7E800000u;  // 1.0f, 2^126
+  const uint64_t n = (uint64_t{1} << 32) + (kEnd - kOne);
+  for (uint64_t i = blockIdx.x * uint64_t{blockDim.x} + threadIdx.x; i < n;
+       i += uint64_t{gridDim.x} * blockDim.x) {
+    uint32_t bits;
+    bool same;
+    if (i < (uint64_t{1} << 32)) {
+      bits = static_cast<uint32_t>(i);
+      const float x = __uint_as_float(bits);
+      same = !(x >= hd::kSigmoidFastMinX) ||
+             __float_as_uint(hd::sigmoid_fast(x)) == __float_as_uint(hd::sigmoid(x));
+    } else {
+      bits = kOne + static_cast<uint32_t>(i - (uint64_t{1} << 32));
+      const float d = __uint_as_float(bits);
+      const uint32_t r = __float_as_uint(hd::rcp_in_range(d));
+      same = r == __float_as_uint(__frcp_rn(d)) && r == __float_as_uint(__fdiv_rn(1.0f, d));
+    }
+    if (!same) {
+      ++bad;
+      *example = bits;
+    }
+  }
+  if (bad) atomicAdd(count, bad);
+}
+
 // Runs a (count, example) check kernel and returns the count.
 template <typename Launch>
 int64_t run_check(const char* op, Launch launch, uint32_t* example) {
@@ -146,6 +189,13 @@ int64_t swiglu_silu_mismatches(uint32_t* example) {
   return run_check(
       "swiglu_silu_mismatches",
       [](unsigned long long* c, unsigned int* e) { silu_check<<<132 * 16, 256>>>(c, e); }, example);
+}
+
+int64_t swiglu_sigmoid_fast_mismatches(uint32_t* example) {
+  return run_check(
+      "swiglu_sigmoid_fast_mismatches",
+      [](unsigned long long* c, unsigned int* e) { sigmoid_fast_check<<<132 * 16, 256>>>(c, e); },
+      example);
 }
 
 int64_t swiglu_hw_cvt_mismatches(DType dtype, uint32_t* example) {

@@ -38,6 +38,16 @@
 //   = fmt::e4m3_to_f32(code) * scale) for every code: a NaN code decodes to a NaN with other bits
 //   than the reference's, which no output shows (every result it reaches is NaN, and NaN results
 //   are written canonically), so no per-chunk NaN test is needed.
+// - Backward sigmoid (kFastSigmoid, the default): the kernels are instruction-bound (the saved-h
+//   backward ran at 70.5% of copy on an H100), and the IEEE divide in the sigmoid was the largest
+//   single item (BSSY, MUFU.RCP, FCHK, 5 FFMA, BRA, BSYNC per element, plus the call stubs of its
+//   slow path). hd::sigmoid_fast replaces it by MUFU.RCP + 2 FFMA (rcp.rn.f32's own fast path,
+//   hd::rcp_in_range), drops the FRND + F2I of the exp's rint and the upper clamp and Inf/NaN
+//   selects; a chunk where some lane of the warp has a gate input below -86.5 takes the old exact
+//   sigmoid (warp-uniform branch). Hot-path SASS of the weighted E4M3 saved-h kernel (16 element
+//   pairs per loop iteration plus prologue, non-finite fallbacks excluded): 1291 -> 1066
+//   instructions, 50 -> 60 registers (still 4 blocks of 256 per SM). Same outputs bit for bit.
+//   FP8FLOW_SWIGLU_BWD_OLD=1 runs the previous kernels (A/B).
 #pragma once
 
 #include <cuda_runtime.h>
@@ -240,6 +250,23 @@ struct InChunk<true> {
   }
 };
 
+// s = sigmoid(a) (hd::sigmoid's bits) for one thread's chunk: hd::sigmoid_fast, replaced for the
+// whole chunk by the exact branch-free sigmoid when some lane of the warp has an input below
+// hd::kSigmoidFastMinX (a warp-uniform branch, taken only where a < -86.5 or -Inf is somewhere in
+// the warp's 256 columns). NaN inputs stay on the fast path: see sigmoid_fast.
+__device__ __forceinline__ void sigmoid8(const float (&a)[8], float (&s)[8]) {
+  float lo = 0.0f;  // min over the chunk (fminf ignores NaN)
+#pragma unroll
+  for (int k = 0; k < 8; ++k) {
+    s[k] = hd::sigmoid_fast(a[k]);
+    lo = fminf(lo, a[k]);
+  }
+  if (__any_sync(0xFFFFFFFFu, lo < hd::kSigmoidFastMinX)) {
+#pragma unroll
+    for (int k = 0; k < 8; ++k) s[k] = sd::sigmoid(a[k]);
+  }
+}
+
 // ------------------------------------------------------------------------------------------------
 // Forward: grid ceil(items / (16 * kFwdItems)), block kThreads. kSaveIn: also the E4M3 copy of in.
 template <OutKind K, bool kSaveIn>
@@ -291,8 +318,10 @@ __global__ void __launch_bounds__(kThreads, kSaveIn ? kFwdSaveMinBlocks : 0)
 
 // ------------------------------------------------------------------------------------------------
 // Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
-// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy.
-template <OutKind K, bool kWeighted, bool kFp8In>
+// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. kFastSigmoid: the
+// sigmoid through hd::sigmoid_fast (sigmoid8); false: the previous kernel (every sigmoid through
+// the IEEE divide), kept for A/B runs (FP8FLOW_SWIGLU_BWD_OLD=1, swiglu_sm90.cu).
+template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true>
 __global__ void __launch_bounds__(kThreads)
     sm90_swiglu_bwd_1x128(const __grid_constant__ BwdParams p) {
   const uint32_t lane = threadIdx.x % 32;
@@ -323,13 +352,15 @@ __global__ void __launch_bounds__(kThreads)
       const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
       if (c0 + u * 32 * sd::kChunk >= F) break;  // warp-uniform: nothing left for either half
       const bool active = c < F;                 // half-warp-uniform
-      float dy[8], a[8], b[8], da[8], db[8];
+      float dy[8], a[8], b[8], s[8], da[8], db[8];
       unpack_bf16x8(vdy[u], dy);
       va[u].unpack(a);
       vb[u].unpack(b);
+      if constexpr (kFastSigmoid) sigmoid8(a, s);
 #pragma unroll
       for (int k = 0; k < 8; ++k) {
-        const sd::Grad g = sd::backward(dy[k], a[k], b[k], pr);
+        const sd::Grad g = kFastSigmoid ? sd::backward_with_sigmoid(dy[k], a[k], b[k], pr, s[k])
+                                        : sd::backward(dy[k], a[k], b[k], pr);
         da[k] = g.da;
         db[k] = g.db;
         if (kWeighted && active) part = hd::add(part, g.dp);
