@@ -27,7 +27,7 @@
 // of -128 for code 0, so one VIADDMNMX.S16 max(base + key, acc) replaces the min/max pair; exact
 // only while a tile's block exponents X span less than 64 (else the old path), and an all-zero
 // column must be told apart from the -128 lanes (acc below the tile's smallest base + 1).
-// Session 12 (no GPU; static SASS of one item's straight-line fast path, 128 elements a thread,
+// Session 10 (no GPU; static SASS of one item's straight-line fast path, 128 elements a thread,
 // vector stores): the gap keys (mx::kGapTable) take the lever above without the sign-replicate
 // PRMT: the table's nonzero keys sit 248..255 above 2 sb, so a zero code (key 2 sb) cannot win
 // while the tile's counted bytes span <= 123, and tiles with a NaN block need no masking because
