@@ -2,9 +2,6 @@
 // parameter blocks and launches on the caller's stream. Arguments were validated by mxfp4.cpp.
 // No host synchronization; empty tensors launch nothing. Kernels: kernels/to_mxfp4.cuh and
 // kernels/from_mxfp4.cuh.
-#include <cstdlib>
-#include <cstring>
-
 #include "common/cuda_check.h"
 #include "common/groups.h"
 #include "ops/mxfp4/kernels/from_mxfp4.cuh"
@@ -33,16 +30,6 @@ void check_row_units(const char* op, const char* arg, int64_t units_per_row, int
         ErrorKind::Unsupported,
         detail::cat("fp8flow::", op, ": ", arg, ": expected cols <= ", max_units * elems_per_unit,
                     " for the CUDA backend, got ", units_per_row * elems_per_unit));
-}
-
-// FP8FLOW_MX_TR_OLD=1 (read once) launches the transposed kernel without its gap-key path, for A/B
-// timing of both in one binary.
-bool mx_tr_old_path() {
-  static const bool old = [] {
-    const char* v = std::getenv("FP8FLOW_MX_TR_OLD");
-    return v != nullptr && std::strcmp(v, "1") == 0;
-  }();
-  return old;
 }
 
 uint32_t grid_for(int64_t units, int64_t per_cta) {
@@ -146,10 +133,7 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   if (p.groups.total_tiles == 0) return;
   const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
                   static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
-  if (mx_tr_old_path())
-    sm90_mxfp4_to_e4m3_1x128_transposed<false><<<grid, kTrThreads, 0, stream>>>(p);
-  else
-    sm90_mxfp4_to_e4m3_1x128_transposed<true><<<grid, kTrThreads, 0, stream>>>(p);
+  sm90_mxfp4_to_e4m3_1x128_transposed<<<grid, kTrThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
 }
 

@@ -27,12 +27,6 @@
 // of -128 for code 0, so one VIADDMNMX.S16 max(base + key, acc) replaces the min/max pair; exact
 // only while a tile's block exponents X span less than 64 (else the old path), and an all-zero
 // column must be told apart from the -128 lanes (acc below the tile's smallest base + 1).
-// Session 10 (no GPU; static SASS of one item's straight-line fast path, 128 elements a thread,
-// vector stores): the gap keys (mx::kGapTable) take the lever above without the sign-replicate
-// PRMT: the table's nonzero keys sit 248..255 above 2 sb, so a zero code (key 2 sb) cannot win
-// while the tile's counted bytes span <= 123, and tiles with a NaN block need no masking because
-// they take the old path. 1381 -> 1098 instructions (10.8 -> 8.6 per element; LOP3 286 -> 189,
-// IMAD 220 -> 140, VIMNMX 84 -> 20, PRMT 257 -> 273); not yet timed (FP8FLOW_MX_TR_OLD=1 for A/B).
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
@@ -132,21 +126,25 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
 }
 
 // One (token tile, 128-channel block) item from its staged codes and scale bytes: column keys,
-// scales, elements, stores. `tile` indexes the scale rows ([tiles][K]). kGap: the gap-key path
-// (below) is compiled in and taken where cta_gap says the tile allows it (bmax = 2 sb_max).
-template <bool kGap>
+// scales, elements, stores. `tile` indexes the scale rows ([tiles][K]).
 __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32_t* s_data,
-                                           const uint8_t (*s_sb)[128], bool cta_slow, bool cta_gap,
-                                           uint32_t bmax, int32_t m0, int32_t width, uint32_t kb,
-                                           uint32_t tile) {
+                                           const uint8_t (*s_sb)[128], bool cta_slow, int32_t m0,
+                                           int32_t width, uint32_t kb, uint32_t tile) {
   const uint32_t tid = threadIdx.x;
   const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
   const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
   const uint4 sbv = *reinterpret_cast<const uint4*>(&s_sb[blk][chunk * 16]);
   const uint32_t sbw[4] = {sbv.x, sbv.y, sbv.z, sbv.w};
-  uint32_t word[16];
+  uint32_t word[16], nanmask[4] = {0, 0, 0, 0};
 #pragma unroll
-  for (int i = 0; i < 16; ++i) word[i] = s_data[tr_word_offset(chunk * 16 + i, cg)];
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t sb = (sbw[i / 4] >> (8 * (i % 4))) & 0xFFu;
+    word[i] = s_data[tr_word_offset(chunk * 16 + i, cg)];
+    if (sb == fmt::kE8M0NaN) {
+      word[i] = 0;
+      nanmask[i / 4] |= 0x7Fu << (8 * (i % 4));
+    }
+  }
 
   // Output rows k = kb*128 + cg*8 + j, tokens m0 + chunk*16 .. +15 (16-byte stores when aligned).
   const int32_t valid = width - static_cast<int32_t>(chunk * 16);
@@ -163,71 +161,6 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
         if (i < valid) dst[i] = static_cast<uint8_t>(o[i / 4] >> (8 * (i % 4)));
     }
   };
-
-  if constexpr (kGap) {
-    if (cta_gap) {
-      // Gap keys (mx::kGapTable): no NaN tokens (every sb <= 252) and no masking of zero codes.
-      uint32_t sbl[16];  // each token's sb in both lanes: key base (doubled) and FP16 exponent
-#pragma unroll
-      for (int i = 0; i < 16; ++i) sbl[i] = mx::sb_lanes(sbw[i / 4], i % 4);
-      uint32_t acc[4] = {0, 0, 0, 0};
-#pragma unroll
-      for (int i = 0; i < 16; ++i)
-        mx::gap_key_accumulate(word[i], sbl[i] << 1, p.key.glo, p.key.ghi, acc);
-#pragma unroll
-      for (int off = 4; off < 32; off *= 2)
-#pragma unroll
-        for (int a = 0; a < 4; ++a)
-          acc[a] = mx::vmax_u16x2(acc[a], __shfl_xor_sync(0xFFFFFFFFu, acc[a], off));
-      int t_col[8];
-#pragma unroll
-      for (int j = 0; j < 8; ++j)
-        t_col[j] = mx::gap_key_scale_exponent(mx::column_key(acc, j), bmax);
-      int t_mine = t_col[0];
-#pragma unroll
-      for (int j = 1; j < 8; ++j) t_mine = chunk == static_cast<uint32_t>(j) ? t_col[j] : t_mine;
-      scale_row_out[chunk] = fmt::exp2i(t_mine);
-
-      uint32_t nt[4];
-#pragma unroll
-      for (int pp = 0; pp < 4; ++pp)
-        nt[pp] = mx::f16_column_exps_sb(t_col[2 * pp], t_col[2 * pp + 1]);
-      uint32_t o[8][4];
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        uint32_t r[4][4];
-#pragma unroll
-        for (int x = 0; x < 4; ++x) {
-          const int i = 4 * q + x;
-          uint32_t h[2];
-          mx::e2m1x8_to_f16hi(word[i], h);
-#pragma unroll
-          for (int pp = 0; pp < 4; ++pp)
-            r[x][pp] = mx::f16hi_pair_to_e4m3x2(h[pp / 2], pp, sbl[i], nt[pp]);
-        }
-#pragma unroll
-        for (int pp = 0; pp < 4; ++pp) {
-          const uint32_t u01 = mx::prmt(r[0][pp], r[1][pp], 0x5140u);
-          const uint32_t u23 = mx::prmt(r[2][pp], r[3][pp], 0x5140u);
-          o[2 * pp][q] = mx::prmt(u01, u23, 0x5410u);
-          o[2 * pp + 1][q] = mx::prmt(u01, u23, 0x7632u);
-        }
-      }
-#pragma unroll
-      for (int j = 0; j < 8; ++j) store_row(j, o[j]);
-      return;
-    }
-  }
-
-  uint32_t nanmask[4] = {0, 0, 0, 0};
-#pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const uint32_t sb = (sbw[i / 4] >> (8 * (i % 4))) & 0xFFu;
-    if (sb == fmt::kE8M0NaN) {
-      word[i] = 0;
-      nanmask[i / 4] |= 0x7Fu << (8 * (i % 4));
-    }
-  }
 
   if (!cta_slow) {
     // Column keys over the 16 tokens, then over the 8 lanes (chunks) sharing the columns.
@@ -323,17 +256,11 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
 // computed. Session 9 (H100, 32768 x 7168): ncu had the one-item CTAs stalled on their loads (long
 // scoreboard the top stall, ALU pipe 75%); 2 items 0.1874 -> 0.1743 ms (64.7 -> 70.0% of copy),
 // 4 items 0.2023 ms.
-// kGap (the default; FP8FLOW_MX_TR_OLD=1 launches kGap = false): tiles that pass
-// mx::gap_keys_exact take the gap-key path (per CTA: each warp's largest byte and 255 - its
-// smallest byte > mx::kGapIgnoreSb through REDUX, one word per warp in shared memory before the
-// barrier); the others the paths above.
 constexpr int kTrMinBlocks = 5;
-template <bool kGap>
 __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
     sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
   __shared__ __align__(16) uint32_t s_data[kTrItems][128 * 16];
   __shared__ __align__(16) uint8_t s_sb[kTrItems][4][128];
-  __shared__ __align__(16) uint32_t s_rng[kTrItems][kTrThreads / 32];
 
   const uint32_t tid = threadIdx.x;
   int32_t m0, width;
@@ -391,32 +318,8 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b) s_sb[it][b][tid] = static_cast<uint8_t>(sb >> (8 * b));
-    if constexpr (kGap) {
-      // This token's largest byte and smallest byte > kGapIgnoreSb (neutral past the width).
-      uint32_t hi = 0, lo = 255;
-#pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const uint32_t x = (sb >> (8 * b)) & 0xFFu;
-        hi = max(hi, x);
-        lo = x > mx::kGapIgnoreSb ? min(lo, x) : lo;
-      }
-      hi = __reduce_max_sync(0xFFFFFFFFu, hi);
-      lo = 255 - __reduce_max_sync(0xFFFFFFFFu, 255 - lo);
-      if ((tid & 31) == 0) s_rng[it][tid >> 5] = hi | ((255 - lo) << 16);
-    }
     const bool cta_slow = __syncthreads_or(sl);
-    bool cta_gap = false;
-    uint32_t bmax = 0;
-    if constexpr (kGap) {
-      static_assert(kTrThreads == 128, "s_rng is read as one uint4");
-      const uint4 r = *reinterpret_cast<const uint4*>(s_rng[it]);
-      const uint32_t m = mx::vmax_u16x2(mx::vmax_u16x2(r.x, r.y), mx::vmax_u16x2(r.z, r.w));
-      const uint32_t sb_max = m & 0xFFFFu, sb_min = 255 - (m >> 16);
-      cta_gap = mx::gap_keys_exact(sb_max, sb_min);
-      bmax = 2 * sb_max;
-    }
-    mx_tr_item<kGap>(p, s_data[it], s_sb[it], cta_slow, cta_gap, bmax, m0, width, kb0 + it,
-                     blockIdx.x);
+    mx_tr_item(p, s_data[it], s_sb[it], cta_slow, m0, width, kb0 + it, blockIdx.x);
   }
 }
 

@@ -21,15 +21,6 @@ inline unsigned __shfl_xor_sync(unsigned, unsigned v, int off) {
   emu::bar->arrive_and_wait();
   return r;
 }
-inline unsigned __reduce_max_sync(unsigned, unsigned v) {
-  emu::shfl32[emu::tid] = v;
-  emu::bar->arrive_and_wait();
-  const int w0 = emu::tid - emu::tid % 32;
-  unsigned r = 0;
-  for (int l = 0; l < 32; ++l) r = std::max(r, emu::shfl32[w0 + l]);
-  emu::bar->arrive_and_wait();
-  return r;
-}
 inline int __syncthreads_or(int pred) {
   emu::vote[emu::tid] = pred != 0;
   emu::bar->arrive_and_wait();
