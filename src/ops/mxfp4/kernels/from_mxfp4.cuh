@@ -27,6 +27,15 @@
 // of -128 for code 0, so one VIADDMNMX.S16 max(base + key, acc) replaces the min/max pair; exact
 // only while a tile's block exponents X span less than 64 (else the old path), and an all-zero
 // column must be told apart from the -128 lanes (acc below the tile's smallest base + 1).
+// Session 12 (H100, branch mx-sass, commit 7b79c85, not merged): the lever above, done as "gap
+// keys" (nonzero keys 248..255 above 2 sb so zero codes never win; tiles with a NaN block or an
+// exponent span > 123 take this path), cut the fast path from ~10.8 to ~8.6 static SASS per
+// element, but the time did not move: 0.1749-0.1750 ms vs 0.1738 (ops, 2 rounds each), ncu 171.3
+// vs 171.9 us, issue slots 59 -> 52%, ALU 78 -> 70%, with 24 B of spills at 96 registers (also with
+// the old paths outlined). So the kernel is no longer bound by ALU issue alone: at 5 CTAs of 4
+// warps per SM (30% occupancy) each CTA computes its items after their loads landed, and DRAM sits
+// at 68%. The next lever is more bytes in flight during the compute (a persistent CTA prefetching
+// item i + 2 while computing i, or smaller CTAs), then fewer instructions.
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
