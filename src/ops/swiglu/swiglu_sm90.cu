@@ -3,6 +3,8 @@
 // Napkin math and design: see the kernel file. Bench: `fp8flow-bench ops` (swiglu fwd / bwd rows).
 #include <cstdlib>
 
+#include <type_traits>
+
 #include "common/cuda_check.h"
 #include "ops/swiglu/kernels/swiglu_kernels.cuh"
 #include "ops/swiglu/swiglu_backends.h"
@@ -68,21 +70,28 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   p.F = static_cast<uint32_t>(F);
   constexpr int64_t kRowsPerBlock = k::kThreads / 32;
   const dim3 grid(static_cast<unsigned>((M + kRowsPerBlock - 1) / kRowsPerBlock));
-  // FP8FLOW_SWIGLU_BWD_OLD=1: the previous kernels (sigmoid through the IEEE divide), for A/B
-  // timing in one binary; same results.
-  static const bool old = [] {
-    const char* v = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
-    return v && v[0] == '1';
+  // FP8FLOW_SWIGLU_BWD_OLD=1: the previous kernels (sigmoid through the IEEE divide);
+  // FP8FLOW_SWIGLU_BWD_PF=0: the fast sigmoid without the prefetch. For A/B timing in one
+  // binary; same results.
+  static const int mode = [] {
+    const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
+    const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
+    return o && o[0] == '1' ? 0 : (f && f[0] == '0' ? 1 : 2);
   }();
   cudaStream_t s = to_cuda(stream);
-  if (weighted && old)
-    k::sm90_swiglu_bwd_1x128<K, true, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
-  else if (weighted)
-    k::sm90_swiglu_bwd_1x128<K, true, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
-  else if (old)
-    k::sm90_swiglu_bwd_1x128<K, false, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
+  auto go = [&](auto weighted_c) {
+    constexpr bool kW = decltype(weighted_c)::value;
+    if (mode == 0)
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
+    else if (mode == 1)
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
+    else
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true, true><<<grid, k::kThreads, 0, s>>>(p);
+  };
+  if (weighted)
+    go(std::true_type{});
   else
-    k::sm90_swiglu_bwd_1x128<K, false, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
+    go(std::false_type{});
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
 }
 

@@ -48,6 +48,16 @@
 //   pairs per loop iteration plus prologue, non-finite fallbacks excluded): 1291 -> 1066
 //   instructions, 50 -> 60 registers (still 4 blocks of 256 per SM). Same outputs bit for bit.
 //   FP8FLOW_SWIGLU_BWD_OLD=1 runs the previous kernels (A/B).
+// - Measured (H100, session 12, `fp8flow-bench ops --only "swiglu bwd" --reps 100`, 2 rounds):
+//   from the saved E4M3 h 0.1936 ms (70.6% of copy) -> fast sigmoid 0.1864 (73.3%) -> + prefetch
+//   (kPrefetch, the default; FP8FLOW_SWIGLU_BWD_PF=0 turns it off) 0.1825-0.1828 (74.9%); BF16
+//   out 0.2420 -> 0.2402; E4M3 out from BF16 h 0.2039 -> 0.2060 (the one variant 1% slower).
+//   ncu (fast, no prefetch): issue slots 81 -> 72%, DRAM 60 -> 64%, 9.9 cycles per issued
+//   instruction at 50% occupancy (60 registers); capping at 48 registers (5 blocks per SM, 8 B of
+//   spills) gave 0.1829 and slowed the BF16-out kernel 7%, so not kept. What is left to reach 80%
+//   (0.171 ms): the per-row scale words (4 B at a stride of M: 20% of the store sectors, ncu
+//   reports 26 of 32 bytes used per sector) through shared memory as whole sectors, and the
+//   per-tile scale arithmetic of quantize8.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -321,55 +331,91 @@ __global__ void __launch_bounds__(kThreads, kSaveIn ? kFwdSaveMinBlocks : 0)
 // no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. kFastSigmoid: the
 // sigmoid through hd::sigmoid_fast (sigmoid8); false: the previous kernel (every sigmoid through
 // the IEEE divide), kept for A/B runs (FP8FLOW_SWIGLU_BWD_OLD=1, swiglu_sm90.cu).
-template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true>
+// One warp iteration's inputs: kG 256-column steps of dy and of h's gate and up halves.
+template <bool kFp8In, int kG>
+struct BwdGroup {
+  uint4 vdy[kG];
+  InChunk<kFp8In> va[kG], vb[kG];
+  // Issues the loads of the steps starting at column c0 (zeros past F).
+  __device__ __forceinline__ void load(const BwdParams& p, const uint16_t* dy_row, uint64_t row_off,
+                                       uint32_t m, uint32_t lane, uint32_t c0) {
+#pragma unroll
+    for (int u = 0; u < kG; ++u) {
+      const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
+      vdy[u] = make_uint4(0, 0, 0, 0);
+      if (c < p.F) {
+        vdy[u] = load_stream(dy_row + c);
+        va[u].load(p, row_off, m, c);
+        vb[u].load(p, row_off, m, p.F + c);
+      }
+    }
+  }
+};
+
+template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid, int kG>
+__device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<kFp8In, kG>& g,
+                                            uint32_t c0, uint32_t m, uint32_t lane,
+                                            uint64_t row_off, float pr, float& part) {
+  const uint32_t F = p.F;
+#pragma unroll
+  for (int u = 0; u < kG; ++u) {
+    const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
+    if (c0 + u * 32 * sd::kChunk >= F) break;  // warp-uniform: nothing left for either half
+    const bool active = c < F;                 // half-warp-uniform
+    float dy[8], a[8], b[8], s[8], da[8], db[8];
+    unpack_bf16x8(g.vdy[u], dy);
+    g.va[u].unpack(a);
+    g.vb[u].unpack(b);
+    if constexpr (kFastSigmoid) sigmoid8(a, s);
+#pragma unroll
+    for (int k = 0; k < 8; ++k) {
+      const sd::Grad gr = kFastSigmoid ? sd::backward_with_sigmoid(dy[k], a[k], b[k], pr, s[k])
+                                       : sd::backward(dy[k], a[k], b[k], pr);
+      da[k] = gr.da;
+      db[k] = gr.db;
+      if (kWeighted && active) part = hd::add(part, gr.dp);
+    }
+    const uint32_t t = c / sd::kTile;
+    const bool scale_lane = lane % kHalf == 0;
+    store8<K>(p.din, p.scale, row_off + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
+    store8<K>(p.din, p.scale, row_off + F + c, db, active, scale_lane,
+              uint64_t{F / sd::kTile + t} * p.rows + m);
+  }
+}
+
+// kPrefetch: the row's 256-column steps double-buffered, step i + 1's loads issued before step i
+// is computed (else kBwdSteps steps' loads, then their math). NOTES (H100, session 12): without
+// it a warp had its loads in flight only while it waited for them (~1 us of each ~6 us
+// iteration), too few bytes in flight per SM for the DRAM rate (ncu: DRAM 64%, issue 72%).
+template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true, bool kPrefetch = false>
 __global__ void __launch_bounds__(kThreads)
     sm90_swiglu_bwd_1x128(const __grid_constant__ BwdParams p) {
   const uint32_t lane = threadIdx.x % 32;
   const uint32_t m = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
   if (m >= p.rows) return;  // whole warp
   const uint32_t F = p.F;
-  const uint32_t tiles_a = F / sd::kTile;
   const float pr = kWeighted ? __ldg(p.prob + m) : 1.0f;
   const uint16_t* dy_row = p.dy + uint64_t{m} * F;
   const uint64_t row_off = uint64_t{m} * (2 * F);  // of row m in h and in din (elements)
   float part = 0.0f;
 
-  for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
-    uint4 vdy[kBwdSteps];
-    InChunk<kFp8In> va[kBwdSteps], vb[kBwdSteps];
-#pragma unroll
-    for (int u = 0; u < kBwdSteps; ++u) {
-      const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
-      vdy[u] = make_uint4(0, 0, 0, 0);
-      if (c < F) {
-        vdy[u] = load_stream(dy_row + c);
-        va[u].load(p, row_off, m, c);
-        vb[u].load(p, row_off, m, F + c);
-      }
+  if constexpr (kPrefetch) {
+    constexpr uint32_t kStep = 32 * sd::kChunk;
+    BwdGroup<kFp8In, 1> g0, g1;
+    g0.load(p, dy_row, row_off, m, lane, 0);
+    for (uint32_t c0 = 0; c0 < F; c0 += 2 * kStep) {
+      g1.load(p, dy_row, row_off, m, lane, c0 + kStep);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g0, c0, m, lane, row_off, pr, part);
+      if (c0 + kStep >= F) break;
+      g0.load(p, dy_row, row_off, m, lane, c0 + 2 * kStep);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g1, c0 + kStep, m, lane, row_off, pr,
+                                                      part);
     }
-#pragma unroll
-    for (int u = 0; u < kBwdSteps; ++u) {
-      const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
-      if (c0 + u * 32 * sd::kChunk >= F) break;  // warp-uniform: nothing left for either half
-      const bool active = c < F;                 // half-warp-uniform
-      float dy[8], a[8], b[8], s[8], da[8], db[8];
-      unpack_bf16x8(vdy[u], dy);
-      va[u].unpack(a);
-      vb[u].unpack(b);
-      if constexpr (kFastSigmoid) sigmoid8(a, s);
-#pragma unroll
-      for (int k = 0; k < 8; ++k) {
-        const sd::Grad g = kFastSigmoid ? sd::backward_with_sigmoid(dy[k], a[k], b[k], pr, s[k])
-                                        : sd::backward(dy[k], a[k], b[k], pr);
-        da[k] = g.da;
-        db[k] = g.db;
-        if (kWeighted && active) part = hd::add(part, g.dp);
-      }
-      const uint32_t t = c / sd::kTile;
-      const bool scale_lane = lane % kHalf == 0;
-      store8<K>(p.din, p.scale, row_off + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
-      store8<K>(p.din, p.scale, row_off + F + c, db, active, scale_lane,
-                uint64_t{tiles_a + t} * p.rows + m);
+  } else {
+    for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
+      BwdGroup<kFp8In, kBwdSteps> g;
+      g.load(p, dy_row, row_off, m, lane, c0);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g, c0, m, lane, row_off, pr, part);
     }
   }
   if constexpr (kWeighted) {
