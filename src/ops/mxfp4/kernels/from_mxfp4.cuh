@@ -27,7 +27,7 @@
 // of -128 for code 0, so one VIADDMNMX.S16 max(base + key, acc) replaces the min/max pair; exact
 // only while a tile's block exponents X span less than 64 (else the old path), and an all-zero
 // column must be told apart from the -128 lanes (acc below the tile's smallest base + 1).
-// Session 12 (H100, branch mx-sass, commit 7b79c85, not merged): the lever above, done as "gap
+// Session 12 (H100, commit 7b79c85, reverted by 8de40a1): the lever above, done as "gap
 // keys" (nonzero keys 248..255 above 2 sb so zero codes never win; tiles with a NaN block or an
 // exponent span > 123 take this path), cut the fast path from ~10.8 to ~8.6 static SASS per
 // element, but the time did not move: 0.1749-0.1750 ms vs 0.1738 (ops, 2 rounds each), ncu 171.3
