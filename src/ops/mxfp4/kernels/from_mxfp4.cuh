@@ -29,7 +29,7 @@
 // column must be told apart from the -128 lanes (acc below the tile's smallest base + 1).
 // Session 12 (H100, commit 7b79c85, reverted by 8de40a1): the lever above, done as "gap
 // keys" (nonzero keys 248..255 above 2 sb so zero codes never win; tiles with a NaN block or an
-// exponent span > 123 take this path), cut the fast path from ~10.8 to ~8.6 static SASS per
+// exponent span > 123 keep the old path), cut the fast path from ~10.8 to ~8.6 static SASS per
 // element, but the time did not move: 0.1749-0.1750 ms vs 0.1738 (ops, 2 rounds each), ncu 171.3
 // vs 171.9 us, issue slots 59 -> 52%, ALU 78 -> 70%, with 24 B of spills at 96 registers (also with
 // the old paths outlined). So the kernel is no longer bound by ALU issue alone: at 5 CTAs of 4
