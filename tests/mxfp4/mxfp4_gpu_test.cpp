@@ -9,8 +9,6 @@
 #if FP8FLOW_WITH_CUDA
 #include <cuda_runtime.h>
 
-#include "ops/mxfp4/mxfp4_backends.h"  // sm90::set_mxfp4_transposed_variant
-
 namespace fp8flow::test {
 namespace {
 
@@ -144,44 +142,20 @@ void check_transposed(const HostScaled& y, std::vector<int64_t> groups, const st
   EXPECT_TRUE(scaled_equal(got.to_host(), want)) << what;
 }
 
-// Every case with each kernel (sm90::set_mxfp4_transposed_variant): the one-shot grid and the
-// persistent ring of 4 and of 3 stages (grids of SMs x CTAs per SM: more CTAs than items in the
-// small cases, several items per CTA in the large ones).
 TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   FP8FLOW_REQUIRE_GPU();
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/false);
-  for (const int variant : {0, 4, 3}) {
-    sm90::set_mxfp4_transposed_variant(variant);
-    const std::string v = " variant " + std::to_string(variant);
-    uint64_t seed = 40;
-    for (size_t ci = 0; ci < cases.size(); ++ci) {
-      const TransposedCase& c = cases[ci];
-      for (Fill f : kFills)
-        check_transposed(mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K), c.groups,
-                         label("from values", c.M, c.K, int(ci * 10) + int(f)) + v);
-      check_transposed(mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05), c.groups,
-                       label("raw, X >= 126 present", c.M, c.K, int(ci)) + v);
-      check_transposed(mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03), c.groups,
-                       label("raw, exact tiles", c.M, c.K, int(ci)) + v);
-    }
+  uint64_t seed = 40;
+  for (size_t ci = 0; ci < cases.size(); ++ci) {
+    const TransposedCase& c = cases[ci];
+    for (Fill f : kFills)
+      check_transposed(mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K), c.groups,
+                       label("from values", c.M, c.K, int(ci * 10) + int(f)));
+    check_transposed(mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05), c.groups,
+                     label("raw, X >= 126 present", c.M, c.K, int(ci)));
+    check_transposed(mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03), c.groups,
+                     label("raw, exact tiles", c.M, c.K, int(ci)));
   }
-  sm90::set_mxfp4_transposed_variant(-1);
-}
-
-// Larger than the persistent grid (132 x 5 CTAs on an H100): 8192 x 7168 in 3 groups, one empty,
-// one partial tail, so every CTA walks ~20 items across group boundaries with the ring wrapping.
-TEST(Mxfp4Gpu, Mxfp4ToFp8TransposedManyItemsPerCta) {
-  FP8FLOW_REQUIRE_GPU();
-  const int64_t M = 8192, K = 7168;
-  const std::vector<int64_t> groups = {3000, 0, 5192};
-  for (const int variant : {0, 4, 3}) {
-    sm90::set_mxfp4_transposed_variant(variant);
-    check_transposed(mx_random(M, K, 77, 60, 252, 0.1, 0.03), groups,
-                     label("raw, exact tiles", M, K) + " variant " + std::to_string(variant));
-    check_transposed(mx_random(M, K, 78, 0, 254, 0.05, 0.05), groups,
-                     label("raw, X >= 126 present", M, K) + " variant " + std::to_string(variant));
-  }
-  sm90::set_mxfp4_transposed_variant(-1);
 }
 
 // ---------------------------------------------------------------------------------------------

@@ -16,9 +16,4 @@ void fp8_to_mxfp4(const ScaledTensor& in, const ScaledTensor& out, const Mxfp4Ro
                   Stream stream);
 void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream);
 void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, Stream stream);
-// Backend-internal, for tests and A/B timing in one process: which kernel mxfp4_to_fp8_transposed
-// launches from now on. 0: the one-shot grid; 1 or 4: the persistent ring of 4 stages; 3: of 3
-// stages; -1: back to what FP8FLOW_MX_TR_PERSIST chose (the default: 0). Same bits either way.
-// Not thread-safe; CUDA builds only (defined in mxfp4_sm90.cu).
-void set_mxfp4_transposed_variant(int variant);
 }  // namespace fp8flow::sm90

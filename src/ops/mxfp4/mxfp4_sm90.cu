@@ -2,10 +2,6 @@
 // parameter blocks and launches on the caller's stream. Arguments were validated by mxfp4.cpp.
 // No host synchronization; empty tensors launch nothing. Kernels: kernels/to_mxfp4.cuh and
 // kernels/from_mxfp4.cuh.
-#include <algorithm>
-#include <cstdint>
-#include <cstdlib>
-
 #include "common/cuda_check.h"
 #include "common/groups.h"
 #include "ops/mxfp4/kernels/from_mxfp4.cuh"
@@ -34,24 +30,6 @@ void check_row_units(const char* op, const char* arg, int64_t units_per_row, int
         ErrorKind::Unsupported,
         detail::cat("fp8flow::", op, ": ", arg, ": expected cols <= ", max_units * elems_per_unit,
                     " for the CUDA backend, got ", units_per_row * elems_per_unit));
-}
-
-// Which transposed kernel runs: 0 the one-shot grid (sm90_mxfp4_to_e4m3_1x128_transposed), 4 or 3
-// the persistent ring of that many stages. FP8FLOW_MX_TR_PERSIST (read once): unset or 0 the
-// one-shot kernel (the default until the persistent one is timed), 1 or 4 persistent with 4
-// stages, 3 with 3. set_mxfp4_transposed_variant (tests) overrides it; -1 goes back to it.
-int& transposed_variant_override() {
-  static int v = -1;
-  return v;
-}
-int transposed_variant() {
-  static const int from_env = [] {
-    const char* v = std::getenv("FP8FLOW_MX_TR_PERSIST");
-    if (!v || v[0] == '\0' || v[0] == '0') return 0;
-    return v[0] == '3' ? 3 : 4;
-  }();
-  const int o = transposed_variant_override();
-  return o < 0 ? from_env : (o == 1 ? 4 : o);
 }
 
 uint32_t grid_for(int64_t units, int64_t per_cta) {
@@ -153,43 +131,10 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   p.key = mx::make_e2m1_key();
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;
-  const int64_t items = int64_t{p.groups.total_tiles} * (K / 128);
-  // The persistent kernel stages the scale bytes 4 at a time (cp.async needs them 4-byte
-  // aligned; the validation asks nothing of in.scale here) and counts items in 32 bits: otherwise
-  // the one-shot kernel, which gives the same bits. Grid: as many CTAs as fit at once (5 per SM on
-  // an H100: 96 registers, 37 KB smem), at most one per item.
-  int variant = transposed_variant();
-  if (reinterpret_cast<uintptr_t>(p.in_scale) % 4 != 0) variant = 0;
-  if (variant != 0 && items < (int64_t{1} << 31)) {
-    const char* op = "mxfp4_to_fp8_transposed";
-    const auto kernel = variant == 3 ? sm90_mxfp4_to_e4m3_1x128_transposed_persistent<3>
-                                     : sm90_mxfp4_to_e4m3_1x128_transposed_persistent<4>;
-    int dev = 0, sms = 0, per_sm = 0;
-    FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-    FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-    FP8FLOW_CUDA_CHECK(
-        op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTrThreads, 0));
-    const int64_t grid = std::min<int64_t>(items, int64_t{sms} * std::max(per_sm, 1));
-    if (variant == 3)
-      sm90_mxfp4_to_e4m3_1x128_transposed_persistent<3>
-          <<<static_cast<uint32_t>(grid), kTrThreads, 0, stream>>>(p);
-    else
-      sm90_mxfp4_to_e4m3_1x128_transposed_persistent<4>
-          <<<static_cast<uint32_t>(grid), kTrThreads, 0, stream>>>(p);
-  } else {
-    const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
-                    static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
-    sm90_mxfp4_to_e4m3_1x128_transposed<<<grid, kTrThreads, 0, stream>>>(p);
-  }
+  const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
+                  static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
+  sm90_mxfp4_to_e4m3_1x128_transposed<<<grid, kTrThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
-}
-
-void set_mxfp4_transposed_variant(int variant) {
-  FP8FLOW_CHECK(variant >= -1 && variant <= 4 && variant != 2, InvalidArgument,
-                detail::cat("fp8flow::sm90::set_mxfp4_transposed_variant: variant: expected -1, "
-                            "0, 1, 3 or 4, got ",
-                            variant));
-  transposed_variant_override() = variant;
 }
 
 }  // namespace fp8flow::sm90

@@ -2,8 +2,6 @@
 // tests/mxfp4/cpu_emulation/run.sh; see there for what it does and does not check.
 #include <gtest/gtest.h>
 
-#include <cuda_runtime.h>  // the fake runtime's emu:: knobs
-
 #include "common/test_util.h"
 #include "mxfp4/mxfp4_test_util.h"
 #include "ops/mxfp4/mxfp4_backends.h"
@@ -62,42 +60,23 @@ TEST(Emu, Fp8ToMxfp4AndBack) {
   }
 }
 
-// Every transposed case with the one-shot kernel and with the persistent ring (4 and 3 stages) on
-// grids of a few CTAs (each takes many items: the ring wraps, tiles change under it) and of more
-// CTAs than items (some CTAs take none).
 TEST(Emu, Mxfp4ToFp8Transposed) {
-  struct Variant {
-    int variant, sm_count, blocks_per_sm;
-    const char* name;
-  };
-  const Variant variants[] = {{0, 132, 5, "one-shot"},
-                              {4, 132, 5, "persistent 4 stages, 660 CTAs"},
-                              {4, 3, 1, "persistent 4 stages, 3 CTAs"},
-                              {3, 2, 2, "persistent 3 stages, 4 CTAs"}};
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/true);
-  for (const Variant& v : variants) {
-    sm90::set_mxfp4_transposed_variant(v.variant);
-    emu::sm_count = v.sm_count;
-    emu::blocks_per_sm = v.blocks_per_sm;
-    uint64_t seed = 200;
-    for (const TransposedCase& c : cases) {
-      std::vector<std::pair<std::string, HostScaled>> ins;
-      for (Fill f : kFillsEmu)
-        ins.emplace_back("values fill " + std::to_string(int(f)),
-                         mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K));
-      ins.emplace_back("raw, X >= 126 present", mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05));
-      ins.emplace_back("raw, exact tiles", mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03));
-      for (auto& [name, in] : ins) {
-        HostScaled want = alloc_fp8(c.K, c.M, c.groups), got = alloc_fp8(c.K, c.M, c.groups);
-        ref::mxfp4_to_fp8_transposed(in.st(), want.st());
-        sm90::mxfp4_to_fp8_transposed(in.st(), got.st(), nullptr);
-        same(want, got,
-             std::string(v.name) + ": transposed " + std::to_string(c.M) + "x" +
-                 std::to_string(c.K) + " groups " + std::to_string(c.groups.size()) + " " + name);
-      }
+  uint64_t seed = 200;
+  for (const TransposedCase& c : cases) {
+    std::vector<std::pair<std::string, HostScaled>> ins;
+    for (Fill f : kFillsEmu)
+      ins.emplace_back("values fill " + std::to_string(int(f)),
+                       mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K));
+    ins.emplace_back("raw, X >= 126 present", mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05));
+    ins.emplace_back("raw, exact tiles", mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03));
+    for (auto& [name, in] : ins) {
+      HostScaled want = alloc_fp8(c.K, c.M, c.groups), got = alloc_fp8(c.K, c.M, c.groups);
+      ref::mxfp4_to_fp8_transposed(in.st(), want.st());
+      sm90::mxfp4_to_fp8_transposed(in.st(), got.st(), nullptr);
+      same(want, got,
+           "transposed " + std::to_string(c.M) + "x" + std::to_string(c.K) + " groups " +
+               std::to_string(c.groups.size()) + " " + name);
     }
   }
-  sm90::set_mxfp4_transposed_variant(-1);
-  emu::sm_count = 132;
-  emu::blocks_per_sm = 5;
 }

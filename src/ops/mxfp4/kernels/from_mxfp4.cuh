@@ -2,8 +2,6 @@
 //   sm90_mxfp4_to_e4m3_1x128:            row-wise, out [M][K], scale [K/128][M] (mxfp4_to_fp8)
 //   sm90_mxfp4_to_e4m3_1x128_transposed: column-wise, out_t [K][M], scale [tiles][K], 128-token
 //                                        tiles restarting at each group (mxfp4_to_fp8_transposed)
-//   sm90_mxfp4_to_e4m3_1x128_transposed_persistent: the same, persistent CTAs with a load ring
-//                                        (opt-in, FP8FLOW_MX_TR_PERSIST; see its comment)
 //
 // Row-wise: a thread owns one 32-block per unit (16 B packed in: one LDG.128 + its E8M0 byte;
 // 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
@@ -38,11 +36,6 @@
 // warps per SM (30% occupancy) each CTA computes its items after their loads landed, and DRAM sits
 // at 68%. The next lever is more bytes in flight during the compute (a persistent CTA prefetching
 // item i + 2 while computing i, or smaller CTAs), then fewer instructions.
-// Session 13 (untimed): sm90_mxfp4_to_e4m3_1x128_transposed_persistent, that lever: SMs x CTAs
-// per SM persistent CTAs, each walking a strided item list through a ring of 4 (or 3) stages, so 3
-// (2) items' loads fly during every compute; same mx_tr_item, same bits. Opt-in with
-// FP8FLOW_MX_TR_PERSIST=1 (4 stages) or =3 until an H100 has timed it against this kernel.
-// ptxas: 96 registers, 4 B spilled (the loop counter), 36.9 KB (27.7 KB) static smem.
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
@@ -336,93 +329,6 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
     for (int b = 0; b < 4; ++b) s_sb[it][b][tid] = static_cast<uint8_t>(sb >> (8 * b));
     const bool cta_slow = __syncthreads_or(sl);
     mx_tr_item(p, s_data[it], s_sb[it], cta_slow, m0, width, kb0 + it, blockIdx.x);
-  }
-}
-
-// Persistent variant (opt-in: FP8FLOW_MX_TR_PERSIST, see mxfp4_sm90.cu; untimed so far): as many
-// CTAs as fit on the device, each walking the items (tile, kb) = (i / nkb, i % nkb) with
-// i = blockIdx.x, blockIdx.x + gridDim.x, ... through a ring of kStages shared-memory stages, so
-// kStages - 1 items' loads are in flight while one is computed (the one-shot kernel above has at
-// most one, and none during its last item's compute). Channel blocks are fastest in the item
-// order: at any moment the grid works on a contiguous window of items, i.e. neighbouring 64-byte
-// pieces of the same token rows (whole 128-byte lines and DRAM pages of codes, whole sectors of
-// scale bytes), and the output of the window is whole 128-channel row blocks of a few token tiles.
-// A stage holds the item's codes (8 KB, cp.async 16 B, swizzled as above), its tokens' 4 scale
-// bytes each (cp.async 4 B, row-major; needs in_scale 4-byte aligned, which the launcher checks),
-// and (thread 0 writes it) the item's m0, width, kb and tile. Per item, one barrier: wait for the
-// stage's group, transpose the own token's scale bytes into s_sb and vote the slow flag
-// (__syncthreads_or: also the barrier after which every thread finished the previous item), then
-// refill the previous item's stage with item + kStages - 1 and compute.
-template <int kStages>
-__global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
-    sm90_mxfp4_to_e4m3_1x128_transposed_persistent(const __grid_constant__ MxToFp8TParams p) {
-  static_assert(kStages >= 3 && kStages <= 4, "kStages - 2 groups pending at each wait below");
-  __shared__ __align__(16) uint32_t s_data[kStages][128 * 16];
-  __shared__ __align__(16) uint32_t s_sraw[kStages][128];  // token t's 4 scale bytes
-  __shared__ __align__(16) uint8_t s_sb[kStages][4][128];  // transposed for mx_tr_item
-  __shared__ __align__(16) int32_t s_meta[kStages][4];     // m0, width, kb, tile
-
-  const uint32_t tid = threadIdx.x;
-  const uint32_t nkb = p.K / 128, grid = gridDim.x;
-  const uint32_t n_items = static_cast<uint32_t>(p.groups.total_tiles) * nkb;
-  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
-
-  // Item j of this CTA into stage j % kStages; one commit group per call (empty past the CTA's
-  // last item). Registers: only the loop counter lives across mx_tr_item besides its arguments
-  // ((tile, kb) from a division per item and tile_cols' binary search, not a stepped cursor and
-  // tile_cols_walk's group, and the trip count from the parameters: with those ptxas spilled
-  // 16 bytes at the 96-register cap; now 4).
-  auto load = [&](uint32_t j) {
-    const uint32_t item = blockIdx.x + j * grid;
-    if (item < n_items) {
-      const uint32_t st = j % kStages;
-      const uint32_t lt = item / nkb, lk = item - lt * nkb;
-      int32_t m0, width;
-      p.groups.tile_cols(static_cast<int32_t>(lt), m0, width);
-      const uint32_t w = static_cast<uint32_t>(width);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t r = (tid >> 2) + 32 * q;
-        const uint8_t* src = p.in + (m0 + (r < w ? r : 0)) * row_bytes + lk * 64 + (tid & 3) * 16;
-        cp_async_16(&s_data[st][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
-      }
-      // Scale bytes of token tid (zeros past the width: X = -127, no effect).
-      cp_async_4(&s_sraw[st][tid], p.in_scale + (m0 + (tid < w ? tid : 0)) * scale_row + lk * 4,
-                 tid < w ? 4u : 0u);
-      if (tid == 0) {
-        s_meta[st][0] = m0;
-        s_meta[st][1] = width;
-        s_meta[st][2] = static_cast<int32_t>(lk);
-        s_meta[st][3] = static_cast<int32_t>(lt);
-      }
-    }
-    cp_async_commit();
-  };
-
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) load(j);
-#pragma unroll 1
-  for (uint32_t i = 0; blockIdx.x + i * grid < n_items; ++i) {
-    const uint32_t st = i % kStages;
-    // Groups committed so far: items 0 .. i + kStages - 2; item i's is complete when at most
-    // kStages - 2 newer ones are pending. The own copies are visible to this thread now.
-    cp_async_wait<kStages - 2>();
-    const uint32_t sbw = s_sraw[st][tid];
-    bool slow = false;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t x = (sbw >> (8 * b)) & 0xFFu;
-      s_sb[st][b][tid] = static_cast<uint8_t>(x);
-      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
-    }
-    // Everyone's copies of item i and s_sb are visible after it, and everyone is done with item
-    // i - 1, whose stage (i + kStages - 1) % kStages the load below refills.
-    const bool cta_slow = __syncthreads_or(slow);
-    const int32_t m0 = s_meta[st][0], width = s_meta[st][1];
-    const uint32_t kb = static_cast<uint32_t>(s_meta[st][2]),
-                   tile = static_cast<uint32_t>(s_meta[st][3]);
-    load(i + kStages - 1);
-    mx_tr_item(p, s_data[st], s_sb[st], cta_slow, m0, width, kb, tile);
   }
 }
 
