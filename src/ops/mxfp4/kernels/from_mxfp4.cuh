@@ -34,8 +34,13 @@
 // vs 171.9 us, issue slots 59 -> 52%, ALU 78 -> 70%, with 24 B of spills at 96 registers (also with
 // the old paths outlined). So the kernel is no longer bound by ALU issue alone: at 5 CTAs of 4
 // warps per SM (30% occupancy) each CTA computes its items after their loads landed, and DRAM sits
-// at 68%. The next lever is more bytes in flight during the compute (a persistent CTA prefetching
-// item i + 2 while computing i, or smaller CTAs), then fewer instructions.
+// at 68%. Tried next, same session (commit 3a0a277, reverted by 9bb5c6d): a persistent kernel
+// (SMs x 5 CTAs) walking the items with a ring of 3 or 4 cp.async stages, 2-3 items' loads in
+// flight during every item's math, one barrier per item, the same mx_tr_item: slower, 0.1775-0.1780
+// ms (3 stages) and 0.1814-0.1816 (4) against 0.1742-0.1745 for this kernel, same bits
+// (Mxfp4Gpu 9 tests, memcheck 0, racecheck 0). Neither fewer ALU instructions nor more bytes in
+// flight moved it alone; what binds is not yet identified (ncu source-level stall sampling of
+// both variants is the next step).
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
