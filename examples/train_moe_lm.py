@@ -505,7 +505,7 @@ def report(out, window=100, threshold=0.0025):
                  "val vs bf16 | tokens/s | step ms | torch peak GiB | fp8flow pools GiB | sum GiB |")
     lines.append("|---|---|---|---|---|---|---|---|---|---|---|---|---|---|")
     base_val = summaries.get("bf16", {}).get("val_loss")
-    verdicts, one_sided, diffs, vdiffs = {}, {}, {}, {}
+    verdicts, one_sided, finals, diffs, vdiffs = {}, {}, {}, {}, {}
     for r in order:
         s = summaries.get(r, {})
         st = s.get("status", "no summary")
@@ -513,7 +513,7 @@ def report(out, window=100, threshold=0.0025):
         fl = float(np.mean(curves[r][1][common - w:common])) if (r in curves and w) else float("nan")
         if base is not None and math.isfinite(fl):
             d = fl / base - 1
-            diffs[r] = d
+            finals[r], diffs[r] = fl, d
             dtxt = f"{d:+.3%}"
             clean = s.get("nan_step") is None and math.isfinite(fl)
             ok, ok1 = abs(d) < threshold and clean, d < threshold and clean
@@ -524,10 +524,10 @@ def report(out, window=100, threshold=0.0025):
         else:
             dtxt, acc, acc1 = "n/a", "n/a", "n/a"
         vl = s.get("val_loss")
-        vtxt = (f"{vl / base_val - 1:+.3%}" if isinstance(vl, (int, float)) and isinstance(base_val, (int, float))
-                and math.isfinite(vl) and math.isfinite(base_val) and base_val > 0 else "n/a")
-        if vtxt != "n/a":
+        if (isinstance(vl, (int, float)) and isinstance(base_val, (int, float)) and math.isfinite(vl)
+                and math.isfinite(base_val) and base_val > 0):
             vdiffs[r] = vl / base_val - 1
+        vtxt = f"{vdiffs[r]:+.3%}" if r in vdiffs else "n/a"
         tp, peak, pools = s.get("tokens_per_s"), s.get("torch_peak_gib"), s.get("fp8flow_pools_gib")
         total = (peak or 0) + (pools or 0) if peak is not None else None
 
@@ -550,8 +550,7 @@ def report(out, window=100, threshold=0.0025):
                          f"(one-sided: {'PASS' if one_sided[r] else 'FAIL'})")
     # Controls: bf16 runs under other names (--name, e.g. --init-perturb): how far two runs of the
     # same recipe drift apart; a recipe's difference inside that spread is not a property of it.
-    controls = [r for r in order if r not in RECIPES + ["torch"] and summaries.get(r, {}).get("recipe") == "bf16"
-                and r in diffs]
+    controls = [r for r in order if r not in known and summaries.get(r, {}).get("recipe") == "bf16" and r in diffs]
     if controls:
         floor = max(abs(diffs[r]) for r in controls)
         vfloor = max((abs(vdiffs[r]) for r in controls if r in vdiffs), default=float("nan"))
@@ -565,7 +564,7 @@ def report(out, window=100, threshold=0.0025):
                              f"{'inside' if inside else 'outside'} the bf16 controls' spread")
         # bf16's loss estimated by the mean of its runs (one run is off by the spread above).
         ens = ["bf16"] + controls
-        fin = [base * (1 + diffs.get(r, 0.0)) for r in ens]
+        fin = [finals[r] for r in ens]
         mean = float(np.mean(fin))
         sd = float(np.std(fin, ddof=1)) / mean
         vals = [summaries.get(r, {}).get("val_loss") for r in ens]
@@ -574,7 +573,7 @@ def report(out, window=100, threshold=0.0025):
                      f"std {sd:.3%})" + (f", validation {vmean:.4f}" if vmean else ""))
         for r in ("fp8-flow", "fp8-flow-mxfp4"):
             if r in diffs:
-                dm = base * (1 + diffs[r]) / mean - 1
+                dm = finals[r] / mean - 1
                 vl = summaries.get(r, {}).get("val_loss")
                 vt = f", validation {vl / vmean - 1:+.3%}" if vmean and isinstance(vl, (int, float)) else ""
                 ok = abs(dm) < threshold and summaries.get(r, {}).get("nan_step") is None

@@ -327,10 +327,6 @@ __global__ void __launch_bounds__(kThreads, kSaveIn ? kFwdSaveMinBlocks : 0)
 }
 
 // ------------------------------------------------------------------------------------------------
-// Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
-// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. kFastSigmoid: the
-// sigmoid through hd::sigmoid_fast (sigmoid8); false: the previous kernel (every sigmoid through
-// the IEEE divide), kept for A/B runs (FP8FLOW_SWIGLU_BWD_OLD=1, swiglu_sm90.cu).
 // One warp iteration's inputs: kG 256-column steps of dy and of h's gate and up halves.
 template <bool kFp8In, int kG>
 struct BwdGroup {
@@ -383,6 +379,10 @@ __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<k
   }
 }
 
+// Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
+// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. kFastSigmoid: the
+// sigmoid through hd::sigmoid_fast (sigmoid8); false: the previous kernel (every sigmoid through
+// the IEEE divide), kept for A/B runs (FP8FLOW_SWIGLU_BWD_OLD=1, swiglu_sm90.cu).
 // kPrefetch: the row's 256-column steps double-buffered, step i + 1's loads issued before step i
 // is computed (else kBwdSteps steps' loads, then their math). NOTES (H100, session 12): without
 // it a warp had its loads in flight only while it waited for them (~1 us of each ~6 us
