@@ -218,8 +218,7 @@ TEST(SwigluGpu, PaddingVariantsMatchReference) {
 // Gate inputs around the backward's fast-sigmoid bound (-86.5; sigmoid subnormal below -87.34,
 // 0 below -88.73): rows where some warp takes the exact path for a chunk and rows where none does,
 // next to rows of ordinary values, NaN and -Inf. Every kind, weighted and not, BF16 and saved h.
-TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
-  FP8FLOW_REQUIRE_GPU();
+SwigluCase fast_sigmoid_bound_case() {
   SwigluCase c = test::make_case(48, 640, Fill::Normal, 11, false);
   std::mt19937_64 rng(12);
   std::uniform_real_distribution<float> u(-95.f, -80.f);
@@ -232,12 +231,47 @@ TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
     if (m % 8 == 5) h[m * n + 7] = 0x7FC0;    // NaN gate
     if (m % 8 == 6) h[m * n + 300] = 0xFF80;  // -Inf gate
   }
+  return c;
+}
+
+TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
+  FP8FLOW_REQUIRE_GPU();
+  const SwigluCase c = fast_sigmoid_bound_case();
   for (DType k : kKinds) {
     for (bool w : {true, false}) {
       SCOPED_TRACE(testing::Message() << "out " << to_string(k) << " weighted " << w);
       expect_backward_equal(c, k, w);
       if (k != DType::BF16) expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
     }
+  }
+}
+
+// Every backward kernel variant in one process (sm90::swiglu_set_backward_variant: 0 the
+// IEEE-divide sigmoid, 1 no prefetch, 2 the default, 3 FP8FLOW_SWIGLU_BWD_NEXT's branch-free tile
+// scale and shared-memory staged scale words), FP8 out from BF16 h and from the saved E4M3 h, bit
+// for bit against the reference. kShapes has M % 8 != 0 (a last block of fewer than 8 rows: M = 1,
+// 2, 3, 5, 37, 129, 300) and F % 256 == 128 (128, 384, 128 * 37); plus the fast-sigmoid bound rows
+// and M = 1031 at the DeepSeek-V3 F.
+TEST(SwigluGpu, BackwardVariantsMatchReference) {
+  FP8FLOW_REQUIRE_GPU();
+  struct Restore {
+    ~Restore() { sm90::swiglu_set_backward_variant(-1); }
+  } restore;
+  const SwigluCase bound = fast_sigmoid_bound_case();
+  const SwigluCase large = test::make_case(1031, 2048, Fill::WideRange, 13);
+  for (int v : {0, 1, 2, 3}) {
+    SCOPED_TRACE(testing::Message() << "backward variant " << v);
+    sm90::swiglu_set_backward_variant(v);
+    for_each_case(5000, {DType::E4M3, DType::E5M2}, true, [](const SwigluCase& c, DType k, bool w) {
+      expect_backward_equal(c, k, w);
+      expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
+    });
+    for (DType k : {DType::E4M3, DType::E5M2})
+      for (bool w : {true, false})
+        for (const SwigluCase* c : {&bound, &large}) {
+          expect_backward_equal(*c, k, w);
+          expect_backward_equal(*c, k, w, nullptr, /*saved_in=*/true);
+        }
   }
 }
 

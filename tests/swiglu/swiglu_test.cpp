@@ -8,6 +8,8 @@
 #include <functional>
 #include <random>
 #include <string>
+#include <thread>
+#include <vector>
 
 #include "ops/swiglu/kernels/fast_div.h"
 #include "ops/swiglu/swiglu_math.h"
@@ -107,6 +109,60 @@ void check_forward_fp8(const SwigluCase& c, DType d) {
     }
   }
   EXPECT_GT(checked, 0);
+}
+
+// The kernels' branch-free tile scale (swiglu_detail::scale_pair, the saved-h backward's
+// FP8FLOW_SWIGLU_BWD_NEXT variant) equals fmt::exp2i(+-scale_exponent) for every amax they can
+// produce: all 2^31 - 2^23 finite non-negative FP32 bit patterns (0, subnormals, every value
+// around each 1.75 * 2^k threshold, the clamp ends), both FP8 kinds. Exhaustive, on 8 threads.
+using swiglu_detail::OutKind;
+
+template <OutKind K>
+void expect_scale_pair_exhaustive() {
+  constexpr uint32_t kEnd = 0x7F800000u;  // +Inf: the sweep is [0, kEnd)
+  constexpr int kThreads = 8;
+  std::vector<uint64_t> bad(kThreads, 0);
+  std::vector<uint32_t> example(kThreads, 0);
+  std::vector<std::thread> pool;
+  for (int t = 0; t < kThreads; ++t)
+    pool.emplace_back([&, t] {
+      const uint32_t lo = static_cast<uint32_t>(uint64_t{kEnd} * t / kThreads);
+      const uint32_t hi = static_cast<uint32_t>(uint64_t{kEnd} * (t + 1) / kThreads);
+      uint64_t n = 0;
+      for (uint32_t u = lo; u < hi; ++u) {
+        const float amax = fmt::f32_from_bits(u);
+        const int e = swiglu_detail::scale_exponent<K>(amax);
+        const swiglu_detail::ScalePair sp = swiglu_detail::scale_pair<K>(amax);
+        if (fmt::f32_bits(sp.scale) != fmt::f32_bits(fmt::exp2i(e)) ||
+            fmt::f32_bits(sp.inv) != fmt::f32_bits(fmt::exp2i(-e))) {
+          ++n;
+          example[t] = u;
+        }
+      }
+      bad[t] = n;
+    });
+  for (std::thread& th : pool) th.join();
+  for (int t = 0; t < kThreads; ++t)
+    EXPECT_EQ(bad[t], 0u) << "amax bits e.g. 0x" << std::hex << example[t];
+}
+
+TEST(SwigluRef, ScalePairEqualsExp2iExhaustive) {
+  expect_scale_pair_exhaustive<OutKind::E4M3>();
+  expect_scale_pair_exhaustive<OutKind::E5M2>();
+  // The edges by name: zero, the largest subnormal, 2^-126, the E4M3 threshold 1.75 * 2^-119 and
+  // the next float (e = -127 and -126 after the clamp), 448 and its successor, FLT_MAX.
+  using swiglu_detail::scale_pair;
+  EXPECT_EQ(fmt::f32_bits(scale_pair<OutKind::E4M3>(0.0f).scale), 0x00400000u);
+  EXPECT_EQ(fmt::f32_bits(scale_pair<OutKind::E4M3>(0.0f).inv), 0x7F000000u);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(fmt::f32_from_bits(0x007FFFFFu)).scale, 0x1p-127f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(0x1p-126f).scale, 0x1p-127f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(0x1.cp-119f).scale, 0x1p-127f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(std::nextafter(0x1.cp-119f, 1.0f)).scale, 0x1p-126f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(448.0f).scale, 1.0f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(std::nextafter(448.0f, 1e9f)).scale, 2.0f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(FLT_MAX).scale, 0x1p120f);
+  EXPECT_EQ(scale_pair<OutKind::E4M3>(FLT_MAX).inv, 0x1p-120f);
+  EXPECT_EQ(scale_pair<OutKind::E5M2>(FLT_MAX).scale, 0x1p113f);
 }
 
 TEST(SwigluRef, ForwardFp8WithinHalfUlpOfFp64) {

@@ -103,6 +103,26 @@ FP8FLOW_HD int scale_exponent(float amax) {
   return fmt::scale_exponent(amax, K == OutKind::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp);
 }
 
+// A tile's scale 2^e and its inverse 2^-e for e = scale_exponent<K>(amax), from amax's bits with
+// a few integer ops and no branches, for the amaxes the kernels produce (finite, sign bit clear);
+// equal bit for bit to fmt::exp2i(e) and fmt::exp2i(-e) there (swiglu_test.cpp sweeps every such
+// bit pattern). Why it holds: exponent field + (significand > 1.75) is the field of bits +
+// (2^23 - 0x600001) (the carry out of the significand), so e + 127 = max(f, max_exp) - max_exp
+// with f = (bits + 0x1FFFFF) >> 23 <= 255: the lower clamp (-127, also every amax < 2^-126)
+// is the max, the upper one (127) is never reached (e <= 255 - 127 - 8 = 120). 2^e is normal
+// except 2^-127 (bits 0x400000), 2^-e always normal: (254 - (e + 127)) << 23.
+struct ScalePair {
+  float scale, inv;
+};
+template <OutKind K>
+FP8FLOW_HD ScalePair scale_pair(float amax) {
+  constexpr uint32_t kMaxExp = K == OutKind::E4M3 ? fmt::kE4M3MaxExp : fmt::kE5M2MaxExp;
+  const uint32_t f = (fmt::f32_bits(amax) + 0x1FFFFFu) >> 23;
+  const uint32_t sb = ((f > kMaxExp ? f : kMaxExp) - kMaxExp) << 23;  // (e + 127) << 23
+  return {fmt::f32_from_bits(sb > 0x400000u ? sb : 0x400000u),
+          fmt::f32_from_bits(0x7F000000u - sb)};
+}
+
 // How an FP8 output encodes NaN. Canonical: results of the SwiGLU math, whose NaN bits differ
 // between the CPU's and the GPU's arithmetic, get the canonical NaN code 0x7F. AsQuantize: the
 // saved FP8 copy of the BF16 input, whose NaNs have a definite sign, is encoded exactly as

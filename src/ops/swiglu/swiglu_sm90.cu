@@ -1,6 +1,7 @@
 // sm_90a backend of the SwiGLU ops: builds kernel parameters from validated views and launches the
 // fused kernels of kernels/swiglu_kernels.cuh on the caller's stream (no host sync).
 // Napkin math and design: see the kernel file. Bench: `fp8flow-bench ops` (swiglu fwd / bwd rows).
+#include <atomic>
 #include <cstdlib>
 
 #include <type_traits>
@@ -18,6 +19,25 @@ using swiglu_detail::OutKind;
 
 cudaStream_t to_cuda(Stream s) {
   return reinterpret_cast<cudaStream_t>(s);
+}
+
+// The backward kernel variant (A/B timing in one binary; same results): 0 the previous kernels
+// (sigmoid through the IEEE divide, FP8FLOW_SWIGLU_BWD_OLD=1), 1 the fast sigmoid without the
+// prefetch (FP8FLOW_SWIGLU_BWD_PF=0), 2 the default, 3 kNext (FP8FLOW_SWIGLU_BWD_NEXT=1: the
+// branch-free tile scale and the scale words through shared memory; FP8 out only, BF16 out runs
+// 2). Environment read once; swiglu_set_backward_variant overrides it (tests).
+std::atomic<int> g_bwd_variant_override{-1};
+int backward_variant() {
+  static const int env = [] {
+    const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
+    const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
+    const char* n = std::getenv("FP8FLOW_SWIGLU_BWD_NEXT");
+    if (o && o[0] == '1') return 0;
+    if (f && f[0] == '0') return 1;
+    return n && n[0] == '1' ? 3 : 2;
+  }();
+  const int v = g_bwd_variant_override.load(std::memory_order_relaxed);
+  return v >= 0 ? v : env;
 }
 
 // kSaveIn: also writes in_q, the saved E4M3 copy of in (data, scale).
@@ -70,14 +90,7 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   p.F = static_cast<uint32_t>(F);
   constexpr int64_t kRowsPerBlock = k::kThreads / 32;
   const dim3 grid(static_cast<unsigned>((M + kRowsPerBlock - 1) / kRowsPerBlock));
-  // FP8FLOW_SWIGLU_BWD_OLD=1: the previous kernels (sigmoid through the IEEE divide);
-  // FP8FLOW_SWIGLU_BWD_PF=0: the fast sigmoid without the prefetch. For A/B timing in one
-  // binary; same results.
-  static const int mode = [] {
-    const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
-    const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
-    return o && o[0] == '1' ? 0 : (f && f[0] == '0' ? 1 : 2);
-  }();
+  const int mode = backward_variant();
   cudaStream_t s = to_cuda(stream);
   auto go = [&](auto weighted_c) {
     constexpr bool kW = decltype(weighted_c)::value;
@@ -85,8 +98,10 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
       k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
     else if (mode == 1)
       k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
-    else
+    else if (K == OutKind::BF16 || mode == 2)
       k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true, true><<<grid, k::kThreads, 0, s>>>(p);
+    else if constexpr (K != OutKind::BF16)
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true, true, true><<<grid, k::kThreads, 0, s>>>(p);
   };
   if (weighted)
     go(std::true_type{});
@@ -193,6 +208,10 @@ int64_t run_check(const char* op, Launch launch, uint32_t* example) {
 }
 
 }  // namespace
+
+void swiglu_set_backward_variant(int variant) {
+  g_bwd_variant_override.store(variant, std::memory_order_relaxed);
+}
 
 int64_t swiglu_silu_mismatches(uint32_t* example) {
   return run_check(

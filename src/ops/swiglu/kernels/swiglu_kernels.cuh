@@ -26,7 +26,8 @@
 //   Half-warps again own 1x128 tiles (da and db tiles at the same columns), so the scale logic is
 //   the forward's. F % 256 == 128 leaves the upper half-warp without work on the last chunk; it
 //   still joins the (half-warp-local) shuffles with zeros and skips its loads and stores.
-// - No shared memory, no atomics: every output element and scale has exactly one writer.
+// - No atomics: every output element and scale has exactly one writer; no shared memory except
+//   the backward's kNext scale staging.
 // - Inputs are read once: loads use the streaming (evict-first) cache hint.
 // - Saved input (forward kSaveIn): the half-warp that owns output tile t of a row already holds
 //   that row's gate tile t and up tile t of h, which are exactly the 1x128 tiles t and F/128 + t
@@ -58,6 +59,20 @@
 //   (0.171 ms): the per-row scale words (4 B at a stride of M: 20% of the store sectors, ncu
 //   reports 26 of 32 bytes used per sector) through shared memory as whole sectors, and the
 //   per-tile scale arithmetic of quantize8.
+// - kNext (FP8FLOW_SWIGLU_BWD_NEXT=1; FP8 out, on top of the default; UNTIMED, A/B it): both
+//   items above. quantize8<..., kFastScale> takes the scale and its inverse from
+//   sd::scale_pair (5-6 integer ops on amax's bits, no branches; equal to exp2i(+-scale_exponent)
+//   for every finite amax >= 0, swiglu_test.cpp sweeps all of them) instead of scale_exponent's
+//   branches and two exp2i. The scale words of each 256-column step go to shared memory
+//   (stage[2][4][8]: da / db x lower / upper half-warp tile x warp); after a block barrier one warp
+//   (rotating with the step) writes them, each tile's 8 rows m0.. one 32-byte sector (with
+//   M % 8 == 0), instead of 8 warps writing 4 B each at a stride of M. For the barriers every warp
+//   runs to the end: a warp past the last row has its loads and stores off (lim = 0). in_scale is
+//   still read per half-warp (one __ldg per chunk, L1 hits for the block's other 7 rows: a
+//   cooperative load would have to be staged a step ahead of the barrier to stay off the critical
+//   path). Static SASS of the weighted E4M3 saved-h kernel (whole .text; up to the last EXIT):
+//   3424 -> 3384 (3256 -> 3217); BRA 229 -> 209, BSSY/BSYNC 103 -> 93, ISETP 324 -> 311;
+//   64 registers, no spills (4 blocks of 256 per SM), 256 B shared, 1 barrier.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -153,9 +168,10 @@ __device__ __forceinline__ float max_nan(float a, float b) {
 }
 
 // Quantizes this thread's 8 values of one tile (the half-warp holds the whole tile) and returns
-// the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes).
-
-template <OutKind K, NanCode N>
+// the packed codes; `scale_out` receives the tile's scale (the same on all 16 lanes). kFastScale:
+// the scale and its inverse through sd::scale_pair (integer ops on amax's bits, no branches; the
+// same values, swiglu_test.cpp sweeps every amax); false: scale_exponent + exp2i (the forward's).
+template <OutKind K, NanCode N, bool kFastScale = false>
 __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out) {
   // amax over finite results (== sd::amax_term / sd::amax_max). Common case, one instruction per
   // element: a NaN-propagating max of |y| over the tile; when it is finite on every lane of the
@@ -179,9 +195,16 @@ __device__ __forceinline__ uint2 quantize8(const float (&y)[8], float& scale_out
     }
     amax = half_warp_max(amax);
   }
-  const int e = sd::scale_exponent<K>(amax);
-  scale_out = fmt::exp2i(e);
-  const float inv = fmt::exp2i(-e);
+  float inv;
+  if constexpr (kFastScale) {
+    const sd::ScalePair sp = sd::scale_pair<K>(amax);
+    scale_out = sp.scale;
+    inv = sp.inv;
+  } else {
+    const int e = sd::scale_exponent<K>(amax);
+    scale_out = fmt::exp2i(e);
+    inv = fmt::exp2i(-e);
+  }
   uint32_t w[2];
   if (kHardwareCvt && finite) {
 #pragma unroll
@@ -214,15 +237,16 @@ __device__ __forceinline__ uint4 pack_bf16x8(const float (&y)[8]) {
 }
 
 // Stores 8 values of one tile at element offset `off` of a row-major [M][cols] output; FP8 also
-// writes the scale of (tile, row) when this is lane 0 of the half-warp.
-template <OutKind K, NanCode N = NanCode::Canonical>
+// writes the scale of (tile, row) when this is lane 0 of the half-warp (scale may point to shared
+// memory: the backward's kNext staging).
+template <OutKind K, NanCode N = NanCode::Canonical, bool kFastScale = false>
 __device__ __forceinline__ void store8(void* out, float* scale, uint64_t off, const float (&y)[8],
                                        bool active, bool scale_lane, uint64_t scale_idx) {
   if constexpr (K == OutKind::BF16) {
     if (active) *reinterpret_cast<uint4*>(static_cast<uint16_t*>(out) + off) = pack_bf16x8(y);
   } else {
     float s;
-    const uint2 q = quantize8<K, N>(y, s);  // all lanes: shuffles inside
+    const uint2 q = quantize8<K, N, kFastScale>(y, s);  // all lanes: shuffles inside
     if (active) {
       *reinterpret_cast<uint2*>(static_cast<uint8_t*>(out) + off) = q;
       if (scale_lane) scale[scale_idx] = s;
@@ -332,14 +356,15 @@ template <bool kFp8In, int kG>
 struct BwdGroup {
   uint4 vdy[kG];
   InChunk<kFp8In> va[kG], vb[kG];
-  // Issues the loads of the steps starting at column c0 (zeros past F).
+  // Issues the loads of the steps starting at column c0 (zeros at columns >= lim: F, or 0 for a
+  // kNext warp past the last row).
   __device__ __forceinline__ void load(const BwdParams& p, const uint16_t* dy_row, uint64_t row_off,
-                                       uint32_t m, uint32_t lane, uint32_t c0) {
+                                       uint32_t m, uint32_t lane, uint32_t c0, uint32_t lim) {
 #pragma unroll
     for (int u = 0; u < kG; ++u) {
       const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
       vdy[u] = make_uint4(0, 0, 0, 0);
-      if (c < p.F) {
+      if (c < lim) {
         vdy[u] = load_stream(dy_row + c);
         va[u].load(p, row_off, m, c);
         vb[u].load(p, row_off, m, p.F + c);
@@ -348,16 +373,19 @@ struct BwdGroup {
   }
 };
 
-template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid, int kG>
+// kNext: the scales go to `stage` (shared, [4][8]: da lower / upper half-warp tile, db lower /
+// upper, by warp) for flush_scales; lim: see BwdGroup::load.
+template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid, bool kNext, int kG>
 __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<kFp8In, kG>& g,
                                             uint32_t c0, uint32_t m, uint32_t lane,
-                                            uint64_t row_off, float pr, float& part) {
+                                            uint64_t row_off, float pr, float& part, uint32_t lim,
+                                            float* stage) {
   const uint32_t F = p.F;
 #pragma unroll
   for (int u = 0; u < kG; ++u) {
     const uint32_t c = c0 + (u * 32 + lane) * sd::kChunk;
     if (c0 + u * 32 * sd::kChunk >= F) break;  // warp-uniform: nothing left for either half
-    const bool active = c < F;                 // half-warp-uniform
+    const bool active = c < lim;               // half-warp-uniform
     float dy[8], a[8], b[8], s[8], da[8], db[8];
     unpack_bf16x8(g.vdy[u], dy);
     g.va[u].unpack(a);
@@ -373,9 +401,31 @@ __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<k
     }
     const uint32_t t = c / sd::kTile;
     const bool scale_lane = lane % kHalf == 0;
-    store8<K>(p.din, p.scale, row_off + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
-    store8<K>(p.din, p.scale, row_off + F + c, db, active, scale_lane,
-              uint64_t{F / sd::kTile + t} * p.rows + m);
+    if constexpr (kNext) {
+      static_assert(kG == 1, "one 256-column step per stage");
+      const uint32_t slot = lane / kHalf * 8 + threadIdx.x / 32;
+      store8<K, NanCode::Canonical, true>(p.din, stage, row_off + c, da, active, scale_lane, slot);
+      store8<K, NanCode::Canonical, true>(p.din, stage, row_off + F + c, db, active, scale_lane,
+                                          slot + 16);
+    } else {
+      store8<K>(p.din, p.scale, row_off + c, da, active, scale_lane, uint64_t{t} * p.rows + m);
+      store8<K>(p.din, p.scale, row_off + F + c, db, active, scale_lane,
+                uint64_t{F / sd::kTile + t} * p.rows + m);
+    }
+  }
+}
+
+// kNext, after the block barrier that follows the step at column c0: one warp writes the step's
+// staged scales of the block's 8 rows m0.. (lane i: stage[i], tile i / 8 as in bwd_compute, row
+// m0 + i % 8), each tile's 8 words one 32-byte sector (when M % 8 == 0). Rows >= M and the upper
+// half-warp's tile of a last step of 128 columns are not written.
+__device__ __forceinline__ void flush_scales(const BwdParams& p, const float* stage, uint32_t c0,
+                                             uint32_t m0, uint32_t lane) {
+  const uint32_t j = lane / 8, r = lane % 8;
+  const uint32_t c = c0 + j % 2 * sd::kTile;
+  if (c < p.F && m0 + r < p.rows) {
+    const uint32_t t = c / sd::kTile + j / 2 * (p.F / sd::kTile);
+    p.scale[uint64_t{t} * p.rows + m0 + r] = stage[lane];
   }
 }
 
@@ -387,41 +437,67 @@ __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<k
 // is computed (else kBwdSteps steps' loads, then their math). NOTES (H100, session 12): without
 // it a warp had its loads in flight only while it waited for them (~1 us of each ~6 us
 // iteration), too few bytes in flight per SM for the DRAM rate (ncu: DRAM 64%, issue 72%).
-template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true, bool kPrefetch = false>
+// kNext (FP8 out, with kPrefetch; FP8FLOW_SWIGLU_BWD_NEXT=1): quantize8's scales through
+// sd::scale_pair, and the scale words staged in shared memory and written by one warp per step as
+// whole sectors after a block barrier (flush_scales); every warp stays to the end for the
+// barriers, a warp past the last row with its loads and stores off (lim = 0).
+template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true, bool kPrefetch = false,
+          bool kNext = false>
 __global__ void __launch_bounds__(kThreads)
     sm90_swiglu_bwd_1x128(const __grid_constant__ BwdParams p) {
+  static_assert(!kNext || (kPrefetch && K != OutKind::BF16), "kNext: FP8 out, prefetch");
   const uint32_t lane = threadIdx.x % 32;
-  const uint32_t m = blockIdx.x * (kThreads / 32) + threadIdx.x / 32;
-  if (m >= p.rows) return;  // whole warp
+  const uint32_t warp = threadIdx.x / 32;
+  const uint32_t m0 = blockIdx.x * (kThreads / 32);
+  const uint32_t m = m0 + warp;
+  if constexpr (!kNext) {
+    if (m >= p.rows) return;  // whole warp
+  }
+  const bool row_ok = !kNext || m < p.rows;
   const uint32_t F = p.F;
-  const float pr = kWeighted ? __ldg(p.prob + m) : 1.0f;
+  const uint32_t lim = row_ok ? F : 0;
+  const float pr = kWeighted && row_ok ? __ldg(p.prob + m) : 1.0f;
   const uint16_t* dy_row = p.dy + uint64_t{m} * F;
   const uint64_t row_off = uint64_t{m} * (2 * F);  // of row m in h and in din (elements)
   float part = 0.0f;
 
   if constexpr (kPrefetch) {
     constexpr uint32_t kStep = 32 * sd::kChunk;
+    // kNext: the scales of steps 2i (stage[0]) and 2i + 1 (stage[1]); one barrier per step (the
+    // flush of a buffer is done before its warp reaches the next barrier, so before the buffer is
+    // written again). The flushing warp rotates with the step.
+    __shared__ float stage[kNext ? 2 : 1][kNext ? 32 : 1];
+    auto flush = [&](int b, uint32_t c) {
+      if constexpr (kNext) {
+        __syncthreads();
+        if (warp == c / kStep % (kThreads / 32)) flush_scales(p, stage[b], c, m0, lane);
+      }
+    };
     BwdGroup<kFp8In, 1> g0, g1;
-    g0.load(p, dy_row, row_off, m, lane, 0);
+    g0.load(p, dy_row, row_off, m, lane, 0, lim);
     for (uint32_t c0 = 0; c0 < F; c0 += 2 * kStep) {
-      g1.load(p, dy_row, row_off, m, lane, c0 + kStep);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g0, c0, m, lane, row_off, pr, part);
+      g1.load(p, dy_row, row_off, m, lane, c0 + kStep, lim);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, kNext>(p, g0, c0, m, lane, row_off, pr, part,
+                                                             lim, stage[0]);
+      flush(0, c0);
       if (c0 + kStep >= F) break;
-      g0.load(p, dy_row, row_off, m, lane, c0 + 2 * kStep);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g1, c0 + kStep, m, lane, row_off, pr,
-                                                      part);
+      g0.load(p, dy_row, row_off, m, lane, c0 + 2 * kStep, lim);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, kNext>(p, g1, c0 + kStep, m, lane, row_off,
+                                                             pr, part, lim, stage[kNext ? 1 : 0]);
+      flush(1, c0 + kStep);
     }
   } else {
     for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
       BwdGroup<kFp8In, kBwdSteps> g;
-      g.load(p, dy_row, row_off, m, lane, c0);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid>(p, g, c0, m, lane, row_off, pr, part);
+      g.load(p, dy_row, row_off, m, lane, c0, lim);
+      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, false>(p, g, c0, m, lane, row_off, pr, part,
+                                                             lim, nullptr);
     }
   }
   if constexpr (kWeighted) {
 #pragma unroll
     for (int d = 16; d >= 1; d /= 2) part = hd::add(part, __shfl_xor_sync(0xFFFFFFFFu, part, d));
-    if (lane == 0) p.dprob[m] = sd::canonical_f32(part);
+    if (lane == 0 && row_ok) p.dprob[m] = sd::canonical_f32(part);
   }
 }
 
