@@ -247,7 +247,7 @@ TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
 }
 
 // Every backward kernel variant in one process (sm90::swiglu_set_backward_variant: 0 the
-// IEEE-divide sigmoid, 1 no prefetch, 2 the default, 3 FP8FLOW_SWIGLU_BWD_NEXT's branch-free tile
+// IEEE-divide sigmoid, 1 no prefetch, 2 the prefetch alone, 3 (the default) branch-free tile
 // scale and shared-memory staged scale words), FP8 out from BF16 h and from the saved E4M3 h, bit
 // for bit against the reference. kShapes has M % 8 != 0 (a last block of fewer than 8 rows: M = 1,
 // 2, 3, 5, 37, 129, 300) and F % 256 == 128 (128, 384, 128 * 37); plus the fast-sigmoid bound rows

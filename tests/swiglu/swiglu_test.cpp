@@ -112,7 +112,7 @@ void check_forward_fp8(const SwigluCase& c, DType d) {
 }
 
 // The kernels' branch-free tile scale (swiglu_detail::scale_pair, the saved-h backward's
-// FP8FLOW_SWIGLU_BWD_NEXT variant) equals fmt::exp2i(+-scale_exponent) for every amax they can
+// default kNext backward) equals fmt::exp2i(+-scale_exponent) for every amax they can
 // produce: all 2^31 - 2^23 finite non-negative FP32 bit patterns (0, subnormals, every value
 // around each 1.75 * 2^k threshold, the clamp ends), both FP8 kinds. Exhaustive, on 8 threads.
 using swiglu_detail::OutKind;

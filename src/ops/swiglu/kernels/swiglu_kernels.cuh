@@ -55,24 +55,26 @@
 //   out 0.2420 -> 0.2402; E4M3 out from BF16 h 0.2039 -> 0.2060 (the one variant 1% slower).
 //   ncu (fast, no prefetch): issue slots 81 -> 72%, DRAM 60 -> 64%, 9.9 cycles per issued
 //   instruction at 50% occupancy (60 registers); capping at 48 registers (5 blocks per SM, 8 B of
-//   spills) gave 0.1829 and slowed the BF16-out kernel 7%, so not kept. What is left to reach 80%
-//   (0.171 ms): the per-row scale words (4 B at a stride of M: 20% of the store sectors, ncu
+//   spills) gave 0.1829 and slowed the BF16-out kernel 7%, so not kept. What was left to reach
+//   80% (0.171 ms): the per-row scale words (4 B at a stride of M: 20% of the store sectors, ncu
 //   reports 26 of 32 bytes used per sector) through shared memory as whole sectors, and the
-//   per-tile scale arithmetic of quantize8.
-// - kNext (FP8FLOW_SWIGLU_BWD_NEXT=1; FP8 out, on top of the default; UNTIMED, A/B it): both
-//   items above. quantize8<..., kFastScale> takes the scale and its inverse from
-//   sd::scale_pair (5-6 integer ops on amax's bits, no branches; equal to exp2i(+-scale_exponent)
-//   for every finite amax >= 0, swiglu_test.cpp sweeps all of them) instead of scale_exponent's
-//   branches and two exp2i. The scale words of each 256-column step go to shared memory
-//   (stage[2][4][8]: da / db x lower / upper half-warp tile x warp); after a block barrier one warp
-//   (rotating with the step) writes them, each tile's 8 rows m0.. one 32-byte sector (with
-//   M % 8 == 0), instead of 8 warps writing 4 B each at a stride of M. For the barriers every warp
-//   runs to the end: a warp past the last row has its loads and stores off (lim = 0). in_scale is
-//   still read per half-warp (one __ldg per chunk, L1 hits for the block's other 7 rows: a
-//   cooperative load would have to be staged a step ahead of the barrier to stay off the critical
-//   path). Static SASS of the weighted E4M3 saved-h kernel (whole .text; up to the last EXIT):
-//   3424 -> 3384 (3256 -> 3217); BRA 229 -> 209, BSSY/BSYNC 103 -> 93, ISETP 324 -> 311;
-//   64 registers, no spills (4 blocks of 256 per SM), 256 B shared, 1 barrier.
+//   per-tile scale arithmetic of quantize8: kNext below.
+// - kNext (the default for FP8 out since session 13; FP8FLOW_SWIGLU_BWD_NEXT=0 turns it off): both
+//   items above. Measured (H100, session 13, same command, 2 rounds): from the saved E4M3 h
+//   0.1846-0.1847 -> 0.1694-0.1696 ms (74.1 -> 80.7% of copy), E4M3 out from BF16 h 0.2058-0.2061
+//   -> 0.1957-0.1959 (87.3 -> 91.9%). quantize8<..., kFastScale> takes the scale and its inverse
+//   from sd::scale_pair (5-6 integer ops on amax's bits, no branches; equal to
+//   exp2i(+-scale_exponent) for every finite amax >= 0, swiglu_test.cpp sweeps all of them) instead
+//   of scale_exponent's branches and two exp2i. The scale words of each 256-column step go to
+//   shared memory (stage[2][4][8]: da / db x lower / upper half-warp tile x warp); after a block
+//   barrier one warp (rotating with the step) writes them, each tile's 8 rows m0.. one 32-byte
+//   sector (with M % 8 == 0), instead of 8 warps writing 4 B each at a stride of M. For the
+//   barriers every warp runs to the end: a warp past the last row has its loads and stores off (lim
+//   = 0). in_scale is still read per half-warp (one __ldg per chunk, L1 hits for the block's other
+//   7 rows: a cooperative load would have to be staged a step ahead of the barrier to stay off the
+//   critical path). Static SASS of the weighted E4M3 saved-h kernel (whole .text; up to the last
+//   EXIT): 3424 -> 3384 (3256 -> 3217); BRA 229 -> 209, BSSY/BSYNC 103 -> 93, ISETP 324 -> 311; 64
+//   registers, no spills (4 blocks of 256 per SM), 256 B shared, 1 barrier.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -437,10 +439,10 @@ __device__ __forceinline__ void flush_scales(const BwdParams& p, const float* st
 // is computed (else kBwdSteps steps' loads, then their math). NOTES (H100, session 12): without
 // it a warp had its loads in flight only while it waited for them (~1 us of each ~6 us
 // iteration), too few bytes in flight per SM for the DRAM rate (ncu: DRAM 64%, issue 72%).
-// kNext (FP8 out, with kPrefetch; FP8FLOW_SWIGLU_BWD_NEXT=1): quantize8's scales through
-// sd::scale_pair, and the scale words staged in shared memory and written by one warp per step as
-// whole sectors after a block barrier (flush_scales); every warp stays to the end for the
-// barriers, a warp past the last row with its loads and stores off (lim = 0).
+// kNext (FP8 out, with kPrefetch; the default, FP8FLOW_SWIGLU_BWD_NEXT=0 turns it off): quantize8's
+// scales through sd::scale_pair, and the scale words staged in shared memory and written by one
+// warp per step as whole sectors after a block barrier (flush_scales); every warp stays to the end
+// for the barriers, a warp past the last row with its loads and stores off (lim = 0).
 template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true, bool kPrefetch = false,
           bool kNext = false>
 __global__ void __launch_bounds__(kThreads)
