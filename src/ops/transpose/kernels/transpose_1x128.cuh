@@ -96,6 +96,10 @@ __device__ __forceinline__ uint32_t e4m3x2_from_f32(float a, float b) {
 struct F16Shifts {
   int e[4];        // 15 - tcol[c]: the FP16 exponent field of 2^d is t + e[c]
   int tmin, tmax;  // min and max of tcol[]
+  // (e[0] << 10) + (e[1] << 26) and the same of e[2], e[3]: the FP16x2 words of 2^d for a row
+  // exponent t are lo + t * 0x04000400 and hi + t * 0x04000400 (one IMAD each; mod-2^32
+  // arithmetic, exact whenever both fields end in [1, 30], which the fast path guarantees).
+  uint32_t lo, hi;
 };
 
 __device__ __forceinline__ F16Shifts make_f16_shifts(const int (&tcol)[4]) {
@@ -104,6 +108,8 @@ __device__ __forceinline__ F16Shifts make_f16_shifts(const int (&tcol)[4]) {
   for (int c = 0; c < 4; ++c) s.e[c] = 15 - tcol[c];
   s.tmin = min(min(tcol[0], tcol[1]), min(tcol[2], tcol[3]));
   s.tmax = max(max(tcol[0], tcol[1]), max(tcol[2], tcol[3]));
+  s.lo = (static_cast<uint32_t>(s.e[0]) << 10) + (static_cast<uint32_t>(s.e[1]) << 26);
+  s.hi = (static_cast<uint32_t>(s.e[2]) << 10) + (static_cast<uint32_t>(s.e[3]) << 26);
   return s;
 }
 
@@ -145,10 +151,8 @@ template <bool kCount>
 __device__ __forceinline__ uint32_t rescale_word_f16(uint32_t x, int t, const F16Shifts& s,
                                                      uint32_t& changed) {
   // 2^d in FP16: exponent field d + 15 = t + e[c], in [1, 30] on this path.
-  const uint32_t s_lo =
-      (static_cast<uint32_t>(t + s.e[0]) << 10) | (static_cast<uint32_t>(t + s.e[1]) << 26);
-  const uint32_t s_hi =
-      (static_cast<uint32_t>(t + s.e[2]) << 10) | (static_cast<uint32_t>(t + s.e[3]) << 26);
+  const uint32_t tt = static_cast<uint32_t>(t) * 0x04000400u;
+  const uint32_t s_lo = s.lo + tt, s_hi = s.hi + tt;
   const uint32_t p_lo = mul_f16x2(f16x2_from_e4m3x2(x), s_lo);
   const uint32_t p_hi = mul_f16x2(f16x2_from_e4m3x2(x >> 16), s_hi);
   const uint32_t y = e4m3x2_from_f16x2(p_lo) | (e4m3x2_from_f16x2(p_hi) << 16);
@@ -311,19 +315,23 @@ __global__ void __launch_bounds__(kTransposeThreads,
       // exact in FP16 while t_m - tbase >= -21 (<= 448 * 2^7 < 65504 above; multiples of 2^-24
       // below). Used unless a warp holds a NaN code or a nonzero code more than 21 binades below
       // tbase.
+      // Per word: the magnitudes (sign bits cleared before the decode, so the products are
+      // non-negative), a NaN witness (a magnitude 0x7F carries into its byte's top bit) and a
+      // deep witness (the magnitudes of rows more than 21 binades down), both OR-ed over the 16
+      // words and tested once.
       uint32_t klo = 0u, khi = 0u;  // +0.0 in both halves
-      bool slow16 = false;
+      uint32_t nan_acc = 0u, deep_acc = 0u;
 #pragma unroll
       for (int i = 0; i < 16; ++i) {
-        const uint32_t xi = s_tile[tw::tile_thread_word(j, wd, i)];
+        const uint32_t xa = s_tile[tw::tile_thread_word(j, wd, i)] & 0x7F7F7F7Fu;
         const int d = trow[i] - tbase + 7;
-        const bool nan = (((xi & 0x7F7F7F7Fu) + 0x01010101u) & 0x80808080u) != 0u;
-        slow16 |= nan || (d < -14 && (xi & 0x7F7F7F7Fu) != 0u);
+        nan_acc |= xa + 0x01010101u;
+        deep_acc |= d < -14 ? xa : 0u;
         const uint32_t sc = (static_cast<uint32_t>(max(d, -14) + 15) << 10) * 0x00010001u;
-        klo = tdev::max_f16x2(klo, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi), sc) & 0x7FFF7FFFu);
-        khi = tdev::max_f16x2(khi,
-                              tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xi >> 16), sc) & 0x7FFF7FFFu);
+        klo = tdev::max_f16x2(klo, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xa), sc));
+        khi = tdev::max_f16x2(khi, tdev::mul_f16x2(tdev::f16x2_from_e4m3x2(xa >> 16), sc));
       }
+      const bool slow16 = (nan_acc & 0x80808080u) != 0u || deep_acc != 0u;
       if (!__any_sync(0xFFFFFFFFu, slow16)) {
         plain_words = true;
 #pragma unroll
