@@ -117,8 +117,18 @@ template <int G>
 __device__ __forceinline__ void row_scores(bool softmax, const float (&x)[kSlots], int nv,
                                            float (&s)[kSlots]) {
   if (!softmax) {
+    // hd::sigmoid_fast (hd::sigmoid's bits for x >= kSigmoidFastMinX, no IEEE divide) unless a
+    // lane of the warp holds a logit below the bound or NaN: then the branch-free exact one.
+    bool fast = true;
 #pragma unroll
-    for (int j = 0; j < kSlots; ++j) s[j] = j < nv ? hd::sigmoid_branch_free(x[j]) : 0.0f;
+    for (int j = 0; j < kSlots; ++j) fast &= j >= nv || x[j] >= hd::kSigmoidFastMinX;
+    if (__ballot_sync(kFull, !fast) == 0u) {
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) s[j] = j < nv ? hd::sigmoid_fast(x[j]) : 0.0f;
+    } else {
+#pragma unroll
+      for (int j = 0; j < kSlots; ++j) s[j] = j < nv ? hd::sigmoid_branch_free(x[j]) : 0.0f;
+    }
     return;
   }
   float m[kSlots];
