@@ -11,9 +11,11 @@
 
 #include <algorithm>
 #include <array>
+#include <cmath>
 #include <cstring>
 #include <functional>
 #include <memory>
+#include <random>
 #include <vector>
 
 #include "router/router_testing.h"  // first: it may include the CUDA runtime API headers
@@ -237,6 +239,9 @@ inline unsigned __reduce_max_sync(unsigned, unsigned v) {
 inline void __syncthreads() {
   emu::g_cta.wait();
 }
+inline void __syncwarp(unsigned = 0xFFFFFFFFu) {
+  emu::g_warp_bar[threadIdx.x / 32].wait();
+}
 inline int __ffs(int x) {
   return __builtin_ffs(x);
 }
@@ -287,12 +292,19 @@ void dispatch_lanes(int lanes, F&& f) {
 
 struct EmuLauncher {
   unsigned max_ctas = 2;  // small, so the backward's grid-stride loop and prefetch are used
+  bool sort = false;      // the forward variant: router_fwd_sm90_f32<G, sort>
   void memset_zero(void* p, size_t n) {
     if (n) std::memset(p, 0, n);
   }
   void fwd(int lanes, unsigned grid, const K::FwdParams& p) {
     dispatch_lanes(lanes, [&](auto g) {
-      emu::launch(grid, K::kFwdWarps * 32, [&] { K::router_fwd_sm90_f32<decltype(g)::value>(p); });
+      constexpr int G = decltype(g)::value;
+      emu::launch(grid, K::kFwdWarps * 32, [&] {
+        if (sort)
+          K::router_fwd_sm90_f32<G, true>(p);
+        else
+          K::router_fwd_sm90_f32<G, false>(p);
+      });
     });
   }
   void reduce(unsigned grid, const float* in, float* out, int64_t segs, int64_t rows_in,
@@ -364,10 +376,13 @@ void aux_intermediates(HostOut& ref, int64_t T, int64_t E, const RouterConfig& c
 }
 
 // Emulated kernels vs the CPU reference: every output, byte for byte.
+// The forward kernel variant the checks below run (both must match the reference).
+bool g_sort = false;
+
 void expect_emulation_matches_reference(int64_t T, int64_t E, const RouterConfig& cfg,
                                         const std::vector<float>& x, const std::vector<float>* bias,
                                         uint64_t seed, const std::string& label) {
-  SCOPED_TRACE(label);
+  SCOPED_TRACE(label + (g_sort ? " (sorted forward)" : ""));
   const bool aux = cfg.aux_enabled();
   HostOut ref = run_forward_cpu(x, T, E, bias, cfg);
   const auto dw = random_logits(T, cfg.top_k, seed, 1.0f);
@@ -381,6 +396,7 @@ void expect_emulation_matches_reference(int64_t T, int64_t E, const RouterConfig
   const size_t ws_bytes = router_workspace_bytes(T, E, cfg);
   HostTensor ws(DType::F32, 1, static_cast<int64_t>(ws_bytes / 4 + 1), 0xA5);
   EmuLauncher launch;
+  launch.sort = g_sort;
   K::forward_chain(launch, hx.v, bias ? hb.v : TensorView{}, got.views(), cfg, ws.v);
   EXPECT_TRUE(bytes_equal(got.idx, ref.idx)) << "topk_idx";
   EXPECT_TRUE(bytes_equal(got.w, ref.w)) << "topk_weight";
@@ -450,7 +466,7 @@ std::vector<EmuCase> emu_cases() {
   };
 }
 
-TEST(RouterEmu, KernelsMatchReferenceAcrossShapesAndConfigs) {
+void check_shapes_and_configs() {
   uint64_t seed = 11;
   for (const EmuCase& c : emu_cases()) {
     for (int64_t T : {1, 21, 70}) {
@@ -469,14 +485,14 @@ TEST(RouterEmu, KernelsMatchReferenceAcrossShapesAndConfigs) {
                   std::to_string(cfg.n_groups) + " T " + std::to_string(T) + " S " +
                   std::to_string(cfg.seq_len) + " variant " + std::to_string(variant));
           seed += 3;
-          if (HasFailure()) return;
+          if (::testing::Test::HasFailure()) return;
         }
       }
     }
   }
 }
 
-TEST(RouterEmu, EqualAndNaNRows) {
+void check_equal_and_nan_rows() {
   for (float v : {0.0f, NAN}) {
     for (const EmuCase& c : emu_cases()) {
       RouterConfig cfg = c.cfg;
@@ -484,12 +500,12 @@ TEST(RouterEmu, EqualAndNaNRows) {
       const std::vector<float> x(6 * c.E, v), b(c.E, 0.0f);
       expect_emulation_matches_reference(6, c.E, cfg, x, c.bias ? &b : nullptr, 5,
                                          "E " + std::to_string(c.E) + " v " + std::to_string(v));
-      if (HasFailure()) return;
+      if (::testing::Test::HasFailure()) return;
     }
   }
 }
 
-TEST(RouterEmu, AuxReductionLevels) {
+void check_aux_reduction_levels() {
   // 33 chunks of 64 tokens in one sequence: two column-sum levels (33 -> 2 -> 1).
   RouterConfig cfg = cfg_of(RouterKind::Softmax, 1, 1, 1, true, 1, 1e-2f, 2112);
   expect_emulation_matches_reference(2112, 256, cfg, random_logits(2112, 256, 71), nullptr, 72,
@@ -501,6 +517,63 @@ TEST(RouterEmu, AuxReductionLevels) {
   cfg = RouterConfig::deepseek_v3(1e-3f, 9);
   const auto b = random_bias(256, 75);
   expect_emulation_matches_reference(297, 256, cfg, random_logits(297, 256, 76), &b, 77, "S 9");
+}
+
+// Adversarial ties: logits of a few levels (most equal), a bias of two values (equal selection
+// values across lanes and groups), rows mostly NaN (NaN keys selected, ties among them), and rows
+// of +-Inf, 0 and NaN (saturated sigmoids, NaN softmax rows); every case, k and group setting.
+void check_adversarial_ties() {
+  uint64_t seed = 301;
+  for (const EmuCase& c : emu_cases()) {
+    const int64_t T = 21;
+    RouterConfig cfg = c.cfg;
+    if (cfg.aux_enabled()) cfg.seq_len = 7;
+    for (int fill = 0; fill < 4; ++fill) {
+      const auto x = tie_logits(T, c.E, cfg.top_k, fill, seed);
+      const auto b = tie_bias(c.E, seed + 1);
+      expect_emulation_matches_reference(
+          T, c.E, cfg, x, c.bias ? &b : nullptr, seed + 2,
+          "ties E " + std::to_string(c.E) + " k " + std::to_string(cfg.top_k) + " groups " +
+              std::to_string(cfg.n_groups) + " fill " + std::to_string(fill));
+      seed += 3;
+      if (::testing::Test::HasFailure()) return;
+    }
+  }
+}
+
+// Each check runs the default forward kernel and the sorted one (router_fwd_sm90_f32<G, true>).
+struct SortedForward {
+  explicit SortedForward(bool on) { g_sort = on; }
+  ~SortedForward() { g_sort = false; }
+};
+
+TEST(RouterEmu, KernelsMatchReferenceAcrossShapesAndConfigs) {
+  check_shapes_and_configs();
+}
+TEST(RouterEmu, EqualAndNaNRows) {
+  check_equal_and_nan_rows();
+}
+TEST(RouterEmu, AuxReductionLevels) {
+  check_aux_reduction_levels();
+}
+TEST(RouterEmu, AdversarialTies) {
+  check_adversarial_ties();
+}
+TEST(RouterEmu, SortedForwardMatchesReferenceAcrossShapesAndConfigs) {
+  SortedForward on(true);
+  check_shapes_and_configs();
+}
+TEST(RouterEmu, SortedForwardEqualAndNaNRows) {
+  SortedForward on(true);
+  check_equal_and_nan_rows();
+}
+TEST(RouterEmu, SortedForwardAuxReductionLevels) {
+  SortedForward on(true);
+  check_aux_reduction_levels();
+}
+TEST(RouterEmu, SortedForwardAdversarialTies) {
+  SortedForward on(true);
+  check_adversarial_ties();
 }
 
 }  // namespace

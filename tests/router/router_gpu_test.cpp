@@ -9,6 +9,8 @@
 
 #if FP8FLOW_WITH_CUDA
 #include <cuda_runtime_api.h>
+
+#include "ops/router/router_backends.h"  // sm90::router_set_forward_variant
 #endif
 
 namespace fp8flow::test {
@@ -146,8 +148,7 @@ std::vector<GpuCase> gpu_cases() {
   };
 }
 
-TEST(RouterGpu, MatchesReferenceAcrossShapesAndConfigs) {
-  FP8FLOW_REQUIRE_GPU();
+void check_shapes_and_configs() {
   uint64_t seed = 1;
   for (const GpuCase& c : gpu_cases()) {
     // Token counts: one, a partial run, partial chunks, and several CTAs.
@@ -167,15 +168,19 @@ TEST(RouterGpu, MatchesReferenceAcrossShapesAndConfigs) {
                                      std::to_string(T) + " S " + std::to_string(cfg.seq_len) +
                                      " fill " + std::to_string(int(fill)) + "/" +
                                      std::to_string(levels));
-          if (HasFailure()) return;
+          if (::testing::Test::HasFailure()) return;
         }
       }
     }
   }
 }
 
-TEST(RouterGpu, AuxSequenceLengthsAcrossRunsAndChunks) {
+TEST(RouterGpu, MatchesReferenceAcrossShapesAndConfigs) {
   FP8FLOW_REQUIRE_GPU();
+  check_shapes_and_configs();
+}
+
+void check_aux_sequence_lengths() {
   // E = 256: runs of 8 tokens, chunks of 64, reduction fan-in 32 (levels at 2048 and 65536).
   const int64_t T = 8192;
   uint64_t seed = 50;
@@ -193,8 +198,12 @@ TEST(RouterGpu, AuxSequenceLengthsAcrossRunsAndChunks) {
   }
 }
 
-TEST(RouterGpu, DeepSeekV3AtFullSize) {
+TEST(RouterGpu, AuxSequenceLengthsAcrossRunsAndChunks) {
   FP8FLOW_REQUIRE_GPU();
+  check_aux_sequence_lengths();
+}
+
+void check_deepseek_v3_full_size() {
   const int64_t T = 65536, E = 256;
   expect_gpu_matches_cpu(T, E, RouterConfig::deepseek_v3(1e-4f, 4096), true,
                          make_inputs(T, E, 8, Fill::Normal, 0, 4242), "V3 T 65536 S 4096");
@@ -202,8 +211,12 @@ TEST(RouterGpu, DeepSeekV3AtFullSize) {
                          make_inputs(T, E, 8, Fill::Normal, 0, 4343), "V3 T 65536 S T");
 }
 
-TEST(RouterGpu, EqualLogitsAndAllNaN) {
+TEST(RouterGpu, DeepSeekV3AtFullSize) {
   FP8FLOW_REQUIRE_GPU();
+  check_deepseek_v3_full_size();
+}
+
+void check_equal_logits_and_all_nan() {
   for (float v : {0.0f, NAN}) {
     for (const GpuCase& c : gpu_cases()) {
       RouterConfig cfg = c.cfg;
@@ -217,6 +230,64 @@ TEST(RouterGpu, EqualLogitsAndAllNaN) {
       for (int j = 0; j < cfg.top_k; ++j) EXPECT_EQ(ref.I()[j], j);
     }
   }
+}
+
+TEST(RouterGpu, EqualLogitsAndAllNaN) {
+  FP8FLOW_REQUIRE_GPU();
+  check_equal_logits_and_all_nan();
+}
+
+// Adversarial ties (router_testing.h tie_logits / tie_bias) for every case, both forward variants.
+void check_adversarial_ties() {
+  uint64_t seed = 301;
+  for (const GpuCase& c : gpu_cases()) {
+    for (int64_t T : {21, 2048 + 24}) {
+      RouterConfig cfg = c.cfg;
+      if (cfg.aux_enabled()) cfg.seq_len = T == 21 ? 7 : 8;
+      for (int fill = 0; fill < 4; ++fill) {
+        Inputs in;
+        in.x = tie_logits(T, c.E, cfg.top_k, fill, seed);
+        in.bias = tie_bias(c.E, seed + 1);
+        in.dw = random_logits(T, cfg.top_k, seed + 2, 1.0f);
+        expect_gpu_matches_cpu(T, c.E, cfg, c.bias, in,
+                               "ties E " + std::to_string(c.E) + " k " + std::to_string(cfg.top_k) +
+                                   " groups " + std::to_string(cfg.n_groups) + " T " +
+                                   std::to_string(T) + " fill " + std::to_string(fill));
+        seed += 3;
+        if (::testing::Test::HasFailure()) return;
+      }
+    }
+  }
+}
+
+// The forward kernel variant for a scope (sm90::router_set_forward_variant: 0 the default argmax
+// rounds, 1 the sorted lanes of FP8FLOW_ROUTER_FWD_SORT=1); back to the environment's after.
+struct ForwardVariant {
+  explicit ForwardVariant(int v) { sm90::router_set_forward_variant(v); }
+  ~ForwardVariant() { sm90::router_set_forward_variant(-1); }
+};
+
+TEST(RouterGpu, AdversarialTies) {
+  FP8FLOW_REQUIRE_GPU();
+  for (int v : {0, 1}) {
+    SCOPED_TRACE(testing::Message() << "forward variant " << v);
+    ForwardVariant variant(v);
+    check_adversarial_ties();
+    if (HasFailure()) return;
+  }
+}
+
+// The sorted forward (FP8FLOW_ROUTER_FWD_SORT=1) through the checks above, bit for bit.
+TEST(RouterGpu, SortedForwardMatchesReference) {
+  FP8FLOW_REQUIRE_GPU();
+  ForwardVariant variant(1);
+  check_shapes_and_configs();
+  if (HasFailure()) return;
+  check_equal_logits_and_all_nan();
+  if (HasFailure()) return;
+  check_aux_sequence_lengths();
+  if (HasFailure()) return;
+  check_deepseek_v3_full_size();
 }
 
 TEST(RouterGpu, EmptyTokens) {

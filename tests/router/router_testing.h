@@ -254,4 +254,32 @@ inline std::vector<float> random_bias(int64_t E, uint64_t seed, float sd = 0.1f)
   return b;
 }
 
+// Adversarial ties (fill 0..3): logits of one or two levels per unit (most equal); rows with at
+// most k finite logits of a few integer values, the rest NaN (NaN keys selected, tied); rows of
+// -Inf, +Inf, 0 and NaN (saturated sigmoids, NaN softmax rows).
+inline std::vector<float> tie_logits(int64_t T, int64_t E, int k, int fill, uint64_t seed) {
+  if (fill < 2) return random_logits(T, E, seed, 2.0f, fill + 1);
+  std::mt19937_64 rng(seed);
+  std::vector<float> x(T * E, 0.0f);
+  const float pool[4] = {-INFINITY, INFINITY, 0.0f, NAN};
+  for (int64_t t = 0; t < T; ++t) {
+    const int64_t finite = static_cast<int64_t>(rng() % (k + 1));
+    for (int64_t e = 0; e < E; ++e) {
+      float v = pool[rng() % 4];
+      if (fill == 2) v = e < finite ? float(int(rng() % 5) - 2) : NAN;
+      x[t * E + e] = v;
+    }
+    if (fill == 2) std::shuffle(x.begin() + t * E, x.begin() + (t + 1) * E, rng);
+  }
+  return x;
+}
+
+// A bias of two values (0 and 0.25): equal selection values across lanes and groups.
+inline std::vector<float> tie_bias(int64_t E, uint64_t seed) {
+  std::mt19937_64 rng(seed);
+  std::vector<float> b(E);
+  for (auto& v : b) v = (rng() % 2) ? 0.25f : 0.0f;
+  return b;
+}
+
 }  // namespace fp8flow::test::router_testing

@@ -3,6 +3,8 @@
 // geometry: G = lanes_for(E) lanes per token row, one template instance per G in {1, ..., 32}.
 // No host synchronization; every runtime call and launch is checked.
 // Bench: fp8flow-bench ops (rows "router fwd", "router bwd").
+#include <atomic>
+#include <cstdlib>
 #include <type_traits>
 
 #include "common/cuda_check.h"
@@ -33,6 +35,20 @@ void dispatch_lanes(int lanes, F&& f) {
   }
 }
 
+// The forward kernel variant (A/B timing in one binary; the same outputs): 0 the argmax rounds over
+// the lane's 8 keys (default), 1 the lane's keys sorted once, popped by the rounds
+// (FP8FLOW_ROUTER_FWD_SORT=1). Environment read once; router_set_forward_variant overrides it
+// (tests).
+std::atomic<int> g_fwd_variant_override{-1};
+int forward_variant() {
+  static const int env = [] {
+    const char* v = std::getenv("FP8FLOW_ROUTER_FWD_SORT");
+    return v && v[0] == '1' ? 1 : 0;
+  }();
+  const int v = g_fwd_variant_override.load(std::memory_order_relaxed);
+  return v >= 0 ? v : env;
+}
+
 struct CudaLauncher {
   const char* op;
   cudaStream_t stream;
@@ -41,8 +57,12 @@ struct CudaLauncher {
     if (bytes) FP8FLOW_CUDA_CHECK(op, cudaMemsetAsync(p, 0, bytes, stream));
   }
   void fwd(int lanes, unsigned grid, const FwdParams& p) {
+    const bool sort = forward_variant() == 1;
     dispatch_lanes(lanes, [&](auto g) {
-      router_fwd_sm90_f32<decltype(g)::value><<<grid, kFwdWarps * 32, 0, stream>>>(p);
+      if (sort)
+        router_fwd_sm90_f32<decltype(g)::value, true><<<grid, kFwdWarps * 32, 0, stream>>>(p);
+      else
+        router_fwd_sm90_f32<decltype(g)::value, false><<<grid, kFwdWarps * 32, 0, stream>>>(p);
     });
     FP8FLOW_CUDA_CHECK_LAUNCH(op);
   }
@@ -81,6 +101,10 @@ struct CudaLauncher {
 };
 
 }  // namespace
+
+void router_set_forward_variant(int variant) {
+  g_fwd_variant_override.store(variant, std::memory_order_relaxed);
+}
 
 void router_forward(const TensorView& logits, const TensorView& bias, const RouterOutputs& out,
                     const RouterConfig& cfg, const TensorView& workspace, Stream stream) {
