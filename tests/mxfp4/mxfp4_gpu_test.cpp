@@ -9,6 +9,8 @@
 #if FP8FLOW_WITH_CUDA
 #include <cuda_runtime.h>
 
+#include "ops/mxfp4/mxfp4_backends.h"  // sm90::set_mxfp4_transposed_variant
+
 namespace fp8flow::test {
 namespace {
 
@@ -142,19 +144,62 @@ void check_transposed(const HostScaled& y, std::vector<int64_t> groups, const st
   EXPECT_TRUE(scaled_equal(got.to_host(), want)) << what;
 }
 
+// Restores the environment's transposed kernel variant at scope exit.
+struct RestoreTransposedVariant {
+  ~RestoreTransposedVariant() { sm90::set_mxfp4_transposed_variant(-1); }
+};
+
+// Every case with each kernel variant (sm90::set_mxfp4_transposed_variant; mxfp4_sm90.cu lists
+// them: the one-shot grid with and without the gap-key path, the persistent rings with channel
+// blocks or token tiles fastest, with and without it). Persistent grids are SMs x CTAs per SM:
+// more CTAs than items in the small cases, several items per CTA in the large ones.
 TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   FP8FLOW_REQUIRE_GPU();
+  RestoreTransposedVariant restore;
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/false);
-  uint64_t seed = 40;
-  for (size_t ci = 0; ci < cases.size(); ++ci) {
-    const TransposedCase& c = cases[ci];
-    for (Fill f : kFills)
-      check_transposed(mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K), c.groups,
-                       label("from values", c.M, c.K, int(ci * 10) + int(f)));
-    check_transposed(mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05), c.groups,
-                     label("raw, X >= 126 present", c.M, c.K, int(ci)));
-    check_transposed(mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03), c.groups,
-                     label("raw, exact tiles", c.M, c.K, int(ci)));
+  for (int variant = 0; variant < sm90::mxfp4_transposed_variant_count(); ++variant) {
+    SCOPED_TRACE(testing::Message() << "transposed variant " << variant);
+    sm90::set_mxfp4_transposed_variant(variant);
+    const std::string v = " variant " + std::to_string(variant);
+    uint64_t seed = 40;
+    for (size_t ci = 0; ci < cases.size(); ++ci) {
+      const TransposedCase& c = cases[ci];
+      for (Fill f : kFills)
+        check_transposed(mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K), c.groups,
+                         label("from values", c.M, c.K, int(ci * 10) + int(f)) + v);
+      check_transposed(mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05), c.groups,
+                       label("raw, X >= 126 present", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03), c.groups,
+                       label("raw, exact tiles", c.M, c.K, int(ci)) + v);
+      // The gap-key path (variants 2, 3, 5, 7, 8) and its edges (see the CPU emulation's cases).
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 129, 252, 0.0, 0), c.groups,
+                       label("raw, span 123", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 128, 252, 0.0, 0), c.groups,
+                       label("raw, span 124", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 110, 140, 0.2, 6, 0.3), c.groups,
+                       label("raw, narrow + tiny", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 130, 252, 0.2, 7), c.groups,
+                       label("raw, wide + tiny 7", c.M, c.K, int(ci)) + v);
+    }
+  }
+}
+
+// Larger than the persistent grid (132 x 5 CTAs on an H100): 8192 x 7168 in 3 groups, one empty,
+// one partial tail, so every CTA walks ~20 items across group boundaries with the ring wrapping.
+TEST(Mxfp4Gpu, Mxfp4ToFp8TransposedManyItemsPerCta) {
+  FP8FLOW_REQUIRE_GPU();
+  RestoreTransposedVariant restore;
+  const int64_t M = 8192, K = 7168;
+  const std::vector<int64_t> groups = {3000, 0, 5192};
+  for (int variant = 0; variant < sm90::mxfp4_transposed_variant_count(); ++variant) {
+    sm90::set_mxfp4_transposed_variant(variant);
+    const std::string v = " variant " + std::to_string(variant);
+    check_transposed(mx_random(M, K, 77, 60, 252, 0.1, 0.03), groups,
+                     label("raw, exact tiles", M, K) + v);
+    check_transposed(mx_random(M, K, 78, 0, 254, 0.05, 0.05), groups,
+                     label("raw, X >= 126 present", M, K) + v);
+    check_transposed(mx_random_gap(M, K, 79, 129, 252, 0.0, 0), groups,
+                     label("raw, span 123", M, K) + v);
   }
 }
 

@@ -42,6 +42,30 @@ TEST(Mxfp4Tables, LaneHelpers) {
   }
 }
 
+// The DPX lane helpers' host versions against the PTX definitions (per 16-bit lane: unsigned
+// max / min of (a + b) mod 2^16 and c; signed max(min(a + b, c), 0)).
+TEST(Mxfp4Tables, DpxLaneHelpers) {
+  std::mt19937 rng(3);
+  const uint32_t edge[] = {0, 1, 0x7FFF, 0x8000, 0xFFFE, 0xFFFF};
+  for (int it = 0; it < 20000; ++it) {
+    uint32_t a = rng(), b = rng(), c = rng();
+    if (it % 4 == 0) a = (edge[rng() % 6] << 16) | edge[rng() % 6];
+    if (it % 8 == 1) b = (edge[rng() % 6] << 16) | edge[rng() % 6];
+    uint32_t wmax = 0, wmin = 0, wmx = 0;
+    for (int s = 0; s < 32; s += 16) {
+      const uint32_t sum = (((a >> s) & 0xFFFF) + ((b >> s) & 0xFFFF)) & 0xFFFF,
+                     cl = (c >> s) & 0xFFFF;
+      const uint32_t mb = std::max((a >> s) & 0xFFFF, (b >> s) & 0xFFFF);
+      wmax |= std::max(sum, cl) << s;
+      wmin |= std::min(sum, cl) << s;
+      wmx |= mb << s;
+    }
+    ASSERT_EQ(mx::vaddmax_u16x2(a, b, c), wmax) << a << " " << b << " " << c;
+    ASSERT_EQ(mx::vaddmin_u16x2(a, b, c), wmin) << a << " " << b << " " << c;
+    ASSERT_EQ(mx::vmax_u16x2(a, b), wmx);
+  }
+}
+
 TEST(Mxfp4Tables, FastDiv) {
   std::mt19937 rng(9);
   std::vector<uint32_t> ds = {1, 2, 3, 4, 5, 7, 8, 14, 28, 56, 112, 224, 448, 1000, 65535, 65536};
@@ -426,6 +450,85 @@ TEST(Mxfp4Tables, TransposedColumnLogicMatchesReference) {
       }
     }
   }
+}
+
+// The transposed kernel's gap-key path (mx::kGapTable), emulated like the test above, on tiles of
+// random spans around mx::kGapMaxSpan with tiny-value blocks (bytes <= 7), zero blocks and sparse
+// tiles (columns with a few +-0.5 codes: the edge cases of the test); every
+// tile that passes gap_keys_exact must match the reference (and enough of them do).
+TEST(Mxfp4Tables, TransposedGapKeysMatchReference) {
+  const mx::E2m1Key keys = mx::make_e2m1_key();
+  for (uint32_t c = 0; c < 8; ++c) {
+    const uint32_t g = ((c < 4 ? keys.glo >> (8 * c) : keys.ghi >> (8 * (c - 4))) & 0xFF);
+    const uint32_t k = ((c < 4 ? keys.lo >> (8 * c) : keys.hi >> (8 * (c - 4))) & 0xFF);
+    ASSERT_EQ(g, c == 0 ? 0u : k + mx::kGapTable);
+  }
+  std::mt19937 rng(7);
+  int taken = 0;
+  for (int rep = 0; rep < 1000; ++rep) {
+    const int w = 1 + static_cast<int>(rng() % 128);
+    HostScaled y = alloc_mx(w, 128);
+    const int span = 118 + static_cast<int>(rng() % 10);
+    const int lo = static_cast<int>(rng() % (253 - span));
+    const int small_hi = rep % 3 == 0 ? 7 : 6;
+    const bool sparse = rep % 2 == 1;
+    uint32_t sb_max = 0, sb_min = 255;
+    for (int m = 0; m < w; ++m)
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t kind = rng() % 16;
+        const int sb = kind < 2   ? static_cast<int>(rng() % (small_hi + 1))
+                       : kind < 4 ? (kind == 2 ? lo : lo + span)
+                                  : lo + static_cast<int>(rng() % (span + 1));
+        y.scale.buf[m * 4 + b] = static_cast<uint8_t>(sb);
+        sb_max = std::max(sb_max, static_cast<uint32_t>(sb));
+        if (sb > static_cast<int>(mx::kGapIgnoreSb))
+          sb_min = std::min(sb_min, static_cast<uint32_t>(sb));
+        for (int i = 0; i < 16; ++i) {
+          uint8_t d = kind == 4 || (kind == 5 && i % 2) ? 0 : static_cast<uint8_t>(rng());
+          if (sparse) {  // mostly zeros; the few nonzero codes mostly +-0.5 (the smallest keys)
+            d = 0;
+            for (int n = 0; n < 2; ++n)
+              if (rng() % 48 == 0)
+                d |= static_cast<uint8_t>((rng() % 3 ? (rng() % 2 ? 0x1 : 0x9) : rng() % 16)
+                                          << (4 * n));
+          }
+          y.data.buf[m * 64 + b * 16 + i] = d;
+        }
+      }
+    if (!mx::gap_keys_exact(sb_max, sb_min)) continue;
+    ++taken;
+    HostScaled want = alloc_fp8(128, w);
+    mxfp4_to_fp8_transposed(y.st(), want.st());
+    for (int g = 0; g < 16; ++g) {
+      uint32_t acc[4] = {0, 0, 0, 0};
+      std::vector<uint32_t> word(w), sbl(w);
+      for (int m = 0; m < w; ++m) {
+        const uint32_t sbw = y.scale.buf[m * 4 + g / 4] << 8;  // the byte as token 1 of a word
+        sbl[m] = mx::sb_lanes(sbw, 1);
+        ASSERT_EQ(sbl[m], y.scale.buf[m * 4 + g / 4] * 0x00010001u);
+        std::memcpy(&word[m], y.data.buf.data() + m * 64 + g * 4, 4);
+        mx::gap_key_accumulate(word[m], sbl[m] << 1, keys.glo, keys.ghi, acc);
+      }
+      int t[8];
+      for (int j = 0; j < 8; ++j) {
+        t[j] = mx::gap_key_scale_exponent(mx::column_key(acc, j), 2 * sb_max);
+        ASSERT_EQ(fmt::exp2i(t[j]), want.scale.ptr<float>()[g * 8 + j])
+            << "rep " << rep << " column " << g * 8 + j;
+      }
+      for (int j = 0; j < 8; ++j) {
+        const int k = g * 8 + j, p = j / 2;
+        const uint32_t nt = mx::f16_column_exps_sb(t[2 * p], t[2 * p + 1]);
+        for (int m = 0; m < w; ++m) {
+          uint32_t h[2];
+          mx::e2m1x8_to_f16hi(word[m], h);
+          const uint32_t pair = mx::f16hi_pair_to_e4m3x2(h[p / 2], p, sbl[m], nt);
+          ASSERT_EQ(static_cast<uint8_t>(pair >> (8 * (j & 1))), want.data.buf[k * w + m])
+              << "rep " << rep << " column " << k << " token " << m;
+        }
+      }
+    }
+  }
+  EXPECT_GT(taken, 300);
 }
 
 }  // namespace

@@ -97,6 +97,26 @@ inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
   return h;
 }
 
+// Raw random MXFP4 for the transposed kernel's gap-key test (mx::gap_keys_exact): like mx_random
+// without NaN blocks, but a fraction small_frac of the blocks takes a scale byte in [0, small_hi]
+// (tiny values, the bytes that test ignores up to 6) instead of one in [lo, hi].
+inline HostScaled mx_random_gap(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
+                                double small_frac, int small_hi, double zero_frac = 0.1) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> byte(0, 255), sc(lo, hi), small(0, small_hi);
+  std::uniform_real_distribution<double> u(0, 1);
+  HostScaled h = alloc_mx(M, K);
+  for (int64_t r = 0; r < M; ++r)
+    for (int64_t b = 0; b < K / 32; ++b) {
+      const double p = u(rng);
+      uint8_t* d = h.data.ptr<uint8_t>() + (r * K + b * 32) / 2;
+      for (int i = 0; i < 16; ++i) d[i] = p < zero_frac ? 0 : static_cast<uint8_t>(byte(rng));
+      h.scale.ptr<uint8_t>()[r * (K / 32) + b] =
+          static_cast<uint8_t>(u(rng) < small_frac ? small(rng) : sc(rng));
+    }
+  return h;
+}
+
 // Raw random E4M3 row-wise [M][K]: uniform bytes (NaN codes allowed when with_nan), scales 2^t
 // with t uniform in [tlo, thi] (E8M0-range exponents; the FP32 power of two may be subnormal).
 inline HostScaled fp8_random(int64_t M, int64_t K, uint64_t seed, int tlo, int thi, bool with_nan) {

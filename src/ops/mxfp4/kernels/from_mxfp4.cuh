@@ -2,6 +2,8 @@
 //   sm90_mxfp4_to_e4m3_1x128:            row-wise, out [M][K], scale [K/128][M] (mxfp4_to_fp8)
 //   sm90_mxfp4_to_e4m3_1x128_transposed: column-wise, out_t [K][M], scale [tiles][K], 128-token
 //                                        tiles restarting at each group (mxfp4_to_fp8_transposed)
+//   sm90_mxfp4_to_e4m3_1x128_transposed_persistent: the same, persistent CTAs with a load ring
+//                                        (opt-in, FP8FLOW_MX_TR_VARIANT; see its comment)
 //
 // Row-wise: a thread owns one 32-block per unit (16 B packed in: one LDG.128 + its E8M0 byte;
 // 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
@@ -41,6 +43,11 @@
 // (Mxfp4Gpu 9 tests, memcheck 0, racecheck 0). Neither fewer ALU instructions nor more bytes in
 // flight moved it alone; what binds is not yet identified (ncu source-level stall sampling of
 // both variants is the next step).
+// Session 13 (no GPU here; UNTIMED): both attempts are back as opt-in variants in one binary with
+// their combinations (FP8FLOW_MX_TR_VARIANT, listed in mxfp4_sm90.cu): the persistent ring with
+// channel blocks or token tiles fastest, each with and without the gap keys, the gap keys alone,
+// and kLean (mx_tr_item: nothing per token kept across the column reduction; 80 registers and 6
+// CTAs per SM one-shot, 72 and 7 persistent, no spills). Default unchanged (variant 0).
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
@@ -140,25 +147,48 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
 }
 
 // One (token tile, 128-channel block) item from its staged codes and scale bytes: column keys,
-// scales, elements, stores. `tile` indexes the scale rows ([tiles][K]).
+// scales, elements, stores. `tile` indexes the scale rows ([tiles][K]). kGap: the gap-key path
+// (below) is compiled in and taken where cta_gap says the tile allows it (bmax = 2 sb_max).
+// kLean (fewer registers, for more CTAs per SM): no token's code word or scale byte stays in a
+// register across the column reduction; the element phase reads them again from shared memory
+// (volatile, so the compiler cannot keep the first reads instead) and runs in two column halves
+// (pairs 0-1 then 2-3, output rows 0-3 then 4-7: half the o[] registers, 16-byte stores still).
+template <bool kGap, bool kLean = false>
 __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32_t* s_data,
-                                           const uint8_t (*s_sb)[128], bool cta_slow, int32_t m0,
-                                           int32_t width, uint32_t kb, uint32_t tile) {
+                                           const uint8_t (*s_sb)[128], bool cta_slow, bool cta_gap,
+                                           uint32_t bmax, int32_t m0, int32_t width, uint32_t kb,
+                                           uint32_t tile) {
   const uint32_t tid = threadIdx.x;
   const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
   const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
   const uint4 sbv = *reinterpret_cast<const uint4*>(&s_sb[blk][chunk * 16]);
   const uint32_t sbw[4] = {sbv.x, sbv.y, sbv.z, sbv.w};
-  uint32_t word[16], nanmask[4] = {0, 0, 0, 0};
+  uint32_t word[16];
+  if constexpr (!kLean) {
 #pragma unroll
-  for (int i = 0; i < 16; ++i) {
-    const uint32_t sb = (sbw[i / 4] >> (8 * (i % 4))) & 0xFFu;
-    word[i] = s_data[tr_word_offset(chunk * 16 + i, cg)];
-    if (sb == fmt::kE8M0NaN) {
-      word[i] = 0;
-      nanmask[i / 4] |= 0x7Fu << (8 * (i % 4));
-    }
+    for (int i = 0; i < 16; ++i) word[i] = s_data[tr_word_offset(chunk * 16 + i, cg)];
   }
+  // Token i's code word (kLean: read again; NaN tokens' as 0 where nan0, as the old paths need).
+  auto code_word = [&](int i, bool nan0) -> uint32_t {
+    if constexpr (kLean) {
+      const uint32_t w =
+          static_cast<const volatile uint32_t*>(s_data)[tr_word_offset(chunk * 16 + i, cg)];
+      return nan0 && ((sbw[i / 4] >> (8 * (i % 4))) & 0xFFu) == fmt::kE8M0NaN ? 0u : w;
+    } else {
+      return word[i];
+    }
+  };
+  // The element phase's scale words (kLean: read again).
+  auto scale_words = [&](uint32_t sbc[4]) {
+#pragma unroll
+    for (int k = 0; k < 4; ++k) {
+      if constexpr (kLean)
+        sbc[k] = reinterpret_cast<const volatile uint32_t*>(&s_sb[blk][chunk * 16])[k];
+      else
+        sbc[k] = sbw[k];
+    }
+  };
+  constexpr int kHalves = kLean ? 2 : 1, kPairs = 4 / kHalves;  // element phase: column halves
 
   // Output rows k = kb*128 + cg*8 + j, tokens m0 + chunk*16 .. +15 (16-byte stores when aligned).
   const int32_t valid = width - static_cast<int32_t>(chunk * 16);
@@ -176,13 +206,87 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
     }
   };
 
+  if constexpr (kGap) {
+    if (cta_gap) {
+      // Gap keys (mx::kGapTable): no NaN tokens (every sb <= 252) and no masking of zero codes.
+      uint32_t sbl[16];  // each token's sb in both lanes: key base (doubled) and FP16 exponent
+#pragma unroll
+      for (int i = 0; i < 16; ++i) sbl[i] = mx::sb_lanes(sbw[i / 4], i % 4);
+      uint32_t acc[4] = {0, 0, 0, 0};
+#pragma unroll
+      for (int i = 0; i < 16; ++i)
+        mx::gap_key_accumulate(code_word(i, false), sbl[i] << 1, p.key.glo, p.key.ghi, acc);
+#pragma unroll
+      for (int off = 4; off < 32; off *= 2)
+#pragma unroll
+        for (int a = 0; a < 4; ++a)
+          acc[a] = mx::vmax_u16x2(acc[a], __shfl_xor_sync(0xFFFFFFFFu, acc[a], off));
+      int t_col[8];
+#pragma unroll
+      for (int j = 0; j < 8; ++j)
+        t_col[j] = mx::gap_key_scale_exponent(mx::column_key(acc, j), bmax);
+      int t_mine = t_col[0];
+#pragma unroll
+      for (int j = 1; j < 8; ++j) t_mine = chunk == static_cast<uint32_t>(j) ? t_col[j] : t_mine;
+      scale_row_out[chunk] = fmt::exp2i(t_mine);
+
+      uint32_t nt[4];
+#pragma unroll
+      for (int pp = 0; pp < 4; ++pp)
+        nt[pp] = mx::f16_column_exps_sb(t_col[2 * pp], t_col[2 * pp + 1]);
+#pragma unroll
+      for (int hf = 0; hf < kHalves; ++hf) {
+        uint32_t sbc[4];
+        scale_words(sbc);
+        uint32_t o[2 * kPairs][4];
+#pragma unroll
+        for (int q = 0; q < 4; ++q) {
+          uint32_t r[4][kPairs];
+#pragma unroll
+          for (int x = 0; x < 4; ++x) {
+            const int i = 4 * q + x;
+            const uint32_t xb = kLean ? mx::sb_lanes(sbc[q], x) : sbl[i];
+            uint32_t h[2];
+            mx::e2m1x8_to_f16hi(code_word(i, false), h);
+#pragma unroll
+            for (int pl = 0; pl < kPairs; ++pl) {
+              const int pp = hf * kPairs + pl;
+              r[x][pl] = mx::f16hi_pair_to_e4m3x2(h[pp / 2], pp, xb, nt[pp]);
+            }
+          }
+#pragma unroll
+          for (int pl = 0; pl < kPairs; ++pl) {
+            const uint32_t u01 = mx::prmt(r[0][pl], r[1][pl], 0x5140u);
+            const uint32_t u23 = mx::prmt(r[2][pl], r[3][pl], 0x5140u);
+            o[2 * pl][q] = mx::prmt(u01, u23, 0x5410u);
+            o[2 * pl + 1][q] = mx::prmt(u01, u23, 0x7632u);
+          }
+        }
+#pragma unroll
+        for (int j = 0; j < 2 * kPairs; ++j) store_row(hf * 2 * kPairs + j, o[j]);
+      }
+      return;
+    }
+  }
+
+  uint32_t nanmask[4] = {0, 0, 0, 0};
+#pragma unroll
+  for (int i = 0; i < 16; ++i) {
+    const uint32_t sb = (sbw[i / 4] >> (8 * (i % 4))) & 0xFFu;
+    if (sb == fmt::kE8M0NaN) {
+      if constexpr (!kLean) word[i] = 0;  // kLean: code_word(i, true)
+      nanmask[i / 4] |= 0x7Fu << (8 * (i % 4));
+    }
+  }
+
   if (!cta_slow) {
     // Column keys over the 16 tokens, then over the 8 lanes (chunks) sharing the columns.
     uint32_t acc[4] = {0, 0, 0, 0};
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const int x = fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4))));
-      mx::key_accumulate(word[i], mx::e2m1_key_base(x) * 0x00010001u, p.key.lo, p.key.hi, acc);
+      mx::key_accumulate(code_word(i, true), mx::e2m1_key_base(x) * 0x00010001u, p.key.lo, p.key.hi,
+                         acc);
     }
 #pragma unroll
     for (int off = 4; off < 32; off *= 2)
@@ -202,34 +306,41 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
     uint32_t nt[4];
 #pragma unroll
     for (int p = 0; p < 4; ++p) nt[p] = mx::f16_column_exps(t_col[2 * p], t_col[2 * p + 1]);
-    // Per 4 tokens: each token's 8 codes through the FP16 unit in 4 column pairs, then the pairs
-    // of the 4 tokens rearranged into 4-token words of each column (2 PRMT levels).
-    uint32_t o[8][4];
+      // Per 4 tokens: each token's 8 codes through the FP16 unit in 4 column pairs, then the pairs
+      // of the 4 tokens rearranged into 4-token words of each column (2 PRMT levels).
 #pragma unroll
-    for (int q = 0; q < 4; ++q) {
-      uint32_t r[4][4];  // [token x][pair p]: E4M3 codes of columns 2p, 2p + 1
+    for (int hf = 0; hf < kHalves; ++hf) {
+      uint32_t sbc[4];
+      scale_words(sbc);
+      uint32_t o[2 * kPairs][4];
 #pragma unroll
-      for (int x = 0; x < 4; ++x) {
-        const int i = 4 * q + x;
-        const uint32_t xb = mx::f16_token_exp(
-            fmt::e8m0_exponent(static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)))));
-        uint32_t h[2];
-        mx::e2m1x8_to_f16hi(word[i], h);
+      for (int q = 0; q < 4; ++q) {
+        uint32_t r[4][kPairs];  // [token x][pair p]: E4M3 codes of columns 2p, 2p + 1
 #pragma unroll
-        for (int pp = 0; pp < 4; ++pp)
-          r[x][pp] = mx::f16hi_pair_to_e4m3x2(h[pp / 2], pp, xb, nt[pp]);
+        for (int x = 0; x < 4; ++x) {
+          const int i = 4 * q + x;
+          const uint32_t xb = mx::f16_token_exp(
+              fmt::e8m0_exponent(static_cast<uint8_t>(sbc[i / 4] >> (8 * (i % 4)))));
+          uint32_t h[2];
+          mx::e2m1x8_to_f16hi(code_word(i, true), h);
+#pragma unroll
+          for (int pl = 0; pl < kPairs; ++pl) {
+            const int pp = hf * kPairs + pl;
+            r[x][pl] = mx::f16hi_pair_to_e4m3x2(h[pp / 2], pp, xb, nt[pp]);
+          }
+        }
+#pragma unroll
+        for (int pl = 0; pl < kPairs; ++pl) {
+          const uint32_t u01 = mx::prmt(r[0][pl], r[1][pl], 0x5140u);  // x0 c0, x1 c0, x0 c1, x1 c1
+          const uint32_t u23 = mx::prmt(r[2][pl], r[3][pl], 0x5140u);
+          // NaN tokens: their codes were zeroed (-> 0x00); make them 0x7F.
+          o[2 * pl][q] = mx::prmt(u01, u23, 0x5410u) | nanmask[q];
+          o[2 * pl + 1][q] = mx::prmt(u01, u23, 0x7632u) | nanmask[q];
+        }
       }
 #pragma unroll
-      for (int pp = 0; pp < 4; ++pp) {
-        const uint32_t u01 = mx::prmt(r[0][pp], r[1][pp], 0x5140u);  // x0 c0, x1 c0, x0 c1, x1 c1
-        const uint32_t u23 = mx::prmt(r[2][pp], r[3][pp], 0x5140u);
-        // NaN tokens: their codes were zeroed (-> 0x00); make them 0x7F.
-        o[2 * pp][q] = mx::prmt(u01, u23, 0x5410u) | nanmask[q];
-        o[2 * pp + 1][q] = mx::prmt(u01, u23, 0x7632u) | nanmask[q];
-      }
+      for (int j = 0; j < 2 * kPairs; ++j) store_row(hf * 2 * kPairs + j, o[j]);
     }
-#pragma unroll
-    for (int j = 0; j < 8; ++j) store_row(j, o[j]);
     return;
   }
 
@@ -241,8 +352,9 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const uint8_t sb = static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)));
-      const float v = fmt::e2m1_to_f32(static_cast<uint8_t>((word[i] >> (4 * j)) & 0xFu)) *
-                      fmt::e8m0_to_f32(sb);
+      const float v =
+          fmt::e2m1_to_f32(static_cast<uint8_t>((code_word(i, true) >> (4 * j)) & 0xFu)) *
+          fmt::e8m0_to_f32(sb);
       if (sb != fmt::kE8M0NaN && fmt::f32_is_finite(v)) amax = fmaxf(amax, fabsf(v));
     }
 #pragma unroll
@@ -254,13 +366,39 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
 #pragma unroll
     for (int i = 0; i < 16; ++i) {
       const uint8_t sb = static_cast<uint8_t>(sbw[i / 4] >> (8 * (i % 4)));
-      const float v = fmt::e2m1_to_f32(static_cast<uint8_t>((word[i] >> (4 * j)) & 0xFu)) *
-                      fmt::e8m0_to_f32(sb);
+      const float v =
+          fmt::e2m1_to_f32(static_cast<uint8_t>((code_word(i, true) >> (4 * j)) & 0xFu)) *
+          fmt::e8m0_to_f32(sb);
       const uint32_t c = sb == fmt::kE8M0NaN ? 0x7Fu : fmt::e4m3_from_f32(fmt::mul_pow2(v, -t));
       o[i / 4] |= c << (8 * (i % 4));
     }
     store_row(j, o);
   }
+}
+
+// The gap-key tile test (kGap kernels), in two halves around the item's barrier. Publish: token
+// tid's 4 scale bytes `sb` (0 past the tile's width: neutral); each warp's largest byte and
+// 255 - its smallest byte > mx::kGapIgnoreSb (REDUX) in one shared word per warp. Read (after the
+// barrier): the CTA's range, whether the gap path is exact for it, and bmax = 2 sb_max.
+__device__ __forceinline__ void tr_gap_publish(uint32_t sb, uint32_t* s_rng) {
+  uint32_t hi = 0, lo = 255;
+#pragma unroll
+  for (int b = 0; b < 4; ++b) {
+    const uint32_t x = (sb >> (8 * b)) & 0xFFu;
+    hi = max(hi, x);
+    lo = x > mx::kGapIgnoreSb ? min(lo, x) : lo;
+  }
+  hi = __reduce_max_sync(0xFFFFFFFFu, hi);
+  lo = 255 - __reduce_max_sync(0xFFFFFFFFu, 255 - lo);
+  if ((threadIdx.x & 31) == 0) s_rng[threadIdx.x >> 5] = hi | ((255 - lo) << 16);
+}
+__device__ __forceinline__ void tr_gap_read(const uint32_t* s_rng, bool& cta_gap, uint32_t& bmax) {
+  static_assert(kTrThreads == 128, "s_rng is read as one uint4");
+  const uint4 r = *reinterpret_cast<const uint4*>(s_rng);
+  const uint32_t m = mx::vmax_u16x2(mx::vmax_u16x2(r.x, r.y), mx::vmax_u16x2(r.z, r.w));
+  const uint32_t sb_max = m & 0xFFFFu, sb_min = 255 - (m >> 16);
+  cta_gap = mx::gap_keys_exact(sb_max, sb_min);
+  bmax = 2 * sb_max;
 }
 
 // Registers: unbounded the FP16 path takes 125 (4 CTAs per SM); capped at 5 CTAs per SM (96, a few
@@ -270,11 +408,19 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
 // computed. Session 9 (H100, 32768 x 7168): ncu had the one-item CTAs stalled on their loads (long
 // scoreboard the top stall, ALU pipe 75%); 2 items 0.1874 -> 0.1743 ms (64.7 -> 70.0% of copy),
 // 4 items 0.2023 ms.
+// kGap (opt-in, FP8FLOW_MX_TR_VARIANT=3; commit 7b79c85): tiles that pass mx::gap_keys_exact take
+// the gap-key path (tr_gap_publish / tr_gap_read around the item's barrier); the others the
+// paths above. kGap = false is the default kernel (variant 0).
+// kLean (opt-in, variants 6-7; see mx_tr_item): kTrLeanMinBlocks CTAs per SM (80 registers, no
+// spills; at 7 CTAs, 72 registers, ptxas spilled 36-40 bytes, at 8, 64 registers, 76-104).
 constexpr int kTrMinBlocks = 5;
-__global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
+constexpr int kTrLeanMinBlocks = 6;
+template <bool kGap, bool kLean = false>
+__global__ void __launch_bounds__(kTrThreads, kLean ? kTrLeanMinBlocks : kTrMinBlocks)
     sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
   __shared__ __align__(16) uint32_t s_data[kTrItems][128 * 16];
   __shared__ __align__(16) uint8_t s_sb[kTrItems][4][128];
+  __shared__ __align__(16) uint32_t s_rng[kTrItems][kTrThreads / 32];
 
   const uint32_t tid = threadIdx.x;
   int32_t m0, width;
@@ -332,8 +478,121 @@ __global__ void __launch_bounds__(kTrThreads, kTrMinBlocks)
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b) s_sb[it][b][tid] = static_cast<uint8_t>(sb >> (8 * b));
+    if constexpr (kGap) tr_gap_publish(sb, s_rng[it]);
     const bool cta_slow = __syncthreads_or(sl);
-    mx_tr_item(p, s_data[it], s_sb[it], cta_slow, m0, width, kb0 + it, blockIdx.x);
+    bool cta_gap = false;
+    uint32_t bmax = 0;
+    if constexpr (kGap) tr_gap_read(s_rng[it], cta_gap, bmax);
+    mx_tr_item<kGap, kLean>(p, s_data[it], s_sb[it], cta_slow, cta_gap, bmax, m0, width, kb0 + it,
+                            blockIdx.x);
+  }
+}
+
+// Persistent variants (FP8FLOW_MX_TR_VARIANT 1, 2, 4, 5; see mxfp4_sm90.cu; untimed in this
+// form): as many CTAs as fit on the device, each walking the items (tile, kb) of its strided list
+// i = blockIdx.x, blockIdx.x + gridDim.x, ... through a ring of kStages shared-memory stages, so
+// kStages - 1 items' loads are in flight while one is computed (the one-shot kernel above has at
+// most one, and none during its last item's compute). Item order: kTileFastest = false (commit
+// 3a0a277) has channel blocks fastest, (tile, kb) = (i / nkb, i % nkb): at any moment the grid
+// reads neighbouring 64-byte pieces of the same token rows, but writes 128-byte pieces of 128
+// rows each M bytes apart per item. kTileFastest = true takes the one-shot grid's order, (tile,
+// kb) = (i % tiles, i / tiles): the grid works on a few channel blocks of every tile at once, so
+// neighbouring CTAs write neighbouring 128-byte pieces of the same output rows (as the one-shot
+// grid does).
+// A stage holds the item's codes (8 KB, cp.async 16 B, swizzled as above), its tokens' 4 scale
+// bytes each (cp.async 4 B, row-major; needs in_scale 4-byte aligned, which the launcher checks),
+// and (thread 0 writes it) the item's m0, width, kb and tile. Per item, one barrier: wait for the
+// stage's group, transpose the own token's scale bytes into s_sb, vote the slow flag
+// (__syncthreads_or: also the barrier after which every thread finished the previous item) and,
+// with kGap, publish the warp's byte range (tr_gap_publish); then refill the previous item's stage
+// with item + kStages - 1 and compute.
+// kLean: mx_tr_item's; kTrPersistLeanMinBlocks CTAs per SM (72 registers; 8 would not fit the
+// shared memory of 3 stages).
+constexpr int kTrPersistLeanMinBlocks = 7;
+template <int kStages, bool kGap, bool kTileFastest, bool kLean = false>
+__global__ void __launch_bounds__(kTrThreads, kLean ? kTrPersistLeanMinBlocks : kTrMinBlocks)
+    sm90_mxfp4_to_e4m3_1x128_transposed_persistent(const __grid_constant__ MxToFp8TParams p) {
+  static_assert(kStages >= 3 && kStages <= 4, "kStages - 2 groups pending at each wait below");
+  __shared__ __align__(16) uint32_t s_data[kStages][128 * 16];
+  __shared__ __align__(16) uint32_t s_sraw[kStages][128];             // token t's 4 scale bytes
+  __shared__ __align__(16) uint8_t s_sb[kStages][4][128];             // transposed for mx_tr_item
+  __shared__ __align__(16) int32_t s_meta[kStages][4];                // m0, width, kb, tile
+  __shared__ __align__(16) uint32_t s_rng[kStages][kTrThreads / 32];  // kGap: tr_gap_publish
+
+  const uint32_t tid = threadIdx.x;
+  const uint32_t nkb = p.K / 128, grid = gridDim.x;
+  const uint32_t tiles = static_cast<uint32_t>(p.groups.total_tiles);
+  const uint32_t n_items = tiles * nkb;
+  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
+
+  // Item j of this CTA into stage j % kStages; one commit group per call (empty past the CTA's
+  // last item). Registers: only the loop counter lives across mx_tr_item besides its arguments
+  // ((tile, kb) from a division per item and tile_cols' binary search, not a stepped cursor and
+  // tile_cols_walk's group, and the trip count from the parameters: with those ptxas spilled
+  // 16 bytes at the 96-register cap).
+  auto load = [&](uint32_t j) {
+    const uint32_t item = blockIdx.x + j * grid;
+    if (item < n_items) {
+      const uint32_t st = j % kStages;
+      uint32_t lt, lk;
+      if constexpr (kTileFastest) {
+        lk = item / tiles;
+        lt = item - lk * tiles;
+      } else {
+        lt = item / nkb;
+        lk = item - lt * nkb;
+      }
+      int32_t m0, width;
+      p.groups.tile_cols(static_cast<int32_t>(lt), m0, width);
+      const uint32_t w = static_cast<uint32_t>(width);
+#pragma unroll
+      for (int q = 0; q < 4; ++q) {
+        const uint32_t r = (tid >> 2) + 32 * q;
+        const uint8_t* src = p.in + (m0 + (r < w ? r : 0)) * row_bytes + lk * 64 + (tid & 3) * 16;
+        cp_async_16(&s_data[st][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
+      }
+      // Scale bytes of token tid (zeros past the width: X = -127, no effect).
+      cp_async_4(&s_sraw[st][tid], p.in_scale + (m0 + (tid < w ? tid : 0)) * scale_row + lk * 4,
+                 tid < w ? 4u : 0u);
+      if (tid == 0) {
+        s_meta[st][0] = m0;
+        s_meta[st][1] = width;
+        s_meta[st][2] = static_cast<int32_t>(lk);
+        s_meta[st][3] = static_cast<int32_t>(lt);
+      }
+    }
+    cp_async_commit();
+  };
+
+#pragma unroll
+  for (int j = 0; j < kStages - 1; ++j) load(j);
+#pragma unroll 1
+  for (uint32_t i = 0; blockIdx.x + i * grid < n_items; ++i) {
+    const uint32_t st = i % kStages;
+    // Groups committed so far: items 0 .. i + kStages - 2; item i's is complete when at most
+    // kStages - 2 newer ones are pending. The own copies are visible to this thread now.
+    cp_async_wait<kStages - 2>();
+    const uint32_t sbw = s_sraw[st][tid];
+    bool slow = false;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t x = (sbw >> (8 * b)) & 0xFFu;
+      s_sb[st][b][tid] = static_cast<uint8_t>(x);
+      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
+    }
+    // s_rng[st] is next written in iteration i + kStages, after barriers every reader passed.
+    if constexpr (kGap) tr_gap_publish(sbw, s_rng[st]);
+    // Everyone's copies of item i, s_sb and s_rng are visible after it, and everyone is done with
+    // item i - 1, whose stage (i + kStages - 1) % kStages the load below refills.
+    const bool cta_slow = __syncthreads_or(slow);
+    bool cta_gap = false;
+    uint32_t bmax = 0;
+    if constexpr (kGap) tr_gap_read(s_rng[st], cta_gap, bmax);
+    const int32_t m0 = s_meta[st][0], width = s_meta[st][1];
+    const uint32_t kb = static_cast<uint32_t>(s_meta[st][2]),
+                   tile = static_cast<uint32_t>(s_meta[st][3]);
+    load(i + kStages - 1);
+    mx_tr_item<kGap, kLean>(p, s_data[st], s_sb[st], cta_slow, cta_gap, bmax, m0, width, kb, tile);
   }
 }
 

@@ -64,6 +64,20 @@ FP8FLOW_HD uint32_t vaddmin_u16x2(uint32_t a, uint32_t b, uint32_t c) {
 #endif
 }
 
+// Unsigned 16x2 lane-wise max(a + b, c), the sum taken modulo 2^16 (one DPX instruction,
+// VIADDMNMX, on sm_90).
+FP8FLOW_HD uint32_t vaddmax_u16x2(uint32_t a, uint32_t b, uint32_t c) {
+#if defined(__CUDA_ARCH__)
+  return __viaddmax_u16x2(a, b, c);
+#else
+  const uint32_t slo = ((a & 0xFFFF) + (b & 0xFFFF)) & 0xFFFF,
+                 shi = ((a >> 16) + (b >> 16)) & 0xFFFF;
+  const uint32_t lo = slo > (c & 0xFFFF) ? slo : (c & 0xFFFF);
+  const uint32_t hi = shi > (c >> 16) ? shi : (c >> 16);
+  return lo | (hi << 16);
+#endif
+}
+
 // Signed 16x2 lane-wise max(min(a + b, c), 0) (one DPX instruction, VIADDMNMX, on sm_90). Callers
 // keep every lane's a + b inside the int16 range (the host version computes it exactly).
 FP8FLOW_HD uint32_t vaddmin_relu_s16x2(uint32_t a, uint32_t b, uint32_t c) {
@@ -427,7 +441,31 @@ struct E2m1Key {
   static constexpr uint32_t kNoKey = 0;
   // byte c of (lo, hi): 0 for c = 0, else L(c, X=0) + 3 (in 1..8).
   uint32_t lo, hi;
+  // The gap keys below: byte c of (glo, ghi) is 0 for c = 0, else kGapTable + byte c of (lo, hi).
+  uint32_t glo, ghi;
 };
+
+// Gap keys (the transposed kernel's fast path). A token with scale byte sb keys its element of
+// code c as 2 sb + G(c), G(0) = 0, G(c) = kGapTable + (byte c of lo, hi) in [248, 255]: for c != 0
+// that is the key above plus kGapDelta (e2m1_key_base(sb - 127) = 2 sb + 43), for c = 0 just 2 sb.
+// One add-and-max (VIADDMNMX) per two columns then folds a token in without masking its zeros.
+// Exact for a tile whose bytes are all <= 252 and whose bytes > kGapIgnoreSb lie in [lo, lo +
+// kGapMaxSpan]: every zero element's key 2 sb <= bmax = 2 sb_max, and every nonzero element of a
+// token with sb > kGapIgnoreSb keys >= 2 lo + 248 > bmax, so a column holding one gets its true
+// maximum key, above bmax. A column without one has at most nonzero elements of tokens with
+// sb <= kGapIgnoreSb (|value| <= 6 * 2^(6 - 127) = 1.5 * 2^-119), whose scale clamps to 2^-127,
+// which is also what any maximum <= bmax (read as no element) or above it (one of those) gives.
+// (All-zero blocks, e.g. padding rows, have sb = 0 and so never narrow the span.)
+constexpr uint32_t kGapTable = 247;
+constexpr uint32_t kGapDelta = kGapTable + 2 * 127 + 3 - E2m1Key::kKeyOffset;  // 204
+constexpr uint32_t kGapMaxSpan = 123;
+constexpr uint32_t kGapIgnoreSb = 6;
+
+// The tile test of the gap keys from the largest byte and the smallest byte > kGapIgnoreSb (255
+// if none).
+FP8FLOW_HD bool gap_keys_exact(uint32_t sb_max, uint32_t sb_min_counted) {
+  return sb_max <= 252 && sb_max <= sb_min_counted + kGapMaxSpan;
+}
 
 inline E2m1Key make_e2m1_key() {
   E2m1Key k{};
@@ -436,10 +474,14 @@ inline E2m1Key make_e2m1_key() {
     const int g = static_cast<int>(b >> 23) - 127;
     const int l = 2 * g + ((b & 0x7FFFFFu) ? 1 : 0);
     const uint32_t byte = static_cast<uint32_t>(l + 3);
-    if (c < 4)
+    const uint32_t gap = (kGapTable + byte) << (8 * (c % 4));
+    if (c < 4) {
       k.lo |= byte << (8 * c);
-    else
+      k.glo |= gap;
+    } else {
       k.hi |= byte << (8 * (c - 4));
+      k.ghi |= gap;
+    }
   }
   return k;
 }
@@ -591,6 +633,34 @@ FP8FLOW_HD void key_accumulate(uint32_t w, uint32_t base2, uint32_t klo, uint32_
     const uint32_t kb = prmt(klo, khi, sel[i]);  // [byte(c_a), 0, byte(c_b), 0]
     acc[i] = vmax_u16x2(acc[i], vaddmin_u16x2(base2, kb, kb * kKeyBig));
   }
+}
+
+// The same with gap keys (E2m1Key::glo, ghi): sb2 = the token's scale byte sb in both 16-bit lanes,
+// twice (2 sb, 2 sb). One PRMT and one VIADDMNMX per two columns.
+FP8FLOW_HD void gap_key_accumulate(uint32_t w, uint32_t sb2, uint32_t glo, uint32_t ghi,
+                                   uint32_t acc[4]) {
+  const uint32_t sel[4] = {w & 0x0F0Fu, (w >> 16) & 0x0F0Fu, (w >> 4) & 0x0F0Fu,
+                           (w >> 20) & 0x0F0Fu};
+  FP8FLOW_MX_UNROLL
+  for (int i = 0; i < 4; ++i) acc[i] = vaddmax_u16x2(sb2, prmt(glo, ghi, sel[i]), acc[i]);
+}
+
+// Column scale exponent from a gap-key column maximum; bmax = 2 sb_max of the tile (the bound
+// that tells an all-zero column, see kGapTable). Equals key_scale_exponent of the plain key.
+FP8FLOW_HD int gap_key_scale_exponent(uint32_t key, uint32_t bmax) {
+  return key_scale_exponent(key > bmax ? key - kGapDelta : E2m1Key::kNoKey);
+}
+
+// A token's scale byte in both 16-bit lanes (word sbw holds the bytes of 4 tokens; k = 0..3).
+FP8FLOW_HD uint32_t sb_lanes(uint32_t sbw, int k) {
+  return prmt(sbw, 0u, 0x4040u + 0x0101u * static_cast<uint32_t>(k));
+}
+
+// f16_column_exps for operands made of scale bytes: xb = sb_lanes(...) (sb = X + 127) gives the
+// same f16hi_pair_to_e4m3x2 as f16_token_exp(X) with f16_column_exps(t0, t1).
+FP8FLOW_HD uint32_t f16_column_exps_sb(int t0, int t1) {
+  constexpr int kBias = static_cast<int>(kF16ExpBias) - 127;
+  return f16_column_exps(t0 - kBias, t1 - kBias);
 }
 
 // Key of column j (0..7) from the accumulators.

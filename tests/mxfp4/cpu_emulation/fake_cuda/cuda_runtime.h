@@ -21,6 +21,15 @@ inline unsigned __shfl_xor_sync(unsigned, unsigned v, int off) {
   emu::bar->arrive_and_wait();
   return r;
 }
+inline unsigned __reduce_max_sync(unsigned, unsigned v) {
+  emu::shfl32[emu::tid] = v;
+  emu::bar->arrive_and_wait();
+  const int w0 = emu::tid - emu::tid % 32;
+  unsigned r = 0;
+  for (int l = 0; l < 32; ++l) r = std::max(r, emu::shfl32[w0 + l]);
+  emu::bar->arrive_and_wait();
+  return r;
+}
 inline int __syncthreads_or(int pred) {
   emu::vote[emu::tid] = pred != 0;
   emu::bar->arrive_and_wait();
@@ -37,4 +46,45 @@ inline T __ldg(const T* p) {
 template <typename T>
 inline void __stcs(T* p, const T& v) {
   *p = v;
+}
+
+// cp.async with its asynchrony (src/common/cp_async.cuh): each thread queues its copies in commit
+// groups and a wait_group N performs all but its N newest groups, so a kernel that reads a staged
+// tile before the wait covering it sees stale shared memory and fails the comparison.
+#define FP8FLOW_EMU_CP_ASYNC_DEFERRED 1
+namespace emu {
+struct CpAsyncCopy {
+  void* dst;
+  const void* src;
+  unsigned bytes, src_bytes;
+};
+inline thread_local std::vector<CpAsyncCopy> cp_open;                 // not yet committed
+inline thread_local std::vector<std::vector<CpAsyncCopy>> cp_groups;  // committed, oldest first
+inline void cp_async_copy(void* dst, const void* src, unsigned bytes, unsigned src_bytes) {
+  cp_open.push_back({dst, src, bytes, src_bytes});
+}
+inline void cp_async_commit() {
+  cp_groups.push_back(std::move(cp_open));
+  cp_open.clear();
+}
+inline void cp_async_wait(int n) {
+  while (static_cast<int>(cp_groups.size()) > n) {
+    for (const CpAsyncCopy& c : cp_groups.front()) {
+      if (c.src_bytes)
+        std::memcpy(c.dst, c.src, c.bytes);
+      else
+        std::memset(c.dst, 0, c.bytes);
+    }
+    cp_groups.erase(cp_groups.begin());
+  }
+}
+// What cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (the driver varies it with
+// sm_count to run the persistent kernels on few and on many CTAs).
+inline int blocks_per_sm = 5;
+}  // namespace emu
+
+template <typename K>
+inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
+  *n = emu::blocks_per_sm;
+  return cudaSuccess;
 }
