@@ -18,8 +18,8 @@ void mxfp4_to_fp8(const ScaledTensor& in, const ScaledTensor& out, Stream stream
 void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, Stream stream);
 // Backend-internal, for tests and A/B timing in one process: which kernel mxfp4_to_fp8_transposed
 // launches from now on (0 .. mxfp4_transposed_variant_count() - 1, listed in mxfp4_sm90.cu: 0 the
-// default one-shot grid; 1, 2, 4, 5 persistent rings; 2, 3, 5 the gap-key fast path); -1: back to
-// what FP8FLOW_MX_TR_VARIANT chose (the default: 0). Same bits either way. Not thread-safe against
+// default, lean with the gap-key fast path; 1 the kernel before it); -1: back to what
+// FP8FLOW_MX_TR_VARIANT chose (the default: 0). Same bits either way. Not thread-safe against
 // running ops; CUDA builds only (defined in mxfp4_sm90.cu).
 void set_mxfp4_transposed_variant(int variant);
 int mxfp4_transposed_variant_count();

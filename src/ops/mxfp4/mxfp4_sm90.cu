@@ -37,20 +37,12 @@ void check_row_units(const char* op, const char* arg, int64_t units_per_row, int
                     " for the CUDA backend, got ", units_per_row * elems_per_unit));
 }
 
-// Which transposed kernel runs (A/B timing in one binary; all give the same bits):
-//   0: the one-shot grid (sm90_mxfp4_to_e4m3_1x128_transposed<false>), the default;
-//   1: persistent, ring of 3 stages, channel blocks fastest (commit 3a0a277's kernel);
-//   2: 1 with the gap-key fast path (commit 7b79c85's);
-//   3: the one-shot grid with the gap-key fast path (commit 7b79c85's kernel);
-//   4: persistent, ring of 3 stages, token tiles fastest (the one-shot grid's order);
-//   5: 4 with the gap-key fast path;
-//   6: the one-shot grid, kLean (codes and scale bytes read again from shared memory for the
-//      element phase, which runs in two column halves; 6 CTAs per SM);
-//   7: 6 with the gap-key fast path;
-//   8: 5, kLean (7 CTAs per SM).
+// Which transposed kernel runs (A/B timing in one binary; both give the same bits):
+//   0: sm90_mxfp4_to_e4m3_1x128_transposed<kGap, kLean> = <true, true>, the default (session 13);
+//   1: <false, false>, the kernel before it.
 // FP8FLOW_MX_TR_VARIANT (read once; unset, empty or unknown: 0); set_mxfp4_transposed_variant
 // (tests) overrides it, -1 goes back to it.
-constexpr int kTrVariants = 9;
+constexpr int kTrVariants = 2;
 std::atomic<int> g_tr_variant_override{-1};
 int transposed_variant() {
   static const int from_env = [] {
@@ -60,24 +52,6 @@ int transposed_variant() {
   }();
   const int o = g_tr_variant_override.load(std::memory_order_relaxed);
   return o < 0 ? from_env : o;
-}
-
-// The persistent kernel on as many CTAs as fit at once (5 per SM on an H100: 96 registers,
-// 28 KB smem), at most one per item.
-template <int kStages, bool kGap, bool kTileFastest, bool kLean = false>
-void launch_transposed_persistent(const MxToFp8TParams& p, int64_t items, Stream stream) {
-  const char* op = "mxfp4_to_fp8_transposed";
-  int dev = 0, sms = 0, per_sm = 0;
-  FP8FLOW_CUDA_CHECK(op, cudaGetDevice(&dev));
-  FP8FLOW_CUDA_CHECK(op, cudaDeviceGetAttribute(&sms, cudaDevAttrMultiProcessorCount, dev));
-  FP8FLOW_CUDA_CHECK(
-      op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(
-              &per_sm,
-              sm90_mxfp4_to_e4m3_1x128_transposed_persistent<kStages, kGap, kTileFastest, kLean>,
-              kTrThreads, 0));
-  const int64_t grid = std::min<int64_t>(items, int64_t{sms} * std::max(per_sm, 1));
-  sm90_mxfp4_to_e4m3_1x128_transposed_persistent<kStages, kGap, kTileFastest, kLean>
-      <<<static_cast<uint32_t>(grid), kTrThreads, 0, stream>>>(p);
 }
 
 uint32_t grid_for(int64_t units, int64_t per_cta) {
@@ -179,34 +153,12 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   p.key = mx::make_e2m1_key();
   p.groups = detail::make_group_tiles(out_t.col_groups, M);
   if (p.groups.total_tiles == 0) return;
-  const int64_t items = int64_t{p.groups.total_tiles} * (K / 128);
-  // The persistent kernels stage the scale bytes 4 at a time (cp.async needs them 4-byte
-  // aligned; the validation asks nothing of in.scale here) and count items in 32 bits: otherwise
-  // the one-shot kernel with the same fast path, which gives the same bits.
-  const int variant = transposed_variant();
-  const bool gap = variant == 2 || variant == 3 || variant == 5 || variant == 7 || variant == 8;
-  const bool lean = variant >= 6;
-  const bool persistent =
-      variant == 1 || variant == 2 || variant == 4 || variant == 5 || variant == 8;
-  if (persistent && reinterpret_cast<uintptr_t>(p.in_scale) % 4 == 0 &&
-      items < (int64_t{1} << 31)) {
-    if (variant == 1) launch_transposed_persistent<3, false, false>(p, items, stream);
-    if (variant == 2) launch_transposed_persistent<3, true, false>(p, items, stream);
-    if (variant == 4) launch_transposed_persistent<3, false, true>(p, items, stream);
-    if (variant == 5) launch_transposed_persistent<3, true, true>(p, items, stream);
-    if (variant == 8) launch_transposed_persistent<3, true, true, true>(p, items, stream);
-  } else {
-    const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
-                    static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
-    if (lean && gap)
-      sm90_mxfp4_to_e4m3_1x128_transposed<true, true><<<grid, kTrThreads, 0, stream>>>(p);
-    else if (lean)
-      sm90_mxfp4_to_e4m3_1x128_transposed<false, true><<<grid, kTrThreads, 0, stream>>>(p);
-    else if (gap)
-      sm90_mxfp4_to_e4m3_1x128_transposed<true><<<grid, kTrThreads, 0, stream>>>(p);
-    else
-      sm90_mxfp4_to_e4m3_1x128_transposed<false><<<grid, kTrThreads, 0, stream>>>(p);
-  }
+  const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
+                  static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
+  if (transposed_variant() == 1)
+    sm90_mxfp4_to_e4m3_1x128_transposed<false><<<grid, kTrThreads, 0, stream>>>(p);
+  else
+    sm90_mxfp4_to_e4m3_1x128_transposed<true, true><<<grid, kTrThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
 }
 

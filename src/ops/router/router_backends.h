@@ -26,9 +26,9 @@ void router_backward(const TensorView& logits, const TensorView& topk_idx,
                      const TensorView& d_topk_weight, const TensorView& seq_counts,
                      const TensorView& d_aux_loss, const TensorView& d_logits,
                      const RouterConfig& cfg, Stream stream);
-// Test hook: the router_forward kernel variant every later call launches (0 the default argmax
-// rounds, 1 the sorted lanes of FP8FLOW_ROUTER_FWD_SORT=1; both give the same bits), overriding the
-// environment switch of router_sm90.cu; -1 returns to it. Not thread-safe against running ops.
+// Test hook: the router_forward kernel variant every later call launches (0 the argmax rounds of
+// FP8FLOW_ROUTER_FWD_SORT=0, 1 the sorted lanes, the default; both give the same bits), overriding
+// the environment switch of router_sm90.cu; -1 returns to it. Not thread-safe against running ops.
 void router_set_forward_variant(int variant);
 }  // namespace fp8flow::sm90
 

@@ -2,8 +2,6 @@
 //   sm90_mxfp4_to_e4m3_1x128:            row-wise, out [M][K], scale [K/128][M] (mxfp4_to_fp8)
 //   sm90_mxfp4_to_e4m3_1x128_transposed: column-wise, out_t [K][M], scale [tiles][K], 128-token
 //                                        tiles restarting at each group (mxfp4_to_fp8_transposed)
-//   sm90_mxfp4_to_e4m3_1x128_transposed_persistent: the same, persistent CTAs with a load ring
-//                                        (opt-in, FP8FLOW_MX_TR_VARIANT; see its comment)
 //
 // Row-wise: a thread owns one 32-block per unit (16 B packed in: one LDG.128 + its E8M0 byte;
 // 32 B out: two STG.128); 4 lanes own a 128-tile and combine their amax with two __shfl_xor. The
@@ -43,11 +41,19 @@
 // (Mxfp4Gpu 9 tests, memcheck 0, racecheck 0). Neither fewer ALU instructions nor more bytes in
 // flight moved it alone; what binds is not yet identified (ncu source-level stall sampling of
 // both variants is the next step).
-// Session 13 (no GPU here; UNTIMED): both attempts are back as opt-in variants in one binary with
-// their combinations (FP8FLOW_MX_TR_VARIANT, listed in mxfp4_sm90.cu): the persistent ring with
-// channel blocks or token tiles fastest, each with and without the gap keys, the gap keys alone,
-// and kLean (mx_tr_item: nothing per token kept across the column reduction; 80 registers and 6
-// CTAs per SM one-shot, 72 and 7 persistent, no spills). Default unchanged (variant 0).
+// Session 13: ncu source-level sampling (H100) put 26% of the warp samples on the first use of
+// the per-token scale bytes (a full DRAM latency per CTA before any compute) next to an ALU pipe
+// at 78%: latency and ALU pressure at once. Both attempts came back as variants in one binary
+// with their combinations and a kLean form (mx_tr_item: no token's code word or scale byte kept
+// across the column reduction; 80 registers, 6 CTAs per SM, no spills). Measured (H100,
+// `fp8flow-bench ops --only mxfp4_to_fp8_transposed --reps 100`, 2 rounds, ms): this kernel
+// 0.1741-0.1743; persistent ring channel-blocks-fastest 0.1780, + gap keys 0.1724-0.1730;
+// ring token-tiles-fastest 0.1864-0.1868, + gap keys 0.1810-0.1812, + lean (7 CTAs) 0.2055-0.2059;
+// gap keys alone 0.1759; lean alone 0.1893; **lean + gap keys 0.1706-0.1707 (71.5% of copy), the
+// default since**; the persistent kernel is gone again (its code: commit 4db836e). Still 10% short
+// of the 80% target (0.153 ms): each lever is worth 1-2%, none unlocks the DRAM rate; what is left
+// is fewer instructions per element than the FP16-unit path (~4 per element in the element phase
+// alone) or a different work split.
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
@@ -408,11 +414,11 @@ __device__ __forceinline__ void tr_gap_read(const uint32_t* s_rng, bool& cta_gap
 // computed. Session 9 (H100, 32768 x 7168): ncu had the one-item CTAs stalled on their loads (long
 // scoreboard the top stall, ALU pipe 75%); 2 items 0.1874 -> 0.1743 ms (64.7 -> 70.0% of copy),
 // 4 items 0.2023 ms.
-// kGap (opt-in, FP8FLOW_MX_TR_VARIANT=3; commit 7b79c85): tiles that pass mx::gap_keys_exact take
-// the gap-key path (tr_gap_publish / tr_gap_read around the item's barrier); the others the
-// paths above. kGap = false is the default kernel (variant 0).
-// kLean (opt-in, variants 6-7; see mx_tr_item): kTrLeanMinBlocks CTAs per SM (80 registers, no
-// spills; at 7 CTAs, 72 registers, ptxas spilled 36-40 bytes, at 8, 64 registers, 76-104).
+// kGap (commit 7b79c85): tiles that pass mx::gap_keys_exact take the gap-key path
+// (tr_gap_publish / tr_gap_read around the item's barrier); the others the paths above.
+// kLean (see mx_tr_item): kTrLeanMinBlocks CTAs per SM (80 registers, no spills; at 7 CTAs, 72
+// registers, ptxas spilled 36-40 bytes, at 8, 64 registers, 76-104). <true, true> is the default
+// kernel; <false, false> the previous one (FP8FLOW_MX_TR_VARIANT=1, mxfp4_sm90.cu).
 constexpr int kTrMinBlocks = 5;
 constexpr int kTrLeanMinBlocks = 6;
 template <bool kGap, bool kLean = false>
@@ -485,114 +491,6 @@ __global__ void __launch_bounds__(kTrThreads, kLean ? kTrLeanMinBlocks : kTrMinB
     if constexpr (kGap) tr_gap_read(s_rng[it], cta_gap, bmax);
     mx_tr_item<kGap, kLean>(p, s_data[it], s_sb[it], cta_slow, cta_gap, bmax, m0, width, kb0 + it,
                             blockIdx.x);
-  }
-}
-
-// Persistent variants (FP8FLOW_MX_TR_VARIANT 1, 2, 4, 5; see mxfp4_sm90.cu; untimed in this
-// form): as many CTAs as fit on the device, each walking the items (tile, kb) of its strided list
-// i = blockIdx.x, blockIdx.x + gridDim.x, ... through a ring of kStages shared-memory stages, so
-// kStages - 1 items' loads are in flight while one is computed (the one-shot kernel above has at
-// most one, and none during its last item's compute). Item order: kTileFastest = false (commit
-// 3a0a277) has channel blocks fastest, (tile, kb) = (i / nkb, i % nkb): at any moment the grid
-// reads neighbouring 64-byte pieces of the same token rows, but writes 128-byte pieces of 128
-// rows each M bytes apart per item. kTileFastest = true takes the one-shot grid's order, (tile,
-// kb) = (i % tiles, i / tiles): the grid works on a few channel blocks of every tile at once, so
-// neighbouring CTAs write neighbouring 128-byte pieces of the same output rows (as the one-shot
-// grid does).
-// A stage holds the item's codes (8 KB, cp.async 16 B, swizzled as above), its tokens' 4 scale
-// bytes each (cp.async 4 B, row-major; needs in_scale 4-byte aligned, which the launcher checks),
-// and (thread 0 writes it) the item's m0, width, kb and tile. Per item, one barrier: wait for the
-// stage's group, transpose the own token's scale bytes into s_sb, vote the slow flag
-// (__syncthreads_or: also the barrier after which every thread finished the previous item) and,
-// with kGap, publish the warp's byte range (tr_gap_publish); then refill the previous item's stage
-// with item + kStages - 1 and compute.
-// kLean: mx_tr_item's; kTrPersistLeanMinBlocks CTAs per SM (72 registers; 8 would not fit the
-// shared memory of 3 stages).
-constexpr int kTrPersistLeanMinBlocks = 7;
-template <int kStages, bool kGap, bool kTileFastest, bool kLean = false>
-__global__ void __launch_bounds__(kTrThreads, kLean ? kTrPersistLeanMinBlocks : kTrMinBlocks)
-    sm90_mxfp4_to_e4m3_1x128_transposed_persistent(const __grid_constant__ MxToFp8TParams p) {
-  static_assert(kStages >= 3 && kStages <= 4, "kStages - 2 groups pending at each wait below");
-  __shared__ __align__(16) uint32_t s_data[kStages][128 * 16];
-  __shared__ __align__(16) uint32_t s_sraw[kStages][128];             // token t's 4 scale bytes
-  __shared__ __align__(16) uint8_t s_sb[kStages][4][128];             // transposed for mx_tr_item
-  __shared__ __align__(16) int32_t s_meta[kStages][4];                // m0, width, kb, tile
-  __shared__ __align__(16) uint32_t s_rng[kStages][kTrThreads / 32];  // kGap: tr_gap_publish
-
-  const uint32_t tid = threadIdx.x;
-  const uint32_t nkb = p.K / 128, grid = gridDim.x;
-  const uint32_t tiles = static_cast<uint32_t>(p.groups.total_tiles);
-  const uint32_t n_items = tiles * nkb;
-  const size_t row_bytes = p.K / 2, scale_row = p.K / 32;
-
-  // Item j of this CTA into stage j % kStages; one commit group per call (empty past the CTA's
-  // last item). Registers: only the loop counter lives across mx_tr_item besides its arguments
-  // ((tile, kb) from a division per item and tile_cols' binary search, not a stepped cursor and
-  // tile_cols_walk's group, and the trip count from the parameters: with those ptxas spilled
-  // 16 bytes at the 96-register cap).
-  auto load = [&](uint32_t j) {
-    const uint32_t item = blockIdx.x + j * grid;
-    if (item < n_items) {
-      const uint32_t st = j % kStages;
-      uint32_t lt, lk;
-      if constexpr (kTileFastest) {
-        lk = item / tiles;
-        lt = item - lk * tiles;
-      } else {
-        lt = item / nkb;
-        lk = item - lt * nkb;
-      }
-      int32_t m0, width;
-      p.groups.tile_cols(static_cast<int32_t>(lt), m0, width);
-      const uint32_t w = static_cast<uint32_t>(width);
-#pragma unroll
-      for (int q = 0; q < 4; ++q) {
-        const uint32_t r = (tid >> 2) + 32 * q;
-        const uint8_t* src = p.in + (m0 + (r < w ? r : 0)) * row_bytes + lk * 64 + (tid & 3) * 16;
-        cp_async_16(&s_data[st][tr_word_offset(r, (tid & 3) * 4)], src, r < w ? 16u : 0u);
-      }
-      // Scale bytes of token tid (zeros past the width: X = -127, no effect).
-      cp_async_4(&s_sraw[st][tid], p.in_scale + (m0 + (tid < w ? tid : 0)) * scale_row + lk * 4,
-                 tid < w ? 4u : 0u);
-      if (tid == 0) {
-        s_meta[st][0] = m0;
-        s_meta[st][1] = width;
-        s_meta[st][2] = static_cast<int32_t>(lk);
-        s_meta[st][3] = static_cast<int32_t>(lt);
-      }
-    }
-    cp_async_commit();
-  };
-
-#pragma unroll
-  for (int j = 0; j < kStages - 1; ++j) load(j);
-#pragma unroll 1
-  for (uint32_t i = 0; blockIdx.x + i * grid < n_items; ++i) {
-    const uint32_t st = i % kStages;
-    // Groups committed so far: items 0 .. i + kStages - 2; item i's is complete when at most
-    // kStages - 2 newer ones are pending. The own copies are visible to this thread now.
-    cp_async_wait<kStages - 2>();
-    const uint32_t sbw = s_sraw[st][tid];
-    bool slow = false;
-#pragma unroll
-    for (int b = 0; b < 4; ++b) {
-      const uint32_t x = (sbw >> (8 * b)) & 0xFFu;
-      s_sb[st][b][tid] = static_cast<uint8_t>(x);
-      slow |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
-    }
-    // s_rng[st] is next written in iteration i + kStages, after barriers every reader passed.
-    if constexpr (kGap) tr_gap_publish(sbw, s_rng[st]);
-    // Everyone's copies of item i, s_sb and s_rng are visible after it, and everyone is done with
-    // item i - 1, whose stage (i + kStages - 1) % kStages the load below refills.
-    const bool cta_slow = __syncthreads_or(slow);
-    bool cta_gap = false;
-    uint32_t bmax = 0;
-    if constexpr (kGap) tr_gap_read(s_rng[st], cta_gap, bmax);
-    const int32_t m0 = s_meta[st][0], width = s_meta[st][1];
-    const uint32_t kb = static_cast<uint32_t>(s_meta[st][2]),
-                   tile = static_cast<uint32_t>(s_meta[st][3]);
-    load(i + kStages - 1);
-    mx_tr_item<kGap, kLean>(p, s_data[st], s_sb[st], cta_slow, cta_gap, bmax, m0, width, kb, tile);
   }
 }
 

@@ -23,11 +23,14 @@
 // from the bandwidth floor: the exact FP32 sigmoid (polynomial exp, IEEE divide) and the k argmax
 // rounds cost ~1000 warp instructions per token, ~35 us at full issue. Nsight Compute: 1437 per
 // token, issue 60% busy. Each argmax round is ~60 instructions (the lane's max, its position by
-// 7 compare/selects, REDUX, ballot, two shuffles, the pick of s and the clear by 8 selects); an
+// 7 compare/selects, REDUX, ballot, two shuffles, the pick of s and the clear by 8 selects); the
 // lever: sort each lane's 8 (key, slot) pairs once (19 compare-exchanges with payload) so a round
-// is two REDUX plus popping one lane's head: the kSort variant below (FP8FLOW_ROUTER_FWD_SORT=1,
-// session 13, the same bits in the host emulation; not yet timed; 80 registers at G = 32, no
-// spills, 16 KiB more shared memory per CTA).
+// is two REDUX plus popping one lane's head: the kSort variant below, the default since session 13
+// (80 registers at G = 32, no spills, 16 KiB more shared memory per CTA; FP8FLOW_ROUTER_FWD_SORT=0
+// runs the rounds above). Session 13 (H100, `fp8flow-bench ops --only router --reps 100`, 2
+// rounds): hd::sigmoid_fast in row_scores 0.0830 -> 0.0790 ms (backward 0.0594 -> 0.0557), kSort
+// 0.0790 -> 0.0616 ms (19.2% of copy). ncu before both (source-level): stalls "wait" 35%, ISETP +
+// SEL 34% of the instructions.
 #pragma once
 
 #include "ops/router/kernels/router_row.cuh"
@@ -127,12 +130,13 @@ __device__ __forceinline__ void sort8_sel(uint32_t (&k)[kSlots], uint32_t (&n)[k
   for (int c = 0; c < 19; ++c) sort_cx(k[kNet[c][0]], n[kNet[c][0]], k[kNet[c][1]], n[kNet[c][1]]);
 }
 
-// kSort (FP8FLOW_ROUTER_FWD_SORT=1, the same outputs): each lane sorts its 8 (key, expert) pairs
-// once; a selection round is then two row maxima (the largest head key, then the lowest expert
-// among the lanes whose head has it: the winner, known to every lane) and the winning lane popping
-// its head; the winner's score is read from a per-warp shared-memory copy of the row's scores.
-// Groups of >= 8 experts take their two largest keys from the sorted heads and mask only the head
-// of the lanes not kept (their keys then never win); smaller groups are masked before the sort.
+// kSort (the default; FP8FLOW_ROUTER_FWD_SORT=0 turns it off; the same outputs): each lane sorts
+// its 8 (key, expert) pairs once; a selection round is then two row maxima (the largest head key,
+// then the lowest expert among the lanes whose head has it: the winner, known to every lane) and
+// the winning lane popping its head; the winner's score is read from a per-warp shared-memory copy
+// of the row's scores. Groups of >= 8 experts take their two largest keys from the sorted heads and
+// mask only the head of the lanes not kept (their keys then never win); smaller groups are masked
+// before the sort.
 template <int G, bool kSort = false>
 __global__ void __launch_bounds__(kFwdWarps * 32, G == 1 ? 2 : 3)
     router_fwd_sm90_f32(const __grid_constant__ FwdParams p) {

@@ -202,7 +202,9 @@ __device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&
 
 }  // namespace tdev
 
-template <TransposeScalePolicy kPolicy, bool kCount>
+// kHoist (ColumnTight without the count; FP8FLOW_TR_TIGHT_HOIST, transpose_sm90.cu): the
+// warp-uniform FP16 rescale path of step 5.
+template <TransposeScalePolicy kPolicy, bool kCount, bool kHoist = false>
 __global__ void __launch_bounds__(kTransposeThreads,
                                   kPolicy == TransposeScalePolicy::ColumnTight ? 3 : 4)
     sm90_transpose_scaled_e4m3_1x128_kernel(const uint8_t* __restrict__ in,
@@ -423,7 +425,7 @@ __global__ void __launch_bounds__(kTransposeThreads,
     // branch; the common case). Rows past w take sh.tmax there, as in rescale_rows.
     // Not in the counting instance (kCount: its extra live values spilled 4 B at 80 registers).
     bool all_f16 = false;
-    if (kTight && !kCount && plain_words)
+    if (kTight && !kCount && kHoist && plain_words)
       all_f16 = __all_sync(0xFFFFFFFFu, s_rlo[j] - sh.tmax >= -14 && s_rhi[j] - sh.tmin <= 15);
     uint32_t z[4][4];  // step 7's channel words: z[c][g] holds tokens 4g..4g+3 of channel c
     if (all_f16) {
