@@ -48,6 +48,10 @@ struct HostTensor {
 
 #if FP8FLOW_WITH_CUDA
 // Device buffer mirroring a HostTensor; poisoned (0xA5) on allocation so unwritten outputs show.
+// Both constructors end with a device synchronize: the poison memset and the upload run on the
+// legacy default stream, which does not order work on a cudaStreamNonBlocking stream, so without
+// it a kernel on such a stream could run before them (seen once: SwigluGpu.LargeOnStream's
+// forward scales overwritten by the poison while the GPU was busy with other processes).
 struct DeviceTensor {
   void* p = nullptr;
   size_t n = 0;
@@ -56,10 +60,12 @@ struct DeviceTensor {
   DeviceTensor(DType d, int64_t rows, int64_t cols) : n(bytes_for(d, rows, cols)) {
     EXPECT_EQ(cudaMalloc(&p, n ? n : 1), cudaSuccess);
     EXPECT_EQ(cudaMemset(p, 0xA5, n ? n : 1), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
     v = TensorView{p, d, rows, cols, -1, Device::Cuda};
   }
   explicit DeviceTensor(const HostTensor& h) : DeviceTensor(h.v.dtype, h.v.rows, h.v.cols) {
     EXPECT_EQ(cudaMemcpy(p, h.buf.data(), n, cudaMemcpyHostToDevice), cudaSuccess);
+    EXPECT_EQ(cudaDeviceSynchronize(), cudaSuccess);
   }
   DeviceTensor(const DeviceTensor&) = delete;
   DeviceTensor& operator=(const DeviceTensor&) = delete;

@@ -3,7 +3,6 @@
 // groups, partial tiles), plus the CUDA-only argument checks. Skips without a GPU.
 #include <gtest/gtest.h>
 
-#include "ops/transpose/transpose_backends.h"  // sm90::transpose_set_tight_hoist
 #include "transpose/transpose_test_util.h"
 
 namespace fp8flow::test {
@@ -46,18 +45,10 @@ void compare_case(const TransposeCase& cs, Fill fill, TransposeScalePolicy polic
   EXPECT_TRUE(bytes_equal(got.data, want.data));
   EXPECT_TRUE(bytes_equal(got.scale, want.scale));
   EXPECT_EQ(got.count, n_want);
-  // The kernel instances without the count (their own code paths for partial tiles and
-  // underflow): ColumnTight's with and without kHoist (sm90::transpose_set_tight_hoist).
-  struct Restore {
-    ~Restore() { sm90::transpose_set_tight_hoist(-1); }
-  } restore;
-  for (int hoist = 0; hoist < (policy == TransposeScalePolicy::ColumnTight ? 2 : 1); ++hoist) {
-    SCOPED_TRACE(testing::Message() << "hoist " << hoist);
-    sm90::transpose_set_tight_hoist(hoist);
-    const GpuResult plain = run_gpu(in, cs.M, cs.K, cs.groups, policy, false);
-    EXPECT_TRUE(bytes_equal(plain.data, want.data));
-    EXPECT_TRUE(bytes_equal(plain.scale, want.scale));
-  }
+  // The kernel instance without the count (its own code path for partial tiles and underflow).
+  const GpuResult plain = run_gpu(in, cs.M, cs.K, cs.groups, policy, false);
+  EXPECT_TRUE(bytes_equal(plain.data, want.data));
+  EXPECT_TRUE(bytes_equal(plain.scale, want.scale));
 }
 
 const Fill kFills[] = {Fill::Normal, Fill::WideRange, Fill::Adversarial, Fill::Zeros};

@@ -12,9 +12,4 @@ void transpose_scaled(const ScaledTensor& in, const ScaledTensor& out_t,
 namespace fp8flow::sm90 {
 void transpose_scaled(const ScaledTensor& in, const ScaledTensor& out_t,
                       TransposeScalePolicy policy, int64_t* underflow_count, Stream stream);
-// Backend-internal, for tests and A/B timing in one process: 1 runs ColumnTight (without the
-// count) through its kHoist kernel instance from now on, 0 through the other, -1 goes back to
-// FP8FLOW_TR_TIGHT_HOIST (default 0). Same bits either way. Not thread-safe against running ops;
-// CUDA builds only (defined in transpose_sm90.cu).
-void transpose_set_tight_hoist(int hoist);
 }  // namespace fp8flow::sm90

@@ -2,8 +2,6 @@
 // sm90_transpose_scaled_e4m3_1x128 (kernels/transpose_1x128.cuh) per call; no host sync.
 // Bench: `fp8flow-bench ops`.
 #include <algorithm>
-#include <atomic>
-#include <cstdlib>
 
 #include "common/check.h"
 #include "common/cuda_check.h"
@@ -21,22 +19,10 @@ namespace {
 // persistent; ColumnTight 0.217 ms one-shot, 0.204 ms persistent). Small ColumnTight calls stay
 // persistent too: one CTA per pair measured slower there (28672 x 1280: 0.0392 -> 0.0420 ms,
 // 24576 x 2048: 0.0499 -> 0.0542 ms).
-// ColumnTight's kHoist instance (A/B timing in one binary; same bits): FP8FLOW_TR_TIGHT_HOIST=1
-// (read once; default off), transpose_set_tight_hoist (tests) overrides it, -1 goes back.
-std::atomic<int> g_hoist_override{-1};
-bool tight_hoist() {
-  static const bool from_env = [] {
-    const char* v = std::getenv("FP8FLOW_TR_TIGHT_HOIST");
-    return v && v[0] == '1';
-  }();
-  const int o = g_hoist_override.load(std::memory_order_relaxed);
-  return o < 0 ? from_env : o == 1;
-}
-
-template <TransposeScalePolicy kPolicy, bool kCount, bool kHoist = false>
+template <TransposeScalePolicy kPolicy, bool kCount>
 void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
             unsigned long long* counter, int32_t m, int32_t k, const detail::GroupTiles& groups) {
-  const auto kernel = sm90_transpose_scaled_e4m3_1x128_kernel<kPolicy, kCount, kHoist>;
+  const auto kernel = sm90_transpose_scaled_e4m3_1x128_kernel<kPolicy, kCount>;
   int64_t grid = pairs;
   if constexpr (kPolicy == TransposeScalePolicy::ColumnTight) {
     const char* op = "transpose_scaled";
@@ -73,15 +59,12 @@ void transpose_scaled(const ScaledTensor& in, const ScaledTensor& out_t,
   auto* y = static_cast<uint8_t*>(out_t.data.data);
   auto* ys = static_cast<float*>(out_t.scale.data);
   const auto m = static_cast<int32_t>(M), k = static_cast<int32_t>(K);
-  // Five instances: {TileMax, ColumnTight} x {without, with the underflow count}, and ColumnTight
-  // without the count also with kHoist.
+  // Four instances: {TileMax, ColumnTight} x {without, with the underflow count}.
   constexpr auto kTileMax = TransposeScalePolicy::TileMax;
   constexpr auto kTight = TransposeScalePolicy::ColumnTight;
   const bool tight = policy == kTight;
   if (tight && counter)
     launch<kTight, true>(grid, stream, x, xs, y, ys, counter, m, k, groups);
-  else if (tight && tight_hoist())
-    launch<kTight, false, true>(grid, stream, x, xs, y, ys, counter, m, k, groups);
   else if (tight)
     launch<kTight, false>(grid, stream, x, xs, y, ys, counter, m, k, groups);
   else if (counter)
@@ -89,10 +72,6 @@ void transpose_scaled(const ScaledTensor& in, const ScaledTensor& out_t,
   else
     launch<kTileMax, false>(grid, stream, x, xs, y, ys, counter, m, k, groups);
   FP8FLOW_CUDA_CHECK_LAUNCH(op);
-}
-
-void transpose_set_tight_hoist(int hoist) {
-  g_hoist_override.store(hoist, std::memory_order_relaxed);
 }
 
 }  // namespace fp8flow::sm90

@@ -40,6 +40,17 @@
 //   CTAs: measured 1.5x slower than 32-aligned starts (H100, bench/RESULTS.md).
 // - Underflow count: per-CTA integer sum, one atomicAdd per CTA with a nonzero count
 //   (deterministic: integer addition).
+// - Session 13 (H100; ncu before: issue 64%, stalls "wait" 22%, "no instruction" 10%, IMAD 23% and
+//   BSSY/BSYNC/BRA 8% of the instructions): ColumnTight's FP16 column pass tests NaN and deep rows
+//   once per 16 words (OR-ed witnesses) on sign-cleared codes, and the FP16 rescale builds its
+//   2^d words with one IMAD each (F16Shifts::lo/hi). `fp8flow-bench ops --only "transpose_scaled
+//   col_tight" --reps 100` (% of a same-size copy, before -> after, 2 rounds each, two calls):
+//   28672x1280 75.1 -> 82.1, 24576x2048 76.6 -> 79.2-81.4, 24576x5120 79.5 -> 78.3, 32768x7168
+//   79.8 -> 78.5, 32768x8192 80.3 -> 78.7, 32768x9216 79.6 -> 78.9; with the underflow count
+//   (col_tight+count) 32768x7168 67.4 -> 78.2. Also tried: one warp-uniform choice of the FP16
+//   rescale path per tile instead of the per-word test (rows transposed four at a time; it needed
+//   __syncwarp fences against 104 B of spills at 80 registers): 83 at the smallest shape, 0.5-1
+//   point lower everywhere else; removed.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -202,9 +213,7 @@ __device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&
 
 }  // namespace tdev
 
-// kHoist (ColumnTight without the count; FP8FLOW_TR_TIGHT_HOIST, transpose_sm90.cu): the
-// warp-uniform FP16 rescale path of step 5.
-template <TransposeScalePolicy kPolicy, bool kCount, bool kHoist = false>
+template <TransposeScalePolicy kPolicy, bool kCount>
 __global__ void __launch_bounds__(kTransposeThreads,
                                   kPolicy == TransposeScalePolicy::ColumnTight ? 3 : 4)
     sm90_transpose_scaled_e4m3_1x128_kernel(const uint8_t* __restrict__ in,
@@ -219,7 +228,6 @@ __global__ void __launch_bounds__(kTransposeThreads,
   __shared__ int s_t[128];
   __shared__ uint32_t s_val[128];
   __shared__ int s_wmax[4];
-  __shared__ int s_rlo[8], s_rhi[8];  // ColumnTight: min / max row exponent of rows 16g..16g+15
   __shared__ unsigned s_wcnt[kTransposeThreads / 32];
 
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
@@ -287,16 +295,6 @@ __global__ void __launch_bounds__(kTransposeThreads,
       s_t[tid] = t;
       const int wm = __reduce_max_sync(0xFFFFFFFFu, t);
       if (lane == 0) s_wmax[warp] = wm;
-      if constexpr (kTight) {
-        // Per 16-row group (the rows of one lane j in step 3), over its valid rows only.
-        int lo = tid < w ? t : tw::kExpMax + 64, hi = tid < w ? t : tw::kExpMin - 64;
-#pragma unroll
-        for (int o = 1; o < 16; o <<= 1) {
-          lo = min(lo, __shfl_xor_sync(0xFFFFFFFFu, lo, o));
-          hi = max(hi, __shfl_xor_sync(0xFFFFFFFFu, hi, o));
-        }
-        if ((lane & 15) == 0) s_rlo[tid >> 4] = lo, s_rhi[tid >> 4] = hi;
-      }
     }
     cp_async_wait<1>();  // this tile's group (the next one may still fly)
     __syncthreads();
@@ -311,7 +309,6 @@ __global__ void __launch_bounds__(kTransposeThreads,
     // t_m + scale_exponent(|code|), then over the 8 lanes sharing the channels. TileMax: the max
     // row exponent.
     int tcol[4];
-    bool plain_words = false;  // ColumnTight's FP16 pass ran: no NaN code in the warp's words
     if constexpr (kTight) {
       // FP16 pass (two codes per instruction): per column the max of |v| * 2^(t_m - tbase + 7),
       // exact in FP16 while t_m - tbase >= -21 (<= 448 * 2^7 < 65504 above; multiples of 2^-24
@@ -335,7 +332,6 @@ __global__ void __launch_bounds__(kTransposeThreads,
       }
       const bool slow16 = (nan_acc & 0x80808080u) != 0u || deep_acc != 0u;
       if (!__any_sync(0xFFFFFFFFu, slow16)) {
-        plain_words = true;
 #pragma unroll
         for (int sh = 1; sh < 8; sh <<= 1) {
           klo = tdev::max_f16x2(klo, __shfl_xor_sync(0xFFFFFFFFu, klo, sh));
@@ -419,37 +415,10 @@ __global__ void __launch_bounds__(kTransposeThreads,
         x[i] = y;
       }
     };
-    // ColumnTight: when the FP16 pass saw no NaN code and every valid row of every lane of the
-    // warp has its four shifts in [-14, 15] (s_rlo / s_rhi: the lane's row range from step 2),
-    // the whole warp takes the FP16 path without the per-word test and branch (one warp-uniform
-    // branch; the common case). Rows past w take sh.tmax there, as in rescale_rows.
-    // Not in the counting instance (kCount: its extra live values spilled 4 B at 80 registers).
-    bool all_f16 = false;
-    if (kTight && !kCount && kHoist && plain_words)
-      all_f16 = __all_sync(0xFFFFFFFFu, s_rlo[j] - sh.tmax >= -14 && s_rhi[j] - sh.tmin <= 15);
-    uint32_t z[4][4];  // step 7's channel words: z[c][g] holds tokens 4g..4g+3 of channel c
-    if (all_f16) {
-      // Four rows at a time straight into z (4 live row words instead of x's 16).
-#pragma unroll
-      for (int g = 0; g < 4; ++g) {
-        uint32_t y[4];
-#pragma unroll
-        for (int r = 0; r < 4; ++r) {
-          const int i = 4 * g + r;
-          const int ti = 16 * j + i < w ? trow[i] : sh.tmax;
-          y[r] = tdev::rescale_word_f16<kCount>(s_tile[tw::tile_thread_word(j, wd, i)], ti, sh,
-                                                changed);
-        }
-        tw::transpose4x4(y[0], y[1], y[2], y[3], z[0][g], z[1][g], z[2][g], z[3][g]);
-        if (g < 3) __syncwarp();  // a scheduling fence: without it ptxas spilled 104 B
-      }
-    } else {
-      if (w == 128)
-        rescale_rows(std::false_type{});
-      else
-        rescale_rows(std::true_type{});
-      tw::thread_transpose(x, z);
-    }
+    if (w == 128)
+      rescale_rows(std::false_type{});
+    else
+      rescale_rows(std::true_type{});
 
     // 6. Scales: lanes j < 4 of each channel group write channel 4wd + j.
     if (j < 4) {
@@ -457,8 +426,9 @@ __global__ void __launch_bounds__(kTransposeThreads,
       out_scale[static_cast<int64_t>(tile) * K + k0 + 4 * wd + j] = fmt::exp2i(tj);
     }
 
-    // 7. Store (the 4x4 byte blocks were transposed in step 5): channel c's 16 tokens are
-    // z[c][0..3].
+    // 7. Transpose 4x4 byte blocks and store: channel c's 16 tokens are z[c][0..3].
+    uint32_t z[4][4];
+    tw::thread_transpose(x, z);
     uint8_t* dst = out + static_cast<int64_t>(k0 + 4 * wd) * M + m0 + 16 * j;
     // 16-byte stores for every lane whose 16 tokens are all valid (also in partial tiles: with
     // 4-byte stores there, a partial tile's 32-byte sectors were written piecemeal, which measured
