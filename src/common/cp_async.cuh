@@ -25,21 +25,6 @@ __device__ __forceinline__ void cp_async_16(void* smem, const void* gmem, uint32
     std::memset(smem, 0, 16);
 #endif
 }
-// 4-byte variant (cp.async.ca: 4 B is below .cg's 16). gmem 4-byte aligned.
-__device__ __forceinline__ void cp_async_4(void* smem, const void* gmem, uint32_t src_bytes) {
-#if defined(__CUDA_ARCH__)
-  const auto s = static_cast<uint32_t>(__cvta_generic_to_shared(smem));
-  asm volatile("cp.async.ca.shared.global [%0], [%1], 4, %2;\n" ::"r"(s), "l"(gmem), "r"(src_bytes)
-               : "memory");
-#elif defined(FP8FLOW_EMU_CP_ASYNC_DEFERRED)
-  ::emu::cp_async_copy(smem, gmem, 4, src_bytes);
-#else
-  if (src_bytes)
-    std::memcpy(smem, gmem, 4);
-  else
-    std::memset(smem, 0, 4);
-#endif
-}
 __device__ __forceinline__ void cp_async_commit() {
 #if defined(__CUDA_ARCH__)
   asm volatile("cp.async.commit_group;\n" ::: "memory");
