@@ -78,12 +78,13 @@ inline std::vector<TransposedCase> transposed_cases(bool emu_only) {
   return out;
 }
 
-// Raw random MXFP4: uniform nibbles; scale bytes uniform in [lo, hi], with a fraction of zero
-// blocks (scale kept) and of NaN blocks (0xFF).
-inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
-                            double zero_frac = 0.05, double nan_frac = 0.0) {
+// Raw random MXFP4 blocks: per block one uniform draw p, then (unless p < zero_frac: a zero block,
+// scale kept) 16 uniform code bytes, then the scale byte scale_byte(rng, p).
+template <class ScaleByte>
+HostScaled mx_random_blocks(int64_t M, int64_t K, uint64_t seed, double zero_frac,
+                            ScaleByte scale_byte) {
   std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> byte(0, 255), sc(lo, hi);
+  std::uniform_int_distribution<int> byte(0, 255);
   std::uniform_real_distribution<double> u(0, 1);
   HostScaled h = alloc_mx(M, K);
   for (int64_t r = 0; r < M; ++r)
@@ -91,10 +92,19 @@ inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
       const double p = u(rng);
       uint8_t* d = h.data.ptr<uint8_t>() + (r * K + b * 32) / 2;
       for (int i = 0; i < 16; ++i) d[i] = p < zero_frac ? 0 : static_cast<uint8_t>(byte(rng));
-      h.scale.ptr<uint8_t>()[r * (K / 32) + b] =
-          p > 1.0 - nan_frac ? fmt::kE8M0NaN : static_cast<uint8_t>(sc(rng));
+      h.scale.ptr<uint8_t>()[r * (K / 32) + b] = scale_byte(rng, p);
     }
   return h;
+}
+
+// Raw random MXFP4: uniform nibbles; scale bytes uniform in [lo, hi], with a fraction of zero
+// blocks (scale kept) and of NaN blocks (0xFF).
+inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
+                            double zero_frac = 0.05, double nan_frac = 0.0) {
+  std::uniform_int_distribution<int> sc(lo, hi);
+  return mx_random_blocks(M, K, seed, zero_frac, [&](std::mt19937_64& rng, double p) {
+    return p > 1.0 - nan_frac ? fmt::kE8M0NaN : static_cast<uint8_t>(sc(rng));
+  });
 }
 
 // Raw random MXFP4 for the transposed kernel's gap-key test (mx::gap_keys_exact): like mx_random
@@ -102,19 +112,11 @@ inline HostScaled mx_random(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
 // (tiny values, the bytes that test ignores up to 6) instead of one in [lo, hi].
 inline HostScaled mx_random_gap(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
                                 double small_frac, int small_hi, double zero_frac = 0.1) {
-  std::mt19937_64 rng(seed);
-  std::uniform_int_distribution<int> byte(0, 255), sc(lo, hi), small(0, small_hi);
+  std::uniform_int_distribution<int> sc(lo, hi), small(0, small_hi);
   std::uniform_real_distribution<double> u(0, 1);
-  HostScaled h = alloc_mx(M, K);
-  for (int64_t r = 0; r < M; ++r)
-    for (int64_t b = 0; b < K / 32; ++b) {
-      const double p = u(rng);
-      uint8_t* d = h.data.ptr<uint8_t>() + (r * K + b * 32) / 2;
-      for (int i = 0; i < 16; ++i) d[i] = p < zero_frac ? 0 : static_cast<uint8_t>(byte(rng));
-      h.scale.ptr<uint8_t>()[r * (K / 32) + b] =
-          static_cast<uint8_t>(u(rng) < small_frac ? small(rng) : sc(rng));
-    }
-  return h;
+  return mx_random_blocks(M, K, seed, zero_frac, [&](std::mt19937_64& rng, double) {
+    return static_cast<uint8_t>(u(rng) < small_frac ? small(rng) : sc(rng));
+  });
 }
 
 // Raw random E4M3 row-wise [M][K]: uniform bytes (NaN codes allowed when with_nan), scales 2^t
