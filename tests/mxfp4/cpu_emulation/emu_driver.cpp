@@ -4,8 +4,6 @@
 
 #include <cstdlib>
 
-#include <cuda_runtime.h>  // the fake runtime's emu:: knobs
-
 #include "common/test_util.h"
 #include "mxfp4/mxfp4_test_util.h"
 #include "ops/mxfp4/mxfp4_backends.h"
@@ -67,45 +65,31 @@ TEST(Emu, Fp8ToMxfp4AndBack) {
 // Every transposed case with the kernel FP8FLOW_MX_TR_VARIANT selects (run.sh runs this test once
 // per variant).
 TEST(Emu, Mxfp4ToFp8Transposed) {
-  struct Grid {
-    int sm_count, blocks_per_sm;
-  };
   const char* env = std::getenv("FP8FLOW_MX_TR_VARIANT");
-  const int variant = env ? std::atoi(env) : 0;
-  const std::vector<Grid> grids = {{132, 5}};
+  const std::string vname = std::string("variant ") + (env ? env : "0") + ": ";
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/true);
-  for (const Grid& g : grids) {
-    emu::sm_count = g.sm_count;
-    emu::blocks_per_sm = g.blocks_per_sm;
-    const std::string gname = "variant " + std::to_string(variant) + ", " +
-                              std::to_string(g.sm_count) + " SMs x " +
-                              std::to_string(g.blocks_per_sm) + ": ";
-    uint64_t seed = 200;
-    for (const TransposedCase& c : cases) {
-      std::vector<std::pair<std::string, HostScaled>> ins;
-      for (Fill f : kFillsEmu)
-        ins.emplace_back("values fill " + std::to_string(int(f)),
-                         mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K));
-      ins.emplace_back("raw, X >= 126 present", mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05));
-      ins.emplace_back("raw, exact tiles", mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03));
-      // The gap-key path (variant 0, the default) and its edges: span 123 (taken), 124 (not where
-      // both ends meet in a tile), tiny-value blocks with bytes <= 6 (ignored by its test) or up
-      // to 7.
-      ins.emplace_back("raw, span 123", mx_random_gap(c.M, c.K, seed++, 129, 252, 0.0, 0));
-      ins.emplace_back("raw, span 124", mx_random_gap(c.M, c.K, seed++, 128, 252, 0.0, 0));
-      ins.emplace_back("raw, narrow + tiny",
-                       mx_random_gap(c.M, c.K, seed++, 110, 140, 0.2, 6, 0.3));
-      ins.emplace_back("raw, wide + tiny 7", mx_random_gap(c.M, c.K, seed++, 130, 252, 0.2, 7));
-      for (auto& [name, in] : ins) {
-        HostScaled want = alloc_fp8(c.K, c.M, c.groups), got = alloc_fp8(c.K, c.M, c.groups);
-        ref::mxfp4_to_fp8_transposed(in.st(), want.st());
-        sm90::mxfp4_to_fp8_transposed(in.st(), got.st(), nullptr);
-        same(want, got,
-             gname + "transposed " + std::to_string(c.M) + "x" + std::to_string(c.K) + " groups " +
-                 std::to_string(c.groups.size()) + " " + name);
-      }
+  uint64_t seed = 200;
+  for (const TransposedCase& c : cases) {
+    std::vector<std::pair<std::string, HostScaled>> ins;
+    for (Fill f : kFillsEmu)
+      ins.emplace_back("values fill " + std::to_string(int(f)),
+                       mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K));
+    ins.emplace_back("raw, X >= 126 present", mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05));
+    ins.emplace_back("raw, exact tiles", mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03));
+    // The gap-key path (variant 0, the default) and its edges: span 123 (taken), 124 (not where
+    // both ends meet in a tile), tiny-value blocks with bytes <= 6 (ignored by its test) or up
+    // to 7.
+    ins.emplace_back("raw, span 123", mx_random_gap(c.M, c.K, seed++, 129, 252, 0.0, 0));
+    ins.emplace_back("raw, span 124", mx_random_gap(c.M, c.K, seed++, 128, 252, 0.0, 0));
+    ins.emplace_back("raw, narrow + tiny", mx_random_gap(c.M, c.K, seed++, 110, 140, 0.2, 6, 0.3));
+    ins.emplace_back("raw, wide + tiny 7", mx_random_gap(c.M, c.K, seed++, 130, 252, 0.2, 7));
+    for (auto& [name, in] : ins) {
+      HostScaled want = alloc_fp8(c.K, c.M, c.groups), got = alloc_fp8(c.K, c.M, c.groups);
+      ref::mxfp4_to_fp8_transposed(in.st(), want.st());
+      sm90::mxfp4_to_fp8_transposed(in.st(), got.st(), nullptr);
+      same(want, got,
+           vname + "transposed " + std::to_string(c.M) + "x" + std::to_string(c.K) + " groups " +
+               std::to_string(c.groups.size()) + " " + name);
     }
   }
-  emu::sm_count = 132;
-  emu::blocks_per_sm = 5;
 }

@@ -78,13 +78,4 @@ inline void cp_async_wait(int n) {
     cp_groups.erase(cp_groups.begin());
   }
 }
-// What cudaOccupancyMaxActiveBlocksPerMultiprocessor reports (the driver varies it with
-// sm_count to run the persistent kernels on few and on many CTAs).
-inline int blocks_per_sm = 5;
 }  // namespace emu
-
-template <typename K>
-inline cudaError_t cudaOccupancyMaxActiveBlocksPerMultiprocessor(int* n, K, int, size_t) {
-  *n = emu::blocks_per_sm;
-  return cudaSuccess;
-}
