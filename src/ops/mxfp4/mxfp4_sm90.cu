@@ -3,12 +3,12 @@
 // No host synchronization; empty tensors launch nothing. Kernels: kernels/to_mxfp4.cuh and
 // kernels/from_mxfp4.cuh.
 #include <algorithm>
-#include <atomic>
 #include <cstdint>
 #include <cstdlib>
 
 #include "common/cuda_check.h"
 #include "common/groups.h"
+#include "common/kernel_variant.h"
 #include "ops/mxfp4/kernels/from_mxfp4.cuh"
 #include "ops/mxfp4/kernels/to_mxfp4.cuh"
 #include "ops/mxfp4/mxfp4_backends.h"
@@ -43,16 +43,11 @@ void check_row_units(const char* op, const char* arg, int64_t units_per_row, int
 // FP8FLOW_MX_TR_VARIANT (read once; unset, empty or unknown: 0); set_mxfp4_transposed_variant
 // (tests) overrides it, -1 goes back to it.
 constexpr int kTrVariants = 2;
-std::atomic<int> g_tr_variant_override{-1};
-int transposed_variant() {
-  static const int from_env = [] {
-    const char* v = std::getenv("FP8FLOW_MX_TR_VARIANT");
-    if (!v || v[0] < '0' || v[0] >= '0' + kTrVariants || v[1] != '\0') return 0;
-    return v[0] - '0';
-  }();
-  const int o = g_tr_variant_override.load(std::memory_order_relaxed);
-  return o < 0 ? from_env : o;
-}
+detail::KernelVariant g_tr_variant([] {
+  const char* v = std::getenv("FP8FLOW_MX_TR_VARIANT");
+  if (!v || v[0] < '0' || v[0] >= '0' + kTrVariants || v[1] != '\0') return 0;
+  return v[0] - '0';
+});
 
 uint32_t grid_for(int64_t units, int64_t per_cta) {
   return static_cast<uint32_t>((units + per_cta - 1) / per_cta);
@@ -155,7 +150,7 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   if (p.groups.total_tiles == 0) return;
   const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
                   static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
-  if (transposed_variant() == 1)
+  if (g_tr_variant.get() == 1)
     sm90_mxfp4_to_e4m3_1x128_transposed<false><<<grid, kTrThreads, 0, stream>>>(p);
   else
     sm90_mxfp4_to_e4m3_1x128_transposed<true, true><<<grid, kTrThreads, 0, stream>>>(p);
@@ -166,7 +161,7 @@ void set_mxfp4_transposed_variant(int variant) {
   FP8FLOW_CHECK(variant >= -1 && variant < kTrVariants, InvalidArgument,
                 detail::cat("fp8flow::sm90::set_mxfp4_transposed_variant: variant: expected -1 .. ",
                             kTrVariants - 1, ", got ", variant));
-  g_tr_variant_override.store(variant, std::memory_order_relaxed);
+  g_tr_variant.set(variant);
 }
 
 int mxfp4_transposed_variant_count() {

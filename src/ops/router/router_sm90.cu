@@ -3,11 +3,11 @@
 // geometry: G = lanes_for(E) lanes per token row, one template instance per G in {1, ..., 32}.
 // No host synchronization; every runtime call and launch is checked.
 // Bench: fp8flow-bench ops (rows "router fwd", "router bwd").
-#include <atomic>
 #include <cstdlib>
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/kernel_variant.h"
 #include "ops/router/kernels/router_launch.cuh"
 #include "ops/router/router_backends.h"
 
@@ -39,15 +39,10 @@ void dispatch_lanes(int lanes, F&& f) {
 // the lane's 8 keys (FP8FLOW_ROUTER_FWD_SORT=0), 1 the lane's keys sorted once, popped by the
 // rounds (the default since session 13: H100, 32768 x 256 DeepSeek-V3 config, 0.0790 -> 0.0616
 // ms). Environment read once; router_set_forward_variant overrides it (tests).
-std::atomic<int> g_fwd_variant_override{-1};
-int forward_variant() {
-  static const int env = [] {
-    const char* v = std::getenv("FP8FLOW_ROUTER_FWD_SORT");
-    return v && v[0] == '0' ? 0 : 1;
-  }();
-  const int v = g_fwd_variant_override.load(std::memory_order_relaxed);
-  return v >= 0 ? v : env;
-}
+detail::KernelVariant g_fwd_variant([] {
+  const char* v = std::getenv("FP8FLOW_ROUTER_FWD_SORT");
+  return v && v[0] == '0' ? 0 : 1;
+});
 
 struct CudaLauncher {
   const char* op;
@@ -57,7 +52,7 @@ struct CudaLauncher {
     if (bytes) FP8FLOW_CUDA_CHECK(op, cudaMemsetAsync(p, 0, bytes, stream));
   }
   void fwd(int lanes, unsigned grid, const FwdParams& p) {
-    const bool sort = forward_variant() == 1;
+    const bool sort = g_fwd_variant.get() == 1;
     dispatch_lanes(lanes, [&](auto g) {
       if (sort)
         router_fwd_sm90_f32<decltype(g)::value, true><<<grid, kFwdWarps * 32, 0, stream>>>(p);
@@ -103,7 +98,7 @@ struct CudaLauncher {
 }  // namespace
 
 void router_set_forward_variant(int variant) {
-  g_fwd_variant_override.store(variant, std::memory_order_relaxed);
+  g_fwd_variant.set(variant);
 }
 
 void router_forward(const TensorView& logits, const TensorView& bias, const RouterOutputs& out,

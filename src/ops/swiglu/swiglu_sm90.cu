@@ -1,12 +1,12 @@
 // sm_90a backend of the SwiGLU ops: builds kernel parameters from validated views and launches the
 // fused kernels of kernels/swiglu_kernels.cuh on the caller's stream (no host sync).
 // Napkin math and design: see the kernel file. Bench: `fp8flow-bench ops` (swiglu fwd / bwd rows).
-#include <atomic>
 #include <cstdlib>
 
 #include <type_traits>
 
 #include "common/cuda_check.h"
+#include "common/kernel_variant.h"
 #include "ops/swiglu/kernels/swiglu_kernels.cuh"
 #include "ops/swiglu/swiglu_backends.h"
 
@@ -27,19 +27,14 @@ cudaStream_t to_cuda(Stream s) {
 // default, kNext (the branch-free tile scale and the scale words through shared memory; FP8 out
 // only, BF16 out runs 2; H100 session 13: 0.1846 -> 0.1696 ms from the saved E4M3 h). Environment
 // read once; swiglu_set_backward_variant overrides it (tests).
-std::atomic<int> g_bwd_variant_override{-1};
-int backward_variant() {
-  static const int env = [] {
-    const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
-    const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
-    const char* n = std::getenv("FP8FLOW_SWIGLU_BWD_NEXT");
-    if (o && o[0] == '1') return 0;
-    if (f && f[0] == '0') return 1;
-    return n && n[0] == '0' ? 2 : 3;
-  }();
-  const int v = g_bwd_variant_override.load(std::memory_order_relaxed);
-  return v >= 0 ? v : env;
-}
+detail::KernelVariant g_bwd_variant([] {
+  const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
+  const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
+  const char* n = std::getenv("FP8FLOW_SWIGLU_BWD_NEXT");
+  if (o && o[0] == '1') return 0;
+  if (f && f[0] == '0') return 1;
+  return n && n[0] == '0' ? 2 : 3;
+});
 
 // kSaveIn: also writes in_q, the saved E4M3 copy of in (data, scale).
 template <OutKind K, bool kSaveIn = false>
@@ -91,7 +86,7 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   p.F = static_cast<uint32_t>(F);
   constexpr int64_t kRowsPerBlock = k::kThreads / 32;
   const dim3 grid(static_cast<unsigned>((M + kRowsPerBlock - 1) / kRowsPerBlock));
-  const int mode = backward_variant();
+  const int mode = g_bwd_variant.get();
   cudaStream_t s = to_cuda(stream);
   auto go = [&](auto weighted_c) {
     constexpr bool kW = decltype(weighted_c)::value;
@@ -211,7 +206,7 @@ int64_t run_check(const char* op, Launch launch, uint32_t* example) {
 }  // namespace
 
 void swiglu_set_backward_variant(int variant) {
-  g_bwd_variant_override.store(variant, std::memory_order_relaxed);
+  g_bwd_variant.set(variant);
 }
 
 int64_t swiglu_silu_mismatches(uint32_t* example) {
