@@ -86,6 +86,16 @@ struct DeviceTensor {
     return h;
   }
 };
+
+// An op's kernel variant for a scope, through its backend test hook (set(v) from now on; set(-1)
+// at scope exit returns to what the environment chose).
+struct ScopedKernelVariant {
+  void (*set)(int);
+  ScopedKernelVariant(void (*set_variant)(int), int v) : set(set_variant) { set(v); }
+  ~ScopedKernelVariant() { set(-1); }
+  ScopedKernelVariant(const ScopedKernelVariant&) = delete;
+  ScopedKernelVariant& operator=(const ScopedKernelVariant&) = delete;
+};
 #endif
 
 // Byte-exact comparison of two host tensors of the same shape; reports the first mismatches.

@@ -144,22 +144,14 @@ void check_transposed(const HostScaled& y, std::vector<int64_t> groups, const st
   EXPECT_TRUE(scaled_equal(got.to_host(), want)) << what;
 }
 
-// Restores the environment's transposed kernel variant at scope exit.
-struct RestoreTransposedVariant {
-  ~RestoreTransposedVariant() { sm90::set_mxfp4_transposed_variant(-1); }
-};
-
 // Every case with each kernel variant (sm90::set_mxfp4_transposed_variant; mxfp4_sm90.cu lists
-// them: the one-shot grid with and without the gap-key path, the persistent rings with channel
-// blocks or token tiles fastest, with and without it). Persistent grids are SMs x CTAs per SM:
-// more CTAs than items in the small cases, several items per CTA in the large ones.
+// them: 0 lean with the gap-key path, the default; 1 the kernel before it).
 TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   FP8FLOW_REQUIRE_GPU();
-  RestoreTransposedVariant restore;
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/false);
   for (int variant = 0; variant < sm90::mxfp4_transposed_variant_count(); ++variant) {
     SCOPED_TRACE(testing::Message() << "transposed variant " << variant);
-    sm90::set_mxfp4_transposed_variant(variant);
+    const ScopedKernelVariant scoped(sm90::set_mxfp4_transposed_variant, variant);
     const std::string v = " variant " + std::to_string(variant);
     uint64_t seed = 40;
     for (size_t ci = 0; ci < cases.size(); ++ci) {
@@ -184,15 +176,14 @@ TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   }
 }
 
-// Larger than the persistent grid (132 x 5 CTAs on an H100): 8192 x 7168 in 3 groups, one empty,
-// one partial tail, so every CTA walks ~20 items across group boundaries with the ring wrapping.
-TEST(Mxfp4Gpu, Mxfp4ToFp8TransposedManyItemsPerCta) {
+// A large problem in 3 groups, one empty, one with a partial tail tile: 8192 x 7168, 65 token
+// tiles x 28 CTA columns of the one-shot grid.
+TEST(Mxfp4Gpu, Mxfp4ToFp8TransposedLargeGrouped) {
   FP8FLOW_REQUIRE_GPU();
-  RestoreTransposedVariant restore;
   const int64_t M = 8192, K = 7168;
   const std::vector<int64_t> groups = {3000, 0, 5192};
   for (int variant = 0; variant < sm90::mxfp4_transposed_variant_count(); ++variant) {
-    sm90::set_mxfp4_transposed_variant(variant);
+    const ScopedKernelVariant scoped(sm90::set_mxfp4_transposed_variant, variant);
     const std::string v = " variant " + std::to_string(variant);
     check_transposed(mx_random(M, K, 77, 60, 252, 0.1, 0.03), groups,
                      label("raw, exact tiles", M, K) + v);

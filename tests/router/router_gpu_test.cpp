@@ -260,27 +260,21 @@ void check_adversarial_ties() {
   }
 }
 
-// The forward kernel variant for a scope (sm90::router_set_forward_variant: 0 the default argmax
-// rounds, 1 the sorted lanes of FP8FLOW_ROUTER_FWD_SORT=1); back to the environment's after.
-struct ForwardVariant {
-  explicit ForwardVariant(int v) { sm90::router_set_forward_variant(v); }
-  ~ForwardVariant() { sm90::router_set_forward_variant(-1); }
-};
-
 TEST(RouterGpu, AdversarialTies) {
   FP8FLOW_REQUIRE_GPU();
   for (int v : {0, 1}) {
     SCOPED_TRACE(testing::Message() << "forward variant " << v);
-    ForwardVariant variant(v);
+    const ScopedKernelVariant variant(sm90::router_set_forward_variant, v);
     check_adversarial_ties();
     if (HasFailure()) return;
   }
 }
 
-// The sorted forward (FP8FLOW_ROUTER_FWD_SORT=1) through the checks above, bit for bit.
+// The sorted forward (sm90::router_set_forward_variant(1), the default) through the checks above,
+// bit for bit, whatever FP8FLOW_ROUTER_FWD_SORT says.
 TEST(RouterGpu, SortedForwardMatchesReference) {
   FP8FLOW_REQUIRE_GPU();
-  ForwardVariant variant(1);
+  const ScopedKernelVariant variant(sm90::router_set_forward_variant, 1);
   check_shapes_and_configs();
   if (HasFailure()) return;
   check_equal_logits_and_all_nan();

@@ -254,14 +254,11 @@ TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
 // and M = 1031 at the DeepSeek-V3 F.
 TEST(SwigluGpu, BackwardVariantsMatchReference) {
   FP8FLOW_REQUIRE_GPU();
-  struct Restore {
-    ~Restore() { sm90::swiglu_set_backward_variant(-1); }
-  } restore;
   const SwigluCase bound = fast_sigmoid_bound_case();
   const SwigluCase large = test::make_case(1031, 2048, Fill::WideRange, 13);
   for (int v : {0, 1, 2, 3}) {
     SCOPED_TRACE(testing::Message() << "backward variant " << v);
-    sm90::swiglu_set_backward_variant(v);
+    const test::ScopedKernelVariant scoped(sm90::swiglu_set_backward_variant, v);
     for_each_case(5000, {DType::E4M3, DType::E5M2}, true, [](const SwigluCase& c, DType k, bool w) {
       expect_backward_equal(c, k, w);
       expect_backward_equal(c, k, w, nullptr, /*saved_in=*/true);
