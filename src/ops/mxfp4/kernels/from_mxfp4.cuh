@@ -215,6 +215,9 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
   if constexpr (kGap) {
     if (cta_gap) {
       // Gap keys (mx::kGapTable): no NaN tokens (every sb <= 252) and no masking of zero codes.
+      // Its element phase repeats the regular path's below (other FP16 exponent operands, no NaN
+      // mask): one shared lambda for both made NVVM keep t_col in local memory (a 32 B stack
+      // frame at 80 registers, session 13), so each path keeps its own copy.
       uint32_t sbl[16];  // each token's sb in both lanes: key base (doubled) and FP16 exponent
 #pragma unroll
       for (int i = 0; i < 16; ++i) sbl[i] = mx::sb_lanes(sbw[i / 4], i % 4);
