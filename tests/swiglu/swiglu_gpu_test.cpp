@@ -247,8 +247,8 @@ TEST(SwigluGpu, BackwardAroundFastSigmoidBound) {
 }
 
 // Every backward kernel variant in one process (sm90::swiglu_set_backward_variant: 0 the
-// IEEE-divide sigmoid, 1 no prefetch, 2 the prefetch alone, 3 (the default) branch-free tile
-// scale and shared-memory staged scale words), FP8 out from BF16 h and from the saved E4M3 h, bit
+// session-12 kernel, 1 (the default) branch-free tile scale and shared-memory staged scale
+// words), FP8 out from BF16 h and from the saved E4M3 h, bit
 // for bit against the reference. kShapes has M % 8 != 0 (a last block of fewer than 8 rows: M = 1,
 // 2, 3, 5, 37, 129, 300) and F % 256 == 128 (128, 384, 128 * 37); plus the fast-sigmoid bound rows
 // and M = 1031 at the DeepSeek-V3 F.
@@ -256,7 +256,7 @@ TEST(SwigluGpu, BackwardVariantsMatchReference) {
   FP8FLOW_REQUIRE_GPU();
   const SwigluCase bound = fast_sigmoid_bound_case();
   const SwigluCase large = test::make_case(1031, 2048, Fill::WideRange, 13);
-  for (int v : {0, 1, 2, 3}) {
+  for (int v : {0, 1}) {
     SCOPED_TRACE(testing::Message() << "backward variant " << v);
     const test::ScopedKernelVariant scoped(sm90::swiglu_set_backward_variant, v);
     for_each_case(5000, {DType::E4M3, DType::E5M2}, true, [](const SwigluCase& c, DType k, bool w) {

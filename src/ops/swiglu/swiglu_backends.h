@@ -58,8 +58,8 @@ int64_t swiglu_sigmoid_fast_mismatches(uint32_t* example);
 }  // namespace fp8flow::sm90
 
 namespace fp8flow::sm90 {
-// Test hook: the swiglu_backward kernel variant every later call launches (0 old sigmoid, 1 no
-// prefetch, 2 FP8FLOW_SWIGLU_BWD_NEXT=0, 3 default; all give the same bits), overriding the
+// Test hook: the swiglu_backward kernel variant every later call launches (0 the session-12 kernel
+// of FP8FLOW_SWIGLU_BWD_NEXT=0, 1 the default; both give the same bits), overriding the
 // environment switches of swiglu_sm90.cu; -1 returns to them. Not thread-safe against running ops.
 void swiglu_set_backward_variant(int variant);
 }  // namespace fp8flow::sm90

@@ -21,19 +21,13 @@ cudaStream_t to_cuda(Stream s) {
   return reinterpret_cast<cudaStream_t>(s);
 }
 
-// The backward kernel variant (A/B timing in one binary; same results): 0 the previous kernels
-// (sigmoid through the IEEE divide, FP8FLOW_SWIGLU_BWD_OLD=1), 1 the fast sigmoid without the
-// prefetch (FP8FLOW_SWIGLU_BWD_PF=0), 2 the prefetch alone (FP8FLOW_SWIGLU_BWD_NEXT=0), 3 the
-// default, kNext (the branch-free tile scale and the scale words through shared memory; FP8 out
-// only, BF16 out runs 2; H100 session 13: 0.1846 -> 0.1696 ms from the saved E4M3 h). Environment
-// read once; swiglu_set_backward_variant overrides it (tests).
+// The backward kernel variant (A/B timing in one binary; same results): 0 the session-12 kernel
+// (FP8FLOW_SWIGLU_BWD_NEXT=0), 1 the default, kNext (the branch-free tile scale and the scale
+// words through shared memory; FP8 out only, BF16 out runs 0; H100 session 13: 0.1846 -> 0.1696
+// ms from the saved E4M3 h). swiglu_set_backward_variant overrides the environment (tests).
 detail::KernelVariant g_bwd_variant([] {
-  const char* o = std::getenv("FP8FLOW_SWIGLU_BWD_OLD");
-  const char* f = std::getenv("FP8FLOW_SWIGLU_BWD_PF");
   const char* n = std::getenv("FP8FLOW_SWIGLU_BWD_NEXT");
-  if (o && o[0] == '1') return 0;
-  if (f && f[0] == '0') return 1;
-  return n && n[0] == '0' ? 2 : 3;
+  return n && n[0] == '0' ? 0 : 1;
 });
 
 // kSaveIn: also writes in_q, the saved E4M3 copy of in (data, scale).
@@ -90,14 +84,10 @@ void launch_backward(const char* op, const TensorView& dy, const TensorView& in,
   cudaStream_t s = to_cuda(stream);
   auto go = [&](auto weighted_c) {
     constexpr bool kW = decltype(weighted_c)::value;
-    if (mode == 0)
-      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, false><<<grid, k::kThreads, 0, s>>>(p);
-    else if (mode == 1)
-      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
-    else if (K == OutKind::BF16 || mode == 2)
-      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true, true><<<grid, k::kThreads, 0, s>>>(p);
+    if (K == OutKind::BF16 || mode == 0)
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In><<<grid, k::kThreads, 0, s>>>(p);
     else if constexpr (K != OutKind::BF16)
-      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true, true, true><<<grid, k::kThreads, 0, s>>>(p);
+      k::sm90_swiglu_bwd_1x128<K, kW, kFp8In, true><<<grid, k::kThreads, 0, s>>>(p);
   };
   if (weighted)
     go(std::true_type{});

@@ -21,7 +21,7 @@
 //   (row, tile), so a block streams whole rows of in and out; every thread takes kFwdItems items
 //   and issues all their loads before any math (2 * kFwdItems 16-byte loads in flight).
 // - Backward: a warp owns a row, so dprob's row sum stays inside one warp and its order is fixed:
-//   lane l accumulates the 8-column chunks l, l + 32, ... (kBwdSteps chunks' loads issued first),
+//   lane l accumulates the 8-column chunks l, l + 32, ... (the next step's loads issued first),
 //   then a butterfly over lanes (16, 8, 4, 2, 1). The CPU reference reproduces exactly this order.
 //   Half-warps again own 1x128 tiles (da and db tiles at the same columns), so the scale logic is
 //   the forward's. F % 256 == 128 leaves the upper half-warp without work on the last chunk; it
@@ -39,7 +39,7 @@
 //   = fmt::e4m3_to_f32(code) * scale) for every code: a NaN code decodes to a NaN with other bits
 //   than the reference's, which no output shows (every result it reaches is NaN, and NaN results
 //   are written canonically), so no per-chunk NaN test is needed.
-// - Backward sigmoid (kFastSigmoid, the default): the kernels are instruction-bound (the saved-h
+// - Backward sigmoid (hd::sigmoid_fast, session 12): the kernels are instruction-bound (the saved-h
 //   backward ran at 70.5% of copy on an H100), and the IEEE divide in the sigmoid was the largest
 //   single item (BSSY, MUFU.RCP, FCHK, 5 FFMA, BRA, BSYNC per element, plus the call stubs of its
 //   slow path). hd::sigmoid_fast replaces it by MUFU.RCP + 2 FFMA (rcp.rn.f32's own fast path,
@@ -48,10 +48,10 @@
 //   sigmoid (warp-uniform branch). Hot-path SASS of the weighted E4M3 saved-h kernel (16 element
 //   pairs per loop iteration plus prologue, non-finite fallbacks excluded): 1291 -> 1066
 //   instructions, 50 -> 60 registers (still 4 blocks of 256 per SM). Same outputs bit for bit.
-//   FP8FLOW_SWIGLU_BWD_OLD=1 runs the previous kernels (A/B).
+//   (The IEEE-divide kernels stayed as an A/B switch until session 13.)
 // - Measured (H100, session 12, `fp8flow-bench ops --only "swiglu bwd" --reps 100`, 2 rounds):
 //   from the saved E4M3 h 0.1936 ms (70.6% of copy) -> fast sigmoid 0.1864 (73.3%) -> + prefetch
-//   (kPrefetch, the default; FP8FLOW_SWIGLU_BWD_PF=0 turns it off) 0.1825-0.1828 (74.9%); BF16
+//   (double-buffered steps, see the kernel) 0.1825-0.1828 (74.9%); BF16
 //   out 0.2420 -> 0.2402; E4M3 out from BF16 h 0.2039 -> 0.2060 (the one variant 1% slower).
 //   ncu (fast, no prefetch): issue slots 81 -> 72%, DRAM 60 -> 64%, 9.9 cycles per issued
 //   instruction at 50% occupancy (60 registers); capping at 48 registers (5 blocks per SM, 8 B of
@@ -95,7 +95,6 @@ namespace sd = swiglu_detail;
 
 constexpr int kThreads = 256;
 constexpr int kFwdItems = 2;  // (row, tile) items per half-warp (loads in flight: 2 per item)
-constexpr int kBwdSteps = 2;  // 256-column steps per warp iteration (loads in flight: 3 per step)
 constexpr int kHalf = 16;     // threads per 1x128 tile (16 x 8 columns)
 // NOTES: the forward that also writes the saved input needs 54 registers unbounded (4 blocks of
 // 256 per SM); capped at 5 blocks per SM it fits 48 with no spills, the occupancy of the plain
@@ -377,7 +376,7 @@ struct BwdGroup {
 
 // kNext: the scales go to `stage` (shared, [4][8]: da lower / upper half-warp tile, db lower /
 // upper, by warp) for flush_scales; lim: see BwdGroup::load.
-template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid, bool kNext, int kG>
+template <OutKind K, bool kWeighted, bool kFp8In, bool kNext, int kG>
 __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<kFp8In, kG>& g,
                                             uint32_t c0, uint32_t m, uint32_t lane,
                                             uint64_t row_off, float pr, float& part, uint32_t lim,
@@ -392,11 +391,10 @@ __device__ __forceinline__ void bwd_compute(const BwdParams& p, const BwdGroup<k
     unpack_bf16x8(g.vdy[u], dy);
     g.va[u].unpack(a);
     g.vb[u].unpack(b);
-    if constexpr (kFastSigmoid) sigmoid8(a, s);
+    sigmoid8(a, s);
 #pragma unroll
     for (int k = 0; k < 8; ++k) {
-      const sd::Grad gr = kFastSigmoid ? sd::backward_with_sigmoid(dy[k], a[k], b[k], pr, s[k])
-                                       : sd::backward(dy[k], a[k], b[k], pr);
+      const sd::Grad gr = sd::backward_with_sigmoid(dy[k], a[k], b[k], pr, s[k]);
       da[k] = gr.da;
       db[k] = gr.db;
       if (kWeighted && active) part = hd::add(part, gr.dp);
@@ -432,22 +430,21 @@ __device__ __forceinline__ void flush_scales(const BwdParams& p, const float* st
 }
 
 // Backward: grid ceil(M / 8), block kThreads (8 warps, one row each). kWeighted false: p = 1 and
-// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. kFastSigmoid: the
-// sigmoid through hd::sigmoid_fast (sigmoid8); false: the previous kernel (every sigmoid through
-// the IEEE divide), kept for A/B runs (FP8FLOW_SWIGLU_BWD_OLD=1, swiglu_sm90.cu).
-// kPrefetch: the row's 256-column steps double-buffered, step i + 1's loads issued before step i
-// is computed (else kBwdSteps steps' loads, then their math). NOTES (H100, session 12): without
-// it a warp had its loads in flight only while it waited for them (~1 us of each ~6 us
-// iteration), too few bytes in flight per SM for the DRAM rate (ncu: DRAM 64%, issue 72%).
-// kNext (FP8 out, with kPrefetch; the default, FP8FLOW_SWIGLU_BWD_NEXT=0 turns it off): quantize8's
-// scales through sd::scale_pair, and the scale words staged in shared memory and written by one
-// warp per step as whole sectors after a block barrier (flush_scales); every warp stays to the end
-// for the barriers, a warp past the last row with its loads and stores off (lim = 0).
-template <OutKind K, bool kWeighted, bool kFp8In, bool kFastSigmoid = true, bool kPrefetch = false,
-          bool kNext = false>
+// no dprob (its products are not computed). kFp8In: h is the saved E4M3 copy. The sigmoid goes
+// through hd::sigmoid_fast (sigmoid8). The row's 256-column steps are double-buffered: step i + 1's
+// loads are issued before step i is computed. NOTES (H100, session 12): without that a warp had
+// its loads in flight only while it waited for them (~1 us of each ~6 us iteration), too few bytes
+// in flight per SM for the DRAM rate (ncu: DRAM 64%, issue 72%). The session-12 A/B variants
+// (FP8FLOW_SWIGLU_BWD_OLD=1: the IEEE-divide sigmoid; FP8FLOW_SWIGLU_BWD_PF=0: no prefetch), slower
+// in both sessions' measurements, were removed in session 13 (code in commit 626337a).
+// kNext (FP8 out; the default, FP8FLOW_SWIGLU_BWD_NEXT=0 turns it off): quantize8's scales through
+// sd::scale_pair, and the scale words staged in shared memory and written by one warp per step as
+// whole sectors after a block barrier (flush_scales); every warp stays to the end for the
+// barriers, a warp past the last row with its loads and stores off (lim = 0).
+template <OutKind K, bool kWeighted, bool kFp8In, bool kNext = false>
 __global__ void __launch_bounds__(kThreads)
     sm90_swiglu_bwd_1x128(const __grid_constant__ BwdParams p) {
-  static_assert(!kNext || (kPrefetch && K != OutKind::BF16), "kNext: FP8 out, prefetch");
+  static_assert(!kNext || K != OutKind::BF16, "kNext: FP8 out");
   const uint32_t lane = threadIdx.x % 32;
   const uint32_t warp = threadIdx.x / 32;
   const uint32_t m0 = blockIdx.x * (kThreads / 32);
@@ -463,38 +460,28 @@ __global__ void __launch_bounds__(kThreads)
   const uint64_t row_off = uint64_t{m} * (2 * F);  // of row m in h and in din (elements)
   float part = 0.0f;
 
-  if constexpr (kPrefetch) {
-    constexpr uint32_t kStep = 32 * sd::kChunk;
-    // kNext: the scales of steps 2i (stage[0]) and 2i + 1 (stage[1]); one barrier per step (the
-    // flush of a buffer is done before its warp reaches the next barrier, so before the buffer is
-    // written again). The flushing warp rotates with the step.
-    __shared__ float stage[kNext ? 2 : 1][kNext ? 32 : 1];
-    auto flush = [&](int b, uint32_t c) {
-      if constexpr (kNext) {
-        __syncthreads();
-        if (warp == c / kStep % (kThreads / 32)) flush_scales(p, stage[b], c, m0, lane);
-      }
-    };
-    BwdGroup<kFp8In, 1> g0, g1;
-    g0.load(p, dy_row, row_off, m, lane, 0, lim);
-    for (uint32_t c0 = 0; c0 < F; c0 += 2 * kStep) {
-      g1.load(p, dy_row, row_off, m, lane, c0 + kStep, lim);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, kNext>(p, g0, c0, m, lane, row_off, pr, part,
-                                                             lim, stage[0]);
-      flush(0, c0);
-      if (c0 + kStep >= F) break;
-      g0.load(p, dy_row, row_off, m, lane, c0 + 2 * kStep, lim);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, kNext>(p, g1, c0 + kStep, m, lane, row_off,
-                                                             pr, part, lim, stage[kNext ? 1 : 0]);
-      flush(1, c0 + kStep);
+  constexpr uint32_t kStep = 32 * sd::kChunk;
+  // kNext: the scales of steps 2i (stage[0]) and 2i + 1 (stage[1]); one barrier per step (the
+  // flush of a buffer is done before its warp reaches the next barrier, so before the buffer is
+  // written again). The flushing warp rotates with the step.
+  __shared__ float stage[kNext ? 2 : 1][kNext ? 32 : 1];
+  auto flush = [&](int b, uint32_t c) {
+    if constexpr (kNext) {
+      __syncthreads();
+      if (warp == c / kStep % (kThreads / 32)) flush_scales(p, stage[b], c, m0, lane);
     }
-  } else {
-    for (uint32_t c0 = 0; c0 < F; c0 += kBwdSteps * 32 * sd::kChunk) {
-      BwdGroup<kFp8In, kBwdSteps> g;
-      g.load(p, dy_row, row_off, m, lane, c0, lim);
-      bwd_compute<K, kWeighted, kFp8In, kFastSigmoid, false>(p, g, c0, m, lane, row_off, pr, part,
-                                                             lim, nullptr);
-    }
+  };
+  BwdGroup<kFp8In, 1> g0, g1;
+  g0.load(p, dy_row, row_off, m, lane, 0, lim);
+  for (uint32_t c0 = 0; c0 < F; c0 += 2 * kStep) {
+    g1.load(p, dy_row, row_off, m, lane, c0 + kStep, lim);
+    bwd_compute<K, kWeighted, kFp8In, kNext>(p, g0, c0, m, lane, row_off, pr, part, lim, stage[0]);
+    flush(0, c0);
+    if (c0 + kStep >= F) break;
+    g0.load(p, dy_row, row_off, m, lane, c0 + 2 * kStep, lim);
+    bwd_compute<K, kWeighted, kFp8In, kNext>(p, g1, c0 + kStep, m, lane, row_off, pr, part, lim,
+                                             stage[kNext ? 1 : 0]);
+    flush(1, c0 + kStep);
   }
   if constexpr (kWeighted) {
 #pragma unroll
