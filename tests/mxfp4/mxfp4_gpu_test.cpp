@@ -145,7 +145,7 @@ void check_transposed(const HostScaled& y, std::vector<int64_t> groups, const st
 }
 
 // Every case with each kernel variant (sm90::set_mxfp4_transposed_variant; mxfp4_sm90.cu lists
-// them: 0 lean with the gap-key path, the default; 1 the kernel before it).
+// them: 0 the default, with the integer path; 1 the session-9 kernel; 2 the session-13 default).
 TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
   FP8FLOW_REQUIRE_GPU();
   const std::vector<TransposedCase> cases = transposed_cases(/*emu_only=*/false);
@@ -163,7 +163,7 @@ TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
                        label("raw, X >= 126 present", c.M, c.K, int(ci)) + v);
       check_transposed(mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03), c.groups,
                        label("raw, exact tiles", c.M, c.K, int(ci)) + v);
-      // The gap-key path (variant 0, the default) and its edges (see the CPU emulation's cases).
+      // The gap-key path (variants 0 and 2) and its edges (see the CPU emulation's cases).
       check_transposed(mx_random_gap(c.M, c.K, seed++, 129, 252, 0.0, 0), c.groups,
                        label("raw, span 123", c.M, c.K, int(ci)) + v);
       check_transposed(mx_random_gap(c.M, c.K, seed++, 128, 252, 0.0, 0), c.groups,
@@ -172,6 +172,17 @@ TEST(Mxfp4Gpu, Mxfp4ToFp8Transposed) {
                        label("raw, narrow + tiny", c.M, c.K, int(ci)) + v);
       check_transposed(mx_random_gap(c.M, c.K, seed++, 130, 252, 0.2, 7), c.groups,
                        label("raw, wide + tiny 7", c.M, c.K, int(ci)) + v);
+      // The integer path (variant 0, the default) and its edges: block-exponent spreads 11
+      // (mostly taken) and 12 (refused where both ends meet a full-size column maximum), sparse
+      // small codes, half zeros.
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 120, 131, 0.0, 0, 0.02), c.groups,
+                       label("raw, spread 11", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_gap(c.M, c.K, seed++, 120, 132, 0.0, 0, 0.02), c.groups,
+                       label("raw, spread 12", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_sparse(c.M, c.K, seed++, 100, 114, 0.03, 2), c.groups,
+                       label("raw, sparse small codes", c.M, c.K, int(ci)) + v);
+      check_transposed(mx_random_sparse(c.M, c.K, seed++, 100, 108, 0.5, 7), c.groups,
+                       label("raw, half zeros", c.M, c.K, int(ci)) + v);
     }
   }
 }

@@ -220,6 +220,57 @@ TEST(Mxfp4Tables, F16PairStepMatchesFmtEverywhere) {
   EXPECT_GT(checked, 500000);
 }
 
+// The integer element step (the transposed kernel's integer path): every code at every a = D + 5
+// in [0, kIntMaxA] where it occurs (|value| <= 448, or a zero), in every column, the token part and
+// the column part of a split every way, the other seven columns random codes at random occurring
+// a (so a carry between bytes would show); also the token addend and the column addends.
+TEST(Mxfp4Tables, IntElementStepMatchesFmtEverywhere) {
+  std::mt19937 rng(21);
+  auto want_code = [](uint32_t c, int a) {
+    return static_cast<uint32_t>(fmt::e4m3_from_f32(
+        fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)), a - mx::kIntBias)));
+  };
+  auto occurs = [](uint32_t c, int a) {
+    return (c & 7) == 0 || std::fabs(fmt::mul_pow2(fmt::e2m1_to_f32(static_cast<uint8_t>(c)),
+                                                   a - mx::kIntBias)) <= 448.0f;
+  };
+  int64_t checked = 0;
+  for (int a = 0; a <= mx::kIntMaxA; ++a)
+    for (int u = 0; u <= a; ++u)  // token part u, column part a - u
+      for (uint32_t c = 0; c < 16; ++c)
+        for (int j = 0; j < 8; ++j) {
+          if (!occurs(c, a)) continue;
+          int aj[8];
+          uint32_t w = static_cast<uint32_t>(rng());
+          for (int k = 0; k < 8; ++k) {
+            aj[k] = k == j ? a : u + static_cast<int>(rng() % (mx::kIntMaxA - u + 1));
+            uint32_t ck = k == j ? c : static_cast<uint32_t>(rng() % 16);
+            while (!occurs(ck, aj[k])) ck = static_cast<uint32_t>(rng() % 16);
+            w = (w & ~(0xFu << (4 * k))) | (ck << (4 * k));
+          }
+          // The addends as the kernel forms them: X_lo = 0 (xlo5 = 5), the token's byte u above
+          // sb_lo, columns T_k = 5 - (a_k - u).
+          const uint32_t sb_lo = 100, k4 = static_cast<uint32_t>(rng() % 4);
+          const uint32_t sbw = (static_cast<uint32_t>(rng()) & ~(0xFFu << (8 * k4))) |
+                               ((sb_lo + static_cast<uint32_t>(u)) << (8 * k4));
+          const uint32_t xa = mx::int_token_addend(sbw, static_cast<int>(k4), sb_lo * 0x01010101u);
+          ASSERT_EQ(xa, static_cast<uint32_t>(8 * u) * 0x01010101u);
+          int t[8];
+          for (int k = 0; k < 8; ++k) t[k] = 5 - (aj[k] - u);
+          const uint32_t ca[2] = {mx::int_column_addends(5, t[0], t[1], t[2], t[3]),
+                                  mx::int_column_addends(5, t[4], t[5], t[6], t[7])};
+          uint32_t out[2];
+          mx::e2m1x8_to_e4m3_int(w, xa, ca, out);
+          for (int k = 0; k < 8; ++k)
+            ASSERT_EQ((out[k / 4] >> (8 * (k % 4))) & 0xFFu,
+                      want_code((w >> (4 * k)) & 0xFu, aj[k]))
+                << "code " << ((w >> (4 * k)) & 0xFu) << " a " << aj[k] << " column " << k
+                << " (tested: code " << c << " a " << a << " column " << j << ")";
+          ++checked;
+        }
+  EXPECT_GT(checked, 15000);
+}
+
 // The host models of the two FP16 instructions the step uses, on cases with known answers:
 // subnormal products and their ties, overflow, signed zeros, and the E4M3 conversion's rounding,
 // subnormals and saturation.
@@ -529,6 +580,86 @@ TEST(Mxfp4Tables, TransposedGapKeysMatchReference) {
     }
   }
   EXPECT_GT(taken, 300);
+}
+
+// The transposed kernel's integer path, emulated per 8-column group (the kernel asks it of a whole
+// warp's 32 columns) on gap-key tiles of block-exponent spreads around its edge (about 11 when the
+// columns' maxima are large codes), sparse tiles (columns whose largest element is a small code of
+// a low-exponent token: the a <= kIntMaxA edge; and all-zero columns), zero blocks, partial
+// widths: every group that passes int_path_ok must match the reference, enough groups pass and
+// enough fail.
+TEST(Mxfp4Tables, TransposedIntPathMatchesReference) {
+  const mx::E2m1Key keys = mx::make_e2m1_key();
+  std::mt19937 rng(11);
+  int taken = 0, refused = 0;
+  for (int rep = 0; rep < 1500; ++rep) {
+    const int w = 1 + static_cast<int>(rng() % 128);
+    HostScaled y = alloc_mx(w, 128);
+    const int spread = 6 + static_cast<int>(rng() % 12);
+    const int lo = 1 + static_cast<int>(rng() % (252 - spread));
+    const int sparse = rep % 3;  // 1: a few small codes; 2: a few codes of any size
+    uint32_t sb_max = 0, sb_min = 255, sb_lo = 255;
+    for (int m = 0; m < w; ++m)
+      for (int b = 0; b < 4; ++b) {
+        const uint32_t kind = rng() % 16;
+        const int sb = kind == 0   ? lo
+                       : kind == 1 ? lo + spread
+                                   : lo + static_cast<int>(rng() % (spread + 1));
+        y.scale.buf[m * 4 + b] = static_cast<uint8_t>(sb);
+        sb_max = std::max(sb_max, static_cast<uint32_t>(sb));
+        sb_lo = std::min(sb_lo, static_cast<uint32_t>(sb));
+        if (sb > static_cast<int>(mx::kGapIgnoreSb))
+          sb_min = std::min(sb_min, static_cast<uint32_t>(sb));
+        for (int i = 0; i < 16; ++i) {
+          uint8_t d = kind == 2 ? 0 : static_cast<uint8_t>(rng());
+          if (sparse) {
+            d = 0;
+            for (int n = 0; n < 2; ++n)
+              if (rng() % 40 == 0) {
+                const uint32_t c = sparse == 1 ? 1 + rng() % 2 : rng() % 8;
+                d |= static_cast<uint8_t>((c | (rng() % 2 ? 8u : 0u)) << (4 * n));
+              }
+          }
+          y.data.buf[m * 64 + b * 16 + i] = d;
+        }
+      }
+    if (!mx::gap_keys_exact(sb_max, sb_min)) continue;
+    HostScaled want = alloc_fp8(128, w);
+    mxfp4_to_fp8_transposed(y.st(), want.st());
+    const int xlo5 = static_cast<int>(sb_lo) - 127 + mx::kIntBias;
+    const int spread_cta = static_cast<int>(sb_max - sb_lo);
+    const uint32_t lo4 = sb_lo * 0x01010101u;
+    for (int g = 0; g < 16; ++g) {
+      uint32_t acc[4] = {0, 0, 0, 0};
+      std::vector<uint32_t> word(w), sbw(w);
+      for (int m = 0; m < w; ++m) {
+        sbw[m] = y.scale.buf[m * 4 + g / 4] << 16;  // the byte as token 2 of a word
+        std::memcpy(&word[m], y.data.buf.data() + m * 64 + g * 4, 4);
+        mx::gap_key_accumulate(word[m], mx::sb_lanes(sbw[m], 2) << 1, keys.glo, keys.ghi, acc);
+      }
+      int t[8];
+      for (int j = 0; j < 8; ++j)
+        t[j] = mx::gap_key_scale_exponent(mx::column_key(acc, j), 2 * sb_max);
+      const int tmin = *std::min_element(t, t + 8), tmax = *std::max_element(t, t + 8);
+      if (!mx::int_path_ok(xlo5, spread_cta, tmin, tmax)) {
+        ++refused;
+        continue;
+      }
+      ++taken;
+      const uint32_t ca[2] = {mx::int_column_addends(xlo5, t[0], t[1], t[2], t[3]),
+                              mx::int_column_addends(xlo5, t[4], t[5], t[6], t[7])};
+      for (int m = 0; m < w; ++m) {
+        uint32_t out[2];
+        mx::e2m1x8_to_e4m3_int(word[m], mx::int_token_addend(sbw[m], 2, lo4), ca, out);
+        for (int j = 0; j < 8; ++j)
+          ASSERT_EQ((out[j / 4] >> (8 * (j % 4))) & 0xFFu, want.data.buf[(g * 8 + j) * w + m])
+              << "rep " << rep << " column " << g * 8 + j << " token " << m << " spread " << spread
+              << " sparse " << sparse;
+      }
+    }
+  }
+  EXPECT_GT(taken, 3000);
+  EXPECT_GT(refused, 3000);
 }
 
 }  // namespace

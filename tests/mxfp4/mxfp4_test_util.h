@@ -119,6 +119,28 @@ inline HostScaled mx_random_gap(int64_t M, int64_t K, uint64_t seed, int lo, int
   });
 }
 
+// Sparse raw MXFP4 for the transposed kernel's integer path (mx::int_path_ok): scale bytes uniform
+// in [lo, hi]; each code nonzero with probability nz_prob, magnitude uniform in 1..max_mag, random
+// sign; the rest +0 or -0. Columns with only small codes of low-exponent tokens test the path's
+// upper edge, all-zero columns its zero-column case.
+inline HostScaled mx_random_sparse(int64_t M, int64_t K, uint64_t seed, int lo, int hi,
+                                   double nz_prob, int max_mag) {
+  std::mt19937_64 rng(seed);
+  std::uniform_int_distribution<int> sc(lo, hi), mag(1, max_mag), bit(0, 1);
+  std::uniform_real_distribution<double> u(0, 1);
+  HostScaled h = alloc_mx(M, K);
+  auto code = [&] {
+    return (u(rng) < nz_prob ? static_cast<uint32_t>(mag(rng)) : 0u) | (bit(rng) ? 8u : 0u);
+  };
+  for (int64_t i = 0; i < M * K / 2; ++i) {
+    const uint32_t c0 = code();
+    h.data.ptr<uint8_t>()[i] = static_cast<uint8_t>(c0 | (code() << 4));
+  }
+  for (int64_t i = 0; i < M * (K / 32); ++i)
+    h.scale.ptr<uint8_t>()[i] = static_cast<uint8_t>(sc(rng));
+  return h;
+}
+
 // Raw random E4M3 row-wise [M][K]: uniform bytes (NaN codes allowed when with_nan), scales 2^t
 // with t uniform in [tlo, thi] (E8M0-range exponents; the FP32 power of two may be subnormal).
 inline HostScaled fp8_random(int64_t M, int64_t K, uint64_t seed, int tlo, int thi, bool with_nan) {

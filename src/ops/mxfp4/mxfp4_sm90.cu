@@ -37,12 +37,14 @@ void check_row_units(const char* op, const char* arg, int64_t units_per_row, int
                     " for the CUDA backend, got ", units_per_row * elems_per_unit));
 }
 
-// Which transposed kernel runs (A/B timing in one binary; both give the same bits):
-//   0: sm90_mxfp4_to_e4m3_1x128_transposed<kGap, kLean> = <true, true>, the default (session 13);
-//   1: <false, false>, the kernel before it.
+// Which transposed kernel runs (A/B timing in one binary; all give the same bits):
+//   0: sm90_mxfp4_to_e4m3_1x128_transposed<kGap, kLean, kInt, kCachedScales> = <true, true, true,
+//      true>, the default (session 14: the integer element path and cached scale loads);
+//   1: <false, false, false, false>, the session-9 kernel;
+//   2: <true, true, false, false>, the session-13 default.
 // FP8FLOW_MX_TR_VARIANT (read once; unset, empty or unknown: 0); set_mxfp4_transposed_variant
 // (tests) overrides it, -1 goes back to it.
-constexpr int kTrVariants = 2;
+constexpr int kTrVariants = 3;
 detail::KernelVariant g_tr_variant([] {
   const char* v = std::getenv("FP8FLOW_MX_TR_VARIANT");
   if (!v || v[0] < '0' || v[0] >= '0' + kTrVariants || v[1] != '\0') return 0;
@@ -150,10 +152,13 @@ void mxfp4_to_fp8_transposed(const ScaledTensor& in, const ScaledTensor& out_t, 
   if (p.groups.total_tiles == 0) return;
   const dim3 grid(static_cast<uint32_t>(p.groups.total_tiles),
                   static_cast<uint32_t>((K / 128 + kTrItems - 1) / kTrItems));
-  if (g_tr_variant.get() == 1)
+  const int variant = g_tr_variant.get();
+  if (variant == 1)
     sm90_mxfp4_to_e4m3_1x128_transposed<false><<<grid, kTrThreads, 0, stream>>>(p);
-  else
+  else if (variant == 2)
     sm90_mxfp4_to_e4m3_1x128_transposed<true, true><<<grid, kTrThreads, 0, stream>>>(p);
+  else
+    sm90_mxfp4_to_e4m3_1x128_transposed<true, true, true, true><<<grid, kTrThreads, 0, stream>>>(p);
   FP8FLOW_CUDA_CHECK_LAUNCH("mxfp4_to_fp8_transposed");
 }
 

@@ -76,13 +76,18 @@ TEST(Emu, Mxfp4ToFp8Transposed) {
                        mx_from_values(make_values(c.M, c.K, f, seed++), c.M, c.K));
     ins.emplace_back("raw, X >= 126 present", mx_random(c.M, c.K, seed++, 0, 254, 0.05, 0.05));
     ins.emplace_back("raw, exact tiles", mx_random(c.M, c.K, seed++, 60, 252, 0.1, 0.03));
-    // The gap-key path (variant 0, the default) and its edges: span 123 (taken), 124 (not where
+    // The gap-key path (variants 0 and 2) and its edges: span 123 (taken), 124 (not where
     // both ends meet in a tile), tiny-value blocks with bytes <= 6 (ignored by its test) or up
     // to 7.
     ins.emplace_back("raw, span 123", mx_random_gap(c.M, c.K, seed++, 129, 252, 0.0, 0));
     ins.emplace_back("raw, span 124", mx_random_gap(c.M, c.K, seed++, 128, 252, 0.0, 0));
     ins.emplace_back("raw, narrow + tiny", mx_random_gap(c.M, c.K, seed++, 110, 140, 0.2, 6, 0.3));
     ins.emplace_back("raw, wide + tiny 7", mx_random_gap(c.M, c.K, seed++, 130, 252, 0.2, 7));
+    // The integer path (variant 0, the default): spreads 11 and 12, sparse small codes, half zeros.
+    ins.emplace_back("raw, spread 11", mx_random_gap(c.M, c.K, seed++, 120, 131, 0.0, 0, 0.02));
+    ins.emplace_back("raw, spread 12", mx_random_gap(c.M, c.K, seed++, 120, 132, 0.0, 0, 0.02));
+    ins.emplace_back("raw, sparse small", mx_random_sparse(c.M, c.K, seed++, 100, 114, 0.03, 2));
+    ins.emplace_back("raw, half zeros", mx_random_sparse(c.M, c.K, seed++, 100, 108, 0.5, 7));
     for (auto& [name, in] : ins) {
       HostScaled want = alloc_fp8(c.K, c.M, c.groups), got = alloc_fp8(c.K, c.M, c.groups);
       ref::mxfp4_to_fp8_transposed(in.st(), want.st());

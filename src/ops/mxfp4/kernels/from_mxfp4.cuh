@@ -13,11 +13,13 @@
 // memory. Thread (channel group cg of 8, token chunk of 16) folds its 16 tokens
 // into 16-bit column keys (exact log2 of |value|), the 8 lanes sharing a column reduce with
 // __shfl_xor (column scales from the keys in closed form), and it writes 8 output rows k of 16
-// tokens each (one STG.128 per row when the address is 16-byte aligned, else bytes). Elements go
-// through the FP16 unit two at a time: e2m1(c) 2^-6 from a PRMT table, times 2^(X - T + 6) (one
-// DPX clamp of the per-token and per-column exponents), then the hardware E4M3x2 conversion, which
-// also rounds the subnormal outputs (mx::f16hi_pair_to_e4m3x2): ~4 instructions per element where
-// a per-element shared-memory table lookup took ~9.
+// tokens each (one STG.128 per row when the address is 16-byte aligned, else bytes). Elements: in
+// a warp whose every element has D = X - T in [-5, 22] (mx::int_path_ok; the common case: block
+// exponents spread over <= ~11 binades in the tile) by byte adds, four codes per add
+// (mx::e2m1x8_to_e4m3_int: the results are normal E4M3, exact); otherwise through the FP16 unit
+// two at a time: e2m1(c) 2^-6 from a PRMT table, times 2^(X - T + 6) (one DPX clamp of the
+// per-token and per-column exponents), then the hardware E4M3x2 conversion, which also rounds the
+// subnormal outputs (mx::f16hi_pair_to_e4m3x2).
 //
 // NOTES (session 9, H100): 0.1743 ms, 70% of copy, ALU-bound (ALU pipe ~75% busy; the fast path
 // is ~11 SASS instructions per element: per 128 elements and thread 260 PRMT, 260 LOP3, 164 SHF,
@@ -54,6 +56,18 @@
 // of the 80% target (0.153 ms): each lever is worth 1-2%, none unlocks the DRAM rate; what is left
 // is fewer instructions per element than the FP16-unit path (~4 per element in the element phase
 // alone) or a different work split.
+// Session 14 (H100): the integer element path (variant 2 of that session's binary) cut the
+// instructions 11% (ncu: 95.6M -> 85.1M, ALU pipe 85 -> 77%) but the time only 1.3% (0.1711 ->
+// 0.1690 ms). A null kernel (the same loads and stores, no arithmetic) ran at 0.177 ms: the
+// memory traffic itself was the limit. Its culprit: the per-token scale bytes were read one byte at
+// a time with __ldcs (evict-first), and each 32-byte sector of them serves the CTAs of 4
+// channel-block pairs, launched ~1/3 wave apart: DRAM read 165.9 MB for 124.7 MB of input (ncu).
+// kCachedScales (default caching, both items' 8 bytes in one 8-byte load where aligned): DRAM
+// reads 128.8 MB, and on one H100 (`--only mxfp4_to_fp8_transposed --reps 100`, 3 rounds) the
+// session-13 kernel 0.1811-0.1815 ms, with cached scales 0.1532-0.1534, with cached scales and the
+// integer path (the default now) 0.1474-0.1477 ms: 82.7% of the 1 GiB copy, 84.8% of a same-size
+// copy. Tried and dropped: 7 and 8 CTAs per SM (72 / 64 registers, spills: slower), plain instead
+// of streaming stores (same).
 // Napkin math at 32768 x 7168: reads 0.5 + 1/32 B/elem, writes 1 + 4/128 B/elem = 1.56 B/elem =
 // 367 MB; at 2.4 TB/s (80% of an H100's copy bandwidth) 0.153 ms for either kernel.
 // Bench: fp8flow-bench ops (mxfp4_to_fp8, mxfp4_to_fp8_transposed rows).
@@ -159,11 +173,14 @@ __device__ __forceinline__ uint32_t tr_word_offset(uint32_t m, uint32_t word) {
 // register across the column reduction; the element phase reads them again from shared memory
 // (volatile, so the compiler cannot keep the first reads instead) and runs in two column halves
 // (pairs 0-1 then 2-3, output rows 0-3 then 4-7: half the o[] registers, 16-byte stores still).
-template <bool kGap, bool kLean = false>
+// kInt (with kGap): on gap tiles, a warp whose 32 columns and the tile's block exponents pass
+// mx::int_path_ok (sb_lo: the tile's smallest scale byte inside its width) takes the integer
+// element path; the condition and the column addends cost ~30 instructions per item and thread.
+template <bool kGap, bool kLean = false, bool kInt = false>
 __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32_t* s_data,
                                            const uint8_t (*s_sb)[128], bool cta_slow, bool cta_gap,
-                                           uint32_t bmax, int32_t m0, int32_t width, uint32_t kb,
-                                           uint32_t tile) {
+                                           uint32_t bmax, uint32_t sb_lo, int32_t m0, int32_t width,
+                                           uint32_t kb, uint32_t tile) {
   const uint32_t tid = threadIdx.x;
   const uint32_t lane = tid & 31, cg = (tid >> 5) * 4 + (lane & 3), chunk = lane >> 2;
   const uint32_t blk = cg >> 2;  // the 32-block of these 8 channels (same for the whole warp)
@@ -239,6 +256,48 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
       for (int j = 1; j < 8; ++j) t_mine = chunk == static_cast<uint32_t>(j) ? t_col[j] : t_mine;
       scale_row_out[chunk] = fmt::exp2i(t_mine);
 
+      if constexpr (kInt) {
+        // The integer path (mx::e2m1x8_to_e4m3_int) where the whole warp's elements allow it.
+        int tmin = t_col[0], tmax = t_col[0];
+#pragma unroll
+        for (int j = 1; j < 8; ++j) {
+          tmin = min(tmin, t_col[j]);
+          tmax = max(tmax, t_col[j]);
+        }
+        const int xlo5 = static_cast<int>(sb_lo) - 127 + mx::kIntBias;
+        const int spread = static_cast<int>(bmax >> 1) - static_cast<int>(sb_lo);
+        if (__all_sync(0xFFFFFFFFu, mx::int_path_ok(xlo5, spread, tmin, tmax))) {
+          const uint32_t ca[2] = {
+              mx::int_column_addends(xlo5, t_col[0], t_col[1], t_col[2], t_col[3]),
+              mx::int_column_addends(xlo5, t_col[4], t_col[5], t_col[6], t_col[7])};
+          const uint32_t lo4 = sb_lo * 0x01010101u;
+          uint32_t sbc[4];
+          scale_words(sbc);
+          uint32_t o[8][4];
+#pragma unroll
+          for (int q = 0; q < 4; ++q) {
+            uint32_t r[4][2];  // [token x][h]: E4M3 codes of columns 4h .. 4h + 3
+#pragma unroll
+            for (int x = 0; x < 4; ++x)
+              mx::e2m1x8_to_e4m3_int(code_word(4 * q + x, false),
+                                     mx::int_token_addend(sbc[q], x, lo4), ca, r[x]);
+#pragma unroll
+            for (int h = 0; h < 2; ++h) {  // 4 tokens x 4 columns, bytes transposed
+              const uint32_t u01 = mx::prmt(r[0][h], r[1][h], 0x5140u);
+              const uint32_t u23 = mx::prmt(r[2][h], r[3][h], 0x5140u);
+              const uint32_t v01 = mx::prmt(r[0][h], r[1][h], 0x7362u);
+              const uint32_t v23 = mx::prmt(r[2][h], r[3][h], 0x7362u);
+              o[4 * h][q] = mx::prmt(u01, u23, 0x5410u);
+              o[4 * h + 1][q] = mx::prmt(u01, u23, 0x7632u);
+              o[4 * h + 2][q] = mx::prmt(v01, v23, 0x5410u);
+              o[4 * h + 3][q] = mx::prmt(v01, v23, 0x7632u);
+            }
+          }
+#pragma unroll
+          for (int j = 0; j < 8; ++j) store_row(j, o[j]);
+          return;
+        }
+      }
       uint32_t nt[4];
 #pragma unroll
       for (int pp = 0; pp < 4; ++pp)
@@ -387,27 +446,42 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
 
 // The gap-key tile test (kGap kernels), in two halves around the item's barrier. Publish: token
 // tid's 4 scale bytes `sb` (0 past the tile's width: neutral); each warp's largest byte and
-// 255 - its smallest byte > mx::kGapIgnoreSb (REDUX) in one shared word per warp. Read (after the
-// barrier): the CTA's range, whether the gap path is exact for it, and bmax = 2 sb_max.
-__device__ __forceinline__ void tr_gap_publish(uint32_t sb, uint32_t* s_rng) {
-  uint32_t hi = 0, lo = 255;
+// 255 - its smallest byte > mx::kGapIgnoreSb (REDUX) in one shared word per warp; with kInt also
+// 255 - the smallest byte of the tokens inside the width (`valid`) in a second word. Read (after
+// the barrier): the CTA's range, whether the gap path is exact for it, bmax = 2 sb_max, and
+// (kInt) the smallest byte sb_lo (255 where kInt is off).
+template <bool kInt>
+__device__ __forceinline__ void tr_gap_publish(uint32_t sb, bool valid, uint32_t* s_rng) {
+  uint32_t hi = 0, lo = 255, lo_all = 255;
 #pragma unroll
   for (int b = 0; b < 4; ++b) {
     const uint32_t x = (sb >> (8 * b)) & 0xFFu;
     hi = max(hi, x);
     lo = x > mx::kGapIgnoreSb ? min(lo, x) : lo;
+    lo_all = min(lo_all, x);
   }
   hi = __reduce_max_sync(0xFFFFFFFFu, hi);
   lo = 255 - __reduce_max_sync(0xFFFFFFFFu, 255 - lo);
   if ((threadIdx.x & 31) == 0) s_rng[threadIdx.x >> 5] = hi | ((255 - lo) << 16);
+  if constexpr (kInt) {
+    const uint32_t nlo = __reduce_max_sync(0xFFFFFFFFu, valid ? 255 - lo_all : 0u);
+    if ((threadIdx.x & 31) == 0) s_rng[kTrThreads / 32 + (threadIdx.x >> 5)] = nlo;
+  }
 }
-__device__ __forceinline__ void tr_gap_read(const uint32_t* s_rng, bool& cta_gap, uint32_t& bmax) {
-  static_assert(kTrThreads == 128, "s_rng is read as one uint4");
+template <bool kInt>
+__device__ __forceinline__ void tr_gap_read(const uint32_t* s_rng, bool& cta_gap, uint32_t& bmax,
+                                            uint32_t& sb_lo) {
+  static_assert(kTrThreads == 128, "s_rng is read as uint4s");
   const uint4 r = *reinterpret_cast<const uint4*>(s_rng);
   const uint32_t m = mx::vmax_u16x2(mx::vmax_u16x2(r.x, r.y), mx::vmax_u16x2(r.z, r.w));
   const uint32_t sb_max = m & 0xFFFFu, sb_min = 255 - (m >> 16);
   cta_gap = mx::gap_keys_exact(sb_max, sb_min);
   bmax = 2 * sb_max;
+  sb_lo = 255;
+  if constexpr (kInt) {
+    const uint4 n = *reinterpret_cast<const uint4*>(s_rng + kTrThreads / 32);
+    sb_lo = 255 - max(max(n.x, n.y), max(n.z, n.w));
+  }
 }
 
 // Registers: unbounded the FP16 path takes 125 (4 CTAs per SM); capped at 5 CTAs per SM (96, a few
@@ -420,16 +494,18 @@ __device__ __forceinline__ void tr_gap_read(const uint32_t* s_rng, bool& cta_gap
 // kGap (commit 7b79c85): tiles that pass mx::gap_keys_exact take the gap-key path
 // (tr_gap_publish / tr_gap_read around the item's barrier); the others the paths above.
 // kLean (see mx_tr_item): kTrLeanMinBlocks CTAs per SM (80 registers, no spills; at 7 CTAs, 72
-// registers, ptxas spilled 36-40 bytes, at 8, 64 registers, 76-104). <true, true> is the default
-// kernel; <false, false> the previous one (FP8FLOW_MX_TR_VARIANT=1, mxfp4_sm90.cu).
+// registers, ptxas spilled 36-40 bytes, at 8, 64 registers, 76-104). kInt: the integer element
+// path (mx_tr_item). kCachedScales: the scale bytes with default caching, 8 bytes per load where
+// aligned (see the session-14 note above). <true, true, true, true> is the default kernel
+// (FP8FLOW_MX_TR_VARIANT: mxfp4_sm90.cu lists the others).
 constexpr int kTrMinBlocks = 5;
 constexpr int kTrLeanMinBlocks = 6;
-template <bool kGap, bool kLean = false>
+template <bool kGap, bool kLean = false, bool kInt = false, bool kCachedScales = false>
 __global__ void __launch_bounds__(kTrThreads, kLean ? kTrLeanMinBlocks : kTrMinBlocks)
     sm90_mxfp4_to_e4m3_1x128_transposed(const __grid_constant__ MxToFp8TParams p) {
   __shared__ __align__(16) uint32_t s_data[kTrItems][128 * 16];
   __shared__ __align__(16) uint8_t s_sb[kTrItems][4][128];
-  __shared__ __align__(16) uint32_t s_rng[kTrItems][kTrThreads / 32];
+  __shared__ __align__(16) uint32_t s_rng[kTrItems][2 * kTrThreads / 32];
 
   const uint32_t tid = threadIdx.x;
   int32_t m0, width;
@@ -457,18 +533,36 @@ __global__ void __launch_bounds__(kTrThreads, kLean ? kTrLeanMinBlocks : kTrMinB
   // Scale bytes of token tid for every item (0 past the width: X = -127, no effect).
   uint32_t sb4[kTrItems];
   bool slow[kTrItems];
+  // kCachedScales: default caching (the CTAs of the next 3 channel-block pairs read the rest of
+  // each 32-byte sector), and both items' 8 bytes in one load where aligned.
+  const uint8_t* sp0 = p.in_scale + (m0 + tid) * scale_row + kb0 * 4;
+  bool vec_sb = false;
+  if constexpr (kCachedScales && kTrItems == 2)
+    vec_sb = items == kTrItems && (reinterpret_cast<uintptr_t>(sp0) & 7u) == 0;
+  if (vec_sb) {
+    uint2 v = make_uint2(0, 0);
+    if (tid < w) v = __ldg(reinterpret_cast<const uint2*>(sp0));
+    sb4[0] = v.x;
+    sb4[kTrItems - 1] = v.y;
+  }
 #pragma unroll
   for (int it = 0; it < kTrItems; ++it) {
-    sb4[it] = 0;
-    slow[it] = false;
-    if (tid < w && static_cast<uint32_t>(it) < items) {
-      const uint8_t* sp = p.in_scale + (m0 + tid) * scale_row + (kb0 + it) * 4;
+    if (!vec_sb) {
+      sb4[it] = 0;
+      if (tid < w && static_cast<uint32_t>(it) < items) {
 #pragma unroll
-      for (int b = 0; b < 4; ++b) {
-        const uint32_t x = __ldcs(sp + b);
-        sb4[it] |= x << (8 * b);
-        slow[it] |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
+        for (int b = 0; b < 4; ++b) {
+          const uint8_t* q = sp0 + 4 * it + b;
+          const uint32_t x = kCachedScales ? __ldg(q) : __ldcs(q);
+          sb4[it] |= x << (8 * b);
+        }
       }
+    }
+    slow[it] = false;
+#pragma unroll
+    for (int b = 0; b < 4; ++b) {
+      const uint32_t x = (sb4[it] >> (8 * b)) & 0xFFu;
+      slow[it] |= x == 253 || x == 254;  // X >= 126: large elements decode to Inf
     }
   }
 #pragma unroll 1
@@ -487,13 +581,13 @@ __global__ void __launch_bounds__(kTrThreads, kLean ? kTrLeanMinBlocks : kTrMinB
     }
 #pragma unroll
     for (int b = 0; b < 4; ++b) s_sb[it][b][tid] = static_cast<uint8_t>(sb >> (8 * b));
-    if constexpr (kGap) tr_gap_publish(sb, s_rng[it]);
+    if constexpr (kGap) tr_gap_publish<kInt>(sb, tid < w, s_rng[it]);
     const bool cta_slow = __syncthreads_or(sl);
     bool cta_gap = false;
-    uint32_t bmax = 0;
-    if constexpr (kGap) tr_gap_read(s_rng[it], cta_gap, bmax);
-    mx_tr_item<kGap, kLean>(p, s_data[it], s_sb[it], cta_slow, cta_gap, bmax, m0, width, kb0 + it,
-                            blockIdx.x);
+    uint32_t bmax = 0, sb_lo = 255;
+    if constexpr (kGap) tr_gap_read<kInt>(s_rng[it], cta_gap, bmax, sb_lo);
+    mx_tr_item<kGap, kLean, kInt>(p, s_data[it], s_sb[it], cta_slow, cta_gap, bmax, sb_lo, m0,
+                                  width, kb0 + it, blockIdx.x);
   }
 }
 

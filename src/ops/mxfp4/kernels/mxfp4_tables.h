@@ -430,6 +430,48 @@ FP8FLOW_HD uint32_t f16hi_pair_to_e4m3x2(uint32_t hp, int p, uint32_t xb, uint32
   return f16x2_to_e4m3x2(hmul2_rn(v, e));
 }
 
+// The same with byte adds, for tiles where every element has D = X - T in [-5, 22] (the transposed
+// kernel's integer path). For D >= -5 a nonzero e2m1(c) 2^D (>= 2^-6) is a normal E4M3 value,
+// exact (E2M1 has one mantissa bit), whose code is code(e2m1(c)) + 8 D. With a = D + 5 in [0,
+// kIntMaxA] that is kIntBase[c] + 8 a, kIntBase[c] = code(e2m1(c)) - 40 in [8, 36]: every byte sum
+// stays below 256 (36 + 216), so four codes take one 32-bit add without carries between bytes, and
+// the zero codes are masked to +-0 after it. a splits into a token part and a column part: a = (X -
+// X_lo) + (X_lo + 5 - T), each >= 0 where the tile allows the path (int_path_ok).
+constexpr uint32_t kIntBaseLo = 0x14100800u;  // c = 0..3: -, 8 (0.5), 16 (1), 20 (1.5)
+constexpr uint32_t kIntBaseHi = 0x24201C18u;  // c = 4..7: 24 (2), 28 (3), 32 (4), 36 (6)
+constexpr uint32_t kIntNzLo = 0x7F7F7F00u;    // magnitude mask: 0 for c = 0
+constexpr uint32_t kIntNzHi = 0x7F7F7F7Fu;
+constexpr int kIntBias = 5;   // a = D + kIntBias
+constexpr int kIntMaxA = 27;  // 8 * 27 + 36 < 256
+
+// A token's 8 codes (nibble j = column j) -> E4M3 codes, out[0] byte j = column j, out[1] byte j =
+// column 4 + j. xa = 8 (X - X_lo) in every byte; ca[h] byte j = 8 (X_lo + 5 - T) of column 4h + j.
+FP8FLOW_HD void e2m1x8_to_e4m3_int(uint32_t w, uint32_t xa, const uint32_t ca[2], uint32_t out[2]) {
+  const uint32_t m = w & 0x77777777u, mh = m >> 16, ws = w << 4;
+  out[0] = ((prmt(kIntBaseLo, kIntBaseHi, m) + xa + ca[0]) & prmt(kIntNzLo, kIntNzHi, m)) |
+           (prmt(w, ws, 0x1504u) & 0x80808080u);  // signs: bit 3 of each nibble to bit 7
+  out[1] = ((prmt(kIntBaseLo, kIntBaseHi, mh) + xa + ca[1]) & prmt(kIntNzLo, kIntNzHi, mh)) |
+           (prmt(w, ws, 0x3726u) & 0x80808080u);
+}
+
+// xa of token k (0..3) of the scale-byte word sbw; lo4 = sb_lo in every byte (sb >= sb_lo).
+FP8FLOW_HD uint32_t int_token_addend(uint32_t sbw, int k, uint32_t lo4) {
+  return (prmt(sbw, 0u, 0x1111u * static_cast<uint32_t>(k)) - lo4) * 8u;
+}
+
+// ca of four columns of scale exponents t[0..3]; xlo5 = X_lo + 5 (int_path_ok holds).
+FP8FLOW_HD uint32_t int_column_addends(int xlo5, int t0, int t1, int t2, int t3) {
+  const uint32_t d0 = static_cast<uint32_t>(xlo5 - t0), d1 = static_cast<uint32_t>(xlo5 - t1),
+                 d2 = static_cast<uint32_t>(xlo5 - t2), d3 = static_cast<uint32_t>(xlo5 - t3);
+  return 8u * (d0 | (d1 << 8) | (d2 << 16) | (d3 << 24));
+}
+
+// The integer path applies to a thread's 8 columns (scale exponents in [tmin, tmax]) and tokens
+// with block exponents in [X_lo, X_lo + spread] when every a = X + 5 - T lies in [0, kIntMaxA].
+FP8FLOW_HD bool int_path_ok(int xlo5, int spread, int tmin, int tmax) {
+  return xlo5 - tmax >= 0 && xlo5 - tmin + spread <= kIntMaxA;
+}
+
 // ---------------------------------------------------------------------------------------------
 // Column maxima of E2M1 values with per-token exponents (mxfp4_to_fp8_transposed).
 //

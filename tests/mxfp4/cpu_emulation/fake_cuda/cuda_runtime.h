@@ -30,6 +30,15 @@ inline unsigned __reduce_max_sync(unsigned, unsigned v) {
   emu::bar->arrive_and_wait();
   return r;
 }
+inline int __all_sync(unsigned, int pred) {
+  emu::vote[emu::tid] = pred != 0;
+  emu::bar->arrive_and_wait();
+  const int w0 = emu::tid - emu::tid % 32;
+  int all = 1;
+  for (int l = 0; l < 32; ++l) all &= emu::vote[w0 + l];
+  emu::bar->arrive_and_wait();
+  return all;
+}
 inline int __syncthreads_or(int pred) {
   emu::vote[emu::tid] = pred != 0;
   emu::bar->arrive_and_wait();
