@@ -35,11 +35,12 @@ struct GroupTiles {
     const int32_t end = col_start[g + 1];
     width = end - col0 < 128 ? end - col0 : 128;
   }
-  // tile_cols for a caller that visits tiles in nondecreasing order (a persistent CTA): g holds
-  // the previous call's group (-1 before the first: one binary search) and walks forward, usually
-  // 0 or 1 steps instead of a binary search of dependent constant loads on every call.
+  // tile_cols for a caller that visits tiles mostly in nondecreasing order (a persistent CTA): g
+  // holds the previous call's group (-1 before the first: one binary search) and walks forward,
+  // usually 0 or 1 steps instead of a binary search of dependent constant loads on every call; a
+  // step back to an earlier group searches again.
   FP8FLOW_HD void tile_cols_walk(int32_t tile, int& g, int32_t& col0, int32_t& width) const {
-    if (g < 0) g = group_of_tile(tile);
+    if (g < 0 || tile < tile_start[g]) g = group_of_tile(tile);
     while (g + 1 < num_groups && tile_start[g + 1] <= tile) ++g;
     col0 = col_start[g] + (tile - tile_start[g]) * 128;
     const int32_t end = col_start[g + 1];

@@ -3,6 +3,7 @@
 #include <gtest/gtest.h>
 
 #include <cstdint>
+#include <random>
 #include <sstream>
 #include <string>
 #include <string_view>
@@ -65,6 +66,17 @@ TEST(Types, GroupTilesNeverSpanGroups) {
         EXPECT_EQ(ww, want_w[t]) << "stride " << stride << " start " << start << " tile " << t;
       }
     }
+  // ... and along visit orders that step back (ColumnTight's channel-block groups restart the
+  // tiles): random tiles, each a walk from the previous one's cursor.
+  std::mt19937 rng(3);
+  int cursor = -1;
+  for (int i = 0; i < 2000; ++i) {
+    const int32_t t = static_cast<int32_t>(rng() % static_cast<uint32_t>(g.total_tiles));
+    int32_t wc0, ww;
+    g.tile_cols_walk(t, cursor, wc0, ww);
+    EXPECT_EQ(wc0, want_c0[t]) << "random visit " << i << " tile " << t;
+    EXPECT_EQ(ww, want_w[t]) << "random visit " << i << " tile " << t;
+  }
 }
 
 // Runs f, expects fp8flow::Error of `kind` whose message contains every fragment.

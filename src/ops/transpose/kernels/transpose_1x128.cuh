@@ -3,16 +3,17 @@
 // FP8: every code keeps sign and mantissa, its exponent moves by t_m - T_k (integer work only).
 //
 // Work: (128-token tile, 128-channel block) pairs (tiles restart at each group of
-// out_t.col_groups); ColumnTight takes them channel block fastest (0.7% faster there than token
-// tile fastest), TileMax token tile fastest. Block: 256 threads, one 128 x 128 tile at a time (16
-// KB of codes + 128 row scales). ColumnTight launches persistent CTAs (as many as fit) that loop
-// over the pairs with a double-buffered tile: the next pair's cp.async copies and row scale fly
-// while one is computed (75% -> 79% of copy at 32768 x 7168 on an H100). TileMax launches one CTA
-// per pair (its loop runs once): persistent it measured slower (90% -> 80%). Napkin math: one read
-// and one write of the codes, plus 4 B per 128 codes of scales each way: bytes = 2 * M * K * (1 +
-// 4/128). At 32768 x 7168 that is 484 MB; at the H100's 2.4-3.0 TB/s copy bandwidth 0.16-0.20 ms
-// (the published Triton kernel: 0.52-0.59 ms). Bench: `fp8flow-bench ops` (transpose_scaled rows),
-// or the GPU tests in tests/transpose/transpose_gpu_test.cpp for correctness.
+// out_t.col_groups); ColumnTight takes them in groups of 16 channel blocks (token tiles within a
+// group, channel block fastest), TileMax token tile fastest. Block: 256 threads, one 128 x 128 tile
+// at a time (16 KB of codes + 128 row scales). ColumnTight launches persistent CTAs (as many as
+// fit) that loop over the pairs with a double-buffered tile: the next pair's cp.async copies and
+// row scale fly while one is computed (75% -> 79% of copy at 32768 x 7168 on an H100). TileMax
+// launches one CTA per pair (its loop runs once): persistent it measured slower (90% -> 80%).
+// Napkin math: one read and one write of the codes, plus 4 B per 128 codes of scales each way:
+// bytes = 2 * M * K * (1 + 4/128). At 32768 x 7168 that is 484 MB; at the H100's 2.4-3.0 TB/s copy
+// bandwidth 0.16-0.20 ms (the published Triton kernel: 0.52-0.59 ms). Bench: `fp8flow-bench ops`
+// (transpose_scaled rows), or the GPU tests in tests/transpose/transpose_gpu_test.cpp for
+// correctness.
 //
 // NOTES:
 // - Load: 4 x 16-byte cp.async per thread, all in flight before any use, into shared memory with
@@ -51,6 +52,15 @@
 //   rescale path per tile instead of the per-word test (rows transposed four at a time; it needed
 //   __syncwarp fences against 104 B of spills at 80 registers): 83 at the smallest shape, 0.5-1
 //   point lower everywhere else; removed.
+// - Session 14 (H100, `--only "transpose_scaled col_tight" --reps 100`, 2 rounds per order, one
+//   call; % of a same-size copy): the persistent CTAs' pair order. Channel block fastest over all
+//   K/128 blocks (the 396 resident CTAs then cover ~7 token tiles x all channel blocks: output rows
+//   written in 896-byte runs) 79.2-80.1 at the four large shapes, 79.2-79.6 at
+//   24576x5120, 80.1-81.0 at 24576x2048, 82.0-82.4 at 28672x1280; in groups of 16 channel blocks
+//   (~25 tiles per group at once: 3.2 KB runs written, 2 KB read per token
+//   row) 82.2-82.5, 81.4, 82.3-82.6, 80.9-81.2. Groups of 4 and 8 measured within 0.5 point of 16
+//   (% of the 1 GiB copy), token tile fastest (groups of 1) 1-2 points lower. 4 CTAs per SM (64
+//   registers, no spills) was 3 points slower.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -66,6 +76,8 @@
 namespace fp8flow::sm90 {
 
 constexpr int kTransposeThreads = 256;
+// ColumnTight's pair order: channel blocks in groups of this many (see NOTES, session 14).
+constexpr int kTightKbGroup = 16;
 // CTAs per SM the register budget allows: 4 for TileMax (<= 64 registers), 3 for ColumnTight.
 
 namespace tdev {
@@ -233,12 +245,15 @@ __global__ void __launch_bounds__(kTransposeThreads,
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int nkb = K / 128, ntiles = groups.total_tiles;
   const int total = ntiles * nkb;  // (token tile, channel block) pairs
-  // Pair order: ColumnTight (persistent) channel block fastest, TileMax (one CTA per pair) token
-  // tile fastest, each the faster one measured.
+  // Pair order: ColumnTight (persistent) in groups of kTightKbGroup channel blocks, token tiles
+  // within a group, channel block fastest; TileMax (one CTA per pair) token tile fastest. Each the
+  // fastest one measured (see NOTES).
   auto split = [&](int pair, int& tile, int& kb) {
     if constexpr (kTight) {
-      tile = pair / nkb;
-      kb = pair - tile * nkb;
+      const int span = kTightKbGroup * ntiles, grp = pair / span, r = pair - grp * span;
+      const int gs = min(kTightKbGroup, nkb - grp * kTightKbGroup);  // the last group may be short
+      tile = r / gs;
+      kb = grp * kTightKbGroup + (r - tile * gs);
     } else {
       kb = pair / ntiles;
       tile = pair - kb * ntiles;
@@ -251,7 +266,8 @@ __global__ void __launch_bounds__(kTransposeThreads,
 
   // 1. Tile `pair` into buffer b: 1024 chunks of 16 bytes, 4 per thread, swizzled; missing rows
   // zero-filled; one cp.async group (empty past the end). Its row scale goes to `scale`, its
-  // token range to (m0, w); g: the group cursor (pairs come in nondecreasing tile order).
+  // token range to (m0, w); g: the group cursor (a CTA's pairs come in nondecreasing tile order
+  // within a channel-block group).
   auto prefetch = [&](int pair, int b, float& scale, int& g, int32_t& m0, int32_t& w) {
     if (pair < total) {
       int tl, kb;
