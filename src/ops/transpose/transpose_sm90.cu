@@ -2,6 +2,7 @@
 // sm90_transpose_scaled_e4m3_1x128 (kernels/transpose_1x128.cuh) per call; no host sync.
 // Bench: `fp8flow-bench ops`.
 #include <algorithm>
+#include <cstdlib>
 
 #include "common/check.h"
 #include "common/cuda_check.h"
@@ -19,6 +20,18 @@ namespace {
 // persistent; ColumnTight 0.217 ms one-shot, 0.204 ms persistent). Small ColumnTight calls stay
 // persistent too: one CTA per pair measured slower there (28672 x 1280: 0.0392 -> 0.0420 ms,
 // 24576 x 2048: 0.0499 -> 0.0542 ms).
+// ColumnTight's pair order (the kernel's kb_group): kTightKbGroup, or FP8FLOW_TR_KB_GROUP for A/B
+// timing (read once; a positive integer; 65536 gives the pre-session-14 order, channel block
+// fastest over all).
+int tight_kb_group() {
+  static const int g = [] {
+    const char* v = std::getenv("FP8FLOW_TR_KB_GROUP");
+    const int n = v ? std::atoi(v) : 0;
+    return n > 0 ? n : kTightKbGroup;
+  }();
+  return g;
+}
+
 template <TransposeScalePolicy kPolicy, bool kCount>
 void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
             unsigned long long* counter, int32_t m, int32_t k, const detail::GroupTiles& groups) {
@@ -34,7 +47,7 @@ void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uin
     grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
   }
   kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k,
-                                                                        groups);
+                                                                        groups, tight_kb_group());
 }
 
 }  // namespace

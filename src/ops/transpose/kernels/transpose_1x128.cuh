@@ -4,7 +4,8 @@
 //
 // Work: (128-token tile, 128-channel block) pairs (tiles restart at each group of
 // out_t.col_groups); ColumnTight takes them in groups of 16 channel blocks (token tiles within a
-// group, channel block fastest), TileMax token tile fastest. Block: 256 threads, one 128 x 128 tile
+// group, channel block fastest; with the underflow count channel block fastest over all), TileMax
+// token tile fastest. Block: 256 threads, one 128 x 128 tile
 // at a time (16 KB of codes + 128 row scales). ColumnTight launches persistent CTAs (as many as
 // fit) that loop over the pairs with a double-buffered tile: the next pair's cp.async copies and
 // row scale fly while one is computed (75% -> 79% of copy at 32768 x 7168 on an H100). TileMax
@@ -52,15 +53,18 @@
 //   rescale path per tile instead of the per-word test (rows transposed four at a time; it needed
 //   __syncwarp fences against 104 B of spills at 80 registers): 83 at the smallest shape, 0.5-1
 //   point lower everywhere else; removed.
-// - Session 14 (H100, `--only "transpose_scaled col_tight" --reps 100`, 2 rounds per order, one
-//   call; % of a same-size copy): the persistent CTAs' pair order. Channel block fastest over all
-//   K/128 blocks (the 396 resident CTAs then cover ~7 token tiles x all channel blocks: output rows
-//   written in 896-byte runs) 79.2-80.1 at the four large shapes, 79.2-79.6 at
-//   24576x5120, 80.1-81.0 at 24576x2048, 82.0-82.4 at 28672x1280; in groups of 16 channel blocks
-//   (~25 tiles per group at once: 3.2 KB runs written, 2 KB read per token
-//   row) 82.2-82.5, 81.4, 82.3-82.6, 80.9-81.2. Groups of 4 and 8 measured within 0.5 point of 16
-//   (% of the 1 GiB copy), token tile fastest (groups of 1) 1-2 points lower. 4 CTAs per SM (64
-//   registers, no spills) was 3 points slower.
+// - Session 14 (H100; `--only "transpose_scaled col_tight" --reps 100`, % of a same-size copy,
+//   two rounds per binary or order in one call, five cards): the persistent CTAs' pair order in
+//   groups of kb_group channel blocks (token tiles within a group) instead of channel block
+//   fastest over all K/128 blocks (the 396 resident CTAs then wrote each output row in 896-byte
+//   runs; in groups of 16, 3.2 KB). Same card, the binary before against this one: 79.2-80.0 ->
+//   81.5-82.3 at the four large shapes, 24576x5120 79.1-79.2 -> 81.1-81.4, 24576x2048 81.1-81.2
+//   -> 82.5, 28672x1280 81.8-82.0 -> 81.5-82.1 (c35; c33 on another card alike). But the same
+//   binary with FP8FLOW_TR_KB_GROUP=65536 (the old order) measured within a point of it on two
+//   cards (+3 points on a third): most of the gain came with the new split code, not the order.
+//   The underflow-count instance lost 3 points with the grouped split (code generation), so it
+//   keeps the old one (78.0-78.4, the same as before). A shift-based split for power-of-two groups
+//   measured no better. 4 CTAs per SM (64 registers, no spills): 3 points slower.
 #pragma once
 
 #include <cuda_runtime.h>
@@ -76,7 +80,8 @@
 namespace fp8flow::sm90 {
 
 constexpr int kTransposeThreads = 256;
-// ColumnTight's pair order: channel blocks in groups of this many (see NOTES, session 14).
+// ColumnTight's pair order: channel blocks in groups of this many (see NOTES, session 14; the
+// launcher passes it as kb_group, FP8FLOW_TR_KB_GROUP overrides it for A/B timing).
 constexpr int kTightKbGroup = 16;
 // CTAs per SM the register budget allows: 4 for TileMax (<= 64 registers), 3 for ColumnTight.
 
@@ -228,13 +233,11 @@ __device__ __forceinline__ uint32_t rescale_word(uint32_t x, int t, const int (&
 template <TransposeScalePolicy kPolicy, bool kCount>
 __global__ void __launch_bounds__(kTransposeThreads,
                                   kPolicy == TransposeScalePolicy::ColumnTight ? 3 : 4)
-    sm90_transpose_scaled_e4m3_1x128_kernel(const uint8_t* __restrict__ in,
-                                            const float* __restrict__ in_scale,
-                                            uint8_t* __restrict__ out,
-                                            float* __restrict__ out_scale,
-                                            unsigned long long* __restrict__ underflow,
-                                            const int32_t M, const int32_t K,
-                                            const __grid_constant__ detail::GroupTiles groups) {
+    sm90_transpose_scaled_e4m3_1x128_kernel(
+        const uint8_t* __restrict__ in, const float* __restrict__ in_scale,
+        uint8_t* __restrict__ out, float* __restrict__ out_scale,
+        unsigned long long* __restrict__ underflow, const int32_t M, const int32_t K,
+        const __grid_constant__ detail::GroupTiles groups, const int kb_group) {
   constexpr bool kTight = kPolicy == TransposeScalePolicy::ColumnTight;
   __shared__ alignas(16) uint32_t s_tiles[2][128 * 32];
   __shared__ int s_t[128];
@@ -245,15 +248,19 @@ __global__ void __launch_bounds__(kTransposeThreads,
   const int tid = static_cast<int>(threadIdx.x), lane = tid & 31, warp = tid >> 5;
   const int nkb = K / 128, ntiles = groups.total_tiles;
   const int total = ntiles * nkb;  // (token tile, channel block) pairs
-  // Pair order: ColumnTight (persistent) in groups of kTightKbGroup channel blocks, token tiles
-  // within a group, channel block fastest; TileMax (one CTA per pair) token tile fastest. Each the
-  // fastest one measured (see NOTES).
+  // Pair order: ColumnTight (persistent) in groups of kb_group channel blocks (>= 1; >= K/128:
+  // channel block fastest over all), token tiles within a group, channel block fastest; with the
+  // underflow count channel block fastest over all (its fewer instructions measured faster there).
+  // TileMax (one CTA per pair): token tile fastest. Each the fastest one measured (see NOTES).
   auto split = [&](int pair, int& tile, int& kb) {
-    if constexpr (kTight) {
-      const int span = kTightKbGroup * ntiles, grp = pair / span, r = pair - grp * span;
-      const int gs = min(kTightKbGroup, nkb - grp * kTightKbGroup);  // the last group may be short
+    if constexpr (kTight && kCount) {
+      tile = pair / nkb;
+      kb = pair - tile * nkb;
+    } else if constexpr (kTight) {
+      const int kg = min(kb_group, nkb), span = kg * ntiles, grp = pair / span;
+      const int r = pair - grp * span, gs = min(kg, nkb - grp * kg);  // the last group may be short
       tile = r / gs;
-      kb = grp * kTightKbGroup + (r - tile * gs);
+      kb = grp * kg + (r - tile * gs);
     } else {
       kb = pair / ntiles;
       tile = pair - kb * ntiles;
