@@ -52,10 +52,9 @@
 // 0.1741-0.1743; persistent ring channel-blocks-fastest 0.1780, + gap keys 0.1724-0.1730;
 // ring token-tiles-fastest 0.1864-0.1868, + gap keys 0.1810-0.1812, + lean (7 CTAs) 0.2055-0.2059;
 // gap keys alone 0.1759; lean alone 0.1893; **lean + gap keys 0.1706-0.1707 (71.5% of copy), the
-// default since**; the persistent kernel is gone again (its code: commit 4db836e). Still 10% short
-// of the 80% target (0.153 ms): each lever is worth 1-2%, none unlocks the DRAM rate; what is left
-// is fewer instructions per element than the FP16-unit path (~4 per element in the element phase
-// alone) or a different work split.
+// session-13 default**; the persistent kernel is gone again (its code: commit 4db836e). Still 10%
+// short of the 80% target (0.153 ms): each lever is worth 1-2%, none unlocks the DRAM rate. (What
+// did, session 14 below: the scale bytes' DRAM over-fetch, not the instructions.)
 // Session 14 (H100): the integer element path (variant 2 of that session's binary) cut the
 // instructions 11% (ncu: 95.6M -> 85.1M, ALU pipe 85 -> 77%) but the time only 1.3% (0.1711 ->
 // 0.1690 ms). A null kernel (the same loads and stores, no arithmetic) ran at 0.177 ms: the
