@@ -8,6 +8,7 @@
 #include <cstdio>
 #include <cstring>
 #include <random>
+#include <vector>
 
 #include "ops/transpose/kernels/transpose_word.h"
 #include "ops/transpose/transpose_backends.h"
@@ -78,6 +79,42 @@ TEST(TransposeWord, SharedMemoryAccessIsConflictFree) {
     for (int wd = 0; wd < 32; ++wd)
       for (int i = 0; i < 16; ++i)
         ASSERT_EQ(tw::tile_thread_word(j, wd, i), tw::tile_chunk_word(16 * j + i, wd / 4) + wd % 4);
+}
+
+// ColumnTight's pair order: a bijection onto (tile, channel block) for every shape and group size
+// (short last groups, groups wider than K/128, one tile, one block), in the stated order: channel
+// blocks in groups, token tiles within a group, channel block fastest within a tile; a group size
+// >= K/128 gives the order before groups (tile = pair / nkb).
+TEST(TransposeWord, TightPairOrderIsABijectionInGroupOrder) {
+  for (int ntiles : {1, 2, 7, 65, 256})
+    for (int nkb : {1, 2, 10, 16, 56, 72})
+      for (int kg : {1, 3, 4, 16, 56, 65536}) {
+        std::vector<int> seen(static_cast<size_t>(ntiles) * nkb, 0);
+        int prev_tile = -1, prev_kb = -1;
+        for (int pair = 0; pair < ntiles * nkb; ++pair) {
+          int tile = -1, kb = -1;
+          tw::tight_pair(pair, ntiles, nkb, kg, tile, kb);
+          ASSERT_TRUE(tile >= 0 && tile < ntiles && kb >= 0 && kb < nkb)
+              << ntiles << "x" << nkb << " group " << kg << " pair " << pair;
+          ++seen[static_cast<size_t>(tile) * nkb + kb];
+          const int g = std::min(kg, nkb);
+          EXPECT_EQ(kb / g, pair / (g * ntiles)) << "group of pair " << pair;
+          if (pair > 0 && kb / g == prev_kb / g) {  // same group: next block, else next tile
+            const bool next_kb = tile == prev_tile && kb == prev_kb + 1;
+            const bool next_tile = tile == prev_tile + 1 && kb % g == 0 &&
+                                   prev_kb == std::min(nkb, (prev_kb / g + 1) * g) - 1;
+            EXPECT_TRUE(next_kb || next_tile)
+                << ntiles << "x" << nkb << " group " << kg << " pair " << pair;
+          }
+          if (kg >= nkb) {
+            EXPECT_EQ(tile, pair / nkb);
+            EXPECT_EQ(kb, pair % nkb);
+          }
+          prev_tile = tile;
+          prev_kb = kb;
+        }
+        for (int v : seen) ASSERT_EQ(v, 1) << ntiles << "x" << nkb << " group " << kg;
+      }
 }
 
 }  // namespace

@@ -257,10 +257,7 @@ __global__ void __launch_bounds__(kTransposeThreads,
       tile = pair / nkb;
       kb = pair - tile * nkb;
     } else if constexpr (kTight) {
-      const int kg = min(kb_group, nkb), span = kg * ntiles, grp = pair / span;
-      const int r = pair - grp * span, gs = min(kg, nkb - grp * kg);  // the last group may be short
-      tile = r / gs;
-      kb = grp * kg + (r - tile * gs);
+      tw::tight_pair(pair, ntiles, nkb, kb_group, tile, kb);
     } else {
       kb = pair / ntiles;
       tile = pair - kb * ntiles;

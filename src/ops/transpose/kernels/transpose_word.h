@@ -53,6 +53,20 @@ FP8FLOW_HD void transpose4x4(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3,
 }
 
 // ---------------------------------------------------------------------------------------------
+// Work order.
+
+// ColumnTight's (token tile, channel block) pair number `pair` of ntiles x nkb pairs: channel
+// blocks in groups of kb_group (>= 1; the last group may be short; kb_group >= nkb: channel block
+// fastest over all), token tiles within a group, channel block fastest within a tile. A bijection
+// onto [0, ntiles) x [0, nkb) (transpose_word_test).
+FP8FLOW_HD void tight_pair(int pair, int ntiles, int nkb, int kb_group, int& tile, int& kb) {
+  const int kg = kb_group < nkb ? kb_group : nkb, span = kg * ntiles, grp = pair / span;
+  const int r = pair - grp * span, rest = nkb - grp * kg, gs = kg < rest ? kg : rest;
+  tile = r / gs;
+  kb = grp * kg + (r - tile * gs);
+}
+
+// ---------------------------------------------------------------------------------------------
 // Tile geometry.
 
 // 16-byte chunk slot (in words) of chunk c (0..7) of tile row r (0..127) in shared memory.
