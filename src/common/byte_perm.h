@@ -24,4 +24,16 @@ FP8FLOW_HD uint32_t byte_perm(uint32_t a, uint32_t b, uint32_t s) {
 #endif
 }
 
+// Transposes a 4x4 block of bytes: out[c] byte i = in[i] byte c (four PRMT pairs; the scaling-aware
+// transpose and mxfp4_to_fp8_transposed use it to turn token rows into channel rows).
+FP8FLOW_HD void transpose4x4(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t& b0,
+                             uint32_t& b1, uint32_t& b2, uint32_t& b3) {
+  const uint32_t t0 = byte_perm(a0, a1, 0x5140u), t1 = byte_perm(a2, a3, 0x5140u);
+  const uint32_t t2 = byte_perm(a0, a1, 0x7362u), t3 = byte_perm(a2, a3, 0x7362u);
+  b0 = byte_perm(t0, t1, 0x5410u);
+  b1 = byte_perm(t0, t1, 0x7632u);
+  b2 = byte_perm(t2, t3, 0x5410u);
+  b3 = byte_perm(t2, t3, 0x7632u);
+}
+
 }  // namespace fp8flow::detail

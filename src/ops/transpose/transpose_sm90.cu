@@ -7,6 +7,7 @@
 #include "common/check.h"
 #include "common/cuda_check.h"
 #include "common/groups.h"
+#include "common/kernel_variant.h"
 #include "ops/transpose/kernels/transpose_1x128.cuh"
 #include "ops/transpose/transpose_backends.h"
 
@@ -23,14 +24,11 @@ namespace {
 // ColumnTight's pair order (the kernel's kb_group): kTightKbGroup, or FP8FLOW_TR_KB_GROUP for A/B
 // timing (read once; a positive integer; 65536 gives the pre-session-14 order, channel block
 // fastest over all).
-int tight_kb_group() {
-  static const int g = [] {
-    const char* v = std::getenv("FP8FLOW_TR_KB_GROUP");
-    const int n = v ? std::atoi(v) : 0;
-    return n > 0 ? n : kTightKbGroup;
-  }();
-  return g;
-}
+detail::KernelVariant g_tight_kb_group([] {
+  const char* v = std::getenv("FP8FLOW_TR_KB_GROUP");
+  const int n = v ? std::atoi(v) : 0;
+  return n > 0 ? n : kTightKbGroup;
+});
 
 template <TransposeScalePolicy kPolicy, bool kCount>
 void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uint8_t* y, float* ys,
@@ -46,8 +44,8 @@ void launch(int64_t pairs, Stream stream, const uint8_t* x, const float* xs, uin
         op, cudaOccupancyMaxActiveBlocksPerMultiprocessor(&per_sm, kernel, kTransposeThreads, 0));
     grid = std::min<int64_t>(pairs, int64_t{sms} * std::max(per_sm, 1));
   }
-  kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(x, xs, y, ys, counter, m, k,
-                                                                        groups, tight_kb_group());
+  kernel<<<static_cast<unsigned>(grid), kTransposeThreads, 0, stream>>>(
+      x, xs, y, ys, counter, m, k, groups, g_tight_kb_group.get());
 }
 
 }  // namespace

@@ -281,16 +281,9 @@ __device__ __forceinline__ void mx_tr_item(const MxToFp8TParams& p, const uint32
               mx::e2m1x8_to_e4m3_int(code_word(4 * q + x, false),
                                      mx::int_token_addend(sbc[q], x, lo4), ca, r[x]);
 #pragma unroll
-            for (int h = 0; h < 2; ++h) {  // 4 tokens x 4 columns, bytes transposed
-              const uint32_t u01 = mx::prmt(r[0][h], r[1][h], 0x5140u);
-              const uint32_t u23 = mx::prmt(r[2][h], r[3][h], 0x5140u);
-              const uint32_t v01 = mx::prmt(r[0][h], r[1][h], 0x7362u);
-              const uint32_t v23 = mx::prmt(r[2][h], r[3][h], 0x7362u);
-              o[4 * h][q] = mx::prmt(u01, u23, 0x5410u);
-              o[4 * h + 1][q] = mx::prmt(u01, u23, 0x7632u);
-              o[4 * h + 2][q] = mx::prmt(v01, v23, 0x5410u);
-              o[4 * h + 3][q] = mx::prmt(v01, v23, 0x7632u);
-            }
+            for (int h = 0; h < 2; ++h)  // 4 tokens x 4 columns, bytes transposed
+              detail::transpose4x4(r[0][h], r[1][h], r[2][h], r[3][h], o[4 * h][q], o[4 * h + 1][q],
+                                   o[4 * h + 2][q], o[4 * h + 3][q]);
           }
 #pragma unroll
           for (int j = 0; j < 8; ++j) store_row(j, o[j]);

@@ -41,16 +41,8 @@ FP8FLOW_HD int e4m3_mag_scale_exponent(uint32_t mag) {
   return mag >= 4 ? -15 : (mag >= 2 ? -16 : -17);
 }
 
-// Transposes a 4x4 block of bytes: out[c] byte i = in[i] byte c.
-FP8FLOW_HD void transpose4x4(uint32_t a0, uint32_t a1, uint32_t a2, uint32_t a3, uint32_t& b0,
-                             uint32_t& b1, uint32_t& b2, uint32_t& b3) {
-  const uint32_t t0 = byte_perm(a0, a1, 0x5140u), t1 = byte_perm(a2, a3, 0x5140u);
-  const uint32_t t2 = byte_perm(a0, a1, 0x7362u), t3 = byte_perm(a2, a3, 0x7362u);
-  b0 = byte_perm(t0, t1, 0x5410u);
-  b1 = byte_perm(t0, t1, 0x7632u);
-  b2 = byte_perm(t2, t3, 0x5410u);
-  b3 = byte_perm(t2, t3, 0x7632u);
-}
+// Transposes a 4x4 block of bytes: out[c] byte i = in[i] byte c (src/common/byte_perm.h).
+using ::fp8flow::detail::transpose4x4;
 
 // ---------------------------------------------------------------------------------------------
 // Work order.
